@@ -20,6 +20,7 @@ where the paper is silent (rows 5, 20); ablations of Table 6 are flags of `SelfM
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -116,9 +117,18 @@ def generate(spec: SelfModSpec, states: Params, init: Params, static: Params, u:
     return out
 
 
+def initial_head_state(spec: SelfModSpec, init: dict[str, Params]) -> dict:
+    """The state of one head at a document start: meta-learned weights, zero momentum."""
+    proj = jax.tree.map(lambda *x: jnp.stack(x), *[init[n] for n in spec.projection_memories])
+    return {
+        "proj": (proj, jax.vmap(spec.rule.init)(proj)),
+        "main": (init["memory"], spec.rule.init(init["memory"])),
+    }
+
+
 def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
-                        q: jax.Array, beta: jax.Array,
-                        resets: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                        q: jax.Array, beta: jax.Array, resets: jax.Array | None = None,
+                        state: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:  # fmt: skip
     """One head of self-modifying Titans over a stream.
 
     Args:
@@ -126,8 +136,11 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
       static: readouts `w_eta, b_eta, w_alpha, b_alpha` (and `w_k`/`w_v` when not adaptive).
       u: `[seq, head_dim]` inputs; q: `[seq, head_dim]` static queries; beta: `[seq]` momentum.
       resets: `bool[seq]` document starts, or None.
+      state: the head's state after the stream so far (`initial_head_state`), or None for a
+        stream that starts here.
     Returns:
-      `[seq, head_dim]` reads of M_memory.
+      `[seq, head_dim]` reads of M_memory; with `state`, also the state after this stream (exact
+      for continuing when `seq` is a multiple of both chunk sizes).
     """
     seq = u.shape[0]
     c = spec.chunk_other
@@ -135,6 +148,7 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     names = spec.projection_memories
     # The projection memories share keys, values and gates: one vmapped run over a memory axis.
     proj_init = jax.tree.map(lambda *x: jnp.stack(x), *[init[n] for n in names])
+    start = initial_head_state(spec, init) if state is None else state
 
     def chunk(carry, xs):
         states, opt = carry
@@ -156,7 +170,7 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     xs = {"u": u, "beta": beta}
     if resets is not None:
         xs["resets"] = resets
-    carry = (proj_init, jax.vmap(spec.rule.init)(proj_init))
+    carry = start["proj"]
     n_full = seq // c
     gens = []
     if n_full:
@@ -164,18 +178,20 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
         carry, gen = jax.lax.scan(chunk, carry, full)
         gens.append(jax.tree.map(lambda x: x.reshape((n_full * c,) + x.shape[2:]), gen))
     if seq > n_full * c:
-        gens.append(chunk(carry, jax.tree.map(lambda x: x[n_full * c :], xs))[1])
+        carry, gen = chunk(carry, jax.tree.map(lambda x: x[n_full * c :], xs))
+        gens.append(gen)
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *gens)
 
     main = Level(spec.memory, objectives.l2, spec.rule, spec.chunk_mem, read=spec.read,
                  self_target=True)  # fmt: skip
     queries = gen["q"] if spec.adaptive_q else q
-    out, _ = run_level(
-        main, init["memory"], spec.rule.init(init["memory"]), gen["k"], gen["v"], queries,
-        eta=gen["eta"], alpha=gen["alpha"], beta=beta, resets=resets, path="fast",
-        remat=spec.remat,
+    out, main_end = run_level(
+        main, *start["main"], gen["k"], gen["v"], queries, eta=gen["eta"], alpha=gen["alpha"],
+        beta=beta, resets=resets, reset_params=init["memory"], path="fast", remat=spec.remat,
     )  # fmt: skip
-    return out
+    if state is None:
+        return out
+    return out, {"proj": carry, "main": main_end}
 
 
 def resets_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -257,42 +273,110 @@ class SelfModifyingTitans(nnx.Module):
             out["w_v"] = self.w_v[...]
         return jax.tree.map(lambda x: x.astype(jnp.float32), out)
 
-    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
-        """`x: [batch, seq, d_model] -> [batch, seq, d_model]`; memories reset per document."""
-        del positions
-        b, s, _ = x.shape
-        h, dh = self.spec.heads, self.spec.head_dim
-        x = x.astype(self.dtype)
+    @property
+    def state_period(self) -> int:
+        """States are exact for continuing at multiples of this many tokens (both chunk sizes)."""
+        return math.lcm(self.spec.chunk_mem, self.spec.chunk_other)
 
-        def project(w, conv):
-            y = jnp.einsum("bsd,dhk->bshk", x, w[...].astype(self.dtype)).reshape(b, s, h * dh)
-            return jax.nn.silu(conv(y, segment_ids=segment_ids)).reshape(b, s, h, dh)
-
-        # Fast weights and inner updates run in float32 whatever the compute dtype (design 6).
-        u = project(self.w_in, self.conv_u).astype(jnp.float32)
-        q = l2_normalize(project(self.w_q, self.conv_q).astype(jnp.float32))
-        beta = self.spec.beta_max * jax.nn.sigmoid(
-            x.astype(jnp.float32) @ self.w_beta[...] + self.b_beta[...]
-        )
-        resets = None if segment_ids is None else resets_from_segments(segment_ids)
-        init = {
+    def _init(self) -> dict[str, Params]:
+        return {
             name: {w: self.init_states[name][w][...].astype(jnp.float32) for w in ("W1", "W2")}
             for name in self.spec.all_memories
         }
 
-        head = lambda i, st, u, q, be, r: self_modifying_head(self.spec, i, st, u, q, be, r)  # noqa: E731
-        per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None), out_axes=1)
-        y = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, 0 if resets is not None else None))(
-            init, self.static_params(), u, q, beta, resets
-        )  # [b, s, h, dh]
+    def init_state(self, batch: int, max_len: int = 0) -> dict:
+        """State at a document start: conv tails, memories at their meta-learned initial states.
+
+        Memory states have leading `[batch, heads]` axes; conv tails are
+        `[batch, window - 1, heads * head_dim]` with their segment ids `tail_segments`;
+        `last_segment` int32 `[batch]` (-1: none yet).
+        """
+        del max_len  # recurrent: the state does not grow with the stream
+        head = jax.vmap(lambda i: initial_head_state(self.spec, i))(self._init())
+        heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), head)
+        return {
+            "conv_u": self.conv_u.init_state(batch).astype(jnp.float32),
+            "conv_q": self.conv_q.init_state(batch).astype(jnp.float32),
+            "last_segment": jnp.full((batch,), -1, jnp.int32),
+            "tail_segments": jnp.full((batch, self.conv_u.window - 1), -1, jnp.int32),
+            "heads": heads,
+        }
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 state: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:  # fmt: skip
+        """`x: [batch, seq, d_model] -> [batch, seq, d_model]`; memories reset per document.
+
+        With `state` (from `init_state` or a previous call), `x` continues that stream and the
+        call returns `(y, new_state)`; without `segment_ids` the continuation is one document.
+        """
+        del positions
+        b, s, _ = x.shape
+        h, dh = self.spec.heads, self.spec.head_dim
+        x = x.astype(self.dtype)
+        conv_segments = segment_ids
+        if state is not None and segment_ids is not None:
+            conv_segments = jnp.concatenate([state["tail_segments"], segment_ids], axis=1)
+
+        def project(w, conv, tail):
+            y = jnp.einsum("bsd,dhk->bshk", x, w[...].astype(self.dtype)).reshape(b, s, h * dh)
+            if tail is not None:
+                # Conv over [tail; y], then drop the tail's outputs: the same taps as one stream.
+                y = jnp.concatenate([tail.astype(y.dtype), y], axis=1)
+            z = conv(y, segment_ids=conv_segments)[:, -s:]
+            return jax.nn.silu(z).reshape(b, s, h, dh), y[:, y.shape[1] - tail_len :]
+
+        tail_len = self.conv_u.window - 1
+        tails = (None, None) if state is None else (state["conv_u"], state["conv_q"])
+        # Fast weights and inner updates run in float32 whatever the compute dtype (design 6).
+        u, tail_u = project(self.w_in, self.conv_u, tails[0])
+        q, tail_q = project(self.w_q, self.conv_q, tails[1])
+        u, q = u.astype(jnp.float32), l2_normalize(q.astype(jnp.float32))
+        beta = self.spec.beta_max * jax.nn.sigmoid(
+            x.astype(jnp.float32) @ self.w_beta[...] + self.b_beta[...]
+        )
+        resets = None
+        if segment_ids is not None:
+            resets = resets_from_segments(segment_ids)
+            if state is not None:
+                resets = resets.at[:, 0].set(segment_ids[:, 0] != state["last_segment"])
+        init = self._init()
+        r_ax = 0 if resets is not None else None
+
+        if state is None:
+            head = lambda i, st, u, q, be, r: self_modifying_head(self.spec, i, st, u, q, be, r)  # noqa: E731
+            per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None), out_axes=1)
+            y = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, r_ax))(
+                init, self.static_params(), u, q, beta, resets
+            )  # [b, s, h, dh]
+            new_state = None
+        else:
+            head = lambda i, st, u, q, be, r, hs: self_modifying_head(  # noqa: E731
+                self.spec, i, st, u, q, be, r, hs
+            )
+            per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None, 0), out_axes=(1, 0))
+            y, heads = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, r_ax, 0))(
+                init, self.static_params(), u, q, beta, resets, state["heads"]
+            )
+            last, tail_seg = state["last_segment"], state["tail_segments"]
+            if segment_ids is not None:
+                last = segment_ids[:, -1]
+                tail_seg = conv_segments[:, conv_segments.shape[1] - tail_len :]
+            new_state = {
+                "tail_segments": tail_seg.astype(jnp.int32),
+                "conv_u": tail_u.astype(jnp.float32),
+                "conv_q": tail_q.astype(jnp.float32),
+                "last_segment": last.astype(jnp.int32),
+                "heads": heads,
+            }
         y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * self.out_scale[...]
         y = y.astype(self.dtype)
         if self.output_gate:
             y = y * jax.nn.sigmoid(
                 jnp.einsum("bsd,dhk->bshk", x, self.w_gate[...].astype(self.dtype))
             )
-        return jnp.einsum("bshk,hkd->bsd", y, self.w_out[...].astype(self.dtype))
+        out = jnp.einsum("bshk,hkd->bsd", y, self.w_out[...].astype(self.dtype))
+        return out if new_state is None else (out, new_state)
 
 
 def from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SelfModifyingTitans:
