@@ -103,7 +103,10 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.num_persistent = 4  # Titans MAC/MAG/MAL persistent tokens
     m.memory.window = 64 if size == "tiny" else 1024  # sliding window of MAG/MAL
     m.memory.segment = 32 if size == "tiny" else 512  # MAC segment length
-    m.memory.remat = True
+    m.memory.remat = True  # recompute each chunk's internals in the backward pass
+    # Hope: also recompute a whole layer's chunk scans in the backward pass, so only one layer's
+    # per-chunk memory states are alive at a time (measured: 35 GiB -> see BENCHMARKS.md at 340M).
+    m.memory.remat_layer = size != "tiny"
 
     # Continuum Memory System (spec section 4, rows 11-15).
     m.cms = ml_collections.ConfigDict()

@@ -165,3 +165,23 @@ def test_state_continuation_equals_one_stream(with_segments):
     # The state matters: restarting from the initial state at token 8 gives other outputs.
     fresh, _ = mixer(x[:, 8:12], state=mixer.init_state(b, s))
     assert float(jnp.max(jnp.abs(fresh - mixer(x)[:, 8:12]))) > 1e-2
+
+
+def test_layer_remat_keeps_outputs_and_gradients():
+    """`remat_layer` only changes what the backward pass stores, not the numbers."""
+    from flax import nnx
+
+    from experiments.lm import get_config
+    from nl_jax.layers import self_modifying
+
+    cfg = get_config("hope_tiny").model
+    x = jax.random.normal(jax.random.key(2), (2, 12, cfg.d_model))
+    grads = []
+    for remat_layer in (False, True):
+        cfg.memory.remat_layer = remat_layer
+        mixer = self_modifying.from_config(cfg, nnx.Rngs(0))
+        assert mixer.spec.remat_layer is remat_layer
+        loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+        grads.append(nnx.grad(loss)(mixer))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ where the paper is silent (rows 5, 20); ablations of Table 6 are flags of `SelfM
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -57,6 +58,7 @@ class SelfModSpec:
     normalize_v: bool = True
     read: str = "per_token"
     remat: bool = True
+    remat_layer: bool = False
 
     @property
     def memory(self) -> ResidualMLPMemory:
@@ -194,6 +196,28 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     return out, {"proj": carry, "main": main_end}
 
 
+def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
+              q: jax.Array, beta: jax.Array, resets: jax.Array | None,
+              heads: dict | None) -> tuple[jax.Array, dict | None]:  # fmt: skip
+    """`self_modifying_head` over batch and heads: u, q `[batch, seq, heads, head_dim]`, beta
+    `[batch, seq, heads]`, resets `[batch, seq]`; `heads` states with leading `[batch, heads]`.
+
+    Returns `(y [batch, seq, heads, head_dim], new head states or None)`.
+    """
+    r_ax = None if resets is None else 0
+    if heads is None:
+        head = lambda i, st, u, q, be, r: self_modifying_head(spec, i, st, u, q, be, r)  # noqa: E731
+        per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None), out_axes=1)
+        y = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, r_ax))(init, static, u, q, beta,
+                                                                     resets)  # fmt: skip
+        return y, None
+    head = lambda i, st, u, q, be, r, hs: self_modifying_head(spec, i, st, u, q, be, r, hs)  # noqa: E731
+    per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None, 0), out_axes=(1, 0))
+    return jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, r_ax, 0))(
+        init, static, u, q, beta, resets, heads
+    )
+
+
 def resets_from_segments(segment_ids: jax.Array) -> jax.Array:
     """`bool[batch, seq]`: True where a document starts (first token, or a change of id)."""
     first = jnp.ones_like(segment_ids[:, :1], bool)
@@ -209,6 +233,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         eta_max=m.eta_max, beta_max=m.beta_max, dgd=m.dgd, momentum=m.momentum, weight_decay=m.weight_decay,
         normalize_lr=m.normalize_lr, adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
+        remat_layer=m.get("remat_layer", False),
     )  # fmt: skip
 
 
@@ -340,24 +365,18 @@ class SelfModifyingTitans(nnx.Module):
             resets = resets_from_segments(segment_ids)
             if state is not None:
                 resets = resets.at[:, 0].set(segment_ids[:, 0] != state["last_segment"])
-        init = self._init()
-        r_ax = 0 if resets is not None else None
-
+        heads_fn = functools.partial(run_heads, self.spec)
+        if self.spec.remat_layer:
+            # Keep only u, q, beta of this layer for the backward pass; its chunk-scan carries
+            # (memory weights and momenta per chunk) are recomputed one layer at a time.
+            heads_fn = jax.checkpoint(heads_fn)
+        y, heads = heads_fn(
+            self._init(), self.static_params(), u, q, beta, resets,
+            None if state is None else state["heads"],
+        )  # fmt: skip
         if state is None:
-            head = lambda i, st, u, q, be, r: self_modifying_head(self.spec, i, st, u, q, be, r)  # noqa: E731
-            per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None), out_axes=1)
-            y = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, r_ax))(
-                init, self.static_params(), u, q, beta, resets
-            )  # [b, s, h, dh]
             new_state = None
         else:
-            head = lambda i, st, u, q, be, r, hs: self_modifying_head(  # noqa: E731
-                self.spec, i, st, u, q, be, r, hs
-            )
-            per_head = jax.vmap(head, in_axes=(0, 0, 1, 1, 1, None, 0), out_axes=(1, 0))
-            y, heads = jax.vmap(per_head, in_axes=(None, None, 0, 0, 0, r_ax, 0))(
-                init, self.static_params(), u, q, beta, resets, state["heads"]
-            )
             last, tail_seg = state["last_segment"], state["tail_segments"]
             if segment_ids is not None:
                 last = segment_ids[:, -1]
