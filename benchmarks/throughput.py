@@ -7,12 +7,21 @@ tokens, compiled ahead of time, then timed over --steps steps. Prints tokens/s, 
 and compile time. FLOP convention (issue 7): 6N per token (N without the input embedding) plus
 causal attention 12 * heads * head_dim * seq / 2 per token and layer; the memories' inner-loop
 FLOPs are not counted (they would raise Hope's MFU). `--append` adds the table to BENCHMARKS.md.
+
+`--set=memory.chunk_size=64,attention.implementation=cudnn` overrides model config fields for
+every preset (values parsed as Python literals); `--variants` measures one preset under several
+override sets in one process (`name:key=v;key=v|name2:...`). `--profile=DIR` traces two steps of
+the last measurement and prints the ten device ops that took longest, with the count of device
+ops per step (a launch-bound step shows many short ops).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import collections
 import datetime
+import json
 import pathlib
 import subprocess
 import sys
@@ -40,10 +49,83 @@ def flops_per_token(model: nnx.Module, seq_len: int) -> float:
     return 6.0 * n + 0.5 * (counted - 6.0 * n)
 
 
-def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str) -> dict:
+def parse_overrides(text: str, sep: str = ",") -> dict[str, object]:
+    """`"a.b=1,c=x"` -> `{"a.b": 1, "c": "x"}` (values as Python literals where they parse)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(sep))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def apply_overrides(cfg, overrides: dict[str, object]) -> None:
+    """Set dotted keys on a model ConfigDict, with a clear error for unknown keys."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown model config key {key!r}")
+        node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], tuple) else value
+
+
+def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10) -> dict:
+    """Trace `run_steps()` and summarise device ops: the `top` longest by total time, op count."""
+    import glob
+
+    jax.profiler.start_trace(logdir)
+    run_steps()
+    jax.profiler.stop_trace()
+    files = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))
+    if not files:
+        return {"error": f"no xplane.pb under {logdir}"}
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    total, count = collections.Counter(), collections.Counter()
+    planes = list(data.planes)
+    on_device = any(p.name.startswith("/device:") for p in planes)
+    for plane in planes:
+        # Accelerators: device planes. CPU: the XLA client's worker threads on the host plane.
+        if plane.name.startswith("/device:") != on_device:
+            continue
+        for line in plane.lines:
+            # GPU planes list kernels on stream lines; skip the derived step/module summaries.
+            if line.name in ("XLA Modules", "Steps", "XLA TraceMe", "Source code"):
+                continue
+            if not on_device and not line.name.startswith("tf_XLA"):
+                continue
+            for event in line.events:
+                total[event.name] += event.duration_ns
+                count[event.name] += 1
+    all_ns = sum(total.values())
+    rows = [
+        {
+            "op": name,
+            "ms_per_step": ns / 1e6 / steps,
+            "share": ns / all_ns if all_ns else 0.0,
+            "calls_per_step": count[name] / steps,
+        }  # fmt: skip
+        for name, ns in total.most_common(top)
+    ]
+    return {
+        "device_ms_per_step": all_ns / 1e6 / steps,
+        "ops_per_step": sum(count.values()) / steps,
+        "top": rows,
+    }
+
+
+def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
+            overrides: dict[str, object] | None = None, profile: str = "",
+            name: str = "") -> dict:  # fmt: skip
     """Compile and time the train step of one preset."""
     cfg = lm.get_config(preset).model
     cfg.dtype = dtype
+    apply_overrides(cfg, overrides or {})
     model = models.build(cfg, nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
@@ -69,6 +151,16 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str) -> di
         state, loss = compiled(state, tokens)
     loss.block_until_ready()
     step_s = (time.perf_counter() - t0) / steps
+    prof = None
+    if profile:
+        holder = [state]
+
+        def run_steps():
+            for _ in range(2):
+                holder[0], out = compiled(holder[0], tokens)
+            out.block_until_ready()
+
+        prof = profile_top_ops(run_steps, profile)
     device = jax.devices()[0]
     tokens_per_s = batch * seq_len / step_s
     peak = metrics.peak_flops_per_device(device.device_kind)
@@ -77,7 +169,8 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str) -> di
         (device.memory_stats() or {}).get("peak_bytes_in_use") if device.platform != "cpu" else None
     )
     return {
-        "preset": preset, "seq": seq_len, "batch": batch, "tokens_per_s": tokens_per_s,
+        "preset": name or preset, "seq": seq_len, "overrides": overrides or {}, "profile": prof,
+        "step_s": step_s, "batch": batch, "tokens_per_s": tokens_per_s,
         "mfu": mfu, "peak_gib": None if mem is None else mem / 2**30, "compile_s": compile_s,
         "loss": float(loss), "params_m": metrics.count_params(nnx.state(model, nnx.Param)) / 1e6,
     }  # fmt: skip
@@ -101,6 +194,25 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(out)
 
 
+def profile_table(prof: dict) -> str:
+    """Markdown table of the longest device ops of a profile summary."""
+    if "error" in prof:
+        return prof["error"]
+    out = [
+        f"device time {prof['device_ms_per_step']:.1f} ms/step over "
+        f"{prof['ops_per_step']:,.0f} device ops/step",
+        "",
+        "| op | ms/step | share | calls/step |",
+        "|---|---|---|---|",
+    ]
+    for r in prof["top"]:
+        out.append(
+            f"| `{r['op'][:60]}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f}% | "
+            f"{r['calls_per_step']:,.0f} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     """Measure every named preset and print (and optionally append) the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,14 +221,38 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--set", default="", help="model overrides for every preset: a.b=1,c=x")
+    ap.add_argument("--variants", default="", help="name:k=v;k=v|name2:k=v (first preset)")
+    ap.add_argument("--profile", default="", help="trace dir: top device ops of the last run")
+    ap.add_argument("--out", default="", help="write the measured rows as JSON here")
     ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__})"
+    common = parse_overrides(args.set)
+    runs = [(p, p, common) for p in args.presets.split(",")]
+    if args.variants:
+        preset = runs[0][0]
+        runs = []
+        for item in args.variants.split("|"):
+            label, _, sets = item.partition(":")
+            runs.append((f"{preset}[{label}]", preset, {**common, **parse_overrides(sets, ";")}))
     rows = []
-    for preset in args.presets.split(","):
-        print(f"[throughput] {preset}: compiling and timing ...", flush=True)
-        rows.append(measure(preset, args.seq_len, args.batch, args.steps, args.dtype))
+    for i, (label, preset, overrides) in enumerate(runs):
+        print(f"[throughput] {label} {overrides}: compiling and timing ...", flush=True)
+        try:
+            row = measure(preset, args.seq_len, args.batch, args.steps, args.dtype, overrides,
+                          args.profile if i == len(runs) - 1 else "", label)  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (one failing variant, e.g. OOM, must not end the sweep)
+            print(f"[throughput] {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        rows.append(row)
         print(table(rows[-1:], device), flush=True)
+        if row["profile"]:
+            print(profile_table(row["profile"]), flush=True)
+        if args.out:
+            pathlib.Path(args.out).write_text(
+                json.dumps({"device": device, "rows": rows}, indent=1)
+            )
     text = table(rows, device)
     print(text)
     if args.append:

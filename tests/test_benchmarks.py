@@ -15,3 +15,22 @@ def test_throughput_measures_tiny_presets():
         assert 4.0 < row["loss"] < 7.0  # about log(257) at init on random tokens
     text = throughput.table(rows, "cpu")
     assert "transformer_tiny" in text and "hope_tiny" in text
+
+
+def test_overrides_and_profile_summary(tmp_path):
+    overrides = throughput.parse_overrides("memory.chunk_size=2,attention.implementation=xla")
+    assert overrides == {"memory.chunk_size": 2, "attention.implementation": "xla"}
+    row = throughput.measure(
+        "hope_tiny", 16, 1, 1, "float32", {"memory.chunk_size": 2}, str(tmp_path), "h"
+    )
+    assert row["overrides"] == {"memory.chunk_size": 2} and row["preset"] == "h"
+    prof = row["profile"]
+    assert prof["ops_per_step"] > 0 and len(prof["top"]) > 0, prof
+    assert abs(sum(r["share"] for r in prof["top"]) - 1.0) < 1.0  # shares of a positive total
+    assert "ms/step" in throughput.profile_table(prof)
+    try:
+        throughput.measure("hope_tiny", 16, 1, 1, "float32", {"memory.no_such_key": 1})
+    except KeyError as e:
+        assert "memory.no_such_key" in str(e)
+    else:
+        raise AssertionError("unknown override key accepted")
