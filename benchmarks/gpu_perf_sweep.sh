@@ -2,6 +2,8 @@
 # Issue 7 exploration on one GPU (one `device` call): baselines and Hope variants at 4 layers
 # (fast compiles), then one command-buffer run. Rows land in $OUT/*.json; logs in $OUT/*.log.
 set -u
+# ml_collections (and grain) are not on the GPU image: carry .whl (see WORKSPACE.md).
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 T="python benchmarks/throughput.py --seq_len=4096 --batch=8 --steps=4"
