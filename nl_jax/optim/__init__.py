@@ -17,8 +17,15 @@ from nl_jax.optim.delta_momentum import delta_momentum
 from nl_jax.optim.dmgd import dmgd
 from nl_jax.optim.m3 import m3, scale_by_m3
 from nl_jax.optim.momentum import momentum, preconditioned_momentum
-from nl_jax.optim.muon import is_embedding_or_head, muon, muon_labels
+from nl_jax.optim.muon import muon
 from nl_jax.optim.newton_schulz import CUBIC_COEFFS, QUINTIC_COEFFS, newton_schulz, orthogonalize
+from nl_jax.optim.routing import (
+    dimension_numbers,
+    is_embedding_or_head,
+    matrix_dims,
+    muon_labels,
+    orthogonalize_param,
+)
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "momentum": momentum,
@@ -47,14 +54,17 @@ __all__ = [
     "QUINTIC_COEFFS",
     "build_optimizer",
     "delta_momentum",
+    "dimension_numbers",
     "dmgd",
     "is_embedding_or_head",
     "m3",
+    "matrix_dims",
     "momentum",
     "muon",
     "muon_labels",
     "newton_schulz",
     "orthogonalize",
+    "orthogonalize_param",
     "preconditioned_momentum",
     "scale_by_m3",
 ]

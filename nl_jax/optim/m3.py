@@ -16,7 +16,10 @@ by its Frobenius norm so a scalar correction of `M1`/`M2` would not change `NS(.
 normalisation (default 0.2, AdamW's typical update RMS, as in Moonshot's Muon) stops
 `O(1)`-sized orthogonal updates divided by a small `sqrt(V)` from exploding (spec 3.8 note).
 The slow refresh runs under `lax.cond` on the int32 counter, so it is jit-safe and `f` may be an
-array. `m3` routes 1-D params, embeddings and heads to AdamW, like `muon`; `scale_by_m3` is the
+array. `m3` routes like `muon` (`nl_jax.optim.routing`): hidden matrices, 3-D attention projections
+and per-head memory states included, get M3 (Newton-Schulz on each `[fan_in, fan_out]` matrix;
+the moments, the division by `sqrt(V)` and the RMS normalisation stay elementwise / per tensor in
+the param's own shape); 1-D params, embeddings and heads get AdamW. `scale_by_m3` is the
 matrix-only core.
 """
 
@@ -28,10 +31,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers
 
 from nl_jax.optim._util import step_count, zeros_like
-from nl_jax.optim.muon import ADAMW, MUON, is_embedding_or_head, muon_labels
-from nl_jax.optim.newton_schulz import QUINTIC_COEFFS, newton_schulz
+from nl_jax.optim.routing import (
+    ADAMW,
+    MUON,
+    dimension_numbers,
+    is_embedding_or_head,
+    muon_labels,
+    orthogonalize_param,
+)
 
 FORMS = ("ema", "accumulate")
 
@@ -49,6 +59,17 @@ class M3State(NamedTuple):
 
 def _rms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(x * x))
+
+
+def _matrices_only(tree: optax.Params) -> optax.Params:
+    """Layout `[fan_in, fan_out]` for every leaf; ValueError for a leaf that is not 2-D."""
+
+    def one(x: jax.Array) -> MuonDimensionNumbers:
+        if jnp.ndim(x) != 2:
+            raise ValueError(f"scale_by_m3 handles 2-D params only, got shape {jnp.shape(x)}")
+        return MuonDimensionNumbers(0, 1)
+
+    return jax.tree.map(one, tree)
 
 
 def m3_direction(
@@ -69,22 +90,29 @@ def scale_by_m3(
     rms_scale: float | jax.Array = 0.2,
     *,
     form: str = "ema",
+    weight_dimension_numbers: Callable[[optax.Params], optax.Params] | None = None,
 ) -> optax.GradientTransformation:
-    """M3 direction `D` for 2-D leaves (no learning rate, no sign); see the module docstring."""
+    """M3 direction `D` (no learning rate, no sign); see the module docstring.
+
+    `weight_dimension_numbers(tree)` gives each leaf's matrix layout (a tree of optax
+    `MuonDimensionNumbers`); None: every leaf must be a `[fan_in, fan_out]` matrix.
+    """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     ema = form == "ema"
-    ns = lambda x: newton_schulz(x, ns_steps, QUINTIC_COEFFS)  # noqa: E731
+    layout = weight_dimension_numbers or _matrices_only
+
+    def ns_tree(tree, dims):
+        return jax.tree.map(lambda x, d: orthogonalize_param(x, d, ns_steps), tree, dims)
 
     def init(params: optax.Params) -> M3State:
-        for p in jax.tree.leaves(params):
-            if jnp.ndim(p) != 2:
-                raise ValueError(f"scale_by_m3 handles 2-D params only, got shape {p.shape}")
+        layout(params)  # raises on a leaf that is not a matrix
         z = zeros_like(params)
         return M3State(count=step_count(), m1=z, m2=z, v=z, o2=z, chunk_sum=z)
 
     def update(grads, state, params=None):
         del params
+        dims = layout(grads)
         t = optax.safe_increment(state.count)
         if ema:
             m1 = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, state.m1, grads)
@@ -95,7 +123,10 @@ def scale_by_m3(
             v = jax.tree.map(lambda v, g: v + beta2 * g * g, state.v, grads)
             v_hat = v
         d = jax.tree.map(
-            lambda m, o2, vh: m3_direction(ns(m), o2, vh, alpha, eps), m1, state.o2, v_hat
+            lambda o1, o2, vh: m3_direction(o1, o2, vh, alpha, eps),
+            ns_tree(m1, dims),
+            state.o2,
+            v_hat,
         )
         if ema:
             d = jax.tree.map(lambda x: rms_scale * x / (_rms(x) + eps), d)
@@ -108,7 +139,7 @@ def scale_by_m3(
                 )
             else:
                 m2 = jax.tree.map(lambda m, s: m + beta3 * s, state.m2, chunk_sum)
-            return m2, jax.tree.map(ns, m2), zeros_like(chunk_sum)
+            return m2, ns_tree(m2, dims), zeros_like(chunk_sum)
 
         def keep(_):
             return state.m2, state.o2, chunk_sum
@@ -137,9 +168,20 @@ def m3(
     form: str = "ema",
     is_adamw_path: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformation:
-    """M3 on hidden 2-D params, AdamW (same betas/eps) on 1-D params, embeddings and heads."""
+    """M3 on hidden matrices, AdamW (same betas/eps) on 1-D params, embeddings and heads."""
     m3_branch = optax.chain(
-        scale_by_m3(beta1, beta2, beta3, alpha, eps, slow_period, ns_steps, rms_scale, form=form),
+        scale_by_m3(
+            beta1,
+            beta2,
+            beta3,
+            alpha,
+            eps,
+            slow_period,
+            ns_steps,
+            rms_scale,
+            form=form,
+            weight_dimension_numbers=dimension_numbers,
+        ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

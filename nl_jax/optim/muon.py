@@ -3,68 +3,45 @@
 What is optax's and what is ours:
 * optax: `optax.contrib.scale_by_muon` (EMA momentum with bias correction, Nesterov, quintic
   Newton-Schulz with Frobenius pre-scaling), `optax.adamw`, `optax.multi_transform`.
-* ours: the routing (`muon_labels`: a label function driven by a parameter-*path* predicate, so
-  embeddings and the output head go to AdamW even though they are 2-D), the width scaling
-  `sqrt(max(1, fan_out / fan_in))` (Muon's reference rule, re-implemented because optax keeps it
-  private), and the composition. `optax.contrib.muon` routes by rank only; it has no notion of
-  "embedding" or "head", which spec row 18 asks to keep on AdamW.
+* ours: the routing (`nl_jax.optim.routing`: which params are hidden matrices, from their logical
+  axis names, plus a parameter-*path* predicate, so embeddings and the output head go to AdamW
+  even though they are 2-D; 3-D attention projections are orthogonalised as `[fan_in, fan_out]`
+  matrices), the width scaling `sqrt(max(1, fan_out / fan_in))` (Muon's reference rule,
+  re-implemented because optax keeps it private), and the composition. `optax.contrib.muon`
+  routes by rank only; it has no notion of "embedding" or "head", which spec row 18 asks to keep
+  on AdamW. The reshape itself is optax's (`MuonDimensionNumbers` given to `scale_by_muon`).
 
 In the paper's terms (spec 3.6, arXiv eq. 52) Muon is a linear momentum memory read through a
-non-linear output `sigma = NewtonSchulz`. Params are `[fan_in, fan_out]` (Flax kernel layout).
+non-linear output `sigma = NewtonSchulz`. Unnamed 2-D params are `[fan_in, fan_out]` (Flax
+kernel layout).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
+from optax.contrib import MuonDimensionNumbers
 
 from nl_jax.optim.newton_schulz import QUINTIC_COEFFS
-
-MUON, ADAMW = "muon", "adamw"
-
-# Path components (lower-cased) that mark embeddings and output heads.
-_ADAMW_NAME = re.compile(r"(embed|embedding|embeddings|wte|wpe|unembed|head|lm_head|output_head)")
-
-
-def path_to_str(path: tuple) -> str:
-    """`jax.tree_util` key path -> `"a/b/0/c"`."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+from nl_jax.optim.routing import (  # noqa: F401  (re-exported: nl_jax.train imports them here)
+    ADAMW,
+    MUON,
+    dimension_numbers,
+    fan_in_out,
+    is_embedding_or_head,
+    muon_labels,
+    path_to_str,
+)
 
 
-def is_embedding_or_head(path: str) -> bool:
-    """Default predicate: some path component contains "embed", or equals a head name."""
-    return any(
-        "embed" in c or _ADAMW_NAME.fullmatch(c) is not None for c in path.lower().split("/")
-    )
-
-
-def muon_labels(
-    params: optax.Params, is_adamw_path: Callable[[str], bool] = is_embedding_or_head
-) -> optax.Params:
-    """Label tree: "muon" for 2-D leaves whose path fails `is_adamw_path`, else "adamw"."""
-
-    def label(path: tuple, x: jax.Array) -> str:
-        return MUON if (jnp.ndim(x) == 2 and not is_adamw_path(path_to_str(path))) else ADAMW
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def width_scale(update: jax.Array) -> jax.Array:
-    """Scale a `[fan_in, fan_out]` update by `sqrt(max(1, fan_out / fan_in))` (Muon reference)."""
-    fan_in, fan_out = update.shape[-2], update.shape[-1]
+def width_scale(update: jax.Array, dims: MuonDimensionNumbers | None = None) -> jax.Array:
+    """Scale an update by `sqrt(max(1, fan_out / fan_in))` (Muon reference); `dims` (default
+    `[fan_in, fan_out]`) says which axes are fan-in and fan-out."""
+    fan_in, fan_out = fan_in_out(update.shape, dims or MuonDimensionNumbers(0, 1))
     return update * jnp.sqrt(jnp.maximum(1.0, fan_out / fan_in)).astype(update.dtype)
 
 
@@ -73,15 +50,9 @@ def scale_by_width() -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(width_scale, updates), state
+        return jax.tree.map(width_scale, updates, dimension_numbers(updates)), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
-
-
-def _all_2d_dims(updates: optax.Updates) -> optax.Updates:
-    # optax's scale_by_muon needs a dimension-numbers tree; masked leaves are MaskedNode (no
-    # leaves), so mapping over the updates reproduces the masked structure it expects.
-    return jax.tree.map(lambda _: optax.contrib.MuonDimensionNumbers(0, 1), updates)
 
 
 def muon(
@@ -99,9 +70,9 @@ def muon(
     nesterov: bool = True,
     is_adamw_path: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformation:
-    """Muon on hidden 2-D params, AdamW on 1-D params, embeddings and heads (multi_transform).
+    """Muon on hidden matrices, AdamW on the rest (multi_transform; see `routing`).
 
-    `is_adamw_path(path)` (default `is_embedding_or_head`) sends 2-D params to AdamW; paths look
+    `is_adamw_path(path)` (default `is_embedding_or_head`) sends matrices to AdamW; paths look
     like `"blocks/0/attn/kernel"`. With `optax.inject_hyperparams`, list a custom predicate in
     `static_args`, otherwise it is mistaken for a schedule.
     """
@@ -112,7 +83,7 @@ def muon(
             beta=beta,
             eps=eps,
             nesterov=nesterov,
-            weight_dimension_numbers=_all_2d_dims,
+            weight_dimension_numbers=dimension_numbers,
         ),
         scale_by_width(),
         optax.add_decayed_weights(weight_decay),
