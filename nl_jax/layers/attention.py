@@ -12,8 +12,13 @@ import numpy as np
 from flax import nnx
 
 from nl_jax.layers import axes
+from nl_jax.layers.conv import continue_positions, continue_segments
 from nl_jax.layers.norms import RMSNorm, logical_param
 from nl_jax.layers.rope import apply_rope, segment_positions
+
+# State of a continued stream (see `Attention.init_state`): a KV cache written at `length`
+# (global attention) or the last `window - 1` keys (sliding window), with every key's segment id
+# and stream index so the masks of the module docstring apply unchanged.
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -160,28 +165,124 @@ class Attention(nnx.Module):
                 jax.random.normal(rngs.params(), shape, jnp.float32).astype(param_dtype), names
             )
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Attend: x [batch, seq, d_model] -> [batch, seq, d_model] in `dtype`.
+    state_period = 1  # a KV cache is exact at any cut
 
-        positions: int [batch, seq] for RoPE; None means positions restarting at 0 at each
-        document of segment_ids, or 0..seq-1 without segment_ids.
-        segment_ids: int [batch, seq]; tokens attend only to tokens with the same id.
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """Empty stream state; `max_len` bounds the tokens a global-attention cache can hold.
+
+        Global: {"k", "v": float32 [batch, max_len, kv_heads, head_dim], "ids": int32
+        [batch, max_len], "length": int32 [], "pos", "last_id": int32 [batch]}. Sliding window:
+        the same with `window - 1` slots holding the latest keys and "idx" int32 [window - 1],
+        their stream indices (-1: empty). Writing past `max_len` is not checked under jit.
         """
-        batch, seq, _ = x.shape
+        slots = max_len if self.window is None else self.window - 1
+        kv = jnp.zeros((batch, slots, self.num_kv_heads, self.head_dim), jnp.float32)
+        state = {
+            "k": kv,
+            "v": kv,
+            "ids": jnp.full((batch, slots), -1, jnp.int32),
+            "length": jnp.zeros((), jnp.int32),
+            "pos": jnp.zeros((batch,), jnp.int32),
+            "last_id": jnp.full((batch,), -1, jnp.int32),
+        }
+        if self.window is not None:
+            state["idx"] = jnp.full((slots,), -1, jnp.int32)
+        return state
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [b, s, heads, hd], k and v [b, s, kv_heads, hd] in `dtype`, q/k normalised if set."""
         dt = self.dtype
-        x = x.astype(dt)
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
+        return q, k, v
+
+    def _persistent(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """Persistent keys and values broadcast to [batch, num_persistent, kv_heads, hd]."""
+        dt = self.dtype
+        pk = self.persistent_k[...].astype(dt)
+        if self.k_norm is not None:
+            pk = self.k_norm(pk)
+        pv = self.persistent_v[...].astype(dt)
+        shape = (batch,) + pk.shape
+        return jnp.broadcast_to(pk, shape), jnp.broadcast_to(pv, shape)
+
+    def _call_with_state(
+        self, x: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None, state: dict
+    ) -> tuple[jax.Array, dict]:
+        """Continue the stream of `state` with x [b, s, d]: (y [b, s, d], new state)."""
+        batch, seq, _ = x.shape
+        dt = self.dtype
+        q, k, v = self._project(x.astype(dt))
+        ids, resets, last_id = continue_segments(state["last_id"], segment_ids, seq)
+        default_pos, next_pos = continue_positions(state["pos"], resets, seq)
+        if positions is None:
+            positions = default_pos
+        else:
+            next_pos = positions[:, -1].astype(jnp.int32) + 1
+        if self.use_rope:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+        length = state["length"]
+        q_idx = length + jnp.arange(seq, dtype=jnp.int32)
+        new = dict(state, pos=next_pos, last_id=last_id, length=length + seq)
+        if self.window is None:
+            start = (0, length, 0, 0)
+            new["k"] = jax.lax.dynamic_update_slice(state["k"], k.astype(jnp.float32), start)
+            new["v"] = jax.lax.dynamic_update_slice(state["v"], v.astype(jnp.float32), start)
+            new["ids"] = jax.lax.dynamic_update_slice(state["ids"], ids, (0, length))
+            keys, values, key_ids = new["k"], new["v"], new["ids"]
+            slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
+            k_idx = jnp.where(slots < length + seq, slots, -1)
+        else:
+            keys = jnp.concatenate([state["k"], k.astype(jnp.float32)], axis=1)
+            values = jnp.concatenate([state["v"], v.astype(jnp.float32)], axis=1)
+            key_ids = jnp.concatenate([state["ids"], ids], axis=1)
+            k_idx = jnp.concatenate([state["idx"], q_idx])
+            keep = self.window - 1
+            cut = keys.shape[1] - keep
+            new.update(k=keys[:, cut:], v=values[:, cut:], ids=key_ids[:, cut:], idx=k_idx[cut:])
+        mask = (k_idx[None, :] >= 0) & (k_idx[None, :] <= q_idx[:, None])
+        if self.window is not None:
+            mask = mask & (q_idx[:, None] - k_idx[None, :] < self.window)
+        mask = mask[None, None] & (ids[:, :, None] == key_ids[:, None, :])[:, None]
+        keys, values = keys.astype(dt), values.astype(dt)
+        if self.num_persistent:
+            pk, pv = self._persistent(batch)
+            keys = jnp.concatenate([pk, keys], axis=1)
+            values = jnp.concatenate([pv, values], axis=1)
+            prefix = jnp.ones(mask.shape[:-1] + (self.num_persistent,), bool)
+            mask = jnp.concatenate([prefix, mask], axis=-1)
+        out = jax.nn.dot_product_attention(
+            q, keys, values, mask=mask, implementation=self.implementation
+        )
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt)), new
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        state: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Attend: x [batch, seq, d_model] -> [batch, seq, d_model] in `dtype`.
+
+        positions: int [batch, seq] for RoPE; None means positions restarting at 0 at each
+        document of segment_ids, or 0..seq-1 without segment_ids.
+        segment_ids: int [batch, seq]; tokens attend only to tokens with the same id.
+        state: from `init_state` or a previous call; x then continues that stream (positions
+        continue too) and the call returns `(y, new_state)`.
+        """
+        if state is not None:
+            return self._call_with_state(x, positions, segment_ids, state)
+        batch, seq, _ = x.shape
+        dt = self.dtype
+        x = x.astype(dt)
+        q, k, v = self._project(x)
         if self.use_rope:
             if positions is None:
                 if segment_ids is not None:
@@ -192,13 +293,9 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions, self.rope_theta)
 
         if self.num_persistent:
-            pk = self.persistent_k[...].astype(dt)
-            if self.k_norm is not None:
-                pk = self.k_norm(pk)
-            pv = self.persistent_v[...].astype(dt)
-            prefix_shape = (batch,) + pk.shape
-            k = jnp.concatenate([jnp.broadcast_to(pk, prefix_shape), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(pv, prefix_shape), v], axis=1)
+            pk, pv = self._persistent(batch)
+            k = jnp.concatenate([pk, k], axis=1)
+            v = jnp.concatenate([pv, v], axis=1)
             # The API's causal and window masks are aligned at the top-left (query i sees key i),
             # which is wrong once keys carry a prefix, so the whole mask is explicit here.
             mask = attention_mask(

@@ -28,6 +28,38 @@ def document_index(segment_ids: jax.Array) -> jax.Array:
     )
 
 
+def continue_segments(
+    last_id: jax.Array, segment_ids: jax.Array | None, length: int
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """Segment ids of a call that continues a stream whose last token had id `last_id` [batch].
+
+    Returns (ids int32 [batch, length], document starts bool [batch, length] or None when
+    segment_ids is None, id of the call's last token [batch]). Without segment_ids the call
+    continues the current document (ids = last_id); -1 is the id "before the stream".
+    """
+    if segment_ids is None:
+        ids = jnp.broadcast_to(last_id[:, None], (last_id.shape[0], length)).astype(jnp.int32)
+        return ids, None, last_id
+    ids = segment_ids.astype(jnp.int32)
+    prev = jnp.concatenate([last_id[:, None].astype(jnp.int32), ids[:, :-1]], axis=1)
+    return ids, ids != prev, ids[:, -1]
+
+
+def continue_positions(
+    next_pos: jax.Array, resets: jax.Array | None, length: int
+) -> tuple[jax.Array, jax.Array]:
+    """Positions within the document for a continued call: (int32 [batch, length], next [batch]).
+
+    next_pos [batch]: position of the call's first token if no document starts at it.
+    """
+    t = jnp.arange(length, dtype=jnp.int32)
+    pos = next_pos[:, None].astype(jnp.int32) + t
+    if resets is not None:
+        last_start = jax.lax.cummax(jnp.where(resets, t, -1), axis=1)
+        pos = jnp.where(last_start >= 0, t - last_start, pos)
+    return pos, pos[:, -1] + 1
+
+
 def _shift_right(x: jax.Array, k: int, axis: int) -> jax.Array:
     """Shift x right by k along axis, filling with zeros: out[t] = x[t - k]."""
     if k == 0:
@@ -107,8 +139,11 @@ class ShortConv(nnx.Module):
         """Convolve x [batch, seq, channels] -> [batch, seq, channels], per document if segment_ids."""
         return causal_conv(x.astype(self.dtype), self.kernel[...], segment_ids)
 
-    def init_state(self, batch: int) -> jax.Array:
-        """Zero decoding state [batch, window - 1, channels] in `dtype`."""
+    state_period = 1  # a tail of inputs is exact at any cut
+
+    def init_state(self, batch: int, max_len: int = 0) -> jax.Array:
+        """Zero decoding state [batch, window - 1, channels] in `dtype` (the tail of inputs)."""
+        del max_len  # the tail does not grow with the stream
         return init_conv_state(batch, self.window, self.channels, self.dtype)
 
     def step(self, state: jax.Array, x_t: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -47,7 +47,7 @@ from nl_jax.core.memories import Params
 from nl_jax.core.rules import DeltaRule
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
-from nl_jax.layers.conv import ShortConv, causal_conv
+from nl_jax.layers.conv import ShortConv, causal_conv, continue_positions, continue_segments
 from nl_jax.layers.norms import RMSNorm, l2_normalize, logical_param
 from nl_jax.layers.rope import segment_positions
 
@@ -311,15 +311,54 @@ class NeuralMemory(nnx.Module):
             o = o * jax.nn.sigmoid(g)
         return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(dt))
 
+    @property
+    def state_period(self) -> int:
+        """A continued stream is exact when cut at multiples of the memory's chunk size."""
+        return self.level.chunk_size
+
+    def init_state(self, batch: int, max_len: int = 0) -> dict:
+        """Stream start: {"params", "opt": the memory carry [batch, heads, ...], "tail": conv
+        tails {"q","k","v": float32 [batch, window-1, heads*head_dim], "ids"} ({} without conv),
+        "last_id": int32 [batch] (-1: no token yet)}."""
+        del max_len  # recurrent: the state does not grow with the stream
+        params, opt = self.initial_carry(batch)
+        tail = self.empty_tail(batch, jnp.full((batch, 1), -1, jnp.int32)) or {}
+        tail = {k: v.astype(jnp.float32) if k != "ids" else v for k, v in tail.items()}
+        return {
+            "params": params,
+            "opt": opt,
+            "tail": tail,
+            "last_id": jnp.full((batch,), -1, jnp.int32),
+        }
+
+    def continue_stream(
+        self, x: jax.Array, segment_ids: jax.Array | None, state: dict
+    ) -> tuple[jax.Array, dict]:
+        """Memory reads [b, s, heads, head_dim] of x [b, s, d] continuing `state`, new state."""
+        ids, resets, last_id = continue_segments(state["last_id"], segment_ids, x.shape[1])
+        inputs, tail = self.features(x, ids, state["tail"] or None)
+        reads, (params, opt) = self.memorize(inputs, resets, carry=(state["params"], state["opt"]))
+        tail = {} if tail is None else {k: v.astype(jnp.float32) if k != "ids" else v
+                                        for k, v in tail.items()}  # fmt: skip
+        return reads, {"params": params, "opt": opt, "tail": tail, "last_id": last_id}
+
     def __call__(
         self,
         x: jax.Array,
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Mix x [b, s, d] -> [b, s, d]; segment_ids int [b, s] separate packed documents."""
+        state: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Mix x [b, s, d] -> [b, s, d]; segment_ids int [b, s] separate packed documents.
+
+        With `state` (from `init_state` or a previous call), x continues that stream and the
+        call returns `(y, new_state)`.
+        """
         del positions  # the conv and the memory are order-aware by construction
+        if state is not None:
+            reads, state = self.continue_stream(x, segment_ids, state)
+            return self.readout(x, reads), state
         inputs, _ = self.features(x, segment_ids)
         resets = None if segment_ids is None else document_resets(segment_ids)
         reads, _ = self.memorize(inputs, resets)
@@ -337,6 +376,21 @@ class MemoryAsContext(nnx.Module):
         self.attention = attention
         self.segment = segment
 
+    @property
+    def state_period(self) -> int:
+        """A continued stream is exact when cut at segment boundaries."""
+        return self.segment
+
+    def init_state(self, batch: int, max_len: int = 0) -> dict:
+        """Stream start: the memory's state (`NeuralMemory.init_state`) for the segments' writes,
+        the conv tail "x_tail" of the queries' stream, and the next position "pos" [batch]."""
+        mem = self.memory.init_state(batch, max_len)
+        return {
+            "memory": mem,
+            "x_tail": mem["tail"],
+            "pos": jnp.zeros((batch,), jnp.int32),
+        }
+
     def scan(
         self,
         x: jax.Array,
@@ -345,6 +399,16 @@ class MemoryAsContext(nnx.Module):
         positions: jax.Array | None = None,
     ) -> MACOutputs:
         """Run MAC over x [b, s, d] with a lax.scan over segments carrying the memory state."""
+        return self._scan(x, segment_ids, positions, None)[0]
+
+    def _scan(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None,
+        positions: jax.Array | None,
+        state: dict | None,
+    ) -> tuple[MACOutputs, dict | None]:
+        """`scan`, optionally continuing `state` (then also returns the new state)."""
         mem = self.memory
         b, s, _ = x.shape
         c = self.segment
@@ -356,15 +420,33 @@ class MemoryAsContext(nnx.Module):
             widths = [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
             return jnp.pad(a, widths, mode="edge")
 
-        if positions is None:
-            positions = (
-                segment_positions(segment_ids)
-                if segment_ids is not None
-                else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            )
         x_p = pad_seq(x.astype(mem.dtype))
-        ids = None if segment_ids is None else pad_seq(segment_ids)
-        queries = mem.features(x_p, ids)[0].queries  # q_t = x_t W_Q over the whole stream
+        if state is None:
+            if positions is None:
+                positions = (
+                    segment_positions(segment_ids)
+                    if segment_ids is not None
+                    else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+                )
+            ids = None if segment_ids is None else pad_seq(segment_ids)
+            queries = mem.features(x_p, ids)[0].queries  # q_t = x_t W_Q over the whole stream
+            resets = None if ids is None else document_resets(ids)
+            carry0 = (mem.initial_carry(b), mem.empty_tail(b, ids))
+        else:
+            last_id = state["memory"]["last_id"]
+            ids, resets, _ = continue_segments(last_id, segment_ids, s)
+            default_pos, next_pos = continue_positions(state["pos"], resets, s)
+            if positions is None:
+                positions = default_pos
+            else:
+                next_pos = positions[:, -1].astype(jnp.int32) + 1
+            ids = pad_seq(ids)
+            prev = jnp.concatenate([last_id[:, None], ids[:, :-1]], axis=1)
+            resets = ids != prev
+            features, x_tail = mem.features(x_p, ids, state["x_tail"] or None)
+            queries = features.queries
+            m = state["memory"]
+            carry0 = ((m["params"], m["opt"]), m["tail"] or None)
 
         def split(a: jax.Array) -> jax.Array:  # [b, n*c, ...] -> [n, b, c, ...]
             return jnp.swapaxes(a.reshape((b, n, c) + a.shape[2:]), 0, 1)
@@ -372,9 +454,8 @@ class MemoryAsContext(nnx.Module):
         xs = {"x": split(x_p), "q": split(queries), "pos": split(pad_seq(positions))}
         if ids is not None:
             xs["ids"] = split(ids)
-            xs["resets"] = split(document_resets(ids))
+            xs["resets"] = split(resets)
         init = mem.initial_params()
-        carry0 = (mem.initial_carry(b), mem.empty_tail(b, ids))
 
         def body(carry, seg):
             (params, state), tail = carry
@@ -402,12 +483,21 @@ class MemoryAsContext(nnx.Module):
         if mem.remat:
             # Keep only the carry per segment; the segment's attention is recomputed backwards.
             body = jax.checkpoint(body)
-        ((params, state), _), (o, y, h) = jax.lax.scan(body, carry0, xs)
+        ((params, opt), tail), (o, y, h) = jax.lax.scan(body, carry0, xs)
 
         def merge(a: jax.Array) -> jax.Array:  # [n, b, c, ...] -> [b, s, ...]
             return jnp.swapaxes(a, 0, 1).reshape((b, n * c) + a.shape[3:])[:, :s]
 
-        return MACOutputs(merge(o), merge(y), merge(h), (params, state))
+        outputs = MACOutputs(merge(o), merge(y), merge(h), (params, opt))
+        if state is None:
+            return outputs, None
+
+        def f32(t: dict | None) -> dict:
+            return {} if t is None else {k: v if k == "ids" else v.astype(jnp.float32)
+                                         for k, v in t.items()}  # fmt: skip
+
+        memory = {"params": params, "opt": opt, "tail": f32(tail), "last_id": ids[:, s - 1]}
+        return outputs, {"memory": memory, "x_tail": f32(x_tail), "pos": next_pos}
 
     def __call__(
         self,
@@ -415,9 +505,11 @@ class MemoryAsContext(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Mix x [b, s, d] -> [b, s, d]."""
-        return self.scan(x, segment_ids=segment_ids, positions=positions).outputs
+        state: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Mix x [b, s, d] -> [b, s, d]; with `state`, continue it and return `(y, state)`."""
+        out, new_state = self._scan(x, segment_ids, positions, state)
+        return out.outputs if state is None else (out.outputs, new_state)
 
 
 class MemoryAsGate(nnx.Module):
@@ -439,17 +531,35 @@ class MemoryAsGate(nnx.Module):
         self.attention_norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
         self.memory_norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
 
+    @property
+    def state_period(self) -> int:
+        """The memory's chunk size (attention is exact at any cut)."""
+        return self.memory.state_period
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """{"attention": sliding-window KV state, "memory": the LMM's state}."""
+        return {"attention": self.attention.init_state(batch, max_len),
+                "memory": self.memory.init_state(batch, max_len)}  # fmt: skip
+
     def __call__(
         self,
         x: jax.Array,
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Mix x [b, s, d] -> [b, s, d]."""
-        y = self.attention(x, positions=positions, segment_ids=segment_ids)
-        m = self.memory(x, segment_ids=segment_ids, positions=positions)
-        return self.attention_norm(y) * jax.nn.sigmoid(self.memory_norm(m))
+        state: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Mix x [b, s, d] -> [b, s, d]; with `state`, continue it and return `(y, state)`."""
+        if state is None:
+            y = self.attention(x, positions=positions, segment_ids=segment_ids)
+            m = self.memory(x, segment_ids=segment_ids, positions=positions)
+        else:
+            y, att = self.attention(x, positions=positions, segment_ids=segment_ids,
+                                    state=state["attention"])  # fmt: skip
+            m, mem = self.memory(x, segment_ids=segment_ids, state=state["memory"])
+            state = {"attention": att, "memory": mem}
+        out = self.attention_norm(y) * jax.nn.sigmoid(self.memory_norm(m))
+        return out if state is None else (out, state)
 
 
 class MemoryAsLayer(nnx.Module):
@@ -460,16 +570,32 @@ class MemoryAsLayer(nnx.Module):
         self.memory = memory
         self.attention = attention
 
+    @property
+    def state_period(self) -> int:
+        """The memory's chunk size (attention is exact at any cut)."""
+        return self.memory.state_period
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """{"attention": sliding-window KV state, "memory": the LMM's state}."""
+        return {"attention": self.attention.init_state(batch, max_len),
+                "memory": self.memory.init_state(batch, max_len)}  # fmt: skip
+
     def __call__(
         self,
         x: jax.Array,
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Mix x [b, s, d] -> [b, s, d]."""
-        y = self.memory(x, segment_ids=segment_ids, positions=positions)
-        return self.attention(y, positions=positions, segment_ids=segment_ids)
+        state: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Mix x [b, s, d] -> [b, s, d]; with `state`, continue it and return `(y, state)`."""
+        if state is None:
+            y = self.memory(x, segment_ids=segment_ids, positions=positions)
+            return self.attention(y, positions=positions, segment_ids=segment_ids)
+        y, mem = self.memory(x, segment_ids=segment_ids, state=state["memory"])
+        out, att = self.attention(y, positions=positions, segment_ids=segment_ids,
+                                  state=state["attention"])  # fmt: skip
+        return out, {"attention": att, "memory": mem}
 
 
 def _dtypes(cfg: ml_collections.ConfigDict) -> dict[str, jnp.dtype]:

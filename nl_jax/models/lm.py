@@ -11,6 +11,7 @@ A family (`transformer`, `hope`, ...) names one mixer and one MLP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -71,13 +72,50 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(d_model, eps=eps, rngs=rngs) if mlp is not None else None
         self.mlp = mlp
 
+    @property
+    def state_period(self) -> int:
+        """Least common multiple of the mixer's and the MLP's state periods."""
+        periods = [_period(self.mixer)] + ([] if self.mlp is None else [_period(self.mlp)])
+        return math.lcm(*periods)
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """{"mixer": the mixer's state, "mlp": the MLP's state (None without MLP)}."""
+        return {
+            "mixer": _require(self.mixer, "init_state")(batch, max_len),
+            "mlp": None if self.mlp is None else _require(self.mlp, "init_state")(batch, max_len),
+        }
+
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None,
-                 positions: jax.Array | None) -> jax.Array:  # fmt: skip
-        """`x: [batch, seq, d_model] -> [batch, seq, d_model]`."""
-        h = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
+                 positions: jax.Array | None,
+                 state: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:  # fmt: skip
+        """`x: [batch, seq, d_model] -> [batch, seq, d_model]` (and the new state if given one)."""
+        if state is None:
+            h = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
+            if self.mlp is None:
+                return h
+            return h + self.mlp(self.mlp_norm(h), segment_ids=segment_ids, positions=positions)
+        m, mixer_state = self.mixer(self.mixer_norm(x), segment_ids=segment_ids,
+                                    positions=positions, state=state["mixer"])  # fmt: skip
+        h = x + m
         if self.mlp is None:
-            return h
-        return h + self.mlp(self.mlp_norm(h), segment_ids=segment_ids, positions=positions)
+            return h, {"mixer": mixer_state, "mlp": None}
+        y, mlp_state = self.mlp(self.mlp_norm(h), segment_ids=segment_ids, positions=positions,
+                                state=state["mlp"])  # fmt: skip
+        return h + y, {"mixer": mixer_state, "mlp": mlp_state}
+
+
+def _require(module: nnx.Module, name: str):
+    """`module.<name>`, or a clear error when the module lacks the state protocol."""
+    if not hasattr(module, name):
+        raise NotImplementedError(
+            f"{type(module).__name__} does not implement the state protocol (`state_period`, "
+            "`init_state`, `__call__(..., state=)`); recurrent inference needs it"
+        )
+    return getattr(module, name)
+
+
+def _period(module: nnx.Module) -> int:
+    return int(_require(module, "state_period"))
 
 
 class DecoderLM(nnx.Module):
@@ -114,18 +152,180 @@ class DecoderLM(nnx.Module):
                 jax.random.normal(rngs.params(), (d, v), pdt) / d**0.5, (axes.EMBED, axes.VOCAB)
             )
 
+        chunks = {int(getattr(b.mlp, "chunk", 0) or 0) for b in self.blocks} - {0}
+        if len(chunks) > 1:
+            raise ValueError(
+                f"in-context CMS levels of all blocks must share chunk sizes: {chunks}"
+            )
+        self.context_chunk = chunks.pop() if chunks else 0
+        for block in self.blocks if self.context_chunk else ():
+            period = _period(block.mixer)
+            if self.context_chunk % period:
+                raise ValueError(
+                    f"the smallest in-context CMS chunk ({self.context_chunk} tokens) must be a "
+                    f"multiple of the mixer's state period ({period}: its chunk sizes), since "
+                    "the model runs the mixers chunk by chunk from their states"
+                )
+
+    @property
+    def state_period(self) -> int:
+        """States are exact for continuing at multiples of this many tokens (lcm of all levels)."""
+        return math.lcm(*(block.state_period for block in self.blocks))
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """Stream-start state of every level; `max_len` bounds the tokens of attention caches.
+
+        `{"blocks": [{"mixer": ..., "mlp": ...} per block]}` (float32 fast weights and caches,
+        int32 counters and segment ids).
+        """
+        return {"blocks": [block.init_state(batch, max_len) for block in self.blocks]}
+
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                 positions: jax.Array | None = None,
+                 state: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:  # fmt: skip
         """`tokens: int32[batch, seq]` -> logits `float32[batch, seq, vocab]`.
 
         `segment_ids` (documents packed in a row; 0 = padding) and `positions` (restarting per
         document) are optional `int32[batch, seq]`; every level resets at document starts.
+        With `state` (from `init_state` or a previous call) the tokens continue that stream and
+        the call returns `(logits, new_state)`; the new state is exact for a further call when
+        `seq` is a multiple of `state_period`. Without `segment_ids` a continued stream is one
+        document; give them on every call or on none.
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int32[batch, seq], got shape {tokens.shape}")
+        if self.context_chunk:
+            return self._in_context(tokens, segment_ids, positions, state)
+        if state is None:
+            x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+            for block in self.blocks:
+                x = block(x, segment_ids=segment_ids, positions=positions)
+            return self._head(x)
+        logits, blocks = self._forward(state["blocks"], tokens, segment_ids, positions)
+        return logits, dict(state, blocks=blocks)
+
+    def _forward(self, blocks_state: list, tokens: jax.Array, segment_ids: jax.Array | None,
+                 positions: jax.Array | None) -> tuple[jax.Array, list]:  # fmt: skip
+        """Every block continuing its state: (logits [b, s, vocab], new block states)."""
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        for block in self.blocks:
-            x = block(x, segment_ids=segment_ids, positions=positions)
+        new_blocks = []
+        for block, block_state in zip(self.blocks, blocks_state, strict=True):
+            x, block_state = block(x, segment_ids=segment_ids, positions=positions,
+                                   state=block_state)  # fmt: skip
+            new_blocks.append(block_state)
+        return self._head(x), new_blocks
+
+    def _graded_chunk(self, blocks_state: list, xs: dict, flush: bool = False):
+        """One model chunk, then the in-context CMS updates from its next-token loss gradient.
+
+        xs: tokens, targets int32 [b, c], mask bool [b, c] (tokens with a target), optional
+        ids / pos. Returns (new block states, logits [b, c, vocab]). The gradient is taken
+        w.r.t. the levels' fast weights with the chunk-start states of all other levels fixed.
+        """
+
+        def fast_of(st):
+            mlp = st["mlp"]
+            return mlp["fast"] if isinstance(mlp, dict) and "fast" in mlp else None
+
+        fast = [fast_of(st) for st in blocks_state]
+
+        def loss_fn(fast):
+            states = [
+                st if f is None else dict(st, mlp=dict(st["mlp"], fast=f))
+                for st, f in zip(blocks_state, fast, strict=True)
+            ]
+            logits, new = self._forward(states, xs["tokens"], xs.get("ids"), xs.get("pos"))
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            nll = -jnp.take_along_axis(logp, xs["targets"][..., None], axis=-1)[..., 0]
+            return jnp.sum(jnp.where(xs["mask"], nll, 0.0)), (logits, new)
+
+        grads, (logits, new) = jax.grad(loss_fn, has_aux=True)(fast)
+        out = []
+        for block, st, g in zip(self.blocks, new, grads, strict=True):
+            if g is not None:
+                st = dict(st, mlp=block.mlp.commit(st["mlp"], g, flush=flush))
+            out.append(st)
+        return out, logits
+
+    def _in_context(self, tokens: jax.Array, segment_ids: jax.Array | None,
+                    positions: jax.Array | None, state: dict | None):  # fmt: skip
+        """The forward with in-context CMS levels: a scan over model chunks (see `nl_jax.layers.cms`).
+
+        The update at the end of a chunk needs the next token (the target of the chunk's last
+        token). A call whose length ends on a chunk boundary therefore returns the state before
+        its last chunk plus that chunk's inputs ("pending"); the next call re-runs the pending
+        chunk with its now complete targets, so continued streams equal one long stream.
+        """
+        c = self.context_chunk
+        batch, _ = tokens.shape
+        if state is None:
+            longest = max(max(b.mlp.chunk_sizes) for b in self.blocks if b.mlp is not None)
+            if tokens.shape[1] < longest:
+                raise ValueError(
+                    f"sequence length {tokens.shape[1]} is shorter than the in-context CMS chunk "
+                    f"({longest} tokens): that level would never update; use a shorter chunk "
+                    "or 0 (an across-steps level)"
+                )
+            blocks, pending, return_state = (
+                self.init_state(batch, tokens.shape[1])["blocks"],
+                None,
+                False,
+            )
+        else:
+            blocks, pending, return_state = state["blocks"], state.get("pending"), True
+        inputs = {"tokens": tokens, "ids": segment_ids, "pos": positions}
+        skip = 0
+        if pending is not None:
+            for key, value in inputs.items():
+                if (value is None) != (pending.get(key) is None):
+                    raise ValueError(
+                        f"give {key} on every call with a state or on none (in-context CMS)"
+                    )
+            inputs = {
+                k: None if v is None else jnp.concatenate([pending[k], v], axis=1)
+                for k, v in inputs.items()
+            }
+            skip = c
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        toks = inputs["tokens"]
+        length = toks.shape[1]
+        targets = jnp.concatenate([toks[:, 1:], jnp.zeros_like(toks[:, :1])], axis=1)
+        mask = jnp.arange(length) < length - 1
+        mask = jnp.broadcast_to(mask, toks.shape)
+        if "ids" in inputs:  # no target across a document boundary
+            ids = inputs["ids"]
+            mask = mask & jnp.concatenate([ids[:, 1:] == ids[:, :-1], mask[:, -1:]], axis=1)
+        xs_all = dict(inputs, targets=targets, mask=mask)
+        n_full, rest = divmod(length, c)
+        n_scan = n_full - 1 if rest == 0 else n_full
+        logits = []
+        if n_scan:
+            xs = jax.tree.map(
+                lambda a: jnp.swapaxes(a[:, : n_scan * c].reshape(batch, n_scan, c, *a.shape[2:]),
+                                       0, 1),
+                xs_all,
+            )  # fmt: skip
+            blocks, out = jax.lax.scan(jax.checkpoint(self._graded_chunk), blocks, xs)
+            logits.append(jnp.swapaxes(out, 0, 1).reshape(batch, n_scan * c, -1))
+        tail = jax.tree.map(lambda a: a[:, n_scan * c :], xs_all)
+        flush = rest and any(getattr(b.mlp, "flush_partial", False) for b in self.blocks)
+        new_pending = None
+        if flush:
+            blocks, out = self._graded_chunk(blocks, tail, flush=True)
+        else:
+            out, after = self._forward(blocks, tail["tokens"], tail.get("ids"), tail.get("pos"))
+            if rest:
+                blocks = after  # the partial chunk is dropped from the in-context updates
+            else:
+                new_pending = {k: tail[k] for k in ("tokens", "ids", "pos") if k in tail}
+        logits.append(out)
+        logits = jnp.concatenate(logits, axis=1)[:, skip:]
+        if not return_state:
+            return logits
+        return logits, dict(state, blocks=blocks, pending=new_pending)
+
+    def _head(self, x: jax.Array) -> jax.Array:
+        """Final norm and output head: [batch, seq, d_model] -> float32 [batch, seq, vocab]."""
         x = self.final_norm(x).astype(jnp.float32)
         head = self.embed[...].T if self.unembed is None else self.unembed[...]
         return x @ head.astype(jnp.float32)

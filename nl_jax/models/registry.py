@@ -18,10 +18,18 @@ class _SegmentFree(nnx.Module):
     def __init__(self, inner: nnx.Module) -> None:
         self.inner = inner
 
-    def __call__(self, x, *, segment_ids=None, positions=None):
+    state_period = 1  # position-wise: no state
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """Empty state: a position-wise module carries nothing along the stream."""
+        del batch, max_len
+        return {}
+
+    def __call__(self, x, *, segment_ids=None, positions=None, state=None):
         """Ignore the document arguments: the inner module is position-wise."""
         del segment_ids, positions
-        return self.inner(x)
+        y = self.inner(x)
+        return y if state is None else (y, state)
 
 
 def attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
