@@ -16,13 +16,15 @@ for every optimizer; validation always uses the same fixed windows. Reported: va
 (excluding the first, compiling, step and evaluations).
 
 Learning rates: `--sweep` runs every optimizer at each value of its grid (`SWEEP`, factor ~3) on
-seed 0 and writes `optim_lm_sweep.json`; the main run then reads the best value per model and
-optimizer from that file (a model absent from the sweep uses the first swept model's values,
-then `DEFAULT_LR`). Muon's and M3's AdamW branch (embeddings, head, 1-D params) uses the AdamW
+seed 0 and writes `optim_lm_sweep.json` (`--centered`: the grid is lr/3, lr, 3 lr around the
+best lr already in that file, e.g. transfer from transformer_tiny to hope_tiny); the main run
+then reads the best value per model and optimizer from that file (a model absent from the
+sweep uses the first swept model's values, then `DEFAULT_LR`). Muon's and M3's AdamW branch (embeddings, head, 1-D params) uses the AdamW
 learning rate chosen for the same model.
 
 Run (from the repo root):
-  nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep   # learning-rate sweep, seed 0
+  nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep --models=transformer_tiny
+  nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep --centered --models=hope_tiny
   nice -n 10 .venv/bin/python benchmarks/optim_lm.py           # 3 seeds, table + plot
   .venv/bin/python benchmarks/optim_lm.py --smoke --out=/tmp/x # seconds: tiny shapes, 1 seed
 Writes `benchmarks/results/optim_lm.{json,md,png}` (or `--out` + `.json/.md/.png`).
@@ -375,6 +377,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval_every", type=int, default=50)
     ap.add_argument("--eval_batches", type=int, default=16)
     ap.add_argument("--sweep", action="store_true", help="lr sweep on the first seed")
+    ap.add_argument(
+        "--centered",
+        action="store_true",
+        help="with --sweep: grid lr/3, lr, 3 lr around the best lr already swept (any model)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 seed, seconds")
     ap.add_argument("--out", default="", help="output path prefix (default results/optim_lm)")
     args = ap.parse_args(argv)
@@ -400,15 +407,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for preset in presets:
         for name in names:
             if args.sweep:  # the AdamW branch of Muon/M3 follows this sweep's AdamW winner
-                chosen = best_lrs_of(runs)
-            adam_lr = lr_for(chosen, preset, "adamw")
-            grid = SWEEP[name] if args.sweep else (lr_for(chosen, preset, name),)
+                adam_lr = lr_for(best_lrs_of(runs), preset, "adamw")
+            else:
+                adam_lr = lr_for(chosen, preset, "adamw")
+            center = lr_for(chosen, preset, name)
+            if not args.sweep:
+                grid = (center,)
+            elif args.centered:
+                grid = (center / 3, center, center * 3)
+            else:
+                grid = SWEEP[name]
             for lr in grid:
                 runs.extend(
                     train_runs(
                         preset, name, lr, adam_lr, seeds[:1] if args.sweep else seeds, data, args
                     )  # fmt: skip
                 )
+    if args.sweep and out.with_suffix(".json").is_file():  # keep other models' sweeps
+        old = json.loads(out.with_suffix(".json").read_text())["runs"]
+        runs = [r for r in old if r["model"] not in presets] + runs
     result = {"provenance": provenance(args), "runs": runs}
     if not args.sweep:
         result["summary"] = summarize(runs)

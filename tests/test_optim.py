@@ -275,7 +275,7 @@ def test_muon_matches_numpy_and_adamw(x64):
         assert not np.allclose(u["w"], ua["w"])
 
 
-def np_m3(grads, form, lr, b1, b2, b3, alpha, eps, f, rms_scale):
+def np_m3(grads, form, lr, b1, b2, b3, alpha, eps, f, rms_scale, ns=np_newton_schulz):
     m1 = v = m2 = o2 = s = np.zeros_like(grads[0])
     out = []
     for t, g in enumerate(grads, start=1):
@@ -287,14 +287,14 @@ def np_m3(grads, form, lr, b1, b2, b3, alpha, eps, f, rms_scale):
             m1 = m1 + b1 * g
             v = v + b2 * g * g
             vh = v
-        d = (np_newton_schulz(m1) + alpha * o2) / (np.sqrt(vh) + eps)
+        d = (ns(m1) + alpha * o2) / (np.sqrt(vh) + eps)
         if form == "ema":
             d = rms_scale * d / (np.sqrt(np.mean(d * d)) + eps)
         out.append(-lr * d)
         s = s + g
         if t % f == 0:
             m2 = b3 * m2 + (1 - b3) * s / f if form == "ema" else m2 + b3 * s
-            o2 = np_newton_schulz(m2)
+            o2 = ns(m2)
             s = np.zeros_like(s)
     return out
 
@@ -337,6 +337,141 @@ def test_m3_routes_to_adamw(x64):
 def test_m3_rejects_bad_form():
     with pytest.raises(ValueError, match="ema"):
         optim.scale_by_m3(form="sum")
+
+
+# ---------------------------------------------------------------- routing of named params
+
+E, H, D = 8, 2, 3  # embed, heads, head_dim
+NAMED = {  # name: (shape, logical axes)
+    "wq": ((E, H, D), ("embed", "heads", "head_dim")),  # input projection -> [E, H*D]
+    "wo": ((H, D, E), ("heads", "head_dim", "embed")),  # output projection -> [H*D, E]
+    "mem": ((H, 6, 3), ("heads", "mem_out", "mem_in")),  # per head [mem_in, mem_out] = [3, 6]
+    "scale": ((E,), ("embed",)),
+    "conv": ((4, E), ("conv", "embed")),
+    "head_vec": ((H, D), ("heads", "head_dim")),
+    "embed": ((10, E), ("vocab", "embed")),
+}
+NAMED_MATRICES = ("wq", "wo", "mem")
+
+
+def _named(values: dict) -> dict:
+    from nl_jax.layers.norms import logical_param
+
+    return {k: logical_param(jnp.asarray(v), NAMED[k][1]) for k, v in values.items()}
+
+
+def _np_per_matrix(fn, name: str):
+    """Apply a numpy matrix map `fn` ([fan_in, fan_out] -> same) to param `name` of NAMED."""
+    shape = NAMED[name][0]
+    if name == "wq":
+        return lambda x: fn(x.reshape(E, H * D)).reshape(shape)
+    if name == "wo":
+        return lambda x: fn(x.reshape(H * D, E)).reshape(shape)
+    return lambda x: np.stack([fn(x[h].T).T for h in range(shape[0])])  # heads batch
+
+
+def _np_width(name: str) -> float:
+    fan_in, fan_out = {"wq": (E, H * D), "wo": (H * D, E), "mem": (3, 6)}[name]
+    return np.sqrt(max(1.0, fan_out / fan_in))
+
+
+def test_matrix_dims_rule():
+    dims = optim.matrix_dims
+    assert dims(("embed", "heads", "head_dim"), 3) == optax.contrib.MuonDimensionNumbers(
+        (0,), (1, 2)
+    )
+    assert dims(("heads", "head_dim", "embed"), 3) == optax.contrib.MuonDimensionNumbers(
+        (0, 1), (2,)
+    )
+    assert dims(("heads", "mem_out", "mem_in"), 3) == optax.contrib.MuonDimensionNumbers(2, 1)
+    assert dims(("mlp", "embed"), 2) == optax.contrib.MuonDimensionNumbers((0,), (1,))
+    for names in (("vocab", "embed"), ("embed", "vocab"), ("conv", "embed"), ("heads", "head_dim")):
+        assert dims(names, 2) is None, names
+    assert dims(("embed",), 1) is None
+    assert dims(None, 2) == optax.contrib.MuonDimensionNumbers(0, 1)  # unnamed: rank rule
+    assert dims(None, 3) is None
+
+
+def test_named_params_route_and_reshape():
+    params = _named({k: np.zeros(s) for k, (s, _) in NAMED.items()})
+    labels = {k: v.get_value() for k, v in muon_labels(params).items()}
+    assert labels == {k: "muon" if k in NAMED_MATRICES else "adamw" for k in NAMED}
+    x = jnp.asarray(_rng(11).normal(size=NAMED["wo"][0]))
+    d = optim.matrix_dims(NAMED["wo"][1], 3)
+    from nl_jax.optim import routing
+
+    m = routing.to_matrices(x, d)
+    assert m.shape == (1, H * D, E)
+    np.testing.assert_array_equal(m[0], np.asarray(x).reshape(H * D, E))
+    np.testing.assert_array_equal(routing.from_matrices(m, d, x.shape), x)
+
+
+def test_muon_on_named_3d_params_matches_numpy(x64):
+    lr, beta, wd = 0.02, 0.95, 0.1
+    rng = _rng(12)
+    p_np = {k: rng.normal(size=s) for k, (s, _) in NAMED.items()}
+    grads = [{k: rng.normal(size=s) for k, (s, _) in NAMED.items()} for _ in range(STEPS)]
+    opt = optim.muon(lr, beta, weight_decay=wd, adam_learning_rate=0.003)
+    aw = optax.adamw(0.003, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    params = _named(p_np)
+    state, aw_state = opt.init(params), aw.init(params)
+    mu = {k: np.zeros(NAMED[k][0]) for k in NAMED_MATRICES}
+    for t, g in enumerate(grads, start=1):
+        u, state = opt.update(_named(g), state, params)
+        ua, aw_state = aw.update(_named(g), aw_state, params)
+        for k in NAMED_MATRICES:
+            mu[k] = beta * mu[k] + (1 - beta) * g[k]
+            mu_hat = beta * mu[k] / (1 - beta ** (t + 1)) + (1 - beta) * g[k] / (1 - beta**t)
+            ortho = _np_per_matrix(np_newton_schulz, k)(mu_hat)
+            want = -lr * (ortho * _np_width(k) + wd * p_np[k])
+            np.testing.assert_allclose(u[k].get_value(), want, rtol=1e-8, atol=1e-12, err_msg=k)
+        for k in set(NAMED) - set(NAMED_MATRICES):
+            np.testing.assert_allclose(u[k].get_value(), ua[k].get_value(), rtol=1e-10, err_msg=k)
+
+
+def test_m3_on_named_3d_params_matches_numpy(x64):
+    hp = dict(lr=0.01, b1=0.9, b2=0.99, b3=0.8, alpha=0.7, eps=1e-8, f=2, rms_scale=0.3)
+    rng = _rng(13)
+    grads = [{k: rng.normal(size=s) for k, (s, _) in NAMED.items()} for _ in range(STEPS + 1)]
+    opt = optim.m3(hp["lr"], hp["b1"], hp["b2"], hp["b3"], hp["alpha"], hp["eps"], hp["f"],
+                   rms_scale=hp["rms_scale"])  # fmt: skip
+    params = _named({k: np.zeros(s) for k, (s, _) in NAMED.items()})
+    state = opt.init(params)
+    got = []
+    for g in grads:
+        u, state = opt.update(_named(g), state, params)
+        got.append({k: np.asarray(v.get_value()) for k, v in u.items()})
+    for k in NAMED_MATRICES:
+        ns = _np_per_matrix(np_newton_schulz, k)
+        want = np_m3([g[k] for g in grads], "ema", **hp, ns=ns)
+        for t, w in enumerate(want):
+            np.testing.assert_allclose(got[t][k], w, rtol=1e-8, atol=1e-12, err_msg=f"{k} {t}")
+
+
+def test_model_attention_weights_go_to_muon():
+    import sys
+    from pathlib import Path
+
+    from flax import nnx
+
+    from nl_jax import models
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import lm
+
+    for preset in ("transformer_tiny", "hope_tiny"):
+        model = nnx.eval_shape(lambda p=preset: models.build(lm.get_config(p).model, nnx.Rngs(0)))
+        params = nnx.state(model, nnx.Param)
+        labels = {
+            optim.routing.path_to_str(path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(muon_labels(params))
+        }
+        mixer = [v for k, v in labels.items() if "blocks/0/mixer/w" in k and "/w_alpha" not in k
+                 and "/w_eta" not in k]  # fmt: skip
+        assert mixer and all(v == "muon" for v in mixer), (preset, labels)
+        assert all(v == "adamw" for k, v in labels.items() if "norm" in k or "embed" in k)
+        assert labels["blocks/0/mlp/" + ("inner" if "transformer" in preset else "levels/0")
+                      + "/w_up/value"] == "muon"  # fmt: skip
 
 
 # ---------------------------------------------------------------- generic contracts
