@@ -80,8 +80,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.head_dim = d // heads
     m.memory.hidden_mult = 1  # residual MLP memory hidden = hidden_mult * head_dim (row 9)
     m.memory.activation = "gelu"
-    m.memory.chunk_size = 16  # C_mem: update period of the main memory (row 10)
-    m.memory.chunk_size_other = 8  # C_other: k, v, eta, alpha memories of Hope (row 10)
+    # Row 10 recommends C_other 8-16 and C_mem 16-64. At 340M+ we take the top of both ranges:
+    # at seq 4096 on one H200 that ran Hope 1.4x faster than 8/16 (BENCHMARKS.md, issue 7).
+    big_hope = family == "hope" and size != "tiny"
+    m.memory.chunk_size = 64 if big_hope else 16  # C_mem: main memory period (Titans' too)
+    m.memory.chunk_size_other = 16 if big_hope else 8  # C_other: k, v, eta, alpha memories
     m.memory.eta_max = 0.5  # eta = eta_max * sigmoid(.) (rows 4, 5)
     # Titans has no DGD step normalisation, so its plain-GD steps on the hidden layer compound
     # over a chunk: eta_max 0.5 diverged on a 1024-token stream at init; 0.2 and below did not.
@@ -107,6 +110,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Hope: also recompute a whole layer's chunk scans in the backward pass, so only one layer's
     # per-chunk memory states are alive at a time (measured: 35 GiB -> see BENCHMARKS.md at 340M).
     m.memory.remat_layer = size != "tiny"
+    m.memory.scan_unroll = 1  # chunks per loop iteration of the chunk scans (speed only)
 
     # Continuum Memory System (spec section 4, rows 11-15).
     m.cms = ml_collections.ConfigDict()

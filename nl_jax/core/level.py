@@ -191,6 +191,7 @@ def run_level(
     reset_params: Params | None = None,
     path: str = "auto",
     remat: bool = True,
+    unroll: int = 1,
 ) -> tuple[jax.Array, tuple[Params, Any]]:
     """Run a level over one stream.
 
@@ -201,6 +202,7 @@ def run_level(
         `reset_params` (default: the `params` passed in) with a fresh optimizer state.
       path: `fast` (closed chunk form; needs a DeltaRule), `generic` (any optax rule) or `auto`.
       remat: recompute each chunk in the backward pass instead of storing its intermediates.
+      unroll: chunks per loop iteration of the scan (fewer loop round trips on accelerators).
     Returns:
       `(outputs [seq, d_out], (final params, final inner optimizer state))`.
     """
@@ -244,7 +246,7 @@ def run_level(
     outs = []
     if n_full:
         full = jax.tree.map(lambda x: x[: n_full * c].reshape((n_full, c) + x.shape[1:]), xs)
-        carry, out = jax.lax.scan(body, carry, full)
+        carry, out = jax.lax.scan(body, carry, full, unroll=max(1, min(unroll, n_full)))
         outs.append(out.reshape((n_full * c,) + out.shape[2:]))
     if seq > n_full * c:
         rest = jax.tree.map(lambda x: x[n_full * c :], xs)

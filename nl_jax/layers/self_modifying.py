@@ -59,6 +59,7 @@ class SelfModSpec:
     read: str = "per_token"
     remat: bool = True
     remat_layer: bool = False
+    scan_unroll: int = 1
 
     @property
     def memory(self) -> ResidualMLPMemory:
@@ -177,7 +178,7 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     gens = []
     if n_full:
         full = jax.tree.map(lambda x: x[: n_full * c].reshape((n_full, c) + x.shape[1:]), xs)
-        carry, gen = jax.lax.scan(chunk, carry, full)
+        carry, gen = jax.lax.scan(chunk, carry, full, unroll=max(1, min(spec.scan_unroll, n_full)))
         gens.append(jax.tree.map(lambda x: x.reshape((n_full * c,) + x.shape[2:]), gen))
     if seq > n_full * c:
         carry, gen = chunk(carry, jax.tree.map(lambda x: x[n_full * c :], xs))
@@ -190,6 +191,7 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     out, main_end = run_level(
         main, *start["main"], gen["k"], gen["v"], queries, eta=gen["eta"], alpha=gen["alpha"],
         beta=beta, resets=resets, reset_params=init["memory"], path="fast", remat=spec.remat,
+        unroll=spec.scan_unroll,
     )  # fmt: skip
     if state is None:
         return out
@@ -233,7 +235,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         eta_max=m.eta_max, beta_max=m.beta_max, dgd=m.dgd, momentum=m.momentum, weight_decay=m.weight_decay,
         normalize_lr=m.normalize_lr, adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
-        remat_layer=m.get("remat_layer", False),
+        remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
     )  # fmt: skip
 
 
