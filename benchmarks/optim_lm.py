@@ -15,16 +15,19 @@ for every optimizer; validation always uses the same fixed windows. Reported: va
 (nats per byte) at the last step, mean and std over seeds, and wall time per train step
 (excluding the first, compiling, step and evaluations).
 
-Learning rates: `--sweep` runs every optimizer at each value of its grid (`SWEEP`, factor ~3) on
-seed 0 and writes `optim_lm_sweep.json` (`--centered`: the grid is lr/3, lr, 3 lr around the
-best lr already in that file, e.g. transfer from transformer_tiny to hope_tiny); the main run
-then reads the best value per model and optimizer from that file (a model absent from the
-sweep uses the first swept model's values, then `DEFAULT_LR`). Muon's and M3's AdamW branch (embeddings, head, 1-D params) uses the AdamW
-learning rate chosen for the same model.
+Learning rates: `--sweep` runs every optimizer at each value of its grid (`SWEEP`, factor ~3)
+on seed 0 and writes `optim_lm_sweep.json` (`--centered`: the grid is lr/3, lr, 3 lr around the
+best lr already in that file, e.g. transfer from transformer_tiny to hope_tiny; `--lrs`: an
+explicit grid, e.g. to extend one past an edge; points already in the file are kept). The main
+run reads the best value per model and optimizer from that file (a model absent from the sweep
+uses another swept model's value, then `DEFAULT_LR`). Muon's and M3's AdamW branch (embeddings,
+head, 1-D params) uses the AdamW learning rate chosen for the same model.
 
 Run (from the repo root):
   nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep --models=transformer_tiny
   nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep --centered --models=hope_tiny
+  nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep --models=transformer_tiny \
+      --optimizers=dmgd --lrs=3      # the grid's best DMGD lr was its edge (1)
   nice -n 10 .venv/bin/python benchmarks/optim_lm.py           # 3 seeds, table + plot
   .venv/bin/python benchmarks/optim_lm.py --smoke --out=/tmp/x # seconds: tiny shapes, 1 seed
 Writes `benchmarks/results/optim_lm.{json,md,png}` (or `--out` + `.json/.md/.png`).
@@ -382,6 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --sweep: grid lr/3, lr, 3 lr around the best lr already swept (any model)",
     )
+    ap.add_argument("--lrs", default="", help="with --sweep: explicit grid, e.g. 1,3")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 seed, seconds")
     ap.add_argument("--out", default="", help="output path prefix (default results/optim_lm)")
     args = ap.parse_args(argv)
@@ -413,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             center = lr_for(chosen, preset, name)
             if not args.sweep:
                 grid = (center,)
+            elif args.lrs:
+                grid = tuple(float(x) for x in args.lrs.split(","))
             elif args.centered:
                 grid = (center / 3, center, center * 3)
             else:
@@ -423,9 +429,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         preset, name, lr, adam_lr, seeds[:1] if args.sweep else seeds, data, args
                     )  # fmt: skip
                 )
-    if args.sweep and out.with_suffix(".json").is_file():  # keep other models' sweeps
+    if args.sweep and out.with_suffix(".json").is_file():  # keep earlier sweeps' other points
+        done = {(r["model"], r["optimizer"], r["lr"]) for r in runs}
         old = json.loads(out.with_suffix(".json").read_text())["runs"]
-        runs = [r for r in old if r["model"] not in presets] + runs
+        runs = [r for r in old if (r["model"], r["optimizer"], r["lr"]) not in done] + runs
     result = {"provenance": provenance(args), "runs": runs}
     if not args.sweep:
         result["summary"] = summarize(runs)
