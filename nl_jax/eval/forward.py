@@ -1,0 +1,55 @@
+"""A jitted forward pass per model object, shared by every evaluation task."""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# One compiled function per model object: the graph holds a ConfigDict (unhashable), so it is
+# closed over instead of passed as a static argument; jit then caches per input shape.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: nnx.Module):
+    graphdef, state = nnx.split(model)
+    entry = _COMPILED.get(model)
+    if entry is None or entry[0] != graphdef:
+
+        def run(state, tokens, segment_ids):
+            return nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids)
+
+        entry = (graphdef, jax.jit(run))
+        _COMPILED[model] = entry
+    return entry[1], state
+
+
+def logits(
+    model: nnx.Module, tokens: np.ndarray | jax.Array, segment_ids: np.ndarray | None = None
+) -> jax.Array:
+    """`tokens: int32 [batch, seq]` -> float32 logits `[batch, seq, vocab]` (jitted per shape)."""
+    fn, state = _compiled(model)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return fn(state, tokens, seg)
+
+
+def target_logprobs(
+    model: nnx.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    segment_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(log p(targets | inputs up to t), argmax == target)`, both `[batch, seq]`.
+
+    inputs, targets: int32 `[batch, seq]` (targets are usually inputs shifted left by one).
+    """
+    out = logits(model, inputs, segment_ids)
+    logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+    tgt = jnp.asarray(targets, jnp.int32)
+    picked = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    hits = jnp.argmax(logp, axis=-1) == tgt
+    return np.asarray(picked), np.asarray(hits)
