@@ -23,6 +23,33 @@ def count_across_step(model: nnx.Module) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tagged)))
 
 
+# Compiled steps by graph (compared, not hashed: the graph holds an unhashable ConfigDict).
+_STEPS: list[tuple[nnx.GraphDef, Any]] = []
+
+
+def _compiled_step(graphdef: nnx.GraphDef) -> Any:
+    """`step(tagged, rest, tokens, targets, mask, lr) -> (tagged, loss)`, one SGD step, jitted."""
+    for known, fn in _STEPS:
+        if known == graphdef:
+            return fn
+
+    def step(tagged, rest, tokens, targets, mask, learning_rate):
+        def loss_fn(tagged):
+            out = nnx.merge(graphdef, tagged, rest)(tokens)
+            logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+            m = mask.astype(jnp.float32)
+            return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(tagged)
+        return jax.tree.map(lambda p, g: p - learning_rate * g, tagged, grads), loss
+
+    fn = jax.jit(step)
+    _STEPS.insert(0, (graphdef, fn))
+    del _STEPS[4:]
+    return fn
+
+
 def sgd_steps(
     model: nnx.Module,
     rows: dict[str, np.ndarray],
@@ -36,19 +63,7 @@ def sgd_steps(
     rows: "tokens", "targets", "loss_mask" int32 `[n, seq]`; batches cycle through the rows.
     """
     graphdef, tagged, rest = nnx.split(model, is_across_step, ...)
-
-    @jax.jit
-    def step(tagged, rest, tokens, targets, mask):
-        def loss_fn(tagged):
-            out = nnx.merge(graphdef, tagged, rest)(tokens)
-            logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
-            nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            m = mask.astype(jnp.float32)
-            return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(tagged)
-        return jax.tree.map(lambda p, g: p - learning_rate * g, tagged, grads), loss
-
+    step = _compiled_step(graphdef)
     n = len(rows["tokens"])
     for s in range(steps):
         idx = [(s * batch_size + k) % n for k in range(batch_size)]
@@ -58,5 +73,6 @@ def sgd_steps(
             jnp.asarray(rows["tokens"][idx], jnp.int32),
             jnp.asarray(rows["targets"][idx], jnp.int32),
             jnp.asarray(rows["loss_mask"][idx], jnp.int32),
+            jnp.float32(learning_rate),
         )
     return nnx.merge(graphdef, tagged, rest)

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# One compiled function per model object: the graph holds a ConfigDict (unhashable), so it is
-# closed over instead of passed as a static argument; jit then caches per input shape.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Compiled forwards by graph: models with equal graphs (e.g. a copy after test-time updates)
+# share one. The graph holds a ConfigDict (unhashable), so entries are compared, not hashed.
+_COMPILED: list[tuple[nnx.GraphDef, Any]] = []
+_MAX_ENTRIES = 8
 
 
 def _compiled(model: nnx.Module):
     graphdef, state = nnx.split(model)
-    entry = _COMPILED.get(model)
-    if entry is None or entry[0] != graphdef:
+    for known, fn in _COMPILED:
+        if known == graphdef:
+            return fn, state
 
-        def run(state, tokens, segment_ids):
-            return nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids)
+    def run(state, tokens, segment_ids):
+        return nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids)
 
-        entry = (graphdef, jax.jit(run))
-        _COMPILED[model] = entry
-    return entry[1], state
+    fn = jax.jit(run)
+    _COMPILED.insert(0, (graphdef, fn))
+    del _COMPILED[_MAX_ENTRIES:]
+    return fn, state
 
 
 def logits(
