@@ -84,11 +84,14 @@ def run_task(exported: Any, task: str, args: argparse.Namespace) -> dict[str, An
             batch_size=args.batch_size,
         )  # fmt: skip
     if task == "mqar":
-        grid = _grid(args.grid) if args.grid else list(mqar_recall.ZOOLOGY_GRID)
-        if not args.grid and data_cfg.get("kind") == "mqar":
-            grid.insert(0, (int(data_cfg["seq_len"]), int(data_cfg["num_kv_pairs"])))
         from_data = data_cfg.get("vocab_size") if data_cfg.get("kind") == "mqar" else None
         vocab = args.vocab_size or int(from_data or exported.vocab_size)
+        if args.grid:
+            grid = _grid(args.grid)
+        else:  # the Zoology settings this vocabulary can hold, after the run's own setting
+            grid = [(n, kv) for n, kv in mqar_recall.ZOOLOGY_GRID if vocab >= 2 * kv + 2]
+            if data_cfg.get("kind") == "mqar":
+                grid.insert(0, (int(data_cfg["seq_len"]), int(data_cfg["num_kv_pairs"])))
         return mqar_recall.evaluate(model, vocab_size=vocab, grid=grid,
                                     num_examples=args.num_examples, seed=args.seed)  # fmt: skip
     if task == "babilong":
