@@ -361,6 +361,27 @@ def test_continual_evaluate_reports_every_mode():
     json.dumps(r)
 
 
+def test_continual_text_domains(tmp_path):
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    paths = []
+    for name, text in (("up", alphabet * 12), ("same", "a" * 312)):
+        paths.append(tmp_path / f"{name}.txt")
+        paths[-1].write_text(text)
+    tasks = continual.text_tasks([str(p) for p in paths], ByteTokenizer(), seq_len=16,
+                                 stream_rows=2, test_rows=3)  # fmt: skip
+    assert [t.test["tokens"].shape for t in tasks] == [(3, 16), (3, 16)]
+    r = continual.evaluate(CountUp(257), tasks, modes=[(False, False), (True, False)])
+    # The test part of "up" starts at character 156 = 6 * 26 ('a'); its 48 targets are characters
+    # 1..48 of it, and only character 26 (an 'a' after a 'z') is not "previous + 1"; "same" never.
+    for m in r["modes"]:
+        np.testing.assert_allclose(np.asarray(m["R"])[:, 0], 1 - 1 / 48, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(m["R"])[:, 1], 0.0)
+    with pytest.raises(EvalInputError, match="too short for 50 test windows"):
+        continual.text_tasks([str(p) for p in paths], ByteTokenizer(), seq_len=16, test_rows=50)
+    with pytest.raises(EvalInputError, match=">= 2 files"):
+        continual.text_tasks([str(paths[0])], ByteTokenizer(), seq_len=16)
+
+
 def test_cms_sgd_updates_only_the_tagged_params():
     model = tiny_model("hope_attention", vocab=64, layers=1)
     before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
