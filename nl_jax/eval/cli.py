@@ -91,7 +91,8 @@ def run_task(exported: Any, task: str, args: argparse.Namespace) -> dict[str, An
         else:  # the Zoology settings this vocabulary can hold, after the run's own setting
             grid = [(n, kv) for n, kv in mqar_recall.ZOOLOGY_GRID if vocab >= 2 * kv + 2]
             if data_cfg.get("kind") == "mqar":
-                grid.insert(0, (int(data_cfg["seq_len"]), int(data_cfg["num_kv_pairs"])))
+                own = (int(data_cfg["seq_len"]), int(data_cfg["num_kv_pairs"]))
+                grid = [own] + [g for g in grid if g != own]
         return mqar_recall.evaluate(model, vocab_size=vocab, grid=grid,
                                     num_examples=args.num_examples, seed=args.seed)  # fmt: skip
     if task == "babilong":

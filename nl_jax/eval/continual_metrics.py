@@ -28,7 +28,8 @@ def backward_transfer(r: np.ndarray) -> float:
 
 
 def forgetting(r: np.ndarray) -> float:
-    """`mean_{j < T-1} (max_{i < T-1} R[i, j] - R[T-1, j])` (Chaudhry et al.), >= 0 usually."""
+    """`mean_{j < T-1} (max_{j <= i < T-1} R[i, j] - R[T-1, j])`: the drop from each task's
+    best accuracy since it was learned (Chaudhry et al. 2018 take the max over all i < T-1)."""
     r = _square(r)
     t = r.shape[0]
     if t < 2:
