@@ -29,6 +29,8 @@ Run (from the repo root):
   nice -n 10 .venv/bin/python benchmarks/optim_lm.py --sweep --models=transformer_tiny \
       --optimizers=dmgd --lrs=3      # the grid's best DMGD lr was its edge (1)
   nice -n 10 .venv/bin/python benchmarks/optim_lm.py           # 3 seeds, table + plot
+  (we ran the main run per model, `--models=M --out=benchmarks/results/optim_lm_M`, then
+  `--merge=benchmarks/results/optim_lm_transformer_tiny.json,...optim_lm_hope_tiny.json`)
   .venv/bin/python benchmarks/optim_lm.py --smoke --out=/tmp/x # seconds: tiny shapes, 1 seed
 Writes `benchmarks/results/optim_lm.{json,md,png}` (or `--out` + `.json/.md/.png`).
 """
@@ -368,6 +370,25 @@ def provenance(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def merge(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Concatenate the runs of several result files (e.g. one per model) into `out`."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    runs = [r for part in parts for r in part["runs"]]
+    result = {
+        "provenance": {
+            "merged_from": [str(p) for p in paths],
+            "parts": [p["provenance"] for p in parts],
+        },
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    out.with_suffix(".md").write_text(table(result["summary"]))
+    plot(runs, out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}.json ({len(runs)} runs)")
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -386,6 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --sweep: grid lr/3, lr, 3 lr around the best lr already swept (any model)",
     )
     ap.add_argument("--lrs", default="", help="with --sweep: explicit grid, e.g. 1,3")
+    ap.add_argument("--merge", default="", help="comma-separated result JSONs to combine")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 seed, seconds")
     ap.add_argument("--out", default="", help="output path prefix (default results/optim_lm)")
     args = ap.parse_args(argv)
@@ -398,6 +420,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison (or the sweep); write JSON, markdown and PNG; return the results."""
     args = parse_args(argv)
+    if args.merge:
+        return merge(
+            [Path(x) for x in args.merge.split(",")], Path(args.out or RESULTS / "optim_lm")
+        )
     data = load_bytes()
     presets = [m for m in args.models.split(",") if m]
     names = [o for o in args.optimizers.split(",") if o]
