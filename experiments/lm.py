@@ -121,7 +121,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.cms.hidden = HOPE_CMS_HIDDEN[size] if family == "hope" else hidden // 2
     m.cms.chunk_sizes = (0, 0)  # per level, in tokens; 0 = across steps (no in-context update)
     m.cms.update_every = (1, 4)  # per level, across-steps period in optimizer steps
-    m.cms.lr = 1e-2  # in-context inner learning rate of CMS levels
+    m.cms.lr = 1e-2  # in-context GD learning rate of every level (row 12)
+    # Outer gradient of in-context levels (spec 4.5, row 8): "unrolled" backpropagates through the
+    # updates (second order); "straight_through" writes stop-gradient updates.
+    m.cms.outer_grad = "unrolled"
+    m.cms.flush_partial = False  # row 14: a trailing partial chunk updates the state (or not)
     return m
 
 

@@ -17,20 +17,20 @@ from nl_jax import generate, models  # noqa: E402
 from nl_jax.layers import self_modifying  # noqa: E402
 
 HOPE_READY = hasattr(self_modifying.SelfModifyingTitans, "init_state")
+# "+cms": in-context CMS levels with chunks of 4 and 8 tokens (the model-level chunk scan).
+NOT_READY = pytest.mark.skipif(not HOPE_READY, reason="SelfModifyingTitans.init_state missing")
 FAMILIES = [
-    pytest.param(
-        f,
-        marks=pytest.mark.skipif(
-            f == "hope" and not HOPE_READY, reason="SelfModifyingTitans.init_state not there yet"
-        ),
-    )
-    for f in lm.FAMILIES
+    pytest.param(f, marks=NOT_READY if f.split("+")[0] == "hope" else ())
+    for f in lm.FAMILIES + ("hope+cms", "hope_attention+cms")
 ]
 
 
 def tiny(family: str, **changes):
     """The tiny preset with short chunks, segments and windows so a test spans several periods."""
+    family, _, extra = family.partition("+")
     cfg = lm.get_config(f"{family}_tiny").model
+    if extra == "cms":
+        cfg.cms.chunk_sizes = (4, 8)
     cfg.memory.chunk_size = 4
     cfg.memory.chunk_size_other = 2
     cfg.memory.segment = 8
@@ -47,6 +47,13 @@ def tiny(family: str, **changes):
 def full_forward(model, tokens, **kw):
     graphdef, params = nnx.split(model)
     return jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, **kw))(params, tokens)
+
+
+def stepper(model):
+    """Jitted `model(tokens, segment_ids=, state=) -> (logits, state)`."""
+    graphdef, params = nnx.split(model)
+    run = jax.jit(lambda p, t, s, seg: nnx.merge(graphdef, p)(t, segment_ids=seg, state=s))
+    return lambda tokens, state, segment_ids=None: run(params, tokens, state, segment_ids)
 
 
 def max_err(a, b):
@@ -76,7 +83,7 @@ def test_prefill_then_decode_equals_full_forward(family):
     assert float(jnp.max(jnp.abs(other[:, -1] - full[:, prompt_len - 1]))) > 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES[: len(lm.FAMILIES)])  # +cms: covered by decoding
 def test_continual_streams_equal_concatenation(family):
     # Two streams in a row, no resets in between: the state after the first continues exactly.
     model = models.build(tiny(family), nnx.Rngs(0))
@@ -84,13 +91,15 @@ def test_continual_streams_equal_concatenation(family):
     n1, n2 = 2 * period, period + 3
     tokens = jax.random.randint(jax.random.PRNGKey(2), (1, n1 + n2), 0, 257)
     full = full_forward(model, tokens)
-    state = model.init_state(1, n1 + n2 + period)
-    first, state = model(tokens[:, :n1], state=state)
-    second, _ = model(tokens[:, n1:], state=state)
+    step = stepper(model)
+    first, state = step(tokens[:, :n1], model.init_state(1, n1 + n2 + period))
+    second, _ = step(tokens[:, n1:], state)
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["transformer", "titans_mal", "titans_mac"])
+@pytest.mark.parametrize(
+    "family", ["transformer", "titans_mal", "titans_mac", "hope_attention+cms"]
+)
 def test_state_with_documents_equals_packed_forward(family):
     # Segment ids across calls: the document that starts inside the second call resets there.
     model = models.build(tiny(family), nnx.Rngs(0))
@@ -100,9 +109,9 @@ def test_state_with_documents_equals_packed_forward(family):
     cut = period + 1
     seg = jnp.array([[1] * cut + [2] * (n - cut), [1] * n])
     full = full_forward(model, tokens, segment_ids=seg)
-    state = model.init_state(2, n + period)
-    a, state = model(tokens[:, :period], segment_ids=seg[:, :period], state=state)
-    b, _ = model(tokens[:, period:], segment_ids=seg[:, period:], state=state)
+    step = stepper(model)
+    a, state = step(tokens[:, :period], model.init_state(2, n + period), seg[:, :period])
+    b, _ = step(tokens[:, period:], state, seg[:, period:])
     np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, atol=1e-5, rtol=0)
 
 
@@ -124,9 +133,28 @@ def test_attention_window_state_equals_full():
         att = Attention(16, 4, 4, num_kv_heads=2, window=window, qk_norm=True,
                         num_persistent=persistent, rngs=nnx.Rngs(0))  # fmt: skip
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 16))
+        graphdef, params = nnx.split(att)
+        run = jax.jit(lambda p, x, s, g=graphdef: nnx.merge(g, p)(x, state=s))
         full = att(x)
         state, outs = att.init_state(2, 16), []
         for lo, hi in ((0, 3), (3, 4), (4, 9), (9, 11)):
-            y, state = att(x[:, lo:hi], state=state)
+            y, state = run(params, x[:, lo:hi], state)
             outs.append(y)
         np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("marker", ["generate.generate(model", "cfg.cms.chunk_sizes = (16, 64)"])
+def test_workspace_examples_run(marker):
+    import re
+
+    text = (ROOT / "WORKSPACE.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    scope: dict = {}
+    exec(compile(block, "WORKSPACE.md", "exec"), scope)
+    if "tokens" in scope:
+        assert scope["tokens"].shape == (1, 13)
+        full = full_forward(scope["model"], scope["tokens"])
+        np.testing.assert_allclose(scope["out"], full[:, :8], atol=1e-5)
+    else:
+        assert scope["logits"].shape == (2, 128, 257)

@@ -51,6 +51,15 @@ def reference_attention(
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Plain softmax attention in the dtype of q (GQA by repeating kv heads); shapes as above."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
     """Same-document mask: segment_ids int [batch, seq] -> bool [batch, 1, seq, seq]."""
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
@@ -176,7 +185,7 @@ class Attention(nnx.Module):
         their stream indices (-1: empty). Writing past `max_len` is not checked under jit.
         """
         slots = max_len if self.window is None else self.window - 1
-        kv = jnp.zeros((batch, slots, self.num_kv_heads, self.head_dim), jnp.float32)
+        kv = jnp.zeros((batch, slots, self.num_kv_heads, self.head_dim), self._cache_dtype)
         state = {
             "k": kv,
             "v": kv,
@@ -188,6 +197,11 @@ class Attention(nnx.Module):
         if self.window is not None:
             state["idx"] = jnp.full((slots,), -1, jnp.int32)
         return state
+
+    @property
+    def _cache_dtype(self) -> jnp.dtype:
+        # float32 (float64 in float64 reference tests) whatever the compute dtype.
+        return jnp.promote_types(self.dtype, jnp.float32)
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [b, s, heads, hd], k and v [b, s, kv_heads, hd] in `dtype`, q/k normalised if set."""
@@ -230,16 +244,18 @@ class Attention(nnx.Module):
         q_idx = length + jnp.arange(seq, dtype=jnp.int32)
         new = dict(state, pos=next_pos, last_id=last_id, length=length + seq)
         if self.window is None:
-            start = (0, length, 0, 0)
-            new["k"] = jax.lax.dynamic_update_slice(state["k"], k.astype(jnp.float32), start)
-            new["v"] = jax.lax.dynamic_update_slice(state["v"], v.astype(jnp.float32), start)
-            new["ids"] = jax.lax.dynamic_update_slice(state["ids"], ids, (0, length))
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, length, zero, zero)
+            cd = self._cache_dtype
+            new["k"] = jax.lax.dynamic_update_slice(state["k"], k.astype(cd), start)
+            new["v"] = jax.lax.dynamic_update_slice(state["v"], v.astype(cd), start)
+            new["ids"] = jax.lax.dynamic_update_slice(state["ids"], ids, (zero, length))
             keys, values, key_ids = new["k"], new["v"], new["ids"]
             slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
             k_idx = jnp.where(slots < length + seq, slots, -1)
         else:
-            keys = jnp.concatenate([state["k"], k.astype(jnp.float32)], axis=1)
-            values = jnp.concatenate([state["v"], v.astype(jnp.float32)], axis=1)
+            keys = jnp.concatenate([state["k"], k.astype(self._cache_dtype)], axis=1)
+            values = jnp.concatenate([state["v"], v.astype(self._cache_dtype)], axis=1)
             key_ids = jnp.concatenate([state["ids"], ids], axis=1)
             k_idx = jnp.concatenate([state["idx"], q_idx])
             keep = self.window - 1
@@ -256,9 +272,13 @@ class Attention(nnx.Module):
             values = jnp.concatenate([pv, values], axis=1)
             prefix = jnp.ones(mask.shape[:-1] + (self.num_persistent,), bool)
             mask = jnp.concatenate([prefix, mask], axis=-1)
-        out = jax.nn.dot_product_attention(
-            q, keys, values, mask=mask, implementation=self.implementation
-        )
+        if q.dtype == jnp.float64:
+            # The XLA kernel forms logits in float32; float64 references need them exact.
+            out = _softmax_attention(q, keys, values, mask)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, keys, values, mask=mask, implementation=self.implementation
+            )
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt)), new
 
     def __call__(

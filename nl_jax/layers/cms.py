@@ -169,10 +169,12 @@ class CMS(nnx.Module):
         return out
 
     def initial_fast(self, batch: int) -> dict[str, Params]:
-        """theta_0 of every in-context level broadcast to `[batch, ...]`, in float32."""
+        """theta_0 of every in-context level broadcast to `[batch, ...]`, in float32 or wider."""
         return {
             str(i): {
-                k: jnp.broadcast_to(v.astype(jnp.float32), (batch,) + v.shape)
+                k: jnp.broadcast_to(
+                    v.astype(jnp.promote_types(v.dtype, jnp.float32)), (batch,) + v.shape
+                )  # fmt: skip
                 for k, v in _mlp_params(self.levels[i]).items()
             }
             for i in self.in_context

@@ -55,7 +55,9 @@ def _lookup(table: dict[str, Factory], kind: str, name: str) -> Factory:
 
 def dtype_of(name: str) -> jnp.dtype:
     """`float32` / `bfloat16` / `float16` by name, with a clear error otherwise."""
-    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    # float64 only for references in tests (under jax.enable_x64).
+    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+               "float64": jnp.float64}  # fmt: skip
     if name not in allowed:
         raise ValueError(f"unknown dtype {name!r}; allowed: {sorted(allowed)}")
     return allowed[name]
@@ -326,9 +328,10 @@ class DecoderLM(nnx.Module):
 
     def _head(self, x: jax.Array) -> jax.Array:
         """Final norm and output head: [batch, seq, d_model] -> float32 [batch, seq, vocab]."""
-        x = self.final_norm(x).astype(jnp.float32)
+        out = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in references)
+        x = self.final_norm(x).astype(out)
         head = self.embed[...].T if self.unembed is None else self.unembed[...]
-        return x @ head.astype(jnp.float32)
+        return x @ head.astype(out)
 
 
 def family_parts(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
