@@ -65,6 +65,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.embed_init_scale = 1.0
     m.dtype = "float32"
     m.param_dtype = "float32"
+    # One compiled block scanned over the layers (compile time independent of depth) and, for
+    # Hope, each block recomputed in the backward pass: the reverse scan then holds one layer's
+    # per-chunk memory states at a time (without it hope_340m at seq 4096 x 8 asked 223 GiB).
+    m.scan_layers = size != "tiny"
+    m.remat_blocks = family == "hope" and size != "tiny"
 
     m.attention = ml_collections.ConfigDict()
     m.attention.rope = True
@@ -107,9 +112,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.window = 64 if size == "tiny" else 1024  # sliding window of MAG/MAL
     m.memory.segment = 32 if size == "tiny" else 512  # MAC segment length
     m.memory.remat = True  # recompute each chunk's internals in the backward pass
-    # Hope: also recompute a whole layer's chunk scans in the backward pass, so only one layer's
-    # per-chunk memory states are alive at a time (measured: 35 GiB -> see BENCHMARKS.md at 340M).
-    m.memory.remat_layer = size != "tiny"
+    # Recompute a whole layer's chunk scans in the backward pass (a mixer-level remat_blocks).
+    m.memory.remat_layer = False  # remat_blocks covers it at 340M+
     m.memory.scan_unroll = 1  # chunks per loop iteration of the chunk scans (speed only)
 
     # Continuum Memory System (spec section 4, rows 11-15).

@@ -200,11 +200,40 @@ class DecoderLM(nnx.Module):
             return self._in_context(tokens, segment_ids, positions, state)
         if state is None:
             x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-            for block in self.blocks:
-                x = block(x, segment_ids=segment_ids, positions=positions)
-            return self._head(x)
+            return self._head(self._blocks(x, segment_ids, positions))
         logits, blocks = self._forward(state["blocks"], tokens, segment_ids, positions)
         return logits, dict(state, blocks=blocks)
+
+    def _blocks(self, x: jax.Array, segment_ids: jax.Array | None,
+                positions: jax.Array | None) -> jax.Array:  # fmt: skip
+        """All blocks, stateless: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+
+        With `cfg.scan_layers` the blocks run as one `lax.scan` over their parameters stacked at
+        call time (the parameter tree keeps one entry per block): one compiled block instead of
+        `num_layers`. `cfg.remat_blocks` recomputes each block in the backward pass; under the
+        scan the backward is a reverse loop, so only one block's recomputed internals (e.g. a
+        Hope layer's per-chunk memory states) are alive at a time.
+        """
+
+        def run(block, x):
+            return block(x, segment_ids=segment_ids, positions=positions)
+
+        scan, remat = self.cfg.get("scan_layers", False), self.cfg.get("remat_blocks", False)
+        if not scan or len(self.blocks) < 2:
+            for block in self.blocks:
+                x = (nnx.remat(run) if remat else run)(block, x)
+            return x
+        graphdef = nnx.graphdef(self.blocks[0])
+        states = [nnx.state(block) for block in self.blocks]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+        def body(x, layer_state):
+            return run(nnx.merge(graphdef, layer_state), x), None
+
+        if remat:
+            body = jax.checkpoint(body)
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
 
     def _forward(self, blocks_state: list, tokens: jax.Array, segment_ids: jax.Array | None,
                  positions: jax.Array | None) -> tuple[jax.Array, list]:  # fmt: skip
