@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 7/4 measurements on one GPU, in stages that each fit one 10-minute `device` call:
+#   bash benchmarks/gpu_perf_full.sh a   # unroll sweep (4 layers), titans_lmm_340m, seq 32768, full hope_340m + profile
+#   bash benchmarks/gpu_perf_full.sh b   # hope_760m at seq 65536 batch 1, trainer run of hope_340m
+#   bash benchmarks/gpu_perf_full.sh c   # after scan_layers/remat_blocks: all of the above, full depth
+set -u
+OUT=${OUT:-/tmp/out}
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+F='grep -v ^W0000\|^I0000\|^W1122\|^I1122'
+T="python benchmarks/throughput.py --steps=3"
+if [ "$1" = a ]; then
+  timeout 170 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" --out=$OUT/unroll.json 2>&1 | $F | tail -8
+  timeout 70 $T --seq_len=32768 --batch=1 --presets=hope_340m --set=num_layers=4 --out=$OUT/hope4_32k.json 2>&1 | $F | tail -3
+  timeout 90 $T --seq_len=4096 --batch=8 --presets=titans_lmm_340m --out=$OUT/titans.json 2>&1 | $F | tail -3
+  timeout 250 $T --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_hope --out=$OUT/hope.json 2>&1 | $F | tail -18
+fi
+if [ "$1" = b ]; then
+  timeout 300 $T --steps=1 --seq_len=65536 --batch=1 --presets=hope_760m --out=$OUT/hope760_64k.json 2>&1 | $F | tail -3
+  timeout 280 python launch/train.py --config=experiments/lm.py:hope_340m --workdir=/tmp/w_hope340 \
+    --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=30 --config.model.dtype=bfloat16 \
+    --config.eval.every_steps=0 --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 \
+    --config.logging.every_steps=5 2>&1 | $F | tail -14
+  cp /tmp/w_hope340/metrics.jsonl $OUT/ 2>/dev/null
+fi
+if [ "$1" = c ]; then
+  timeout 60 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" --out=$OUT/c_transformer.json 2>&1 | $F | tail -3
+  timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2" \
+    --profile=/tmp/prof_hope --out=$OUT/c_hope.json 2>&1 | $F | tail -22
+  timeout 80 $T --seq_len=32768 --batch=1 --presets=hope_340m --set=memory.scan_unroll=2 --out=$OUT/c_hope_32k.json 2>&1 | $F | tail -3
+  timeout 100 $T --steps=1 --seq_len=65536 --batch=1 --presets=hope_760m --set=memory.scan_unroll=2 --out=$OUT/c_hope760_64k.json 2>&1 | $F | tail -3
+  timeout 150 python launch/train.py --config=experiments/lm.py:hope_340m --workdir=/tmp/w_hope340 \
+    --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=40 --config.model.dtype=bfloat16 \
+    --config.model.memory.scan_unroll=2 --config.eval.every_steps=0 --config.data.eval_batches=2 \
+    --config.checkpoint.every_steps=1000 --config.logging.every_steps=10 2>&1 | $F | tail -10
+  cp /tmp/w_hope340/metrics.jsonl $OUT/c_train_metrics.jsonl 2>/dev/null
+fi
