@@ -195,3 +195,26 @@ def test_load_rejects_weights_that_do_not_match_the_config(trained, tmp_path):
     (out / "model_config.json").write_text(json.dumps(cfg))
     with pytest.raises(load_lib.ExportError, match="has shape"):
         nl_jax.load(out)
+
+
+def test_sentencepiece_tokenizer_is_copied_into_the_export(tmp_path):
+    spm = pytest.importorskip("sentencepiece", reason="optional dependency not installed")
+    from nl_jax.data import tokenizers  # noqa: PLC0415
+
+    (tmp_path / "train.txt").write_text((TEXT + "\n") * 40 + "abcdefghijklmnopqrstuvwxyz\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"),
+                                   model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", minloglevel=2)  # fmt: skip
+    tok = tokenizers.make_tokenizer("sentencepiece", model_path=str(tmp_path / "sp.model"))
+    cfg = tiny_config().model
+    cfg.vocab_size = tok.vocab_size
+    cfg.num_layers = 1
+    model = models.build(cfg, nnx.Rngs(0))
+    weights = {load_lib.path_key(p): np.asarray(v.get_value())
+               for p, v in nnx.to_flat_state(nnx.state(model))}  # fmt: skip
+    out = export_lib.write_export(tmp_path / "export", model_config=cfg.to_dict(),
+                                  weights=weights, tokenizer=tok.describe())  # fmt: skip
+    (tmp_path / "sp.model").unlink()  # the export must not need the original file
+    _, loaded_tok = nl_jax.load(out)
+    np.testing.assert_array_equal(loaded_tok.encode(TEXT), tok.encode(TEXT))
+    assert json.loads((out / "tokenizer.json").read_text())["model_path"] == "tokenizer.model"
