@@ -59,7 +59,8 @@ def read_checkpoint(step_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict
     except (OSError, ValueError) as e:
         raise load_lib.ExportError(f"cannot read the run config {config_file}: {e}") from None
     try:
-        state = load_lib.restore_orbax_numpy(step_dir / "state")
+        # Only the model's variables: the optimizer state (2x params for Adam) stays on disk.
+        state = load_lib.restore_orbax_numpy(step_dir / "state", only=("params", "rest"))
     except Exception as e:  # orbax raises many types; all mean "cannot use it"
         raise load_lib.ExportError(
             f"cannot read the train state in {step_dir / 'state'} ({type(e).__name__}: "

@@ -97,24 +97,41 @@ def flatten_tree(tree: Any, drop_suffix: str | None = None) -> dict[str, Any]:
     return flat
 
 
-def restore_orbax_numpy(directory: str | pathlib.Path) -> Any:
-    """An orbax standard checkpoint as a pytree of numpy arrays, on any device set."""
+def restore_orbax_numpy(directory: str | pathlib.Path, only: tuple[str, ...] | None = None) -> Any:
+    """An orbax pytree checkpoint as a pytree of numpy arrays, on any device set.
+
+    only: restore just these top-level keys (e.g. params without the optimizer state).
+    """
     import orbax.checkpoint as ocp  # noqa: PLC0415 - only the orbax format needs it
 
     directory = pathlib.Path(directory).absolute()
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(directory)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
+    if only is not None:
+        tree = {k: tree[k] for k in only if k in tree}
     # Restore onto one CPU device: the writer's shardings (other devices, meshes) do not matter.
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-
-    def target(m: Any) -> Any:
-        if hasattr(m, "shape") and hasattr(m, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu)
-        return m
-
-    restored = checkpointer.restore(directory, jax.tree.map(target, tree))
+    is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu) if is_array(m) else m,
+        tree,
+    )
+    restore_args = jax.tree.map(
+        lambda m: (
+            ocp.ArrayRestoreArgs(sharding=cpu, global_shape=tuple(m.shape), dtype=m.dtype)
+            if is_array(m)
+            else ocp.RestoreArgs()
+        ),
+        tree,
+    )
+    restored = checkpointer.restore(
+        directory,
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=only is not None
+        ),
+    )
     return jax.tree.map(np.asarray, restored)
 
 
