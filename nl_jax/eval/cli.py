@@ -140,7 +140,11 @@ TABLES: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[list[Any]]]]]
 
 def parser() -> argparse.ArgumentParser:
     """The command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m nl_jax.eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nl_jax.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--export", required=True, help="export directory (python -m nl_jax.export)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--out", default=None, help="write the results JSON here")
