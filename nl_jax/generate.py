@@ -109,6 +109,22 @@ def decode(model: nnx.Module, cache: Cache, token: jax.Array) -> tuple[jax.Array
     )
 
 
+def set_in_context_lr_scale(cache: Cache, scale: float) -> Cache:
+    """Scale the learning rate of every in-context CMS level in the cache (0 freezes them)."""
+
+    def visit(node):
+        if isinstance(node, dict):
+            out = {k: visit(v) for k, v in node.items()}
+            if "lr_scale" in out:
+                out["lr_scale"] = jnp.full_like(out["lr_scale"], scale)
+            return out
+        if isinstance(node, list | tuple):
+            return type(node)(visit(v) for v in node)
+        return node
+
+    return dataclasses.replace(cache, state=visit(cache.state))
+
+
 def generate(
     model: nnx.Module,
     prompt: jax.Array,
@@ -117,14 +133,20 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     rng: jax.Array | None = None,
+    learn_from_generated: bool = True,
 ) -> jax.Array:
     """Continue prompt int32 [batch, len] by max_new_tokens: int32 [batch, len + max_new_tokens].
 
     greedy: argmax; otherwise sample from softmax(logits / temperature) with `rng`.
+    learn_from_generated: in-context CMS levels keep updating on the generated tokens (spec row
+    22); False freezes them after the prompt (the prompt's last chunk, whose target would be a
+    generated token, does not update them either).
     """
     if not greedy and rng is None:
         raise ValueError("sampling (greedy=False) needs an rng key")
     logits, cache = prefill(model, prompt, max_len=prompt.shape[1] + max_new_tokens)
+    if not learn_from_generated:
+        cache = set_in_context_lr_scale(cache, 0.0)
     last = logits[:, -1]
     out = [prompt]
     for i in range(max_new_tokens):

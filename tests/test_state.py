@@ -158,3 +158,23 @@ def test_workspace_examples_run(marker):
         np.testing.assert_allclose(scope["out"], full[:, :8], atol=1e-5)
     else:
         assert scope["logits"].shape == (2, 128, 257)
+
+
+def test_generate_can_freeze_in_context_levels():
+    model = models.build(tiny("hope_attention+cms"), nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.PRNGKey(5), (1, 6), 0, 257)
+    _, cache = generate.prefill(model, prompt, max_len=32)
+    frozen = generate.set_in_context_lr_scale(cache, 0.0)
+    live = cache
+    for t in range(10):  # crosses two chunk boundaries
+        token = jnp.full((1,), t, jnp.int32)
+        _, frozen = generate.decode(model, frozen, token)
+        _, live = generate.decode(model, live, token)
+
+    def weights(c):
+        return c.state["blocks"][0]["mlp"]["fast"]["w"]["0"]["w_up"]
+
+    np.testing.assert_array_equal(weights(frozen), weights(cache))
+    assert float(jnp.max(jnp.abs(weights(live) - weights(cache)))) > 1e-5
+    out = generate.generate(model, prompt, 5, learn_from_generated=False)
+    assert out.shape == (1, 11)

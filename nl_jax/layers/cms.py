@@ -23,7 +23,7 @@ gradients. This module only keeps the level states (the protocol's `state`):
 
     {"fast": {"w": {level: current weights [b, ...]}, "d0": {level: zeros [b, ...]}},
      "acc": {level: summed gradient [b, ...]}, "reset": bool [b], "last_id": int32 [b],
-     "count": int32 []}
+     "count": int32 [], "lr_scale": float32 [] (1; 0 freezes the levels)}
 
 Tokens after a document start inside a chunk read theta_0 + d0 (d0 = 0, so their gradient lands
 on d0), tokens before it read "w"; `commit` then replaces the level by theta_0 minus the new
@@ -193,6 +193,8 @@ class CMS(nnx.Module):
             "reset": jnp.zeros((batch,), bool),
             "last_id": jnp.full((batch,), -1, jnp.int32),
             "count": jnp.zeros((), jnp.int32),
+            # Multiplies every level's lr: 0 freezes the levels (e.g. while generating, row 22).
+            "lr_scale": jnp.ones((), jnp.float32),
         }
 
     def _level(self, i: int, z: jax.Array, state: dict | None, fresh: jax.Array | None):
@@ -262,7 +264,8 @@ class CMS(nnx.Module):
             every = self.chunk_sizes[i] // self.chunk
             ends = jnp.logical_or(flush, count % every == 0)
             boundary[i] = ends
-            stepped = jax.tree.map(lambda a, d, lr=self.lrs[i]: a - lr * d, current, total)
+            lr = self.lrs[i] * state["lr_scale"]
+            stepped = jax.tree.map(lambda a, d, lr=lr: a - lr.astype(d.dtype) * d, current, total)
             w[key] = _select(ends, stepped, current)
             acc[key] = _select(ends, jax.tree.map(jnp.zeros_like, total), total)
         for child, parent in self.parents().items():
