@@ -307,10 +307,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     latest = ckpt.latest_step()
     if latest is not None:
+        t_restore = time.time()
         state, data_state = ckpt.restore(latest, program.abstract_state)
+        jax.block_until_ready(state)
+        t_restore = time.time() - t_restore
         if data_state is not None:
             train_iter.set_state(data_state)
-        echo(f"[resume] restored step {latest} from {ckpt.step_dir(latest)}")
+        echo(
+            f"[resume] restored step {latest} from {ckpt.step_dir(latest)} in {t_restore:.1f}s "
+            f"onto mesh {dict(mesh.shape)}"
+        )
     else:
         state = initial_state(program, config.init_on)
     start = int(jax.device_get(state["step"]))
@@ -365,6 +371,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
                 values["step_time_s"] = (now - t_log) / steps_since_log
                 if byte_level:
                     values["bits_per_byte"] = values["loss"] / step.LN2
+                mem = _peak_device_gib()
+                if mem is not None:
+                    values["peak_gib_per_device"] = mem
                 if peak_total:
                     values["mfu"] = program.flops_per_token["model"] * tps / peak_total
                     if program.flops_per_token["inner"]:
@@ -387,8 +396,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
                 )
                 t_log = time.time()  # keep eval time out of tokens/s
             if _due(step_no, config.checkpoint.every_steps, num_steps) or preempted:
+                t_save = time.time()
                 ckpt.save(step_no, state, train_iter.get_state(), config_json)
+                # Blocking part only (async saves finish in the background); not in tokens/s.
+                writer.write(step_no, "checkpoint", {"save_blocking_s": time.time() - t_save})
                 saved_step = step_no
+                t_log = time.time()
             if preempted:
                 echo(f"[preempt] SIGTERM: saved a checkpoint at step {step_no}; stopping")
                 break
@@ -397,7 +410,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
             writer.write(step_no, "eval", last_eval)
     finally:
         stop.uninstall()
+        t_close = time.time()
         ckpt.close()
+        if saved_step is not None and saved_step != latest:
+            echo(
+                f"[checkpoint] step {saved_step} written; final flush {time.time() - t_close:.1f}s"
+            )
         writer.close()
     return Summary(
         workdir=str(workdir),
@@ -408,6 +426,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
         preempted=preempted,
         seconds=time.time() - t_start,
     )
+
+
+def _peak_device_gib() -> float | None:
+    """Largest peak bytes in use over this process's devices, in GiB (None where unreported)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p]
+    return max(peaks) / 2**30 if peaks else None
 
 
 # ---------------------------------------------------------------------------------------------
