@@ -52,4 +52,22 @@ print("max |loss diff|:", max(abs(a[s] - b[s]) for s in common) if common else "
 for s in common: print(s, a[s], b[s])
 PY
 fi
+if [ "$1" = c ]; then  # what fit the remaining device time after stage a (see BENCHMARKS.md)
+  H="--config.mesh.data=1 --config.mesh.fsdp=-1 --config.logging.every_steps=1"
+  timeout 120 bash -c "$(declare -f train); W=$W F='$F'; train h13_g4 0,1,2,3 hope_1.3b 2 4 $H --config.checkpoint.every_steps=2 --config.checkpoint.keep=3"
+  rm -rf $W/h13_r2 && cp -r $W/h13_g4 $W/h13_r2 && rm -rf $W/h13_r2/checkpoints/4 && rm -f $W/h13_r2/metrics.jsonl
+  D="--config.model.attention.implementation=cudnn --config.mesh.data=-1 --config.checkpoint.every_steps=1000"
+  (timeout 110 bash -c "$(declare -f train); W=$W F='$F'; train h13_r2 0,1 hope_1.3b 4 4 $H --config.checkpoint.every_steps=1000") &
+  (timeout 60 bash -c "$(declare -f train); W=$W F='$F'; train t13_dp2 2,3 transformer_1.3b 8 20 $D") &
+  wait
+  timeout 60 bash -c "$(declare -f train); W=$W F='$F'; train t13_dp4 0,1,2,3 transformer_1.3b 8 20 $D"
+  python benchmarks/summarize_runs.py t13_g1=$W/t13_g1:1 t13_dp2=$W/t13_dp2:2 t13_dp4=$W/t13_dp4:4 \
+    h13_g1=$W/h13_g1:1 h13_r2=$W/h13_r2:2 h13_g4=$W/h13_g4:4 --out=$OUT/scaling_c.json
+  python - <<'PY'
+import json
+rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
+a, b = rec("/tmp/runs/h13_g4/metrics.jsonl"), rec("/tmp/runs/h13_r2/metrics.jsonl")
+print("fsdp=4 run:", a); print("restored on fsdp=2:", b)
+PY
+fi
 grep -h "\[resume\]\|\[checkpoint\]" $W/*.log 2>/dev/null | head
