@@ -245,28 +245,33 @@ def train_runs(
     return records
 
 
+def groups(runs: list[dict[str, Any]]) -> list[tuple[str, str, float, list[dict[str, Any]]]]:
+    """Runs grouped by (model, optimizer, lr), in the order they first appear."""
+    keys = dict.fromkeys((r["model"], r["optimizer"], r["lr"]) for r in runs)
+    return [(m, o, lr, [r for r in runs if (r["model"], r["optimizer"], r["lr"]) == (m, o, lr)])
+            for m, o, lr in keys]  # fmt: skip
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean/std over seeds of the final validation loss and the time per step."""
+    """Per (model, optimizer, lr): mean/std (ddof 1) over the seeds that did not diverge of the
+    final validation loss, the number that diverged, and the mean time per step."""
     rows = []
-    for preset in dict.fromkeys(r["model"] for r in runs):
-        for name in dict.fromkeys(r["optimizer"] for r in runs):
-            rs = [r for r in runs if r["model"] == preset and r["optimizer"] == name]
-            if not rs:
-                continue
-            vals = np.array([r["final_val_loss"] for r in rs])
-            times = np.array([r["sec_per_step"] for r in rs])
-            rows.append(
-                {
-                    "model": preset,
-                    "optimizer": name,
-                    "lr": rs[0]["lr"],
-                    "adam_lr": rs[0]["adam_lr"],
-                    "seeds": len(rs),
-                    "final_val_mean": float(vals.mean()),
-                    "final_val_std": float(vals.std(ddof=1)) if len(rs) > 1 else 0.0,
-                    "sec_per_step_mean": float(times.mean()),
-                }
-            )
+    for preset, name, lr, rs in groups(runs):
+        vals = np.array([r["final_val_loss"] for r in rs])
+        ok = vals[np.isfinite(vals)]
+        rows.append(
+            {
+                "model": preset,
+                "optimizer": name,
+                "lr": lr,
+                "adam_lr": rs[0]["adam_lr"],
+                "seeds": len(rs),
+                "diverged": int(len(vals) - len(ok)),
+                "final_val_mean": float(ok.mean()) if len(ok) else float("nan"),
+                "final_val_std": float(ok.std(ddof=1)) if len(ok) > 1 else 0.0,
+                "sec_per_step_mean": float(np.mean([r["sec_per_step"] for r in rs])),
+            }
+        )
     return rows
 
 
@@ -274,49 +279,58 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of `summarize` rows."""
     out = [
         "| model | optimizer | lr (matrices) | lr (AdamW branch) | val loss (nats/byte) | "
-        "val bits/byte | ms/step |",
-        "|---|---|---|---|---|---|---|",
+        "val bits/byte | diverged | ms/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        adam = "—" if r["adam_lr"] is None else f"{r['adam_lr']:g}"
+        adam = "—" if r["adam_lr"] is None else f"{r['adam_lr']:.3g}"
         out.append(
-            f"| {r['model']} | {r['optimizer']} | {r['lr']:g} | {adam} | "
+            f"| {r['model']} | {r['optimizer']} | {r['lr']:.3g} | {adam} | "
             f"{r['final_val_mean']:.4f} ± {r['final_val_std']:.4f} | "
-            f"{r['final_val_mean'] / math.log(2):.3f} | {r['sec_per_step_mean'] * 1e3:.0f} |"
+            f"{r['final_val_mean'] / math.log(2):.3f} | {r['diverged']}/{r['seeds']} | "
+            f"{r['sec_per_step_mean'] * 1e3:.0f} |"
         )
     return "\n".join(out) + "\n"
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    """Validation (markers) and smoothed train (lines) loss per model, mean over seeds."""
+    """Validation (markers, ±std band) and smoothed train (lines) loss per model, mean over the
+    seeds that did not diverge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     presets = list(dict.fromkeys(r["model"] for r in runs))
-    fig, axs = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.2), squeeze=False)
+    colors = {o: f"C{k}" for k, o in enumerate(dict.fromkeys(r["optimizer"] for r in runs))}
+    fig, axs = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.4), squeeze=False)
     for ax, preset in zip(axs[0], presets, strict=True):
-        for k, name in enumerate(dict.fromkeys(r["optimizer"] for r in runs)):
-            rs = [r for r in runs if r["model"] == preset and r["optimizer"] == name]
-            if not rs:
+        seen: dict[str, int] = {}
+        for _, name, lr, rs in [g for g in groups(runs) if g[0] == preset]:
+            style = ("o-", "s--", "^:")[seen.get(name, 0) % 3]
+            seen[name] = seen.get(name, 0) + 1
+            ok = [r for r in rs if not r["diverged"]]
+            label = f"{name} lr={lr:.3g}" + (
+                f" ({len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else ""
+            )
+            if not ok:
+                ax.plot([], [], style, color=colors[name], label=label)
                 continue
-            color = f"C{k}"
-            train = np.mean([r["train_loss"] for r in rs], axis=0)
+            train = np.mean([r["train_loss"] for r in ok], axis=0)
             width = max(1, len(train) // 20)
             smooth = np.convolve(train, np.ones(width) / width, mode="valid")
-            ax.plot(np.arange(width, len(train) + 1), smooth, color=color, alpha=0.45, lw=1)
-            steps = [s for s, _ in rs[0]["val_curve"]]
-            vals = np.array([[v for _, v in r["val_curve"]] for r in rs])
+            ax.plot(np.arange(width, len(train) + 1), smooth, color=colors[name], alpha=0.4, lw=1)
+            steps = [s for s, _ in ok[0]["val_curve"]]
+            vals = np.array([[v for _, v in r["val_curve"]] for r in ok])
             mean, std = vals.mean(0), vals.std(0)
-            ax.plot(steps, mean, "o-", color=color, ms=3, label=f"{name} (val)")
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+            ax.plot(steps, mean, style, color=colors[name], ms=3, label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=colors[name], alpha=0.2)
         ax.set_title(preset)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/byte)")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 3.6))
+        ax.set_ylim(top=min(ax.get_ylim()[1], 3.0))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle("tinyshakespeare bytes: validation (markers, ±std over seeds), train (lines)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -407,6 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --sweep: grid lr/3, lr, 3 lr around the best lr already swept (any model)",
     )
     ap.add_argument("--lrs", default="", help="with --sweep: explicit grid, e.g. 1,3")
+    ap.add_argument("--lr", default="", help="explicit peak lrs, e.g. adamw:0.01,muon:0.03")
     ap.add_argument("--merge", default="", help="comma-separated result JSONs to combine")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 seed, seconds")
     ap.add_argument("--out", default="", help="output path prefix (default results/optim_lm)")
@@ -432,6 +447,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out) if args.out else RESULTS / stem
     out.parent.mkdir(parents=True, exist_ok=True)
     chosen = {} if args.smoke else best_lrs(RESULTS / "optim_lm_sweep.json")
+    for item in filter(None, args.lr.split(",")):  # explicit lrs win over the sweep file
+        name, value = item.split(":")
+        chosen.update({(preset, name): float(value) for preset in presets})
     t0 = time.time()
     runs = []
     for preset in presets:

@@ -37,3 +37,17 @@ def test_smoke_run_writes_results_and_learns(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert md.count("| transformer_tiny |") == 2
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_counts_diverged_seeds_and_splits_lrs():
+    def run(lr, seed, loss):
+        return {"model": "m", "optimizer": "muon", "lr": lr, "adam_lr": 0.01, "seed": seed,
+                "final_val_loss": loss, "sec_per_step": 0.1}  # fmt: skip
+
+    rows = optim_lm.summarize(
+        [run(0.1, 0, 2.0), run(0.1, 1, float("nan")), run(0.1, 2, 2.2), run(0.03, 0, 2.5)]
+    )
+    assert [(r["lr"], r["seeds"], r["diverged"]) for r in rows] == [(0.1, 3, 1), (0.03, 1, 0)]
+    assert rows[0]["final_val_mean"] == pytest.approx(2.1)
+    assert rows[0]["final_val_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert "| 1/3 |" in optim_lm.table(rows)
