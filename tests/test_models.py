@@ -171,3 +171,17 @@ def test_tiny_model_fits_real_text(family, shakespeare_path):
     val = byte_batches(text[split:], 128, 8, 1)
     val_loss = float(np.mean([evaluate(model, jnp.asarray(next(val))) for _ in range(2)]))
     assert val_loss < 0.8 * unigram, (val_loss, unigram)
+
+
+def test_validate_config_names_the_bad_field():
+    from nl_jax.models.lm import validate_config
+
+    cfg = lm.get_config("hope_tiny").model
+    validate_config(cfg, 64)  # the preset itself is fine
+    cfg.cms.chunk_sizes = (0, 128)
+    with pytest.raises(ValueError, match=r"cms.chunk_sizes.*seq_len 64"):
+        validate_config(cfg, 64)
+    cfg = lm.get_config("titans_lmm_tiny").model
+    cfg.memory.chunk_size = 0
+    with pytest.raises(ValueError, match="memory.chunk_size = 0"):
+        validate_config(cfg, 64)

@@ -160,12 +160,18 @@ def _bad_inputs(tmp_path):
         "unknown_key": (["--config.optimizer.learning_rat=0.1"], "unknown config key"),
         "mesh": (["--config.mesh.data=3"], "has 3 devices but 1 are available"),
         "seq_len": (["--config.seq_len=1"], "`seq_len` = 1"),
+        "chunks": (
+            ["--config.model.family=hope", "--config.model.cms.chunk_sizes=(0, 128)"],
+            "never updates within seq_len 64",
+        ),
         "missing_file": ([*text, f"--config.data.paths={tmp_path}/nope.txt"], "matches no file"),
         "empty_file": ([*text, f"--config.data.paths={empty}"], "is empty"),
     }
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "mesh", "seq_len", "missing_file", "empty_file"])
+@pytest.mark.parametrize(
+    "case", ["unknown_key", "mesh", "seq_len", "chunks", "missing_file", "empty_file"]
+)
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, env):
     overrides, expected = _bad_inputs(tmp_path)[case]
     workdir = tmp_path / "run"

@@ -371,6 +371,31 @@ def family_parts(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     return cfg.get("mixer") or default_mixer, cfg.get("mlp") or default_mlp
 
 
+def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
+    """Raise ValueError naming the field when the model config cannot serve `seq_len` tokens.
+
+    Called by the trainer before anything is built, so a bad config fails in seconds.
+    """
+    _, mlp_name = family_parts(cfg)
+    positive = {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}
+    if "memory" in cfg:
+        positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size")
+                         if k in cfg.memory})  # fmt: skip
+        if "chunk_size_other" in cfg.memory:
+            positive["memory.chunk_size_other"] = cfg.memory.chunk_size_other
+    for key, value in positive.items():
+        if int(value) < 1:
+            raise ValueError(f"model.{key} = {value} must be a positive integer")
+    if mlp_name == "cms" and cfg.cms.get("enabled", True):
+        context = [int(c) for c in cfg.cms.chunk_sizes if int(c) > 0]
+        if context and max(context) > seq_len:
+            raise ValueError(
+                f"model.cms.chunk_sizes = {tuple(cfg.cms.chunk_sizes)}: an in-context level of "
+                f"{max(context)} tokens never updates within seq_len {seq_len}; use chunks <= "
+                "seq_len or 0 (an across-steps level)"
+            )
+
+
 def build(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
     """The model for `cfg` (the `model` part of an `experiments/lm.py` config)."""
     from nl_jax.models import registry  # noqa: F401  (registers the built-in mixers and MLPs)
