@@ -6,9 +6,8 @@ validation), presets `transformer_tiny` and `hope_tiny` from `experiments/lm.py`
 `make_train_step` (masked cross-entropy, jitted) and `make_eval_step` from
 `nl_jax/train/step.py`, and the trainer's optimizer `make_optimizer(cfg.optimizer, ...)` (global
 norm clipping 1.0, linear warmup then cosine decay to 0.1x, decoupled weight decay 0.1 on
-matrices, across-step CMS groups with `update_every`) for AdamW, Muon and M3. The trainer has no
-DMGD branch, so DMGD is `nl_jax.optim.build_optimizer("dmgd", ...)` (momentum 0.9, no weight
-decay) put in the same clip / schedule / `update_every` grouping here (`dmgd_optimizer`).
+matrices, across-step CMS groups with `update_every`) for AdamW, Muon, M3 and DMGD
+(`optimizer.name=dmgd`: momentum 0.9, no weight decay).
 
 For a seed `s`, the model init and the order of training windows are drawn from `s`, identical
 for every optimizer; validation always uses the same fixed windows. Reported: validation loss
@@ -60,7 +59,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import lm  # noqa: E402  (experiments/lm.py: the presets)
 
-from nl_jax import models, optim  # noqa: E402
+from nl_jax import models  # noqa: E402
 from nl_jax.data.tokenizers import ByteTokenizer  # noqa: E402
 from nl_jax.train import step as train_step_lib  # noqa: E402
 
@@ -124,31 +123,6 @@ def val_starts(n_ids: int, seq_len: int, batch: int, batches: int) -> np.ndarray
 # ------------------------------------------------------------------------------- optimizers
 
 
-def dmgd_optimizer(
-    opt: ml_collections.ConfigDict, num_steps: int, params: nnx.State
-) -> optax.GradientTransformation:
-    """DMGD wrapped like the trainer's `make_optimizer`: clip, schedule, update_every groups."""
-
-    def base(period: int) -> optax.GradientTransformation:
-        lr = train_step_lib.learning_rate_schedule(opt, opt.learning_rate, num_steps)
-        scaled = lr if period == 1 else (lambda count: lr(count * period))
-        return optim.build_optimizer("dmgd", learning_rate=scaled, beta=DMGD_BETA)
-
-    periods = train_step_lib.update_periods(params)
-    distinct = sorted(set(jax.tree.leaves(periods)))
-    if distinct in ([], [1]):
-        tx = base(1)
-    else:
-        groups = {
-            f"every_{p}": base(1)
-            if p == 1
-            else optax.MultiSteps(base(p), every_k_schedule=p).gradient_transformation()
-            for p in distinct
-        }
-        tx = optax.multi_transform(groups, jax.tree.map(lambda p: f"every_{p}", periods))
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-
-
 def run_config(
     preset: str, optimizer: str, lr: float, adam_lr: float, steps: int
 ) -> ml_collections.ConfigDict:
@@ -166,9 +140,8 @@ def run_config(
 
 
 def build_tx(cfg: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
-    """The outer optimizer for `cfg.optimizer.name` (the trainer's, or DMGD's wrapper)."""
-    if cfg.optimizer.name == "dmgd":
-        return dmgd_optimizer(cfg.optimizer, cfg.num_steps, params)
+    """The trainer's outer optimizer for `cfg.optimizer` (DMGD with the benchmark's beta)."""
+    cfg.optimizer.dmgd.beta = DMGD_BETA
     return train_step_lib.make_optimizer(cfg.optimizer, cfg.num_steps, params)
 
 

@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     o.m3.ns_steps = 5
     o.m3.rms_scale = 0.2
     o.m3.form = "ema"  # ema | accumulate
+    o.dmgd = ml_collections.ConfigDict()  # deep momentum GD: learning_rate above is its step
+    o.dmgd.beta = 0.9  # momentum retention
+    o.dmgd.hidden = 8  # hidden width of the momentum MLP
 
     # Device mesh: sizes of the axes (data, fsdp, tensor); -1 = all remaining devices (one axis).
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

@@ -238,3 +238,16 @@ def test_save_resolved_never_overwrites(tmp_path):
     second = config_lib.save_resolved(config, tmp_path, 5)
     assert second.name == "config.resumed_at_5.json"
     assert '"num_steps": 200' in first.read_text()
+
+
+def test_every_outer_optimizer_of_the_config_builds_and_steps():
+    """`optimizer.name` = each allowed name gives a working optax transformation (DMGD too)."""
+    params = nnx.state(_TwoSpeed(), nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for name in step.OPTIMIZER_NAMES:
+        opt = load_preset("transformer_tiny").optimizer
+        opt.name = name
+        tx = step.make_optimizer(opt, 10, params)
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        moved = [float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)]
+        assert all(np.isfinite(moved)) and max(moved) > 0, (name, moved)

@@ -33,7 +33,7 @@ from nl_jax import optim
 Batch = Mapping[str, jax.Array]
 State = dict[str, Any]
 LN2 = math.log(2.0)
-OPTIMIZER_NAMES = ("adamw", "muon", "m3")
+OPTIMIZER_NAMES = ("adamw", "muon", "m3", "dmgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -228,6 +228,11 @@ def base_optimizer(
             adam_learning_rate=lr,
             adam_weight_decay=opt.weight_decay,
             form=opt.m3.form,
+        )
+    if opt.name == "dmgd":
+        # Deep momentum: the momentum is an MLP learned in the optimizer's own inner loop.
+        return optim.build_optimizer(
+            "dmgd", learning_rate=lr, beta=opt.dmgd.beta, hidden=opt.dmgd.hidden
         )
     raise ValueError(f"unknown optimizer {opt.name!r}; allowed: {OPTIMIZER_NAMES}")
 
