@@ -88,7 +88,11 @@ def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10) -> di
     data = jax.profiler.ProfileData.from_file(files[-1])
     total, count = collections.Counter(), collections.Counter()
     planes = list(data.planes)
-    on_device = any(p.name.startswith("/device:") for p in planes)
+    # Only planes with events count: libtpu registers an empty "/device:TPU" plane on CPU hosts.
+    on_device = any(
+        p.name.startswith("/device:") and any(True for line in p.lines for _ in line.events)
+        for p in planes
+    )
     for plane in planes:
         # Accelerators: device planes. CPU: the XLA client's worker threads on the host plane.
         if plane.name.startswith("/device:") != on_device:

@@ -512,7 +512,24 @@ class MemoryAsContext(nnx.Module):
         return out.outputs if state is None else (out.outputs, new_state)
 
 
-class MemoryAsGate(nnx.Module):
+class _MemoryWithAttention(nnx.Module):
+    """State protocol shared by MAG and MAL: an LMM's state beside an attention's."""
+
+    memory: NeuralMemory
+    attention: Attention
+
+    @property
+    def state_period(self) -> int:
+        """The memory's chunk size (attention is exact at any cut)."""
+        return self.memory.state_period
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """{"attention": sliding-window KV state, "memory": the LMM's state}."""
+        return {"attention": self.attention.init_state(batch, max_len),
+                "memory": self.memory.init_state(batch, max_len)}  # fmt: skip
+
+
+class MemoryAsGate(_MemoryWithAttention):
     """Titans MAG: `o = RMSNorm(SWA(x)) * sigmoid(RMSNorm(LMM(x)))`."""
 
     def __init__(
@@ -530,16 +547,6 @@ class MemoryAsGate(nnx.Module):
         self.attention = attention
         self.attention_norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
         self.memory_norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
-
-    @property
-    def state_period(self) -> int:
-        """The memory's chunk size (attention is exact at any cut)."""
-        return self.memory.state_period
-
-    def init_state(self, batch: int, max_len: int) -> dict:
-        """{"attention": sliding-window KV state, "memory": the LMM's state}."""
-        return {"attention": self.attention.init_state(batch, max_len),
-                "memory": self.memory.init_state(batch, max_len)}  # fmt: skip
 
     def __call__(
         self,
@@ -562,23 +569,13 @@ class MemoryAsGate(nnx.Module):
         return out if state is None else (out, state)
 
 
-class MemoryAsLayer(nnx.Module):
+class MemoryAsLayer(_MemoryWithAttention):
     """Titans MAL: `o = SWA(LMM(x))`."""
 
     def __init__(self, memory: NeuralMemory, attention: Attention) -> None:
         """Stack an LMM under a sliding-window attention."""
         self.memory = memory
         self.attention = attention
-
-    @property
-    def state_period(self) -> int:
-        """The memory's chunk size (attention is exact at any cut)."""
-        return self.memory.state_period
-
-    def init_state(self, batch: int, max_len: int) -> dict:
-        """{"attention": sliding-window KV state, "memory": the LMM's state}."""
-        return {"attention": self.attention.init_state(batch, max_len),
-                "memory": self.memory.init_state(batch, max_len)}  # fmt: skip
 
     def __call__(
         self,
