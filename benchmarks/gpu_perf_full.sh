@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_perf_full.sh a   # unroll sweep (4 layers), titans_lmm_340m, seq 32768, full hope_340m + profile
 #   bash benchmarks/gpu_perf_full.sh b   # hope_760m at seq 65536 batch 1, trainer run of hope_340m
 #   bash benchmarks/gpu_perf_full.sh c   # after scan_layers/remat_blocks: all of the above, full depth
+#   bash benchmarks/gpu_perf_full.sh d   # DGD solve: trsm vs blocked inverse (4 layers, then full
+#                                        # depth with the profile), transformer_340m beside it
 set -u
 OUT=${OUT:-/tmp/out}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
@@ -35,4 +37,11 @@ if [ "$1" = c ]; then
     --config.model.memory.scan_unroll=2 --config.eval.every_steps=0 --config.data.eval_batches=2 \
     --config.checkpoint.every_steps=1000 --config.logging.every_steps=10 2>&1 | $F | tail -10
   cp /tmp/w_hope340/metrics.jsonl $OUT/c_train_metrics.jsonl 2>/dev/null
+fi
+if [ "$1" = d ]; then
+  timeout 60 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" --out=$OUT/d_transformer.json 2>&1 | $F | tail -3
+  timeout 170 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="trsm:memory.solve=triangular|inverse:memory.solve=inverse" --out=$OUT/d_solve4.json 2>&1 | $F | tail -6
+  timeout 250 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.solve=inverse \
+    --profile=/tmp/prof_hope --out=$OUT/d_hope.json 2>&1 | $F | tail -20
 fi

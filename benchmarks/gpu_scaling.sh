@@ -3,6 +3,10 @@
 #   bash benchmarks/gpu_scaling.sh a   # 1.3B transformer on 1/2/4 GPUs (FSDP), hope_340m on 1/2 GPUs,
 #                                      # hope_1.3b on 1 GPU, hope_760m at seq 65536; 4-GPU run saves step 10
 #   bash benchmarks/gpu_scaling.sh b   # restore the 4-GPU checkpoint on 2 GPUs; hope_1.3b on 2 and 4 GPUs
+#   bash benchmarks/gpu_scaling.sh c   # hope_1.3b FSDP on 4 GPUs restored on 2; transformer DP 2/4
+#   bash benchmarks/gpu_scaling.sh x2  # on nvidia-h200-x2: transformer_1.3b and hope_1.3b FSDP on
+#                                      # 1 and 2 GPUs (cuDNN attention), 2-GPU checkpoint restored on 1
+# TMO=seconds before `train` bounds one run (a stuck compile must not eat the device budget).
 set -u
 OUT=${OUT:-/tmp/out}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
@@ -12,7 +16,7 @@ W=/tmp/runs
 train() {  # name gpus preset per_gpu_batch steps extra...
   local name=$1 gpus=$2 preset=$3 b=$4 steps=$5; shift 5
   local n=$(( $(echo $gpus | tr -cd , | wc -c) + 1 ))
-  CUDA_VISIBLE_DEVICES=$gpus python launch/train.py --config=experiments/lm.py:$preset --workdir=$W/$name \
+  CUDA_VISIBLE_DEVICES=$gpus timeout ${TMO:-0} python launch/train.py --config=experiments/lm.py:$preset --workdir=$W/$name \
     --config.seq_len=2048 --config.global_batch_size=$((b * n)) --config.num_steps=$steps \
     --config.model.dtype=bfloat16 --config.eval.every_steps=0 --config.data.eval_batches=1 \
     --config.logging.every_steps=2 --config.logging.tensorboard=False "$@" > $W/$name.log 2>&1
@@ -54,13 +58,13 @@ PY
 fi
 if [ "$1" = c ]; then  # what fit the remaining device time after stage a (see BENCHMARKS.md)
   H="--config.mesh.data=1 --config.mesh.fsdp=-1 --config.logging.every_steps=1"
-  timeout 120 bash -c "$(declare -f train); W=$W F='$F'; train h13_g4 0,1,2,3 hope_1.3b 2 4 $H --config.checkpoint.every_steps=2 --config.checkpoint.keep=3"
+  TMO=180 train h13_g4 0,1,2,3 hope_1.3b 2 4 $H --config.checkpoint.every_steps=2 --config.checkpoint.keep=3
   rm -rf $W/h13_r2 && cp -r $W/h13_g4 $W/h13_r2 && rm -rf $W/h13_r2/checkpoints/4 && rm -f $W/h13_r2/metrics.jsonl
   D="--config.model.attention.implementation=cudnn --config.mesh.data=-1 --config.checkpoint.every_steps=1000"
-  (timeout 110 bash -c "$(declare -f train); W=$W F='$F'; train h13_r2 0,1 hope_1.3b 4 4 $H --config.checkpoint.every_steps=1000") &
-  (timeout 60 bash -c "$(declare -f train); W=$W F='$F'; train t13_dp2 2,3 transformer_1.3b 8 20 $D") &
+  TMO=180 train h13_r2 0,1 hope_1.3b 4 4 $H --config.checkpoint.every_steps=1000 &
+  TMO=120 train t13_dp2 2,3 transformer_1.3b 8 20 $D &
   wait
-  timeout 60 bash -c "$(declare -f train); W=$W F='$F'; train t13_dp4 0,1,2,3 transformer_1.3b 8 20 $D"
+  TMO=120 train t13_dp4 0,1,2,3 transformer_1.3b 8 20 $D
   python benchmarks/summarize_runs.py t13_g1=$W/t13_g1:1 t13_dp2=$W/t13_dp2:2 t13_dp4=$W/t13_dp4:4 \
     h13_g1=$W/h13_g1:1 h13_r2=$W/h13_r2:2 h13_g4=$W/h13_g4:4 --out=$OUT/scaling_c.json
   python - <<'PY'
@@ -68,6 +72,25 @@ import json
 rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
 a, b = rec("/tmp/runs/h13_g4/metrics.jsonl"), rec("/tmp/runs/h13_r2/metrics.jsonl")
 print("fsdp=4 run:", a); print("restored on fsdp=2:", b)
+PY
+fi
+if [ "$1" = x2 ]; then  # FSDP with cuDNN attention (q/k/v pinned alike), resharded restore 2 -> 1
+  H="--config.mesh.data=1 --config.mesh.fsdp=-1 --config.logging.every_steps=1"
+  TMO=150 train t13_g1 0 transformer_1.3b 8 20 $T --config.checkpoint.every_steps=1000
+  TMO=200 train t13_f2 0,1 transformer_1.3b 8 20 $T --config.checkpoint.every_steps=10 --config.checkpoint.keep=5
+  rm -rf $W/t13_r1 && cp -r $W/t13_f2 $W/t13_r1 && rm -rf $W/t13_r1/checkpoints/20 && rm -f $W/t13_r1/metrics.jsonl
+  TMO=200 train t13_r1 0 transformer_1.3b 16 20 $T --config.checkpoint.every_steps=1000 &
+  wait
+  TMO=200 train h13_f2 0,1 hope_1.3b 2 6 $H --config.checkpoint.every_steps=1000
+  python benchmarks/summarize_runs.py t13_g1=$W/t13_g1:1 t13_f2=$W/t13_f2:2 t13_r1=$W/t13_r1:1 \
+    h13_f2=$W/h13_f2:2 --out=$OUT/scaling_x2.json
+  python - <<'PY'
+import json
+rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
+a, b = rec("/tmp/runs/t13_f2/metrics.jsonl"), rec("/tmp/runs/t13_r1/metrics.jsonl")
+common = sorted(set(a) & set(b))
+print("resharded restore 2->1 GPUs, steps", common)
+print("max |loss diff|:", max(abs(a[s] - b[s]) for s in common) if common else "no common steps")
 PY
 fi
 grep -h "\[resume\]\|\[checkpoint\]" $W/*.log 2>/dev/null | head

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import platform
@@ -268,7 +269,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """Validation (markers, ±std band) and smoothed train (lines) loss per model, mean over the
-    seeds that did not diverge."""
+    seeds that did not diverge; skipped with a message when matplotlib is absent."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            f"[plot] {path} not written: matplotlib is not installed (pip install 'nl_jax[bench]')"
+        )
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -29,6 +29,7 @@ Run: .venv/bin/python benchmarks/optim_toy.py  (writes benchmarks/results/optim_
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,12 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Loss curves per problem and schedule; skipped with a message when matplotlib is absent."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            f"[plot] {path} not written: matplotlib is not installed (pip install 'nl_jax[bench]')"
+        )
+        return
     import matplotlib
 
     matplotlib.use("Agg")

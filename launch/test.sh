@@ -3,4 +3,4 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -n 2 -q "$@"
+exec .venv/bin/python -m pytest -n 2 --dist worksteal -q "$@"

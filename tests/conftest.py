@@ -1,9 +1,22 @@
 """Shared test fixtures."""
 
+import os
 import pathlib
+import tempfile
 
-import jax
-import pytest
+# With jax[tpu] installed, every process that initialises JAX would load libtpu and hold its
+# lockfile for the whole session, so the TPU compile-only subprocess could not get it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs (a tiny preset at the same shapes); both xdist workers and
+# the subprocesses they start share one persistent compilation cache for this run.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"nl_jax_test_cache_{_run}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

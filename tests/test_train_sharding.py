@@ -80,14 +80,31 @@ SCRIPT = textwrap.dedent(
     it = nl_data.from_config(config.data, "train")
     batches = [next(it) for _ in range(5)]
 
+    # Record the shardings q, k and v reach the attention kernel with (cuDNN needs them equal).
+    qkv_specs, attention = [], jax.nn.dot_product_attention
+
+    def inspected_attention(q, k, v, *args, **kwargs):
+        for x in (q, k, v):
+            jax.debug.inspect_array_sharding(x, callback=lambda s: qkv_specs.append(str(s.spec)))
+        return attention(q, k, v, *args, **kwargs)
+
+    jax.nn.dot_product_attention = inspected_attention
+
+    train = sys.argv[2] == "train"
+
     def run(devices, mesh_cfg):
         mesh = sharding.make_mesh(mesh_cfg, devices)
-        program = trainer.build_program(config, mesh)
+        program = trainer.build_program(config, mesh, compile_train=train)
         state = program.init()
         losses = []
         for b in batches:
-            state, m = program.train_step(state, trainer.global_batch(b, program.batch_shardings))
-            losses.append(float(m["loss"]))
+            b = trainer.global_batch(b, program.batch_shardings)
+            if train:
+                state, m = program.train_step(state, b)
+                losses.append(float(m["loss"]))
+            else:
+                out = program.eval_step({"params": state["params"], "rest": state["rest"]}, b)
+                losses.append(float(out["loss_sum"]) / float(out["target_tokens"]))
         specs = {
             "/".join(str(getattr(k, "key", k)) for k in path): str(x.sharding.spec)
             for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
@@ -103,20 +120,24 @@ SCRIPT = textwrap.dedent(
         assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
 
     one, _ = run(jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
+    qkv_specs.clear()
     eight, specs = run(jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2})
-    print("RESULT " + json.dumps({"one": one, "eight": eight, "specs": specs}))
+    result = {"one": one, "eight": eight, "specs": specs, "qkv": qkv_specs}
+    print("RESULT " + json.dumps(result))
     """
 )
 
 
-@pytest.mark.parametrize("preset", ["transformer_tiny", "hope_tiny"])
-def test_eight_devices_train_like_one(preset):
+@pytest.mark.parametrize("preset,mode", [("transformer_tiny", "train"), ("hope_tiny", "eval")])
+def test_eight_devices_train_like_one(preset, mode):
+    """Training (Transformer++) and the forward pass (Hope: its sharded train step compiles for
+    ~2.5 min on 2 CPU cores, too long for this suite) on 8 fake devices equal one device."""
     abstract_model_or_skip(preset)
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
     )
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, preset], cwd=ROOT, env=env, capture_output=True,
+        [sys.executable, "-c", SCRIPT, preset, mode], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -125,9 +146,51 @@ def test_eight_devices_train_like_one(preset):
     # The params really are sharded on the 8-device mesh (not silently replicated).
     assert any("fsdp" in s for s in out["specs"].values())
     assert any("tensor" in s for s in out["specs"].values())
-    assert out["one"][-1] < out["one"][0]
+    if mode == "train":
+        assert out["one"][-1] < out["one"][0]
+    else:  # five different batches: the losses are real forward passes, not one constant
+        assert len(set(out["one"])) == len(out["one"]), out["one"]
+    if preset.startswith("transformer"):
+        # q, k and v meet the attention kernel sharded alike, over the batch axes (cuDNN's
+        # partitioner rejects anything else under FSDP).
+        assert out["qkv"] and len(set(out["qkv"])) == 1, out["qkv"]
+        assert "'data', 'fsdp'" in out["qkv"][0], out["qkv"]
     for a, b in zip(out["one"], out["eight"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(a), (out["one"], out["eight"])
+
+
+def test_constrain_is_identity_outside_a_mesh_and_pins_inside(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    from nl_jax.layers import axes
+
+    names = (axes.BATCH, axes.SEQ, axes.HEADS, axes.HEAD_DIM)
+    q, kv = jnp.ones((4, 3, 4, 5)), jnp.ones((4, 3, 2, 5))
+    assert axes.constrain(q, names) is q
+    assert axes.same_sharding(q, kv, kv, names=names) == (q, kv, kv)
+
+    class Spec:  # stands in for a NamedSharding: only `.spec` is read
+        def __init__(self, *spec):
+            self.spec = PartitionSpec(*spec)
+
+    def resolve(names, shape):
+        # Split heads only where there are 4 of them: k/v (2 heads) stay coarser.
+        return Spec(("data", "fsdp"), None, "tensor" if shape[2] == 4 else None, None)
+
+    pinned = []
+    monkeypatch.setattr(
+        jax.lax, "with_sharding_constraint", lambda x, s: pinned.append((x.shape, s.spec)) or x
+    )
+    with axes.activation_sharding(resolve):
+        axes.same_sharding(q, kv, kv, names=names)
+        axes.constrain(q, names)
+        with pytest.raises(ValueError, match="3 axis names"):
+            axes.constrain(q, names[:3])
+    coarse, fine = PartitionSpec(("data", "fsdp"), None, None, None), resolve(names, q.shape).spec
+    assert pinned == [(q.shape, coarse), (kv.shape, coarse), (kv.shape, coarse), (q.shape, fine)]
+    assert axes.constrain(q, names) is q  # the context is gone again
 
 
 def regenerate(presets):

@@ -112,6 +112,7 @@ def _fast_chunk(
             eta if rule.dgd else None,
             kern,
             None if init is None else init[name],
+            rule.solve,
         )
     outputs = level.memory.forward(
         lambda name, c: chunked.read(layers[name], c, level.read), xs["queries"]

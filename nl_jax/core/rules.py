@@ -123,6 +123,12 @@ class DeltaRule:
     retention: bool = False
     dgd: bool = False
     normalize_lr: bool = True
+    # Fast path only: how a DGD chunk solves its triangular system (`chunked.SOLVES`).
+    solve: str = "triangular"
+
+    def __post_init__(self):
+        if self.solve not in ("triangular", "inverse"):
+            raise ValueError(f"unknown solve {self.solve!r}; allowed: ('triangular', 'inverse')")
 
     @property
     def normalized(self) -> bool:

@@ -328,6 +328,10 @@ class Attention(nnx.Module):
             is_causal = True
             local_window = None if self.window is None else (self.window - 1, 0)
 
+        # cuDNN's partitioner rejects q, k, v sharded differently (e.g. under FSDP).
+        q, k, v = axes.same_sharding(
+            q, k, v, names=(axes.BATCH, axes.SEQ, axes.KV_HEADS, axes.HEAD_DIM)
+        )
         out = jax.nn.dot_product_attention(
             q,
             k,

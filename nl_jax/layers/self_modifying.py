@@ -60,6 +60,7 @@ class SelfModSpec:
     remat: bool = True
     remat_layer: bool = False
     scan_unroll: int = 1
+    solve: str = "triangular"
 
     @property
     def memory(self) -> ResidualMLPMemory:
@@ -70,7 +71,7 @@ class SelfModSpec:
     def rule(self) -> DeltaRule:
         """DGD with weight decay (or the GD / no-momentum / no-decay ablations)."""
         return DeltaRule(momentum=self.momentum, retention=self.weight_decay, dgd=self.dgd,
-                         normalize_lr=self.normalize_lr)  # fmt: skip
+                         normalize_lr=self.normalize_lr, solve=self.solve)  # fmt: skip
 
     @property
     def projection_memories(self) -> tuple[str, ...]:
@@ -236,6 +237,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         normalize_lr=m.normalize_lr, adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
+        solve=m.get("solve", "triangular"),
     )  # fmt: skip
 
 

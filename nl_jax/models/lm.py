@@ -25,6 +25,7 @@ from nl_jax.layers.norms import RMSNorm, logical_param
 Factory = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
 _MIXERS: dict[str, Factory] = {}
 _MLPS: dict[str, Factory] = {}
+RESIDUAL = (axes.BATCH, axes.SEQ, axes.EMBED)  # the residual stream [batch, seq, d_model]
 
 FAMILIES: dict[str, tuple[str, str]] = {
     "transformer": ("attention", "swiglu"),
@@ -93,9 +94,9 @@ class Block(nnx.Module):
         """`x: [batch, seq, d_model] -> [batch, seq, d_model]` (and the new state if given one)."""
         if state is None:
             h = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
-            if self.mlp is None:
-                return h
-            return h + self.mlp(self.mlp_norm(h), segment_ids=segment_ids, positions=positions)
+            if self.mlp is not None:
+                h = h + self.mlp(self.mlp_norm(h), segment_ids=segment_ids, positions=positions)
+            return axes.constrain(h, RESIDUAL)
         m, mixer_state = self.mixer(self.mixer_norm(x), segment_ids=segment_ids,
                                     positions=positions, state=state["mixer"])  # fmt: skip
         h = x + m
@@ -200,6 +201,8 @@ class DecoderLM(nnx.Module):
             return self._in_context(tokens, segment_ids, positions, state)
         if state is None:
             x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+            # Without the pin, FSDP's sharded embedding table decides the activations' layout.
+            x = axes.constrain(x, RESIDUAL)
             return self._head(self._blocks(x, segment_ids, positions))
         logits, blocks = self._forward(state["blocks"], tokens, segment_ids, positions)
         return logits, dict(state, blocks=blocks)

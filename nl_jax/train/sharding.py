@@ -9,9 +9,10 @@ do not divide is replicated instead, and that fallback is logged once per (name,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -142,6 +143,25 @@ def logical_to_mesh(
 
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def with_activation_sharding(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """`fn` whose tracing pins activations (`axes.constrain`) to `mesh` under `RULES`.
+
+    Identity on a one-device mesh, so single-device programs are unchanged.
+    """
+    if mesh.size == 1:
+        return fn
+
+    def resolve(names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(mesh, logical_to_mesh(names, shape, mesh, "an activation"))
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with axes.activation_sharding(resolve):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def tree_partition_specs(tree: Any, mesh: Any) -> Any:

@@ -131,12 +131,15 @@ def build_program(
 
     with nnx.logical_axis_rules(list(sharding.RULES.items())):
         train_jit = jax.jit(
-            step.make_train_step(
-                graphdef,
-                tx,
-                step.learning_rate_schedule(
-                    config.optimizer, config.optimizer.learning_rate, config.num_steps
+            sharding.with_activation_sharding(
+                step.make_train_step(
+                    graphdef,
+                    tx,
+                    step.learning_rate_schedule(
+                        config.optimizer, config.optimizer.learning_rate, config.num_steps
+                    ),
                 ),
+                mesh,
             ),
             in_shardings=(state_shardings, batch_shardings),
             out_shardings=(state_shardings, replicated),
@@ -144,7 +147,7 @@ def build_program(
         )
         eval_shardings = {"params": state_shardings["params"], "rest": state_shardings["rest"]}
         eval_jit = jax.jit(
-            step.make_eval_step(graphdef),
+            sharding.with_activation_sharding(step.make_eval_step(graphdef), mesh),
             in_shardings=(eval_shardings, batch_shardings),
             out_shardings=replicated,
         )
