@@ -150,7 +150,7 @@ def test_outer_gradient_reaches_meta_learned_initial_states(x64):
     def loss(init):
         return jnp.sum(self_modifying_head(spec, init, static, u, q, beta) * weights)
 
-    grads = jax.grad(loss)(init)
+    grads = jax.jit(jax.grad(loss))(init)
     for name in spec.all_memories:
         # Every memory's initial state moves the loss (the projection memories only indirectly).
         assert float(jnp.max(jnp.abs(grads[name]["W2"]))) > 1e-8, name
