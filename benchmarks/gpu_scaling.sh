@@ -22,6 +22,18 @@ train() {  # name gpus preset per_gpu_batch steps extra...
     --config.logging.every_steps=2 --config.logging.tensorboard=False "$@" > $W/$name.log 2>&1
   echo "== $name: $(grep -c . $W/$name.log) log lines"; $F $W/$name.log | grep "\[compile\]\|\[memory\]\|\[resume\]\|\[checkpoint\]\|Error\|error" | head -6
 }
+compare_losses() {  # label run_a run_b: train losses of the steps both runs logged
+  python - "$@" <<'PY'
+import json, sys
+label, a, b = sys.argv[1], *(f"/tmp/runs/{n}/metrics.jsonl" for n in sys.argv[2:])
+rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
+a, b = rec(a), rec(b)
+common = sorted(set(a) & set(b))
+print(label, "steps", common)
+print("max |loss diff|:", max(abs(a[s] - b[s]) for s in common) if common else "no common steps")
+for s in common: print(s, a[s], b[s])
+PY
+}
 mkdir -p $W
 T="--config.model.attention.implementation=cudnn --config.mesh.data=1 --config.mesh.fsdp=-1"
 if [ "$1" = a ]; then
@@ -46,15 +58,7 @@ if [ "$1" = b ]; then
   train h13_g4 0,1,2,3 hope_1.3b 2 6 --config.checkpoint.every_steps=1000
   python benchmarks/summarize_runs.py t13_g4=$W/t13_g4:4 t13_r2=$W/t13_r2:2 h13_g1=$W/h13_g1:1 \
     h13_g2=$W/h13_g2:2 h13_g4=$W/h13_g4:4 --out=$OUT/scaling_b.json
-  python - <<'PY'
-import json
-rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
-a, b = rec("/tmp/runs/t13_g4/metrics.jsonl"), rec("/tmp/runs/t13_r2/metrics.jsonl")
-common = sorted(set(a) & set(b))
-print("resharded restore 4->2 GPUs, steps", common)
-print("max |loss diff|:", max(abs(a[s] - b[s]) for s in common) if common else "no common steps")
-for s in common: print(s, a[s], b[s])
-PY
+  compare_losses "resharded restore 4->2 GPUs" t13_g4 t13_r2
 fi
 if [ "$1" = c ]; then  # what fit the remaining device time after stage a (see BENCHMARKS.md)
   H="--config.mesh.data=1 --config.mesh.fsdp=-1 --config.logging.every_steps=1"
@@ -67,30 +71,17 @@ if [ "$1" = c ]; then  # what fit the remaining device time after stage a (see B
   TMO=120 train t13_dp4 0,1,2,3 transformer_1.3b 8 20 $D
   python benchmarks/summarize_runs.py t13_g1=$W/t13_g1:1 t13_dp2=$W/t13_dp2:2 t13_dp4=$W/t13_dp4:4 \
     h13_g1=$W/h13_g1:1 h13_r2=$W/h13_r2:2 h13_g4=$W/h13_g4:4 --out=$OUT/scaling_c.json
-  python - <<'PY'
-import json
-rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
-a, b = rec("/tmp/runs/h13_g4/metrics.jsonl"), rec("/tmp/runs/h13_r2/metrics.jsonl")
-print("fsdp=4 run:", a); print("restored on fsdp=2:", b)
-PY
+  compare_losses "hope_1.3b fsdp=4 restored on fsdp=2" h13_g4 h13_r2
 fi
 if [ "$1" = x2 ]; then  # FSDP with cuDNN attention (q/k/v pinned alike), resharded restore 2 -> 1
   H="--config.mesh.data=1 --config.mesh.fsdp=-1 --config.logging.every_steps=1"
   TMO=150 train t13_g1 0 transformer_1.3b 8 20 $T --config.checkpoint.every_steps=1000
   TMO=200 train t13_f2 0,1 transformer_1.3b 8 20 $T --config.checkpoint.every_steps=10 --config.checkpoint.keep=5
   rm -rf $W/t13_r1 && cp -r $W/t13_f2 $W/t13_r1 && rm -rf $W/t13_r1/checkpoints/20 && rm -f $W/t13_r1/metrics.jsonl
-  TMO=200 train t13_r1 0 transformer_1.3b 16 20 $T --config.checkpoint.every_steps=1000 &
-  wait
+  TMO=200 train t13_r1 0 transformer_1.3b 16 20 $T --config.checkpoint.every_steps=1000
   TMO=200 train h13_f2 0,1 hope_1.3b 2 6 $H --config.checkpoint.every_steps=1000
   python benchmarks/summarize_runs.py t13_g1=$W/t13_g1:1 t13_f2=$W/t13_f2:2 t13_r1=$W/t13_r1:1 \
     h13_f2=$W/h13_f2:2 --out=$OUT/scaling_x2.json
-  python - <<'PY'
-import json
-rec = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("split") == "train" and "loss" in r}
-a, b = rec("/tmp/runs/t13_f2/metrics.jsonl"), rec("/tmp/runs/t13_r1/metrics.jsonl")
-common = sorted(set(a) & set(b))
-print("resharded restore 2->1 GPUs, steps", common)
-print("max |loss diff|:", max(abs(a[s] - b[s]) for s in common) if common else "no common steps")
-PY
+  compare_losses "resharded restore 2->1 GPUs" t13_f2 t13_r1
 fi
 grep -h "\[resume\]\|\[checkpoint\]" $W/*.log 2>/dev/null | head

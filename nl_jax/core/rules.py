@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nl_jax.core import chunked
+
 
 def inner_lr(eta: jax.Array, a: jax.Array, normalize: bool) -> jax.Array:
     """DGD step size `eta / (1 + eta ||a||^2)` if `normalize`, else `eta`; `a: [..., d_in]`."""
@@ -127,8 +129,8 @@ class DeltaRule:
     solve: str = "triangular"
 
     def __post_init__(self):
-        if self.solve not in ("triangular", "inverse"):
-            raise ValueError(f"unknown solve {self.solve!r}; allowed: ('triangular', 'inverse')")
+        if self.solve not in chunked.SOLVES:
+            raise ValueError(f"unknown solve {self.solve!r}; allowed: {chunked.SOLVES}")
 
     @property
     def normalized(self) -> bool:
