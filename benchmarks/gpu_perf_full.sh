@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_perf_full.sh c   # after scan_layers/remat_blocks: all of the above, full depth
 #   bash benchmarks/gpu_perf_full.sh d   # DGD solve: trsm vs blocked inverse (4 layers, then full
 #                                        # depth with the profile), transformer_340m beside it
+#   bash benchmarks/gpu_perf_full.sh e   # side by side: transformer_340m, jla's Gated DeltaNet
+#                                        # (carry its wheel), full hope_340m trsm vs inverse with
+#                                        # the profile, hope_340m at seq 32768
 set -u
 OUT=${OUT:-/tmp/out}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
@@ -44,4 +47,13 @@ if [ "$1" = d ]; then
     --variants="trsm:memory.solve=triangular|inverse:memory.solve=inverse" --out=$OUT/d_solve4.json 2>&1 | $F | tail -6
   timeout 250 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.solve=inverse \
     --profile=/tmp/prof_hope --out=$OUT/d_hope.json 2>&1 | $F | tail -20
+fi
+if [ "$1" = e ]; then
+  timeout 60 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" --out=$OUT/e_transformer.json 2>&1 | $F | tail -3
+  timeout 120 python benchmarks/gdn_baseline.py --seq_len=4096 --batch=8 --steps=3 --out=$OUT/e_gdn.json 2>&1 | $F | tail -4
+  timeout 240 python benchmarks/throughput.py --steps=2 --seq_len=4096 --batch=8 --presets=hope_340m \
+    --variants="trsm:memory.solve=triangular|inverse:memory.solve=inverse" --profile=/tmp/prof_hope \
+    --out=$OUT/e_hope.json 2>&1 | $F | tail -20
+  timeout 110 python benchmarks/throughput.py --steps=1 --seq_len=32768 --batch=1 --presets=hope_340m \
+    --set=memory.solve=inverse --out=$OUT/e_hope_32k.json 2>&1 | $F | tail -3
 fi
