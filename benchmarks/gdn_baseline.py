@@ -24,11 +24,23 @@ import optax
 
 from nl_jax.train import metrics
 
+MISSING = (
+    "benchmarks/gdn_baseline.py needs jax-linear-attention (`pip install jax-linear-attention`: "
+    "JAX 0.11.2, Python 3.12, Hopper GPUs for its kernels; on the device machine carry its wheel)"
+)
+
 
 def build(remat: str):
     """jla's Gated DeltaNet LM at the 340M shape; returns `(model, config)`."""
-    from jla.models import lm as jla_lm  # noqa: PLC0415 - optional, GPU-only dependency
-    from jla.models.config import AttentionConfig, LinearAttentionConfig, ModelConfig  # noqa: PLC0415
+    try:
+        from jla.models import lm as jla_lm  # noqa: PLC0415 - optional, GPU-only dependency
+        from jla.models.config import (  # noqa: PLC0415
+            AttentionConfig,
+            LinearAttentionConfig,
+            ModelConfig,
+        )
+    except ImportError as e:
+        raise SystemExit(f"{MISSING} ({e})") from e
 
     cfg = ModelConfig(
         vocab_size=32000, d_model=1024, n_layers=24, d_ff=2432,
@@ -42,9 +54,9 @@ def build(remat: str):
 
 def measure(seq_len: int, batch: int, steps: int, remat: str) -> dict:
     """Compile and time one AdamW step of the jla Gated DeltaNet LM."""
-    import equinox as eqx  # noqa: PLC0415 - optional dependency of jla
+    model, cfg = build(remat)  # first: it explains a missing jla
+    import equinox as eqx  # noqa: PLC0415 - installed with jla
 
-    model, cfg = build(remat)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     n = sum(x.size for x in jax.tree.leaves(params))
     n_no_embed = n - model.embed.weight.size if model.head is not None else n
