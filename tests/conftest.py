@@ -14,6 +14,12 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"nl_jax_test_cache_{_run}")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Most of this suite's time is XLA compiling small programs for the CPU. LLVM at -O0 and the
+# classic (non-MLIR) fusion emitters compile the Hope train steps about 5x faster, and the tiny
+# programs run about as fast. Set before JAX initialises its backend; subprocesses inherit it.
+# Flags already in XLA_FLAGS come later, so they win.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -26,6 +32,26 @@ def x64():
     """Run the test body with float64 enabled (and restore the default afterwards)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def cheap_tracer_sharding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build large presets abstractly without JAX's quadratic search for an error's origin."""
+    # Under nnx.eval_shape every RNG draw of flax compares `getattr(x, "sharding", None)` of a
+    # traced counter. A tracer raises AttributeError there, and JAX first walks the whole jaxpr
+    # traced so far to name the error's origin in its message, which getattr then discards:
+    # quadratic in the model's size, ~10 s of a 24-layer preset's ~12 s. Only that message changes.
+    # A JAX private: where it is missing (another JAX version) the builds are only slower.
+    from jax._src.interpreters import partial_eval
+
+    tracer_type = getattr(partial_eval, "DynamicJaxprTracer", None)
+    if tracer_type is None or not hasattr(tracer_type, "sharding"):
+        return
+
+    def sharding(tracer):
+        raise AttributeError(f"The 'sharding' attribute is not available on {type(tracer)}.")
+
+    monkeypatch.setattr(tracer_type, "sharding", property(sharding))
 
 
 @pytest.fixture

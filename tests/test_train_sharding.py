@@ -47,6 +47,7 @@ def spec_table(preset):
     return sharding.param_spec_table(nnx.state(model, nnx.Param), GOLDEN_MESH)
 
 
+@pytest.mark.usefixtures("cheap_tracer_sharding")
 @pytest.mark.parametrize(
     "golden", sorted(GOLDEN.glob("sharding_*.json")), ids=lambda p: p.stem.removeprefix("sharding_")
 )
@@ -133,9 +134,9 @@ def test_eight_devices_train_like_one(preset, mode):
     """Training (Transformer++) and the forward pass (Hope: its sharded train step compiles for
     ~2.5 min on 2 CPU cores, too long for this suite) on 8 fake devices equal one device."""
     abstract_model_or_skip(preset)
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
-    )
+    # Keep the fast-compile flags of conftest.py (they are in XLA_FLAGS) and add 8 fake devices.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, preset, mode], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=600,
