@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+import throughput  # benchmarks/ is on sys.path when this script runs: one table format
 
 from nl_jax.train import metrics
 
@@ -108,11 +109,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     row = measure(args.seq_len, args.batch, args.steps, args.remat)
-    print(
-        f"| {row['preset']} | {row['params_m']:.1f} | {row['seq']} | {row['batch']} | "
-        f"{row['tokens_per_s']:,.0f} | {100 * (row['mfu'] or 0):.1f}% | {row['peak_gib']:.1f} | "
-        f"{row['compile_s']:.0f} |"
-    )
+    print(throughput.table([row], row["device"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(row, f, indent=1)
