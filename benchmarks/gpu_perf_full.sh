@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_perf_full.sh e   # side by side: transformer_340m, jla's Gated DeltaNet
 #                                        # (carry its wheel), full hope_340m trsm vs inverse with
 #                                        # the profile, hope_340m at seq 32768
+#   bash benchmarks/gpu_perf_full.sh f   # fused Pallas projection scan: GPU tests, 4-layer
+#                                        # xla vs pallas, full-depth pallas (carry .whl with pytest)
+#   bash benchmarks/gpu_perf_full.sh g   # full-depth pallas with the profile, seq 32768
 set -u
 OUT=${OUT:-/tmp/out}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
@@ -56,4 +59,17 @@ if [ "$1" = e ]; then
     --out=$OUT/e_hope.json 2>&1 | $F | tail -20
   timeout 110 python benchmarks/throughput.py --steps=1 --seq_len=32768 --batch=1 --presets=hope_340m \
     --set=memory.solve=inverse --out=$OUT/e_hope_32k.json 2>&1 | $F | tail -3
+fi
+if [ "$1" = f ]; then
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fused_scan.py -k "compiled or lowers" 2>&1 | tail -4
+  timeout 220 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4,memory.solve=inverse \
+    --variants="xla:memory.kernel=xla|pallas:memory.kernel=pallas" --out=$OUT/f_hope4.json 2>&1 | $F | tail -8
+  timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.solve=inverse,memory.kernel=pallas \
+    --out=$OUT/f_hope.json 2>&1 | $F | tail -3
+fi
+if [ "$1" = g ]; then
+  timeout 250 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.solve=inverse,memory.kernel=pallas \
+    --profile=/tmp/prof_hope --out=$OUT/g_hope.json 2>&1 | $F | tail -18
+  timeout 200 $T --seq_len=32768 --batch=1 --presets=hope_340m --set=memory.solve=inverse,memory.kernel=pallas \
+    --out=$OUT/g_hope_32k.json 2>&1 | $F | tail -3
 fi

@@ -8,6 +8,8 @@
 #                                      # (cuDNN attention), the 2-GPU checkpoint restored on 1
 #   bash benchmarks/gpu_scaling.sh x2h # on nvidia-h200-x2: hope_1.3b on 1 GPU (beside hope_760m at
 #                                      # seq 65536), then FSDP on 2
+#   bash benchmarks/gpu_scaling.sh x2i # on nvidia-h200-x2: hope_1.3b FSDP on 2 GPUs with the inverse
+#                                      # solve, NCCL_DEBUG=INFO and GPU utilisation sampled every 15 s
 # TMO=seconds before `train` bounds one run (a stuck compile must not eat the device budget).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -84,6 +86,19 @@ if [ "$1" = x2h ]; then  # hope_1.3b alone, longer limits: 1 GPU beside hope_760
   TMO=270 train h13_f2 0,1 hope_1.3b 2 5 $H --config.checkpoint.every_steps=1000
   python benchmarks/summarize_runs.py h13_g1=$W/h13_g1:1 h13_f2=$W/h13_f2:2 --out=$OUT/scaling_x2h.json
   tail -n 5 $W/h13_g1.log $W/h13_f2.log
+fi
+if [ "$1" = x2i ]; then  # did hope_1.3b FSDP stall (idle GPUs) or crawl (busy GPUs)?
+  H="--config.mesh.data=1 --config.mesh.fsdp=-1 --config.logging.every_steps=1"
+  (while sleep 15; do nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader \
+     | tr '\n' ' '; echo; done > $OUT/gpu_util.txt) &
+  SMI=$!
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT TMO=330 train h13_f2i 0,1 hope_1.3b 2 5 $H \
+    --config.checkpoint.every_steps=1000 --config.model.memory.solve=inverse
+  kill $SMI
+  python benchmarks/summarize_runs.py h13_f2i=$W/h13_f2i:2 --out=$OUT/scaling_x2i.json
+  grep -c NCCL $W/h13_f2i.log; grep "NCCL" $W/h13_f2i.log | grep -v "NCCL INFO" | head -5
+  $F $W/h13_f2i.log | grep -v NCCL | tail -n 12; cp $W/h13_f2i.log $OUT/ 2>/dev/null
+  cat $OUT/gpu_util.txt | tail -n 25
 fi
 if [ "$1" = x2 ]; then  # FSDP with cuDNN attention (q/k/v pinned alike), resharded restore 2 -> 1
   TMO=150 train t13_g1 0 transformer_1.3b 8 20 $T --config.checkpoint.every_steps=1000

@@ -120,6 +120,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.scan_unroll = 2 if big_hope else 1
     # DGD's per-chunk triangular system: "triangular" (trsm) | "inverse" (matmuls only).
     m.memory.solve = "triangular"
+    # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
+    # layer, forward and backward; GPU, or the Pallas interpreter on CPU; no packed documents).
+    m.memory.kernel = "xla"
 
     # Continuum Memory System (spec section 4, rows 11-15).
     m.cms = ml_collections.ConfigDict()

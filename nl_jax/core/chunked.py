@@ -55,6 +55,28 @@ class Kernels(NamedTuple):
     fresh: jax.Array | None  # [C] bool: a reset happened at or before t in this chunk
 
 
+def _cumsum(x: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum of `x: [C]` as a masked row sum (no scan primitive).
+
+    The fused Pallas kernels differentiate this code in-kernel, and Triton lowers neither a
+    reverse cumsum (the transpose of cumsum) nor slices; for C <= 64 the C x C sum is free.
+    """
+    c = x.shape[0]
+    lower = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+    return jnp.sum(jnp.where(lower, x[None, :], 0.0), axis=1)
+
+
+def _last(x: jax.Array) -> jax.Array:
+    """`x[-1]` along the first axis, as a masked sum (Triton-lowerable, see `_cumsum`)."""
+    pick = jnp.arange(x.shape[0]) == x.shape[0] - 1
+    return jnp.sum(jnp.where(pick.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), axis=0)
+
+
+def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
+    """`m @ v` for `m: [C, C]`, `v: [C]` without a matrix-vector dot (Triton dots are 2-D)."""
+    return jnp.sum(m * v[None, :], axis=1)
+
+
 def _log(x: jax.Array) -> jax.Array:
     # Gates may be exactly 0 (no retention / no momentum); clamp so log-space stays finite.
     return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
@@ -69,7 +91,7 @@ def _ratios(
     products then run from the segment start.
     """
     c = log_x.shape[0]
-    incl = jnp.cumsum(log_x)
+    incl = _cumsum(log_x)
     prior = incl - log_x
     lower = jnp.tril(jnp.ones((c, c), bool))
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
@@ -105,14 +127,15 @@ def kernels(alpha: jax.Array, beta: jax.Array | None, resets: jax.Array | None =
             jnp.zeros((), alpha.dtype), jnp.zeros_like(alpha), fresh,
         )  # fmt: skip
     pi_incl, _, p_incl, _ = _ratios(_log(beta), same, start)
-    rho_incl, rho_prior, pi_end = g_incl @ pi_incl, g_prior @ pi_incl, pi_incl[-1]
+    rho_incl, rho_prior = _matvec(g_incl, pi_incl), _matvec(g_prior, pi_incl)
+    pi_end = _last(pi_incl)
     if fresh is not None:
         # The carried momentum S0 only reaches tokens before the first reset.
         rho_incl, rho_prior = jnp.where(fresh, 0.0, rho_incl), jnp.where(fresh, 0.0, rho_prior)
         pi_end = jnp.where(fresh[-1], 0.0, pi_end)
     return Kernels(
         gamma_incl, gamma_prior, g_incl, g_prior,
-        g_incl @ p_incl, g_prior @ p_incl, rho_incl, rho_prior, pi_end, p_incl[-1], fresh,
+        g_incl @ p_incl, g_prior @ p_incl, rho_incl, rho_prior, pi_end, _last(p_incl), fresh,
     )  # fmt: skip
 
 
@@ -233,11 +256,11 @@ def end_state(layer: LayerChunk) -> tuple[jax.Array, jax.Array | None]:
     """Weights and momentum after the last token of the chunk: `([d_out, d_in], same or None)`."""
     k = layer.kern
     base = layer.w0 if k.fresh is None else jnp.where(k.fresh[-1], layer.w_init, layer.w0)
-    w = k.gamma_incl[-1] * base + (k.k_incl[-1][:, None] * layer.g).T @ layer.a
+    w = _last(k.gamma_incl) * base + (_last(k.k_incl)[:, None] * layer.g).T @ layer.a
     if layer.be is not None:
-        w = w - (k.g_incl[-1][:, None] * layer.be).T @ layer.a
+        w = w - (_last(k.g_incl)[:, None] * layer.be).T @ layer.a
     if layer.s0 is None:
         return w, None
-    w = w + k.rho_incl[-1] * layer.s0
+    w = w + _last(k.rho_incl) * layer.s0
     s = k.pi_end * layer.s0 + (k.p_end[:, None] * layer.g).T @ layer.a
     return w, s

@@ -90,9 +90,15 @@ def _factors(level: Level, params: Params, xs: dict, init: Params | None):
 
 
 def _fast_chunk(
-    level: Level, params: Params, state: Any, xs: dict, init: Params | None
-) -> tuple[jax.Array, Any]:
-    """One chunk through the closed form. Returns `(outputs [C, d_out], (params, state))`."""
+    level: Level,
+    params: Params,
+    state: Any,
+    xs: dict,
+    init: Params | None,
+    outputs: bool = True,
+) -> tuple[jax.Array | None, Any]:
+    """One chunk through the closed form. Returns `(outputs [C, d_out], (params, state))`;
+    outputs are None when `outputs` is False (a write-only update)."""
     rule: DeltaRule = level.rule
     deltas, inputs = _factors(level, params, xs, init)
     momentum = rule.get_momentum(state)
@@ -114,14 +120,43 @@ def _fast_chunk(
             None if init is None else init[name],
             rule.solve,
         )
-    outputs = level.memory.forward(
-        lambda name, c: chunked.read(layers[name], c, level.read), xs["queries"]
-    )
+    if outputs:
+        outputs = level.memory.forward(
+            lambda name, c: chunked.read(layers[name], c, level.read), xs["queries"]
+        )
+    else:
+        outputs = None
     ends = {name: chunked.end_state(layer) for name, layer in layers.items()}
     new_params = {name: w for name, (w, _) in ends.items()}
     if momentum is not None:
         state = rule.set_momentum(state, {name: s for name, (_, s) in ends.items()})
     return outputs, (new_params, state)
+
+
+def chunk_update(
+    level: Level,
+    params: Params,
+    state: Any,
+    keys: jax.Array,
+    values: jax.Array,
+    *,
+    eta: jax.Array,
+    alpha: jax.Array,
+    beta: jax.Array,
+) -> tuple[Params, Any]:
+    """The state after ONE chunk of `C` tokens of a `DeltaRule` level, without a scan or reads.
+
+    Args:
+      keys, values: `[C, d]`; eta, alpha, beta: `[C]`. No document resets.
+    Returns:
+      `(params, inner optimizer state)` after the chunk; the same as `run_level` on `C` tokens.
+    """
+    if not isinstance(level.rule, DeltaRule):
+        raise ValueError("chunk_update needs a DeltaRule inner rule (the closed chunk form)")
+    xs = {"keys": keys, "values": values, "queries": keys, "eta": eta, "alpha": alpha,
+          "beta": beta}  # fmt: skip
+    _, new = _fast_chunk(level, params, state, xs, None, outputs=False)
+    return new
 
 
 def _generic_chunk(

@@ -29,11 +29,16 @@ import ml_collections
 from flax import nnx
 
 from nl_jax.core import DeltaRule, Level, ResidualMLPMemory, memories, objectives, run_level
+from nl_jax.core.level import chunk_update
+from nl_jax.kernels.fused_scan import fused_scan
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
 from nl_jax.layers.norms import l2_normalize, logical_param
 
 Params = dict[str, jax.Array]
+# How the projection-memory chunk scan runs: XLA ops, or one fused Pallas (Triton) kernel per
+# layer (GPU; the Pallas interpreter on CPU). Resets (packed documents) always take the XLA path.
+KERNELS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,11 @@ class SelfModSpec:
     remat_layer: bool = False
     scan_unroll: int = 1
     solve: str = "triangular"
+    kernel: str = "xla"
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown memory.kernel {self.kernel!r}; allowed: {KERNELS}")
 
     @property
     def memory(self) -> ResidualMLPMemory:
@@ -93,6 +103,30 @@ def _read(memory, state: Params, init: Params, x: jax.Array, fresh: jax.Array | 
     return jnp.where(fresh[:, None], memories.apply(memory, init, x), out)
 
 
+def _gates(spec: SelfModSpec, read: dict[str, jax.Array], static: Params,
+           u: jax.Array) -> dict[str, jax.Array]:  # fmt: skip
+    """Keys, values, eta, alpha (and q) from the projection memories' reads `read[name]`."""
+    k = read["k"] if spec.adaptive_k else u @ static["w_k"].T
+    v = read["v"] if spec.adaptive_v else u @ static["w_v"].T
+    out = {
+        "k": l2_normalize(k),
+        # v is l2-normalised like k: otherwise M_v, which learns its own output M_v(v) as target,
+        # grows |v| geometrically across chunks (measured: 2 -> 38 -> 1e7 -> NaN in 5 chunks).
+        "v": l2_normalize(v) if spec.normalize_v else v,
+        "eta": spec.eta_max
+        * jax.nn.sigmoid(_dot_vec(read["eta"], static["w_eta"]) + static["b_eta"]),  # fmt: skip
+        "alpha": jax.nn.sigmoid(_dot_vec(read["alpha"], static["w_alpha"]) + static["b_alpha"]),
+    }
+    if spec.adaptive_q:
+        out["q"] = l2_normalize(read["q"])
+    return out
+
+
+def _dot_vec(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` for `x: [C, d]`, `w: [d]` as a row sum (the fused kernel has only 2-D dots)."""
+    return jnp.sum(x * w[None, :], axis=-1)
+
+
 def generate(spec: SelfModSpec, states: Params, init: Params, static: Params, u: jax.Array,
              fresh: jax.Array | None) -> dict[str, jax.Array]:  # fmt: skip
     """Keys, values, eta, alpha (and adaptive q) of a chunk from chunk-start states (Eq. 90).
@@ -105,20 +139,7 @@ def generate(spec: SelfModSpec, states: Params, init: Params, static: Params, u:
     """
     mem = spec.memory
     reads = jax.vmap(lambda st, it: _read(mem, st, it, u, fresh))(states, init)  # [P, C, dh]
-    read = dict(zip(spec.projection_memories, reads, strict=True))
-    k = read["k"] if spec.adaptive_k else u @ static["w_k"].T
-    v = read["v"] if spec.adaptive_v else u @ static["w_v"].T
-    out = {
-        "k": l2_normalize(k),
-        # v is l2-normalised like k: otherwise M_v, which learns its own output M_v(v) as target,
-        # grows |v| geometrically across chunks (measured: 2 -> 38 -> 1e7 -> NaN in 5 chunks).
-        "v": l2_normalize(v) if spec.normalize_v else v,
-        "eta": spec.eta_max * jax.nn.sigmoid(read["eta"] @ static["w_eta"] + static["b_eta"]),
-        "alpha": jax.nn.sigmoid(read["alpha"] @ static["w_alpha"] + static["b_alpha"]),
-    }
-    if spec.adaptive_q:
-        out["q"] = l2_normalize(read["q"])
-    return out
+    return _gates(spec, dict(zip(spec.projection_memories, reads, strict=True)), static, u)
 
 
 def initial_head_state(spec: SelfModSpec, init: dict[str, Params]) -> dict:
@@ -128,6 +149,73 @@ def initial_head_state(spec: SelfModSpec, init: dict[str, Params]) -> dict:
         "proj": (proj, jax.vmap(spec.rule.init)(proj)),
         "main": (init["memory"], spec.rule.init(init["memory"])),
     }
+
+
+def _projection_level(spec: SelfModSpec) -> Level:
+    return Level(spec.memory, objectives.l2, spec.rule, spec.chunk_other, read="boundary",
+                 self_target=True)  # fmt: skip
+
+
+def _projection_chunk(spec: SelfModSpec, proj_init: Params, static: Params, carry: tuple,
+                      xs: dict) -> tuple[tuple, dict]:  # fmt: skip
+    """One chunk of the projection memories of one head (XLA form: memories on a vmapped axis).
+
+    carry: `(stacked params, stacked inner optimizer state)`; xs: `u [C, dh]`, `beta [C]` and
+    optionally `resets bool[C]`. Returns the carry after the chunk and the chunk's `generate`.
+    """
+    states, opt = carry
+    cr = xs.get("resets")
+    fresh = None if cr is None else jnp.cumsum(cr.astype(jnp.int32)) > 0
+    gen = generate(spec, states, proj_init, static, xs["u"], fresh)
+    proj = _projection_level(spec)
+
+    def update(st, op, it):
+        _, new = run_level(
+            proj, st, op, gen["k"], gen["v"], gen["k"], eta=gen["eta"], alpha=gen["alpha"],
+            beta=xs["beta"], resets=cr, reset_params=it, path="fast", remat=False,
+        )  # fmt: skip
+        return new
+
+    return jax.vmap(update)(states, opt, proj_init), gen
+
+
+def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
+                    static: Params) -> tuple[tuple, dict]:  # fmt: skip
+    """`_projection_chunk` without resets, one memory at a time: the fused kernel's step.
+
+    carry: one `(params, inner optimizer state)` per projection memory, in the order of
+    `spec.projection_memories`; xs: `u [C, dh]`, `beta [C]`. Only 2-D matmuls and elementwise
+    ops, so Pallas' Triton lowering takes it (see `nl_jax.kernels.fused_scan`).
+    """
+    u = xs["u"]
+    names = spec.projection_memories
+    reads = {n: memories.apply(spec.memory, p, u) for n, (p, _) in zip(names, carry, strict=True)}
+    gen = _gates(spec, reads, static, u)
+    # Triton has no triangular solve: the kernel always takes the explicit-inverse form.
+    proj = dataclasses.replace(
+        _projection_level(spec), rule=dataclasses.replace(spec.rule, solve="inverse")
+    )
+    new = tuple(
+        chunk_update(
+            proj, p, o, gen["k"], gen["v"], eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"]
+        )  # fmt: skip
+        for p, o in carry
+    )
+    return new, gen
+
+
+def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: dict,
+                 q: jax.Array, beta: jax.Array,
+                 resets: jax.Array | None) -> tuple[jax.Array, tuple]:  # fmt: skip
+    """M_memory of one head over the stream: per-token reads `[seq, dh]` and its end state."""
+    main = Level(spec.memory, objectives.l2, spec.rule, spec.chunk_mem, read=spec.read,
+                 self_target=True)  # fmt: skip
+    queries = gen["q"] if spec.adaptive_q else q
+    return run_level(
+        main, *start, gen["k"], gen["v"], queries, eta=gen["eta"], alpha=gen["alpha"],
+        beta=beta, resets=resets, reset_params=init["memory"], path="fast", remat=spec.remat,
+        unroll=spec.scan_unroll,
+    )  # fmt: skip
 
 
 def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
@@ -148,27 +236,10 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     """
     seq = u.shape[0]
     c = spec.chunk_other
-    proj = Level(spec.memory, objectives.l2, spec.rule, c, read="boundary", self_target=True)
-    names = spec.projection_memories
     # The projection memories share keys, values and gates: one vmapped run over a memory axis.
-    proj_init = jax.tree.map(lambda *x: jnp.stack(x), *[init[n] for n in names])
+    proj_init = jax.tree.map(lambda *x: jnp.stack(x), *[init[n] for n in spec.projection_memories])
     start = initial_head_state(spec, init) if state is None else state
-
-    def chunk(carry, xs):
-        states, opt = carry
-        cr = xs.get("resets")
-        fresh = None if cr is None else jnp.cumsum(cr.astype(jnp.int32)) > 0
-        gen = generate(spec, states, proj_init, static, xs["u"], fresh)
-
-        def update(st, op, it):
-            _, new = run_level(
-                proj, st, op, gen["k"], gen["v"], gen["k"], eta=gen["eta"], alpha=gen["alpha"],
-                beta=xs["beta"], resets=cr, reset_params=it, path="fast", remat=False,
-            )  # fmt: skip
-            return new
-
-        return jax.vmap(update)(states, opt, proj_init), gen
-
+    chunk = functools.partial(_projection_chunk, spec, proj_init, static)
     if spec.remat:
         chunk = jax.checkpoint(chunk)
     xs = {"u": u, "beta": beta}
@@ -185,18 +256,62 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
         carry, gen = chunk(carry, jax.tree.map(lambda x: x[n_full * c :], xs))
         gens.append(gen)
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *gens)
-
-    main = Level(spec.memory, objectives.l2, spec.rule, spec.chunk_mem, read=spec.read,
-                 self_target=True)  # fmt: skip
-    queries = gen["q"] if spec.adaptive_q else q
-    out, main_end = run_level(
-        main, *start["main"], gen["k"], gen["v"], queries, eta=gen["eta"], alpha=gen["alpha"],
-        beta=beta, resets=resets, reset_params=init["memory"], path="fast", remat=spec.remat,
-        unroll=spec.scan_unroll,
-    )  # fmt: skip
+    out, main_end = _main_memory(spec, init, start["main"], gen, q, beta, resets)
     if state is None:
         return out
     return out, {"proj": carry, "main": main_end}
+
+
+def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
+                     q: jax.Array, beta: jax.Array,
+                     heads: dict | None) -> tuple[jax.Array, dict]:  # fmt: skip
+    """`run_heads` without resets, the projection-memory chunk scan in one Pallas kernel.
+
+    Every (sequence, head) pair is one kernel instance; a trailing partial chunk and M_memory
+    run as in `self_modifying_head`.
+    """
+    b, s, h, dh = u.shape
+    n, c = b * h, spec.chunk_other
+    n_full = s // c
+    flat = lambda a: a.reshape((n,) + a.shape[2:])  # noqa: E731 [b, h, ...] -> [b * h, ...]
+    per_batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape)  # noqa: E731
+    if heads is None:
+        heads = jax.tree.map(per_batch, jax.vmap(lambda i: initial_head_state(spec, i))(init))
+    params, opt = jax.tree.map(flat, heads["proj"])  # leaves [N, P, ...]
+    count = len(spec.projection_memories)
+    carry = tuple(jax.tree.map(lambda a, m=m: a[:, m], (params, opt)) for m in range(count))
+    static_n = jax.tree.map(lambda a: flat(per_batch(a)), static)
+    xs = {
+        "u": u.transpose(0, 2, 1, 3).reshape(n, s, dh),
+        "beta": beta.transpose(0, 2, 1).reshape(n, s),
+    }
+    gens = []
+    if n_full:
+        full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
+        step = functools.partial(projection_step, spec)
+        carry, gen = fused_scan(step, carry, full, static_n,
+                                interpret=jax.default_backend() == "cpu")  # fmt: skip
+        gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
+    carry = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *carry)
+    proj_init = jax.tree.map(lambda a: flat(per_batch(a)), {
+        k: jnp.stack([init[m][k] for m in spec.projection_memories], axis=1) for k in ("W1", "W2")
+    })  # fmt: skip
+    if s > n_full * c:
+        tail = jax.tree.map(lambda x: x[:, n_full * c :], xs)
+        carry, gen = jax.vmap(functools.partial(_projection_chunk, spec))(
+            proj_init, static_n, carry, tail
+        )
+        gens.append(gen)
+    gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
+    init_n = jax.tree.map(lambda a: flat(per_batch(a)), init)
+    q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
+    main = jax.tree.map(flat, heads["main"])
+    y, main_end = jax.vmap(lambda i, st, g, qq, be: _main_memory(spec, i, st, g, qq, be, None))(
+        init_n, main, gen, q_n, xs["beta"]
+    )
+    unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
+    y = unflat(y).transpose(0, 2, 1, 3)
+    return y, jax.tree.map(unflat, {"proj": carry, "main": main_end})
 
 
 def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
@@ -207,6 +322,9 @@ def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax
 
     Returns `(y [batch, seq, heads, head_dim], new head states or None)`.
     """
+    if spec.kernel == "pallas" and resets is None:
+        y, new = _run_heads_fused(spec, init, static, u, q, beta, heads)
+        return y, None if heads is None else new
     r_ax = None if resets is None else 0
     if heads is None:
         head = lambda i, st, u, q, be, r: self_modifying_head(spec, i, st, u, q, be, r)  # noqa: E731
@@ -237,7 +355,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         normalize_lr=m.normalize_lr, adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
-        solve=m.get("solve", "triangular"),
+        solve=m.get("solve", "triangular"), kernel=m.get("kernel", "xla"),
     )  # fmt: skip
 
 

@@ -1,0 +1,1 @@
+"""Pallas kernels: fused forms of computations that XLA runs as many small launches."""

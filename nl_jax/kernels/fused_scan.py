@@ -1,0 +1,304 @@
+"""A whole `lax.scan` in one Pallas (Triton) kernel per instance, forward and backward.
+
+XLA runs a chunk scan as a loop of small kernels: for Hope's projection memories that is ~290
+launches of a few KB each per chunk step (BENCHMARKS.md, issue 7 profile), so the step is bound
+by launches, not FLOPs or bytes. `fused_scan` runs the same `step` for all chunks of one instance
+(one sequence and head) inside a single kernel program; the grid covers the instances.
+
+The backward pass is a second kernel that walks the chunks in reverse: it reloads the carry saved
+before each step, re-traces `step` and applies its `jax.vjp` in the kernel, so no backward is
+written by hand and the kernel always differentiates the same function that runs forward.
+
+`step` sees one instance and must use only ops the Triton lowering supports: 2-D matmuls (both
+sides at least 16), elementwise math, reductions, `where`, iota masks; no slicing, gathers,
+`cumsum` (its transpose is a reverse cumsum), batched matmuls or scans. Every array it loads or
+stores must have a power-of-two size. `check_lowering` verifies that on any host (it lowers for
+CUDA without a GPU); `interpret=True` runs the same kernels on CPU for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # the Triton flavour of Pallas; absent in some CPU-only jaxlib builds
+    from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover - depends on the installed jaxlib
+    pl_triton = None
+
+Step = Callable[[Any, Any, Any], tuple[Any, Any]]
+
+
+def _block(shape: tuple[int, ...], lead: int) -> pl.BlockSpec:
+    """One instance's whole slab: the `lead` leading axes are the instance index, squeezed."""
+    nd = len(shape)
+    return pl.BlockSpec((None,) * lead + tuple(shape[lead:]), lambda i: (i,) + (0,) * (nd - lead))
+
+
+def _check_sizes(name: str, leaves: list[jax.ShapeDtypeStruct], skip: int) -> None:
+    for leaf in leaves:
+        size = 1
+        for d in leaf.shape[skip:]:
+            size *= d
+        if size & (size - 1):
+            raise ValueError(
+                f"fused_scan: every per-step array must have a power-of-two size for Triton; "
+                f"{name} has one of shape {leaf.shape[skip:]}"
+            )
+
+
+def _params(num_warps: int, interpret: bool):
+    if interpret or pl_triton is None:
+        return None
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _barrier(interpret: bool) -> None:
+    """Make this program's global-memory writes visible to all of its threads (bar.sync)."""
+    if not interpret and pl_triton is not None:
+        pl_triton.debug_barrier()
+
+
+def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_warps: int,
+             in_memory: bool):  # fmt: skip
+    """Run the scan; with `save`, also every step's input carry `[N, T(+1), ...]` for the
+    backward. `in_memory` keeps the carry in that global buffer (2 ping-pong slots without
+    `save`) instead of loop-carried registers, reloading it every step."""
+    c_leaves, c_tree = jax.tree.flatten(carry)
+    x_leaves, x_tree = jax.tree.flatten(xs)
+    k_leaves, k_tree = jax.tree.flatten(consts)
+    n, t = x_leaves[0].shape[:2]
+    one = lambda leaves, lead: [jax.ShapeDtypeStruct(a.shape[lead:], a.dtype) for a in leaves]  # noqa: E731
+    _, y_shape = jax.eval_shape(
+        step,
+        jax.tree.unflatten(c_tree, one(c_leaves, 1)),
+        jax.tree.unflatten(x_tree, one(x_leaves, 2)),
+        jax.tree.unflatten(k_tree, one(k_leaves, 1)),
+    )
+    y_leaves, y_tree = jax.tree.flatten(y_shape)
+    if not interpret:  # the interpreter takes any shape (CPU tests of tiny configs)
+        _check_sizes("the carry", c_leaves, 1)
+        _check_sizes("xs", x_leaves, 2)
+        _check_sizes("the step output", y_leaves, 0)
+    nc, nx, nk, ny = len(c_leaves), len(x_leaves), len(k_leaves), len(y_leaves)
+
+    def kernel(*refs):
+        c_in, x_in, k_in = refs[:nc], refs[nc : nc + nx], refs[nc + nx : nc + nx + nk]
+        outs = refs[nc + nx + nk :]
+        c_out, y_out, saved = outs[:nc], outs[nc : nc + ny], outs[nc + ny :]
+        k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
+
+        def run_step(i, c):
+            x = jax.tree.unflatten(x_tree, [r[i] for r in x_in])
+            new, y = step(jax.tree.unflatten(c_tree, list(c)), x, k)
+            for ref, v in zip(y_out, jax.tree.leaves(y), strict=True):
+                ref[i] = v.astype(ref.dtype)
+            return tuple(v.astype(a.dtype) for v, a in zip(jax.tree.leaves(new), c, strict=True))
+
+        if in_memory:
+            slot = (lambda i: i) if save else (lambda i: jax.lax.rem(i, 2))
+            for ref, src in zip(saved, c_in, strict=True):
+                ref[0] = src[...]
+            _barrier(interpret)
+
+            def body(i, _):
+                new = run_step(i, tuple(ref[slot(i)] for ref in saved))
+                for ref, v in zip(saved, new, strict=True):
+                    ref[slot(i + 1)] = v
+                _barrier(interpret)
+                return 0
+
+            jax.lax.fori_loop(0, t, body, 0)
+            final = tuple(ref[slot(t)] for ref in saved)
+        else:
+
+            def body(i, c):
+                for ref, v in zip(saved, c, strict=False):
+                    ref[i] = v
+                return run_step(i, c)
+
+            final = jax.lax.fori_loop(0, t, body, tuple(r[...] for r in c_in))
+        for ref, v in zip(c_out, final, strict=True):
+            ref[...] = v
+
+    out_shape = [_spec(a) for a in c_leaves]
+    out_shape += [jax.ShapeDtypeStruct((n, t) + y.shape, y.dtype) for y in y_leaves]
+    slots = (t + 1 if in_memory else t) if save else (2 if in_memory else 0)
+    if slots:
+        out_shape += [jax.ShapeDtypeStruct((n, slots) + a.shape[1:], a.dtype) for a in c_leaves]
+    in_specs = [_block(a.shape, 1) for a in c_leaves] + [_block(a.shape, 1) for a in x_leaves]
+    in_specs += [_block(a.shape, 1) for a in k_leaves]
+    out_specs = [_block(s.shape, 1) for s in out_shape]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n,),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=_params(num_warps, interpret),
+        name="fused_scan_fwd",
+    )(*c_leaves, *x_leaves, *k_leaves)
+    final = jax.tree.unflatten(c_tree, outs[:nc])
+    ys = jax.tree.unflatten(y_tree, outs[nc : nc + ny])
+    return final, ys, outs[nc + ny :]
+
+
+def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int,
+              in_memory: bool):  # fmt: skip
+    """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`. `in_memory`
+    keeps the carry cotangent in a 2-slot global buffer instead of registers."""
+    x_leaves, x_tree = jax.tree.flatten(xs)
+    k_leaves, k_tree = jax.tree.flatten(consts)
+    dc_leaves, c_tree = jax.tree.flatten(d_final)
+    dy_leaves, y_tree = jax.tree.flatten(d_ys)
+    n, t = x_leaves[0].shape[:2]
+    nc, nx, nk, ny = len(saved), len(x_leaves), len(k_leaves), len(dy_leaves)
+
+    def kernel(*refs):
+        s_in, x_in = refs[:nc], refs[nc : nc + nx]
+        k_in = refs[nc + nx : nc + nx + nk]
+        dc_in = refs[nc + nx + nk : 2 * nc + nx + nk]
+        dy_in = refs[2 * nc + nx + nk : 2 * nc + nx + nk + ny]
+        outs = refs[2 * nc + nx + nk + ny :]
+        dc_out, dx_out = outs[:nc], outs[nc : nc + nx]
+        dk_out, buf = outs[nc + nx : nc + nx + nk], outs[nc + nx + nk :]
+        k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
+
+        def body(j, acc):
+            dc, dk = acc
+            i = t - 1 - j
+            if in_memory:
+                dc = tuple(ref[jax.lax.rem(j, 2)] for ref in buf)
+            c = jax.tree.unflatten(c_tree, [r[i] for r in s_in])
+            x = jax.tree.unflatten(x_tree, [r[i] for r in x_in])
+            _, vjp = jax.vjp(step, c, x, k)
+            dy = jax.tree.unflatten(y_tree, [r[i] for r in dy_in])
+            dc_prev, dx, dk_i = vjp((jax.tree.unflatten(c_tree, list(dc)), dy))
+            for ref, v in zip(dx_out, jax.tree.leaves(dx), strict=True):
+                ref[i] = v.astype(ref.dtype)
+            dk = tuple(
+                a + b.astype(a.dtype) for a, b in zip(dk, jax.tree.leaves(dk_i), strict=True)
+            )
+            dc_prev = [v.astype(a.dtype) for v, a in zip(jax.tree.leaves(dc_prev), dc, strict=True)]
+            if in_memory:
+                for ref, v in zip(buf, dc_prev, strict=True):
+                    ref[jax.lax.rem(j + 1, 2)] = v
+                _barrier(interpret)
+                return (), dk
+            return tuple(dc_prev), dk
+
+        # Const gradients sum over all steps: at least float32 whatever the consts' dtype.
+        zeros = tuple(jnp.zeros(r.shape, jnp.promote_types(r.dtype, jnp.float32)) for r in k_in)
+        if in_memory:
+            for ref, src in zip(buf, dc_in, strict=True):
+                ref[0] = src[...]
+            _barrier(interpret)
+            _, dk = jax.lax.fori_loop(0, t, body, ((), zeros))
+            dc = tuple(ref[t % 2] for ref in buf)
+        else:
+            dc, dk = jax.lax.fori_loop(0, t, body, (tuple(r[...] for r in dc_in), zeros))
+        for ref, v in zip(dc_out, dc, strict=True):
+            ref[...] = v.astype(ref.dtype)
+        for ref, v in zip(dk_out, dk, strict=True):
+            ref[...] = v.astype(ref.dtype)
+
+    out_shape = [_spec(a) for a in dc_leaves] + [_spec(a) for a in x_leaves]
+    out_shape += [_spec(a) for a in k_leaves]
+    if in_memory:
+        out_shape += [jax.ShapeDtypeStruct((n, 2) + a.shape[1:], a.dtype) for a in dc_leaves]
+    args = [*saved, *x_leaves, *k_leaves, *dc_leaves, *dy_leaves]
+    in_specs = [_block(a.shape, 1) for a in args]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n,),
+        in_specs=in_specs,
+        out_specs=[_block(s.shape, 1) for s in out_shape],
+        interpret=interpret,
+        compiler_params=_params(num_warps, interpret),
+        name="fused_scan_bwd",
+    )(*args)
+    d_carry = jax.tree.unflatten(c_tree, outs[:nc])
+    d_xs = jax.tree.unflatten(x_tree, outs[nc : nc + nx])
+    d_consts = jax.tree.unflatten(k_tree, outs[nc + nx : nc + nx + len(k_leaves)])
+    return d_carry, d_xs, d_consts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
+def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int, in_memory: bool):
+    final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps, in_memory)
+    return final, ys
+
+
+def _scan_fwd(step, carry, xs, consts, interpret, num_warps, in_memory):
+    final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps, in_memory)
+    return (final, ys), (saved, xs, consts)
+
+
+def _scan_bwd(step, interpret, num_warps, in_memory, res, cotangents):
+    saved, xs, consts = res
+    d_final, d_ys = cotangents
+    return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps, in_memory)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
+               num_warps: int = 8, carry_in_memory: bool = False) -> tuple[Any, Any]:  # fmt: skip
+    """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
+
+    Args:
+      step: `(carry, x, consts) -> (carry, y)` for ONE instance and one step (see module doc for
+        the ops it may use); consts are read-only per-instance inputs (they get gradients too).
+      carry: pytree of float arrays `[N, ...]`; xs: pytree of float arrays `[N, T, ...]`;
+        consts: pytree of float arrays `[N, ...]`.
+      interpret: run the kernels in Pallas' interpreter (CPU tests).
+      num_warps: warps per program (8 measured fastest for Hope's projection scan on an H200).
+      carry_in_memory: keep the carry (and its cotangent) in a global buffer reloaded every
+        step instead of loop-carried registers, which spill when the carry exceeds the
+        register file (Hope 340M: 256 KB per instance).
+    Returns:
+      `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
+      backward saves every step's input carry (`T` times the carry's size).
+    """
+    leaves = jax.tree.leaves((carry, xs, consts))
+    if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in leaves):
+        raise TypeError("fused_scan: carry, xs and consts must be floating-point arrays")
+    x_leaves = jax.tree.leaves(xs)
+    if not x_leaves:
+        raise ValueError("fused_scan needs at least one xs array (it sets the number of steps)")
+    n, t = x_leaves[0].shape[:2]
+    for a in jax.tree.leaves((carry, consts)):
+        if a.shape[:1] != (n,):
+            raise ValueError(f"fused_scan: leading axis must be N={n}, got shape {a.shape}")
+    for a in x_leaves:
+        if a.shape[:2] != (n, t):
+            raise ValueError(f"fused_scan: xs must be [N={n}, T={t}, ...], got {a.shape}")
+    return _scan(step, carry, xs, consts, interpret, num_warps, carry_in_memory)
+
+
+def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True,
+                   carry_in_memory: bool = False) -> str:  # fmt: skip
+    """Lower `fused_scan(step)` (and its gradient) for CUDA on this host; returns the StableHLO.
+
+    Raises the lowering's error when `step` uses an op the Triton lowering lacks: a CI check that
+    needs no GPU.
+    """
+
+    def loss(c, x, k):
+        final, ys = fused_scan(step, c, x, k, carry_in_memory=carry_in_memory)
+        return sum(jnp.sum(a.astype(jnp.float32)) for a in jax.tree.leaves((final, ys)))
+
+    fn = jax.grad(loss, argnums=(0, 1, 2)) if grad else loss
+    return jax.jit(fn).trace(carry, xs, consts).lower(lowering_platforms=("cuda",)).as_text()
