@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--parts", default="fwd,bwd")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--t", type=int, default=256)
-    ap.add_argument("--in_memory", default="0", help="carry_in_memory values to try: 0,1")
     args = ap.parse_args()
     spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
                           solve="inverse")  # fmt: skip
@@ -55,11 +54,9 @@ def main() -> None:
     static = {"w_eta": jnp.ones((n, 64)) / 8, "b_eta": jnp.zeros(n),
               "w_alpha": jnp.ones((n, 64)) / 8, "b_alpha": jnp.full(n, 4.0)}  # fmt: skip
     step = functools.partial(sm.projection_step, spec)
-    configs = [(nw, mem) for nw in map(int, args.num_warps.split(","))
-               for mem in map(int, args.in_memory.split(","))]  # fmt: skip
-    for nw, mem in configs:
+    for nw in map(int, args.num_warps.split(",")):
         for part in args.parts.split(","):
-            scan = functools.partial(fs.fused_scan, step, num_warps=nw, carry_in_memory=bool(mem))
+            scan = functools.partial(fs.fused_scan, step, num_warps=nw)
             if part.startswith("xla"):
                 scan = functools.partial(_xla_scan, spec)
             if part in ("fwd", "xla_fwd"):
@@ -74,14 +71,14 @@ def main() -> None:
             compiled = fn.lower(carry, xs, static).compile()
             t1 = time.perf_counter()
             print(
-                f"[fused_compile] {part} num_warps={nw} in_memory={mem}: compile {t1 - t0:.1f} s",
+                f"[fused_compile] {part} num_warps={nw}: compile {t1 - t0:.1f} s",
                 flush=True,
             )
             jax.block_until_ready(compiled(carry, xs, static))
             t2 = time.perf_counter()
             jax.block_until_ready(compiled(carry, xs, static))
             t3 = time.perf_counter()
-            print(f"[fused_compile] {part} num_warps={nw} in_memory={mem}: run N={n} T={t}: {1e3 * (t3 - t2):.1f} ms "
+            print(f"[fused_compile] {part} num_warps={nw}: run N={n} T={t}: {1e3 * (t3 - t2):.1f} ms "
                   f"(first {1e3 * (t2 - t1):.1f} ms)", flush=True)  # fmt: skip
 
 

@@ -47,10 +47,9 @@ def toy_loss(fn):
     return loss
 
 
-@pytest.mark.parametrize("in_memory", [False, True], ids=["registers", "in_memory"])
-def test_fused_scan_matches_lax_scan(x64, in_memory):
+def test_fused_scan_matches_lax_scan(x64):
     carry, xs, consts = toy_inputs(dtype=jnp.float64)
-    fused = functools.partial(fs.fused_scan, toy_step, interpret=True, carry_in_memory=in_memory)
+    fused = functools.partial(fs.fused_scan, toy_step, interpret=True)
     got, want = fused(carry, xs, consts), lax_reference(toy_step, carry, xs, consts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
@@ -150,12 +149,11 @@ def _projection_inputs(spec, n=2, t=2):
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
-@pytest.mark.parametrize("in_memory", [False, True], ids=["registers", "in_memory"])
-def test_projection_step_lowers_to_triton_for_cuda(in_memory):
+def test_projection_step_lowers_to_triton_for_cuda():
     """Hope 340M's head shape (64 x 64 memories, C_other 16), forward and backward kernels."""
     spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16)
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
-                             *_projection_inputs(spec), carry_in_memory=in_memory)  # fmt: skip
+                             *_projection_inputs(spec))  # fmt: skip
     assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
 
 

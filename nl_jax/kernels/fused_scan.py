@@ -62,17 +62,8 @@ def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _barrier(interpret: bool) -> None:
-    """Make this program's global-memory writes visible to all of its threads (bar.sync)."""
-    if not interpret and pl_triton is not None:
-        pl_triton.debug_barrier()
-
-
-def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_warps: int,
-             in_memory: bool):  # fmt: skip
-    """Run the scan; with `save`, also every step's input carry `[N, T(+1), ...]` for the
-    backward. `in_memory` keeps the carry in that global buffer (2 ping-pong slots without
-    `save`) instead of loop-carried registers, reloading it every step."""
+def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_warps: int):
+    """Run the scan; with `save`, also every step's input carry `[N, T, ...]` for the backward."""
     c_leaves, c_tree = jax.tree.flatten(carry)
     x_leaves, x_tree = jax.tree.flatten(xs)
     k_leaves, k_tree = jax.tree.flatten(consts)
@@ -97,44 +88,23 @@ def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_war
         c_out, y_out, saved = outs[:nc], outs[nc : nc + ny], outs[nc + ny :]
         k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
 
-        def run_step(i, c):
+        def body(i, c):
+            for ref, v in zip(saved, c, strict=False):  # no refs when not saving
+                ref[i] = v
             x = jax.tree.unflatten(x_tree, [r[i] for r in x_in])
             new, y = step(jax.tree.unflatten(c_tree, list(c)), x, k)
             for ref, v in zip(y_out, jax.tree.leaves(y), strict=True):
                 ref[i] = v.astype(ref.dtype)
             return tuple(v.astype(a.dtype) for v, a in zip(jax.tree.leaves(new), c, strict=True))
 
-        if in_memory:
-            slot = (lambda i: i) if save else (lambda i: jax.lax.rem(i, 2))
-            for ref, src in zip(saved, c_in, strict=True):
-                ref[0] = src[...]
-            _barrier(interpret)
-
-            def body(i, _):
-                new = run_step(i, tuple(ref[slot(i)] for ref in saved))
-                for ref, v in zip(saved, new, strict=True):
-                    ref[slot(i + 1)] = v
-                _barrier(interpret)
-                return 0
-
-            jax.lax.fori_loop(0, t, body, 0)
-            final = tuple(ref[slot(t)] for ref in saved)
-        else:
-
-            def body(i, c):
-                for ref, v in zip(saved, c, strict=False):
-                    ref[i] = v
-                return run_step(i, c)
-
-            final = jax.lax.fori_loop(0, t, body, tuple(r[...] for r in c_in))
+        final = jax.lax.fori_loop(0, t, body, tuple(r[...] for r in c_in))
         for ref, v in zip(c_out, final, strict=True):
             ref[...] = v
 
     out_shape = [_spec(a) for a in c_leaves]
     out_shape += [jax.ShapeDtypeStruct((n, t) + y.shape, y.dtype) for y in y_leaves]
-    slots = (t + 1 if in_memory else t) if save else (2 if in_memory else 0)
-    if slots:
-        out_shape += [jax.ShapeDtypeStruct((n, slots) + a.shape[1:], a.dtype) for a in c_leaves]
+    if save:
+        out_shape += [jax.ShapeDtypeStruct((n, t) + a.shape[1:], a.dtype) for a in c_leaves]
     in_specs = [_block(a.shape, 1) for a in c_leaves] + [_block(a.shape, 1) for a in x_leaves]
     in_specs += [_block(a.shape, 1) for a in k_leaves]
     out_specs = [_block(s.shape, 1) for s in out_shape]
@@ -153,10 +123,8 @@ def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_war
     return final, ys, outs[nc + ny :]
 
 
-def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int,
-              in_memory: bool):  # fmt: skip
-    """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`. `in_memory`
-    keeps the carry cotangent in a 2-slot global buffer instead of registers."""
+def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int):
+    """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`."""
     x_leaves, x_tree = jax.tree.flatten(xs)
     k_leaves, k_tree = jax.tree.flatten(consts)
     dc_leaves, c_tree = jax.tree.flatten(d_final)
@@ -170,15 +138,12 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
         dc_in = refs[nc + nx + nk : 2 * nc + nx + nk]
         dy_in = refs[2 * nc + nx + nk : 2 * nc + nx + nk + ny]
         outs = refs[2 * nc + nx + nk + ny :]
-        dc_out, dx_out = outs[:nc], outs[nc : nc + nx]
-        dk_out, buf = outs[nc + nx : nc + nx + nk], outs[nc + nx + nk :]
+        dc_out, dx_out, dk_out = outs[:nc], outs[nc : nc + nx], outs[nc + nx :]
         k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
 
         def body(j, acc):
             dc, dk = acc
             i = t - 1 - j
-            if in_memory:
-                dc = tuple(ref[jax.lax.rem(j, 2)] for ref in buf)
             c = jax.tree.unflatten(c_tree, [r[i] for r in s_in])
             x = jax.tree.unflatten(x_tree, [r[i] for r in x_in])
             _, vjp = jax.vjp(step, c, x, k)
@@ -190,23 +155,11 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
                 a + b.astype(a.dtype) for a, b in zip(dk, jax.tree.leaves(dk_i), strict=True)
             )
             dc_prev = [v.astype(a.dtype) for v, a in zip(jax.tree.leaves(dc_prev), dc, strict=True)]
-            if in_memory:
-                for ref, v in zip(buf, dc_prev, strict=True):
-                    ref[jax.lax.rem(j + 1, 2)] = v
-                _barrier(interpret)
-                return (), dk
             return tuple(dc_prev), dk
 
         # Const gradients sum over all steps: at least float32 whatever the consts' dtype.
         zeros = tuple(jnp.zeros(r.shape, jnp.promote_types(r.dtype, jnp.float32)) for r in k_in)
-        if in_memory:
-            for ref, src in zip(buf, dc_in, strict=True):
-                ref[0] = src[...]
-            _barrier(interpret)
-            _, dk = jax.lax.fori_loop(0, t, body, ((), zeros))
-            dc = tuple(ref[t % 2] for ref in buf)
-        else:
-            dc, dk = jax.lax.fori_loop(0, t, body, (tuple(r[...] for r in dc_in), zeros))
+        dc, dk = jax.lax.fori_loop(0, t, body, (tuple(r[...] for r in dc_in), zeros))
         for ref, v in zip(dc_out, dc, strict=True):
             ref[...] = v.astype(ref.dtype)
         for ref, v in zip(dk_out, dk, strict=True):
@@ -214,8 +167,6 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
 
     out_shape = [_spec(a) for a in dc_leaves] + [_spec(a) for a in x_leaves]
     out_shape += [_spec(a) for a in k_leaves]
-    if in_memory:
-        out_shape += [jax.ShapeDtypeStruct((n, 2) + a.shape[1:], a.dtype) for a in dc_leaves]
     args = [*saved, *x_leaves, *k_leaves, *dc_leaves, *dy_leaves]
     in_specs = [_block(a.shape, 1) for a in args]
     outs = pl.pallas_call(
@@ -230,32 +181,32 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
     )(*args)
     d_carry = jax.tree.unflatten(c_tree, outs[:nc])
     d_xs = jax.tree.unflatten(x_tree, outs[nc : nc + nx])
-    d_consts = jax.tree.unflatten(k_tree, outs[nc + nx : nc + nx + len(k_leaves)])
+    d_consts = jax.tree.unflatten(k_tree, outs[nc + nx :])
     return d_carry, d_xs, d_consts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
-def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int, in_memory: bool):
-    final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps, in_memory)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int):
+    final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps)
     return final, ys
 
 
-def _scan_fwd(step, carry, xs, consts, interpret, num_warps, in_memory):
-    final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps, in_memory)
+def _scan_fwd(step, carry, xs, consts, interpret, num_warps):
+    final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps)
     return (final, ys), (saved, xs, consts)
 
 
-def _scan_bwd(step, interpret, num_warps, in_memory, res, cotangents):
+def _scan_bwd(step, interpret, num_warps, res, cotangents):
     saved, xs, consts = res
     d_final, d_ys = cotangents
-    return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps, in_memory)
+    return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
-               num_warps: int = 8, carry_in_memory: bool = False) -> tuple[Any, Any]:  # fmt: skip
+               num_warps: int = 8) -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -264,10 +215,8 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
       carry: pytree of float arrays `[N, ...]`; xs: pytree of float arrays `[N, T, ...]`;
         consts: pytree of float arrays `[N, ...]`.
       interpret: run the kernels in Pallas' interpreter (CPU tests).
-      num_warps: warps per program (8 measured fastest for Hope's projection scan on an H200).
-      carry_in_memory: keep the carry (and its cotangent) in a global buffer reloaded every
-        step instead of loop-carried registers, which spill when the carry exceeds the
-        register file (Hope 340M: 256 KB per instance).
+      num_warps: warps per program (8 measured fastest for Hope's projection scan on an H200;
+        a carry kept in a global buffer instead of registers measured slower, commit 6f9bb8d).
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -285,11 +234,10 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
     for a in x_leaves:
         if a.shape[:2] != (n, t):
             raise ValueError(f"fused_scan: xs must be [N={n}, T={t}, ...], got {a.shape}")
-    return _scan(step, carry, xs, consts, interpret, num_warps, carry_in_memory)
+    return _scan(step, carry, xs, consts, interpret, num_warps)
 
 
-def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True,
-                   carry_in_memory: bool = False) -> str:  # fmt: skip
+def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True) -> str:
     """Lower `fused_scan(step)` (and its gradient) for CUDA on this host; returns the StableHLO.
 
     Raises the lowering's error when `step` uses an op the Triton lowering lacks: a CI check that
@@ -297,7 +245,7 @@ def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = Tr
     """
 
     def loss(c, x, k):
-        final, ys = fused_scan(step, c, x, k, carry_in_memory=carry_in_memory)
+        final, ys = fused_scan(step, c, x, k)
         return sum(jnp.sum(a.astype(jnp.float32)) for a in jax.tree.leaves((final, ys)))
 
     fn = jax.grad(loss, argnums=(0, 1, 2)) if grad else loss
