@@ -118,8 +118,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Chunks per loop iteration of the chunk scans (speed only): 2 measured +16% tokens/s on a
     # 4-layer hope_340m on an H200 (BENCHMARKS.md, issue 7); 1 keeps CPU compiles short.
     m.memory.scan_unroll = 2 if big_hope else 1
-    # DGD's per-chunk triangular system: "triangular" (trsm) | "inverse" (matmuls only).
-    m.memory.solve = "triangular"
+    # DGD's per-chunk triangular system: "triangular" (trsm) | "inverse" (matmuls only) |
+    # "auto" (inverse on CPU, where XLA's trsm can hang; triangular elsewhere).
+    m.memory.solve = "auto"
     # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
     # layer, forward and backward; GPU, or the Pallas interpreter on CPU; no packed documents).
     m.memory.kernel = "xla"

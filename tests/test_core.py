@@ -17,8 +17,8 @@ RULES = {
     "gd": DeltaRule(),
     "titans": DeltaRule(momentum=True, retention=True),
     "dgd": DeltaRule(dgd=True, retention=True),
-    "dgd_momentum": DeltaRule(dgd=True, momentum=True, retention=True),
-    # The DGD system through the explicit blocked inverse (matmuls) instead of trsm.
+    # The DGD system by trsm, and by the explicit blocked inverse (matmuls; `auto` on CPU).
+    "dgd_momentum": DeltaRule(dgd=True, momentum=True, retention=True, solve="triangular"),
     "dgd_inverse": DeltaRule(dgd=True, momentum=True, retention=True, solve="inverse"),
 }
 MEMORIES = {"linear": LinearMemory(4, 3), "mlp": ResidualMLPMemory(4, 6)}
@@ -388,3 +388,13 @@ def test_inverse_solve_is_as_accurate_as_trsm_in_float32():
     assert errs["inverse"] < 1e-6 and errs["triangular"] < 1e-6, errs
     with pytest.raises(ValueError, match="unknown solve"):
         DeltaRule(dgd=True, solve="lu")
+
+
+def test_auto_solve_is_the_inverse_on_cpu():
+    """`auto` avoids XLA:CPU's trsm, which can hang inside a Hope step (WORKSPACE.md)."""
+    from nl_jax.core.chunked import resolve_solve
+
+    assert resolve_solve("triangular") == "triangular" and resolve_solve("inverse") == "inverse"
+    assert resolve_solve("auto") == ("inverse" if jax.default_backend() == "cpu" else "triangular")
+    with pytest.raises(ValueError, match="unknown solve"):
+        resolve_solve("lu")

@@ -185,3 +185,15 @@ def test_compiled_kernel_matches_xla_on_gpu():
     g_x = jax.grad(loss("xla"), argnums=(0, 1, 2))(*args)
     for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         assert rel_err(a, c) < 2e-2
+
+
+def test_pallas_with_resets_warns_and_runs_the_xla_path(x64):
+    init, static, u, q, beta = make(SPEC, 2)
+    resets = jnp.zeros(u.shape[0], bool).at[jnp.array([0, 4])].set(True)
+    add = lambda a: a[None]  # noqa: E731
+    args = (jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
+            q[None, :, None], beta[None, :, None], resets[None], None)  # fmt: skip
+    with pytest.warns(UserWarning, match="document resets"):
+        y, _ = sm.run_heads(dataclasses.replace(SPEC, kernel="pallas"), *args)
+    want = reference(SPEC, init, static, u, q, beta, np.asarray(resets))
+    assert rel_err(y[0, :, 0], want) < 1e-10

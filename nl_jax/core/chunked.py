@@ -33,7 +33,7 @@ from jax.scipy.linalg import solve_triangular
 
 READ_MODES = ("per_token", "per_token_prior", "boundary")
 # How the DGD chunk solves its unit lower-triangular system (see `unit_lower_solve`).
-SOLVES = ("triangular", "inverse")
+SOLVES = ("auto", "triangular", "inverse")
 # Largest diagonal block inverted by the Neumann product (measured in float32: relative error
 # ~1e-7 up to 16, 3e-4 at 64 and O(1) at 128 for DGD-like systems; blocks merge above it).
 _PRODUCT_BLOCK = 16
@@ -162,18 +162,30 @@ def unit_lower_inverse(lower: jax.Array) -> jax.Array:
     return jnp.concatenate([top, jnp.concatenate([below, b_inv], axis=1)], axis=0)
 
 
-def unit_lower_solve(lower: jax.Array, rhs: jax.Array, method: str = "triangular") -> jax.Array:
+def resolve_solve(method: str) -> str:
+    """`auto` -> `inverse` on CPU, `triangular` elsewhere; other methods unchanged.
+
+    XLA:CPU can hang in the triangular solve of a Hope step (WORKSPACE.md, "Known problems");
+    on GPU trsm measured 3.5% faster than the inverse at full hope_340m depth (BENCHMARKS.md).
+    """
+    if method not in SOLVES:
+        raise ValueError(f"unknown solve method {method!r}; allowed: {SOLVES}")
+    if method == "auto":
+        return "inverse" if jax.default_backend() == "cpu" else "triangular"
+    return method
+
+
+def unit_lower_solve(lower: jax.Array, rhs: jax.Array, method: str = "auto") -> jax.Array:
     """Solve `(I + lower) e = rhs` for a strictly lower-triangular `lower: [C, C]`, `rhs: [C, d]`.
 
     `triangular`: a triangular solve (cuBLAS trsm on GPU, forward and backward). `inverse`: the
-    explicit inverse of `unit_lower_inverse` times `rhs`, all batched GEMMs, which GPUs run far
-    better than many tiny trsm calls (the chunk-wise UT form of the delta rule).
+    explicit inverse of `unit_lower_inverse` times `rhs`, all batched GEMMs (the chunk-wise UT
+    form of the delta rule). `auto`: see `resolve_solve`.
     """
+    method = resolve_solve(method)
     if method == "triangular":
         eye = jnp.eye(lower.shape[0], dtype=lower.dtype)
         return solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
-    if method != "inverse":
-        raise ValueError(f"unknown solve method {method!r}; allowed: {SOLVES}")
     return unit_lower_inverse(lower) @ rhs
 
 
@@ -205,7 +217,7 @@ def layer_chunk(
     b: jax.Array | None,
     kern: Kernels,
     w_init: jax.Array | None = None,
-    solve: str = "triangular",
+    solve: str = "auto",
 ) -> LayerChunk:
     """Solve one chunk of the recurrence for a linear layer.
 

@@ -126,7 +126,7 @@ class DeltaRule:
     dgd: bool = False
     normalize_lr: bool = True
     # Fast path only: how a DGD chunk solves its triangular system (`chunked.SOLVES`).
-    solve: str = "triangular"
+    solve: str = "auto"
 
     def __post_init__(self):
         if self.solve not in chunked.SOLVES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ class SelfModSpec:
     remat: bool = True
     remat_layer: bool = False
     scan_unroll: int = 1
-    solve: str = "triangular"
+    solve: str = "auto"
     kernel: str = "xla"
 
     def __post_init__(self):
@@ -273,6 +274,12 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     b, s, h, dh = u.shape
     n, c = b * h, spec.chunk_other
     n_full = s // c
+    interpret = jax.default_backend() == "cpu"
+    if not interpret and min(c, dh, spec.hidden) < 16:
+        raise ValueError(
+            "memory.kernel='pallas' compiles Triton matmuls, which need chunk_size_other, "
+            f"head_dim and the memory hidden size >= 16; got {c}, {dh}, {spec.hidden}"
+        )
     flat = lambda a: a.reshape((n,) + a.shape[2:])  # noqa: E731 [b, h, ...] -> [b * h, ...]
     per_batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape)  # noqa: E731
     if heads is None:
@@ -289,8 +296,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
-        carry, gen = fused_scan(step, carry, full, static_n,
-                                interpret=jax.default_backend() == "cpu")  # fmt: skip
+        carry, gen = fused_scan(step, carry, full, static_n, interpret=interpret)
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *carry)
     proj_init = jax.tree.map(lambda a: flat(per_batch(a)), {
@@ -322,6 +328,9 @@ def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax
 
     Returns `(y [batch, seq, heads, head_dim], new head states or None)`.
     """
+    if spec.kernel == "pallas" and resets is not None:
+        warnings.warn("memory.kernel='pallas' does not handle document resets (segment_ids) yet; "
+                      "this call runs the XLA path", stacklevel=2)  # fmt: skip
     if spec.kernel == "pallas" and resets is None:
         y, new = _run_heads_fused(spec, init, static, u, q, beta, heads)
         return y, None if heads is None else new
@@ -355,7 +364,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         normalize_lr=m.normalize_lr, adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
-        solve=m.get("solve", "triangular"), kernel=m.get("kernel", "xla"),
+        solve=m.get("solve", "auto"), kernel=m.get("kernel", "xla"),
     )  # fmt: skip
 
 
