@@ -10,7 +10,9 @@
 #                                        # the profile, hope_340m at seq 32768
 #   bash benchmarks/gpu_perf_full.sh f   # fused Pallas projection scan: GPU tests, 4-layer
 #                                        # xla vs pallas, full-depth pallas (carry .whl with pytest)
-#   bash benchmarks/gpu_perf_full.sh g   # full-depth pallas with the profile, seq 32768
+#   bash benchmarks/gpu_perf_full.sh g   # the compiled kernel's GPU test (long backward compile)
+#   bash benchmarks/gpu_perf_full.sh h   # hope_340m at batch 16, 32, 64 (seq 4096)
+#   bash benchmarks/gpu_perf_full.sh i   # hope_340m at seq 4096 and 32768, both batch 4
 set -u
 OUT=${OUT:-/tmp/out}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
@@ -67,9 +69,16 @@ if [ "$1" = f ]; then
   timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.solve=inverse,memory.kernel=pallas \
     --out=$OUT/f_hope.json 2>&1 | $F | tail -3
 fi
-if [ "$1" = g ]; then
-  timeout 250 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.solve=inverse,memory.kernel=pallas \
-    --profile=/tmp/prof_hope --out=$OUT/g_hope.json 2>&1 | $F | tail -18
-  timeout 200 $T --seq_len=32768 --batch=1 --presets=hope_340m --set=memory.solve=inverse,memory.kernel=pallas \
-    --out=$OUT/g_hope_32k.json 2>&1 | $F | tail -3
+if [ "$1" = g ]; then  # the compiled kernel against the XLA path (its backward compiles ~280 s)
+  timeout 480 python -m pytest -q -p no:cacheprovider tests/test_fused_scan.py -k compiled 2>&1 | tail -4
+fi
+if [ "$1" = h ]; then  # launch bound => tokens/s should grow with the batch until memory runs out
+  for b in 16 32 64; do
+    timeout $((60 + 3 * b)) $T --steps=1 --seq_len=4096 --batch=$b --presets=hope_340m \
+      --out=$OUT/h_b$b.json 2>&1 | $F | tail -3
+  done
+fi
+if [ "$1" = i ]; then  # cost linear in sequence length at a fixed batch: seq 4096 vs 32768
+  timeout 120 $T --steps=1 --seq_len=4096 --batch=4 --presets=hope_340m --out=$OUT/i_4k.json 2>&1 | $F | tail -3
+  timeout 300 $T --steps=1 --seq_len=32768 --batch=4 --presets=hope_340m --out=$OUT/i_32k.json 2>&1 | $F | tail -3
 fi
