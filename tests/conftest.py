@@ -35,26 +35,6 @@ def x64():
 
 
 @pytest.fixture
-def cheap_tracer_sharding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Build large presets abstractly without JAX's quadratic search for an error's origin."""
-    # Under nnx.eval_shape every RNG draw of flax compares `getattr(x, "sharding", None)` of a
-    # traced counter. A tracer raises AttributeError there, and JAX first walks the whole jaxpr
-    # traced so far to name the error's origin in its message, which getattr then discards:
-    # quadratic in the model's size, ~10 s of a 24-layer preset's ~12 s. Only that message changes.
-    # A JAX private: where it is missing (another JAX version) the builds are only slower.
-    from jax._src.interpreters import partial_eval
-
-    tracer_type = getattr(partial_eval, "DynamicJaxprTracer", None)
-    if tracer_type is None or not hasattr(tracer_type, "sharding"):
-        return
-
-    def sharding(tracer):
-        raise AttributeError(f"The 'sharding' attribute is not available on {type(tracer)}.")
-
-    monkeypatch.setattr(tracer_type, "sharding", property(sharding))
-
-
-@pytest.fixture
 def shakespeare_path() -> pathlib.Path:
     """Path of the real-text corpus shared with the project, or skip if it is absent."""
     path = SHARED_DATA / "tinyshakespeare.txt"

@@ -138,7 +138,6 @@ PARAM_TABLE = json.loads((ROOT / "tests" / "param_counts.json").read_text())
 NOMINAL = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
 
 
-@pytest.mark.usefixtures("cheap_tracer_sharding")
 @pytest.mark.parametrize("preset", [f"{f}_{s}" for f in lm.FAMILIES for s in lm.SIZES])
 def test_preset_builds_abstractly_with_committed_size(preset):
     family, _, size = preset.rpartition("_")
@@ -203,3 +202,24 @@ def test_validate_config_names_the_bad_field():
     cfg.memory.chunk_size = 0
     with pytest.raises(ValueError, match="memory.chunk_size = 0"):
         validate_config(cfg, 64)
+
+
+def test_builds_under_a_trace_skip_the_error_origin_search(monkeypatch):
+    """`models.build` never runs JAX's jaxpr walk for the discarded `.sharding` error message
+    (quadratic in the model's size: 10.1 s of hope_340m's abstract build; tracing.py)."""
+    from jax._src.interpreters import partial_eval
+
+    from nl_jax.models.tracing import quiet_tracer_sharding
+
+    def forbidden(self):
+        raise AssertionError("the origin search ran")
+
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg", forbidden)
+    cfg = lm.get_config("hope_tiny").model
+    abstract = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0)))
+    assert jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    # Outside the context the attribute is JAX's own again: its error still names the origin.
+    with pytest.raises(AssertionError, match="origin search"):
+        jax.jit(lambda x: x.sharding)(jnp.ones(2))
+    with quiet_tracer_sharding(), pytest.raises(AttributeError, match="not available"):
+        jax.jit(lambda x: x.sharding)(jnp.ones(2))

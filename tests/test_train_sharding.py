@@ -47,7 +47,6 @@ def spec_table(preset):
     return sharding.param_spec_table(nnx.state(model, nnx.Param), GOLDEN_MESH)
 
 
-@pytest.mark.usefixtures("cheap_tracer_sharding")
 @pytest.mark.parametrize(
     "golden", sorted(GOLDEN.glob("sharding_*.json")), ids=lambda p: p.stem.removeprefix("sharding_")
 )

@@ -402,8 +402,10 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
 def build(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
     """The model for `cfg` (the `model` part of an `experiments/lm.py` config)."""
     from nl_jax.models import registry  # noqa: F401  (registers the built-in mixers and MLPs)
+    from nl_jax.models.tracing import quiet_tracer_sharding
 
-    return DecoderLM(cfg, rngs)
+    with quiet_tracer_sharding():  # builds under eval_shape/jit: see tracing.py
+        return DecoderLM(cfg, rngs)
 
 
 def count_params(cfg: ml_collections.ConfigDict) -> int:
