@@ -27,7 +27,7 @@ def _xla_scan(spec, carry, xs, consts):
     chunk = jax.vmap(functools.partial(sm._projection_chunk, spec))
 
     def body(c, x):
-        return chunk(stacked[0], consts, c, x)
+        return chunk(stacked[0], consts["static"], c, x)
 
     swap = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
     final, ys = jax.lax.scan(jax.checkpoint(body), stacked, jax.tree.map(swap, xs))
@@ -51,8 +51,8 @@ def main() -> None:
                   for _ in spec.projection_memories)  # fmt: skip
     xs = {"u": jax.random.normal(jax.random.PRNGKey(1), (n, t, 16, 64)),
           "beta": jnp.full((n, t, 16), 0.3)}  # fmt: skip
-    static = {"w_eta": jnp.ones((n, 64)) / 8, "b_eta": jnp.zeros(n),
-              "w_alpha": jnp.ones((n, 64)) / 8, "b_alpha": jnp.full(n, 4.0)}  # fmt: skip
+    static = {"static": {"w_eta": jnp.ones((n, 64)) / 8, "b_eta": jnp.zeros(n),
+                         "w_alpha": jnp.ones((n, 64)) / 8, "b_alpha": jnp.full(n, 4.0)}}  # fmt: skip
     step = functools.partial(sm.projection_step, spec)
     for nw in map(int, args.num_warps.split(",")):
         for part in args.parts.split(","):

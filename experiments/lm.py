@@ -122,7 +122,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # "auto" (inverse on CPU, where XLA's trsm can hang; triangular elsewhere).
     m.memory.solve = "auto"
     # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
-    # layer, forward and backward; GPU, or the Pallas interpreter on CPU; no packed documents).
+    # layer, forward and backward; GPU, or the Pallas interpreter on CPU). Not faster yet.
     m.memory.kernel = "xla"
 
     # Continuum Memory System (spec section 4, rows 11-15).

@@ -100,7 +100,8 @@ def test_pallas_heads_match_token_reference(x64, changes):
     assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
 
 
-def test_pallas_heads_gradients_and_state_match_xla(x64):
+@pytest.mark.parametrize("with_resets", [False, True], ids=["no_resets", "resets"])
+def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets):
     spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4)
     b, s, h, dh = 2, 8, spec.heads, spec.head_dim
     key = jax.random.PRNGKey(5)
@@ -115,9 +116,13 @@ def test_pallas_heads_gradients_and_state_match_xla(x64):
     head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
     heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), head)
 
+    resets = None
+    if with_resets:  # the second sequence starts documents inside and at a chunk boundary
+        resets = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, jnp.array([3, 4])].set(True)
+
     def run(kernel, with_state):
         sp = dataclasses.replace(spec, kernel=kernel)
-        return lambda *a: sm.run_heads(sp, *a, None, heads if with_state else None)
+        return lambda *a: sm.run_heads(sp, *a, resets, heads if with_state else None)
 
     args = (init, static, u, q, beta)
     _, st_x = run("xla", True)(*args)
@@ -136,7 +141,7 @@ def test_pallas_kernel_needs_a_known_name():
         dataclasses.replace(SPEC, kernel="cuda")
 
 
-def _projection_inputs(spec, n=2, t=2):
+def _projection_inputs(spec, n=2, t=2, resets=False):
     p = spec.memory.init(jax.random.PRNGKey(0))
     one = (p, spec.rule.init(p))
     carry = tuple(jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), one)
@@ -145,15 +150,20 @@ def _projection_inputs(spec, n=2, t=2):
           "beta": jnp.full((n, t, spec.chunk_other), 0.3)}  # fmt: skip
     static = {"w_eta": jnp.ones((n, spec.head_dim)), "b_eta": jnp.zeros(n),
               "w_alpha": jnp.ones((n, spec.head_dim)), "b_alpha": jnp.zeros(n)}  # fmt: skip
-    return carry, xs, static
+    consts = {"static": static}
+    if resets:
+        xs["resets"] = jnp.zeros((n, t, spec.chunk_other)).at[:, :, 3].set(1.0)
+        consts["init"] = tuple(c[0] for c in carry)
+    return carry, xs, consts
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
-def test_projection_step_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("resets", [False, True], ids=["no_resets", "resets"])
+def test_projection_step_lowers_to_triton_for_cuda(resets):
     """Hope 340M's head shape (64 x 64 memories, C_other 16), forward and backward kernels."""
     spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16)
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
-                             *_projection_inputs(spec))  # fmt: skip
+                             *_projection_inputs(spec, resets=resets))  # fmt: skip
     assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
 
 
@@ -187,13 +197,13 @@ def test_compiled_kernel_matches_xla_on_gpu():
         assert rel_err(a, c) < 2e-2
 
 
-def test_pallas_with_resets_warns_and_runs_the_xla_path(x64):
-    init, static, u, q, beta = make(SPEC, 2)
-    resets = jnp.zeros(u.shape[0], bool).at[jnp.array([0, 4])].set(True)
+def test_pallas_heads_with_document_resets_match_token_reference(x64):
+    init, static, u, q, beta = make(SPEC, 3, seq=11)
+    resets = np.zeros(11, bool)
+    resets[[0, 3, 6, 7]] = True  # one inside a chunk, one at a chunk start, two in a row
+    spec = dataclasses.replace(SPEC, kernel="pallas")
     add = lambda a: a[None]  # noqa: E731
-    args = (jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
-            q[None, :, None], beta[None, :, None], resets[None], None)  # fmt: skip
-    with pytest.warns(UserWarning, match="document resets"):
-        y, _ = sm.run_heads(dataclasses.replace(SPEC, kernel="pallas"), *args)
-    want = reference(SPEC, init, static, u, q, beta, np.asarray(resets))
-    assert rel_err(y[0, :, 0], want) < 1e-10
+    y, _ = sm.run_heads(spec, jax.tree.map(add, init), jax.tree.map(add, static),
+                        u[None, :, None], q[None, :, None], beta[None, :, None],
+                        jnp.asarray(resets)[None], None)  # fmt: skip
+    assert rel_err(y[0, :, 0], reference(SPEC, init, static, u, q, beta, resets)) < 1e-10

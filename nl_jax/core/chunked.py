@@ -77,6 +77,16 @@ def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.sum(m * v[None, :], axis=1)
 
 
+def fresh_mask(resets: jax.Array) -> jax.Array:
+    """`bool[C]`: whether a document reset happened at or before token t (`resets: bool[C]`)."""
+    return _cumsum(resets.astype(jnp.float32)) > 0.5
+
+
+def _last_true(x: jax.Array) -> jax.Array:
+    """`x[-1]` of a `bool[C]` (Triton-lowerable)."""
+    return _last(x.astype(jnp.float32)) > 0.5
+
+
 def _log(x: jax.Array) -> jax.Array:
     # Gates may be exactly 0 (no retention / no momentum); clamp so log-space stays finite.
     return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
@@ -98,7 +108,8 @@ def _ratios(
     offset = 0.0
     if same is not None:
         lower, strict = lower & same, strict & same
-        offset = prior[start]
+        idx = jnp.arange(c)
+        offset = jnp.sum(jnp.where(idx[None, :] == start[:, None], prior[None, :], 0.0), axis=1)
 
     def masked_exp(diff, mask):
         # Masking before exp keeps the upper triangle from overflowing (and its gradient finite).
@@ -114,11 +125,14 @@ def kernels(alpha: jax.Array, beta: jax.Array | None, resets: jax.Array | None =
     document resets `resets: bool[C]` (or None)."""
     same = start = fresh = None
     if resets is not None:
-        seg = jnp.cumsum(resets.astype(jnp.int32))
+        # Segment ids, segment starts and the fresh mask as masked C x C reductions (no cumsum,
+        # cummax or gather, which the fused Triton kernels cannot differentiate or lower).
+        seg = _cumsum(resets.astype(jnp.float32))
         same = seg[:, None] == seg[None, :]
         idx = jnp.arange(resets.shape[0])
-        start = jax.lax.cummax(jnp.where(resets, idx, 0))
-        fresh = seg > 0
+        lower = idx[:, None] >= idx[None, :]
+        start = jnp.max(jnp.where(lower & resets[None, :], idx[None, :], 0), axis=1)
+        fresh = seg > 0.5
     gamma_incl, gamma_prior, g_incl, g_prior = _ratios(_log(alpha), same, start)
     if beta is None:
         zeros = jnp.zeros_like(alpha)
@@ -132,7 +146,7 @@ def kernels(alpha: jax.Array, beta: jax.Array | None, resets: jax.Array | None =
     if fresh is not None:
         # The carried momentum S0 only reaches tokens before the first reset.
         rho_incl, rho_prior = jnp.where(fresh, 0.0, rho_incl), jnp.where(fresh, 0.0, rho_prior)
-        pi_end = jnp.where(fresh[-1], 0.0, pi_end)
+        pi_end = jnp.where(_last_true(fresh), 0.0, pi_end)
     return Kernels(
         gamma_incl, gamma_prior, g_incl, g_prior,
         g_incl @ p_incl, g_prior @ p_incl, rho_incl, rho_prior, pi_end, _last(p_incl), fresh,
@@ -267,7 +281,7 @@ def read(layer: LayerChunk, c: jax.Array, mode: str) -> jax.Array:
 def end_state(layer: LayerChunk) -> tuple[jax.Array, jax.Array | None]:
     """Weights and momentum after the last token of the chunk: `([d_out, d_in], same or None)`."""
     k = layer.kern
-    base = layer.w0 if k.fresh is None else jnp.where(k.fresh[-1], layer.w_init, layer.w0)
+    base = layer.w0 if k.fresh is None else jnp.where(_last_true(k.fresh), layer.w_init, layer.w0)
     w = _last(k.gamma_incl) * base + (_last(k.k_incl)[:, None] * layer.g).T @ layer.a
     if layer.be is not None:
         w = w - (_last(k.g_incl)[:, None] * layer.be).T @ layer.a

@@ -83,7 +83,7 @@ def _factors(level: Level, params: Params, xs: dict, init: Params | None):
     deltas, inputs = factors(params)
     if init is None:
         return deltas, inputs
-    fresh = (jnp.cumsum(xs["resets"].astype(jnp.int32)) > 0)[:, None]
+    fresh = chunked.fresh_mask(xs["resets"])[:, None]
     d_init, i_init = factors(init)
     pick = lambda a, b: jnp.where(fresh, a, b)  # noqa: E731
     return jax.tree.map(pick, d_init, deltas), jax.tree.map(pick, i_init, inputs)
@@ -143,19 +143,26 @@ def chunk_update(
     eta: jax.Array,
     alpha: jax.Array,
     beta: jax.Array,
+    resets: jax.Array | None = None,
+    reset_params: Params | None = None,
 ) -> tuple[Params, Any]:
     """The state after ONE chunk of `C` tokens of a `DeltaRule` level, without a scan or reads.
 
     Args:
-      keys, values: `[C, d]`; eta, alpha, beta: `[C]`. No document resets.
+      keys, values: `[C, d]`; eta, alpha, beta: `[C]`; resets: `bool[C]` document starts or
+        None, with `reset_params` the weights a reset returns to.
     Returns:
       `(params, inner optimizer state)` after the chunk; the same as `run_level` on `C` tokens.
     """
     if not isinstance(level.rule, DeltaRule):
         raise ValueError("chunk_update needs a DeltaRule inner rule (the closed chunk form)")
+    if resets is not None and reset_params is None:
+        raise ValueError("chunk_update with resets needs reset_params")
     xs = {"keys": keys, "values": values, "queries": keys, "eta": eta, "alpha": alpha,
           "beta": beta}  # fmt: skip
-    _, new = _fast_chunk(level, params, state, xs, None, outputs=False)
+    if resets is not None:
+        xs["resets"] = resets
+    _, new = _fast_chunk(level, params, state, xs, reset_params, outputs=False)
     return new
 
 
@@ -199,7 +206,7 @@ def _boundary_read(level: Level, params: Params, xs: dict, init: Params | None) 
     out = memories.apply(level.memory, params, xs["queries"])
     if init is None:
         return out
-    fresh = (jnp.cumsum(xs["resets"].astype(jnp.int32)) > 0)[:, None]
+    fresh = chunked.fresh_mask(xs["resets"])[:, None]
     return jnp.where(fresh, memories.apply(level.memory, init, xs["queries"]), out)
 
 

@@ -22,14 +22,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nl_jax.core import DeltaRule, Level, ResidualMLPMemory, memories, objectives, run_level
+from nl_jax.core import (
+    DeltaRule,
+    Level,
+    ResidualMLPMemory,
+    chunked,
+    memories,
+    objectives,
+    run_level,
+)
 from nl_jax.core.level import chunk_update
 from nl_jax.kernels.fused_scan import fused_scan
 from nl_jax.layers import axes
@@ -38,7 +45,7 @@ from nl_jax.layers.norms import l2_normalize, logical_param
 
 Params = dict[str, jax.Array]
 # How the projection-memory chunk scan runs: XLA ops, or one fused Pallas (Triton) kernel per
-# layer (GPU; the Pallas interpreter on CPU). Resets (packed documents) always take the XLA path.
+# layer (GPU; the Pallas interpreter on CPU).
 KERNELS = ("xla", "pallas")
 
 
@@ -166,7 +173,7 @@ def _projection_chunk(spec: SelfModSpec, proj_init: Params, static: Params, carr
     """
     states, opt = carry
     cr = xs.get("resets")
-    fresh = None if cr is None else jnp.cumsum(cr.astype(jnp.int32)) > 0
+    fresh = None if cr is None else chunked.fresh_mask(cr)
     gen = generate(spec, states, proj_init, static, xs["u"], fresh)
     proj = _projection_level(spec)
 
@@ -181,16 +188,24 @@ def _projection_chunk(spec: SelfModSpec, proj_init: Params, static: Params, carr
 
 
 def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
-                    static: Params) -> tuple[tuple, dict]:  # fmt: skip
-    """`_projection_chunk` without resets, one memory at a time: the fused kernel's step.
+                    consts: dict) -> tuple[tuple, dict]:  # fmt: skip
+    """`_projection_chunk` one memory at a time: the fused kernel's step.
 
     carry: one `(params, inner optimizer state)` per projection memory, in the order of
-    `spec.projection_memories`; xs: `u [C, dh]`, `beta [C]`. Only 2-D matmuls and elementwise
-    ops, so Pallas' Triton lowering takes it (see `nl_jax.kernels.fused_scan`).
+    `spec.projection_memories`; xs: `u [C, dh]`, `beta [C]` and optionally `resets [C]` (1.0 at
+    a document start); consts: `static` readouts and, with resets, `init`, the memories'
+    meta-learned initial weights (one per memory). Only 2-D matmuls and elementwise ops, so
+    Pallas' Triton lowering takes it (see `nl_jax.kernels.fused_scan`).
     """
-    u = xs["u"]
+    u, static = xs["u"], consts["static"]
     names = spec.projection_memories
-    reads = {n: memories.apply(spec.memory, p, u) for n, (p, _) in zip(names, carry, strict=True)}
+    resets = None if "resets" not in xs else xs["resets"] > 0.5
+    inits = consts.get("init", (None,) * len(names))
+    fresh = None if resets is None else chunked.fresh_mask(resets)
+    reads = {
+        n: _read(spec.memory, p, it, u, fresh)
+        for n, (p, _), it in zip(names, carry, inits, strict=True)
+    }
     gen = _gates(spec, reads, static, u)
     # Triton has no triangular solve: the kernel always takes the explicit-inverse form.
     proj = dataclasses.replace(
@@ -198,9 +213,18 @@ def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
     )
     new = tuple(
         chunk_update(
-            proj, p, o, gen["k"], gen["v"], eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"]
+            proj,
+            p,
+            o,
+            gen["k"],
+            gen["v"],
+            eta=gen["eta"],
+            alpha=gen["alpha"],
+            beta=xs["beta"],
+            resets=resets,
+            reset_params=it,
         )  # fmt: skip
-        for p, o in carry
+        for (p, o), it in zip(carry, inits, strict=True)
     )
     return new, gen
 
@@ -264,9 +288,9 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
 
 
 def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
-                     q: jax.Array, beta: jax.Array,
+                     q: jax.Array, beta: jax.Array, resets: jax.Array | None,
                      heads: dict | None) -> tuple[jax.Array, dict]:  # fmt: skip
-    """`run_heads` without resets, the projection-memory chunk scan in one Pallas kernel.
+    """`run_heads` with the projection-memory chunk scan in one Pallas kernel.
 
     Every (sequence, head) pair is one kernel instance; a trailing partial chunk and M_memory
     run as in `self_modifying_head`.
@@ -292,18 +316,28 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         "u": u.transpose(0, 2, 1, 3).reshape(n, s, dh),
         "beta": beta.transpose(0, 2, 1).reshape(n, s),
     }
+    consts = {"static": static_n}
+    resets_n = None
+    if resets is not None:  # the same document starts for every head of a sequence
+        resets_n = jnp.broadcast_to(resets[:, None], (b, h, s)).reshape(n, s)
+        xs["resets"] = resets_n.astype(jnp.float32)  # fused_scan carries floats only
+        consts["init"] = tuple(
+            jax.tree.map(lambda a: flat(per_batch(a)), init[m]) for m in spec.projection_memories
+        )
     gens = []
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
-        carry, gen = fused_scan(step, carry, full, static_n, interpret=interpret)
+        carry, gen = fused_scan(step, carry, full, consts, interpret=interpret)
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *carry)
     proj_init = jax.tree.map(lambda a: flat(per_batch(a)), {
         k: jnp.stack([init[m][k] for m in spec.projection_memories], axis=1) for k in ("W1", "W2")
     })  # fmt: skip
     if s > n_full * c:
-        tail = jax.tree.map(lambda x: x[:, n_full * c :], xs)
+        tail = {"u": xs["u"][:, n_full * c :], "beta": xs["beta"][:, n_full * c :]}
+        if resets_n is not None:
+            tail["resets"] = resets_n[:, n_full * c :]
         carry, gen = jax.vmap(functools.partial(_projection_chunk, spec))(
             proj_init, static_n, carry, tail
         )
@@ -312,8 +346,8 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     init_n = jax.tree.map(lambda a: flat(per_batch(a)), init)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
     main = jax.tree.map(flat, heads["main"])
-    y, main_end = jax.vmap(lambda i, st, g, qq, be: _main_memory(spec, i, st, g, qq, be, None))(
-        init_n, main, gen, q_n, xs["beta"]
+    y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
+        init_n, main, gen, q_n, xs["beta"], resets_n
     )
     unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
     y = unflat(y).transpose(0, 2, 1, 3)
@@ -328,11 +362,8 @@ def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax
 
     Returns `(y [batch, seq, heads, head_dim], new head states or None)`.
     """
-    if spec.kernel == "pallas" and resets is not None:
-        warnings.warn("memory.kernel='pallas' does not handle document resets (segment_ids) yet; "
-                      "this call runs the XLA path", stacklevel=2)  # fmt: skip
-    if spec.kernel == "pallas" and resets is None:
-        y, new = _run_heads_fused(spec, init, static, u, q, beta, heads)
+    if spec.kernel == "pallas":
+        y, new = _run_heads_fused(spec, init, static, u, q, beta, resets, heads)
         return y, None if heads is None else new
     r_ax = None if resets is None else 0
     if heads is None:
