@@ -95,10 +95,10 @@ def _fast_chunk(
     state: Any,
     xs: dict,
     init: Params | None,
-    outputs: bool = True,
+    with_outputs: bool = True,
 ) -> tuple[jax.Array | None, Any]:
     """One chunk through the closed form. Returns `(outputs [C, d_out], (params, state))`;
-    outputs are None when `outputs` is False (a write-only update)."""
+    outputs are None without `with_outputs` (a write-only update)."""
     rule: DeltaRule = level.rule
     deltas, inputs = _factors(level, params, xs, init)
     momentum = rule.get_momentum(state)
@@ -120,12 +120,11 @@ def _fast_chunk(
             None if init is None else init[name],
             rule.solve,
         )
-    if outputs:
+    outputs = None
+    if with_outputs:
         outputs = level.memory.forward(
             lambda name, c: chunked.read(layers[name], c, level.read), xs["queries"]
         )
-    else:
-        outputs = None
     ends = {name: chunked.end_state(layer) for name, layer in layers.items()}
     new_params = {name: w for name, (w, _) in ends.items()}
     if momentum is not None:
@@ -162,7 +161,7 @@ def chunk_update(
           "beta": beta}  # fmt: skip
     if resets is not None:
         xs["resets"] = resets
-    _, new = _fast_chunk(level, params, state, xs, reset_params, outputs=False)
+    _, new = _fast_chunk(level, params, state, xs, reset_params, with_outputs=False)
     return new
 
 

@@ -34,10 +34,9 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
-def _block(shape: tuple[int, ...], lead: int) -> pl.BlockSpec:
-    """One instance's whole slab: the `lead` leading axes are the instance index, squeezed."""
-    nd = len(shape)
-    return pl.BlockSpec((None,) * lead + tuple(shape[lead:]), lambda i: (i,) + (0,) * (nd - lead))
+def _block(shape: tuple[int, ...]) -> pl.BlockSpec:
+    """One instance's whole slab: the leading axis is the instance index, squeezed."""
+    return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i: (i,) + (0,) * (len(shape) - 1))
 
 
 def _check_sizes(name: str, leaves: list[jax.ShapeDtypeStruct], skip: int) -> None:
@@ -52,10 +51,21 @@ def _check_sizes(name: str, leaves: list[jax.ShapeDtypeStruct], skip: int) -> No
             )
 
 
-def _params(num_warps: int, interpret: bool):
-    if interpret or pl_triton is None:
-        return None
-    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_warps: int):
+    """One program per instance (grid N), each seeing its whole slab of every array."""
+    params = None
+    if not interpret and pl_triton is not None:
+        params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(args[0].shape[0],),
+        in_specs=[_block(a.shape) for a in args],
+        out_specs=[_block(o.shape) for o in out_shape],
+        interpret=interpret,
+        compiler_params=params,
+        name=name,
+    )(*args)
 
 
 def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
@@ -105,19 +115,8 @@ def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_war
     out_shape += [jax.ShapeDtypeStruct((n, t) + y.shape, y.dtype) for y in y_leaves]
     if save:
         out_shape += [jax.ShapeDtypeStruct((n, t) + a.shape[1:], a.dtype) for a in c_leaves]
-    in_specs = [_block(a.shape, 1) for a in c_leaves] + [_block(a.shape, 1) for a in x_leaves]
-    in_specs += [_block(a.shape, 1) for a in k_leaves]
-    out_specs = [_block(s.shape, 1) for s in out_shape]
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(n,),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        interpret=interpret,
-        compiler_params=_params(num_warps, interpret),
-        name="fused_scan_fwd",
-    )(*c_leaves, *x_leaves, *k_leaves)
+    outs = _call(kernel, [*c_leaves, *x_leaves, *k_leaves], out_shape, "fused_scan_fwd",
+                 interpret, num_warps)  # fmt: skip
     final = jax.tree.unflatten(c_tree, outs[:nc])
     ys = jax.tree.unflatten(y_tree, outs[nc : nc + ny])
     return final, ys, outs[nc + ny :]
@@ -168,17 +167,7 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
     out_shape = [_spec(a) for a in dc_leaves] + [_spec(a) for a in x_leaves]
     out_shape += [_spec(a) for a in k_leaves]
     args = [*saved, *x_leaves, *k_leaves, *dc_leaves, *dy_leaves]
-    in_specs = [_block(a.shape, 1) for a in args]
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(n,),
-        in_specs=in_specs,
-        out_specs=[_block(s.shape, 1) for s in out_shape],
-        interpret=interpret,
-        compiler_params=_params(num_warps, interpret),
-        name="fused_scan_bwd",
-    )(*args)
+    outs = _call(kernel, args, out_shape, "fused_scan_bwd", interpret, num_warps)
     d_carry = jax.tree.unflatten(c_tree, outs[:nc])
     d_xs = jax.tree.unflatten(x_tree, outs[nc : nc + nx])
     d_consts = jax.tree.unflatten(k_tree, outs[nc + nx :])

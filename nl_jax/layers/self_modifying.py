@@ -211,19 +211,9 @@ def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
     proj = dataclasses.replace(
         _projection_level(spec), rule=dataclasses.replace(spec.rule, solve="inverse")
     )
+    kw = {"eta": gen["eta"], "alpha": gen["alpha"], "beta": xs["beta"], "resets": resets}
     new = tuple(
-        chunk_update(
-            proj,
-            p,
-            o,
-            gen["k"],
-            gen["v"],
-            eta=gen["eta"],
-            alpha=gen["alpha"],
-            beta=xs["beta"],
-            resets=resets,
-            reset_params=it,
-        )  # fmt: skip
+        chunk_update(proj, p, o, gen["k"], gen["v"], reset_params=it, **kw)
         for (p, o), it in zip(carry, inits, strict=True)
     )
     return new, gen
@@ -308,22 +298,21 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     per_batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape)  # noqa: E731
     if heads is None:
         heads = jax.tree.map(per_batch, jax.vmap(lambda i: initial_head_state(spec, i))(init))
+    names = spec.projection_memories
     params, opt = jax.tree.map(flat, heads["proj"])  # leaves [N, P, ...]
-    count = len(spec.projection_memories)
-    carry = tuple(jax.tree.map(lambda a, m=m: a[:, m], (params, opt)) for m in range(count))
+    carry = tuple(jax.tree.map(lambda a, m=m: a[:, m], (params, opt)) for m in range(len(names)))
     static_n = jax.tree.map(lambda a: flat(per_batch(a)), static)
     xs = {
         "u": u.transpose(0, 2, 1, 3).reshape(n, s, dh),
         "beta": beta.transpose(0, 2, 1).reshape(n, s),
     }
+    init_n = jax.tree.map(lambda a: flat(per_batch(a)), init)
     consts = {"static": static_n}
     resets_n = None
     if resets is not None:  # the same document starts for every head of a sequence
         resets_n = jnp.broadcast_to(resets[:, None], (b, h, s)).reshape(n, s)
         xs["resets"] = resets_n.astype(jnp.float32)  # fused_scan carries floats only
-        consts["init"] = tuple(
-            jax.tree.map(lambda a: flat(per_batch(a)), init[m]) for m in spec.projection_memories
-        )
+        consts["init"] = tuple(init_n[m] for m in names)
     gens = []
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
@@ -331,10 +320,8 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         carry, gen = fused_scan(step, carry, full, consts, interpret=interpret)
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *carry)
-    proj_init = jax.tree.map(lambda a: flat(per_batch(a)), {
-        k: jnp.stack([init[m][k] for m in spec.projection_memories], axis=1) for k in ("W1", "W2")
-    })  # fmt: skip
     if s > n_full * c:
+        proj_init = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *[init_n[m] for m in names])
         tail = {"u": xs["u"][:, n_full * c :], "beta": xs["beta"][:, n_full * c :]}
         if resets_n is not None:
             tail["resets"] = resets_n[:, n_full * c :]
@@ -343,7 +330,6 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         )
         gens.append(gen)
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
-    init_n = jax.tree.map(lambda a: flat(per_batch(a)), init)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
     main = jax.tree.map(flat, heads["main"])
     y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
