@@ -13,9 +13,14 @@
 #   bash benchmarks/gpu_perf_full.sh g   # the compiled kernel's GPU test (long backward compile)
 #   bash benchmarks/gpu_perf_full.sh h   # hope_340m at batch 16, 32, 64 (seq 4096)
 #   bash benchmarks/gpu_perf_full.sh i   # hope_340m at seq 4096 and 32768, both batch 4
+#   bash benchmarks/gpu_perf_full.sh k   # full depth: profile with the inner/other split, then
+#                                        # scan_unroll 2/4 and C_other 16/32/64 (loss moves!)
+#   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
+#                                        # batch 8 and 32 (which ops grow with the batch);
+#                                        # C_other 16 vs 64 (4 layers)
 set -u
 OUT=${OUT:-/tmp/out}
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
+if [ -d .whl ]; then python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 F='grep -v ^W0000\|^I0000\|^W1122\|^I1122'
 T="python benchmarks/throughput.py --steps=3"
@@ -70,7 +75,10 @@ if [ "$1" = f ]; then
     --out=$OUT/f_hope.json 2>&1 | $F | tail -3
 fi
 if [ "$1" = g ]; then  # the compiled kernel against the XLA path (its backward compiles ~280 s)
-  timeout 480 python -m pytest -q -p no:cacheprovider tests/test_fused_scan.py -k compiled 2>&1 | tail -4
+  # Not through pytest: tests/conftest.py pins JAX to the CPU, and under pytest on the GPU image
+  # the run stopped during collection (2026-11-30). Passed here in 346 s on an H200.
+  PYTHONPATH=$PYTHONPATH:tests timeout 480 python -c "import test_fused_scan as t
+t.test_compiled_kernel_matches_xla_on_gpu(); print('PASS test_compiled_kernel_matches_xla_on_gpu')" 2>&1 | $F | tail -4
 fi
 if [ "$1" = h ]; then  # launch bound => tokens/s should grow with the batch until memory runs out
   for b in 16 32 64; do
@@ -81,4 +89,21 @@ fi
 if [ "$1" = i ]; then  # cost linear in sequence length at a fixed batch: seq 4096 vs 32768
   timeout 120 $T --steps=1 --seq_len=4096 --batch=4 --presets=hope_340m --out=$OUT/i_4k.json 2>&1 | $F | tail -3
   timeout 300 $T --steps=1 --seq_len=32768 --batch=4 --presets=hope_340m --out=$OUT/i_32k.json 2>&1 | $F | tail -3
+fi
+if [ "$1" = j ]; then
+  timeout 240 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_full \
+    --profile_top=25 --out=$OUT/j_full.json 2>&1 | $F | tail -45
+  for b in 8 32; do
+    timeout 120 $T --steps=1 --seq_len=4096 --batch=$b --presets=hope_340m --set=num_layers=4 \
+      --profile=/tmp/prof_b$b --profile_top=40 --out=$OUT/j_b$b.json 2>&1 | $F | tail -3
+  done
+  timeout 130 $T --steps=2 --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="c16:memory.chunk_size_other=16|c64:memory.chunk_size_other=64" --out=$OUT/j_chunk.json 2>&1 | $F | tail -6
+fi
+if [ "$1" = k ]; then
+  timeout 200 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_k \
+    --profile_top=25 --out=$OUT/k_full.json 2>&1 | $F | tail -42
+  timeout 300 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m \
+    --variants="u4:memory.scan_unroll=4|c32:memory.chunk_size_other=32|c64:memory.chunk_size_other=64" \
+    --out=$OUT/k_sweep.json 2>&1 | $F | tail -6
 fi

@@ -11,8 +11,19 @@ FLOPs are not counted (they would raise Hope's MFU). `--append` adds the table t
 `--set=memory.chunk_size=64,attention.implementation=cudnn` overrides model config fields for
 every preset (values parsed as Python literals); `--variants` measures one preset under several
 override sets in one process (`name:key=v;key=v|name2:...`). `--profile=DIR` traces two steps of
-the last measurement and prints the ten device ops that took longest, with the count of device
-ops per step (a launch-bound step shows many short ops).
+the last measurement and prints the ten device ops that took longest (own time: time in nested
+events, e.g. a while loop's body on XLA:CPU, belongs to those), with the count of device ops per
+step (a launch-bound step shows many short ops). A second table splits the device time per step
+by the `op_name` of each op's HLO instruction (the compiled step's HLO text): the memory layers'
+inner recurrences (ops under the `inner_memory` name scope, forward and backward, see
+`nl_jax.layers.inner`), other ops, and unattributed time (executor overhead outside any op,
+instructions without metadata). Next to each: its FLOPs per step, FLOP/s over its device time
+and the fraction of the device's peak; then the whole step over wall-clock time (MFU, and MFU
+with the inner FLOPs added). Inner FLOPs are `model.inner_flops_per_token` (analytic matmul
+FLOPs of the fast-weight reads, inner gradients and chunk updates; no elementwise work) times 3
+for forward + backward, as `nl_jax.train.metrics` counts them; "other ops" are given the 6N +
+attention FLOPs above. On CPU the device time is summed over XLA's worker threads (the client
+thread's wait is left out), so it can exceed the wall-clock step time.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import collections
 import datetime
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +49,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import lm  # noqa: E402
 
 from nl_jax import models  # noqa: E402
+from nl_jax.layers.inner import INNER_SCOPE  # noqa: E402
 from nl_jax.train import metrics  # noqa: E402
 
 
@@ -75,24 +88,81 @@ def apply_overrides(cfg, overrides: dict[str, object]) -> None:
         node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], tuple) else value
 
 
-def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10) -> dict:
-    """Trace `run_steps()` and summarise device ops: the `top` longest by total time, op count."""
-    import glob
+def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
+    """`(module name, {instruction name: op_name metadata})` of an HLO module's text.
 
-    jax.profiler.start_trace(logdir)
-    run_steps()
-    jax.profiler.stop_trace()
-    files = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))
-    if not files:
-        return {"error": f"no xplane.pb under {logdir}"}
-    data = jax.profiler.ProfileData.from_file(files[-1])
-    total, count = collections.Counter(), collections.Counter()
+    Covers every computation (entry, while bodies, fusions); profile events name the
+    instruction they ran (`hlo_op`), so this maps them to JAX's name stack, e.g.
+    `jit(step)/transpose(jvp(inner_memory))/while/body/...`. XLA drops the op_name of some
+    instructions it makes: a fusion then takes that of its fused computation's root (else its
+    first instruction with one), any other that of the instruction calling its computation (a
+    while loop's body belongs to the loop); in the entry computation it stays unmapped.
+    """
+    module = re.match(r"\s*HloModule\s+([^\s,]+)", hlo_text)
+    own, computation_of, callers, fusions, roots, firsts = {}, {}, {}, {}, {}, {}
+    computation = ""
+    for line in hlo_text.splitlines():
+        if line[:1] not in ("", " ") and line.rstrip().endswith("{"):  # a computation's header
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            continue
+        inst = _HLO_INSTRUCTION.match(line)
+        if not inst:
+            continue
+        name = inst.group(1)
+        computation_of[name] = computation
+        if meta := _HLO_OP_NAME.search(line, inst.end()):
+            own[name] = meta.group(1)
+            firsts.setdefault(computation, meta.group(1))
+            if inst.group(0).lstrip().startswith("ROOT"):
+                roots[computation] = meta.group(1)
+        for key, callee, branches in _HLO_CALLEES.findall(line, inst.end()):
+            for c in [callee] if callee else re.findall(r"%?([^\s,%]+)", branches):
+                callers.setdefault(c, name)
+                if key == "calls":
+                    fusions[name] = c
+    names: dict[str, str | None] = {}
+
+    def resolve(name: str, depth: int = 0) -> str | None:
+        if name not in names:
+            op = own.get(name) or roots.get(fusions.get(name), firsts.get(fusions.get(name)))
+            caller = callers.get(computation_of[name])
+            if op is None and caller is not None and depth < 100:
+                op = resolve(caller, depth + 1)
+            names[name] = op
+        return names[name]
+
+    for name in computation_of:
+        resolve(name)
+    return (module.group(1) if module else ""), {k: v for k, v in names.items() if v}
+
+
+# Kernel records the profiler keeps (CUPTI's default is 2M).
+MAX_PROFILE_EVENTS = 64 * 2**20
+_HLO_INSTRUCTION = re.compile(r"\s+(?:ROOT\s+)?%?([^\s=%]+)\s*=\s")
+_HLO_OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="((?:[^"\\]|\\.)*)"')
+_HLO_CALLEES = re.compile(
+    r"\b(body|condition|calls|to_apply|true_computation|false_computation|branch_computations)"
+    r"=(?:%?([^\s,{}%]+)|\{([^}]*)\})"
+)
+
+
+def _device_events(data) -> list[tuple[str, str, str, float, bool]]:
+    """`(name, op, hlo_module, own ns, has its own hlo_op)` of every device event of a profile.
+
+    Own time excludes the nested events of the same line: XLA:CPU's executor span holds a while
+    loop's span, which holds the loop body's executor span and ops, so plain durations would
+    count that time two or three times (kernels on a GPU stream line are not expected to nest:
+    there own time is the duration).
+    `op` is the event's `hlo_op` stat, else that of the innermost enclosing event (a loop body's
+    executor overhead belongs to its loop, an op's "end" marker to the op), else "".
+    """
     planes = list(data.planes)
     # Only planes with events count: libtpu registers an empty "/device:TPU" plane on CPU hosts.
     on_device = any(
         p.name.startswith("/device:") and any(True for line in p.lines for _ in line.events)
         for p in planes
     )
+    out = []
     for plane in planes:
         # Accelerators: device planes. CPU: the XLA client's worker threads on the host plane.
         if plane.name.startswith("/device:") != on_device:
@@ -103,30 +173,137 @@ def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10) -> di
                 continue
             if not on_device and not line.name.startswith("tf_XLA"):
                 continue
-            for event in line.events:
-                total[event.name] += event.duration_ns
-                count[event.name] += 1
+            events = sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns))
+            rows = []
+            enclosing = []  # (end ns, row) of the spans around the current event, innermost last
+            for e in events:
+                while enclosing and enclosing[-1][0] <= e.start_ns:
+                    enclosing.pop()
+                stats = dict(e.stats)
+                op = str(stats.get("hlo_op", ""))
+                module = str(stats.get("hlo_module", ""))
+                if enclosing:
+                    parent_end, parent = enclosing[-1]
+                    parent[3] -= min(e.end_ns, parent_end) - e.start_ns
+                    if not op:
+                        op, module = parent[1], parent[2]
+                row = [e.name, op, module, float(e.duration_ns), "hlo_op" in stats]
+                rows.append(row)
+                enclosing.append((e.end_ns, row))
+            # XLA:CPU's client thread blocks in this span while the worker threads run the ops.
+            out += [tuple(r) for r in rows if not r[0].endswith("(wait for completion)")]
+    return out
+
+
+def kernel_op_names(op_names: dict[str, str]) -> dict[str, str]:
+    """`op_names` keyed by the instructions' kernel names (XLA:GPU names a fusion's kernel after
+    the instruction, every character other than a letter or digit made `_`)."""
+    return {re.sub(r"[^0-9A-Za-z]", "_", k): v for k, v in op_names.items()}
+
+
+def resolve_op_name(op: str, name: str, op_names: dict[str, str],
+                    kernels: dict[str, str]) -> str | None:  # fmt: skip
+    """The `op_name` of a profile event: by its `hlo_op`, else by the event's own name (an op
+    name, or on GPU a kernel named after its fusion: XLA:GPU's command buffers report the
+    buffer, an instruction without metadata, as every kernel's `hlo_op`); None if unknown."""
+    for key in (op, name):
+        if key and (found := op_names.get(key, kernels.get(key))) is not None:
+            return found
+    return None
+
+
+def split_device_time(events: list[tuple], op_names: dict[str, str], module: str = "",
+                      scope: str = INNER_SCOPE) -> dict[str, float]:  # fmt: skip
+    """Own ns of `events` (from `_device_events`) whose op's `op_name` lies in `scope`
+    (`inner`), outside it (`other`), or with no op in `op_names` (`unattributed`: executor
+    overhead outside any op, ops of another module, instructions without metadata)."""
+    in_scope = re.compile(rf"(?<!\w){re.escape(scope)}(?!\w)")
+    kernels = kernel_op_names(op_names)
+    out = {"inner": 0.0, "other": 0.0, "unattributed": 0.0}
+    for name, op, hlo_module, ns, _ in events:
+        op_name = resolve_op_name(op, name, op_names, kernels)
+        if op_name is None or (module and hlo_module and hlo_module != module):
+            out["unattributed"] += ns
+        else:
+            out["inner" if in_scope.search(op_name) else "other"] += ns
+    return out
+
+
+def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10,
+                    hlo_text: str = "") -> dict:  # fmt: skip
+    """Trace `run_steps()` and summarise device ops: the `top` longest by own time, op count,
+    and (given the step's optimized HLO text) the time of the inner recurrences' ops."""
+    import glob
+
+    options = jax.profiler.ProfileOptions()
+    # CUPTI keeps 2M kernel records by default: a full-depth Hope step launches ~2M kernels, and
+    # the records past the cap vanish without an error (seen: half of a 24-layer step missing).
+    options.advanced_configuration["gpu_max_activity_api_events"] = MAX_PROFILE_EVENTS
+    options.advanced_configuration["gpu_max_callback_api_events"] = MAX_PROFILE_EVENTS
+    jax.profiler.start_trace(logdir, profiler_options=options)
+    t0 = time.perf_counter()
+    run_steps()
+    wall_ns = (time.perf_counter() - t0) * 1e9
+    jax.profiler.stop_trace()
+    files = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))
+    if not files:
+        return {"error": f"no xplane.pb under {logdir}"}
+    events = _device_events(jax.profiler.ProfileData.from_file(files[-1]))
+    module, op_names = hlo_op_names(hlo_text) if hlo_text else ("", {})
+    kernels = kernel_op_names(op_names)
+    total, count, kernel = collections.Counter(), collections.Counter(), {}
+    for name, op, _, ns, has_op in events:
+        key = op or name
+        if has_op and name != op and resolve_op_name(op, "", op_names, kernels) is None:
+            key = name  # a kernel of a command buffer: its own name, not the buffer's
+        total[key] += ns
+        count[key] += has_op or not op  # spans inside an op are part of its call
+        kernel.setdefault(key, name)  # GPU: the kernel's name says more than the op's
+    # Device ops: the events that name their HLO op (XLA:CPU adds executor and marker spans).
+    ops = sum(e[4] for e in events) or len(events)
     all_ns = sum(total.values())
     rows = [
         {
             "op": name,
+            "kernel": kernel[name],
+            "inner": INNER_SCOPE in (resolve_op_name(name, kernel[name], op_names, kernels) or ""),
             "ms_per_step": ns / 1e6 / steps,
             "share": ns / all_ns if all_ns else 0.0,
             "calls_per_step": count[name] / steps,
         }  # fmt: skip
         for name, ns in total.most_common(top)
     ]
-    return {
+    out = {
         "device_ms_per_step": all_ns / 1e6 / steps,
-        "ops_per_step": sum(count.values()) / steps,
+        # On one GPU stream, well below 1 means idle gaps (or records lost past the event cap).
+        "busy_fraction": all_ns / wall_ns if wall_ns else None,
+        "ops_per_step": ops / steps,
         "top": rows,
     }
+    if hlo_text:
+        split = split_device_time(events, op_names, module)
+        out.update({f"{k}_ms_per_step": ns / 1e6 / steps for k, ns in split.items()})
+    return out
+
+
+def utilisation(prof: dict, tokens: int, model_flops: float, inner_flops: float,
+                peak: float | None) -> dict:  # fmt: skip
+    """FLOP/s (and fraction of `peak`) of the inner recurrences over their profiled device time
+    and of the model FLOPs (6N + attention) over the other ops' time; FLOPs are per token."""
+    out = {}
+    for part, flops in (("inner", inner_flops), ("other", model_flops)):
+        seconds = prof[f"{part}_ms_per_step"] / 1e3
+        rate = tokens * flops / seconds if seconds > 0 else None
+        out[f"{part}_flops_per_step"] = tokens * flops
+        out[f"{part}_flops_per_s"] = rate
+        out[f"{part}_util"] = rate / peak if peak and rate is not None else None
+    return out
 
 
 def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
             overrides: dict[str, object] | None = None, profile: str = "",
-            name: str = "") -> dict:  # fmt: skip
-    """Compile and time the train step of one preset."""
+            name: str = "", profile_top: int = 10) -> dict:  # fmt: skip
+    """Compile and time the train step of one preset (profiled if `profile` names a dir)."""
     cfg = lm.get_config(preset).model
     cfg.dtype = dtype
     apply_overrides(cfg, overrides or {})
@@ -164,11 +341,15 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
                 holder[0], out = compiled(holder[0], tokens)
             out.block_until_ready()
 
-        prof = profile_top_ops(run_steps, profile)
+        prof = profile_top_ops(run_steps, profile, top=profile_top, hlo_text=compiled.as_text())
     device = jax.devices()[0]
     tokens_per_s = batch * seq_len / step_s
     peak = metrics.peak_flops_per_device(device.device_kind)
-    mfu = tokens_per_s * flops_per_token(model, seq_len) / peak if peak else None
+    model_flops = flops_per_token(model, seq_len)
+    inner_flops = metrics.flops_per_token(model, seq_len)["inner"]  # training: 3x forward
+    mfu = tokens_per_s * model_flops / peak if peak else None
+    if prof and "inner_ms_per_step" in prof:
+        prof.update(utilisation(prof, batch * seq_len, model_flops, inner_flops, peak))
     mem = (
         (device.memory_stats() or {}).get("peak_bytes_in_use") if device.platform != "cpu" else None
     )
@@ -176,6 +357,8 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         "preset": name or preset, "seq": seq_len, "overrides": overrides or {}, "profile": prof,
         "step_s": step_s, "batch": batch, "tokens_per_s": tokens_per_s,
         "mfu": mfu, "peak_gib": None if mem is None else mem / 2**30, "compile_s": compile_s,
+        "model_flops_per_token": model_flops, "inner_flops_per_token": inner_flops,
+        "mfu_with_inner": tokens_per_s * (model_flops + inner_flops) / peak if peak else None,
         "loss": float(loss), "params_m": metrics.count_params(nnx.state(model, nnx.Param)) / 1e6,
     }  # fmt: skip
 
@@ -198,22 +381,61 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(out)
 
 
-def profile_table(prof: dict) -> str:
-    """Markdown table of the longest device ops of a profile summary."""
+def profile_table(prof: dict, row: dict | None = None) -> str:
+    """Markdown tables of a profile summary: the longest device ops, then (if attributed) the
+    device time and utilisation of the inner recurrences next to the rest and the whole step."""
     if "error" in prof:
         return prof["error"]
     out = [
         f"device time {prof['device_ms_per_step']:.1f} ms/step over "
-        f"{prof['ops_per_step']:,.0f} device ops/step",
+        f"{prof['ops_per_step']:,.0f} device ops/step"
+        + (
+            ""
+            if prof.get("busy_fraction") is None
+            else f" ({100 * prof['busy_fraction']:.0f}% of the profiled wall-clock time)"
+        ),
         "",
-        "| op | ms/step | share | calls/step |",
-        "|---|---|---|---|",
+        "| op | kernel | inner | ms/step | share | calls/step |",
+        "|---|---|---|---|---|---|",
     ]
     for r in prof["top"]:
         out.append(
-            f"| `{r['op'][:60]}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f}% | "
-            f"{r['calls_per_step']:,.0f} |"
+            f"| `{r['op'][:40]}` | `{r.get('kernel', '')[:40]}` | {'yes' if r.get('inner') else ''} "
+            f"| {r['ms_per_step']:.2f} | {100 * r['share']:.1f}% | {r['calls_per_step']:,.0f} |"
         )
+    if "inner_ms_per_step" not in prof:
+        return "\n".join(out)
+
+    def num(x, fmt, scale=1.0):
+        return "n/a" if x is None else format(x * scale, fmt)
+
+    total = prof["device_ms_per_step"]
+    out += [
+        "",
+        "| part | ms/step | share | GFLOP/step | TFLOP/s | of peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    labels = {"inner": f"inner recurrences (`{INNER_SCOPE}`)",
+              "other": "other ops (6N + attention FLOPs)", "unattributed": "unattributed"}  # fmt: skip
+    for part, label in labels.items():
+        ms = prof[f"{part}_ms_per_step"]
+        out.append(
+            f"| {label} | {ms:.2f} | {num(ms / total if total else None, '.1%')} | "
+            f"{num(prof.get(f'{part}_flops_per_step'), '.4g', 1e-9)} | "
+            f"{num(prof.get(f'{part}_flops_per_s'), '.4g', 1e-12)} | "
+            f"{num(prof.get(f'{part}_util'), '.1%')} |"
+        )
+    if row is not None:
+        tokens = row["batch"] * row["seq"]
+        for label, flops, mfu in (
+            ("whole step, wall clock (MFU)", row["model_flops_per_token"], row["mfu"]),
+            ("whole step with inner FLOPs", row["model_flops_per_token"]
+             + row["inner_flops_per_token"], row["mfu_with_inner"]),
+        ):  # fmt: skip
+            out.append(
+                f"| {label} | {1e3 * row['step_s']:.2f} | | {tokens * flops / 1e9:.4g} | "
+                f"{tokens * flops / row['step_s'] / 1e12:.4g} | {num(mfu, '.1%')} |"
+            )
     return "\n".join(out)
 
 
@@ -228,6 +450,7 @@ def main() -> None:
     ap.add_argument("--set", default="", help="model overrides for every preset: a.b=1,c=x")
     ap.add_argument("--variants", default="", help="name:k=v;k=v|name2:k=v (first preset)")
     ap.add_argument("--profile", default="", help="trace dir: top device ops of the last run")
+    ap.add_argument("--profile_top", type=int, default=10, help="rows of the op table")
     ap.add_argument("--out", default="", help="write the measured rows as JSON here")
     ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
@@ -245,14 +468,15 @@ def main() -> None:
         print(f"[throughput] {label} {overrides}: compiling and timing ...", flush=True)
         try:
             row = measure(preset, args.seq_len, args.batch, args.steps, args.dtype, overrides,
-                          args.profile if i == len(runs) - 1 else "", label)  # fmt: skip
+                          args.profile if i == len(runs) - 1 else "", label,
+                          args.profile_top)  # fmt: skip
         except Exception as e:  # noqa: BLE001  (one failing variant, e.g. OOM, must not end the sweep)
             print(f"[throughput] {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         rows.append(row)
         print(table(rows[-1:], device), flush=True)
         if row["profile"]:
-            print(profile_table(row["profile"]), flush=True)
+            print(profile_table(row["profile"], row), flush=True)
         if args.out:
             pathlib.Path(args.out).write_text(
                 json.dumps({"device": device, "rows": rows}, indent=1)

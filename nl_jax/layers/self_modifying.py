@@ -41,6 +41,7 @@ from nl_jax.core.level import chunk_update
 from nl_jax.kernels.fused_scan import fused_scan
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import l2_normalize, logical_param
 
 Params = dict[str, jax.Array]
@@ -164,6 +165,11 @@ def _projection_level(spec: SelfModSpec) -> Level:
                  self_target=True)  # fmt: skip
 
 
+def _main_level(spec: SelfModSpec) -> Level:
+    return Level(spec.memory, objectives.l2, spec.rule, spec.chunk_mem, read=spec.read,
+                 self_target=True)  # fmt: skip
+
+
 def _projection_chunk(spec: SelfModSpec, proj_init: Params, static: Params, carry: tuple,
                       xs: dict) -> tuple[tuple, dict]:  # fmt: skip
     """One chunk of the projection memories of one head (XLA form: memories on a vmapped axis).
@@ -223,8 +229,7 @@ def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: 
                  q: jax.Array, beta: jax.Array,
                  resets: jax.Array | None) -> tuple[jax.Array, tuple]:  # fmt: skip
     """M_memory of one head over the stream: per-token reads `[seq, dh]` and its end state."""
-    main = Level(spec.memory, objectives.l2, spec.rule, spec.chunk_mem, read=spec.read,
-                 self_target=True)  # fmt: skip
+    main = _main_level(spec)
     queries = gen["q"] if spec.adaptive_q else q
     return run_level(
         main, *start, gen["k"], gen["v"], queries, eta=gen["eta"], alpha=gen["alpha"],
@@ -340,6 +345,8 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     return y, jax.tree.map(unflat, {"proj": carry, "main": main_end})
 
 
+# The whole per-head recurrence, forward and backward, carries the scope in its HLO op names.
+@jax.named_scope(INNER_SCOPE)
 def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
               q: jax.Array, beta: jax.Array, resets: jax.Array | None,
               heads: dict | None) -> tuple[jax.Array, dict | None]:  # fmt: skip
@@ -450,6 +457,22 @@ class SelfModifyingTitans(nnx.Module):
     def state_period(self) -> int:
         """States are exact for continuing at multiples of this many tokens (both chunk sizes)."""
         return math.lcm(self.spec.chunk_mem, self.spec.chunk_other)
+
+    def inner_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the inner recurrences over a `seq_len`-token stream.
+
+        Per head, with d = head_dim, H = hidden, P = len(projection_memories):
+        `P * (4dH * T + proj(T)) + main(T)`, over T = seq_len tokens, times heads. The P
+        projection memories read their chunk-start states (4dH per token) and take write-only
+        chunk updates of C_other tokens with self-generated targets, `proj(T)`; M_memory takes
+        chunk updates of C_mem tokens and reads per `spec.read`, `main(T)`. `proj` and `main`
+        are `nl_jax.layers.inner.level_flops` (formulas there). Without document resets.
+        """
+        spec = self.spec
+        proj = level_flops(_projection_level(spec), seq_len, read=None)
+        proj += seq_len * memory_read_flops(spec.memory)
+        main = level_flops(_main_level(spec), seq_len)
+        return spec.heads * (len(spec.projection_memories) * proj + main) / seq_len
 
     def _init(self) -> dict[str, Params]:
         return {

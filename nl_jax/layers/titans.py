@@ -48,6 +48,7 @@ from nl_jax.core.rules import DeltaRule
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
 from nl_jax.layers.conv import ShortConv, causal_conv, continue_positions, continue_segments
+from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import RMSNorm, l2_normalize, logical_param
 from nl_jax.layers.rope import segment_positions
 
@@ -258,6 +259,7 @@ class NeuralMemory(nnx.Module):
         state = jax.vmap(self.level.rule.init)(params)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), (params, state))
 
+    @jax.named_scope(INNER_SCOPE)
     def memorize(
         self,
         inputs: MemoryInputs,
@@ -292,6 +294,7 @@ class NeuralMemory(nnx.Module):
         out, carry = per_batch(*carry, *inputs, resets, init)
         return out, carry
 
+    @jax.named_scope(INNER_SCOPE)
     def read(self, params: Params, queries: jax.Array, batched: bool = True) -> jax.Array:
         """Read fixed fast weights: queries [b, s, heads, head_dim] -> [b, s, heads, head_dim].
 
@@ -315,6 +318,11 @@ class NeuralMemory(nnx.Module):
     def state_period(self) -> int:
         """A continued stream is exact when cut at multiples of the memory's chunk size."""
         return self.level.chunk_size
+
+    def inner_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the inner loop over a `seq_len`-token stream: heads times
+        `nl_jax.layers.inner.level_flops` (chunk updates and per-token reads) per token."""
+        return self.heads * level_flops(self.level, seq_len) / seq_len
 
     def init_state(self, batch: int, max_len: int = 0) -> dict:
         """Stream start: {"params", "opt": the memory carry [batch, heads, ...], "tail": conv
@@ -380,6 +388,16 @@ class MemoryAsContext(nnx.Module):
     def state_period(self) -> int:
         """A continued stream is exact when cut at segment boundaries."""
         return self.segment
+
+    def inner_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the memory over `seq_len` tokens in `segment`-token
+        segments (the last one padded): per segment, the LMM's inner loop over its tokens plus
+        the boundary reads `h_t` (4dH per token and head)."""
+        mem = self.memory
+        n = -(-seq_len // self.segment)
+        per_segment = mem.inner_flops_per_token(self.segment) * self.segment
+        per_segment += mem.heads * self.segment * memory_read_flops(mem.memory)
+        return n * per_segment / seq_len
 
     def init_state(self, batch: int, max_len: int = 0) -> dict:
         """Stream start: the memory's state (`NeuralMemory.init_state`) for the segments' writes,
@@ -522,6 +540,10 @@ class _MemoryWithAttention(nnx.Module):
     def state_period(self) -> int:
         """The memory's chunk size (attention is exact at any cut)."""
         return self.memory.state_period
+
+    def inner_flops_per_token(self, seq_len: int) -> float:
+        """The LMM's inner-loop forward FLOPs per token (`NeuralMemory.inner_flops_per_token`)."""
+        return self.memory.inner_flops_per_token(seq_len)
 
     def init_state(self, batch: int, max_len: int) -> dict:
         """{"attention": sliding-window KV state, "memory": the LMM's state}."""

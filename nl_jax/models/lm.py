@@ -175,6 +175,22 @@ class DecoderLM(nnx.Module):
         """States are exact for continuing at multiples of this many tokens (lcm of all levels)."""
         return math.lcm(*(block.state_period for block in self.blocks))
 
+    def inner_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of every memory layer's inner recurrence over `seq_len` tokens.
+
+        The sum over blocks of their mixer's (and MLP's) `inner_flops_per_token` where defined:
+        fast-weight reads, inner gradients and chunk updates, counted as matmul FLOPs by
+        `nl_jax.layers.inner`; 0 for a model without memory layers.
+        """
+        return float(
+            sum(
+                module.inner_flops_per_token(seq_len)
+                for block in self.blocks
+                for module in (block.mixer, block.mlp)
+                if hasattr(module, "inner_flops_per_token")
+            )
+        )
+
     def init_state(self, batch: int, max_len: int) -> dict:
         """Stream-start state of every level; `max_len` bounds the tokens of attention caches.
 
