@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_perf_full.sh h   # hope_340m at batch 16, 32, 64 (seq 4096)
 #   bash benchmarks/gpu_perf_full.sh i   # hope_340m at seq 4096 and 32768, both batch 4
 #   bash benchmarks/gpu_perf_full.sh k   # full depth: profile with the inner/other split, then
-#                                        # scan_unroll 2/4 and C_other 16/32/64 (loss moves!)
+#                                        # scan_unroll 4 and C_other 32/64 (the model changes!),
+#                                        # transformer_340m's profile (the 45% MFU target)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -106,4 +107,6 @@ if [ "$1" = k ]; then
   timeout 300 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m \
     --variants="u4:memory.scan_unroll=4|c32:memory.chunk_size_other=32|c64:memory.chunk_size_other=64" \
     --out=$OUT/k_sweep.json 2>&1 | $F | tail -6
+  timeout 90 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
+    --profile=/tmp/prof_tf --profile_top=15 --out=$OUT/k_transformer.json 2>&1 | $F | tail -24
 fi
