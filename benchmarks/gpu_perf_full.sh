@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_perf_full.sh k   # full depth: profile with the inner/other split, then
 #                                        # scan_unroll 4 and C_other 32/64 (the model changes!),
 #                                        # transformer_340m's profile (the 45% MFU target)
+#   bash benchmarks/gpu_perf_full.sh l   # titans_lmm_340m: scan_unroll 1 vs 2 (its 40k target)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -109,4 +110,9 @@ if [ "$1" = k ]; then
     --out=$OUT/k_sweep.json 2>&1 | $F | tail -6
   timeout 90 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
     --profile=/tmp/prof_tf --profile_top=15 --out=$OUT/k_transformer.json 2>&1 | $F | tail -24
+fi
+if [ "$1" = l ]; then  # Titans honours memory.scan_unroll since 2026-11-30 (it ignored it before)
+  timeout 300 $T --seq_len=4096 --batch=8 --presets=titans_lmm_340m \
+    --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" \
+    --out=$OUT/l_titans.json 2>&1 | $F | tail -6
 fi

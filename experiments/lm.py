@@ -115,8 +115,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.remat = True  # recompute each chunk's internals in the backward pass
     # Recompute a whole layer's chunk scans in the backward pass (a mixer-level remat_blocks).
     m.memory.remat_layer = False  # remat_blocks covers it at 340M+
-    # Chunks per loop iteration of the chunk scans (speed only): 2 measured +16% tokens/s on a
-    # 4-layer hope_340m on an H200 (BENCHMARKS.md, issue 7); 1 keeps CPU compiles short.
+    # Chunks per loop iteration of the chunk scans, Hope's and Titans' (speed only): 2 measured
+    # +16% tokens/s on a 4-layer hope_340m on an H200 (BENCHMARKS.md, issue 7); 1 keeps CPU
+    # compiles short. Titans presets keep 1 until measured (`gpu_perf_full.sh l`).
     m.memory.scan_unroll = 2 if big_hope else 1
     # DGD's per-chunk triangular system: "triangular" (trsm) | "inverse" (matmuls only) |
     # "auto" (inverse on CPU, where XLA's trsm can hang; triangular elsewhere).

@@ -202,6 +202,22 @@ def test_validate_config_names_the_bad_field():
     cfg.memory.chunk_size = 0
     with pytest.raises(ValueError, match="memory.chunk_size = 0"):
         validate_config(cfg, 64)
+    cfg = lm.get_config("titans_lmm_tiny").model
+    cfg.memory.scan_unroll = 0
+    with pytest.raises(ValueError, match="memory.scan_unroll = 0"):
+        validate_config(cfg, 64)
+    # Only Hope has a fused kernel: elsewhere the flag must not be silently ignored.
+    cfg = lm.get_config("titans_mac_tiny").model
+    cfg.memory.kernel = "pallas"
+    with pytest.raises(ValueError, match=r"memory.kernel = 'pallas'.*titans_mac"):
+        validate_config(cfg, 64)
+    cfg = lm.get_config("titans_lmm_tiny").model
+    cfg.memory.remat_layer = True
+    with pytest.raises(ValueError, match=r"memory.remat_layer = True.*titans_lmm"):
+        validate_config(cfg, 64)
+    cfg = lm.get_config("hope_tiny").model
+    cfg.memory.kernel, cfg.memory.remat_layer = "pallas", True
+    validate_config(cfg, 64)
 
 
 def test_builds_under_a_trace_skip_the_error_origin_search(monkeypatch):

@@ -139,17 +139,24 @@ class NeuralMemory(nnx.Module):
         weight_decay: bool = True,
         output_gate: bool = True,
         remat: bool = True,
+        scan_unroll: int = 1,
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        """Create projections, gates, convs (conv_window 0: none), norm and initial fast weights."""
+        """Create projections, gates, convs (conv_window 0: none), norm and initial fast weights.
+
+        `scan_unroll`: chunks per loop iteration of the chunk scan (speed only).
+        """
+        if scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be a positive integer, got {scan_unroll}")
         self.heads = heads
         self.head_dim = head_dim
         self.eta_max = eta_max
         self.beta_max = beta_max
         self.remat = remat
+        self.scan_unroll = scan_unroll
         self.dtype = dtype
         # The inner loop accumulates many small steps: never run it below float32.
         self.inner_dtype = jnp.promote_types(dtype, jnp.float32)
@@ -279,12 +286,12 @@ class NeuralMemory(nnx.Module):
             batch_axis = 0
         if resets is not None and not supports_resets():
             resets = None  # older core: documents are not separated in the memory
-        level, remat = self.level, self.remat
+        level, remat, unroll = self.level, self.remat, self.scan_unroll
 
         def one_head(params, state, q, k, v, eta, alpha, beta, resets, reset_params):
             extra = {} if resets is None else {"resets": resets, "reset_params": reset_params}
             return run_level(level, params, state, k, v, q, eta=eta, alpha=alpha, beta=beta,
-                             path="fast", remat=remat, **extra)  # fmt: skip
+                             path="fast", remat=remat, unroll=unroll, **extra)  # fmt: skip
 
         # Inputs are [b, s, h, ...]: heads are axis 1 once the batch axis is mapped away.
         per_head = jax.vmap(one_head, in_axes=(0, 0, 1, 1, 1, 1, 1, 1, None, 0), out_axes=(1, 0))
@@ -629,7 +636,8 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         cfg.d_model, m.heads, m.head_dim, hidden_mult=m.hidden_mult, activation=m.activation,
         chunk_size=m.chunk_size, read=m.read, conv_window=m.conv_window, eta_max=m.eta_max, beta_max=m.beta_max,
         alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
-        output_gate=m.output_gate, remat=m.remat, norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
+        output_gate=m.output_gate, remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
+        norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
 

@@ -395,11 +395,20 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
 
     Called by the trainer before anything is built, so a bad config fails in seconds.
     """
-    _, mlp_name = family_parts(cfg)
+    mixer_name, mlp_name = family_parts(cfg)
     positive = {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}
     if "memory" in cfg:
-        positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size")
-                         if k in cfg.memory})  # fmt: skip
+        positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
+                         "scan_unroll") if k in cfg.memory})  # fmt: skip
+        # Hope-only switches away from their defaults would be silently ignored elsewhere.
+        hope_only = {"kernel": "xla", "remat_layer": False}
+        for key, default in hope_only.items():
+            value = cfg.memory.get(key, default)
+            if value != default and mixer_name != "self_modifying_titans":
+                raise ValueError(
+                    f"model.memory.{key} = {value!r}: only the self_modifying_titans mixer "
+                    f"(Hope) has it, this model's mixer is {mixer_name!r}; use {default!r}"
+                )
         if "chunk_size_other" in cfg.memory:
             positive["memory.chunk_size_other"] = cfg.memory.chunk_size_other
     for key, value in positive.items():
