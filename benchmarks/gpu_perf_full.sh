@@ -14,9 +14,20 @@
 #   bash benchmarks/gpu_perf_full.sh h   # hope_340m at batch 16, 32, 64 (seq 4096)
 #   bash benchmarks/gpu_perf_full.sh i   # hope_340m at seq 4096 and 32768, both batch 4
 #   bash benchmarks/gpu_perf_full.sh k   # full depth: profile with the inner/other split, then
-#                                        # scan_unroll 4 and C_other 32/64 (the model changes!),
+#                                        # scan_unroll 4 and C_other 64 (the model changes!),
 #                                        # transformer_340m's profile (the 45% MFU target)
 #   bash benchmarks/gpu_perf_full.sh l   # titans_lmm_340m: scan_unroll 1 vs 2 (its 40k target)
+#   bash benchmarks/gpu_perf_full.sh m   # transformer_340m head_dtype compute vs float32 (45% MFU
+#                                        # target), titans_lmm_340m unroll 1/2/4, the final
+#                                        # full-depth hope_340m profile (one profiled step)
+#   bash benchmarks/gpu_perf_full.sh n   # memory.kernel xla vs pallas_forward (fused forward,
+#                                        # XLA backward): 4 layers, then full depth;
+#                                        # transformer_340m profile (head_dtype compute);
+#                                        # titans_lmm_340m at batch 8, then batch 4 unroll 1/2
+#   bash benchmarks/gpu_perf_full.sh o   # the session-7 defaults: transformer_340m head_dtype
+#                                        # compute (bf16 backward GEMMs) vs float32, titans_lmm_340m
+#                                        # with remat_blocks (unroll 1/2), full-depth hope_340m
+#                                        # with memory.kernel=auto (pallas_forward) and its profile
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -103,10 +114,10 @@ if [ "$1" = j ]; then
     --variants="c16:memory.chunk_size_other=16|c64:memory.chunk_size_other=64" --out=$OUT/j_chunk.json 2>&1 | $F | tail -6
 fi
 if [ "$1" = k ]; then
-  timeout 200 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_k \
-    --profile_top=25 --out=$OUT/k_full.json 2>&1 | $F | tail -42
-  timeout 300 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m \
-    --variants="u4:memory.scan_unroll=4|c32:memory.chunk_size_other=32|c64:memory.chunk_size_other=64" \
+  timeout 220 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_k \
+    --profile_top=25 --out=$OUT/k_full.json --hlo_out=$OUT/k_full.hlo.gz 2>&1 | $F | tail -42
+  timeout 220 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m \
+    --variants="u4:memory.scan_unroll=4|c64:memory.chunk_size_other=64" \
     --out=$OUT/k_sweep.json 2>&1 | $F | tail -6
   timeout 90 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
     --profile=/tmp/prof_tf --profile_top=15 --out=$OUT/k_transformer.json 2>&1 | $F | tail -24
@@ -115,4 +126,34 @@ if [ "$1" = l ]; then  # Titans honours memory.scan_unroll since 2026-11-30 (it 
   timeout 300 $T --seq_len=4096 --batch=8 --presets=titans_lmm_340m \
     --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" \
     --out=$OUT/l_titans.json 2>&1 | $F | tail -6
+fi
+if [ "$1" = m ]; then
+  timeout 100 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
+    --variants="compute:head_dtype=compute|f32:head_dtype=float32" --out=$OUT/m_transformer.json 2>&1 | $F | tail -5
+  timeout 270 $T --steps=2 --seq_len=4096 --batch=8 --presets=titans_lmm_340m \
+    --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" \
+    --out=$OUT/m_titans.json 2>&1 | $F | tail -6
+  timeout 210 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_m \
+    --profile_steps=1 --profile_top=25 --out=$OUT/m_hope.json --hlo_out=$OUT/m_hope.hlo.gz 2>&1 | $F | tail -42
+fi
+if [ "$1" = n ]; then  # fused forward kernel + XLA backward over its saved carries; the rest of m
+  timeout 150 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="xla:memory.kernel=xla|pf:memory.kernel=pallas_forward" --out=$OUT/n_hope4.json 2>&1 | $F | tail -5
+  timeout 150 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --set=memory.kernel=pallas_forward \
+    --out=$OUT/n_hope.json 2>&1 | $F | tail -3
+  timeout 70 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
+    --profile=/tmp/prof_tf --profile_top=20 --out=$OUT/n_transformer.json 2>&1 | $F | tail -34
+  timeout 90 $T --steps=2 --seq_len=4096 --batch=8 --presets=titans_lmm_340m --out=$OUT/n_titans8.json 2>&1 \
+    | $F | grep -v '^\s*$' | cut -c1-600 | tail -4
+  timeout 130 $T --steps=2 --seq_len=4096 --batch=4 --presets=titans_lmm_340m \
+    --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2" --out=$OUT/n_titans4.json 2>&1 | $F | tail -5
+fi
+if [ "$1" = o ]; then
+  timeout 90 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
+    --variants="compute:head_dtype=compute|f32:head_dtype=float32" --out=$OUT/o_transformer.json 2>&1 | $F | tail -5
+  timeout 170 $T --steps=2 --seq_len=4096 --batch=8 --presets=titans_lmm_340m \
+    --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2" --out=$OUT/o_titans.json 2>&1 | $F \
+    | grep -v '^\s*$' | cut -c1-400 | tail -6
+  timeout 200 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_o \
+    --profile_steps=1 --profile_top=25 --out=$OUT/o_hope.json --hlo_out=$OUT/o_hope.hlo.gz 2>&1 | $F | tail -42
 fi

@@ -32,6 +32,7 @@ import argparse
 import ast
 import collections
 import datetime
+import gzip
 import json
 import pathlib
 import re
@@ -115,6 +116,11 @@ def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
             firsts.setdefault(computation, meta.group(1))
             if inst.group(0).lstrip().startswith("ROOT"):
                 roots[computation] = meta.group(1)
+            # A Pallas Triton call's kernel is named by its backend config (`pallas_call(name=)`),
+            # not after the instruction: map that name too (seen on an H200: `fused_scan_fwd`).
+            if _TRITON_CALL in line and (kernel := _TRITON_NAME.search(line, inst.end())):
+                own.setdefault(kernel.group(1), meta.group(1))
+                computation_of.setdefault(kernel.group(1), computation)
         for key, callee, branches in _HLO_CALLEES.findall(line, inst.end()):
             for c in [callee] if callee else re.findall(r"%?([^\s,%]+)", branches):
                 callers.setdefault(c, name)
@@ -140,6 +146,8 @@ def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
 MAX_PROFILE_EVENTS = 64 * 2**20
 _HLO_INSTRUCTION = re.compile(r"\s+(?:ROOT\s+)?%?([^\s=%]+)\s*=\s")
 _HLO_OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="((?:[^"\\]|\\.)*)"')
+_TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'
+_TRITON_NAME = re.compile(r'\bname = "([^"]+)"')
 _HLO_CALLEES = re.compile(
     r"\b(body|condition|calls|to_apply|true_computation|false_computation|branch_computations)"
     r"=(?:%?([^\s,{}%]+)|\{([^}]*)\})"
@@ -267,6 +275,8 @@ def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10,
             "op": name,
             "kernel": kernel[name],
             "inner": INNER_SCOPE in (resolve_op_name(name, kernel[name], op_names, kernels) or ""),
+            # JAX's name stack of the op: which primitive of which layer a kernel comes from.
+            "source": resolve_op_name(name, kernel[name], op_names, kernels) or "",
             "ms_per_step": ns / 1e6 / steps,
             "share": ns / all_ns if all_ns else 0.0,
             "calls_per_step": count[name] / steps,
@@ -302,8 +312,10 @@ def utilisation(prof: dict, tokens: int, model_flops: float, inner_flops: float,
 
 def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
             overrides: dict[str, object] | None = None, profile: str = "",
-            name: str = "", profile_top: int = 10) -> dict:  # fmt: skip
-    """Compile and time the train step of one preset (profiled if `profile` names a dir)."""
+            name: str = "", profile_top: int = 10, hlo_out: str = "",
+            profile_steps: int = 2) -> dict:  # fmt: skip
+    """Compile and time the train step of one preset (profiled if `profile` names a dir; its
+    optimized HLO gzipped to `hlo_out` if given, to look up the profile's kernels offline)."""
     cfg = lm.get_config(preset).model
     cfg.dtype = dtype
     apply_overrides(cfg, overrides or {})
@@ -325,6 +337,9 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
     compile_s = time.perf_counter() - t0
+    if hlo_out:
+        with gzip.open(hlo_out, "wt") as f:
+            f.write(compiled.as_text())
     state, loss = compiled(state, tokens)  # warm-up
     loss.block_until_ready()
     t0 = time.perf_counter()
@@ -337,11 +352,12 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         holder = [state]
 
         def run_steps():
-            for _ in range(2):
+            for _ in range(profile_steps):
                 holder[0], out = compiled(holder[0], tokens)
             out.block_until_ready()
 
-        prof = profile_top_ops(run_steps, profile, top=profile_top, hlo_text=compiled.as_text())
+        prof = profile_top_ops(run_steps, profile, steps=profile_steps, top=profile_top,
+                               hlo_text=compiled.as_text())  # fmt: skip
     device = jax.devices()[0]
     tokens_per_s = batch * seq_len / step_s
     peak = metrics.peak_flops_per_device(device.device_kind)
@@ -381,6 +397,11 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(out)
 
 
+def _short_source(op_name: str, parts: int = 4) -> str:
+    """The last `parts` components of a JAX name stack (the primitive and its nearest scopes)."""
+    return "/".join(op_name.split("/")[-parts:])
+
+
 def profile_table(prof: dict, row: dict | None = None) -> str:
     """Markdown tables of a profile summary: the longest device ops, then (if attributed) the
     device time and utilisation of the inner recurrences next to the rest and the whole step."""
@@ -395,13 +416,14 @@ def profile_table(prof: dict, row: dict | None = None) -> str:
             else f" ({100 * prof['busy_fraction']:.0f}% of the profiled wall-clock time)"
         ),
         "",
-        "| op | kernel | inner | ms/step | share | calls/step |",
-        "|---|---|---|---|---|---|",
+        "| op | kernel | inner | ms/step | share | calls/step | source (name stack, tail) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in prof["top"]:
         out.append(
             f"| `{r['op'][:40]}` | `{r.get('kernel', '')[:40]}` | {'yes' if r.get('inner') else ''} "
-            f"| {r['ms_per_step']:.2f} | {100 * r['share']:.1f}% | {r['calls_per_step']:,.0f} |"
+            f"| {r['ms_per_step']:.2f} | {100 * r['share']:.1f}% | {r['calls_per_step']:,.0f} "
+            f"| `{_short_source(r.get('source', ''))}` |"
         )
     if "inner_ms_per_step" not in prof:
         return "\n".join(out)
@@ -451,7 +473,11 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="name:k=v;k=v|name2:k=v (first preset)")
     ap.add_argument("--profile", default="", help="trace dir: top device ops of the last run")
     ap.add_argument("--profile_top", type=int, default=10, help="rows of the op table")
+    # A full-depth Hope step launches ~2M kernels; CUPTI kept ~2M records per trace on an H200
+    # whatever the configured cap (2026-11-30), so profile one step there.
+    ap.add_argument("--profile_steps", type=int, default=2, help="steps in the profiled trace")
     ap.add_argument("--out", default="", help="write the measured rows as JSON here")
+    ap.add_argument("--hlo_out", default="", help="gzip the profiled run's optimized HLO here")
     ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__})"
@@ -468,8 +494,9 @@ def main() -> None:
         print(f"[throughput] {label} {overrides}: compiling and timing ...", flush=True)
         try:
             row = measure(preset, args.seq_len, args.batch, args.steps, args.dtype, overrides,
-                          args.profile if i == len(runs) - 1 else "", label,
-                          args.profile_top)  # fmt: skip
+                          args.profile if i == len(runs) - 1 else "", label, args.profile_top,
+                          args.hlo_out if i == len(runs) - 1 else "",
+                          args.profile_steps)  # fmt: skip
         except Exception as e:  # noqa: BLE001  (one failing variant, e.g. OOM, must not end the sweep)
             print(f"[throughput] {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue

@@ -65,12 +65,19 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.embed_init_scale = 1.0
     m.dtype = "float32"
     m.param_dtype = "float32"
+    # Output head matmul inputs: "compute" (the compute dtype forward and backward, float32
+    # accumulation and logits) | "float32" (float32 inputs: three TF32 GEMMs on GPU, 11% of a
+    # bf16 transformer_340m step on an H200; "compute" ran it 6.7% faster). Same if dtype is
+    # float32.
+    m.head_dtype = "compute"
     # One compiled block scanned over the layers (compile time independent of depth) and, for
     # Hope, each block recomputed in the backward pass: the reverse scan then holds one layer's
     # per-chunk memory states at a time (without it hope_340m at seq 4096 x 8 asked 223 GiB).
     # Transformer++ compiles in seconds unscanned and ran 20% faster so (H200, seq 4096).
     m.scan_layers = size != "tiny" and family != "transformer"
-    m.remat_blocks = family == "hope" and size != "tiny"
+    # Titans too: scanned without it, titans_lmm_340m asked 186 GiB at seq 4096 x 8 (an H200
+    # has 139); unscanned it had fit in 112 GiB (BENCHMARKS.md, issue 7).
+    m.remat_blocks = family != "transformer" and size != "tiny"
 
     m.attention = ml_collections.ConfigDict()
     m.attention.rope = True
@@ -116,15 +123,17 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Recompute a whole layer's chunk scans in the backward pass (a mixer-level remat_blocks).
     m.memory.remat_layer = False  # remat_blocks covers it at 340M+
     # Chunks per loop iteration of the chunk scans, Hope's and Titans' (speed only): 2 measured
-    # +16% tokens/s on a 4-layer hope_340m on an H200 (BENCHMARKS.md, issue 7); 1 keeps CPU
-    # compiles short. Titans presets keep 1 until measured (`gpu_perf_full.sh l`).
-    m.memory.scan_unroll = 2 if big_hope else 1
+    # +16% tokens/s on a 4-layer hope_340m and +14.5% on titans_lmm_340m (with remat_blocks,
+    # batch 8) on an H200 (BENCHMARKS.md, issue 7); 1 keeps CPU compiles short.
+    m.memory.scan_unroll = 2 if family != "transformer" and size != "tiny" else 1
     # DGD's per-chunk triangular system: "triangular" (trsm) | "inverse" (matmuls only) |
     # "auto" (inverse on CPU, where XLA's trsm can hang; triangular elsewhere).
     m.memory.solve = "auto"
     # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
-    # layer, forward and backward; GPU, or the Pallas interpreter on CPU). Not faster yet.
-    m.memory.kernel = "xla"
+    # layer, forward and backward) | "pallas_forward" (the fused forward kernel, the backward as
+    # XLA ops: +13% tokens/s at full hope_340m depth on an H200) | "auto": pallas_forward on a
+    # single GPU where Triton's 16-wide matmuls fit, xla elsewhere (CPU, TPU, several devices).
+    m.memory.kernel = "auto"
 
     # Continuum Memory System (spec section 4, rows 11-15).
     m.cms = ml_collections.ConfigDict()

@@ -47,9 +47,11 @@ def toy_loss(fn):
     return loss
 
 
-def test_fused_scan_matches_lax_scan(x64):
+@pytest.mark.parametrize("backward", ["kernel", "xla"])
+def test_fused_scan_matches_lax_scan(x64, backward):
     carry, xs, consts = toy_inputs(dtype=jnp.float64)
-    fused = functools.partial(fs.fused_scan, toy_step, interpret=True)
+    fused = functools.partial(fs.fused_scan, toy_step, interpret=True, backward=backward,
+                              unroll=2)  # fmt: skip
     got, want = fused(carry, xs, consts), lax_reference(toy_step, carry, xs, consts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
@@ -67,7 +69,31 @@ def test_fused_scan_gradient_finite_differences(x64):
     jax.test_util.check_grads(toy_loss(fused), (carry, xs, consts), order=1, modes=["rev"])
 
 
+def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
+    # The XLA backward applies the vjp of `xla_step`, not of the kernel's step: a different
+    # function there must change the gradient (and only the gradient), so it is really used.
+    carry, xs, consts = toy_inputs(n=2, t=3, dtype=jnp.float64)
+
+    def doubled(c, x, k):
+        new, y = jax.vmap(toy_step)(c, x, k)
+        return new, jax.tree.map(lambda a: 2 * a, y)
+
+    same = functools.partial(fs.fused_scan, toy_step, interpret=True, backward="xla")
+    other = functools.partial(same, xla_step=doubled)
+    for a, b in zip(jax.tree.leaves(other(carry, xs, consts)),
+                    jax.tree.leaves(same(carry, xs, consts)), strict=True):  # fmt: skip
+        assert rel_err(a, b) < 1e-15
+    g_same = jax.grad(toy_loss(same), argnums=1)(carry, xs, consts)
+    g_other = jax.grad(toy_loss(other), argnums=1)(carry, xs, consts)
+    assert rel_err(g_other["u"], g_same["u"]) > 0.1
+
+
 def test_fused_scan_rejects_bad_inputs():
+    carry, xs, consts = toy_inputs()
+    with pytest.raises(ValueError, match="unknown backward"):
+        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="cuda")
+    with pytest.raises(ValueError, match="only used with backward='xla'"):
+        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, xla_step=toy_step)
     with pytest.raises(ValueError, match="power-of-two"):
         fs.fused_scan(toy_step, *toy_inputs(d=12), interpret=False)
     carry, xs, consts = toy_inputs()
@@ -100,8 +126,9 @@ def test_pallas_heads_match_token_reference(x64, changes):
     assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
 
 
+@pytest.mark.parametrize("fused", ["pallas", "pallas_forward"])
 @pytest.mark.parametrize("with_resets", [False, True], ids=["no_resets", "resets"])
-def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets):
+def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
     spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4)
     b, s, h, dh = 2, 8, spec.heads, spec.head_dim
     key = jax.random.PRNGKey(5)
@@ -126,12 +153,12 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets):
 
     args = (init, static, u, q, beta)
     _, st_x = run("xla", True)(*args)
-    _, st_p = run("pallas", True)(*args)
+    _, st_p = run(fused, True)(*args)
     for a, c in zip(jax.tree.leaves(st_p), jax.tree.leaves(st_x), strict=True):
         assert rel_err(a, c) < 1e-10
     loss = lambda k: lambda *a: jnp.sum(jnp.sin(3 * run(k, False)(*a)[0]))  # noqa: E731
     g_x = jax.grad(loss("xla"), argnums=(0, 1, 2, 3, 4))(*args)
-    g_p = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3, 4))(*args)
+    g_p = jax.grad(loss(fused), argnums=(0, 1, 2, 3, 4))(*args)
     for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         assert rel_err(a, c) < 1e-9
 
@@ -139,6 +166,20 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets):
 def test_pallas_kernel_needs_a_known_name():
     with pytest.raises(ValueError, match="memory.kernel"):
         dataclasses.replace(SPEC, kernel="cuda")
+
+
+def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
+    big = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16)
+    assert big.kernel == "auto" and sm.resolve_kernel(big) == "xla"  # this CPU host
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert sm.resolve_kernel(big) == ("xla" if fs.pl_triton is None else "pallas_forward")
+    # Triton's matmuls need 16-wide operands; an explicit choice is kept as it is.
+    assert sm.resolve_kernel(dataclasses.replace(big, chunk_other=8)) == "xla"
+    assert sm.resolve_kernel(dataclasses.replace(big, head_dim=96, hidden=96)) == "xla"  # 760M
+    assert sm.resolve_kernel(dataclasses.replace(big, kernel="xla")) == "xla"
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # GSPMD cannot split the Pallas call
+    assert sm.resolve_kernel(big) == "xla"
 
 
 def _projection_inputs(spec, n=2, t=2, resets=False):

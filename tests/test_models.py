@@ -134,6 +134,50 @@ def test_unknown_family_and_dtype_errors():
         models.build(tiny("hope", **{"cms.chunk_sizes": (12, 0)}), nnx.Rngs(0))
 
 
+def _dots(jaxpr) -> list:
+    """Every dot_general of a jaxpr, nested ones (custom_vjp, pjit, scans) included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _dots(sub)
+    return out
+
+
+def test_head_dtype_sets_the_output_matmul_inputs_and_keeps_float32_logits():
+    # The head is the largest GEMM of a small LM: "compute" multiplies bfloat16 inputs with
+    # float32 accumulation in the forward AND both backward GEMMs (autodiff alone would take
+    # the float32 cotangent: float32 GEMMs); "float32" upcasts them; logits are float32 always.
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    heads, grads = {}, {}
+    for head_dtype in ("compute", "float32"):
+        model = models.build(tiny("transformer", dtype="bfloat16", head_dtype=head_dtype),
+                             nnx.Rngs(0))  # fmt: skip
+        graphdef, state = nnx.split(model)
+        params = state.filter(nnx.Param)
+        rest = state.filter(lambda path, x: not isinstance(x, nnx.Param))
+
+        def loss(p, graphdef=graphdef, rest=rest):
+            logits = nnx.merge(graphdef, p, rest)(tokens)
+            assert logits.dtype == jnp.float32
+            return jnp.sum(jnp.sin(logits))
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+        head = [e for e in _dots(jaxpr.jaxpr)
+                if 257 in [d for v in (*e.invars, *e.outvars) for d in v.aval.shape]]  # fmt: skip
+        assert len(head) >= 3, head  # forward, d(input), d(weight)
+        heads[head_dtype] = {v.aval.dtype for e in head for v in e.invars}
+        grads[head_dtype] = jax.grad(loss)(params)
+    assert heads == {"compute": {jnp.dtype(jnp.bfloat16)}, "float32": {jnp.dtype(jnp.float32)}}
+    # The same gradient up to bfloat16 rounding: the head's weight, and all of them together.
+    flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])  # noqa: E731
+    for a, b in [(grads[k]["unembed"][...] for k in grads), (flat(g) for g in grads.values())]:
+        assert float(jnp.linalg.norm(a - b)) <= 0.02 * float(jnp.linalg.norm(b)), (a, b)
+    with pytest.raises(ValueError, match="head_dtype = 'bf16'"):
+        models.build(tiny("transformer", head_dtype="bf16"), nnx.Rngs(0))
+
+
 PARAM_TABLE = json.loads((ROOT / "tests" / "param_counts.json").read_text())
 NOMINAL = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
 
@@ -218,6 +262,10 @@ def test_validate_config_names_the_bad_field():
     cfg = lm.get_config("hope_tiny").model
     cfg.memory.kernel, cfg.memory.remat_layer = "pallas", True
     validate_config(cfg, 64)
+    for family in ("titans_lmm", "titans_mac"):  # the presets' "auto" means xla there
+        cfg = lm.get_config(f"{family}_340m").model
+        assert cfg.memory.kernel == "auto"
+        validate_config(cfg, 4096)
 
 
 def test_builds_under_a_trace_skip_the_error_origin_search(monkeypatch):

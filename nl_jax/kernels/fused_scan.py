@@ -7,7 +7,9 @@ by launches, not FLOPs or bytes. `fused_scan` runs the same `step` for all chunk
 
 The backward pass is a second kernel that walks the chunks in reverse: it reloads the carry saved
 before each step, re-traces `step` and applies its `jax.vjp` in the kernel, so no backward is
-written by hand and the kernel always differentiates the same function that runs forward.
+written by hand and the kernel always differentiates the same function that runs forward. With
+`backward="xla"` the same reverse walk runs as a `lax.scan` of XLA ops over the saved carries
+instead (`xla_step`: the step batched over instances, possibly batched differently).
 
 `step` sees one instance and must use only ops the Triton lowering supports: 2-D matmuls (both
 sides at least 16), elementwise math, reductions, `where`, iota masks; no slicing, gathers,
@@ -32,6 +34,8 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
     pl_triton = None
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
+# How the gradient runs: the reverse-walk kernel, or XLA ops over the kernel's saved carries.
+BACKWARDS = ("kernel", "xla")
 
 
 def _block(shape: tuple[int, ...]) -> pl.BlockSpec:
@@ -174,20 +178,53 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
     return d_carry, d_xs, d_consts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
-def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int):
+def _backward_xla(xla_step: Step, saved, xs, consts, d_final, d_ys, unroll: int):
+    """The reverse walk as XLA ops: a reverse `lax.scan` of `jax.vjp(xla_step)` over the steps,
+    each at its saved input carry (the saved carries and `xs` stay `[N, T, ...]`: each step
+    reads its slice in place rather than transposing T-times-the-carry bytes to time-major)."""
+    t = jax.tree.leaves(xs)[0].shape[1]
+    c_tree = jax.tree.structure(d_final)
+    saved = jax.tree.unflatten(c_tree, saved)
+    at = lambda tree, i: jax.tree.map(  # noqa: E731
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), tree
+    )
+
+    def body(acc, i):
+        dc, dk = acc
+        _, vjp = jax.vjp(xla_step, at(saved, i), at(xs, i), consts)
+        dc_prev, dx, dk_i = vjp((dc, at(d_ys, i)))
+        dc_prev = jax.tree.map(lambda v, a: v.astype(a.dtype), dc_prev, dc)
+        return (dc_prev, jax.tree.map(lambda a, b: a + b.astype(a.dtype), dk, dk_i)), dx
+
+    # Const gradients sum over all steps: at least float32 whatever the consts' dtype.
+    zeros = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), consts
+    )
+    (d_carry, d_consts), dxs = jax.lax.scan(
+        body, (d_final, zeros), jnp.arange(t), reverse=True, unroll=max(1, min(unroll, t))
+    )
+    d_xs = jax.tree.map(lambda d, a: jnp.swapaxes(d, 0, 1).astype(a.dtype), dxs, xs)
+    d_consts = jax.tree.map(lambda d, a: d.astype(a.dtype), d_consts, consts)
+    return d_carry, d_xs, d_consts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7))
+def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int,
+          xla_step: Step | None, unroll: int):  # fmt: skip
     final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps)
     return final, ys
 
 
-def _scan_fwd(step, carry, xs, consts, interpret, num_warps):
+def _scan_fwd(step, carry, xs, consts, interpret, num_warps, xla_step, unroll):
     final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps)
     return (final, ys), (saved, xs, consts)
 
 
-def _scan_bwd(step, interpret, num_warps, res, cotangents):
+def _scan_bwd(step, interpret, num_warps, xla_step, unroll, res, cotangents):
     saved, xs, consts = res
     d_final, d_ys = cotangents
+    if xla_step is not None:
+        return _backward_xla(xla_step, saved, xs, consts, d_final, d_ys, unroll)
     return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps)
 
 
@@ -195,7 +232,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
-               num_warps: int = 8) -> tuple[Any, Any]:  # fmt: skip
+               num_warps: int = 8, backward: str = "kernel", xla_step: Step | None = None,
+               unroll: int = 1) -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -206,6 +244,13 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
       interpret: run the kernels in Pallas' interpreter (CPU tests).
       num_warps: warps per program (8 measured fastest for Hope's projection scan on an H200;
         a carry kept in a global buffer instead of registers measured slower, commit 6f9bb8d).
+      backward: `"kernel"` (the reverse-walk kernel) or `"xla"`: a reverse `lax.scan` of XLA
+        ops applying `jax.vjp(xla_step)` at each saved carry (no Triton compile of the vjp,
+        which took 277 s at Hope 340M's shape; on an H200 the XLA backward also ran faster).
+      xla_step: with `backward="xla"`, the step batched over the N instances
+        (`[N, ...]` carry, x and consts; default `jax.vmap(step)`). It must compute the same
+        function as `step`: a caller may batch it differently (Hope stacks its memories).
+      unroll: steps per loop iteration of the XLA backward.
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -223,7 +268,13 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
     for a in x_leaves:
         if a.shape[:2] != (n, t):
             raise ValueError(f"fused_scan: xs must be [N={n}, T={t}, ...], got {a.shape}")
-    return _scan(step, carry, xs, consts, interpret, num_warps)
+    if backward not in BACKWARDS:
+        raise ValueError(f"fused_scan: unknown backward {backward!r}; allowed: {BACKWARDS}")
+    if backward == "kernel" and xla_step is not None:
+        raise ValueError("fused_scan: xla_step is only used with backward='xla'")
+    if backward == "xla" and xla_step is None:
+        xla_step = jax.vmap(step)
+    return _scan(step, carry, xs, consts, interpret, num_warps, xla_step, unroll)
 
 
 def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True) -> str:

@@ -38,16 +38,17 @@ from nl_jax.core import (
     run_level,
 )
 from nl_jax.core.level import chunk_update
-from nl_jax.kernels.fused_scan import fused_scan
+from nl_jax.kernels.fused_scan import fused_scan, pl_triton
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
 from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import l2_normalize, logical_param
 
 Params = dict[str, jax.Array]
-# How the projection-memory chunk scan runs: XLA ops, or one fused Pallas (Triton) kernel per
-# layer (GPU; the Pallas interpreter on CPU).
-KERNELS = ("xla", "pallas")
+# How the projection-memory chunk scan runs: XLA ops; one fused Pallas (Triton) kernel per
+# layer for the forward and one for the backward (GPU; the Pallas interpreter on CPU); or the
+# fused forward kernel with the backward as XLA ops over its saved chunk-start carries.
+KERNELS = ("auto", "xla", "pallas", "pallas_forward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ class SelfModSpec:
     remat_layer: bool = False
     scan_unroll: int = 1
     solve: str = "auto"
-    kernel: str = "xla"
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -225,6 +226,25 @@ def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
     return new, gen
 
 
+def projection_step_batched(spec: SelfModSpec, carry: tuple, xs: dict,
+                            consts: dict) -> tuple[tuple, dict]:  # fmt: skip
+    """`projection_step` over N instances (leading axis of every leaf) in the XLA form.
+
+    The same function as `jax.vmap(projection_step)`, but with the memories stacked on one
+    batched axis (`_projection_chunk`): one batched matmul per op instead of one per memory,
+    which is how the XLA backward of `memory.kernel="pallas_forward"` differentiates it.
+    """
+    stack = lambda tree: jax.tree.map(lambda *m: jnp.stack(m, axis=1), *tree)  # noqa: E731
+    proj_init = stack(consts["init"]) if "init" in consts else None
+    x = dict(xs)
+    if "resets" in x:
+        x["resets"] = x["resets"] > 0.5
+    chunk = functools.partial(_projection_chunk, spec)
+    new, gen = jax.vmap(chunk)(proj_init, consts["static"], stack(carry), x)
+    memories_out = range(len(spec.projection_memories))
+    return tuple(jax.tree.map(lambda a, m=m: a[:, m], new) for m in memories_out), gen
+
+
 def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: dict,
                  q: jax.Array, beta: jax.Array,
                  resets: jax.Array | None) -> tuple[jax.Array, tuple]:  # fmt: skip
@@ -282,13 +302,28 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     return out, {"proj": carry, "main": main_end}
 
 
+def resolve_kernel(spec: SelfModSpec) -> str:
+    """`spec.kernel`, with `auto` resolved: `pallas_forward` on a single GPU where Triton takes
+    the shapes (+13% tokens/s at full hope_340m depth on an H200, BENCHMARKS.md), else `xla`.
+    Not on several devices: GSPMD cannot partition the Pallas call (untested)."""
+    if spec.kernel != "auto":
+        return spec.kernel
+    # Triton: matmul operands at least 16 wide, every block a power of two (hope_760m's heads of
+    # 96 are not, so it keeps the XLA path).
+    sizes = (spec.chunk_other, spec.head_dim, spec.hidden)
+    fits = all(n >= 16 and n & (n - 1) == 0 for n in sizes)
+    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+    return "pallas_forward" if fits and single_gpu and pl_triton is not None else "xla"
+
+
 def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
                      q: jax.Array, beta: jax.Array, resets: jax.Array | None,
                      heads: dict | None) -> tuple[jax.Array, dict]:  # fmt: skip
     """`run_heads` with the projection-memory chunk scan in one Pallas kernel.
 
     Every (sequence, head) pair is one kernel instance; a trailing partial chunk and M_memory
-    run as in `self_modifying_head`.
+    run as in `self_modifying_head`. `kernel="pallas_forward"` differentiates the scan with XLA
+    ops (`projection_step_batched` at the kernel's saved chunk-start carries).
     """
     b, s, h, dh = u.shape
     n, c = b * h, spec.chunk_other
@@ -322,7 +357,14 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
-        carry, gen = fused_scan(step, carry, full, consts, interpret=interpret)
+        if spec.kernel == "pallas_forward":
+            carry, gen = fused_scan(
+                step, carry, full, consts, interpret=interpret, backward="xla",
+                xla_step=functools.partial(projection_step_batched, spec),
+                unroll=spec.scan_unroll,
+            )  # fmt: skip
+        else:
+            carry, gen = fused_scan(step, carry, full, consts, interpret=interpret)
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *carry)
     if s > n_full * c:
@@ -355,7 +397,8 @@ def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax
 
     Returns `(y [batch, seq, heads, head_dim], new head states or None)`.
     """
-    if spec.kernel == "pallas":
+    spec = dataclasses.replace(spec, kernel=resolve_kernel(spec))
+    if spec.kernel != "xla":
         y, new = _run_heads_fused(spec, init, static, u, q, beta, resets, heads)
         return y, None if heads is None else new
     r_ax = None if resets is None else 0
@@ -388,7 +431,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         normalize_lr=m.normalize_lr, adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
-        solve=m.get("solve", "auto"), kernel=m.get("kernel", "xla"),
+        solve=m.get("solve", "auto"), kernel=m.get("kernel", "auto"),
     )  # fmt: skip
 
 

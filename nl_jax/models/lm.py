@@ -2,7 +2,7 @@
 
     x = embed(tokens)
     for each block:  h = x + mixer(norm(x));  x = h + mlp(norm(h))      (pre-norm, spec row 20)
-    logits = unembed(norm(x))                                           (float32)
+    logits = unembed(norm(x))            (float32; the matmul's inputs per `head_dtype`)
 
 Mixers and MLPs are NNX modules built by factories registered by name (`register_mixer`,
 `register_mlp`), so a new level (a Flax module) goes into a block without touching this file.
@@ -131,6 +131,10 @@ class DecoderLM(nnx.Module):
         make_mlp = None if mlp_name == "none" else _lookup(_MLPS, "mlp", mlp_name)
         self.cfg = cfg
         self.dtype = dtype_of(cfg.dtype)
+        # Configs saved before head_dtype existed multiplied the head in float32.
+        self.head_dtype = cfg.get("head_dtype", "float32")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"model.head_dtype = {self.head_dtype!r}; allowed: {HEAD_DTYPES}")
         pdt = dtype_of(cfg.param_dtype)
         d, v = cfg.d_model, cfg.vocab_size
         self.embed = logical_param(
@@ -375,11 +379,48 @@ class DecoderLM(nnx.Module):
         return logits, dict(state, blocks=blocks, pending=new_pending)
 
     def _head(self, x: jax.Array) -> jax.Array:
-        """Final norm and output head: [batch, seq, d_model] -> float32 [batch, seq, vocab]."""
+        """Final norm and output head: [batch, seq, d_model] -> float32 [batch, seq, vocab].
+
+        `head_dtype="float32"` multiplies float32 inputs (TF32/float32 GEMMs on GPU);
+        `"compute"` multiplies inputs in the compute dtype, forward and backward, accumulating
+        in float32 (`_low_precision_head`).
+        """
         out = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in references)
-        x = self.final_norm(x).astype(out)
         head = self.embed[...].T if self.unembed is None else self.unembed[...]
-        return x @ head.astype(out)
+        if self.head_dtype == "compute" and jnp.dtype(self.dtype) != jnp.dtype(out):
+            x = self.final_norm(x).astype(self.dtype)
+            return _low_precision_head(x, head.astype(self.dtype))
+        return self.final_norm(x).astype(out) @ head.astype(out)
+
+
+# The output head's matmul inputs: float32, or the model's compute dtype (float32 accumulation
+# either way). The head is the largest GEMM of a small model: three float32 (TF32) GEMMs,
+# forward and backward, were 11% of a bfloat16 transformer_340m step on an H200 (BENCHMARKS.md).
+HEAD_DTYPES = ("float32", "compute")
+
+
+@jax.custom_vjp
+def _low_precision_head(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` for low-precision `x: [..., d]`, `w: [d, vocab]` as float32 logits, float32
+    accumulation; the backward GEMMs take the cotangent in the inputs' dtype too (autodiff
+    would multiply the float32 cotangent in float32, i.e. two TF32 GEMMs on GPU)."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _low_precision_head_fwd(x, w):
+    return _low_precision_head(x, w), (x, w)
+
+
+def _low_precision_head_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    flat_x, flat_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = jnp.matmul(flat_x.T, flat_g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_low_precision_head.defvjp(_low_precision_head_fwd, _low_precision_head_bwd)
 
 
 def family_parts(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -401,13 +442,13 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
         positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
                          "scan_unroll") if k in cfg.memory})  # fmt: skip
         # Hope-only switches away from their defaults would be silently ignored elsewhere.
-        hope_only = {"kernel": "xla", "remat_layer": False}
-        for key, default in hope_only.items():
-            value = cfg.memory.get(key, default)
-            if value != default and mixer_name != "self_modifying_titans":
+        hope_only = {"kernel": ("auto", "xla"), "remat_layer": (False,)}
+        for key, plain in hope_only.items():
+            value = cfg.memory.get(key, plain[0])
+            if value not in plain and mixer_name != "self_modifying_titans":
                 raise ValueError(
                     f"model.memory.{key} = {value!r}: only the self_modifying_titans mixer "
-                    f"(Hope) has it, this model's mixer is {mixer_name!r}; use {default!r}"
+                    f"(Hope) has it, this model's mixer is {mixer_name!r}; use {plain[-1]!r}"
                 )
         if "chunk_size_other" in cfg.memory:
             positive["memory.chunk_size_other"] = cfg.memory.chunk_size_other
