@@ -87,6 +87,28 @@ def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
     g_other = jax.grad(toy_loss(other), argnums=1)(carry, xs, consts)
     assert rel_err(g_other["u"], g_same["u"]) > 0.1
 
+    # An xla_step in another carry layout (a (w, s) tuple), packed once outside the loop.
+    def pack(c, lead):
+        return (c["w"], c["s"])
+
+    def unpack(c, lead):
+        return {"w": c[0], "s": c[1]}
+
+    def tuple_step(c, x, k):
+        new, y = jax.vmap(toy_step)(unpack(c, 1), x, k)
+        return pack(new, 1), y
+
+    packed = functools.partial(same, xla_step=tuple_step, xla_layout=(pack, unpack))
+    g_packed = jax.grad(toy_loss(packed), argnums=(0, 1, 2))(carry, xs, consts)
+    g_want = jax.grad(toy_loss(functools.partial(lax_reference, toy_step)), argnums=(0, 1, 2))(
+        carry, xs, consts
+    )
+    for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(a, b) < 1e-12
+    with pytest.raises(ValueError, match="needs the xla_step"):
+        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="xla",
+                      xla_layout=(pack, unpack))  # fmt: skip
+
 
 def test_fused_scan_rejects_bad_inputs():
     carry, xs, consts = toy_inputs()

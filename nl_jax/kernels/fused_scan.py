@@ -36,6 +36,8 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
 # How the gradient runs: the reverse-walk kernel, or XLA ops over the kernel's saved carries.
 BACKWARDS = ("kernel", "xla")
+# `(pack, unpack)`: a carry's layout for the XLA backward and back, given its leading axes.
+Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
 
 
 def _block(shape: tuple[int, ...]) -> pl.BlockSpec:
@@ -178,13 +180,18 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
     return d_carry, d_xs, d_consts
 
 
-def _backward_xla(xla_step: Step, saved, xs, consts, d_final, d_ys, unroll: int):
+def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_final, d_ys,
+                  unroll: int):  # fmt: skip
     """The reverse walk as XLA ops: a reverse `lax.scan` of `jax.vjp(xla_step)` over the steps,
     each at its saved input carry (the saved carries and `xs` stay `[N, T, ...]`: each step
-    reads its slice in place rather than transposing T-times-the-carry bytes to time-major)."""
+    reads its slice in place rather than transposing T-times-the-carry bytes to time-major).
+    With a `layout`, the saved carries and the carry cotangent are packed once, outside the
+    loop, instead of once per step inside `xla_step`."""
     t = jax.tree.leaves(xs)[0].shape[1]
     c_tree = jax.tree.structure(d_final)
     saved = jax.tree.unflatten(c_tree, saved)
+    if layout is not None:
+        saved, d_final = layout[0](saved, 2), layout[0](d_final, 1)
     at = lambda tree, i: jax.tree.map(  # noqa: E731
         lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), tree
     )
@@ -205,26 +212,28 @@ def _backward_xla(xla_step: Step, saved, xs, consts, d_final, d_ys, unroll: int)
     )
     d_xs = jax.tree.map(lambda d, a: jnp.swapaxes(d, 0, 1).astype(a.dtype), dxs, xs)
     d_consts = jax.tree.map(lambda d, a: d.astype(a.dtype), d_consts, consts)
+    if layout is not None:
+        d_carry = layout[1](d_carry, 1)
     return d_carry, d_xs, d_consts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7, 8))
 def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int,
-          xla_step: Step | None, unroll: int):  # fmt: skip
+          xla_step: Step | None, layout: Layout | None, unroll: int):  # fmt: skip
     final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps)
     return final, ys
 
 
-def _scan_fwd(step, carry, xs, consts, interpret, num_warps, xla_step, unroll):
+def _scan_fwd(step, carry, xs, consts, interpret, num_warps, xla_step, layout, unroll):
     final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps)
     return (final, ys), (saved, xs, consts)
 
 
-def _scan_bwd(step, interpret, num_warps, xla_step, unroll, res, cotangents):
+def _scan_bwd(step, interpret, num_warps, xla_step, layout, unroll, res, cotangents):
     saved, xs, consts = res
     d_final, d_ys = cotangents
     if xla_step is not None:
-        return _backward_xla(xla_step, saved, xs, consts, d_final, d_ys, unroll)
+        return _backward_xla(xla_step, layout, saved, xs, consts, d_final, d_ys, unroll)
     return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps)
 
 
@@ -233,7 +242,7 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
                num_warps: int = 8, backward: str = "kernel", xla_step: Step | None = None,
-               unroll: int = 1) -> tuple[Any, Any]:  # fmt: skip
+               xla_layout: Layout | None = None, unroll: int = 1) -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -250,6 +259,10 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
       xla_step: with `backward="xla"`, the step batched over the N instances
         (`[N, ...]` carry, x and consts; default `jax.vmap(step)`). It must compute the same
         function as `step`: a caller may batch it differently (Hope stacks its memories).
+      xla_layout: `(pack, unpack)` for `backward="xla"`: `pack(carry, lead)` rearranges a carry
+        whose leaves have `lead` leading axes (N, or N and T) into the layout `xla_step` takes
+        and returns, `unpack(packed, lead)` undoes it; the saved carries are packed once
+        instead of on every step. Default: `xla_step` takes `step`'s carry layout.
       unroll: steps per loop iteration of the XLA backward.
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
@@ -270,11 +283,13 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
             raise ValueError(f"fused_scan: xs must be [N={n}, T={t}, ...], got {a.shape}")
     if backward not in BACKWARDS:
         raise ValueError(f"fused_scan: unknown backward {backward!r}; allowed: {BACKWARDS}")
-    if backward == "kernel" and xla_step is not None:
-        raise ValueError("fused_scan: xla_step is only used with backward='xla'")
+    if backward == "kernel" and (xla_step is not None or xla_layout is not None):
+        raise ValueError("fused_scan: xla_step and xla_layout are only used with backward='xla'")
     if backward == "xla" and xla_step is None:
+        if xla_layout is not None:
+            raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
         xla_step = jax.vmap(step)
-    return _scan(step, carry, xs, consts, interpret, num_warps, xla_step, unroll)
+    return _scan(step, carry, xs, consts, interpret, num_warps, xla_step, xla_layout, unroll)
 
 
 def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True) -> str:

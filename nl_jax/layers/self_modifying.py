@@ -226,23 +226,35 @@ def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
     return new, gen
 
 
-def projection_step_batched(spec: SelfModSpec, carry: tuple, xs: dict,
-                            consts: dict) -> tuple[tuple, dict]:  # fmt: skip
-    """`projection_step` over N instances (leading axis of every leaf) in the XLA form.
+def stack_memories(carry: tuple, lead: int) -> tuple:
+    """Per-memory carries (a tuple over `spec.projection_memories`) as one stacked carry, the
+    memory axis placed after `lead` leading axes; `unstack_memories` undoes it."""
+    return jax.tree.map(lambda *m: jnp.stack(m, axis=lead), *carry)
 
-    The same function as `jax.vmap(projection_step)`, but with the memories stacked on one
-    batched axis (`_projection_chunk`): one batched matmul per op instead of one per memory,
-    which is how the XLA backward of `memory.kernel="pallas_forward"` differentiates it.
+
+def unstack_memories(stacked: tuple, lead: int) -> tuple:
+    """The per-memory tuple of a carry stacked by `stack_memories` (memory axis at `lead`)."""
+    count = jax.tree.leaves(stacked)[0].shape[lead]
+    pick = lambda m: lambda a: jax.lax.index_in_dim(a, m, axis=lead, keepdims=False)  # noqa: E731
+    return tuple(jax.tree.map(pick(m), stacked) for m in range(count))
+
+
+def projection_step_batched(spec: SelfModSpec, stacked: tuple, xs: dict,
+                            consts: dict) -> tuple[tuple, dict]:  # fmt: skip
+    """`projection_step` over N instances in the XLA form, on memory-stacked carries.
+
+    `stacked`: `stack_memories(carry, 1)`, leaves `[N, P, ...]`; xs and consts as
+    `projection_step`'s with a leading N. Returns the stacked new carry and the chunk's gates:
+    the same function as `jax.vmap(projection_step)` up to that layout, with one batched
+    matmul per op instead of one per memory. The XLA backward of `memory.kernel=
+    "pallas_forward"` differentiates it, the saved carries stacked once outside its loop.
     """
-    stack = lambda tree: jax.tree.map(lambda *m: jnp.stack(m, axis=1), *tree)  # noqa: E731
-    proj_init = stack(consts["init"]) if "init" in consts else None
+    proj_init = stack_memories(consts["init"], 1) if "init" in consts else None
     x = dict(xs)
     if "resets" in x:
         x["resets"] = x["resets"] > 0.5
     chunk = functools.partial(_projection_chunk, spec)
-    new, gen = jax.vmap(chunk)(proj_init, consts["static"], stack(carry), x)
-    memories_out = range(len(spec.projection_memories))
-    return tuple(jax.tree.map(lambda a, m=m: a[:, m], new) for m in memories_out), gen
+    return jax.vmap(chunk)(proj_init, consts["static"], stacked, x)
 
 
 def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: dict,
@@ -361,14 +373,14 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
             carry, gen = fused_scan(
                 step, carry, full, consts, interpret=interpret, backward="xla",
                 xla_step=functools.partial(projection_step_batched, spec),
-                unroll=spec.scan_unroll,
+                xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll,
             )  # fmt: skip
         else:
             carry, gen = fused_scan(step, carry, full, consts, interpret=interpret)
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
-    carry = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *carry)
+    carry = stack_memories(carry, 1)
     if s > n_full * c:
-        proj_init = jax.tree.map(lambda *m: jnp.stack(m, axis=1), *[init_n[m] for m in names])
+        proj_init = stack_memories(tuple(init_n[m] for m in names), 1)
         tail = {"u": xs["u"][:, n_full * c :], "beta": xs["beta"][:, n_full * c :]}
         if resets_n is not None:
             tail["resets"] = resets_n[:, n_full * c :]
