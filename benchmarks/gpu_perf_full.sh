@@ -28,7 +28,8 @@
 #                                        # compute (bf16 backward GEMMs) vs float32, titans_lmm_340m
 #                                        # with remat_blocks (unroll 1/2), full-depth hope_340m
 #                                        # with memory.kernel=auto (pallas_forward) and its profile
-#   bash benchmarks/gpu_perf_full.sh q   # next: full-depth hope_340m (auto = pallas_forward) with
+#   bash benchmarks/gpu_perf_full.sh q   # next: pallas_forward's GPU test; full-depth hope_340m
+#                                        # (auto = pallas_forward) with
 #                                        # the memory-stacked XLA backward, profiled; batch 16;
 #                                        # seq 32768 x 4 (the saved carries at long sequences)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
@@ -161,6 +162,8 @@ if [ "$1" = o ]; then
     --profile_steps=1 --profile_top=25 --out=$OUT/o_hope.json --hlo_out=$OUT/o_hope.hlo.gz 2>&1 | $F | tail -42
 fi
 if [ "$1" = q ]; then  # the XLA backward on carries stacked once (not per step): predicted +5-8%
+  PYTHONPATH=$PYTHONPATH:tests timeout 120 python -c "import test_fused_scan as t
+t.test_compiled_forward_kernel_matches_xla_on_gpu(); print('PASS test_compiled_forward_kernel_matches_xla_on_gpu')" 2>&1 | $F | tail -3
   timeout 200 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_q \
     --profile_steps=1 --profile_top=25 --out=$OUT/q_hope.json --hlo_out=$OUT/q_hope.hlo.gz 2>&1 | $F | tail -42
   timeout 150 $T --steps=1 --seq_len=4096 --batch=16 --presets=hope_340m --out=$OUT/q_hope_b16.json 2>&1 | $F | tail -3

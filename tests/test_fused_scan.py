@@ -231,7 +231,7 @@ def test_projection_step_lowers_to_triton_for_cuda(resets):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
-def test_compiled_kernel_matches_xla_on_gpu():
+def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas"):
     """The compiled kernel at Hope 340M's head shape against the XLA path (both float32/TF32)."""
     spec = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
                           solve="inverse")  # fmt: skip
@@ -252,12 +252,19 @@ def test_compiled_kernel_matches_xla_on_gpu():
         return jax.jit(lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, None, None)[0])))
 
     args = (init, static, u, q, beta)
-    for kernel_out, xla_out in [(loss("pallas")(*args), loss("xla")(*args))]:
+    for kernel_out, xla_out in [(loss(fused)(*args), loss("xla")(*args))]:
         assert abs(float(kernel_out) - float(xla_out)) < 1e-3 * abs(float(xla_out)) + 1e-2
-    g_p = jax.grad(loss("pallas"), argnums=(0, 1, 2))(*args)
+    g_p = jax.grad(loss(fused), argnums=(0, 1, 2))(*args)
     g_x = jax.grad(loss("xla"), argnums=(0, 1, 2))(*args)
     for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         assert rel_err(a, c) < 2e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+def test_compiled_forward_kernel_matches_xla_on_gpu():
+    """`pallas_forward` (the default on one GPU): the compiled forward kernel and the XLA
+    backward over its saved carries, against the XLA path."""
+    test_compiled_kernel_matches_xla_on_gpu("pallas_forward")
 
 
 def test_pallas_heads_with_document_resets_match_token_reference(x64):
