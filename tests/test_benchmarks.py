@@ -151,6 +151,21 @@ def test_split_device_time_resolves_kernels_of_gpu_command_buffers():
     assert split == {"inner": 5.0, "other": 3.0, "unattributed": 2.0}
 
 
+def test_utilisation_counts_unattributed_time_as_other_only_without_inner_recurrences():
+    prof = {"device_ms_per_step": 100.0, "inner_ms_per_step": 0.0, "other_ms_per_step": 20.0,
+            "unattributed_ms_per_step": 80.0}  # fmt: skip
+    # No memory layers: every op is "other", the unattributed ones are library kernels.
+    out = throughput.utilisation(prof, 1000, 1e9, 0.0, 1e15)
+    assert math.isclose(out["other_flops_per_s"], 1e12 / 0.1)
+    # With memory layers the unattributed time may belong to either part: left out, flagged.
+    prof = dict(prof, inner_ms_per_step=10.0, other_ms_per_step=10.0)
+    out = throughput.utilisation(prof, 1000, 1e9, 1e8, 1e15)
+    assert math.isclose(out["other_flops_per_s"], 1e12 / 0.01)
+    assert math.isclose(out["inner_flops_per_s"], 1e11 / 0.01)
+    text = throughput.profile_table(dict(prof, **out, top=[], ops_per_step=1.0))
+    assert "80% of the device time is unattributed" in text, text
+
+
 def test_pallas_triton_kernels_resolve_by_their_call_name():
     # A Pallas Triton kernel runs under the name given to pallas_call (in the custom call's
     # backend config), not the instruction's: on an H200 the fused scan was 25% of a Hope step
