@@ -133,6 +133,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # layer, forward and backward) | "pallas_forward" (the fused forward kernel, the backward as
     # XLA ops: +13% tokens/s at full hope_340m depth on an H200) | "auto": pallas_forward on a
     # single GPU where Triton's 16-wide matmuls fit, xla elsewhere (CPU, TPU, several devices).
+    # Titans' memory: "xla" | "pallas_forward" (not measured on a GPU yet) | "auto" = xla.
     m.memory.kernel = "auto"
 
     # Continuum Memory System (spec section 4, rows 11-15).

@@ -250,10 +250,17 @@ def test_validate_config_names_the_bad_field():
     cfg.memory.scan_unroll = 0
     with pytest.raises(ValueError, match="memory.scan_unroll = 0"):
         validate_config(cfg, 64)
-    # Only Hope has a fused kernel: elsewhere the flag must not be silently ignored.
+    # Only Hope has the fully fused kernel, Titans the fused forward, Transformer++ neither: a
+    # switch a mixer lacks must not be silently ignored.
     cfg = lm.get_config("titans_mac_tiny").model
     cfg.memory.kernel = "pallas"
     with pytest.raises(ValueError, match=r"memory.kernel = 'pallas'.*titans_mac"):
+        validate_config(cfg, 64)
+    cfg.memory.kernel = "pallas_forward"
+    validate_config(cfg, 64)
+    cfg = lm.get_config("transformer_tiny").model
+    cfg.memory.kernel = "pallas_forward"
+    with pytest.raises(ValueError, match=r"memory.kernel = 'pallas_forward'.*'attention'"):
         validate_config(cfg, 64)
     cfg = lm.get_config("titans_lmm_tiny").model
     cfg.memory.remat_layer = True

@@ -165,6 +165,23 @@ def chunk_update(
     return new
 
 
+def chunk_step(
+    level: Level, params: Params, state: Any, xs: dict, init: Params | None = None
+) -> tuple[jax.Array, tuple[Params, Any]]:
+    """One full chunk of a `DeltaRule` level through the closed form, with its reads.
+
+    Args:
+      xs: `keys`, `values`, `queries` `[C, d]`, `eta`, `alpha`, `beta` `[C]`, and with
+        `init` (the weights a reset returns to) `resets` `bool[C]`.
+    Returns:
+      `(outputs [C, d_out], (params, state))`: the body of `run_level`'s chunk scan (path
+      `fast`). Only 2-D matmuls and elementwise ops, so Pallas' Triton lowering takes it.
+    """
+    if not isinstance(level.rule, DeltaRule):
+        raise ValueError("chunk_step needs a DeltaRule inner rule (the closed chunk form)")
+    return _fast_chunk(level, params, state, xs, init, with_outputs=True)
+
+
 def _generic_chunk(
     level: Level, params: Params, state: Any, xs: dict, init: Params | None
 ) -> tuple[jax.Array, Any]:

@@ -45,6 +45,7 @@ from flax import nnx
 from nl_jax.core import Level, ResidualMLPMemory, memories, objectives, run_level
 from nl_jax.core.memories import Params
 from nl_jax.core.rules import DeltaRule
+from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
 from nl_jax.layers.conv import ShortConv, causal_conv, continue_positions, continue_segments
@@ -53,6 +54,8 @@ from nl_jax.layers.norms import RMSNorm, l2_normalize, logical_param
 from nl_jax.layers.rope import segment_positions
 
 Carry = tuple[Params, Any]  # (fast params, inner optimizer state), leaves [batch, heads, ...]
+# How the memory's chunk scan runs (`memory.kernel`): see `NeuralMemory`.
+KERNELS = ("auto", "xla", "pallas_forward")
 
 
 class MemoryInputs(NamedTuple):
@@ -140,6 +143,7 @@ class NeuralMemory(nnx.Module):
         output_gate: bool = True,
         remat: bool = True,
         scan_unroll: int = 1,
+        kernel: str = "auto",
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
@@ -147,10 +151,16 @@ class NeuralMemory(nnx.Module):
     ) -> None:
         """Create projections, gates, convs (conv_window 0: none), norm and initial fast weights.
 
-        `scan_unroll`: chunks per loop iteration of the chunk scan (speed only).
+        `scan_unroll`: chunks per loop iteration of the chunk scan (speed only). `kernel`: the
+        chunk scan as XLA ops (`xla`; `auto` is `xla` until the fused form is measured on a
+        GPU) or `pallas_forward` (`nl_jax.kernels.fused_level`: a fused Pallas forward kernel
+        over batch x heads, the backward as XLA ops).
         """
         if scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive integer, got {scan_unroll}")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown memory.kernel {kernel!r} for Titans; allowed: {KERNELS}")
+        self.kernel = kernel
         self.heads = heads
         self.head_dim = head_dim
         self.eta_max = eta_max
@@ -287,6 +297,8 @@ class NeuralMemory(nnx.Module):
         if resets is not None and not supports_resets():
             resets = None  # older core: documents are not separated in the memory
         level, remat, unroll = self.level, self.remat, self.scan_unroll
+        if self.kernel == "pallas_forward":
+            return self._memorize_fused(inputs, resets, carry, batch_axis, init)
 
         def one_head(params, state, q, k, v, eta, alpha, beta, resets, reset_params):
             extra = {} if resets is None else {"resets": resets, "reset_params": reset_params}
@@ -300,6 +312,30 @@ class NeuralMemory(nnx.Module):
         )
         out, carry = per_batch(*carry, *inputs, resets, init)
         return out, carry
+
+    def _memorize_fused(self, inputs: MemoryInputs, resets: jax.Array | None, carry: Carry,
+                        batch_axis: int | None, init: Params) -> tuple[jax.Array, Carry]:  # fmt: skip
+        """`memorize` with every (sequence, head) as one instance of `run_level_fused`."""
+        b, s, h = inputs.queries.shape[:3]
+        n = b * h
+        # [b, s, h, ...] -> [b * h, s, ...]: instance-major, as the kernel's grid.
+        flat_seq = lambda a: jnp.swapaxes(a, 1, 2).reshape((n, s) + a.shape[3:])  # noqa: E731
+        per_batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape)  # noqa: E731
+        flat = lambda a: a.reshape((n,) + a.shape[2:])  # noqa: E731 [b, h, ...] -> [b * h, ...]
+        if batch_axis is None:
+            carry = jax.tree.map(per_batch, carry)
+        params, state = jax.tree.map(flat, carry)
+        x = {name: flat_seq(a) for name, a in inputs._asdict().items()}
+        out, (params, state) = run_level_fused(
+            self.level, params, state, x["keys"], x["values"], x["queries"], eta=x["eta"],
+            alpha=x["alpha"], beta=x["beta"],
+            resets=None if resets is None else jnp.repeat(resets, h, axis=0),
+            reset_params=jax.tree.map(lambda a: flat(per_batch(a)), init),
+            unroll=self.scan_unroll,
+        )  # fmt: skip
+        unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
+        out = jnp.swapaxes(unflat(out), 1, 2)  # [b, s, h, d]
+        return out, jax.tree.map(unflat, (params, state))
 
     @jax.named_scope(INNER_SCOPE)
     def read(self, params: Params, queries: jax.Array, batched: bool = True) -> jax.Array:
@@ -637,7 +673,7 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         chunk_size=m.chunk_size, read=m.read, conv_window=m.conv_window, eta_max=m.eta_max, beta_max=m.beta_max,
         alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
         output_gate=m.output_gate, remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
-        norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
+        kernel=m.get("kernel", "auto"), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
 

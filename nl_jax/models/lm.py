@@ -441,14 +441,17 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
     if "memory" in cfg:
         positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
                          "scan_unroll") if k in cfg.memory})  # fmt: skip
-        # Hope-only switches away from their defaults would be silently ignored elsewhere.
-        hope_only = {"kernel": ("auto", "xla"), "remat_layer": (False,)}
-        for key, plain in hope_only.items():
+        # Switches a mixer lacks would be silently ignored: Hope has every kernel and
+        # remat_layer, Titans' memory the fused forward, other mixers neither.
+        titans = mixer_name.startswith("titans_")
+        allowed = {"kernel": ("auto", "xla") + ("pallas_forward",) * titans,
+                   "remat_layer": (False,)}  # fmt: skip
+        for key, plain in allowed.items():
             value = cfg.memory.get(key, plain[0])
             if value not in plain and mixer_name != "self_modifying_titans":
                 raise ValueError(
-                    f"model.memory.{key} = {value!r}: only the self_modifying_titans mixer "
-                    f"(Hope) has it, this model's mixer is {mixer_name!r}; use {plain[-1]!r}"
+                    f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
+                    f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
                 )
         if "chunk_size_other" in cfg.memory:
             positive["memory.chunk_size_other"] = cfg.memory.chunk_size_other

@@ -1,0 +1,83 @@
+"""`run_level`'s chunk scan for N instances with the fused Pallas forward kernel.
+
+The full chunks of every instance (one sequence and head) run as one `fused_scan` kernel
+program over `core.level.chunk_step`; the gradient runs as XLA ops over the chunk-start carries
+the kernel saves (`fused_scan(backward="xla")`), the form that ran Hope's projection memories
+13% faster on an H200 (`memory.kernel="pallas_forward"`, BENCHMARKS.md). A trailing partial
+chunk runs through `run_level` itself. The reference is `jax.vmap(run_level)` with the fast
+path, which this matches (tests/test_fused_level.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nl_jax.core.level import Level, chunk_step, run_level
+from nl_jax.core.memories import Params
+from nl_jax.kernels.fused_scan import fused_scan
+
+
+def _step(level: Level, carry: tuple, x: dict, consts: dict) -> tuple[tuple, jax.Array]:
+    """`chunk_step` in `fused_scan`'s form: resets travel as floats (the kernel's arrays)."""
+    xs = dict(x)
+    if "resets" in xs:
+        xs["resets"] = xs["resets"] > 0.5
+    out, new = chunk_step(level, carry[0], carry[1], xs, consts.get("init"))
+    return new, out
+
+
+def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
+                    values: jax.Array, queries: jax.Array, *, eta: jax.Array, alpha: jax.Array,
+                    beta: jax.Array, resets: jax.Array | None = None,
+                    reset_params: Params | None = None, unroll: int = 1,
+                    interpret: bool | None = None) -> tuple[jax.Array, tuple[Params, Any]]:  # fmt: skip
+    """`jax.vmap(run_level)` (path `fast`) over N instances, full chunks in one fused kernel.
+
+    Args:
+      params, state: leaves `[N, ...]`. keys, values, queries: `[N, seq, d]`; eta, alpha,
+        beta: `[N, seq]`; resets: `bool[N, seq]` or None, returning to `reset_params` (leaves
+        `[N, ...]`; default `params`).
+      unroll: chunks per loop iteration of the XLA backward.
+      interpret: run the kernel in Pallas' interpreter (default: on CPU).
+    Returns:
+      `(outputs [N, seq, d_out], (params, state) with leaves [N, ...])`.
+    """
+    n, seq = keys.shape[:2]
+    c = level.chunk_size
+    n_full = seq // c
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    xs = {"keys": keys, "values": values, "queries": queries, "eta": eta, "alpha": alpha,
+          "beta": beta}  # fmt: skip
+    for name, a in xs.items():
+        if a.shape[:2] != (n, seq):
+            raise ValueError(f"run_level_fused: {name} must be [N={n}, seq={seq}, ...], got "
+                             f"{a.shape}")  # fmt: skip
+    consts = {}
+    if resets is not None:
+        xs["resets"] = resets.astype(keys.dtype)
+        consts["init"] = params if reset_params is None else reset_params
+    carry = (params, state)
+    outs = []
+    if n_full:
+        full = jax.tree.map(lambda a: a[:, : n_full * c].reshape((n, n_full, c) + a.shape[2:]), xs)
+        carry, out = fused_scan(functools.partial(_step, level), carry, full, consts,
+                                interpret=interpret, backward="xla", unroll=unroll)  # fmt: skip
+        outs.append(out.reshape((n, n_full * c) + out.shape[3:]))
+    if seq > n_full * c:
+        tail = jax.tree.map(lambda a: a[:, n_full * c :], xs)
+
+        def rest(p, st, t, init):
+            extra = {}
+            if "resets" in t:
+                extra = {"resets": t["resets"] > 0.5, "reset_params": init}
+            return run_level(level, p, st, t["keys"], t["values"], t["queries"], eta=t["eta"],
+                             alpha=t["alpha"], beta=t["beta"], path="fast", remat=False,
+                             **extra)  # fmt: skip
+
+        out, carry = jax.vmap(rest)(*carry, tail, consts.get("init"))
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1), carry

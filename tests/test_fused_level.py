@@ -1,0 +1,125 @@
+"""`run_level_fused` (the fused Pallas forward, XLA backward) against `jax.vmap(run_level)`.
+
+On CPU the kernel runs in Pallas' interpreter; `check_lowering` lowers the chunk step for CUDA
+here, so an op the Triton lowering lacks fails without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nl_jax.core import DeltaRule, Level, ResidualMLPMemory, objectives, run_level
+from nl_jax.kernels import fused_level
+from nl_jax.kernels import fused_scan as fs
+
+TITANS = DeltaRule(momentum=True, retention=True)
+
+
+def rel_err(a, b):
+    return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
+
+
+def make(level, n, seq, key, dtype=jnp.float64):
+    ks = jax.random.split(key, 8)
+    one = level.memory.init(ks[0], dtype)
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(ks[7], (n,) + a.shape, dtype), one)
+    state = jax.vmap(level.rule.init)(params)
+    d = level.memory.dim
+    k = jax.random.normal(ks[1], (n, seq, d), dtype)
+    inputs = {
+        "keys": k / jnp.linalg.norm(k, axis=-1, keepdims=True),
+        "values": jax.random.normal(ks[2], (n, seq, d), dtype),
+        "queries": jax.random.normal(ks[3], (n, seq, d), dtype),
+        "eta": jax.random.uniform(ks[4], (n, seq), dtype, 0.1, 0.5),
+        "alpha": jax.random.uniform(ks[5], (n, seq), dtype, 0.7, 1.0),
+        "beta": jax.random.uniform(ks[6], (n, seq), dtype, 0.3, 0.9),
+    }
+    return params, state, inputs
+
+
+def reference(level, params, state, inputs, resets=None):
+    def one(p, st, x, r):
+        extra = {} if r is None else {"resets": r}
+        return run_level(level, p, st, x["keys"], x["values"], x["queries"], eta=x["eta"],
+                         alpha=x["alpha"], beta=x["beta"], path="fast", **extra)  # fmt: skip
+
+    return jax.vmap(one)(params, state, inputs, resets)
+
+
+def fused(level, params, state, inputs, resets=None):
+    return fused_level.run_level_fused(level, params, state, **inputs, resets=resets, unroll=2)
+
+
+@pytest.mark.parametrize(
+    "seq,with_resets,read",
+    [(12, False, "per_token"), (12, True, "per_token"), (14, False, "per_token"),
+     (14, True, "per_token"), (14, True, "boundary")],
+    ids=["full", "full_resets", "partial", "partial_resets", "boundary_partial_resets"],
+)  # fmt: skip
+def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read):
+    level = Level(ResidualMLPMemory(4, 8), objectives.l2, TITANS, 4, read=read)
+    params, state, inputs = make(level, 3, seq, jax.random.PRNGKey(0))
+    resets = None
+    if with_resets:  # inside a chunk, at a chunk start, and in the trailing partial chunk
+        resets = jnp.zeros((3, seq), bool).at[:, 0].set(True).at[1, jnp.array([3, 8, 13])].set(True)
+    got, want = (
+        fused(level, params, state, inputs, resets),
+        reference(level, params, state, inputs, resets),
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(a, b) < 1e-12
+
+    def loss(fn):
+        def f(p, x):
+            out, (p_end, st_end) = fn(level, p, state, x, resets)
+            return jnp.sum(jnp.sin(3 * out)) + sum(jnp.sum(a**2) for a in jax.tree.leaves(st_end))
+
+        return f
+
+    g_got = jax.grad(loss(fused), argnums=(0, 1))(params, inputs)
+    g_want = jax.grad(loss(reference), argnums=(0, 1))(params, inputs)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_run_level_fused_rejects_misshaped_inputs():
+    level = Level(ResidualMLPMemory(4, 8), objectives.l2, TITANS, 4)
+    params, state, inputs = make(level, 2, 8, jax.random.PRNGKey(1), jnp.float32)
+    with pytest.raises(ValueError, match="eta must be"):
+        fused_level.run_level_fused(level, params, state, **dict(inputs, eta=inputs["eta"][:, :4]))
+
+
+@pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
+@pytest.mark.parametrize("resets", [False, True], ids=["no_resets", "resets"])
+def test_titans_chunk_step_lowers_to_triton_for_cuda(resets):
+    """Titans 340M's memory (64 x 64 residual MLP per head, C 16, per-token reads)."""
+    level = Level(ResidualMLPMemory(64, 64), objectives.l2, TITANS, 16)
+    n, t, c = 2, 2, 16
+    params, state, inputs = make(level, n, t * c, jax.random.PRNGKey(2), jnp.float32)
+    xs = jax.tree.map(lambda a: a.reshape((n, t, c) + a.shape[2:]), inputs)
+    consts = {}
+    if resets:
+        xs["resets"] = jnp.zeros((n, t, c)).at[:, :, 3].set(1.0)
+        consts["init"] = params
+    step = functools.partial(fused_level._step, level)
+    text = fs.check_lowering(step, (params, state), xs, consts, grad=False)
+    assert text.count("__gpu$xla.gpu.triton") == 1  # the forward kernel (the backward is XLA)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+def test_compiled_titans_kernel_matches_run_level_on_gpu():
+    """The compiled forward kernel (and the XLA backward) at Titans 340M's shape, float32/TF32."""
+    level = Level(ResidualMLPMemory(64, 64), objectives.l2, TITANS, 16)
+    params, state, inputs = make(level, 32, 256, jax.random.PRNGKey(3), jnp.float32)
+
+    def loss(fn):
+        return jax.jit(lambda p, x: jnp.sum(jnp.sin(3 * fn(level, p, state, x)[0])))
+
+    got, want = loss(fused)(params, inputs), loss(reference)(params, inputs)
+    assert abs(float(got) - float(want)) < 1e-3 * abs(float(want)) + 1e-2
+    g_got = jax.grad(loss(fused), argnums=(0, 1))(params, inputs)
+    g_want = jax.grad(loss(reference), argnums=(0, 1))(params, inputs)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(a, b) < 2e-2
