@@ -89,6 +89,9 @@ def test_run_level_fused_rejects_misshaped_inputs():
     params, state, inputs = make(level, 2, 8, jax.random.PRNGKey(1), jnp.float32)
     with pytest.raises(ValueError, match="eta must be"):
         fused_level.run_level_fused(level, params, state, **dict(inputs, eta=inputs["eta"][:, :4]))
+    # Compiled (not interpreted), Triton's matmuls need 16-wide operands: a clear error first.
+    with pytest.raises(ValueError, match=">= 16"):
+        fused_level.run_level_fused(level, params, state, **inputs, interpret=False)
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")

@@ -50,6 +50,13 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     c = level.chunk_size
     n_full = seq // c
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    dims = {c, *(d for a in jax.tree.leaves(params) for d in a.shape[1:])}
+    if not interpret and min(dims) < 16:
+        raise ValueError(
+            "the fused kernel compiles Triton matmuls, which need the chunk size and every "
+            f"memory dimension >= 16; got chunk {c} and memory shapes "
+            f"{[a.shape[1:] for a in jax.tree.leaves(params)]}: use memory.kernel='xla'"
+        )
     xs = {"keys": keys, "values": values, "queries": queries, "eta": eta, "alpha": alpha,
           "beta": beta}  # fmt: skip
     for name, a in xs.items():
