@@ -30,10 +30,10 @@
 #                                        # with memory.kernel=auto (pallas_forward) and its profile
 #   bash benchmarks/gpu_perf_full.sh q   # next: the fused forward's GPU tests (Hope, Titans),
 #                                        # titans_lmm_340m xla vs pallas_forward (batch 32);
-#                                        # full-depth hope_340m
-#                                        # (auto = pallas_forward) with
-#                                        # the memory-stacked XLA backward, profiled; batch 16;
-#                                        # seq 32768 x 4 (the saved carries at long sequences)
+#                                        # full-depth hope_340m (auto = pallas_forward) with
+#                                        # the memory-stacked XLA backward, profiled
+#   bash benchmarks/gpu_perf_full.sh r   # hope_340m at batch 16, and seq 32768 x 4 (the saved
+#                                        # carries at long sequences)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -164,14 +164,16 @@ if [ "$1" = o ]; then
     --profile_steps=1 --profile_top=25 --out=$OUT/o_hope.json --hlo_out=$OUT/o_hope.hlo.gz 2>&1 | $F | tail -42
 fi
 if [ "$1" = q ]; then  # the XLA backward on carries stacked once (not per step): predicted +5-8%
-  PYTHONPATH=$PYTHONPATH:tests timeout 120 python -c "import test_fused_scan as t
+  PYTHONPATH=$PYTHONPATH:tests timeout 100 python -c "import test_fused_scan as t
 t.test_compiled_forward_kernel_matches_xla_on_gpu(); print('PASS test_compiled_forward_kernel_matches_xla_on_gpu')" 2>&1 | $F | tail -3
-  PYTHONPATH=$PYTHONPATH:tests timeout 120 python -c "import test_fused_level as t
+  PYTHONPATH=$PYTHONPATH:tests timeout 100 python -c "import test_fused_level as t
 t.test_compiled_titans_kernel_matches_run_level_on_gpu(); print('PASS test_compiled_titans_kernel_matches_run_level_on_gpu')" 2>&1 | $F | tail -3
-  timeout 200 $T --steps=2 --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+  timeout 160 $T --steps=2 --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
     --variants="xla:memory.kernel=xla|pf:memory.kernel=pallas_forward" --out=$OUT/q_titans.json 2>&1 | $F | tail -5
   timeout 200 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_q \
     --profile_steps=1 --profile_top=25 --out=$OUT/q_hope.json --hlo_out=$OUT/q_hope.hlo.gz 2>&1 | $F | tail -42
-  timeout 150 $T --steps=1 --seq_len=4096 --batch=16 --presets=hope_340m --out=$OUT/q_hope_b16.json 2>&1 | $F | tail -3
-  timeout 240 $T --steps=1 --seq_len=32768 --batch=4 --presets=hope_340m --out=$OUT/q_hope_32k.json 2>&1 | $F | tail -3
+fi
+if [ "$1" = r ]; then  # hope_340m (auto = pallas_forward) by batch and at seq 32768 (saved carries ~34 GB)
+  timeout 150 $T --steps=1 --seq_len=4096 --batch=16 --presets=hope_340m --out=$OUT/r_hope_b16.json 2>&1 | $F | tail -3
+  timeout 240 $T --steps=1 --seq_len=32768 --batch=4 --presets=hope_340m --out=$OUT/r_hope_32k.json 2>&1 | $F | tail -3
 fi
