@@ -111,6 +111,19 @@ def test_titans_chunk_step_lowers_to_triton_for_cuda(resets):
     assert text.count("__gpu$xla.gpu.triton") == 1  # the forward kernel (the backward is XLA)
 
 
+@pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
+def test_hope_main_memory_chunk_step_lowers_to_triton_for_cuda():
+    """Hope 340M's M_memory (C 64, DGD by the explicit inverse, self-generated targets): its
+    64 x 64 solve needs the masked block inverse, the one without slices."""
+    rule = DeltaRule(dgd=True, momentum=True, retention=True, solve="inverse")
+    level = Level(ResidualMLPMemory(64, 64), objectives.l2, rule, 64, self_target=True)
+    params, state, inputs = make(level, 2, 128, jax.random.PRNGKey(4), jnp.float32)
+    xs = jax.tree.map(lambda a: a.reshape((2, 2, 64) + a.shape[2:]), inputs)
+    step = functools.partial(fused_level._step, level)
+    text = fs.check_lowering(step, (params, state), xs, {}, grad=False)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
 def test_compiled_titans_kernel_matches_run_level_on_gpu():
     """The compiled forward kernel (and the XLA backward) at Titans 340M's shape, float32/TF32."""

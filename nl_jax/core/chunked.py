@@ -153,21 +153,35 @@ def kernels(alpha: jax.Array, beta: jax.Array | None, resets: jax.Array | None =
     )  # fmt: skip
 
 
+def _nilpotent_inverse(power: jax.Array, order: int) -> jax.Array:
+    """`(I + n)^-1 = prod_j (I + (-n)^(2^j))` over `2^j < order`, for `n` with `n^order = 0`."""
+    power = -power
+    inverse = jnp.eye(power.shape[0], dtype=power.dtype) + power
+    for _ in range(max(0, math.ceil(math.log2(max(order, 1))) - 1)):
+        power = power @ power
+        inverse = inverse + power @ inverse
+    return inverse
+
+
 def unit_lower_inverse(lower: jax.Array) -> jax.Array:
     """`(I + lower)^-1` for a strictly lower-triangular `lower: [C, C]`, by matmuls only.
 
     Blocks of up to 16 use that `lower` is nilpotent: `(I + L)^-1 = prod_j (I + (-L)^(2^j))`
-    over `2^j < C`. Larger systems split in halves, `[[A, 0], [X, B]]^-1 = [[A^-1, 0],
-    [-B^-1 X A^-1, B^-1]]`, because the product form alone loses accuracy at 64 and beyond.
+    over `2^j < C`. The product alone loses accuracy at 64 and beyond, so larger systems split
+    into the block diagonal `D` (16 x 16 blocks, inverted by the product) and the strictly
+    block-lower rest `O`: `(I + L)^-1 = (I + M)^-1 (I + D)^-1` with `M = (I + D)^-1 O`, itself
+    nilpotent of order C / 16 (a second, short product). Masks select the blocks, never slices,
+    so Triton lowers it too (C a multiple of 16; otherwise halves merge by slices).
     """
     c = lower.shape[0]
     if c <= _PRODUCT_BLOCK:
-        power = -lower
-        inverse = jnp.eye(c, dtype=lower.dtype) + power
-        for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
-            power = power @ power
-            inverse = inverse + power @ inverse
-        return inverse
+        return _nilpotent_inverse(lower, c)
+    if c % _PRODUCT_BLOCK == 0:
+        block = jnp.arange(c) // _PRODUCT_BLOCK
+        diagonal = block[:, None] == block[None, :]
+        d_inv = _nilpotent_inverse(jnp.where(diagonal, lower, 0.0), _PRODUCT_BLOCK)
+        rest = d_inv @ jnp.where(diagonal, 0.0, lower)
+        return _nilpotent_inverse(rest, c // _PRODUCT_BLOCK) @ d_inv
     h = c // 2
     a_inv = unit_lower_inverse(lower[:h, :h])
     b_inv = unit_lower_inverse(lower[h:, h:])
