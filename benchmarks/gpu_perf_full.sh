@@ -32,8 +32,9 @@
 #                                        # titans_lmm_340m xla vs pallas_forward (batch 32);
 #                                        # full-depth hope_340m (auto = pallas_forward) with
 #                                        # the memory-stacked XLA backward, profiled
-#   bash benchmarks/gpu_perf_full.sh r   # hope_340m at batch 16, and seq 32768 x 4 (the saved
-#                                        # carries at long sequences)
+#   bash benchmarks/gpu_perf_full.sh r   # M_memory fused too (pallas_forward_all: GPU test, 4
+#                                        # layers vs pallas_forward); hope_340m at batch 16, and
+#                                        # seq 32768 x 4 (the saved carries at long sequences)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -174,6 +175,10 @@ t.test_compiled_titans_kernel_matches_run_level_on_gpu(); print('PASS test_compi
     --profile_steps=1 --profile_top=25 --out=$OUT/q_hope.json --hlo_out=$OUT/q_hope.hlo.gz 2>&1 | $F | tail -42
 fi
 if [ "$1" = r ]; then  # hope_340m (auto = pallas_forward) by batch and at seq 32768 (saved carries ~34 GB)
-  timeout 150 $T --steps=1 --seq_len=4096 --batch=16 --presets=hope_340m --out=$OUT/r_hope_b16.json 2>&1 | $F | tail -3
+  PYTHONPATH=$PYTHONPATH:tests timeout 80 python -c "import test_fused_scan as t
+t.test_compiled_forward_kernels_with_main_memory_match_xla_on_gpu(); print('PASS main memory fused')" 2>&1 | $F | tail -3
+  timeout 120 $T --steps=1 --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="pf:memory.kernel=pallas_forward|pfa:memory.kernel=pallas_forward_all" --out=$OUT/r_hope4.json 2>&1 | $F | tail -5
+  timeout 130 $T --steps=1 --seq_len=4096 --batch=16 --presets=hope_340m --out=$OUT/r_hope_b16.json 2>&1 | $F | tail -3
   timeout 240 $T --steps=1 --seq_len=32768 --batch=4 --presets=hope_340m --out=$OUT/r_hope_32k.json 2>&1 | $F | tail -3
 fi

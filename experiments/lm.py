@@ -132,7 +132,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
     # layer, forward and backward) | "pallas_forward" (the fused forward kernel, the backward as
     # XLA ops: +13% tokens/s at full hope_340m depth on an H200) | "auto": pallas_forward on a
-    # single GPU where Triton's 16-wide matmuls fit, xla elsewhere (CPU, TPU, several devices).
+    # single GPU where Triton's 16-wide matmuls fit, xla elsewhere (CPU, TPU, several devices) |
+    # "pallas_forward_all": M_memory's chunk scan fused as well (not measured on a GPU yet).
     # Titans' memory: "xla" | "pallas_forward" (not measured on a GPU yet) | "auto" = xla.
     m.memory.kernel = "auto"
 

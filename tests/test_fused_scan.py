@@ -148,7 +148,7 @@ def test_pallas_heads_match_token_reference(x64, changes):
     assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
 
 
-@pytest.mark.parametrize("fused", ["pallas", "pallas_forward"])
+@pytest.mark.parametrize("fused", ["pallas", "pallas_forward", "pallas_forward_all"])
 @pytest.mark.parametrize("with_resets", [False, True], ids=["no_resets", "resets"])
 def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
     spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4)
@@ -174,6 +174,9 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
         return lambda *a: sm.run_heads(sp, *a, resets, heads if with_state else None)
 
     args = (init, static, u, q, beta)
+    if fused != "pallas":  # one fused forward kernel per fused scan (else: XLA vs XLA below)
+        calls = str(jax.make_jaxpr(run(fused, False))(*args)).count("pallas_call")
+        assert calls == (2 if fused == "pallas_forward_all" else 1), calls
     _, st_x = run("xla", True)(*args)
     _, st_p = run(fused, True)(*args)
     for a, c in zip(jax.tree.leaves(st_p), jax.tree.leaves(st_x), strict=True):
@@ -265,6 +268,12 @@ def test_compiled_forward_kernel_matches_xla_on_gpu():
     """`pallas_forward` (the default on one GPU): the compiled forward kernel and the XLA
     backward over its saved carries, against the XLA path."""
     test_compiled_kernel_matches_xla_on_gpu("pallas_forward")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+def test_compiled_forward_kernels_with_main_memory_match_xla_on_gpu():
+    """`pallas_forward_all`: M_memory's chunk scan (C 64, explicit inverse) fused as well."""
+    test_compiled_kernel_matches_xla_on_gpu("pallas_forward_all")
 
 
 def test_pallas_heads_with_document_resets_match_token_reference(x64):

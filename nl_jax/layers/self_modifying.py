@@ -38,6 +38,7 @@ from nl_jax.core import (
     run_level,
 )
 from nl_jax.core.level import chunk_update
+from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_scan, pl_triton
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
@@ -48,7 +49,8 @@ Params = dict[str, jax.Array]
 # How the projection-memory chunk scan runs: XLA ops; one fused Pallas (Triton) kernel per
 # layer for the forward and one for the backward (GPU; the Pallas interpreter on CPU); or the
 # fused forward kernel with the backward as XLA ops over its saved chunk-start carries.
-KERNELS = ("auto", "xla", "pallas", "pallas_forward")
+# `pallas_forward_all` runs M_memory's chunk scan through the fused forward as well.
+KERNELS = ("auto", "xla", "pallas", "pallas_forward", "pallas_forward_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +371,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
-        if spec.kernel == "pallas_forward":
+        if spec.kernel in ("pallas_forward", "pallas_forward_all"):
             carry, gen = fused_scan(
                 step, carry, full, consts, interpret=interpret, backward="xla",
                 xla_step=functools.partial(projection_step_batched, spec),
@@ -391,9 +393,18 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
     main = jax.tree.map(flat, heads["main"])
-    y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
-        init_n, main, gen, q_n, xs["beta"], resets_n
-    )
+    if spec.kernel == "pallas_forward_all":
+        # Triton has no triangular solve: M_memory's DGD system takes the explicit inverse.
+        level = _main_level(dataclasses.replace(spec, solve="inverse"))
+        y, main_end = run_level_fused(
+            level, *main, gen["k"], gen["v"], gen["q"] if spec.adaptive_q else q_n,
+            eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"], resets=resets_n,
+            reset_params=init_n["memory"], unroll=spec.scan_unroll, interpret=interpret,
+        )  # fmt: skip
+    else:
+        y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
+            init_n, main, gen, q_n, xs["beta"], resets_n
+        )
     unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
     y = unflat(y).transpose(0, 2, 1, 3)
     return y, jax.tree.map(unflat, {"proj": carry, "main": main_end})
