@@ -246,6 +246,8 @@ def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10,
     options = jax.profiler.ProfileOptions()
     # CUPTI keeps 2M kernel records by default: a full-depth Hope step launches ~2M kernels, and
     # the records past the cap vanish without an error (seen: half of a 24-layer step missing).
+    # Raising the cap here did not take effect with jax 0.11.2 on an H200 (records still
+    # stopped near 2.0M): profile one step there (`--profile_steps=1`); busy_fraction shows it.
     options.advanced_configuration["gpu_max_activity_api_events"] = MAX_PROFILE_EVENTS
     options.advanced_configuration["gpu_max_callback_api_events"] = MAX_PROFILE_EVENTS
     jax.profiler.start_trace(logdir, profiler_options=options)
@@ -270,18 +272,20 @@ def profile_top_ops(run_steps, logdir: str, steps: int = 2, top: int = 10,
     # Device ops: the events that name their HLO op (XLA:CPU adds executor and marker spans).
     ops = sum(e[4] for e in events) or len(events)
     all_ns = sum(total.values())
+    # JAX's name stack of each op: which primitive of which layer a kernel comes from.
+    longest = total.most_common(top)
+    source = {n: resolve_op_name(n, kernel[n], op_names, kernels) or "" for n, _ in longest}
     rows = [
         {
             "op": name,
             "kernel": kernel[name],
-            "inner": INNER_SCOPE in (resolve_op_name(name, kernel[name], op_names, kernels) or ""),
-            # JAX's name stack of the op: which primitive of which layer a kernel comes from.
-            "source": resolve_op_name(name, kernel[name], op_names, kernels) or "",
+            "inner": INNER_SCOPE in source[name],
+            "source": source[name],
             "ms_per_step": ns / 1e6 / steps,
             "share": ns / all_ns if all_ns else 0.0,
             "calls_per_step": count[name] / steps,
         }  # fmt: skip
-        for name, ns in total.most_common(top)
+        for name, ns in longest
     ]
     out = {
         "device_ms_per_step": all_ns / 1e6 / steps,
@@ -345,9 +349,11 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
     compile_s = time.perf_counter() - t0
+    # The optimized HLO (tens of MB at full depth): printed once, for the profile and the file.
+    hlo_text = compiled.as_text() if profile or hlo_out else ""
     if hlo_out:
         with gzip.open(hlo_out, "wt") as f:
-            f.write(compiled.as_text())
+            f.write(hlo_text)
     state, loss = compiled(state, tokens)  # warm-up
     loss.block_until_ready()
     t0 = time.perf_counter()
@@ -365,7 +371,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
             out.block_until_ready()
 
         prof = profile_top_ops(run_steps, profile, steps=profile_steps, top=profile_top,
-                               hlo_text=compiled.as_text())  # fmt: skip
+                               hlo_text=hlo_text)  # fmt: skip
     device = jax.devices()[0]
     tokens_per_s = batch * seq_len / step_s
     peak = metrics.peak_flops_per_device(device.device_kind)

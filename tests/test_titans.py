@@ -137,15 +137,15 @@ def test_scan_unroll_reaches_the_chunk_scan_and_changes_no_number():
     assert titans.lmm_from_config(cfg, nnx.Rngs(0)).scan_unroll == 3
 
 
-def test_fused_forward_kernel_matches_the_xla_chunk_scan(x64, docs=True):
+def test_fused_forward_kernel_matches_the_xla_chunk_scan(x64):
     """`memory.kernel="pallas_forward"` (Pallas interpreter on CPU): layer outputs, a continued
     carry and the outer gradients as the XLA scan's, with packed documents and a trailing
     partial chunk (one document: test_fused_level.py and the MAC/MAG test below)."""
     mems = {k: make_memory(kernel=k) for k in ("xla", "pallas_forward")}
     b, s = 2, 11  # chunk 3: three full chunks and a partial one
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, D), jnp.float64)
-    ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11]) if docs else None
-    resets = None if ids is None else titans.document_resets(ids)
+    ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11])
+    resets = titans.document_resets(ids)
     outs = {k: m(x, segment_ids=ids) for k, m in mems.items()}
     assert float(jnp.max(jnp.abs(outs["pallas_forward"] - outs["xla"]))) < 1e-10
     # The fused path really runs (else this test would compare the XLA scan with itself).
