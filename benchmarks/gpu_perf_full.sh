@@ -35,6 +35,8 @@
 #   bash benchmarks/gpu_perf_full.sh r   # M_memory fused too (pallas_forward_all: GPU test, 4
 #                                        # layers vs pallas_forward); hope_340m at batch 16, and
 #                                        # seq 32768 x 4 (the saved carries at long sequences)
+#   bash benchmarks/gpu_perf_full.sh s   # titans_lmm_340m with the fused forward (auto) at batch 64
+#                                        # and 96 (its 40k target); transformer_340m at batch 16
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -181,4 +183,10 @@ t.test_compiled_forward_kernels_with_main_memory_match_xla_on_gpu(); print('PASS
     --variants="pf:memory.kernel=pallas_forward|pfa:memory.kernel=pallas_forward_all" --out=$OUT/r_hope4.json 2>&1 | $F | tail -5
   timeout 130 $T --steps=1 --seq_len=4096 --batch=16 --presets=hope_340m --out=$OUT/r_hope_b16.json 2>&1 | $F | tail -3
   timeout 240 $T --steps=1 --seq_len=32768 --batch=4 --presets=hope_340m --out=$OUT/r_hope_32k.json 2>&1 | $F | tail -3
+fi
+if [ "$1" = s ]; then  # Titans' fused forward at larger batches; the transformer's GEMMs at batch 16
+  timeout 150 $T --steps=2 --seq_len=4096 --batch=64 --presets=titans_lmm_340m --out=$OUT/s_titans64.json 2>&1 | $F | tail -3
+  timeout 200 $T --steps=2 --seq_len=4096 --batch=96 --presets=titans_lmm_340m --out=$OUT/s_titans96.json 2>&1 | $F | tail -3
+  timeout 90 $T --seq_len=4096 --batch=16 --presets=transformer_340m --set="attention.implementation=cudnn" \
+    --out=$OUT/s_transformer16.json 2>&1 | $F | tail -3
 fi

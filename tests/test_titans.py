@@ -169,6 +169,25 @@ def test_fused_forward_kernel_matches_the_xla_chunk_scan(x64):
         make_memory(kernel="pallas")
 
 
+def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
+    """`memory.kernel="auto"` (the default) takes the fused forward on a single GPU only, and
+    only for shapes Triton takes; on this CPU host the layer stays on the XLA scan."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, D), jnp.float32)
+    mem = make_memory()
+    assert mem.kernel == "auto"
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: mem(x))(x))
+    assert titans.resolve_kernel("auto", 16, 64, 64) == "xla"  # this CPU host
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    fused = "xla" if titans.pl_triton is None else "pallas_forward"
+    assert titans.resolve_kernel("auto", 16, 64, 64) == fused  # titans_lmm_340m
+    assert titans.resolve_kernel("auto", 8, 64, 64) == "xla"  # Triton: operands >= 16
+    assert titans.resolve_kernel("auto", 16, 96, 96) == "xla"  # 760M: not a power of two
+    assert titans.resolve_kernel("xla", 16, 64, 64) == "xla"  # an explicit choice is kept
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # GSPMD cannot split the Pallas call
+    assert titans.resolve_kernel("auto", 16, 64, 64) == "xla"
+
+
 @pytest.mark.parametrize("family", ["titans_mac", "titans_mag"])
 def test_fused_forward_kernel_in_mac_and_mag(family):
     """The mixers around the memory take the fused path too (MAC runs it inside its segment
