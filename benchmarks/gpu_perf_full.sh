@@ -37,6 +37,8 @@
 #                                        # seq 32768 x 4 (the saved carries at long sequences)
 #   bash benchmarks/gpu_perf_full.sh s   # titans_lmm_340m with the fused forward (auto) at batch 64
 #                                        # and 96 (its 40k target); transformer_340m at batch 16
+#   bash benchmarks/gpu_perf_full.sh t   # hope_340m (auto = pallas_forward) at seq 4096 x 4 (the
+#                                        # pair of r's seq 32768 x 4) and at batch 32
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -189,4 +191,8 @@ if [ "$1" = s ]; then  # Titans' fused forward at larger batches; the transforme
   timeout 200 $T --steps=2 --seq_len=4096 --batch=96 --presets=titans_lmm_340m --out=$OUT/s_titans96.json 2>&1 | $F | tail -3
   timeout 90 $T --seq_len=4096 --batch=16 --presets=transformer_340m --set="attention.implementation=cudnn" \
     --out=$OUT/s_transformer16.json 2>&1 | $F | tail -3
+fi
+if [ "$1" = t ]; then  # cost linear in sequence length with the fused forward; the batch curve
+  timeout 110 $T --steps=1 --seq_len=4096 --batch=4 --presets=hope_340m --out=$OUT/t_hope_b4.json 2>&1 | $F | tail -3
+  timeout 170 $T --steps=1 --seq_len=4096 --batch=32 --presets=hope_340m --out=$OUT/t_hope_b32.json 2>&1 | $F | tail -3
 fi
