@@ -38,7 +38,8 @@
 #   bash benchmarks/gpu_perf_full.sh s   # titans_lmm_340m with the fused forward (auto) at batch 64
 #                                        # and 96 (its 40k target); transformer_340m at batch 16
 #   bash benchmarks/gpu_perf_full.sh t   # hope_340m (auto = pallas_forward) at seq 4096 x 4 (the
-#                                        # pair of r's seq 32768 x 4) and at batch 32
+#                                        # pair of r's seq 32768 x 4); titans_lmm_340m at batch 64
+#                                        # with scan_unroll 2 and 4
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -192,7 +193,9 @@ if [ "$1" = s ]; then  # Titans' fused forward at larger batches; the transforme
   timeout 90 $T --seq_len=4096 --batch=16 --presets=transformer_340m --set="attention.implementation=cudnn" \
     --out=$OUT/s_transformer16.json 2>&1 | $F | tail -3
 fi
-if [ "$1" = t ]; then  # cost linear in sequence length with the fused forward; the batch curve
+if [ "$1" = t ]; then  # cost linear in sequence length with the fused forward; Titans' last 3%
   timeout 110 $T --steps=1 --seq_len=4096 --batch=4 --presets=hope_340m --out=$OUT/t_hope_b4.json 2>&1 | $F | tail -3
-  timeout 170 $T --steps=1 --seq_len=4096 --batch=32 --presets=hope_340m --out=$OUT/t_hope_b32.json 2>&1 | $F | tail -3
+  timeout 220 $T --steps=2 --seq_len=4096 --batch=64 --presets=titans_lmm_340m \
+    --variants="u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" \
+    --out=$OUT/t_titans.json 2>&1 | $F | grep -v '^\s*$' | cut -c1-300 | tail -6
 fi
