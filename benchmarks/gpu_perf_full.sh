@@ -40,6 +40,9 @@
 #   bash benchmarks/gpu_perf_full.sh t   # hope_340m (auto = pallas_forward) at seq 4096 x 4 (the
 #                                        # pair of r's seq 32768 x 4); titans_lmm_340m at batch 64
 #                                        # with scan_unroll 2 and 4
+#   bash benchmarks/gpu_perf_full.sh u   # titans_lmm_340m at batch 32: memory.kernel pallas_forward
+#                                        # vs pallas (the backward as the reverse-walk kernel too),
+#                                        # then that kernel's GPU test
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -198,4 +201,11 @@ if [ "$1" = t ]; then  # cost linear in sequence length with the fused forward; 
   timeout 220 $T --steps=2 --seq_len=4096 --batch=64 --presets=titans_lmm_340m \
     --variants="u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" \
     --out=$OUT/t_titans.json 2>&1 | $F | grep -v '^\s*$' | cut -c1-300 | tail -6
+fi
+if [ "$1" = u ]; then  # Titans' backward as one kernel per layer: its state (64 KB) does not spill
+  timeout 200 $T --steps=2 --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="pf:memory.kernel=pallas_forward|pallas:memory.kernel=pallas" \
+    --out=$OUT/u_titans.json 2>&1 | $F | grep -v '^\s*$' | cut -c1-300 | tail -5
+  PYTHONPATH=$PYTHONPATH:tests timeout 120 python -c "import test_fused_level as t
+t.test_compiled_titans_backward_kernel_matches_run_level_on_gpu(); print('PASS test_compiled_titans_backward_kernel_matches_run_level_on_gpu')" 2>&1 | $F | tail -3
 fi

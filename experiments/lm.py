@@ -135,7 +135,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # single GPU where Triton's 16-wide matmuls fit, xla elsewhere (CPU, TPU, several devices) |
     # "pallas_forward_all": M_memory's chunk scan fused as well (not measured on a GPU yet).
     # Titans' memory: "xla" | "pallas_forward" (+43% tokens/s for titans_lmm_340m at seq 4096 x
-    # 32 on an H200) | "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
+    # 32 on an H200) | "pallas" (the backward as a kernel too; not measured on a GPU yet) |
+    # "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
     m.memory.kernel = "auto"
 
     # Continuum Memory System (spec section 4, rows 11-15).

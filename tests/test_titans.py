@@ -137,36 +137,38 @@ def test_scan_unroll_reaches_the_chunk_scan_and_changes_no_number():
     assert titans.lmm_from_config(cfg, nnx.Rngs(0)).scan_unroll == 3
 
 
-def test_fused_forward_kernel_matches_the_xla_chunk_scan(x64):
-    """`memory.kernel="pallas_forward"` (Pallas interpreter on CPU): layer outputs, a continued
-    carry and the outer gradients as the XLA scan's, with packed documents and a trailing
-    partial chunk (one document: test_fused_level.py and the MAC/MAG test below)."""
-    mems = {k: make_memory(kernel=k) for k in ("xla", "pallas_forward")}
+@pytest.mark.parametrize("fused", ["pallas_forward", "pallas"])
+def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
+    """`memory.kernel="pallas_forward"` and `"pallas"` (its backward a kernel too; Pallas'
+    interpreter on CPU): layer outputs, a continued carry and the outer gradients as the XLA
+    scan's, with packed documents and a trailing partial chunk (one document:
+    test_fused_level.py and the MAC/MAG test below)."""
+    mems = {k: make_memory(kernel=k) for k in ("xla", fused)}
     b, s = 2, 11  # chunk 3: three full chunks and a partial one
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, D), jnp.float64)
     ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11])
     resets = titans.document_resets(ids)
     outs = {k: m(x, segment_ids=ids) for k, m in mems.items()}
-    assert float(jnp.max(jnp.abs(outs["pallas_forward"] - outs["xla"]))) < 1e-10
+    assert float(jnp.max(jnp.abs(outs[fused] - outs["xla"]))) < 1e-10
     # The fused path really runs (else this test would compare the XLA scan with itself).
     calls = {k: str(jax.make_jaxpr(lambda x, m=m: m(x))(x)).count("pallas_call") for k, m in
              mems.items()}  # fmt: skip
-    assert calls["xla"] == 0 and calls["pallas_forward"] > 0, calls
+    assert calls["xla"] == 0 and calls[fused] > 0, calls
     inputs = mems["xla"].features(x, ids)[0]
     carry = jax.tree.map(lambda a: a * 1.1, mems["xla"].initial_carry(b))  # continued stream
     ends = {k: m.memorize(inputs, resets, carry) for k, m in mems.items()}
-    for a, c in zip(jax.tree.leaves(ends["pallas_forward"]), jax.tree.leaves(ends["xla"]),
+    for a, c in zip(jax.tree.leaves(ends[fused]), jax.tree.leaves(ends["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.max(jnp.abs(a - c))) < 1e-10
     grads = {
         k: nnx.grad(lambda m, x: jnp.sum(jnp.sin(3 * m(x, segment_ids=ids))))(m, x)
         for k, m in mems.items()
     }
-    for a, c in zip(jax.tree.leaves(grads["pallas_forward"]), jax.tree.leaves(grads["xla"]),
+    for a, c in zip(jax.tree.leaves(grads[fused]), jax.tree.leaves(grads["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.linalg.norm(a - c)) <= 1e-9 * float(jnp.linalg.norm(c)) + 1e-12
-    with pytest.raises(ValueError, match="memory.kernel 'pallas'"):
-        make_memory(kernel="pallas")
+    with pytest.raises(ValueError, match="memory.kernel 'pallas_forward_all'"):
+        make_memory(kernel="pallas_forward_all")  # Hope's: Titans has one memory
 
 
 def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):

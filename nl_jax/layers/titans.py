@@ -56,7 +56,7 @@ from nl_jax.layers.rope import segment_positions
 
 Carry = tuple[Params, Any]  # (fast params, inner optimizer state), leaves [batch, heads, ...]
 # How the memory's chunk scan runs (`memory.kernel`): see `NeuralMemory`.
-KERNELS = ("auto", "xla", "pallas_forward")
+KERNELS = ("auto", "xla", "pallas_forward", "pallas")
 
 
 def resolve_kernel(kernel: str, chunk_size: int, head_dim: int, hidden: int) -> str:
@@ -167,7 +167,8 @@ class NeuralMemory(nnx.Module):
 
         `scan_unroll`: chunks per loop iteration of the chunk scan (speed only). `kernel`: the
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
-        fused Pallas forward kernel over batch x heads, the backward as XLA ops), or `auto`:
+        fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
+        backward fused too: `fused_scan`'s reverse-walk kernel), or `auto`:
         as `resolve_kernel` picks it.
         """
         if scan_unroll < 1:
@@ -312,7 +313,7 @@ class NeuralMemory(nnx.Module):
             resets = None  # older core: documents are not separated in the memory
         level, remat, unroll = self.level, self.remat, self.scan_unroll
         if resolve_kernel(self.kernel, self.level.chunk_size, self.head_dim,
-                          self.memory.hidden) == "pallas_forward":  # fmt: skip
+                          self.memory.hidden) != "xla":  # fmt: skip
             return self._memorize_fused(inputs, resets, carry, batch_axis, init)
 
         def one_head(params, state, q, k, v, eta, alpha, beta, resets, reset_params):
@@ -347,6 +348,7 @@ class NeuralMemory(nnx.Module):
             resets=None if resets is None else jnp.repeat(resets, h, axis=0),
             reset_params=jax.tree.map(lambda a: flat(per_batch(a)), init),
             unroll=self.scan_unroll,
+            backward="kernel" if self.kernel == "pallas" else "xla",
         )  # fmt: skip
         unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
         out = jnp.swapaxes(unflat(out), 1, 2)  # [b, s, h, d]

@@ -442,9 +442,9 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
         positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
                          "scan_unroll") if k in cfg.memory})  # fmt: skip
         # Switches a mixer lacks would be silently ignored: Hope has every kernel and
-        # remat_layer, Titans' memory the fused forward, other mixers neither.
+        # remat_layer, Titans' memory the fused kernels, other mixers neither.
         titans = mixer_name.startswith("titans_")
-        allowed = {"kernel": ("auto", "xla") + ("pallas_forward",) * titans,
+        allowed = {"kernel": ("auto", "xla") + ("pallas_forward", "pallas") * titans,
                    "remat_layer": (False,)}  # fmt: skip
         for key, plain in allowed.items():
             value = cfg.memory.get(key, plain[0])
