@@ -43,6 +43,8 @@
 #   bash benchmarks/gpu_perf_full.sh u   # titans_lmm_340m at batch 32: memory.kernel pallas_forward
 #                                        # vs pallas (the backward as the reverse-walk kernel too),
 #                                        # then that kernel's GPU test
+#   bash benchmarks/gpu_perf_full.sh v   # the Titans hybrids (MAC, MAG, MAL; 4 layers) with the new
+#                                        # default (auto = pallas_forward) vs xla
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -208,4 +210,11 @@ if [ "$1" = u ]; then  # Titans' backward as one kernel per layer: its state (64
     --out=$OUT/u_titans.json 2>&1 | $F | grep -v '^\s*$' | cut -c1-300 | tail -5
   PYTHONPATH=$PYTHONPATH:tests timeout 120 python -c "import test_fused_level as t
 t.test_compiled_titans_backward_kernel_matches_run_level_on_gpu(); print('PASS test_compiled_titans_backward_kernel_matches_run_level_on_gpu')" 2>&1 | $F | tail -3
+fi
+if [ "$1" = v ]; then  # the hybrids run the fused forward by default now: do they compile and train?
+  for p in titans_mac_340m titans_mag_340m titans_mal_340m; do
+    timeout 75 $T --steps=2 --seq_len=4096 --batch=8 --presets=$p --set=num_layers=4 \
+      --variants="auto:memory.kernel=auto|xla:memory.kernel=xla" --out=$OUT/v_$p.json 2>&1 | $F \
+      | grep -v '^\s*$' | cut -c1-300 | tail -3
+  done
 fi

@@ -250,14 +250,15 @@ def test_validate_config_names_the_bad_field():
     cfg.memory.scan_unroll = 0
     with pytest.raises(ValueError, match="memory.scan_unroll = 0"):
         validate_config(cfg, 64)
-    # Only Hope has the fully fused kernel, Titans the fused forward, Transformer++ neither: a
-    # switch a mixer lacks must not be silently ignored.
+    # Only Hope fuses M_memory, Titans has the fused forward and backward kernels,
+    # Transformer++ neither: a switch a mixer lacks must not be silently ignored.
     cfg = lm.get_config("titans_mac_tiny").model
-    cfg.memory.kernel = "pallas"
-    with pytest.raises(ValueError, match=r"memory.kernel = 'pallas'.*titans_mac"):
+    cfg.memory.kernel = "pallas_forward_all"
+    with pytest.raises(ValueError, match=r"memory.kernel = 'pallas_forward_all'.*titans_mac"):
         validate_config(cfg, 64)
-    cfg.memory.kernel = "pallas_forward"
-    validate_config(cfg, 64)
+    for kernel in ("pallas_forward", "pallas"):
+        cfg.memory.kernel = kernel
+        validate_config(cfg, 64)
     cfg = lm.get_config("transformer_tiny").model
     cfg.memory.kernel = "pallas_forward"
     with pytest.raises(ValueError, match=r"memory.kernel = 'pallas_forward'.*'attention'"):
@@ -269,7 +270,7 @@ def test_validate_config_names_the_bad_field():
     cfg = lm.get_config("hope_tiny").model
     cfg.memory.kernel, cfg.memory.remat_layer = "pallas", True
     validate_config(cfg, 64)
-    for family in ("titans_lmm", "titans_mac"):  # the presets' "auto" means xla there
+    for family in ("titans_lmm", "titans_mac"):  # "auto" is valid for every memory mixer
         cfg = lm.get_config(f"{family}_340m").model
         assert cfg.memory.kernel == "auto"
         validate_config(cfg, 4096)
