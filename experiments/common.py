@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     # host (same values, drawn on the CPU, then sharded; much faster to compile on GPUs),
     # auto (host on GPUs, device elsewhere).
     c.init_on = "auto"
+    # A non-finite loss or gradient norm: stop (before any checkpoint or evaluation of that
+    # state, so the last checkpoint stays a finite one) | continue (train on regardless).
+    c.on_nonfinite = "stop"
     # Persistent XLA compilation cache (e.g. ~/.cache/nl_jax/xla): restarts skip compiling.
     c.compilation_cache_dir = ""
 

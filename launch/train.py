@@ -123,6 +123,8 @@ def main(argv: list[str]) -> int:
         _fail(f"{e} Nothing was written to the workdir.")
     except checkpoint.CheckpointError as e:
         _fail(str(e))
+    except trainer.NonFiniteError as e:
+        _fail(str(e), code=5)
     print(summary.line(), flush=True)
     return 143 if summary.preempted else 0
 

@@ -251,3 +251,15 @@ def test_every_outer_optimizer_of_the_config_builds_and_steps():
         updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
         moved = [float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)]
         assert all(np.isfinite(moved)) and max(moved) > 0, (name, moved)
+
+
+def test_first_nonfinite_finds_the_first_bad_step():
+    from nl_jax.train.trainer import first_nonfinite
+
+    ok = {"loss": jnp.float32(2.0), "grad_norm": jnp.float32(1.0), "param_norm": jnp.float32(3.0)}
+    pending = [(5, ok), (6, dict(ok, grad_norm=jnp.float32(jnp.inf))),
+               (7, dict(ok, loss=jnp.float32(jnp.nan)))]  # fmt: skip
+    step_no, values = first_nonfinite(pending)
+    assert step_no == 6 and values["grad_norm"] == float("inf") and values["loss"] == 2.0
+    assert "param_norm" not in values  # only the watched metrics
+    assert first_nonfinite(pending[:1]) is None and first_nonfinite([]) is None

@@ -160,6 +160,7 @@ def _bad_inputs(tmp_path):
         "unknown_key": (["--config.optimizer.learning_rat=0.1"], "unknown config key"),
         "mesh": (["--config.mesh.data=3"], "has 3 devices but 1 are available"),
         "seq_len": (["--config.seq_len=1"], "`seq_len` = 1"),
+        "on_nonfinite": (["--config.on_nonfinite=skip"], "`on_nonfinite` = 'skip'"),
         "chunks": (
             ["--config.model.family=hope", "--config.model.cms.chunk_sizes=(0, 128)"],
             "never updates within seq_len 64",
@@ -170,7 +171,8 @@ def _bad_inputs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["unknown_key", "mesh", "seq_len", "chunks", "missing_file", "empty_file"]
+    "case",
+    ["unknown_key", "mesh", "seq_len", "on_nonfinite", "chunks", "missing_file", "empty_file"],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, env):
     overrides, expected = _bad_inputs(tmp_path)[case]
@@ -183,6 +185,34 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, env):
     assert expected in " ".join(result.stderr.split()), result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(workdir) == before
+
+
+# A learning rate of 1e30 without clipping: the gradient norm is NaN at step 2, the loss at 3.
+DIVERGING = ["--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=0",
+             "--config.optimizer.grad_clip_norm=0.0", "--config.checkpoint.every_steps=1"]  # fmt: skip
+
+
+def test_nonfinite_loss_stops_before_saving_that_state(tmp_path, env):
+    workdir = tmp_path / "diverged"
+    result = launch([*TINY, *DIVERGING, f"--workdir={workdir}"], env)
+    assert result.returncode == 5, result.stderr[-3000:]
+    message = " ".join(result.stderr.split())
+    assert "became non-finite at step 2" in message and "grad_norm nan" in message, message
+    assert "The last checkpoint is step 1" in message and "Traceback" not in result.stderr
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [1]  # the finite state only
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "nonfinite", "at_step": 2}.items() <= events[-1].items()
+    assert not any(e["split"] == "eval" for e in events)
+
+
+def test_nonfinite_loss_continues_when_asked(tmp_path, env):
+    workdir = tmp_path / "diverged_on"
+    args = [*TINY, *DIVERGING, "--config.num_steps=3", "--config.on_nonfinite=continue"]
+    result = launch([*args, f"--workdir={workdir}"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("[nonfinite] step 2") == 1
+    assert (workdir / "checkpoints" / "3").is_dir()
 
 
 def test_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(straight, tmp_path, env):

@@ -50,6 +50,10 @@ def _int_at_least(config: ml_collections.ConfigDict, key: str, low: int) -> int:
     return node
 
 
+# What the trainer does when the loss or gradient norm stops being finite.
+NONFINITE_POLICIES = ("stop", "continue")
+
+
 def validate(
     config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1
 ) -> tuple[int, int, int]:
@@ -64,6 +68,8 @@ def validate(
     if config.get("init_on", "auto") not in ("auto", "device", "host"):
         _fail("init_on", config.init_on, "unknown init mode", "auto, device, host")
     _int_at_least(config, "seed", 0)
+    if config.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+        _fail("on_nonfinite", config.on_nonfinite, "unknown policy", ", ".join(NONFINITE_POLICIES))
     d = config.data
     seq_len = d.seq_len
     if not isinstance(seq_len, int) or seq_len < 2:

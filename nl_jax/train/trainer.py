@@ -286,6 +286,26 @@ def _due(step_no: int, every: int, last: int) -> bool:
     return step_no == last or (every > 0 and step_no % every == 0)
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm stopped being finite and `on_nonfinite` is `stop`."""
+
+
+# The step metrics whose non-finite value means the state is, or is about to be, corrupt: a
+# NaN gradient norm precedes the NaN parameters (and loss) of the next step.
+WATCHED = ("loss", "grad_norm")
+
+
+def first_nonfinite(pending: Sequence[tuple[int, dict]]) -> tuple[int, dict[str, float]] | None:
+    """The first `(step, {metric: value})` of `pending` `(step, step metrics)` pairs whose loss
+    or gradient norm is not finite; None if all are. One device-to-host transfer for all."""
+    watched = [{k: m[k] for k in WATCHED if k in m} for _, m in pending]
+    for (step_no, _), values in zip(pending, jax.device_get(watched), strict=True):
+        values = {k: float(values[k]) for k in WATCHED if k in values}
+        if not all(math.isfinite(v) for v in values.values()):
+            return step_no, values
+    return None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Summary:
     """Train `config` in `workdir`, resuming from its latest checkpoint if there is one."""
     t_start = time.time()
@@ -351,12 +371,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
     saved_step: int | None = latest
     preempted = False
     t_loop, t_log, steps_since_log, step_no = time.time(), time.time(), 0, start
+    # Steps whose loss and gradient norm are not yet checked: looked at (one transfer) only
+    # where the loop syncs anyway, before anything reads or saves the state.
+    pending: list[tuple[int, dict]] = []
+    warned_nonfinite = False
     try:
         for step_no in range(start + 1, num_steps + 1):
             if step_no == prof_start:
                 jax.profiler.start_trace(str(workdir / "profile"))
             batch = global_batch(next(train_iter), program.batch_shardings)
             state, step_metrics = program.train_step(state, batch)
+            pending.append((step_no, step_metrics))
             steps_since_log += 1
             preempted = stop.should_stop(step_no)
             if step_no + 1 == prof_stop:
@@ -390,7 +415,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
                         )
                     )
                 t_log, steps_since_log = time.time(), 0
-            if not preempted and _due(step_no, config.eval.every_steps, num_steps):
+            eval_due = not preempted and _due(step_no, config.eval.every_steps, num_steps)
+            save_due = _due(step_no, config.checkpoint.every_steps, num_steps) or preempted
+            if eval_due or save_due or _due(step_no, config.logging.every_steps, num_steps):
+                bad = first_nonfinite(pending)
+                pending.clear()
+                if bad is not None and config.get("on_nonfinite", "stop") == "stop":
+                    writer.write(step_no, "run", {"event": "nonfinite", "at_step": bad[0],
+                                                  **bad[1]})  # fmt: skip
+                    raise NonFiniteError(_nonfinite_message(bad, step_no, saved_step, ckpt))
+                if bad is not None and not warned_nonfinite:
+                    warned_nonfinite = True
+                    echo(f"[nonfinite] step {bad[0]}: {bad[1]}; training on (on_nonfinite="
+                         "continue)")  # fmt: skip
+            if eval_due:
                 last_eval = evaluate(program, state, nl_data.from_config(d, "eval"), byte_level)
                 writer.write(step_no, "eval", last_eval)
                 echo(
@@ -398,7 +436,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
                     + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
                 )
                 t_log = time.time()  # keep eval time out of tokens/s
-            if _due(step_no, config.checkpoint.every_steps, num_steps) or preempted:
+            if save_due:
                 t_save = time.time()
                 ckpt.save(step_no, state, train_iter.get_state(), config_json)
                 # Blocking part only (async saves finish in the background); not in tokens/s.
@@ -428,6 +466,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
         checkpoint=str(ckpt.step_dir(saved_step)) if saved_step is not None else None,
         preempted=preempted,
         seconds=time.time() - t_start,
+    )
+
+
+def _nonfinite_message(bad: tuple[int, dict[str, float]], step_no: int, saved_step: int | None,
+                       ckpt: ckpt_lib.Checkpointer) -> str:  # fmt: skip
+    """Why the run stopped, where the last finite state is, and what to change."""
+    values = ", ".join(f"{k} {v:.6g}" for k, v in bad[1].items())
+    where = (
+        f"The last checkpoint is step {saved_step} ({ckpt.step_dir(saved_step)}); a restart "
+        "resumes from it."
+        if saved_step is not None
+        else "No checkpoint exists in this workdir yet."
+    )
+    return (
+        f"the training loss or gradient norm became non-finite at step {bad[0]} ({values}); "
+        f"stopped at step {step_no} without evaluating or saving that state. {where} Lower "
+        "optimizer.learning_rate, keep optimizer.grad_clip_norm > 0, or set "
+        "--config.on_nonfinite=continue to train on regardless."
     )
 
 
