@@ -45,6 +45,8 @@
 #                                        # then that kernel's GPU test
 #   bash benchmarks/gpu_perf_full.sh v   # the Titans hybrids (MAC, MAG, MAL; 4 layers) with the new
 #                                        # default (auto = pallas_forward) vs xla
+#   bash benchmarks/gpu_perf_full.sh w   # titans_mag_340m's NaN (4 layers): divergence_check, both
+#                                        # kernels, 6 steps; then the trainer (clipping, warmup)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -217,4 +219,13 @@ if [ "$1" = v ]; then  # the hybrids run the fused forward by default now: do th
       --variants="auto:memory.kernel=auto|xla:memory.kernel=xla" --out=$OUT/v_$p.json 2>&1 | $F \
       | grep -v '^\s*$' | cut -c1-300 | tail -3
   done
+fi
+if [ "$1" = w ]; then  # which step and parameters go non-finite, and does the trainer's recipe avoid it
+  timeout 200 python benchmarks/divergence_check.py --preset=titans_mag_340m --set=num_layers=4 \
+    --seq_len=4096 --batch=8 --steps=6 --variants="pf:memory.kernel=pallas_forward|xla:memory.kernel=xla" \
+    2>&1 | $F | cut -c1-400 | tail -12
+  timeout 280 python launch/train.py --config=experiments/lm.py:titans_mag_340m --workdir=/tmp/w_mag \
+    --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=40 --config.model.dtype=bfloat16 \
+    --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
+    --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 2>&1 | $F | tail -12
 fi
