@@ -175,7 +175,7 @@ def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
     """`memory.kernel="auto"` (the default) takes the fused forward on a single GPU only, and
     only for shapes Triton takes; on this CPU host the layer stays on the XLA scan."""
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, D), jnp.float32)
-    mem = make_memory()
+    mem = make_memory(jnp.float32)
     assert mem.kernel == "auto"
     assert "pallas_call" not in str(jax.make_jaxpr(lambda x: mem(x))(x))
     assert titans.resolve_kernel("auto", 16, 64, 64) == "xla"  # this CPU host
