@@ -47,6 +47,8 @@
 #                                        # default (auto = pallas_forward) vs xla
 #   bash benchmarks/gpu_perf_full.sh w   # titans_mag_340m's NaN (4 layers): divergence_check, both
 #                                        # kernels, 6 steps; then the trainer (clipping, warmup)
+#   bash benchmarks/gpu_perf_full.sh x   # titans_lmm_340m's profile at batch 32 (where its per-sequence
+#                                        # 0.1 s goes: the last 3% to 40k)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -228,4 +230,8 @@ if [ "$1" = w ]; then  # which step and parameters go non-finite, and does the t
     --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=40 --config.model.dtype=bfloat16 \
     --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
     --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 2>&1 | $F | tail -12
+fi
+if [ "$1" = x ]; then  # Titans with the fused forward: which ops set the per-sequence cost
+  timeout 200 $T --steps=1 --seq_len=4096 --batch=32 --presets=titans_lmm_340m --profile=/tmp/prof_x \
+    --profile_steps=1 --profile_top=25 --out=$OUT/x_titans.json --hlo_out=$OUT/x_titans.hlo.gz 2>&1 | $F | tail -42
 fi
