@@ -15,6 +15,7 @@ import argparse
 import pathlib
 import sys
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,9 @@ from nl_jax import models  # noqa: E402
 
 
 def run(preset: str, overrides: dict[str, object], seq_len: int, batch: int, steps: int,
-        dtype: str, lr: float) -> list[dict]:  # fmt: skip
-    """Train `steps` AdamW steps; per step `{"step", "loss", "bad": [(param path, count)]}`."""
+        dtype: str, lr: float) -> Iterator[dict]:  # fmt: skip
+    """Train `steps` AdamW steps, yielding after each `{"step", "loss", "bad": [(param path,
+    count)]}` (a generator, so a long run reports every step as it finishes)."""
     cfg = lm.get_config(preset).model
     cfg.dtype = dtype
     throughput.apply_overrides(cfg, overrides)
@@ -58,13 +60,11 @@ def run(preset: str, overrides: dict[str, object], seq_len: int, batch: int, ste
 
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
     compiled = jax.jit(step, donate_argnums=0)
-    rows = []
     for i in range(steps):
         state, loss, bad = compiled(state, tokens)
         bad = np.asarray(bad)
-        rows.append({"step": i, "loss": float(loss),
-                     "bad": [(names[j], int(bad[j])) for j in np.nonzero(bad)[0]]})  # fmt: skip
-    return rows
+        yield {"step": i, "loss": float(loss),
+               "bad": [(names[j], int(bad[j])) for j in np.nonzero(bad)[0]]}  # fmt: skip
 
 
 def main() -> None:
