@@ -34,6 +34,7 @@ import collections
 import datetime
 import gzip
 import json
+import math
 import pathlib
 import re
 import subprocess
@@ -408,6 +409,13 @@ def table(rows: list[dict], device: str) -> str:
             f"| {r['preset']} | {r['params_m']:.1f} | {r['seq']} | {r['batch']} | "
             f"{r['tokens_per_s']:,.0f} | {mfu} | {peak} | {r['compile_s']:.0f} |"
         )
+    for r in rows:
+        # A diverged run still times steps; its row must not pass for a healthy one.
+        if not math.isfinite(r.get("loss", 0.0)):
+            out.append(
+                f"WARNING: {r['preset']} reached a non-finite loss ({r['loss']}) in the timed "
+                "steps, so its row times a diverged run (benchmarks/divergence_check.py traces it)"
+            )
     return "\n".join(out)
 
 

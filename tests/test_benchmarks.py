@@ -43,6 +43,10 @@ def test_throughput_measures_tiny_presets_and_profiles(tmp_path):
         assert 4.0 < row["loss"] < 7.0  # about log(257) at init on random tokens
     text = throughput.table(rows, "cpu")
     assert "transformer_tiny" in text and "| h " in text, text
+    assert "WARNING" not in text
+    # A row that trained to NaN is flagged, not passed off as a healthy measurement.
+    diverged = throughput.table([dict(rows[0], loss=float("nan"))], "cpu")
+    assert "WARNING: transformer_tiny reached a non-finite loss (nan)" in diverged
     row = rows[1]
     assert row["overrides"] == {"num_layers": 1} and row["preset"] == "h"
     prof = row["profile"]
