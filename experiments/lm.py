@@ -109,6 +109,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.momentum = True  # row 7; ablation "w/o momentum"
     m.memory.weight_decay = True  # retention alpha; ablation "w/o weight decay"
     m.memory.normalize_lr = True  # eta' = eta / (1 + eta ||a||^2) (row 16)
+    # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
+    # without it titans_mag_340m's memory diverged to NaN at outer lr 1e-3, no clipping.
+    m.memory.titans_normalize_lr = False
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
     m.memory.adaptive_q = False  # row 1: static q by default

@@ -16,6 +16,8 @@ SEQ = 10
 RULES = {
     "gd": DeltaRule(),
     "titans": DeltaRule(momentum=True, retention=True),
+    # Titans with the normalised-LMS step (memory.titans_normalize_lr): per layer and token.
+    "titans_normalized": DeltaRule(momentum=True, retention=True, normalize_gd=True),
     "dgd": DeltaRule(dgd=True, retention=True),
     # The DGD system by trsm, and by the explicit blocked inverse (matmuls; `auto` on CPU).
     "dgd_momentum": DeltaRule(dgd=True, momentum=True, retention=True, solve="triangular"),
@@ -64,7 +66,8 @@ def run_ref(level, inp):
     return reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
         inp["eta"], inp["alpha"], inp["beta"], chunk_size=level.chunk_size, momentum=r.momentum,
-        retention=r.retention, dgd=r.dgd, normalize_lr=r.normalize_lr, read=level.read,
+        retention=r.retention, dgd=r.dgd, normalize_lr=r.normalize_lr,
+        normalize_gd=r.normalize_gd, read=level.read,
         update_on_partial=level.update_on_partial,
     )  # fmt: skip
 
@@ -401,3 +404,18 @@ def test_auto_solve_is_the_inverse_on_cpu():
     assert resolve_solve("auto") == ("inverse" if jax.default_backend() == "cpu" else "triangular")
     with pytest.raises(ValueError, match="unknown solve"):
         resolve_solve("lu")
+
+
+def test_normalized_gd_step_changes_the_update(x64):
+    """`DeltaRule(normalize_gd=True)` really scales each layer's step by 1 / (1 + eta ||a||^2)
+    (else the reference comparison above would pass with the flag ignored on both sides)."""
+    inp = make_inputs(MEMORIES["mlp"], 3)
+    outs = {
+        flag: run_fast(Level(MEMORIES["mlp"], objectives.l2, DeltaRule(
+            momentum=True, retention=True, normalize_gd=flag), 4), inp)[0]
+        for flag in (False, True)
+    }  # fmt: skip
+    assert rel_err(outs[True], outs[False]) > 1e-3
+    # DGD keeps its own switch: normalize_gd does not touch it.
+    dgd = DeltaRule(dgd=True, normalize_lr=False, normalize_gd=True)
+    assert not dgd.normalized and DeltaRule(normalize_gd=True).normalized

@@ -270,6 +270,14 @@ def test_validate_config_names_the_bad_field():
     cfg = lm.get_config("hope_tiny").model
     cfg.memory.kernel, cfg.memory.remat_layer = "pallas", True
     validate_config(cfg, 64)
+    # Titans' normalised inner step exists only in Titans' memory: elsewhere it is an error.
+    cfg = lm.get_config("hope_tiny").model
+    cfg.memory.titans_normalize_lr = True
+    with pytest.raises(ValueError, match=r"titans_normalize_lr = True.*'self_modifying_titans'"):
+        validate_config(cfg, 64)
+    cfg = lm.get_config("titans_mag_tiny").model
+    cfg.memory.titans_normalize_lr = True
+    validate_config(cfg, 64)
     for family in ("titans_lmm", "titans_mac"):  # "auto" is valid for every memory mixer
         cfg = lm.get_config(f"{family}_340m").model
         assert cfg.memory.kernel == "auto"

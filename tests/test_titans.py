@@ -171,6 +171,21 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
         make_memory(kernel="pallas_forward_all")  # Hope's: Titans has one memory
 
 
+def test_titans_normalize_lr_reaches_the_inner_rule():
+    """`memory.titans_normalize_lr` builds the normalised-LMS rule (off in the presets: the
+    Titans paper has no such step) and changes what the memory reads."""
+    cfg = small_config("titans_lmm")
+    assert cfg.memory.titans_normalize_lr is False
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, SEQ, D), jnp.float32)
+    outs = {}
+    for flag in (False, True):
+        cfg.memory.titans_normalize_lr = flag
+        mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
+        assert mem.level.rule.normalized is flag
+        outs[flag] = mem(x)
+    assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
+
+
 def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
     """`memory.kernel="auto"` (the default) takes the fused forward on a single GPU only, and
     only for shapes Triton takes; on this CPU host the layer stays on the XLA scan."""

@@ -35,6 +35,7 @@ def reference_level(
     retention: bool = False,
     dgd: bool = False,
     normalize_lr: bool = True,
+    normalize_gd: bool = False,
     read: str = "per_token",
     update_on_partial: bool = True,
     momentum_state: Params | None = None,
@@ -73,7 +74,8 @@ def reference_level(
             acts = memories.layer_inputs(memory, boundary, keys[t])
             for name in w:
                 a = acts[name]
-                lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if (dgd and normalize_lr) else eta[t]
+                normalized = (dgd and normalize_lr) or (not dgd and normalize_gd)
+                lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if normalized else eta[t]
                 if momentum:
                     s[name] = beta[t] * s[name] - lr * grads[name]
                     step = s[name]

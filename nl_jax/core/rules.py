@@ -125,6 +125,9 @@ class DeltaRule:
     retention: bool = False
     dgd: bool = False
     normalize_lr: bool = True
+    # The same step normalisation for plain GD (normalised LMS, per layer and token): a
+    # stabiliser the Titans paper does not have, so off by default.
+    normalize_gd: bool = False
     # Fast path only: how a DGD chunk solves its triangular system (`chunked.SOLVES`).
     solve: str = "auto"
 
@@ -134,8 +137,8 @@ class DeltaRule:
 
     @property
     def normalized(self) -> bool:
-        """Whether the step size is `eta / (1 + eta ||a||^2)` (DGD only)."""
-        return self.dgd and self.normalize_lr
+        """Whether the step size is `eta / (1 + eta ||a||^2)` (DGD's, or GD's if asked)."""
+        return (self.dgd and self.normalize_lr) or (not self.dgd and self.normalize_gd)
 
     def transformation(self) -> optax.GradientTransformationExtraArgs:
         """The same rule as an `optax.chain` of the pieces above."""

@@ -154,6 +154,7 @@ class NeuralMemory(nnx.Module):
         alpha_bias: float = 4.0,
         momentum: bool = True,
         weight_decay: bool = True,
+        normalize_lr: bool = False,
         output_gate: bool = True,
         remat: bool = True,
         scan_unroll: int = 1,
@@ -165,6 +166,9 @@ class NeuralMemory(nnx.Module):
     ) -> None:
         """Create projections, gates, convs (conv_window 0: none), norm and initial fast weights.
 
+        `normalize_lr`: the inner step per layer and token is `eta / (1 + eta ||a||^2)`, `a`
+        that layer's input (normalised LMS; not in the Titans paper, which diverged for
+        titans_mag_340m at outer lr 1e-3 without it, BENCHMARKS.md).
         `scan_unroll`: chunks per loop iteration of the chunk scan (speed only). `kernel`: the
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
         fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
@@ -186,7 +190,8 @@ class NeuralMemory(nnx.Module):
         # The inner loop accumulates many small steps: never run it below float32.
         self.inner_dtype = jnp.promote_types(dtype, jnp.float32)
         self.memory = ResidualMLPMemory(head_dim, hidden_mult * head_dim, activation)
-        rule = DeltaRule(momentum=momentum, retention=weight_decay, dgd=False)
+        rule = DeltaRule(momentum=momentum, retention=weight_decay, dgd=False,
+                         normalize_gd=normalize_lr)  # fmt: skip
         self.level = Level(self.memory, objectives.l2, rule, chunk_size, read=read)
 
         def proj(shape: tuple[int, ...], fan_in: int, names: tuple) -> nnx.Param:
@@ -689,7 +694,8 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         cfg.d_model, m.heads, m.head_dim, hidden_mult=m.hidden_mult, activation=m.activation,
         chunk_size=m.chunk_size, read=m.read, conv_window=m.conv_window, eta_max=m.eta_max, beta_max=m.beta_max,
         alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
-        output_gate=m.output_gate, remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
+        normalize_lr=m.get("titans_normalize_lr", False), output_gate=m.output_gate,
+        remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
         kernel=m.get("kernel", "auto"), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 

@@ -453,6 +453,11 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                     f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
                     f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
                 )
+        if cfg.memory.get("titans_normalize_lr", False) and not titans:
+            raise ValueError(
+                f"model.memory.titans_normalize_lr = True: only Titans' memory (titans_* mixers) "
+                f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr)"
+            )
         if "chunk_size_other" in cfg.memory:
             positive["memory.chunk_size_other"] = cfg.memory.chunk_size_other
     for key, value in positive.items():
