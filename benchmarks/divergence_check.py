@@ -80,12 +80,7 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="name:k=v;k=v|name2:k=v")
     args = ap.parse_args()
     base = throughput.parse_overrides(args.set)
-    variants = [("", {})]
-    if args.variants:
-        variants = []
-        for item in args.variants.split("|"):
-            name, _, body = item.partition(":")
-            variants.append((name, throughput.parse_overrides(body, sep=";")))
+    variants = throughput.parse_variants(args.variants) if args.variants else [("", {})]
     t0 = time.time()
     for name, extra in variants:
         label = f"{args.preset}[{name}]" if name else args.preset

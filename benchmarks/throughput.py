@@ -78,6 +78,15 @@ def parse_overrides(text: str, sep: str = ",") -> dict[str, object]:
     return out
 
 
+def parse_variants(text: str) -> list[tuple[str, dict[str, object]]]:
+    """`"name:k=v;k=v|name2:k=v"` -> `[(name, overrides), ...]` (`--variants`)."""
+    out = []
+    for item in text.split("|"):
+        name, _, sets = item.partition(":")
+        out.append((name, parse_overrides(sets, ";")))
+    return out
+
+
 def apply_overrides(cfg, overrides: dict[str, object]) -> None:
     """Set dotted keys on a model ConfigDict, with a clear error for unknown keys."""
     for key, value in overrides.items():
@@ -512,10 +521,8 @@ def main() -> None:
     runs = [(p, p, common) for p in args.presets.split(",")]
     if args.variants:
         preset = runs[0][0]
-        runs = []
-        for item in args.variants.split("|"):
-            label, _, sets = item.partition(":")
-            runs.append((f"{preset}[{label}]", preset, {**common, **parse_overrides(sets, ";")}))
+        runs = [(f"{preset}[{label}]", preset, {**common, **sets})
+                for label, sets in parse_variants(args.variants)]  # fmt: skip
     rows = []
     for i, (label, preset, overrides) in enumerate(runs):
         print(f"[throughput] {label} {overrides}: compiling and timing ...", flush=True)

@@ -23,6 +23,8 @@ lm = throughput.lm  # experiments/lm.py: the presets
 def test_throughput_measures_tiny_presets_and_profiles(tmp_path):
     overrides = throughput.parse_overrides("memory.chunk_size=2,attention.implementation=xla")
     assert overrides == {"memory.chunk_size": 2, "attention.implementation": "xla"}
+    assert throughput.parse_variants("a:num_layers=1;memory.kernel=xla|b:") == [
+        ("a", {"num_layers": 1, "memory.kernel": "xla"}), ("b", {})]  # fmt: skip
     rows = [
         throughput.measure("transformer_tiny", 32, 2, 2, "float32"),
         # One Hope layer keeps the compile short; it is also the profiled run.

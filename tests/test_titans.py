@@ -14,6 +14,7 @@ from flax import nnx
 
 from nl_jax.core import objectives
 from nl_jax.core.reference import reference_level
+from nl_jax.kernels import fused_scan
 from nl_jax.layers import axes, titans
 from nl_jax.models import build, register_mixer
 
@@ -196,7 +197,7 @@ def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
     assert titans.resolve_kernel("auto", 16, 64, 64) == "xla"  # this CPU host
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    fused = "xla" if titans.pl_triton is None else "pallas_forward"
+    fused = "xla" if fused_scan.pl_triton is None else "pallas_forward"
     assert titans.resolve_kernel("auto", 16, 64, 64) == fused  # titans_lmm_340m
     assert titans.resolve_kernel("auto", 8, 64, 64) == "xla"  # Triton: operands >= 16
     assert titans.resolve_kernel("auto", 16, 96, 96) == "xla"  # 760M: not a power of two

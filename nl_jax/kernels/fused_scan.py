@@ -40,6 +40,15 @@ BACKWARDS = ("kernel", "xla")
 Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
 
 
+def fused_fits(*sizes: int) -> bool:
+    """Whether `memory.kernel="auto"` takes a fused kernel: a single GPU with Pallas' Triton
+    lowering, and every matmul size at least 16 (Triton's operands) and a power of two (its
+    blocks). Not on several devices: GSPMD cannot partition the Pallas call (untested)."""
+    shapes_fit = all(n >= 16 and n & (n - 1) == 0 for n in sizes)
+    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+    return shapes_fit and single_gpu and pl_triton is not None
+
+
 def _block(shape: tuple[int, ...]) -> pl.BlockSpec:
     """One instance's whole slab: the leading axis is the instance index, squeezed."""
     return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i: (i,) + (0,) * (len(shape) - 1))

@@ -39,7 +39,7 @@ from nl_jax.core import (
 )
 from nl_jax.core.level import chunk_update
 from nl_jax.kernels.fused_level import run_level_fused
-from nl_jax.kernels.fused_scan import fused_scan, pl_triton
+from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
 from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
@@ -317,17 +317,13 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
 
 
 def resolve_kernel(spec: SelfModSpec) -> str:
-    """`spec.kernel`, with `auto` resolved: `pallas_forward` on a single GPU where Triton takes
-    the shapes (+13% tokens/s at full hope_340m depth on an H200, BENCHMARKS.md), else `xla`.
-    Not on several devices: GSPMD cannot partition the Pallas call (untested)."""
+    """`spec.kernel`, with `auto` resolved: `pallas_forward` where `fused_fits` the chunk, head
+    and hidden sizes (+13% tokens/s at full hope_340m depth on an H200, BENCHMARKS.md; not
+    hope_760m's heads of 96), else `xla`."""
     if spec.kernel != "auto":
         return spec.kernel
-    # Triton: matmul operands at least 16 wide, every block a power of two (hope_760m's heads of
-    # 96 are not, so it keeps the XLA path).
-    sizes = (spec.chunk_other, spec.head_dim, spec.hidden)
-    fits = all(n >= 16 and n & (n - 1) == 0 for n in sizes)
-    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-    return "pallas_forward" if fits and single_gpu and pl_triton is not None else "xla"
+    fits = fused_fits(spec.chunk_other, spec.head_dim, spec.hidden)
+    return "pallas_forward" if fits else "xla"
 
 
 def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,

@@ -46,7 +46,7 @@ from nl_jax.core import Level, ResidualMLPMemory, memories, objectives, run_leve
 from nl_jax.core.memories import Params
 from nl_jax.core.rules import DeltaRule
 from nl_jax.kernels.fused_level import run_level_fused
-from nl_jax.kernels.fused_scan import pl_triton
+from nl_jax.kernels.fused_scan import fused_fits
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
 from nl_jax.layers.conv import ShortConv, causal_conv, continue_positions, continue_segments
@@ -60,16 +60,12 @@ KERNELS = ("auto", "xla", "pallas_forward", "pallas")
 
 
 def resolve_kernel(kernel: str, chunk_size: int, head_dim: int, hidden: int) -> str:
-    """`kernel`, with `auto` resolved: `pallas_forward` on a single GPU where Triton takes the
-    shapes (+43% tokens/s for titans_lmm_340m at seq 4096 x 32 on an H200, BENCHMARKS.md), else
-    `xla`. Not on several devices: GSPMD cannot partition the Pallas call (untested)."""
+    """`kernel`, with `auto` resolved: `pallas_forward` where `fused_fits` the sizes (+43%
+    tokens/s for titans_lmm_340m at seq 4096 x 32 on an H200, BENCHMARKS.md; not the 760M
+    presets' heads of 96), else `xla`."""
     if kernel != "auto":
         return kernel
-    # Triton: matmul operands at least 16 wide and every block a power of two (the 760M presets'
-    # heads of 96 are not, so they keep the XLA path).
-    fits = all(n >= 16 and n & (n - 1) == 0 for n in (chunk_size, head_dim, hidden))
-    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-    return "pallas_forward" if fits and single_gpu and pl_triton is not None else "xla"
+    return "pallas_forward" if fused_fits(chunk_size, head_dim, hidden) else "xla"
 
 
 class MemoryInputs(NamedTuple):
@@ -351,7 +347,7 @@ class NeuralMemory(nnx.Module):
             self.level, params, state, x["keys"], x["values"], x["queries"], eta=x["eta"],
             alpha=x["alpha"], beta=x["beta"],
             resets=None if resets is None else jnp.repeat(resets, h, axis=0),
-            reset_params=jax.tree.map(lambda a: flat(per_batch(a)), init),
+            reset_params=None if resets is None else jax.tree.map(lambda a: flat(per_batch(a)), init),
             unroll=self.scan_unroll,
             backward="kernel" if self.kernel == "pallas" else "xla",
         )  # fmt: skip
