@@ -46,9 +46,15 @@
 #   bash benchmarks/gpu_perf_full.sh v   # the Titans hybrids (MAC, MAG, MAL; 4 layers) with the new
 #                                        # default (auto = pallas_forward) vs xla
 #   bash benchmarks/gpu_perf_full.sh w   # titans_mag_340m's NaN (4 layers): divergence_check, both
-#                                        # kernels, 6 steps; then the trainer (clipping, warmup)
+#                                        # kernels and the normalised step, 6 steps; then the trainer
+#                                        # (clipping, warmup)
 #   bash benchmarks/gpu_perf_full.sh x   # titans_lmm_340m's profile at batch 32 (where its per-sequence
 #                                        # 0.1 s goes: the last 3% to 40k)
+#   bash benchmarks/gpu_perf_full.sh y   # titans_lmm_340m's split backward (only the carry chain per
+#                                        # chunk in the loop) vs the chunk loop, groups 8/16/32
+#   bash benchmarks/gpu_perf_full.sh z   # the profile of y's split backward (group 32): where its time goes
+#   bash benchmarks/gpu_perf_full.sh flags  # XLA:GPU flags one at a time: transformer_340m (batch 8)
+#                                        # and titans_lmm_340m (batch 32), each against no flags
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -223,10 +229,11 @@ if [ "$1" = v ]; then  # the hybrids run the fused forward by default now: do th
   done
 fi
 if [ "$1" = w ]; then  # which step and parameters go non-finite, and does the trainer's recipe avoid it
-  timeout 200 python benchmarks/divergence_check.py --preset=titans_mag_340m --set=num_layers=4 \
-    --seq_len=4096 --batch=8 --steps=6 --variants="pf:memory.kernel=pallas_forward|xla:memory.kernel=xla" \
+  timeout 240 python benchmarks/divergence_check.py --preset=titans_mag_340m --set=num_layers=4 \
+    --seq_len=4096 --batch=8 --steps=6 \
+    --variants="pf:memory.kernel=pallas_forward|xla:memory.kernel=xla|nlms:memory.titans_normalize_lr=True" \
     2>&1 | $F | cut -c1-400 | tail -12
-  timeout 280 python launch/train.py --config=experiments/lm.py:titans_mag_340m --workdir=/tmp/w_mag \
+  timeout 150 python launch/train.py --config=experiments/lm.py:titans_mag_340m --workdir=/tmp/w_mag \
     --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=40 --config.model.dtype=bfloat16 \
     --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
     --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 2>&1 | $F | tail -12
@@ -234,4 +241,31 @@ fi
 if [ "$1" = x ]; then  # Titans with the fused forward: which ops set the per-sequence cost
   timeout 200 $T --steps=1 --seq_len=4096 --batch=32 --presets=titans_lmm_340m --profile=/tmp/prof_x \
     --profile_steps=1 --profile_top=25 --out=$OUT/x_titans.json --hlo_out=$OUT/x_titans.hlo.gz 2>&1 | $F | tail -42
+fi
+if [ "$1" = y ]; then  # the split backward: fewer launches per chunk in the reverse loop
+  timeout 330 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="loop:memory.backward=loop|split16:memory.backward=split|split8:memory.backward=split;memory.backward_group=8|split32:memory.backward=split;memory.backward_group=32" \
+    --out=$OUT/y_titans.json 2>&1 | $F | grep -v '^\s*$' | cut -c1-300 | tail -7
+  timeout 150 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="loop:memory.backward=loop|split16:memory.backward=split" --out=$OUT/y_hope.json 2>&1 | $F \
+    | grep -v '^\s*$' | cut -c1-300 | tail -4
+fi
+if [ "$1" = z ]; then  # why the split backward ran slower than the chunk loop
+  timeout 200 $T --steps=1 --seq_len=4096 --batch=32 --presets=titans_lmm_340m --profile=/tmp/prof_z \
+    --set="memory.backward=split,memory.backward_group=32" --profile_steps=1 --profile_top=30 \
+    --out=$OUT/z_titans.json --hlo_out=$OUT/z_titans.hlo.gz 2>&1 | $F | tail -48
+fi
+
+if [ "$1" = flags ]; then  # does any XLA:GPU flag close the transformer's 1.5 MFU points?
+  for f in "" --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer= \
+      --xla_gpu_enable_cublaslt=true; do
+    echo "XLA_FLAGS=$f"
+    XLA_FLAGS="$f" timeout 75 $T --steps=4 --seq_len=4096 --batch=8 --presets=transformer_340m \
+      --set=attention.implementation=cudnn --out=$OUT/flags_tf.json 2>&1 | $F | grep "^| transformer"
+  done
+  for f in "" --xla_gpu_enable_triton_gemm=false; do
+    echo "XLA_FLAGS=$f"
+    XLA_FLAGS="$f" timeout 100 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+      --out=$OUT/flags_titans.json 2>&1 | $F | grep "^| titans"
+  done
 fi
