@@ -141,11 +141,6 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # 32 on an H200) | "pallas" (the backward as a kernel too: no faster on an H200) |
     # "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
     m.memory.kernel = "auto"
-    # The XLA backward of a fused forward (pallas_forward*): "loop" runs each chunk's whole vjp
-    # in the reverse chunk loop; "split" keeps only the carry-to-carry chain there and batches
-    # the reads' and inputs' parts over backward_group chunks (fewer launches per chunk).
-    m.memory.backward = "loop"
-    m.memory.backward_group = 16
 
     # Continuum Memory System (spec section 4, rows 11-15).
     m.cms = ml_collections.ConfigDict()

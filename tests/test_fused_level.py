@@ -50,17 +50,16 @@ def reference(level, params, state, inputs, resets=None):
 
 def fused(level, params, state, inputs, resets=None, backward="xla"):
     return fused_level.run_level_fused(level, params, state, **inputs, resets=resets, unroll=2,
-                                       backward=backward, split_group=3)  # fmt: skip
+                                       backward=backward)  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "seq,with_resets,read,backward",
     [(12, False, "per_token", "xla"), (12, True, "per_token", "xla"),
      (14, False, "per_token", "xla"), (14, True, "per_token", "xla"),
-     (14, True, "boundary", "xla"), (14, True, "per_token", "kernel"),
-     (26, True, "per_token", "xla_split")],
+     (14, True, "boundary", "xla"), (14, True, "per_token", "kernel")],
     ids=["full", "full_resets", "partial", "partial_resets", "boundary_partial_resets",
-         "backward_kernel_partial_resets", "split_backward_partial_resets"],
+         "backward_kernel_partial_resets"],
 )  # fmt: skip
 def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read, backward):
     level = Level(ResidualMLPMemory(4, 8), objectives.l2, TITANS, 4, read=read)

@@ -20,17 +20,6 @@ from nl_jax.core.level import Level, chunk_step, run_level
 from nl_jax.core.memories import Params
 from nl_jax.kernels.fused_scan import fused_scan
 
-# `memory.backward` -> `fused_scan`'s XLA backward: chunk by chunk, or the split form.
-XLA_BACKWARDS = {"loop": "xla", "split": "xla_split"}
-
-
-def check_backward(backward: str, group: int) -> None:
-    """Reject an unknown `memory.backward` or a `memory.backward_group` below 1."""
-    if backward not in XLA_BACKWARDS:
-        raise ValueError(f"unknown memory.backward {backward!r}; allowed: {tuple(XLA_BACKWARDS)}")
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"memory.backward_group must be a positive integer, got {group!r}")
-
 
 def _step(level: Level, carry: tuple, x: dict, consts: dict) -> tuple[tuple, jax.Array]:
     """`chunk_step` in `fused_scan`'s form: resets travel as floats (the kernel's arrays)."""
@@ -45,7 +34,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
                     values: jax.Array, queries: jax.Array, *, eta: jax.Array, alpha: jax.Array,
                     beta: jax.Array, resets: jax.Array | None = None,
                     reset_params: Params | None = None, unroll: int = 1,
-                    backward: str = "xla", split_group: int = 16,
+                    backward: str = "xla",
                     interpret: bool | None = None) -> tuple[jax.Array, tuple[Params, Any]]:  # fmt: skip
     """`jax.vmap(run_level)` (path `fast`) over N instances, full chunks in one fused kernel.
 
@@ -54,9 +43,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
         beta: `[N, seq]`; resets: `bool[N, seq]` or None, returning to `reset_params` (leaves
         `[N, ...]`; default `params`).
       unroll: chunks per loop iteration of the XLA backward.
-      backward: `"xla"` (XLA ops over the kernel's saved chunk-start carries, chunk by chunk),
-        `"xla_split"` (the same with only the carry chain in the chunk loop and the rest
-        batched over `split_group` chunks: `fused_scan`'s split backward) or `"kernel"`
+      backward: `"xla"` (XLA ops over the kernel's saved chunk-start carries) or `"kernel"`
         (`fused_scan`'s reverse-walk kernel: the step's `jax.vjp` inside one Triton program).
       interpret: run the kernel in Pallas' interpreter (default: on CPU).
     Returns:
@@ -88,8 +75,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     if n_full:
         full = jax.tree.map(lambda a: a[:, : n_full * c].reshape((n, n_full, c) + a.shape[2:]), xs)
         carry, out = fused_scan(functools.partial(_step, level), carry, full, consts,
-                                interpret=interpret, backward=backward, unroll=unroll,
-                                split_group=split_group)  # fmt: skip
+                                interpret=interpret, backward=backward, unroll=unroll)  # fmt: skip
         outs.append(out.reshape((n, n_full * c) + out.shape[3:]))
     if seq > n_full * c:
         tail = jax.tree.map(lambda a: a[:, n_full * c :], xs)

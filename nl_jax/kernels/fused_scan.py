@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
 # How the gradient runs: the reverse-walk kernel, or XLA ops over the kernel's saved carries.
-BACKWARDS = ("kernel", "xla", "xla_split")
+BACKWARDS = ("kernel", "xla")
 # `(pack, unpack)`: a carry's layout for the XLA backward and back, given its leading axes.
 Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
 
@@ -226,103 +226,21 @@ def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_fi
     return d_carry, d_xs, d_consts
 
 
-def _split_group(t: int, group: int) -> int:
-    """The largest divisor of `t` that is at most `group` (the steps one group runs)."""
-    return max(g for g in range(1, min(group, t) + 1) if t % g == 0)
-
-
-def _backward_split(xla_step: Step, layout: Layout | None, saved, xs, consts, d_final, d_ys,
-                    group: int, unroll: int):  # fmt: skip
-    """The reverse walk with only the carry-to-carry gradient in the sequential loop.
-
-    A step's vjp is linear in `(d_carry_next, d_y)`, so it splits into three parts:
-    `g_i`, the carry cotangent from `d_y_i` alone, which needs no later step; the chain
-    `dc_i = J_i^T dc_{i+1} + g_i` through the state map `carry -> next carry` alone; and the
-    cotangents of `x_i` and of the consts from `(dc_{i+1}, d_y_i)` once the chain is known. The
-    first and the last run batched over `group` steps at once (large kernels); only the chain
-    runs step by step, and it leaves out the reads and the input cotangents, so the loop that
-    sets the backward's time launches fewer kernels per step. The results equal
-    `_backward_xla`'s up to float rounding (tests/test_fused_scan.py).
-    """
-    t = jax.tree.leaves(xs)[0].shape[1]
-    g = _split_group(t, group)
-    c_tree = jax.tree.structure(d_final)
-    saved = jax.tree.unflatten(c_tree, saved)
-    if layout is not None:
-        saved, d_final = layout[0](saved, 2), layout[0](d_final, 1)
-    grouped = lambda a: a.reshape(a.shape[:1] + (t // g, g) + a.shape[2:])  # noqa: E731
-    at = lambda tree, i, axis=1: jax.tree.map(  # noqa: E731
-        lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=axis, keepdims=False), tree
-    )
-    s_g, x_g, dy_g = (jax.tree.map(grouped, tree) for tree in (saved, xs, d_ys))
-
-    def from_reads(c, x, dy):
-        _, vjp = jax.vjp(lambda c: xla_step(c, x, consts)[1], c)
-        return vjp(dy)[0]
-
-    def through_state(c, x, dc):
-        _, vjp = jax.vjp(lambda c: xla_step(c, x, consts)[0], c)
-        return vjp(dc)[0]
-
-    def to_inputs(c, x, dc, dy):
-        _, vjp = jax.vjp(lambda x, k: xla_step(c, x, k), x, consts)
-        return vjp((dc, dy))
-
-    def group_body(acc, j):
-        dc, dk = acc
-        cs, xg, dyg = at(s_g, j), at(x_g, j), at(dy_g, j)  # [N, g, ...]
-        gs = jax.vmap(from_reads, in_axes=1, out_axes=1)(cs, xg, dyg)
-
-        def chain(dc_next, i):
-            dc_i = through_state(at(cs, i), at(xg, i), dc_next)
-            dc_i = jax.tree.map(lambda a, b, ref: (a + b).astype(ref.dtype), dc_i, at(gs, i),
-                                dc_next)  # fmt: skip
-            return dc_i, dc_next
-
-        dc_first, dc_nexts = jax.lax.scan(chain, dc, jnp.arange(g), reverse=True,
-                                          unroll=max(1, min(unroll, g)))  # fmt: skip
-        dx, dk_steps = jax.vmap(to_inputs, in_axes=(1, 1, 0, 1), out_axes=(1, 0))(
-            cs, xg, dc_nexts, dyg
-        )
-        dk = jax.tree.map(lambda a, b: a + jnp.sum(b, axis=0).astype(a.dtype), dk, dk_steps)
-        return (dc_first, dk), dx
-
-    zeros = jax.tree.map(
-        lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), consts
-    )
-    (d_carry, d_consts), dxs = jax.lax.scan(
-        group_body, (d_final, zeros), jnp.arange(t // g), reverse=True
-    )
-    # dxs: [T/g, N, g, ...] -> [N, T, ...]
-    d_xs = jax.tree.map(
-        lambda d, a: jnp.moveaxis(d, 0, 1).reshape(a.shape).astype(a.dtype), dxs, xs
-    )
-    d_consts = jax.tree.map(lambda d, a: d.astype(a.dtype), d_consts, consts)
-    if layout is not None:
-        d_carry = layout[1](d_carry, 1)
-    return d_carry, d_xs, d_consts
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7, 8))
 def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int,
-          xla_step: Step | None, layout: Layout | None, unroll: int, split_group: int):  # fmt: skip
+          xla_step: Step | None, layout: Layout | None, unroll: int):  # fmt: skip
     final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps)
     return final, ys
 
 
-def _scan_fwd(step, carry, xs, consts, interpret, num_warps, xla_step, layout, unroll,
-              split_group):  # fmt: skip
+def _scan_fwd(step, carry, xs, consts, interpret, num_warps, xla_step, layout, unroll):
     final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps)
     return (final, ys), (saved, xs, consts)
 
 
-def _scan_bwd(step, interpret, num_warps, xla_step, layout, unroll, split_group, res,
-              cotangents):  # fmt: skip
+def _scan_bwd(step, interpret, num_warps, xla_step, layout, unroll, res, cotangents):
     saved, xs, consts = res
     d_final, d_ys = cotangents
-    if xla_step is not None and split_group:
-        return _backward_split(xla_step, layout, saved, xs, consts, d_final, d_ys, split_group,
-                               unroll)  # fmt: skip
     if xla_step is not None:
         return _backward_xla(xla_step, layout, saved, xs, consts, d_final, d_ys, unroll)
     return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps)
@@ -333,8 +251,7 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
                num_warps: int = 8, backward: str = "kernel", xla_step: Step | None = None,
-               xla_layout: Layout | None = None, unroll: int = 1,
-               split_group: int = 16) -> tuple[Any, Any]:  # fmt: skip
+               xla_layout: Layout | None = None, unroll: int = 1) -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -376,16 +293,12 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
     if backward not in BACKWARDS:
         raise ValueError(f"fused_scan: unknown backward {backward!r}; allowed: {BACKWARDS}")
     if backward == "kernel" and (xla_step is not None or xla_layout is not None):
-        raise ValueError("fused_scan: xla_step and xla_layout are only used with an XLA backward")
-    if split_group < 1:
-        raise ValueError(f"fused_scan: split_group must be a positive integer, got {split_group}")
-    if backward in ("xla", "xla_split") and xla_step is None:
+        raise ValueError("fused_scan: xla_step and xla_layout are only used with backward='xla'")
+    if backward == "xla" and xla_step is None:
         if xla_layout is not None:
             raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
         xla_step = jax.vmap(step)
-    group = split_group if backward == "xla_split" else 0
-    return _scan(step, carry, xs, consts, interpret, num_warps, xla_step, xla_layout, unroll,
-                 group)  # fmt: skip
+    return _scan(step, carry, xs, consts, interpret, num_warps, xla_step, xla_layout, unroll)
 
 
 def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True) -> str:

@@ -38,7 +38,7 @@ from nl_jax.core import (
     run_level,
 )
 from nl_jax.core.level import chunk_update
-from nl_jax.kernels.fused_level import XLA_BACKWARDS, check_backward, run_level_fused
+from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
@@ -79,13 +79,10 @@ class SelfModSpec:
     scan_unroll: int = 1
     solve: str = "auto"
     kernel: str = "auto"
-    backward: str = "loop"
-    backward_group: int = 16
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown memory.kernel {self.kernel!r}; allowed: {KERNELS}")
-        check_backward(self.backward, self.backward_group)
 
     @property
     def memory(self) -> ResidualMLPMemory:
@@ -372,8 +369,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         step = functools.partial(projection_step, spec)
         if spec.kernel in ("pallas_forward", "pallas_forward_all"):
             carry, gen = fused_scan(
-                step, carry, full, consts, interpret=interpret,
-                backward=XLA_BACKWARDS[spec.backward], split_group=spec.backward_group,
+                step, carry, full, consts, interpret=interpret, backward="xla",
                 xla_step=functools.partial(projection_step_batched, spec),
                 xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll,
             )  # fmt: skip
@@ -400,7 +396,6 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
             level, *main, gen["k"], gen["v"], gen["q"] if spec.adaptive_q else q_n,
             eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"], resets=resets_n,
             reset_params=init_n["memory"], unroll=spec.scan_unroll, interpret=interpret,
-            backward=XLA_BACKWARDS[spec.backward], split_group=spec.backward_group,
         )  # fmt: skip
     else:
         y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
@@ -456,7 +451,6 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
         solve=m.get("solve", "auto"), kernel=m.get("kernel", "auto"),
-        backward=m.get("backward", "loop"), backward_group=m.get("backward_group", 16),
     )  # fmt: skip
 
 

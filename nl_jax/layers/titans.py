@@ -45,7 +45,7 @@ from flax import nnx
 from nl_jax.core import Level, ResidualMLPMemory, memories, objectives, run_level
 from nl_jax.core.memories import Params
 from nl_jax.core.rules import DeltaRule
-from nl_jax.kernels.fused_level import XLA_BACKWARDS, check_backward, run_level_fused
+from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
@@ -155,8 +155,6 @@ class NeuralMemory(nnx.Module):
         remat: bool = True,
         scan_unroll: int = 1,
         kernel: str = "auto",
-        backward: str = "loop",
-        backward_group: int = 16,
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
@@ -171,18 +169,13 @@ class NeuralMemory(nnx.Module):
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
         fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
         backward fused too: `fused_scan`'s reverse-walk kernel), or `auto`:
-        as `resolve_kernel` picks it. `backward` (with `pallas_forward`): the XLA backward chunk
-        by chunk (`loop`) or `split` (`fused_scan`'s split backward, `backward_group` chunks
-        per batched part).
+        as `resolve_kernel` picks it.
         """
         if scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive integer, got {scan_unroll}")
         if kernel not in KERNELS:
             raise ValueError(f"unknown memory.kernel {kernel!r} for Titans; allowed: {KERNELS}")
-        check_backward(backward, backward_group)
         self.kernel = kernel
-        self.backward = backward
-        self.backward_group = backward_group
         self.heads = heads
         self.head_dim = head_dim
         self.eta_max = eta_max
@@ -356,8 +349,7 @@ class NeuralMemory(nnx.Module):
             resets=None if resets is None else jnp.repeat(resets, h, axis=0),
             reset_params=None if resets is None else jax.tree.map(lambda a: flat(per_batch(a)), init),
             unroll=self.scan_unroll,
-            backward="kernel" if self.kernel == "pallas" else XLA_BACKWARDS[self.backward],
-            split_group=self.backward_group,
+            backward="kernel" if self.kernel == "pallas" else "xla",
         )  # fmt: skip
         unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
         out = jnp.swapaxes(unflat(out), 1, 2)  # [b, s, h, d]
@@ -700,8 +692,7 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
         normalize_lr=m.get("titans_normalize_lr", False), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
-        kernel=m.get("kernel", "auto"), backward=m.get("backward", "loop"),
-        backward_group=m.get("backward_group", 16), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
+        kernel=m.get("kernel", "auto"), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
 

@@ -440,12 +440,12 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
     positive = {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}
     if "memory" in cfg:
         positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
-                         "scan_unroll", "backward_group") if k in cfg.memory})  # fmt: skip
+                         "scan_unroll") if k in cfg.memory})  # fmt: skip
         # Switches a mixer lacks would be silently ignored: Hope has every kernel and
         # remat_layer, Titans' memory the fused kernels, other mixers neither.
         titans = mixer_name.startswith("titans_")
         allowed = {"kernel": ("auto", "xla") + ("pallas_forward", "pallas") * titans,
-                   "backward": ("loop",) + ("split",) * titans, "remat_layer": (False,)}  # fmt: skip
+                   "remat_layer": (False,)}  # fmt: skip
         for key, plain in allowed.items():
             value = cfg.memory.get(key, plain[0])
             if value not in plain and mixer_name != "self_modifying_titans":
