@@ -51,10 +51,13 @@
 #   bash benchmarks/gpu_perf_full.sh x   # titans_lmm_340m's profile at batch 32 (where its per-sequence
 #                                        # 0.1 s goes: the last 3% to 40k)
 #   bash benchmarks/gpu_perf_full.sh y   # titans_lmm_340m's split backward (only the carry chain per
-#                                        # chunk in the loop) vs the chunk loop, groups 8/16/32
+#                                        # chunk in the loop) vs the chunk loop, groups 8/16/32;
+#                                        # y and z need commit 4b4758e (the option was reverted)
 #   bash benchmarks/gpu_perf_full.sh z   # the profile of y's split backward (group 32): where its time goes
 #   bash benchmarks/gpu_perf_full.sh flags  # XLA:GPU flags one at a time: transformer_340m (batch 8)
 #                                        # and titans_lmm_340m (batch 32), each against no flags
+#   bash benchmarks/gpu_perf_full.sh fp  # transformer_340m (Triton GEMMs off, the preset's default now):
+#                                        # q/k/v and gate/up each as one matmul, batch 8 and 16
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -268,4 +271,13 @@ if [ "$1" = flags ]; then  # does any XLA:GPU flag close the transformer's 1.5 M
     XLA_FLAGS="$f" timeout 100 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
       --out=$OUT/flags_titans.json 2>&1 | $F | grep "^| titans"
   done
+fi
+
+if [ "$1" = fp ]; then  # fused projections: one read of the input per attention / MLP block
+  timeout 200 $T --steps=4 --seq_len=4096 --batch=8 --presets=transformer_340m --set=attention.implementation=cudnn \
+    --variants="sep:fused_projections=False|fused:fused_projections=True|sep_again:fused_projections=False" \
+    --out=$OUT/fp_tf8.json 2>&1 | $F | grep "^| transformer"
+  timeout 150 $T --steps=4 --seq_len=4096 --batch=16 --presets=transformer_340m --set=attention.implementation=cudnn \
+    --variants="sep:fused_projections=False|fused:fused_projections=True" \
+    --out=$OUT/fp_tf16.json 2>&1 | $F | grep "^| transformer"
 fi

@@ -357,7 +357,10 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
 
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
+    options = models.compiler_options(cfg) or None
+    compiled = (
+        jax.jit(step, donate_argnums=0, compiler_options=options).lower(state, tokens).compile()
+    )
     compile_s = time.perf_counter() - t0
     # The optimized HLO (tens of MB at full depth): printed once, for the profile and the file.
     hlo_text = compiled.as_text() if profile or hlo_out else ""

@@ -70,6 +70,17 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # bf16 transformer_340m step on an H200; "compute" ran it 6.7% faster). Same if dtype is
     # float32.
     m.head_dtype = "compute"
+    # XLA compile options of the train and eval steps (XLA DebugOptions names; xla_gpu_* ones
+    # do nothing off GPU). Transformer++ runs every GEMM through cuBLAS instead of Triton's
+    # fused GEMMs: 171,943 -> 176,327 tokens/s (43.1 -> 44.2% MFU) on an H200; the same flag
+    # cost titans_lmm_340m 12.5% (its many small batched matmuls run faster as Triton
+    # fusions), so the memory models keep XLA's default (BENCHMARKS.md, issue 7, session 9).
+    # Attention's q, k, v and SwiGLU's gate and up each as one matmul over stacked weights
+    # (the input read once; same parameters). Only the registry's attention and SwiGLU MLP.
+    m.fused_projections = False
+    m.xla_options = ml_collections.ConfigDict(
+        {"xla_gpu_enable_triton_gemm": False} if family == "transformer" else {}
+    )
     # One compiled block scanned over the layers (compile time independent of depth) and, for
     # Hope, each block recomputed in the backward pass: the reverse scan then holds one layer's
     # per-chunk memory states at a time (without it hope_340m at seq 4096 x 8 asked 223 GiB).

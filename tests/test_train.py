@@ -263,3 +263,24 @@ def test_first_nonfinite_finds_the_first_bad_step():
     assert step_no == 6 and values["grad_norm"] == float("inf") and values["loss"] == 2.0
     assert "param_norm" not in values  # only the watched metrics
     assert first_nonfinite(pending[:1]) is None and first_nonfinite([]) is None
+
+
+def test_xla_options_reach_the_jitted_train_and_eval_steps(monkeypatch):
+    """`model.xla_options` (Transformer++: Triton GEMMs off) is passed to both step compiles,
+    and the memory models keep XLA's defaults."""
+    from nl_jax.train import trainer
+
+    config = _tiny()
+    assert dict(config.model.xla_options) == {"xla_gpu_enable_triton_gemm": False}
+    assert not dict(load_preset("hope_tiny").model.xla_options)
+    seen = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        seen.append(kwargs.get("compiler_options"))
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    trainer.build_program(config, mesh, compile_train=False)
+    assert seen.count({"xla_gpu_enable_triton_gemm": False}) == 2  # train and eval steps

@@ -431,12 +431,32 @@ def family_parts(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     return cfg.get("mixer") or default_mixer, cfg.get("mlp") or default_mlp
 
 
+def compiler_options(cfg: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """The model config's `xla_options` as `jax.jit(compiler_options=...)` takes them."""
+    return dict(cfg.get("xla_options", None) or {})
+
+
+def _check_compiler_options(cfg: ml_collections.ConfigDict) -> None:
+    """Compile a trivial function with the options, so a misspelt name fails before setup."""
+    options = compiler_options(cfg)
+    if not options:
+        return
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
+    except Exception as e:  # XLA reports an unknown name or a bad value as a runtime error
+        raise ValueError(
+            f"model.xla_options = {options}: XLA rejected them ({str(e).splitlines()[0]}); "
+            "use XLA DebugOptions names, e.g. xla_gpu_enable_triton_gemm"
+        ) from e
+
+
 def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
     """Raise ValueError naming the field when the model config cannot serve `seq_len` tokens.
 
     Called by the trainer before anything is built, so a bad config fails in seconds.
     """
     mixer_name, mlp_name = family_parts(cfg)
+    _check_compiler_options(cfg)
     positive = {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}
     if "memory" in cfg:
         positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
