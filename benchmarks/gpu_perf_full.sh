@@ -58,6 +58,7 @@
 #                                        # and titans_lmm_340m (batch 32), each against no flags
 #   bash benchmarks/gpu_perf_full.sh fp  # transformer_340m (Triton GEMMs off, the preset's default now):
 #                                        # q/k/v and gate/up each as one matmul, batch 8 and 16
+#                                        # (fused_projections: commit 072fc95, reverted after it)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)

@@ -72,12 +72,10 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.head_dtype = "compute"
     # XLA compile options of the train and eval steps (XLA DebugOptions names; xla_gpu_* ones
     # do nothing off GPU). Transformer++ runs every GEMM through cuBLAS instead of Triton's
-    # fused GEMMs: 171,943 -> 176,327 tokens/s (43.1 -> 44.2% MFU) on an H200; the same flag
-    # cost titans_lmm_340m 12.5% (its many small batched matmuls run faster as Triton
-    # fusions), so the memory models keep XLA's default (BENCHMARKS.md, issue 7, session 9).
-    # Attention's q, k, v and SwiGLU's gate and up each as one matmul over stacked weights
-    # (the input read once; same parameters). Only the registry's attention and SwiGLU MLP.
-    m.fused_projections = False
+    # fused GEMMs: 171,943 -> 176,327 tokens/s (43.1 -> 44.2% MFU) at batch 8 on an H200, and
+    # 180,213 (45.2%) at batch 16. The same flag cost titans_lmm_340m 12.5% (its many small
+    # batched matmuls run faster as Triton fusions), so the memory models keep XLA's default
+    # (BENCHMARKS.md, issue 7, session 9).
     m.xla_options = ml_collections.ConfigDict(
         {"xla_gpu_enable_triton_gemm": False} if family == "transformer" else {}
     )

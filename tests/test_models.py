@@ -308,18 +308,3 @@ def test_builds_under_a_trace_skip_the_error_origin_search(monkeypatch):
         jax.jit(lambda x: x.sharding)(jnp.ones(2))
     with quiet_tracer_sharding(), pytest.raises(AttributeError, match="not available"):
         jax.jit(lambda x: x.sharding)(jnp.ones(2))
-
-
-def test_fused_projections_match_separate_matmuls(x64):
-    """q/k/v and gate/up as one matmul each: the same loss and gradients (float64)."""
-    toks = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 257)
-    results = []
-    for fused in (False, True):
-        cfg = lm.get_config("transformer_tiny").model
-        cfg.fused_projections, cfg.dtype, cfg.param_dtype = fused, "float64", "float64"
-        model = models.build(cfg, nnx.Rngs(0))
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(toks) ** 2))(model)
-        results.append((loss, jax.tree.leaves(nnx.state(grads))))
-    assert abs(float(results[0][0] - results[1][0])) < 1e-12
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        assert float(jnp.max(jnp.abs(a - b))) <= 1e-12 * (float(jnp.max(jnp.abs(b))) + 1e-30)

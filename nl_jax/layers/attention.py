@@ -103,7 +103,6 @@ class Attention(nnx.Module):
         qk_norm: bool = False,
         num_persistent: int = 0,
         implementation: str | None = None,
-        fused_qkv: bool = False,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -116,8 +115,6 @@ class Attention(nnx.Module):
         num_persistent: learned key/value tokens [num_persistent, kv_heads, head_dim], initialised
             N(0, 1), seen by every query, without RoPE (they have no position).
         implementation: passed to `jax.nn.dot_product_attention` (None/"xla", or "cudnn" on GPU).
-        fused_qkv: q, k and v as one matmul over the stacked weights (x read once; the same
-            parameters and results), when keys have as many heads as queries.
         Projections are truncated normal with variance 1/fan_in; matmuls run in `dtype`.
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -141,7 +138,6 @@ class Attention(nnx.Module):
         self.window = window
         self.num_persistent = num_persistent
         self.implementation = implementation
-        self.fused_qkv = fused_qkv and num_kv_heads == num_heads
         self.dtype = dtype
 
         def proj(shape: tuple[int, ...], fan_in: int, names: tuple) -> nnx.Param:
@@ -210,13 +206,9 @@ class Attention(nnx.Module):
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [b, s, heads, hd], k and v [b, s, kv_heads, hd] in `dtype`, q/k normalised if set."""
         dt = self.dtype
-        if self.fused_qkv:
-            w = jnp.stack([self.wq[...], self.wk[...], self.wv[...]]).astype(dt)  # [3, d, h, hd]
-            q, k, v = jnp.einsum("bsd,tdhk->tbshk", x, w)
-        else:
-            q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
-            k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
-            v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)

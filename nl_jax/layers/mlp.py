@@ -18,17 +18,10 @@ _kernel_init = nnx.initializers.variance_scaling(
 )
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           fused: bool = False) -> jax.Array:  # fmt: skip
-    """SwiGLU: (silu(x @ w_gate) * (x @ w_up)) @ w_down; x: [..., d_model], w_down: [hidden, d_model].
-
-    `fused`: gate and up as one matmul over the stacked weights (x read once, same result).
-    """
-    if fused:
-        gate, up = jnp.einsum("...d,tdh->t...h", x, jnp.stack([w_gate, w_up]))
-    else:
-        gate = jnp.einsum("...d,dh->...h", x, w_gate)
-        up = jnp.einsum("...d,dh->...h", x, w_up)
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """SwiGLU: (silu(x @ w_gate) * (x @ w_up)) @ w_down; x: [..., d_model], w_down: [hidden, d_model]."""
+    gate = jnp.einsum("...d,dh->...h", x, w_gate)
+    up = jnp.einsum("...d,dh->...h", x, w_up)
     return jnp.einsum("...h,hd->...d", jax.nn.silu(gate) * up, w_down)
 
 
@@ -47,7 +40,6 @@ class MLP(nnx.Module):
         hidden: int,
         *,
         activation: Activation = "swiglu",
-        fused: bool = False,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -55,12 +47,11 @@ class MLP(nnx.Module):
         """Create kernels [d_model, hidden] (embed, mlp) and [hidden, d_model] (mlp, embed).
 
         Kernels are truncated normal with variance 1/fan_in; params are stored in `param_dtype`
-        and the matmuls run in `dtype`. `fused`: SwiGLU's gate and up as one matmul.
+        and the matmuls run in `dtype`.
         """
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}; accepted: {ACTIVATIONS}")
         self.activation = activation
-        self.fused = fused
         self.dtype = dtype
         if activation == "swiglu":
             self.w_gate = logical_param(
@@ -79,5 +70,5 @@ class MLP(nnx.Module):
         w_up = self.w_up[...].astype(self.dtype)
         w_down = self.w_down[...].astype(self.dtype)
         if self.activation == "swiglu":
-            return swiglu(x, self.w_gate[...].astype(self.dtype), w_up, w_down, self.fused)
+            return swiglu(x, self.w_gate[...].astype(self.dtype), w_up, w_down)
         return gelu_mlp(x, w_up, w_down)

@@ -39,7 +39,7 @@ def attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
         cfg.d_model, cfg.num_heads, cfg.head_dim, num_kv_heads=a.get("num_kv_heads") or None,
         use_rope=a.rope, rope_theta=a.rope_theta, window=a.get("window") or None,
         qk_norm=a.qk_norm, implementation=a.get("implementation") or None,
-        fused_qkv=cfg.get("fused_projections", False), param_dtype=dtype_of(cfg.param_dtype), dtype=dtype_of(cfg.dtype), rngs=rngs,
+        param_dtype=dtype_of(cfg.param_dtype), dtype=dtype_of(cfg.dtype), rngs=rngs,
     )  # fmt: skip
 
 
@@ -50,7 +50,6 @@ def swiglu(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
             cfg.d_model,
             cfg.mlp_hidden,
             activation=cfg.mlp_activation,
-            fused=cfg.get("fused_projections", False),
             param_dtype=dtype_of(cfg.param_dtype),
             dtype=dtype_of(cfg.dtype),
             rngs=rngs,
