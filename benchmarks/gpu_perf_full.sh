@@ -59,6 +59,11 @@
 #   bash benchmarks/gpu_perf_full.sh fp  # transformer_340m (Triton GEMMs off, the preset's default now):
 #                                        # q/k/v and gate/up each as one matmul, batch 8 and 16
 #                                        # (fused_projections: commit 072fc95, reverted after it)
+#   bash benchmarks/gpu_perf_full.sh kw  # memory.kernel_warps: titans_lmm_340m (batch 32) forward kernel at
+#                                        # 8 and 16 warps, the backward kernel at 16 and 32; hope_340m
+#                                        # (4 layers) at 8 and 16
+#   bash benchmarks/gpu_perf_full.sh kw4 # the same at 4 warps: titans_lmm_340m's forward kernel, and
+#                                        # the backward kernel at 4 and 8
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -281,4 +286,19 @@ if [ "$1" = fp ]; then  # fused projections: one read of the input per attention
   timeout 150 $T --steps=4 --seq_len=4096 --batch=16 --presets=transformer_340m --set=attention.implementation=cudnn \
     --variants="sep:fused_projections=False|fused:fused_projections=True" \
     --out=$OUT/fp_tf16.json 2>&1 | $F | grep "^| transformer"
+fi
+
+if [ "$1" = kw ]; then  # more warps per program: fewer registers per thread for the 64/256 KB state
+  timeout 330 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="pf8:memory.kernel_warps=8|pf16:memory.kernel_warps=16|pal16:memory.kernel=pallas;memory.kernel_warps=16|pal32:memory.kernel=pallas;memory.kernel_warps=32" \
+    --out=$OUT/kw_titans.json 2>&1 | $F | grep "^| titans\|failed"
+  timeout 180 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="w8:memory.kernel_warps=8|w16:memory.kernel_warps=16" --out=$OUT/kw_hope.json 2>&1 | $F \
+    | grep "^| hope\|failed"
+fi
+
+if [ "$1" = kw4 ]; then  # kw ran slower with more warps: fewer?
+  timeout 300 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="pf4:memory.kernel_warps=4|pal4:memory.kernel=pallas;memory.kernel_warps=4|pal8:memory.kernel=pallas;memory.kernel_warps=8" \
+    --out=$OUT/kw4_titans.json 2>&1 | $F | grep "^| titans\|failed"
 fi

@@ -150,6 +150,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # 32 on an H200) | "pallas" (the backward as a kernel too: no faster on an H200) |
     # "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
     m.memory.kernel = "auto"
+    # Warps per program of the fused kernels (a power of two <= 32). 8 measured fastest on an
+    # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps
+    # (forward kernel) and its backward kernel 32,827 / 35,138 / 17,148 / 7,559 at 4 / 8 / 16 /
+    # 32; hope_340m (4 layers) 24,024 at 8 and 21,896 at 16 (BENCHMARKS.md, session 9).
+    m.memory.kernel_warps = 8
 
     # Continuum Memory System (spec section 4, rows 11-15).
     m.cms = ml_collections.ConfigDict()

@@ -278,6 +278,10 @@ def test_validate_config_names_the_bad_field():
     cfg = lm.get_config("titans_mag_tiny").model
     cfg.memory.titans_normalize_lr = True
     validate_config(cfg, 64)
+    cfg = lm.get_config("hope_tiny").model
+    cfg.memory.kernel_warps = 6
+    with pytest.raises(ValueError, match=r"memory.kernel_warps = 6: Triton takes a power of two"):
+        validate_config(cfg, 64)
     # XLA options are checked by compiling with them: a misspelt name fails before setup.
     cfg = lm.get_config("transformer_tiny").model
     cfg.xla_options.xla_gpu_enable_triton_gemmm = False

@@ -172,6 +172,28 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
         make_memory(kernel="pallas_forward_all")  # Hope's: Titans has one memory
 
 
+@pytest.mark.parametrize("family", ["titans_lmm", "hope"])
+def test_kernel_warps_reach_the_fused_kernel(monkeypatch, family):
+    """`memory.kernel_warps` sets the warps of every fused kernel program (Titans and Hope)."""
+    seen = []
+    real_call = fused_scan._call
+
+    def recording_call(kernel, args, out_shape, name, interpret, num_warps):
+        seen.append(num_warps)
+        return real_call(kernel, args, out_shape, name, interpret, num_warps)
+
+    monkeypatch.setattr(fused_scan, "_call", recording_call)
+    cfg = small_config("titans_lmm") if family == "titans_lmm" else (
+        _experiments_lm().get_config("hope_tiny").model)  # fmt: skip
+    cfg.memory.kernel, cfg.memory.kernel_warps = "pallas_forward", 4
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 16, cfg.d_model), jnp.float32)
+    if family == "titans_lmm":
+        titans.lmm_from_config(cfg, nnx.Rngs(0))(x)
+    else:
+        build(cfg, nnx.Rngs(0))(jnp.zeros((1, 16), jnp.int32))
+    assert seen and set(seen) == {4}
+
+
 def test_titans_normalize_lr_reaches_the_inner_rule():
     """`memory.titans_normalize_lr` builds the normalised-LMS rule (off in the presets: the
     Titans paper has no such step) and changes what the memory reads."""

@@ -34,7 +34,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
                     values: jax.Array, queries: jax.Array, *, eta: jax.Array, alpha: jax.Array,
                     beta: jax.Array, resets: jax.Array | None = None,
                     reset_params: Params | None = None, unroll: int = 1,
-                    backward: str = "xla",
+                    backward: str = "xla", num_warps: int = 8,
                     interpret: bool | None = None) -> tuple[jax.Array, tuple[Params, Any]]:  # fmt: skip
     """`jax.vmap(run_level)` (path `fast`) over N instances, full chunks in one fused kernel.
 
@@ -45,6 +45,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
       unroll: chunks per loop iteration of the XLA backward.
       backward: `"xla"` (XLA ops over the kernel's saved chunk-start carries) or `"kernel"`
         (`fused_scan`'s reverse-walk kernel: the step's `jax.vjp` inside one Triton program).
+      num_warps: warps per kernel program (`memory.kernel_warps`).
       interpret: run the kernel in Pallas' interpreter (default: on CPU).
     Returns:
       `(outputs [N, seq, d_out], (params, state) with leaves [N, ...])`.
@@ -75,7 +76,8 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     if n_full:
         full = jax.tree.map(lambda a: a[:, : n_full * c].reshape((n, n_full, c) + a.shape[2:]), xs)
         carry, out = fused_scan(functools.partial(_step, level), carry, full, consts,
-                                interpret=interpret, backward=backward, unroll=unroll)  # fmt: skip
+                                interpret=interpret, backward=backward, unroll=unroll,
+                                num_warps=num_warps)  # fmt: skip
         outs.append(out.reshape((n, n_full * c) + out.shape[3:]))
     if seq > n_full * c:
         tail = jax.tree.map(lambda a: a[:, n_full * c :], xs)

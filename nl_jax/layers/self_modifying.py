@@ -79,6 +79,7 @@ class SelfModSpec:
     scan_unroll: int = 1
     solve: str = "auto"
     kernel: str = "auto"
+    kernel_warps: int = 8
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -372,9 +373,11 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
                 step, carry, full, consts, interpret=interpret, backward="xla",
                 xla_step=functools.partial(projection_step_batched, spec),
                 xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll,
+                num_warps=spec.kernel_warps,
             )  # fmt: skip
         else:
-            carry, gen = fused_scan(step, carry, full, consts, interpret=interpret)
+            carry, gen = fused_scan(step, carry, full, consts, interpret=interpret,
+                                    num_warps=spec.kernel_warps)  # fmt: skip
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = stack_memories(carry, 1)
     if s > n_full * c:
@@ -396,6 +399,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
             level, *main, gen["k"], gen["v"], gen["q"] if spec.adaptive_q else q_n,
             eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"], resets=resets_n,
             reset_params=init_n["memory"], unroll=spec.scan_unroll, interpret=interpret,
+            num_warps=spec.kernel_warps,
         )  # fmt: skip
     else:
         y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
@@ -451,6 +455,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
         solve=m.get("solve", "auto"), kernel=m.get("kernel", "auto"),
+        kernel_warps=m.get("kernel_warps", 8),
     )  # fmt: skip
 
 

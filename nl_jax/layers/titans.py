@@ -155,6 +155,7 @@ class NeuralMemory(nnx.Module):
         remat: bool = True,
         scan_unroll: int = 1,
         kernel: str = "auto",
+        kernel_warps: int = 8,
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
@@ -169,13 +170,14 @@ class NeuralMemory(nnx.Module):
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
         fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
         backward fused too: `fused_scan`'s reverse-walk kernel), or `auto`:
-        as `resolve_kernel` picks it.
+        as `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernels.
         """
         if scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive integer, got {scan_unroll}")
         if kernel not in KERNELS:
             raise ValueError(f"unknown memory.kernel {kernel!r} for Titans; allowed: {KERNELS}")
         self.kernel = kernel
+        self.kernel_warps = kernel_warps
         self.heads = heads
         self.head_dim = head_dim
         self.eta_max = eta_max
@@ -350,6 +352,7 @@ class NeuralMemory(nnx.Module):
             reset_params=None if resets is None else jax.tree.map(lambda a: flat(per_batch(a)), init),
             unroll=self.scan_unroll,
             backward="kernel" if self.kernel == "pallas" else "xla",
+            num_warps=self.kernel_warps,
         )  # fmt: skip
         unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
         out = jnp.swapaxes(unflat(out), 1, 2)  # [b, s, h, d]
@@ -692,7 +695,7 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
         normalize_lr=m.get("titans_normalize_lr", False), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
-        kernel=m.get("kernel", "auto"), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
+        kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
 

@@ -478,6 +478,11 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                 f"model.memory.titans_normalize_lr = True: only Titans' memory (titans_* mixers) "
                 f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr)"
             )
+        warps = cfg.memory.get("kernel_warps", 8)
+        if warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(
+                f"model.memory.kernel_warps = {warps!r}: Triton takes a power of two <= 32"
+            )
         if "chunk_size_other" in cfg.memory:
             positive["memory.chunk_size_other"] = cfg.memory.chunk_size_other
     for key, value in positive.items():
