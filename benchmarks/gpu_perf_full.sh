@@ -64,6 +64,8 @@
 #                                        # (4 layers) at 8 and 16
 #   bash benchmarks/gpu_perf_full.sh kw4 # the same at 4 warps: titans_lmm_340m's forward kernel, and
 #                                        # the backward kernel at 4 and 8
+#   bash benchmarks/gpu_perf_full.sh w2  # the trainer with Titans' eta_max 0.02 (the preset default now):
+#                                        # titans_mag_340m 40 steps, titans_lmm_340m 24 (4 layers)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -301,4 +303,13 @@ if [ "$1" = kw4 ]; then  # kw ran slower with more warps: fewer?
   timeout 300 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
     --variants="pf4:memory.kernel_warps=4|pal4:memory.kernel=pallas;memory.kernel_warps=4|pal8:memory.kernel=pallas;memory.kernel_warps=8" \
     --out=$OUT/kw4_titans.json 2>&1 | $F | grep "^| titans\|failed"
+fi
+
+if [ "$1" = w2 ]; then  # does eta_max 0.02 keep the Titans presets finite on text, past warmup?
+  for p in "titans_mag_340m 40 100" "titans_lmm_340m 24 75"; do set -- $p
+    timeout $3 python launch/train.py --config=experiments/lm.py:$1 --workdir=/tmp/w2_$1 \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=$2 --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=1 \
+      --config.checkpoint.every_steps=1000 --config.logging.every_steps=4 2>&1 | $F | grep "loss\|error" | tail -12
+  done
 fi

@@ -108,10 +108,15 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.chunk_size = 64 if big_hope else 16  # C_mem: main memory period (Titans' too)
     m.memory.chunk_size_other = 16 if big_hope else 8  # C_other: k, v, eta, alpha memories
     m.memory.eta_max = 0.5  # eta = eta_max * sigmoid(.) (rows 4, 5)
-    # Titans has no DGD step normalisation, so its plain-GD steps on the hidden layer compound
-    # over a chunk: eta_max 0.5 diverged on a 1024-token stream at init; 0.2 and below did not.
+    # Titans has no DGD step normalisation, and its chunk-parallel step sums 16 gradients taken
+    # at the chunk-start weights: a chunk of near-identical keys (a run of indentation in code)
+    # gives sum(eta k k^T) an eigenvalue above 1 and the in-context updates diverge. At 0.1
+    # every Titans preset (LMM, MAC, MAG, MAL; 340M width, 2 layers, seq 1024, text) went NaN
+    # within 3 trainer steps on CPU, and titans_mag_340m at its first step on an H200; the
+    # normalised step (titans_normalize_lr) only delayed it; 0.02 trained all four finite
+    # (BENCHMARKS.md, issue 7, session 9). 0.5 had diverged at init already.
     if family.startswith("titans"):
-        m.memory.eta_max = 0.1
+        m.memory.eta_max = 0.02
     m.memory.beta_max = 0.9  # momentum beta = beta_max * sigmoid(.) (bounded: see self_modifying)
     m.memory.alpha_bias = 4.0  # alpha = sigmoid(. + bias) starts near 1 (row 5)
     m.memory.dgd = True  # Table 6 ablation "w/o DGD": False = plain GD
