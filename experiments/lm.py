@@ -126,6 +126,10 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
     # without it titans_mag_340m's memory diverged to NaN at outer lr 1e-3, no clipping.
     m.memory.titans_normalize_lr = False
+    # Titans only, not in the paper: GD's step divided by 1 + the running sum of eta ||a||^2
+    # over the chunk so far (causal), which bounds a chunk's summed step where the per-token
+    # normalisation above does not. Off until measured on the GPU runs that diverged.
+    m.memory.titans_normalize_chunk = False
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
     m.memory.adaptive_q = False  # row 1: static q by default

@@ -419,3 +419,68 @@ def test_normalized_gd_step_changes_the_update(x64):
     # DGD keeps its own switch: normalize_gd does not touch it.
     dgd = DeltaRule(dgd=True, normalize_lr=False, normalize_gd=True)
     assert not dgd.normalized and DeltaRule(normalize_gd=True).normalized
+
+
+# Titans with the chunk-normalised step (memory.titans_normalize_chunk): fast path only.
+CHUNK_NORMALIZED = DeltaRule(momentum=True, retention=True, normalize_chunk=True)
+
+
+@pytest.mark.parametrize("with_resets", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+@pytest.mark.parametrize("memory", list(MEMORIES))
+def test_chunk_normalized_step_matches_reference(x64, memory, chunk, with_resets):
+    """The masked C x C running sum of the fast path equals the token loop's running sum,
+    across chunk starts, mid-chunk document resets and the trailing partial chunk."""
+    level = Level(MEMORIES[memory], objectives.l2, CHUNK_NORMALIZED, chunk)
+    inp = make_inputs(level.memory, 21, seq=14)
+    resets = np.zeros(14, bool)
+    if with_resets:
+        resets[[0, 2, 5, 8, 9, 11, 13]] = True
+    out, (params, state) = jax.jit(
+        lambda inp: run_level(
+            level, inp["params"], level.rule.init(inp["params"]), inp["keys"], inp["values"],
+            inp["queries"], eta=inp["eta"], alpha=inp["alpha"], beta=inp["beta"],
+            resets=jnp.asarray(resets) if with_resets else None, path="fast",
+        )
+    )(inp)  # fmt: skip
+    ref_out, ref_params, ref_mom = reference_level(
+        level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
+        inp["eta"], inp["alpha"], inp["beta"], chunk_size=chunk, momentum=True, retention=True,
+        normalize_chunk=True, resets=resets if with_resets else None,
+    )  # fmt: skip
+    assert rel_err(out, ref_out) < 1e-10
+    mom = level.rule.get_momentum(state)
+    for name in ref_params:
+        assert rel_err(params[name], ref_params[name]) < 1e-10
+        assert rel_err(mom[name], ref_mom[name]) < 1e-10
+    # It is a different step from the per-token normalisation (else this test proves nothing).
+    per_token = Level(MEMORIES[memory], objectives.l2, RULES["titans_normalized"], chunk)
+    other = run_fast(per_token, inp)[0]
+    if chunk > 1:
+        assert rel_err(other, out) > 1e-6
+    with pytest.raises(ValueError, match="no token-by-token optax form"):
+        run_fast(level, inp, path="generic")
+    with pytest.raises(ValueError, match="excludes dgd"):
+        DeltaRule(dgd=True, normalize_chunk=True)
+
+
+def test_chunk_normalized_step_bounds_a_coherent_chunk(x64):
+    """A chunk of identical keys sums 16 equal gradients at the chunk-start weights: plain GD at
+    eta 0.3 overshoots and the memory's error grows chunk after chunk (the Titans divergence
+    on text, BENCHMARKS.md); the per-token normalised step still overshoots; the
+    chunk-normalised step keeps the error bounded and shrinking."""
+    memory = LinearMemory(4, 3)
+    seq, chunk = 64, 16
+    k = jnp.ones((seq, 4)) / 2.0  # unit norm, the same key for every token
+    v = jnp.ones((seq, 3))
+    params = {"W": jnp.zeros((3, 4))}
+    errs = {}
+    for name, rule in {"gd": DeltaRule(), "token": DeltaRule(normalize_gd=True),
+                       "chunk": DeltaRule(normalize_chunk=True)}.items():  # fmt: skip
+        level = Level(memory, objectives.l2, rule, chunk)
+        _, (w, _) = run_level(level, params, rule.init(params), k, v, k,
+                              eta=jnp.full((seq,), 0.3), path="fast")  # fmt: skip
+        errs[name] = float(jnp.linalg.norm(w["W"] @ k[0] - v[0]))
+    start = float(jnp.linalg.norm(v[0]))
+    assert errs["gd"] > 10 * start and errs["token"] > 10 * start, errs
+    assert errs["chunk"] < start, errs

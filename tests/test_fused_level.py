@@ -123,6 +123,31 @@ def test_titans_chunk_step_lowers_to_triton_for_cuda(resets):
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
+def test_chunk_normalized_titans_fused_matches_vmapped_run_level(x64):
+    """`memory.titans_normalize_chunk` through the fused forward (interpreter), with resets."""
+    rule = DeltaRule(momentum=True, retention=True, normalize_chunk=True)
+    level = Level(ResidualMLPMemory(4, 8), objectives.l2, rule, 4)
+    params, state, inputs = make(level, 3, 14, jax.random.PRNGKey(5))
+    resets = jnp.zeros((3, 14), bool).at[:, 0].set(True).at[1, jnp.array([3, 8, 13])].set(True)
+    got, want = fused(level, params, state, inputs, resets), reference(level, params, state,
+                                                                       inputs, resets)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
+def test_chunk_normalized_titans_step_lowers_to_triton_for_cuda():
+    """The chunk-normalised step's masked running sum lowers in the Triton kernel, resets too."""
+    rule = DeltaRule(momentum=True, retention=True, normalize_chunk=True)
+    level = Level(ResidualMLPMemory(64, 64), objectives.l2, rule, 16)
+    params, state, inputs = make(level, 2, 32, jax.random.PRNGKey(2), jnp.float32)
+    xs = jax.tree.map(lambda a: a.reshape((2, 2, 16) + a.shape[2:]), inputs)
+    xs["resets"] = jnp.zeros((2, 2, 16)).at[:, :, 3].set(1.0)
+    step = functools.partial(fused_level._step, level)
+    text = fs.check_lowering(step, (params, state), xs, {"init": params}, grad=False)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
 def test_hope_main_memory_chunk_step_lowers_to_triton_for_cuda():
     """Hope 340M's M_memory (C 64, DGD by the explicit inverse, self-generated targets): its

@@ -209,6 +209,30 @@ def test_titans_normalize_lr_reaches_the_inner_rule():
     assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
 
 
+def test_titans_normalize_chunk_reaches_the_inner_rule():
+    """`memory.titans_normalize_chunk` builds the chunk-normalised rule, changes what the memory
+    reads, and excludes the per-token normalisation."""
+    from nl_jax.models.lm import validate_config
+
+    cfg = small_config("titans_lmm")
+    assert cfg.memory.titans_normalize_chunk is False
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, SEQ, D), jnp.float32)
+    outs = {}
+    for flag in (False, True):
+        cfg.memory.titans_normalize_chunk = flag
+        mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
+        assert mem.level.rule.normalize_chunk is flag
+        outs[flag] = mem(x)
+    assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
+    cfg.memory.titans_normalize_lr = True
+    with pytest.raises(ValueError, match="set at most one"):
+        validate_config(cfg, SEQ)
+    hope = _experiments_lm().get_config("hope_tiny").model
+    hope.memory.titans_normalize_chunk = True
+    with pytest.raises(ValueError, match="titans_normalize_chunk = True: only Titans"):
+        validate_config(hope, 64)
+
+
 def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
     """`memory.kernel="auto"` (the default) takes the fused forward on a single GPU only, and
     only for shapes Triton takes; on this CPU host the layer stays on the XLA scan."""

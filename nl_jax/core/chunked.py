@@ -77,6 +77,11 @@ def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.sum(m * v[None, :], axis=1)
 
 
+def segment_index(resets: jax.Array) -> jax.Array:
+    """`[C]` float: how many document resets happened at or before token t (Triton-lowerable)."""
+    return _cumsum(resets.astype(jnp.float32))
+
+
 def fresh_mask(resets: jax.Array) -> jax.Array:
     """`bool[C]`: whether a document reset happened at or before token t (`resets: bool[C]`)."""
     return _cumsum(resets.astype(jnp.float32)) > 0.5

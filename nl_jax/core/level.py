@@ -23,7 +23,7 @@ import optax
 
 from nl_jax.core import chunked, memories
 from nl_jax.core.memories import Memory, Params
-from nl_jax.core.rules import DeltaRule, inner_lr
+from nl_jax.core.rules import DeltaRule, chunk_inner_lr, inner_lr
 
 Objective = Callable[[jax.Array, jax.Array], jax.Array]
 PATHS = ("auto", "fast", "generic")
@@ -109,7 +109,10 @@ def _fast_chunk(
     )
     layers = {}
     for name in level.memory.shapes():
-        eta = inner_lr(xs["eta"], inputs[name], rule.normalized)  # [C]
+        if rule.normalize_chunk:
+            eta = chunk_inner_lr(xs["eta"], inputs[name], None if init is None else xs["resets"])
+        else:
+            eta = inner_lr(xs["eta"], inputs[name], rule.normalized)  # [C]
         layers[name] = chunked.layer_chunk(
             params[name],
             None if momentum is None else momentum[name],
@@ -187,6 +190,11 @@ def _generic_chunk(
 ) -> tuple[jax.Array, Any]:
     """One chunk with any optax rule, token by token. Returns `(outputs, (params, state))`."""
     rule = level.rule
+    if isinstance(rule, DeltaRule) and rule.normalize_chunk:
+        raise ValueError(
+            "DeltaRule(normalize_chunk=True) has no token-by-token optax form (its step depends "
+            "on the chunk's earlier tokens): use path='fast'"
+        )
     tx = (
         rule.transformation()
         if isinstance(rule, DeltaRule)

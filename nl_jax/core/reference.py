@@ -36,6 +36,7 @@ def reference_level(
     dgd: bool = False,
     normalize_lr: bool = True,
     normalize_gd: bool = False,
+    normalize_chunk: bool = False,
     read: str = "per_token",
     update_on_partial: bool = True,
     momentum_state: Params | None = None,
@@ -47,6 +48,8 @@ def reference_level(
     `eta, alpha, beta` are `[seq]` arrays; `alpha` is used only with `retention`, `beta` only with
     `momentum`. With `self_target` the target of token t is `M_boundary(values[t])`, held fixed
     in the inner gradient. `resets[t]` puts the initial `params` (and zero momentum) back before token t.
+    `normalize_chunk`: GD's step is `eta_t / (1 + running)`, `running` the sum of
+    `eta_s ||a_s||^2` over the chunk's tokens s <= t since the chunk start or the last reset.
     """
     w = dict(params)
     s = dict(momentum_state) if momentum_state else {n: jnp.zeros_like(x) for n, x in w.items()}
@@ -54,13 +57,16 @@ def reference_level(
     last_full = (seq // chunk_size) * chunk_size
     outputs = []
     boundary = w
+    running = {n: 0.0 for n in w}
     for t in range(seq):
         if resets is not None and bool(resets[t]):
             w = dict(params)
             s = {n: jnp.zeros_like(x) for n, x in w.items()}
             boundary = dict(w)
+            running = {n: 0.0 for n in w}
         if t % chunk_size == 0:
             boundary = dict(w)
+            running = {n: 0.0 for n in w}
         before = dict(w)
         if t < last_full or update_on_partial:
             target = values[t]
@@ -76,6 +82,9 @@ def reference_level(
                 a = acts[name]
                 normalized = (dgd and normalize_lr) or (not dgd and normalize_gd)
                 lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if normalized else eta[t]
+                if normalize_chunk:
+                    running[name] = running[name] + eta[t] * jnp.dot(a, a)
+                    lr = eta[t] / (1.0 + running[name])
                 if momentum:
                     s[name] = beta[t] * s[name] - lr * grads[name]
                     step = s[name]

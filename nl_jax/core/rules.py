@@ -31,6 +31,24 @@ def inner_lr(eta: jax.Array, a: jax.Array, normalize: bool) -> jax.Array:
     return eta / (1.0 + eta * jnp.sum(a * a, axis=-1))
 
 
+def chunk_inner_lr(eta: jax.Array, a: jax.Array, resets: jax.Array | None = None) -> jax.Array:
+    """Chunk-normalised GD step `eta_t / (1 + sum_{s <= t} eta_s ||a_s||^2)`, `[C]`.
+
+    The sum runs over the chunk's tokens up to t in t's document (`resets: bool[C]`), so no
+    step sees a later token. The chunk-parallel update takes all of a chunk's gradients at the
+    chunk-start weights; this bounds their summed step (trace <= log(1 + the chunk's sum)),
+    where per-token normalisation lets near-identical keys add up. `eta: [C]`, `a: [C, d_in]`.
+    Triton-lowerable (masked C x C sums, no cumsum).
+    """
+    x = eta * jnp.sum(a * a, axis=-1)
+    idx = jnp.arange(x.shape[0])
+    mask = idx[:, None] >= idx[None, :]
+    if resets is not None:
+        seg = chunked.segment_index(resets)
+        mask = mask & (seg[:, None] == seg[None, :])
+    return eta / (1.0 + jnp.sum(jnp.where(mask, x[None, :], 0.0), axis=1))
+
+
 def _need(name: str, value: Any, piece: str) -> Any:
     if value is None:
         raise ValueError(f"inner rule piece {piece!r} needs the extra argument {name}=...")
@@ -128,12 +146,20 @@ class DeltaRule:
     # The same step normalisation for plain GD (normalised LMS, per layer and token): a
     # stabiliser the Titans paper does not have, so off by default.
     normalize_gd: bool = False
+    # Plain GD's step normalised over the chunk so far (`chunk_inner_lr`): bounds the summed
+    # step of a chunk of near-identical keys. Not in the Titans paper; fast path only.
+    normalize_chunk: bool = False
     # Fast path only: how a DGD chunk solves its triangular system (`chunked.SOLVES`).
     solve: str = "auto"
 
     def __post_init__(self):
         if self.solve not in chunked.SOLVES:
             raise ValueError(f"unknown solve {self.solve!r}; allowed: {chunked.SOLVES}")
+        if self.normalize_chunk and (self.dgd or self.normalize_gd):
+            raise ValueError(
+                "normalize_chunk is plain GD's chunk-normalised step: it excludes dgd (which "
+                "normalises by normalize_lr) and the per-token normalize_gd"
+            )
 
     @property
     def normalized(self) -> bool:

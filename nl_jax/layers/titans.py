@@ -151,6 +151,7 @@ class NeuralMemory(nnx.Module):
         momentum: bool = True,
         weight_decay: bool = True,
         normalize_lr: bool = False,
+        normalize_chunk: bool = False,
         output_gate: bool = True,
         remat: bool = True,
         scan_unroll: int = 1,
@@ -165,7 +166,9 @@ class NeuralMemory(nnx.Module):
 
         `normalize_lr`: the inner step per layer and token is `eta / (1 + eta ||a||^2)`, `a`
         that layer's input (normalised LMS; not in the Titans paper, which diverged for
-        titans_mag_340m at outer lr 1e-3 without it, BENCHMARKS.md).
+        titans_mag_340m at outer lr 1e-3 without it, BENCHMARKS.md). `normalize_chunk`: the
+        step `eta_t / (1 + sum eta_s ||a_s||^2)` over the chunk's tokens s <= t of t's document
+        (`rules.chunk_inner_lr`; not in the paper either), which bounds a chunk's summed step.
         `scan_unroll`: chunks per loop iteration of the chunk scan (speed only). `kernel`: the
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
         fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
@@ -189,7 +192,7 @@ class NeuralMemory(nnx.Module):
         self.inner_dtype = jnp.promote_types(dtype, jnp.float32)
         self.memory = ResidualMLPMemory(head_dim, hidden_mult * head_dim, activation)
         rule = DeltaRule(momentum=momentum, retention=weight_decay, dgd=False,
-                         normalize_gd=normalize_lr)  # fmt: skip
+                         normalize_gd=normalize_lr, normalize_chunk=normalize_chunk)  # fmt: skip
         self.level = Level(self.memory, objectives.l2, rule, chunk_size, read=read)
 
         def proj(shape: tuple[int, ...], fan_in: int, names: tuple) -> nnx.Param:
@@ -693,7 +696,8 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         cfg.d_model, m.heads, m.head_dim, hidden_mult=m.hidden_mult, activation=m.activation,
         chunk_size=m.chunk_size, read=m.read, conv_window=m.conv_window, eta_max=m.eta_max, beta_max=m.beta_max,
         alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
-        normalize_lr=m.get("titans_normalize_lr", False), output_gate=m.output_gate,
+        normalize_lr=m.get("titans_normalize_lr", False),
+        normalize_chunk=m.get("titans_normalize_chunk", False), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
         kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip

@@ -473,6 +473,18 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                     f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
                     f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
                 )
+        if cfg.memory.get("titans_normalize_chunk", False) and not titans:
+            raise ValueError(
+                f"model.memory.titans_normalize_chunk = True: only Titans' memory (titans_* "
+                f"mixers) has it, not {mixer_name!r}"
+            )
+        if cfg.memory.get("titans_normalize_chunk", False) and cfg.memory.get(
+            "titans_normalize_lr", False
+        ):
+            raise ValueError(
+                "model.memory.titans_normalize_chunk and titans_normalize_lr are two forms of "
+                "one step normalisation: set at most one"
+            )
         if cfg.memory.get("titans_normalize_lr", False) and not titans:
             raise ValueError(
                 f"model.memory.titans_normalize_lr = True: only Titans' memory (titans_* mixers) "
