@@ -124,11 +124,13 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.weight_decay = True  # retention alpha; ablation "w/o weight decay"
     m.memory.normalize_lr = True  # eta' = eta / (1 + eta ||a||^2) (row 16)
     # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
-    # without it titans_mag_340m's memory diverged to NaN at outer lr 1e-3, no clipping.
+    # it kept titans_mag_340m finite on random tokens at outer lr 1e-3, but on text it only
+    # delayed the divergence (BENCHMARKS.md, issue 7, session 9).
     m.memory.titans_normalize_lr = False
     # Titans only, not in the paper: GD's step divided by 1 + the running sum of eta ||a||^2
     # over the chunk so far (causal), which bounds a chunk's summed step where the per-token
-    # normalisation above does not. Off until measured on the GPU runs that diverged.
+    # normalisation above does not. At eta_max 0.1 it kept titans_mag/lmm finite for 8 CPU
+    # steps on text, but their gradient norms reached 1e7 / 1e10: not a fix yet, so off.
     m.memory.titans_normalize_chunk = False
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
