@@ -306,9 +306,9 @@ if [ "$1" = kw4 ]; then  # kw ran slower with more warps: fewer?
 fi
 
 if [ "$1" = w2 ]; then  # does eta_max 0.02 keep the Titans presets finite on text, past warmup?
-  for p in "titans_mag_340m 40 100" "titans_lmm_340m 24 75"; do set -- $p
-    timeout $3 python launch/train.py --config=experiments/lm.py:$1 --workdir=/tmp/w2_$1 \
-      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=$2 --config.model.dtype=bfloat16 \
+  for spec in "titans_mag_340m 40 100" "titans_lmm_340m 24 75"; do read -r preset steps limit <<< "$spec"
+    timeout $limit python launch/train.py --config=experiments/lm.py:$preset --workdir=/tmp/w2_$preset \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=$steps --config.model.dtype=bfloat16 \
       --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=1 \
       --config.checkpoint.every_steps=1000 --config.logging.every_steps=4 2>&1 | $F | grep "loss\|error" | tail -12
   done
