@@ -129,8 +129,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.titans_normalize_lr = False
     # Titans only, not in the paper: GD's step divided by 1 + the running sum of eta ||a||^2
     # over the chunk so far (causal), which bounds a chunk's summed step where the per-token
-    # normalisation above does not. At eta_max 0.1 it kept titans_mag/lmm finite for 8 CPU
-    # steps on text, but their gradient norms reached 1e7 / 1e10: not a fix yet, so off.
+    # normalisation above does not. At eta_max 0.1 it kept titans_mag/lmm's loss finite for 8
+    # CPU steps on text, but their outer gradient norms reached 1e7-1e17: not a fix yet, so off.
     m.memory.titans_normalize_chunk = False
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"

@@ -37,8 +37,8 @@ def chunk_inner_lr(eta: jax.Array, a: jax.Array, resets: jax.Array | None = None
     The sum runs over the chunk's tokens up to t in t's document (`resets: bool[C]`), so no
     step sees a later token. The chunk-parallel update takes all of a chunk's gradients at the
     chunk-start weights; this bounds their summed step (trace <= log(1 + the chunk's sum)),
-    where per-token normalisation lets near-identical keys add up. It does not bound the gain
-    of momentum inside the chunk (up to 1 / (1 - beta)). `eta: [C]`, `a: [C, d_in]`.
+    where per-token normalisation lets near-identical keys add up. It bounds the forward, not
+    the outer gradient through many chunks. `eta: [C]`, `a: [C, d_in]`.
     Triton-lowerable (masked C x C sums, no cumsum).
     """
     x = eta * jnp.sum(a * a, axis=-1)
