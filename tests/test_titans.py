@@ -194,42 +194,30 @@ def test_kernel_warps_reach_the_fused_kernel(monkeypatch, family):
     assert seen and set(seen) == {4}
 
 
-def test_titans_normalize_lr_reaches_the_inner_rule():
-    """`memory.titans_normalize_lr` builds the normalised-LMS rule (off in the presets: the
-    Titans paper has no such step) and changes what the memory reads."""
-    cfg = small_config("titans_lmm")
-    assert cfg.memory.titans_normalize_lr is False
-    x = jax.random.normal(jax.random.PRNGKey(4), (2, SEQ, D), jnp.float32)
-    outs = {}
-    for flag in (False, True):
-        cfg.memory.titans_normalize_lr = flag
-        mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
-        assert mem.level.rule.normalized is flag
-        outs[flag] = mem(x)
-    assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
-
-
-def test_titans_normalize_chunk_reaches_the_inner_rule():
-    """`memory.titans_normalize_chunk` builds the chunk-normalised rule, changes what the memory
-    reads, and excludes the per-token normalisation."""
+@pytest.mark.parametrize("key,attr", [("titans_normalize_lr", "normalized"),
+                                      ("titans_normalize_chunk", "normalize_chunk")])  # fmt: skip
+def test_titans_step_normalisations_reach_the_inner_rule(key, attr):
+    """`memory.titans_normalize_lr` (per token) and `titans_normalize_chunk` (over the chunk so
+    far) build their rule (both off in the presets: the Titans paper has neither), change what
+    the memory reads, exclude each other and exist only in Titans' memory."""
     from nl_jax.models.lm import validate_config
 
     cfg = small_config("titans_lmm")
-    assert cfg.memory.titans_normalize_chunk is False
+    assert cfg.memory[key] is False
     x = jax.random.normal(jax.random.PRNGKey(4), (2, SEQ, D), jnp.float32)
     outs = {}
     for flag in (False, True):
-        cfg.memory.titans_normalize_chunk = flag
+        cfg.memory[key] = flag
         mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
-        assert mem.level.rule.normalize_chunk is flag
+        assert getattr(mem.level.rule, attr) is flag
         outs[flag] = mem(x)
     assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
-    cfg.memory.titans_normalize_lr = True
+    cfg.memory.titans_normalize_lr = cfg.memory.titans_normalize_chunk = True
     with pytest.raises(ValueError, match="set at most one"):
         validate_config(cfg, SEQ)
     hope = _experiments_lm().get_config("hope_tiny").model
-    hope.memory.titans_normalize_chunk = True
-    with pytest.raises(ValueError, match="titans_normalize_chunk = True: only Titans"):
+    hope.memory[key] = True
+    with pytest.raises(ValueError, match=f"{key} = True: only Titans"):
         validate_config(hope, 64)
 
 

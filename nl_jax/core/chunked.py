@@ -84,7 +84,7 @@ def segment_index(resets: jax.Array) -> jax.Array:
 
 def fresh_mask(resets: jax.Array) -> jax.Array:
     """`bool[C]`: whether a document reset happened at or before token t (`resets: bool[C]`)."""
-    return _cumsum(resets.astype(jnp.float32)) > 0.5
+    return segment_index(resets) > 0.5
 
 
 def _last_true(x: jax.Array) -> jax.Array:
@@ -132,7 +132,7 @@ def kernels(alpha: jax.Array, beta: jax.Array | None, resets: jax.Array | None =
     if resets is not None:
         # Segment ids, segment starts and the fresh mask as masked C x C reductions (no cumsum,
         # cummax or gather, which the fused Triton kernels cannot differentiate or lower).
-        seg = _cumsum(resets.astype(jnp.float32))
+        seg = segment_index(resets)
         same = seg[:, None] == seg[None, :]
         idx = jnp.arange(resets.shape[0])
         lower = idx[:, None] >= idx[None, :]

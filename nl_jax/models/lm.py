@@ -473,22 +473,17 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                     f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
                     f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
                 )
-        if cfg.memory.get("titans_normalize_chunk", False) and not titans:
+        titans_steps = [k for k in ("titans_normalize_lr", "titans_normalize_chunk")
+                        if cfg.memory.get(k, False)]  # fmt: skip
+        if titans_steps and not titans:
             raise ValueError(
-                f"model.memory.titans_normalize_chunk = True: only Titans' memory (titans_* "
-                f"mixers) has it, not {mixer_name!r}"
+                f"model.memory.{titans_steps[0]} = True: only Titans' memory (titans_* mixers) "
+                f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr)"
             )
-        if cfg.memory.get("titans_normalize_chunk", False) and cfg.memory.get(
-            "titans_normalize_lr", False
-        ):
+        if len(titans_steps) > 1:
             raise ValueError(
                 "model.memory.titans_normalize_chunk and titans_normalize_lr are two forms of "
                 "one step normalisation: set at most one"
-            )
-        if cfg.memory.get("titans_normalize_lr", False) and not titans:
-            raise ValueError(
-                f"model.memory.titans_normalize_lr = True: only Titans' memory (titans_* mixers) "
-                f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr)"
             )
         warps = cfg.memory.get("kernel_warps", 8)
         if warps not in (1, 2, 4, 8, 16, 32):

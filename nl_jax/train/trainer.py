@@ -129,6 +129,7 @@ def build_program(
     batch_shardings = {k: batch_sh for k in nl_data.ROW_KEYS}
     replicated = sharding.replicated(mesh)
 
+    options = models.compiler_options(config.model) or None
     with nnx.logical_axis_rules(list(sharding.RULES.items())):
         train_jit = jax.jit(
             sharding.with_activation_sharding(
@@ -144,14 +145,14 @@ def build_program(
             in_shardings=(state_shardings, batch_shardings),
             out_shardings=(state_shardings, replicated),
             donate_argnums=(0,),
-            compiler_options=models.compiler_options(config.model) or None,
+            compiler_options=options,
         )
         eval_shardings = {"params": state_shardings["params"], "rest": state_shardings["rest"]}
         eval_jit = jax.jit(
             sharding.with_activation_sharding(step.make_eval_step(graphdef), mesh),
             in_shardings=(eval_shardings, batch_shardings),
             out_shardings=replicated,
-            compiler_options=models.compiler_options(config.model) or None,
+            compiler_options=options,
         )
         init_jit = jax.jit(init_fn, in_shardings=replicated, out_shardings=state_shardings)
         abstract_state = _abstract(state_shapes, state_shardings)
