@@ -66,6 +66,15 @@
 #                                        # the backward kernel at 4 and 8
 #   bash benchmarks/gpu_perf_full.sh w2  # the trainer with Titans' eta_max 0.02 (the preset default now):
 #                                        # titans_mag_340m 40 steps, titans_lmm_340m 24 (4 layers)
+#   bash benchmarks/gpu_perf_full.sh nc  # titans_normalize_chunk at eta_max 0.02: the trainer, 200 steps of
+#                                        # titans_lmm_340m and titans_mag_340m (4 layers), and its tokens/s
+#   bash benchmarks/gpu_perf_full.sh bc  # memory.backprop_chunks 16 / 4 with and without titans_normalize_chunk:
+#                                        # the trainer, 200 steps (4 layers), and the cut's tokens/s
+#   bash benchmarks/gpu_perf_full.sh lr  # outer lr 4e-4 (the paper's) on titans_lmm/mag/mal_340m, 200 trainer
+#                                        # steps (4 layers), and LMM with backprop_chunks 4 + the chunk normalisation
+#   bash benchmarks/gpu_perf_full.sh nv  # titans_normalize_v with backprop_chunks 4 (+/- titans_normalize_chunk):
+#                                        # LMM, MAG, MAL, 200 trainer steps (4 layers)
+#   bash benchmarks/gpu_perf_full.sh nvt # titans_lmm_340m tokens/s, session-9 settings vs the stable ones
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -312,4 +321,66 @@ if [ "$1" = w2 ]; then  # does eta_max 0.02 keep the Titans presets finite on te
       --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=1 \
       --config.checkpoint.every_steps=1000 --config.logging.every_steps=4 2>&1 | $F | grep "loss\|error" | tail -12
   done
+fi
+
+if [ "$1" = nc ]; then  # session 10: eta_max 0.02 with titans_normalize_chunk: trains past w2's NaN? its cost?
+  for spec in "titans_lmm_340m 200 150" "titans_mag_340m 200 150"; do read -r preset steps limit <<< "$spec"
+    timeout $limit python launch/train.py --config=experiments/lm.py:$preset --workdir=/tmp/nc_$preset \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=$steps --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.titans_normalize_chunk=True --config.eval.every_steps=0 \
+      --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F \
+      | grep "loss\|error\|rror" | tail -14
+    cp /tmp/nc_$preset/metrics.jsonl $OUT/nc_$preset.jsonl 2>/dev/null
+  done
+  timeout 200 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="base:memory.titans_normalize_chunk=False|nc:memory.titans_normalize_chunk=True" \
+    --out=$OUT/nc_titans.json 2>&1 | $F | grep "^| titans\|failed"
+fi
+
+if [ "$1" = bc ]; then  # session 10: memory.backprop_chunks (truncated outer gradient), 200 trainer steps, 4 layers
+  for spec in "lmm_k16 titans_lmm_340m 16 False" "lmm_k16_nc titans_lmm_340m 16 True" "lmm_k4_nc titans_lmm_340m 4 True" \
+              "mag_k16_nc titans_mag_340m 16 True"; do read -r name preset k nc <<< "$spec"
+    echo "== $name"
+    timeout 110 python launch/train.py --config=experiments/lm.py:$preset --workdir=/tmp/bc_$name \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.backprop_chunks=$k --config.model.memory.titans_normalize_chunk=$nc \
+      --config.eval.every_steps=0 --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 \
+      --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -6
+    cp /tmp/bc_$name/metrics.jsonl $OUT/bc_$name.jsonl 2>/dev/null
+  done
+  timeout 120 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="k0:memory.backprop_chunks=0|k16:memory.backprop_chunks=16" \
+    --out=$OUT/bc_titans.json 2>&1 | $F | grep "^| titans\|failed"
+fi
+
+if [ "$1" = lr ]; then  # session 10: the paper's outer lr 4e-4 (spec 2.5) instead of the tiny preset's 3e-3, 200 steps, 4 layers
+  for spec in "lmm titans_lmm_340m 0 False 110" "mag titans_mag_340m 0 False 150" "lmm_k4_nc titans_lmm_340m 4 True 110" \
+              "mal titans_mal_340m 0 False 150"; do read -r name preset k nc limit <<< "$spec"
+    echo "== $name"
+    timeout $limit python launch/train.py --config=experiments/lm.py:$preset --workdir=/tmp/lr_$name \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.backprop_chunks=$k --config.model.memory.titans_normalize_chunk=$nc \
+      --config.optimizer.learning_rate=4e-4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
+      --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -4
+    cp /tmp/lr_$name/metrics.jsonl $OUT/lr_$name.jsonl 2>/dev/null
+  done
+fi
+
+if [ "$1" = nv ]; then  # session 10: l2-normalised values with the cut (K 4) and the chunk normalisation, 200 steps, 4 layers
+  for spec in "lmm_k4_nc_nv titans_lmm_340m 4 True 110" "lmm_k4_nv titans_lmm_340m 4 False 110" \
+              "mag_k4_nc_nv titans_mag_340m 4 True 150" "mal_k4_nc_nv titans_mal_340m 4 True 150"; do
+    read -r name preset k nc limit <<< "$spec"; echo "== $name"
+    timeout $limit python launch/train.py --config=experiments/lm.py:$preset --workdir=/tmp/nv_$name \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.backprop_chunks=$k --config.model.memory.titans_normalize_chunk=$nc \
+      --config.model.memory.titans_normalize_v=True --config.eval.every_steps=0 --config.data.eval_batches=2 \
+      --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -4
+    cp /tmp/nv_$name/metrics.jsonl $OUT/nv_$name.jsonl 2>/dev/null
+  done
+fi
+
+if [ "$1" = nvt ]; then  # session 10: tokens/s of the stable Titans settings (K 4, chunk normalisation, normalised values)
+  timeout 230 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="old:memory.backprop_chunks=0;memory.titans_normalize_chunk=False;memory.titans_normalize_v=False|new:memory.backprop_chunks=4;memory.titans_normalize_chunk=True;memory.titans_normalize_v=True" \
+    --out=$OUT/nvt_titans.json 2>&1 | $F | grep "^| titans\|failed"
 fi

@@ -127,11 +127,25 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # it kept titans_mag_340m finite on random tokens at outer lr 1e-3, but on text it only
     # delayed the divergence (BENCHMARKS.md, issue 7, session 9).
     m.memory.titans_normalize_lr = False
-    # Titans only, not in the paper: GD's step divided by 1 + the running sum of eta ||a||^2
-    # over the chunk so far (causal), which bounds a chunk's summed step where the per-token
-    # normalisation above does not. At eta_max 0.1 it kept titans_mag/lmm's loss finite for 8
-    # CPU steps on text, but their outer gradient norms reached 1e7-1e17: not a fix yet, so off.
-    m.memory.titans_normalize_chunk = False
+    # Titans' stable inner loop on text: three switches, none in the paper, on together in the
+    # Titans presets. In the paper's form (all three off), on text at 340M width on an H200
+    # (4 layers, seq 4096 x 8, bf16), LMM, MAG and MAL went non-finite within 21 trainer steps
+    # at outer lr 3e-3 and at the paper's 4e-4 alike. With all three they trained 200 steps
+    # finite; without the value normalisation LMM failed at step 93, without the chunk
+    # normalisation at step 194 (without the cut only with the values raw: step 10)
+    # (BENCHMARKS.md, issue 7, session 10). They cost titans_lmm_340m 8.6% tokens/s
+    # (35,356 -> 32,306 at batch 32).
+    titans = family.startswith("titans")
+    # - GD's step divided by 1 + the running sum of eta ||a||^2 over the chunk so far (causal):
+    #   bounds a chunk's summed step where a run of near-identical keys adds up.
+    m.memory.titans_normalize_chunk = titans
+    # - l2-normalised values, as the paper's keys and queries: bounds the inner error.
+    m.memory.titans_normalize_v = titans
+    # - spec row 8's option: the outer gradient flows through the inner updates of at most K
+    #   chunks (cut every K chunks, straight through to the meta-learned initial weights,
+    #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
+    #   it the gradient norm went infinite while the loss was still finite.
+    m.memory.backprop_chunks = 4 if titans else 0
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
     m.memory.adaptive_q = False  # row 1: static q by default

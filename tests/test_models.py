@@ -276,7 +276,20 @@ def test_validate_config_names_the_bad_field():
     with pytest.raises(ValueError, match=r"titans_normalize_lr = True.*'self_modifying_titans'"):
         validate_config(cfg, 64)
     cfg = lm.get_config("titans_mag_tiny").model
-    cfg.memory.titans_normalize_lr = True
+    cfg.memory.titans_normalize_lr = True  # the presets' chunk normalisation is the other form
+    with pytest.raises(ValueError, match=r"set at most one.*titans_normalize_chunk=False"):
+        validate_config(cfg, 64)
+    cfg.memory.titans_normalize_chunk = False
+    validate_config(cfg, 64)
+    cfg = lm.get_config("hope_tiny").model
+    cfg.memory.backprop_chunks = 4
+    with pytest.raises(ValueError, match=r"backprop_chunks = 4: only Titans.*'self_modifying"):
+        validate_config(cfg, 64)
+    cfg = lm.get_config("titans_lmm_tiny").model
+    cfg.memory.backprop_chunks = -1
+    with pytest.raises(ValueError, match=r"memory.backprop_chunks = -1: an int >= 0"):
+        validate_config(cfg, 64)
+    cfg.memory.backprop_chunks = 4
     validate_config(cfg, 64)
     cfg = lm.get_config("hope_tiny").model
     cfg.memory.kernel_warps = 6

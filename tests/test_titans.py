@@ -194,23 +194,88 @@ def test_kernel_warps_reach_the_fused_kernel(monkeypatch, family):
     assert seen and set(seen) == {4}
 
 
-@pytest.mark.parametrize("key,attr", [("titans_normalize_lr", "normalized"),
-                                      ("titans_normalize_chunk", "normalize_chunk")])  # fmt: skip
-def test_titans_step_normalisations_reach_the_inner_rule(key, attr):
-    """`memory.titans_normalize_lr` (per token) and `titans_normalize_chunk` (over the chunk so
-    far) build their rule (both off in the presets: the Titans paper has neither), change what
-    the memory reads, exclude each other and exist only in Titans' memory."""
+@pytest.mark.parametrize("kernel", ["xla", "pallas_forward"])
+def test_backprop_chunks_truncate_the_memory_gradient(x64, kernel):
+    """`memory.backprop_chunks` cuts the outer gradient through the memory every K chunks on
+    both chunk scans: the last chunk's outputs get no gradient from the first chunks' inputs
+    (beyond the conv window), which they do without it; the outputs do not change."""
+    mems = {k: make_memory(kernel=kernel, backprop_chunks=k) for k in (0, 2)}
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 18, D), jnp.float64)
+
+    def last_chunk(m, x):
+        return jnp.sum(jnp.sin(3 * m(x)[:, 15:]))
+
+    grads = {k: jax.grad(functools.partial(last_chunk, m))(x) for k, m in mems.items()}
+    # Chunks of 3, cut before token 12; the conv (window 4) reaches back to token 9.
+    assert float(jnp.abs(grads[2][:, :9]).max()) == 0.0
+    assert float(jnp.abs(grads[0][:, :9]).max()) > 1e-8
+    np.testing.assert_allclose(mems[2](x), mems[0](x), rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="backprop_chunks must be an int >= 0"):
+        make_memory(backprop_chunks=-1)
+
+
+def test_backprop_chunk_windows_continue_across_calls(x64):
+    """`memorize(offset=...)` places the cuts by position in the whole sequence (MAC passes its
+    segment start): a call starting at a window boundary cuts the gradient into the carry it
+    continues from, one starting mid-window does not."""
+    mem = make_memory(chunk_size=2, backprop_chunks=2)
+    x = jax.random.normal(jax.random.PRNGKey(6), (1, 4, D), jnp.float64)
+    inputs = mem.features(x)[0]
+    carry = jax.tree.map(lambda a: a * 1.1, mem.initial_carry(1))
+
+    def reads(carry, offset):
+        return jnp.sum(jnp.sin(mem.memorize(inputs, carry=carry, offset=offset)[0]))
+
+    at_boundary = jax.grad(reads)(carry, 4)[0]
+    mid_window = jax.grad(reads)(carry, 2)[0]
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(at_boundary))
+    assert all(float(jnp.abs(g).max()) > 1e-8 for g in jax.tree.leaves(mid_window))
+
+
+def test_backprop_chunks_reach_every_titans_variant():
+    """The config key builds truncating memories in MAC (segments continue the windows), MAG
+    and MAL; their gradients stay finite and their outputs unchanged."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, SEQ, D), jnp.float32)
+    for family in ("titans_mac", "titans_mag", "titans_mal"):
+        cfg = small_config(family)
+        cfg.memory.backprop_chunks = 2
+        build_fn = {"titans_mac": titans.mac_from_config, "titans_mag": titans.mag_from_config,
+                    "titans_mal": titans.mal_from_config}[family]  # fmt: skip
+        cut = build_fn(cfg, nnx.Rngs(0))
+        assert cut.memory.backprop_chunks == 2
+        cfg.memory.backprop_chunks = 0
+        full = build_fn(cfg, nnx.Rngs(0))
+        np.testing.assert_allclose(cut(x), full(x), rtol=1e-5, atol=1e-6)
+        g = jax.grad(lambda x, m=cut: jnp.sum(m(x) ** 2))(x)
+        assert bool(jnp.isfinite(g).all()), family
+
+
+@pytest.mark.parametrize("key,attr,preset", [("titans_normalize_lr", "normalized", False),
+                                             ("titans_normalize_chunk", "normalize_chunk", True),
+                                             ("titans_normalize_v", "normalize_values", True)])  # fmt: skip
+def test_titans_normalisations_reach_the_memory(key, attr, preset):
+    """`memory.titans_normalize_lr` (per token), `titans_normalize_chunk` (over the chunk so
+    far) and `titans_normalize_v` build their memory (the presets turn on the last two, with
+    `backprop_chunks`), change what the memory reads, and exist only in Titans' memory; the two
+    step normalisations exclude each other."""
     from nl_jax.models.lm import validate_config
 
     cfg = small_config("titans_lmm")
-    assert cfg.memory[key] is False
+    assert cfg.memory[key] is preset
+    assert cfg.memory.backprop_chunks == 4
     x = jax.random.normal(jax.random.PRNGKey(4), (2, SEQ, D), jnp.float32)
     outs = {}
     for flag in (False, True):
         cfg.memory[key] = flag
+        if key == "titans_normalize_lr":
+            cfg.memory.titans_normalize_chunk = False
         mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
-        assert getattr(mem.level.rule, attr) is flag
+        built = mem if key == "titans_normalize_v" else mem.level.rule
+        assert getattr(built, attr) is flag
         outs[flag] = mem(x)
+        if key == "titans_normalize_v":
+            norms = jnp.linalg.norm(mem.features(x)[0].values, axis=-1)
+            assert bool(jnp.all(jnp.abs(norms - 1) < 1e-4)) is flag
     assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
     cfg.memory.titans_normalize_lr = cfg.memory.titans_normalize_chunk = True
     with pytest.raises(ValueError, match="set at most one"):

@@ -24,6 +24,7 @@ import optax
 from nl_jax.core import chunked, memories
 from nl_jax.core.memories import Memory, Params
 from nl_jax.core.rules import DeltaRule, chunk_inner_lr, inner_lr
+from nl_jax.core.truncation import cut_carry
 
 Objective = Callable[[jax.Array, jax.Array], jax.Array]
 PATHS = ("auto", "fast", "generic")
@@ -256,6 +257,7 @@ def run_level(
     beta: jax.Array | float = 0.0,
     resets: jax.Array | None = None,
     reset_params: Params | None = None,
+    cuts: jax.Array | None = None,
     path: str = "auto",
     remat: bool = True,
     unroll: int = 1,
@@ -267,6 +269,8 @@ def run_level(
       eta, alpha, beta: per-token learning rate, retention and momentum, scalars or `[seq]`.
       resets: `bool[seq]`: True at a document start; the state before that token becomes
         `reset_params` (default: the `params` passed in) with a fresh optimizer state.
+      cuts: `bool[seq]` or None: a chunk holding a True starts with the outer gradient cut
+        (`truncation.cut_carry`, straight through to `reset_params`; see `gradient_cuts`).
       path: `fast` (closed chunk form; needs a DeltaRule), `generic` (any optax rule) or `auto`.
       remat: recompute each chunk in the backward pass instead of storing its intermediates.
       unroll: chunks per loop iteration of the scan (fewer loop round trips on accelerators).
@@ -294,14 +298,22 @@ def run_level(
         "alpha": _per_token(alpha, seq, dtype, "alpha"),
         "beta": _per_token(beta, seq, dtype, "beta"),
     }
-    init = None
+    init = anchor = None
     if resets is not None:
         if resets.shape != (seq,):
             raise ValueError(f"resets must have shape [seq]=({seq},), got {resets.shape}")
         xs["resets"] = resets.astype(bool)
         init = params if reset_params is None else reset_params
+    if cuts is not None:
+        if cuts.shape != (seq,):
+            raise ValueError(f"cuts must have shape [seq]=({seq},), got {cuts.shape}")
+        xs["cuts"] = cuts.astype(bool)
+        anchor = params if reset_params is None else reset_params
 
     def body(carry, chunk):
+        chunk = dict(chunk)
+        if "cuts" in chunk:
+            carry = cut_carry(carry, anchor, jnp.any(chunk.pop("cuts")))
         out, carry = chunk_fn(level, carry[0], carry[1], chunk, init)
         return carry, out
 
@@ -320,6 +332,7 @@ def run_level(
         if level.update_on_partial:
             carry, out = body(carry, rest)
         else:
-            out = _boundary_read(level, carry[0], rest, init)
+            read_from = carry if cuts is None else cut_carry(carry, anchor, jnp.any(rest["cuts"]))
+            out = _boundary_read(level, read_from[0], rest, init)
         outs.append(out)
     return jnp.concatenate(outs, axis=0), carry

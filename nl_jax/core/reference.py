@@ -41,6 +41,7 @@ def reference_level(
     update_on_partial: bool = True,
     momentum_state: Params | None = None,
     resets: jax.Array | None = None,
+    cuts: jax.Array | None = None,
     self_target: bool = False,
 ) -> tuple[jax.Array, Params, Params]:
     """Plain loop over tokens. Returns `(outputs [seq, d_out], final params, final momentum)`.
@@ -50,6 +51,8 @@ def reference_level(
     in the inner gradient. `resets[t]` puts the initial `params` (and zero momentum) back before token t.
     `normalize_chunk`: GD's step is `eta_t / (1 + running)`, `running` the sum of
     `eta_s ||a_s||^2` over the chunk's tokens s <= t since the chunk start or the last reset.
+    `cuts`: a chunk holding a True starts from `stop_gradient(W) + params - stop_gradient(params)`
+    and a stopped momentum (truncated outer gradient, spec row 8).
     """
     w = dict(params)
     s = dict(momentum_state) if momentum_state else {n: jnp.zeros_like(x) for n, x in w.items()}
@@ -65,6 +68,10 @@ def reference_level(
             boundary = dict(w)
             running = {n: 0.0 for n in w}
         if t % chunk_size == 0:
+            if cuts is not None and bool(jnp.any(cuts[t : t + chunk_size])):
+                sg = jax.lax.stop_gradient
+                w = {n: sg(x) + (params[n] - sg(params[n])) for n, x in w.items()}
+                s = {n: sg(x) for n, x in s.items()}
             boundary = dict(w)
             running = {n: 0.0 for n in w}
         before = dict(w)

@@ -18,22 +18,29 @@ import jax.numpy as jnp
 
 from nl_jax.core.level import Level, chunk_step, run_level
 from nl_jax.core.memories import Params
+from nl_jax.core.truncation import cut_carry
 from nl_jax.kernels.fused_scan import fused_scan
 
 
 def _step(level: Level, carry: tuple, x: dict, consts: dict) -> tuple[tuple, jax.Array]:
-    """`chunk_step` in `fused_scan`'s form: resets travel as floats (the kernel's arrays)."""
+    """`chunk_step` in `fused_scan`'s form: resets and cuts travel as floats (the kernel's
+    arrays); `consts["init"]` is the weights a reset returns to and a cut passes through to."""
     xs = dict(x)
+    if "cuts" in xs:
+        carry = cut_carry(carry, consts["init"], jnp.max(xs.pop("cuts")) > 0.5)
+    init = None
     if "resets" in xs:
         xs["resets"] = xs["resets"] > 0.5
-    out, new = chunk_step(level, carry[0], carry[1], xs, consts.get("init"))
+        init = consts["init"]
+    out, new = chunk_step(level, carry[0], carry[1], xs, init)
     return new, out
 
 
 def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
                     values: jax.Array, queries: jax.Array, *, eta: jax.Array, alpha: jax.Array,
                     beta: jax.Array, resets: jax.Array | None = None,
-                    reset_params: Params | None = None, unroll: int = 1,
+                    reset_params: Params | None = None, cuts: jax.Array | None = None,
+                    unroll: int = 1,
                     backward: str = "xla", num_warps: int = 8,
                     interpret: bool | None = None) -> tuple[jax.Array, tuple[Params, Any]]:  # fmt: skip
     """`jax.vmap(run_level)` (path `fast`) over N instances, full chunks in one fused kernel.
@@ -42,6 +49,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
       params, state: leaves `[N, ...]`. keys, values, queries: `[N, seq, d]`; eta, alpha,
         beta: `[N, seq]`; resets: `bool[N, seq]` or None, returning to `reset_params` (leaves
         `[N, ...]`; default `params`).
+      cuts: `bool[N, seq]` or None: truncated outer gradient, as `run_level(cuts=...)`.
       unroll: chunks per loop iteration of the XLA backward.
       backward: `"xla"` (XLA ops over the kernel's saved chunk-start carries) or `"kernel"`
         (`fused_scan`'s reverse-walk kernel: the step's `jax.vjp` inside one Triton program).
@@ -70,6 +78,11 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     consts = {}
     if resets is not None:
         xs["resets"] = resets.astype(keys.dtype)
+    if cuts is not None:
+        if cuts.shape != (n, seq):
+            raise ValueError(f"run_level_fused: cuts must be [N={n}, seq={seq}], got {cuts.shape}")
+        xs["cuts"] = cuts.astype(keys.dtype)
+    if resets is not None or cuts is not None:
         consts["init"] = params if reset_params is None else reset_params
     carry = (params, state)
     outs = []
@@ -83,9 +96,11 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
         tail = jax.tree.map(lambda a: a[:, n_full * c :], xs)
 
         def rest(p, st, t, init):
-            extra = {}
+            extra = {} if init is None else {"reset_params": init}
             if "resets" in t:
-                extra = {"resets": t["resets"] > 0.5, "reset_params": init}
+                extra["resets"] = t["resets"] > 0.5
+            if "cuts" in t:
+                extra["cuts"] = t["cuts"] > 0.5
             return run_level(level, p, st, t["keys"], t["values"], t["queries"], eta=t["eta"],
                              alpha=t["alpha"], beta=t["beta"], path="fast", remat=False,
                              **extra)  # fmt: skip

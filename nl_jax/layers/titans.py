@@ -3,10 +3,11 @@
 The modules are thin NNX shells: they own the slow parameters (projections, gates, convs, norms
 and the meta-learned initial fast weights) and hand the inner loop to `nl_jax.core.run_level`,
 vmapped over batch and heads. The outer gradient flows through the unrolled inner updates into
-the initial fast weights (spec row 8, no stop-gradient).
+the initial fast weights (spec row 8), or through the last `backprop_chunks` chunks of them
+(the presets: see `experiments/lm.py` on Titans' inner loop on text).
 
 LMM, per head h and token t (x already normalised by the block):
-    q, k, v = conv(silu(x W_{q,k,v}))             q, k l2-normalised
+    q, k, v = conv(silu(x W_{q,k,v}))             q, k (v: normalize_values) l2-normalised
     eta = eta_max sigmoid(x W_eta), alpha = sigmoid(x W_alpha + b_alpha), beta = beta_max sigmoid(x W_beta - 2)
     S_t = beta_t S_{t-1} - eta_t grad 1/2||M(k_t) - v_t||^2,  M_t = alpha_t M_{t-1} + S_t  (chunked)
     o_t = M*(q_t)                                  M = x + W1 act(W2 x), per head
@@ -45,6 +46,7 @@ from flax import nnx
 from nl_jax.core import Level, ResidualMLPMemory, memories, objectives, run_level
 from nl_jax.core.memories import Params
 from nl_jax.core.rules import DeltaRule
+from nl_jax.core.truncation import gradient_cuts
 from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits
 from nl_jax.layers import axes
@@ -157,6 +159,8 @@ class NeuralMemory(nnx.Module):
         scan_unroll: int = 1,
         kernel: str = "auto",
         kernel_warps: int = 8,
+        backprop_chunks: int = 0,
+        normalize_values: bool = False,
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
         dtype: jnp.dtype = jnp.float32,
@@ -174,9 +178,19 @@ class NeuralMemory(nnx.Module):
         fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
         backward fused too: `fused_scan`'s reverse-walk kernel), or `auto`:
         as `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernels.
+        `backprop_chunks` K > 0: the outer gradient flows through the inner updates of at most
+        K chunks, straight through to the initial fast weights at each cut
+        (`nl_jax.core.truncation`, spec row 8); 0: through all of them. `normalize_values`:
+        l2-normalise the values as the keys (not in the paper, which normalises q and k only).
         """
         if scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive integer, got {scan_unroll}")
+        if not isinstance(backprop_chunks, int) or backprop_chunks < 0:
+            raise ValueError(
+                f"backprop_chunks must be an int >= 0 (0: no cut), got {backprop_chunks!r}"
+            )
+        self.backprop_chunks = backprop_chunks
+        self.normalize_values = normalize_values
         if kernel not in KERNELS:
             raise ValueError(f"unknown memory.kernel {kernel!r} for Titans; allowed: {KERNELS}")
         self.kernel = kernel
@@ -272,7 +286,7 @@ class NeuralMemory(nnx.Module):
         return MemoryInputs(
             queries=l2_normalize(outs["q"]).astype(it),
             keys=l2_normalize(outs["k"]).astype(it),
-            values=outs["v"].astype(it),
+            values=(l2_normalize(outs["v"]) if self.normalize_values else outs["v"]).astype(it),
             eta=self.eta_max * jax.nn.sigmoid(gate(self.w_eta)),
             alpha=jax.nn.sigmoid(gate(self.w_alpha) + self.alpha_bias[...].astype(it)),
             # Bounded and small at init: chunk-start gradients with large momentum diverge.
@@ -303,11 +317,14 @@ class NeuralMemory(nnx.Module):
         inputs: MemoryInputs,
         resets: jax.Array | None = None,
         carry: Carry | None = None,
+        offset: jax.Array | int = 0,
     ) -> tuple[jax.Array, Carry]:
         """Run the inner loop over inputs; returns (reads [b, s, heads, head_dim], final carry).
 
         resets: bool [b, s] document starts (state returns to the initial fast weights).
         carry: per-example (params, state) to start from (default: the initial fast weights).
+        offset: position of the first input token in its sequence, where the `backprop_chunks`
+          windows start (MAC's segments continue them).
         """
         init = self.initial_params()
         if carry is None:
@@ -318,12 +335,18 @@ class NeuralMemory(nnx.Module):
         if resets is not None and not supports_resets():
             resets = None  # older core: documents are not separated in the memory
         level, remat, unroll = self.level, self.remat, self.scan_unroll
+        cuts = None
+        if self.backprop_chunks:
+            seq = inputs.queries.shape[1]
+            cuts = gradient_cuts(seq, level.chunk_size, self.backprop_chunks, offset)
         if resolve_kernel(self.kernel, self.level.chunk_size, self.head_dim,
                           self.memory.hidden) != "xla":  # fmt: skip
-            return self._memorize_fused(inputs, resets, carry, batch_axis, init)
+            return self._memorize_fused(inputs, resets, carry, batch_axis, init, cuts)
 
         def one_head(params, state, q, k, v, eta, alpha, beta, resets, reset_params):
             extra = {} if resets is None else {"resets": resets, "reset_params": reset_params}
+            if cuts is not None:
+                extra.update(cuts=cuts, reset_params=reset_params)
             return run_level(level, params, state, k, v, q, eta=eta, alpha=alpha, beta=beta,
                              path="fast", remat=remat, unroll=unroll, **extra)  # fmt: skip
 
@@ -336,7 +359,8 @@ class NeuralMemory(nnx.Module):
         return out, carry
 
     def _memorize_fused(self, inputs: MemoryInputs, resets: jax.Array | None, carry: Carry,
-                        batch_axis: int | None, init: Params) -> tuple[jax.Array, Carry]:  # fmt: skip
+                        batch_axis: int | None, init: Params,
+                        cuts: jax.Array | None = None) -> tuple[jax.Array, Carry]:  # fmt: skip
         """`memorize` with every (sequence, head) as one instance of `run_level_fused`."""
         b, s, h = inputs.queries.shape[:3]
         n = b * h
@@ -352,7 +376,9 @@ class NeuralMemory(nnx.Module):
             self.level, params, state, x["keys"], x["values"], x["queries"], eta=x["eta"],
             alpha=x["alpha"], beta=x["beta"],
             resets=None if resets is None else jnp.repeat(resets, h, axis=0),
-            reset_params=None if resets is None else jax.tree.map(lambda a: flat(per_batch(a)), init),
+            reset_params=None if resets is None and cuts is None
+            else jax.tree.map(lambda a: flat(per_batch(a)), init),
+            cuts=None if cuts is None else jnp.broadcast_to(cuts, (n, s)),
             unroll=self.scan_unroll,
             backward="kernel" if self.kernel == "pallas" else "xla",
             num_warps=self.kernel_warps,
@@ -536,7 +562,8 @@ class MemoryAsContext(nnx.Module):
         def split(a: jax.Array) -> jax.Array:  # [b, n*c, ...] -> [n, b, c, ...]
             return jnp.swapaxes(a.reshape((b, n, c) + a.shape[2:]), 0, 1)
 
-        xs = {"x": split(x_p), "q": split(queries), "pos": split(pad_seq(positions))}
+        xs = {"x": split(x_p), "q": split(queries), "pos": split(pad_seq(positions)),
+              "start": jnp.arange(n) * c}  # fmt: skip
         if ids is not None:
             xs["ids"] = split(ids)
             xs["resets"] = split(resets)
@@ -561,7 +588,8 @@ class MemoryAsContext(nnx.Module):
                 segment_ids=None if seg_ids is None else jnp.repeat(seg_ids, 2, axis=1),
             )[:, 1::2]
             inputs, tail = mem.features(y, seg_ids, tail)
-            reads, (params, state) = mem.memorize(inputs, resets, carry=(params, state))
+            reads, (params, state) = mem.memorize(inputs, resets, carry=(params, state),
+                                                  offset=seg["start"])  # fmt: skip
             o = y * jax.nn.sigmoid(mem.readout(y, reads))
             return ((params, state), tail), (o, y, h)
 
@@ -699,7 +727,9 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         normalize_lr=m.get("titans_normalize_lr", False),
         normalize_chunk=m.get("titans_normalize_chunk", False), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
-        kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
+        kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8),
+        backprop_chunks=m.get("backprop_chunks", 0),
+        normalize_values=m.get("titans_normalize_v", False), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
 

@@ -473,17 +473,29 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                     f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
                     f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
                 )
-        titans_steps = [k for k in ("titans_normalize_lr", "titans_normalize_chunk")
-                        if cfg.memory.get(k, False)]  # fmt: skip
-        if titans_steps and not titans:
+        titans_only = [k for k in ("titans_normalize_lr", "titans_normalize_chunk",
+                                   "titans_normalize_v") if cfg.memory.get(k, False)]  # fmt: skip
+        if titans_only and not titans:
             raise ValueError(
-                f"model.memory.{titans_steps[0]} = True: only Titans' memory (titans_* mixers) "
-                f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr)"
+                f"model.memory.{titans_only[0]} = True: only Titans' memory (titans_* mixers) "
+                f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr, its "
+                "values memory.normalize_v)"
             )
-        if len(titans_steps) > 1:
+        if {"titans_normalize_lr", "titans_normalize_chunk"} <= set(titans_only):
             raise ValueError(
                 "model.memory.titans_normalize_chunk and titans_normalize_lr are two forms of "
-                "one step normalisation: set at most one"
+                "one step normalisation: set at most one (the Titans presets turn the chunk "
+                "form on: add memory.titans_normalize_chunk=False)"
+            )
+        cut = cfg.memory.get("backprop_chunks", 0)
+        if not isinstance(cut, int) or cut < 0:
+            raise ValueError(
+                f"model.memory.backprop_chunks = {cut!r}: an int >= 0 (0: no truncation)"
+            )
+        if cut and not titans:
+            raise ValueError(
+                f"model.memory.backprop_chunks = {cut}: only Titans' memory (titans_* mixers) "
+                f"truncates its outer gradient, not {mixer_name!r}"
             )
         warps = cfg.memory.get("kernel_warps", 8)
         if warps not in (1, 2, 4, 8, 16, 32):
