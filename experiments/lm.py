@@ -130,11 +130,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Titans' stable inner loop on text: three switches, none in the paper, on together in the
     # Titans presets. In the paper's form (all three off), on text at 340M width on an H200
     # (4 layers, seq 4096 x 8, bf16), LMM, MAG and MAL went non-finite within 21 trainer steps
-    # at outer lr 3e-3 and at the paper's 4e-4 alike. With all three they trained 200 steps
-    # finite; without the value normalisation LMM failed at step 93, without the chunk
-    # normalisation at step 194 (without the cut only with the values raw: step 10)
-    # (BENCHMARKS.md, issue 7, session 10). They cost titans_lmm_340m 8.6% tokens/s
-    # (35,356 -> 32,306 at batch 32).
+    # at the paper's outer lr 4e-4 (LMM and MAG at 3e-3 too). With all three they trained 200
+    # steps finite at 3e-3; without the value normalisation LMM failed at step 93, without the
+    # chunk normalisation at step 194; chunk-normalised without the cut (values raw) its
+    # gradient norm went infinite at step 10 (BENCHMARKS.md, issue 7, session 10). They cost
+    # titans_lmm_340m 8.6% tokens/s (35,356 -> 32,306 at batch 32).
     titans = family.startswith("titans")
     # - GD's step divided by 1 + the running sum of eta ||a||^2 over the chunk so far (causal):
     #   bounds a chunk's summed step where a run of near-identical keys adds up.
