@@ -229,6 +229,20 @@ def test_unknown_override_message():
     assert "`optimiser.name`" in msg and "optimizer" in msg
 
 
+def test_changed_model_keys_lists_what_a_resume_changes():
+    """Only model settings count; nested keys are dotted; a key on one side shows as unset."""
+    config = load_preset("titans_lmm_tiny")
+    saved = config_lib.to_json_dict(config)
+    assert config_lib.changed_model_keys(saved, config) == []
+    config.model.memory.backprop_chunks = 0
+    config.num_steps = 7  # not a model setting
+    del saved["model"]["memory"]["titans_normalize_v"]  # a run from before the key existed
+    assert config_lib.changed_model_keys(saved, config) == [
+        "model.memory.backprop_chunks: 4 -> 0",
+        "model.memory.titans_normalize_v: <unset> -> True",
+    ]
+
+
 def test_save_resolved_never_overwrites(tmp_path):
     config = _tiny()
     first = config_lib.save_resolved(config, tmp_path, 0)

@@ -131,6 +131,24 @@ def test_exact_resume_after_sigkill(straight, tmp_path, env):
     assert records(workdir, "eval")[20]["loss"] == records(reference, "eval")[20]["loss"]
 
 
+def test_resume_with_a_changed_model_config_says_so(straight, tmp_path, env):
+    """A resume whose model settings differ from the checkpoint's (same shapes, so the restore
+    succeeds) prints which ones changed; an unchanged resume prints nothing of the kind."""
+    reference, _ = straight
+    workdir = tmp_path / "changed"
+    shutil.copytree(reference, workdir)
+    result = launch([*TINY, f"--workdir={workdir}", "--config.num_steps=21",
+                     "--config.model.norm_eps=1e-5"], env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[resume] restored step 20" in result.stdout
+    assert "model.norm_eps: 1e-06 -> 1e-05" in result.stdout, result.stdout[-2000:]
+    result = launch([*TINY, f"--workdir={workdir}", "--config.num_steps=22",
+                     "--config.model.norm_eps=1e-5"], env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[resume] restored step 21" in result.stdout
+    assert "model config differs" not in result.stdout
+
+
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, env):
     workdir = tmp_path / "preempted"
     args = [*TINY, "--config.num_steps=100000", "--config.checkpoint.every_steps=100000"]

@@ -136,6 +136,13 @@ class Checkpointer:
         states = data.get("states") or [None]
         return restored.state, states[jax.process_index()]
 
+    def saved_config(self, step: int) -> dict[str, Any] | None:
+        """The resolved config that wrote `step` (its `config` item), or None if unreadable."""
+        try:
+            return json.loads((self.step_dir(step) / "config" / "metadata").read_text())
+        except (OSError, ValueError):
+            return None
+
     def wait(self) -> None:
         """Block until pending async saves are committed."""
         if self._manager is not None:

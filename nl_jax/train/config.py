@@ -234,6 +234,27 @@ def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), default=list))
 
 
+def changed_model_keys(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """`"model.<key>: old -> new"` for every model setting that differs between a saved resolved
+    config (`to_json_dict`'s form) and `config`; a key only one side has shows as `<unset>`."""
+
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {
+            k: v for name, sub in tree.items() for k, v in flat(sub, f"{prefix}.{name}").items()
+        }
+
+    old = flat(saved.get("model", {}), "model")
+    new = flat(to_json_dict(config).get("model", {}), "model")
+    unset = "<unset>"
+    return [
+        f"{k}: {old.get(k, unset)} -> {new.get(k, unset)}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, unset) != new.get(k, unset)
+    ]
+
+
 def save_resolved(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int
 ) -> pathlib.Path:

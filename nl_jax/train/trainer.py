@@ -343,6 +343,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
             f"[resume] restored step {latest} from {ckpt.step_dir(latest)} in {t_restore:.1f}s "
             f"onto mesh {dict(mesh.shape)}"
         )
+        saved = ckpt.saved_config(latest)
+        # Same shapes, different model (e.g. a preset default changed since the run started):
+        # the restore succeeds, so only this line tells the user.
+        changed = [] if saved is None else config_lib.changed_model_keys(saved, config)
+        if changed:
+            more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+            echo(
+                f"[resume] warning: the model config differs from the one that wrote step "
+                f"{latest}; continuing with the new values: {'; '.join(changed[:8])}{more}"
+            )
     else:
         state = initial_state(program, config.init_on)
     start = int(jax.device_get(state["step"]))
