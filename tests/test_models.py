@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -234,72 +235,70 @@ def test_tiny_model_fits_real_text(family, shakespeare_path):
     assert val_loss < 0.8 * unigram, (val_loss, unigram)
 
 
-def test_validate_config_names_the_bad_field():
+def _override(preset: str, overrides: dict) -> ml_collections.ConfigDict:
+    """The preset's model config with dotted-key overrides (`{"memory.kernel": "pallas"}`)."""
+    cfg = lm.get_config(preset).model
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = cfg
+        for name in path:
+            node = node[name]
+        setattr(node, last, value)
+    return cfg
+
+
+# (preset, overrides, the error it must raise, naming the field): a switch a mixer lacks must
+# not be silently ignored (only Hope fuses M_memory, Titans has the fused forward and backward
+# kernels, Transformer++ neither); Titans-only steps elsewhere are errors; XLA options are
+# checked by compiling with them, so a misspelt name fails before setup.
+REJECTED = [
+    ("hope_tiny", {"cms.chunk_sizes": (0, 128)}, r"cms.chunk_sizes.*seq_len 64"),
+    ("titans_lmm_tiny", {"memory.chunk_size": 0}, "memory.chunk_size = 0"),
+    ("titans_lmm_tiny", {"memory.scan_unroll": 0}, "memory.scan_unroll = 0"),
+    ("titans_mac_tiny", {"memory.kernel": "pallas_forward_all"},
+     r"memory.kernel = 'pallas_forward_all'.*titans_mac"),
+    ("transformer_tiny", {"memory.kernel": "pallas_forward"},
+     r"memory.kernel = 'pallas_forward'.*'attention'"),
+    ("titans_lmm_tiny", {"memory.remat_layer": True}, r"memory.remat_layer = True.*titans_lmm"),
+    ("hope_tiny", {"memory.titans_normalize_lr": True},
+     r"titans_normalize_lr = True.*'self_modifying_titans'"),
+    # The presets' chunk normalisation is the other form of the same step.
+    ("titans_mag_tiny", {"memory.titans_normalize_lr": True},
+     r"set at most one.*titans_normalize_chunk=False"),
+    ("hope_tiny", {"memory.backprop_chunks": 4}, r"backprop_chunks = 4: only Titans.*'self_modifying"),
+    ("titans_lmm_tiny", {"memory.backprop_chunks": -1}, r"memory.backprop_chunks = -1: an int >= 0"),
+    ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),
+    ("transformer_tiny", {"xla_options.xla_gpu_enable_triton_gemmm": False},
+     r"model.xla_options = .*triton_gemmm.*XLA rejected"),
+]  # fmt: skip
+ACCEPTED = [
+    ("hope_tiny", {}),
+    ("titans_mac_tiny", {"memory.kernel": "pallas_forward"}),
+    ("titans_mac_tiny", {"memory.kernel": "pallas"}),
+    ("hope_tiny", {"memory.kernel": "pallas", "memory.remat_layer": True}),
+    ("titans_mag_tiny", {"memory.titans_normalize_lr": True, "memory.titans_normalize_chunk": False}),
+    ("titans_lmm_tiny", {"memory.backprop_chunks": 4}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset,overrides,match", REJECTED)
+def test_validate_config_names_the_bad_field(preset, overrides, match):
     from nl_jax.models.lm import validate_config
 
-    cfg = lm.get_config("hope_tiny").model
-    validate_config(cfg, 64)  # the preset itself is fine
-    cfg.cms.chunk_sizes = (0, 128)
-    with pytest.raises(ValueError, match=r"cms.chunk_sizes.*seq_len 64"):
-        validate_config(cfg, 64)
-    cfg = lm.get_config("titans_lmm_tiny").model
-    cfg.memory.chunk_size = 0
-    with pytest.raises(ValueError, match="memory.chunk_size = 0"):
-        validate_config(cfg, 64)
-    cfg = lm.get_config("titans_lmm_tiny").model
-    cfg.memory.scan_unroll = 0
-    with pytest.raises(ValueError, match="memory.scan_unroll = 0"):
-        validate_config(cfg, 64)
-    # Only Hope fuses M_memory, Titans has the fused forward and backward kernels,
-    # Transformer++ neither: a switch a mixer lacks must not be silently ignored.
-    cfg = lm.get_config("titans_mac_tiny").model
-    cfg.memory.kernel = "pallas_forward_all"
-    with pytest.raises(ValueError, match=r"memory.kernel = 'pallas_forward_all'.*titans_mac"):
-        validate_config(cfg, 64)
-    for kernel in ("pallas_forward", "pallas"):
-        cfg.memory.kernel = kernel
-        validate_config(cfg, 64)
-    cfg = lm.get_config("transformer_tiny").model
-    cfg.memory.kernel = "pallas_forward"
-    with pytest.raises(ValueError, match=r"memory.kernel = 'pallas_forward'.*'attention'"):
-        validate_config(cfg, 64)
-    cfg = lm.get_config("titans_lmm_tiny").model
-    cfg.memory.remat_layer = True
-    with pytest.raises(ValueError, match=r"memory.remat_layer = True.*titans_lmm"):
-        validate_config(cfg, 64)
-    cfg = lm.get_config("hope_tiny").model
-    cfg.memory.kernel, cfg.memory.remat_layer = "pallas", True
-    validate_config(cfg, 64)
-    # Titans' normalised inner step exists only in Titans' memory: elsewhere it is an error.
-    cfg = lm.get_config("hope_tiny").model
-    cfg.memory.titans_normalize_lr = True
-    with pytest.raises(ValueError, match=r"titans_normalize_lr = True.*'self_modifying_titans'"):
-        validate_config(cfg, 64)
-    cfg = lm.get_config("titans_mag_tiny").model
-    cfg.memory.titans_normalize_lr = True  # the presets' chunk normalisation is the other form
-    with pytest.raises(ValueError, match=r"set at most one.*titans_normalize_chunk=False"):
-        validate_config(cfg, 64)
-    cfg.memory.titans_normalize_chunk = False
-    validate_config(cfg, 64)
-    cfg = lm.get_config("hope_tiny").model
-    cfg.memory.backprop_chunks = 4
-    with pytest.raises(ValueError, match=r"backprop_chunks = 4: only Titans.*'self_modifying"):
-        validate_config(cfg, 64)
-    cfg = lm.get_config("titans_lmm_tiny").model
-    cfg.memory.backprop_chunks = -1
-    with pytest.raises(ValueError, match=r"memory.backprop_chunks = -1: an int >= 0"):
-        validate_config(cfg, 64)
-    cfg.memory.backprop_chunks = 4
-    validate_config(cfg, 64)
-    cfg = lm.get_config("hope_tiny").model
-    cfg.memory.kernel_warps = 6
-    with pytest.raises(ValueError, match=r"memory.kernel_warps = 6: Triton takes a power of two"):
-        validate_config(cfg, 64)
-    # XLA options are checked by compiling with them: a misspelt name fails before setup.
-    cfg = lm.get_config("transformer_tiny").model
-    cfg.xla_options.xla_gpu_enable_triton_gemmm = False
-    with pytest.raises(ValueError, match=r"model.xla_options = .*triton_gemmm.*XLA rejected"):
-        validate_config(cfg, 64)
+    with pytest.raises(ValueError, match=match):
+        validate_config(_override(preset, overrides), 64)
+
+
+@pytest.mark.parametrize("preset,overrides", ACCEPTED)
+def test_validate_config_accepts_what_the_mixer_has(preset, overrides):
+    from nl_jax.models.lm import validate_config
+
+    validate_config(_override(preset, overrides), 64)
+
+
+def test_memory_presets_take_the_auto_kernel():
+    from nl_jax.models.lm import validate_config
+
     for family in ("titans_lmm", "titans_mac"):  # "auto" is valid for every memory mixer
         cfg = lm.get_config(f"{family}_340m").model
         assert cfg.memory.kernel == "auto"

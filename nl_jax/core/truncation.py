@@ -52,9 +52,5 @@ def cut_carry(carry: tuple[Params, Any], anchor: Params, cut: jax.Array) -> tupl
     def through(w: jax.Array, a: jax.Array) -> jax.Array:
         return jnp.where(cut, sg(w) + (a - sg(a)).astype(w.dtype), w)
 
-    def stop(s: Any) -> Any:
-        if not (hasattr(s, "dtype") and jnp.issubdtype(s.dtype, jnp.inexact)):
-            return s
-        return jnp.where(cut, sg(s), s)
-
+    stop = lambda s: jnp.where(cut, sg(s), s)  # noqa: E731
     return jax.tree.map(through, params, anchor), jax.tree.map(stop, state)
