@@ -75,6 +75,9 @@
 #   bash benchmarks/gpu_perf_full.sh nv  # titans_normalize_v with backprop_chunks 4 (+/- titans_normalize_chunk):
 #                                        # LMM, MAG, MAL, 200 trainer steps (4 layers)
 #   bash benchmarks/gpu_perf_full.sh nvt # titans_lmm_340m tokens/s, session-9 settings vs the stable ones
+#   bash benchmarks/gpu_perf_full.sh pw  # memory.parallel_windows: compiled gradient check (windows vs walk vs
+#                                        # xla), titans_lmm_340m batch 32: walk vs windows, XLA and kernel backward
+#   bash benchmarks/gpu_perf_full.sh pw2 # titans_lmm_340m with windows at batch 64 and 96; 200 trainer steps
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -383,4 +386,36 @@ if [ "$1" = nvt ]; then  # session 10: tokens/s of the stable Titans settings (K
   timeout 230 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
     --variants="old:memory.backprop_chunks=0;memory.titans_normalize_chunk=False;memory.titans_normalize_v=False|new:memory.backprop_chunks=4;memory.titans_normalize_chunk=True;memory.titans_normalize_v=True" \
     --out=$OUT/nvt_titans.json 2>&1 | $F | grep "^| titans\|failed"
+fi
+
+if [ "$1" = pw ]; then  # session 11: the backward walks the windows of backprop_chunks side by side
+  timeout 150 python - <<'PY' 2>&1 | $F | tail -6
+import jax, jax.numpy as jnp
+from flax import nnx
+from nl_jax.layers import titans
+x = jax.random.normal(jax.random.PRNGKey(0), (4, 1024 + 40, 256), jnp.float32)
+loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))
+def grads(kernel, par):
+    m = titans.NeuralMemory(256, 4, 64, chunk_size=16, kernel=kernel, backprop_chunks=4,
+                            parallel_windows=par, rngs=nnx.Rngs(0))
+    return jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
+ref = grads("xla", False)
+rel = lambda a, b: max(float(jnp.linalg.norm(u - v) / (jnp.linalg.norm(v) + 1e-30)) for u, v in zip(a, b))
+for kernel in ("pallas_forward", "pallas"):
+    print(f"[windows check] {kernel}: windows vs xla {rel(grads(kernel, True), ref):.2e}, walk vs xla {rel(grads(kernel, False), ref):.2e}")
+PY
+  timeout 420 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
+    --variants="walk:memory.parallel_windows=False|win:memory.parallel_windows=True|win_kernel:memory.parallel_windows=True;memory.kernel=pallas" \
+    --out=$OUT/pw_titans.json 2>&1 | $F | grep "^| titans\|failed\|rror"
+fi
+
+if [ "$1" = pw2 ]; then  # session 11: windows at larger batches, and the trainer's 200 steps (session 10's nv run)
+  timeout 260 $T --seq_len=4096 --batch=64 --presets=titans_lmm_340m --variants="b64:memory.parallel_windows=True" \
+    --out=$OUT/pw2_b64.json 2>&1 | $F | grep "^| titans\|failed\|rror"
+  timeout 200 $T --seq_len=4096 --batch=96 --presets=titans_lmm_340m --out=$OUT/pw2_b96.json 2>&1 | $F | grep "^| titans\|failed\|rror"
+  timeout 120 python launch/train.py --config=experiments/lm.py:titans_lmm_340m --workdir=/tmp/pw_lmm \
+    --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+    --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
+    --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -4
+  cp /tmp/pw_lmm/metrics.jsonl $OUT/pw_lmm.jsonl 2>/dev/null
 fi

@@ -362,6 +362,10 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         jax.jit(step, donate_argnums=0, compiler_options=options).lower(state, tokens).compile()
     )
     compile_s = time.perf_counter() - t0
+    # XLA's temporary buffers of the step: on CPU, where no peak is measured, the memory cost
+    # a change adds (buffer assignment on a GPU differs but moves the same way).
+    analysis = compiled.memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     # The optimized HLO (tens of MB at full depth): printed once, for the profile and the file.
     hlo_text = compiled.as_text() if profile or hlo_out else ""
     if hlo_out:
@@ -400,6 +404,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         "preset": name or preset, "seq": seq_len, "overrides": overrides or {}, "profile": prof,
         "step_s": step_s, "batch": batch, "tokens_per_s": tokens_per_s,
         "mfu": mfu, "peak_gib": None if mem is None else mem / 2**30, "compile_s": compile_s,
+        "temp_gib": None if temp is None else temp / 2**30,
         "model_flops_per_token": model_flops, "inner_flops_per_token": inner_flops,
         "mfu_with_inner": tokens_per_s * (model_flops + inner_flops) / peak if peak else None,
         "loss": float(loss), "params_m": metrics.count_params(nnx.state(model, nnx.Param)) / 1e6,
@@ -411,15 +416,16 @@ def table(rows: list[dict], device: str) -> str:
     out = [
         f"device: {device}",
         "",
-        "| preset | params (M) | seq | batch | tokens/s | MFU | peak GiB | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | params (M) | seq | batch | tokens/s | MFU | peak GiB | XLA temp GiB | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        temp = "n/a" if r.get("temp_gib") is None else f"{r['temp_gib']:.2f}"
         out.append(
             f"| {r['preset']} | {r['params_m']:.1f} | {r['seq']} | {r['batch']} | "
-            f"{r['tokens_per_s']:,.0f} | {mfu} | {peak} | {r['compile_s']:.0f} |"
+            f"{r['tokens_per_s']:,.0f} | {mfu} | {peak} | {temp} | {r['compile_s']:.0f} |"
         )
     for r in rows:
         # A diverged run still times steps; its row must not pass for a healthy one.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from nl_jax.core import DeltaRule, Level, ResidualMLPMemory, objectives, run_level
+from nl_jax.core.truncation import gradient_cuts
 from nl_jax.kernels import fused_level
 from nl_jax.kernels import fused_scan as fs
 
@@ -89,6 +90,34 @@ def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read, 
     # The chosen backward really runs: one kernel (forward) or two (forward and backward).
     jaxpr = str(jax.make_jaxpr(jax.grad(loss(fused_fn)))(params, inputs))
     assert jaxpr.count("pallas_call") == (2 if backward == "kernel" else 1)
+
+
+def test_run_level_fused_window_cuts_at_every_window_start(x64):
+    """`window=K` alone cuts at every K-th chunk start (as `gradient_cuts` with the same K):
+    the gradient of `jax.vmap(run_level)` with those cuts, from the windowed backward."""
+    level = Level(ResidualMLPMemory(4, 8), objectives.l2, TITANS, 2)
+    params, state, inputs = make(level, 2, 13, jax.random.PRNGKey(4))
+    cuts = gradient_cuts(13, 2, 3)
+
+    def ref(p, x):
+        def one(p, st, x):
+            return run_level(level, p, st, x["keys"], x["values"], x["queries"], eta=x["eta"],
+                             alpha=x["alpha"], beta=x["beta"], path="fast", cuts=cuts)  # fmt: skip
+
+        out, _ = jax.vmap(one)(p, state, x)
+        return jnp.sum(jnp.sin(3 * out))
+
+    def got(p, x):
+        out, _ = fused_level.run_level_fused(level, p, state, **x, window=3)
+        return jnp.sum(jnp.sin(3 * out))
+
+    assert abs(float(got(params, inputs)) - float(ref(params, inputs))) < 1e-12
+    g_got = jax.grad(got, argnums=(0, 1))(params, inputs)
+    g_want = jax.grad(ref, argnums=(0, 1))(params, inputs)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(a, b) < 1e-10
+    with pytest.raises(ValueError, match="window must be an int"):
+        fused_level.run_level_fused(level, params, state, **inputs, window=-2)
 
 
 def test_run_level_fused_rejects_misshaped_inputs():

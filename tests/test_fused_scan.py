@@ -7,6 +7,7 @@ and only runs where a GPU is present.
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,55 @@ def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
                       xla_layout=(pack, unpack))  # fmt: skip
 
 
+def cutting_step(c, x, k):
+    """`toy_step` whose carry gradient is cut where `x["cut"]` is 1, straight through to the
+    per-instance anchor `k["w0"]` (as `truncation.cut_carry`)."""
+    sg = jax.lax.stop_gradient
+    cut = x["cut"] > 0.5
+    c = {"w": jnp.where(cut, sg(c["w"]) + k["w0"] - sg(k["w0"]), c["w"]),
+         "s": jnp.where(cut, sg(c["s"]), c["s"])}  # fmt: skip
+    return toy_step(c, {"u": x["u"], "b": x["b"]}, k)
+
+
+@pytest.mark.parametrize(
+    "t,window,backward,forward",
+    [(9, 3, "xla", "kernel"), (7, 3, "xla", "kernel"), (7, 2, "kernel", "kernel"),
+     (8, 4, "kernel", "kernel"), (7, 2, "xla", "xla")],
+    ids=["xla_whole_windows", "xla_tail_step", "kernel_tail_step", "kernel_whole_windows",
+         "no_kernel_tail_step"],
+)  # fmt: skip
+def test_fused_scan_gradient_windows_match_the_sequential_walk(x64, t, window, backward, forward):
+    # Cuts at every multiple of the window and one more inside a window (step 1 of instance
+    # 1): the windows' side-by-side walk must give lax.scan's autodiff gradient exactly.
+    carry, xs, consts = toy_inputs(n=3, t=t, dtype=jnp.float64)
+    cut = (jnp.arange(t) % window == 0) & (jnp.arange(t) > 0)
+    xs["cut"] = jnp.broadcast_to(cut, (3, t)).at[1, 1].set(True).astype(jnp.float64)
+    consts["w0"] = carry["w"] * 0.5 + 0.1
+    fused = functools.partial(fs.fused_scan, cutting_step, interpret=True, backward=backward,
+                              unroll=2, window=window, forward=forward)  # fmt: skip
+    got, want = fused(carry, xs, consts), lax_reference(cutting_step, carry, xs, consts)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(a, b) < 1e-12
+    g_got = jax.grad(toy_loss(fused), argnums=(0, 1, 2))(carry, xs, consts)
+    g_want = jax.grad(toy_loss(functools.partial(lax_reference, cutting_step)), argnums=(0, 1, 2))(
+        carry, xs, consts
+    )
+    for g in (g_got, g_want):
+        g[1].pop("cut")  # zero: the mask only selects
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(a, b) < 1e-12
+    assert float(jnp.abs(g_got[2]["w0"]).max()) > 0  # the anchor learns through the cuts
+    # The windows really run side by side: the walk is `window` steps long, over N x W.
+    jaxpr = str(jax.make_jaxpr(jax.grad(toy_loss(fused)))(carry, xs, consts))
+    kernels = 0 if forward == "xla" else 1 + (backward == "kernel") * (1 + (t % window > 0))
+    assert jaxpr.count("pallas_call") == kernels  # the forward, the windows' and the tail's walks
+    if backward == "xla":
+        walks = re.findall(r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)
+        assert {int(n) for n in walks} == {window, t % window} - {0}, walks  # windows, tail
+    else:
+        assert f"grid=({3 * (t // window)},)" in jaxpr.replace(" ", "")
+
+
 def test_fused_scan_rejects_bad_inputs():
     carry, xs, consts = toy_inputs()
     with pytest.raises(ValueError, match="unknown backward"):
@@ -121,6 +171,15 @@ def test_fused_scan_rejects_bad_inputs():
     carry, xs, consts = toy_inputs()
     with pytest.raises(ValueError, match="leading axis"):
         fs.fused_scan(toy_step, carry, xs, {"a": consts["a"][:2]}, interpret=True)
+    with pytest.raises(ValueError, match="unknown forward"):
+        fs.fused_scan(toy_step, carry, xs, consts, backward="xla", forward="cuda")
+    with pytest.raises(ValueError, match="needs backward='xla'"):
+        fs.fused_scan(toy_step, carry, xs, consts, forward="xla")
+    with pytest.raises(ValueError, match="window must be an int"):
+        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, window=-1)
+    with pytest.raises(ValueError, match="take no xla_layout"):
+        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="xla", window=2,
+                      xla_step=jax.vmap(toy_step), xla_layout=(lambda c, n: c, lambda c, n: c))  # fmt: skip
     with pytest.raises(TypeError, match="floating"):
         fs.fused_scan(toy_step, carry, dict(xs, b=xs["b"] > 0), consts, interpret=True)
 

@@ -214,6 +214,34 @@ def test_backprop_chunks_truncate_the_memory_gradient(x64, kernel):
         make_memory(backprop_chunks=-1)
 
 
+@pytest.mark.parametrize("kernel", ["xla", "pallas_forward", "pallas"])
+def test_parallel_windows_give_the_sequential_gradient(x64, kernel):
+    """`parallel_windows` (the fused backward walking the windows of K chunks side by side) is
+    the same gradient, for every parameter, as the walk over all chunks and as the XLA path
+    (`kernel="xla"`: the same windows through `run_level_fused(forward="xla")`, no Pallas):
+    7 full chunks of 3 with K = 2 (3 windows and a chunk after them) and a partial chunk."""
+    mems = {
+        name: make_memory(kernel=k, backprop_chunks=2, parallel_windows=par)
+        for name, k, par in [("windows", kernel, True), ("walk", kernel, False),
+                             ("xla", "xla", False)]
+    }  # fmt: skip
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 23, D), jnp.float64)
+    loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))  # noqa: E731
+    grads = {name: nnx.grad(loss, argnums=(0, 1))(m, x) for name, m in mems.items()}
+    want = jax.tree.leaves(grads["xla"])
+    for name in ("windows", "walk"):
+        for a, c in zip(jax.tree.leaves(grads[name]), want, strict=True):
+            assert float(jnp.linalg.norm(a - c)) <= 1e-10 * float(jnp.linalg.norm(c)) + 1e-14
+    # The windows really walk side by side: the backward's reverse loop is K chunks long.
+    jaxpr = str(jax.make_jaxpr(lambda x: jax.grad(loss, argnums=1)(mems["windows"], x))(x))
+    assert ("pallas_call" in jaxpr) == (kernel != "xla")
+    if kernel != "pallas":
+        walks = re.findall(r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)
+        assert 2 in {int(n) for n in walks} and 7 not in {int(n) for n in walks}, walks
+    else:
+        assert f"grid=({2 * HEADS * 3},)" in jaxpr.replace(" ", "")
+
+
 def test_backprop_chunk_windows_continue_across_calls(x64):
     """`memorize(offset=...)` places the cuts by position in the whole sequence (MAC passes its
     segment start): a call starting at a window boundary cuts the gradient into the carry it

@@ -40,8 +40,8 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
                     values: jax.Array, queries: jax.Array, *, eta: jax.Array, alpha: jax.Array,
                     beta: jax.Array, resets: jax.Array | None = None,
                     reset_params: Params | None = None, cuts: jax.Array | None = None,
-                    unroll: int = 1,
-                    backward: str = "xla", num_warps: int = 8,
+                    unroll: int = 1, window: int = 0,
+                    backward: str = "xla", forward: str = "kernel", num_warps: int = 8,
                     interpret: bool | None = None) -> tuple[jax.Array, tuple[Params, Any]]:  # fmt: skip
     """`jax.vmap(run_level)` (path `fast`) over N instances, full chunks in one fused kernel.
 
@@ -51,8 +51,14 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
         `[N, ...]`; default `params`).
       cuts: `bool[N, seq]` or None: truncated outer gradient, as `run_level(cuts=...)`.
       unroll: chunks per loop iteration of the XLA backward.
+      window: K > 0: a cut also starts every chunk whose index is a positive multiple of K
+        (`gradient_cuts` with an offset that is a multiple of K chunks puts them there
+        already), and the backward walks these windows of K chunks side by side
+        (`fused_scan(window=K)`): K sequential chunk steps instead of seq / C.
       backward: `"xla"` (XLA ops over the kernel's saved chunk-start carries) or `"kernel"`
         (`fused_scan`'s reverse-walk kernel: the step's `jax.vjp` inside one Triton program).
+      forward: `"kernel"`, or `"xla"`: no Pallas at all (a vmapped `lax.scan`), for the
+        windowed backward on any backend; needs `backward="xla"`.
       num_warps: warps per kernel program (`memory.kernel_warps`).
       interpret: run the kernel in Pallas' interpreter (default: on CPU).
     Returns:
@@ -63,7 +69,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     n_full = seq // c
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     dims = {c, *(d for a in jax.tree.leaves(params) for d in a.shape[1:])}
-    if not interpret and min(dims) < 16:
+    if forward == "kernel" and not interpret and min(dims) < 16:
         raise ValueError(
             "the fused kernel compiles Triton matmuls, which need the chunk size and every "
             f"memory dimension >= 16; got chunk {c} and memory shapes "
@@ -75,7 +81,15 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
         if a.shape[:2] != (n, seq):
             raise ValueError(f"run_level_fused: {name} must be [N={n}, seq={seq}, ...], got "
                              f"{a.shape}")  # fmt: skip
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"run_level_fused: window must be an int >= 0, got {window!r}")
     consts = {}
+    if window:
+        # The backward's promise (a cut at every window start) made true in the forward too.
+        pos = jnp.arange(seq)
+        starts = (pos % (c * window) == 0) & (pos > 0)
+        cuts = starts if cuts is None else cuts | starts
+        cuts = jnp.broadcast_to(cuts, (n, seq))
     if resets is not None:
         xs["resets"] = resets.astype(keys.dtype)
     if cuts is not None:
@@ -90,7 +104,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
         full = jax.tree.map(lambda a: a[:, : n_full * c].reshape((n, n_full, c) + a.shape[2:]), xs)
         carry, out = fused_scan(functools.partial(_step, level), carry, full, consts,
                                 interpret=interpret, backward=backward, unroll=unroll,
-                                num_warps=num_warps)  # fmt: skip
+                                num_warps=num_warps, window=window, forward=forward)  # fmt: skip
         outs.append(out.reshape((n, n_full * c) + out.shape[3:]))
     if seq > n_full * c:
         tail = jax.tree.map(lambda a: a[:, n_full * c :], xs)

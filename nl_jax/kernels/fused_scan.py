@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,23 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
 # How the gradient runs: the reverse-walk kernel, or XLA ops over the kernel's saved carries.
 BACKWARDS = ("kernel", "xla")
+# How the forward runs: the kernel, or a `lax.scan` of XLA ops (for the windowed backward on
+# any backend: TPU, CPU, several GPUs).
+FORWARDS = ("kernel", "xla")
 # `(pack, unpack)`: a carry's layout for the XLA backward and back, given its leading axes.
 Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
+
+
+class _Plan(NamedTuple):
+    """`fused_scan`'s static choices, passed whole to the custom VJP."""
+
+    forward: str
+    backward: str
+    xla_step: Step | None
+    layout: Layout | None
+    unroll: int
+    interpret: bool
+    num_warps: int
 
 
 def fused_fits(*sizes: int) -> bool:
@@ -66,8 +81,15 @@ def _check_sizes(name: str, leaves: list[jax.ShapeDtypeStruct], skip: int) -> No
             )
 
 
-def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_warps: int):
-    """One program per instance (grid N), each seeing its whole slab of every array."""
+def _shared_block(shape: tuple[int, ...], per: int) -> pl.BlockSpec:
+    """Instance `i // per`'s slab: one instance's array read by `per` consecutive programs."""
+    return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i: (i // per,) + (0,) * (len(shape) - 1))
+
+
+def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_warps: int,
+          shared: frozenset = frozenset(), per: int = 1):  # fmt: skip
+    """One program per instance (grid: the first arg's leading axis), each seeing its whole
+    slab of every array; the args at the indices in `shared` are read as `_shared_block`s."""
     params = None
     if not interpret and pl_triton is not None:
         params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
@@ -75,7 +97,10 @@ def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_w
         kernel,
         out_shape=out_shape,
         grid=(args[0].shape[0],),
-        in_specs=[_block(a.shape) for a in args],
+        in_specs=[
+            _shared_block(a.shape, per) if j in shared else _block(a.shape)
+            for j, a in enumerate(args)
+        ],
         out_specs=[_block(o.shape) for o in out_shape],
         interpret=interpret,
         compiler_params=params,
@@ -137,8 +162,29 @@ def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_war
     return final, ys, outs[nc + ny :]
 
 
-def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int):
-    """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`."""
+def _forward_xla(step: Step, carry, xs, consts, save: bool, unroll: int):
+    """`_forward` as XLA ops: a `lax.scan` per instance, vmapped; the same outputs and saves."""
+
+    def one(c, x, k):
+        def body(c, x):
+            new, y = step(c, x, k)
+            new = jax.tree.map(lambda v, a: v.astype(a.dtype), new, c)
+            return new, (y, c if save else None)
+
+        t = jax.tree.leaves(x)[0].shape[0]
+        return jax.lax.scan(body, c, x, unroll=max(1, min(unroll, t)))
+
+    final, (ys, saved) = jax.vmap(one)(carry, xs, consts)
+    return final, ys, jax.tree.leaves(saved) if save else []
+
+
+def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int,
+              per: int = 1):  # fmt: skip
+    """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`.
+
+    With `per` > 1 the programs are gradient windows, `per` per instance of `consts`: each
+    program reads its instance's consts and returns its own (float32) const cotangent.
+    """
     x_leaves, x_tree = jax.tree.flatten(xs)
     k_leaves, k_tree = jax.tree.flatten(consts)
     dc_leaves, c_tree = jax.tree.flatten(d_final)
@@ -180,9 +226,14 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
             ref[...] = v.astype(ref.dtype)
 
     out_shape = [_spec(a) for a in dc_leaves] + [_spec(a) for a in x_leaves]
-    out_shape += [_spec(a) for a in k_leaves]
+    if per == 1:
+        out_shape += [_spec(a) for a in k_leaves]
+    else:
+        f32 = lambda a: jnp.promote_types(a.dtype, jnp.float32)  # noqa: E731
+        out_shape += [jax.ShapeDtypeStruct((n,) + a.shape[1:], f32(a)) for a in k_leaves]
     args = [*saved, *x_leaves, *k_leaves, *dc_leaves, *dy_leaves]
-    outs = _call(kernel, args, out_shape, "fused_scan_bwd", interpret, num_warps)
+    shared = frozenset(range(nc + nx, nc + nx + nk)) if per > 1 else frozenset()
+    outs = _call(kernel, args, out_shape, "fused_scan_bwd", interpret, num_warps, shared, per)
     d_carry = jax.tree.unflatten(c_tree, outs[:nc])
     d_xs = jax.tree.unflatten(x_tree, outs[nc : nc + nx])
     d_consts = jax.tree.unflatten(k_tree, outs[nc + nx :])
@@ -190,19 +241,20 @@ def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num
 
 
 def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_final, d_ys,
-                  unroll: int):  # fmt: skip
+                  unroll: int, time_axis: int = 1):  # fmt: skip
     """The reverse walk as XLA ops: a reverse `lax.scan` of `jax.vjp(xla_step)` over the steps,
     each at its saved input carry (the saved carries and `xs` stay `[N, T, ...]`: each step
     reads its slice in place rather than transposing T-times-the-carry bytes to time-major).
     With a `layout`, the saved carries and the carry cotangent are packed once, outside the
-    loop, instead of once per step inside `xla_step`."""
-    t = jax.tree.leaves(xs)[0].shape[1]
+    loop, instead of once per step inside `xla_step`. `time_axis` 2: gradient
+    windows, `[N, W, K, ...]` arrays whose K steps the loop walks for all windows at once."""
+    t = jax.tree.leaves(xs)[0].shape[time_axis]
     c_tree = jax.tree.structure(d_final)
     saved = jax.tree.unflatten(c_tree, saved)
     if layout is not None:
         saved, d_final = layout[0](saved, 2), layout[0](d_final, 1)
     at = lambda tree, i: jax.tree.map(  # noqa: E731
-        lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), tree
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=time_axis, keepdims=False), tree
     )
 
     def body(acc, i):
@@ -219,31 +271,96 @@ def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_fi
     (d_carry, d_consts), dxs = jax.lax.scan(
         body, (d_final, zeros), jnp.arange(t), reverse=True, unroll=max(1, min(unroll, t))
     )
-    d_xs = jax.tree.map(lambda d, a: jnp.swapaxes(d, 0, 1).astype(a.dtype), dxs, xs)
+    d_xs = jax.tree.map(lambda d, a: jnp.moveaxis(d, 0, time_axis).astype(a.dtype), dxs, xs)
     d_consts = jax.tree.map(lambda d, a: d.astype(a.dtype), d_consts, consts)
     if layout is not None:
         d_carry = layout[1](d_carry, 1)
     return d_carry, d_xs, d_consts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7, 8))
-def _scan(step: Step, carry, xs, consts, interpret: bool, num_warps: int,
-          xla_step: Step | None, layout: Layout | None, unroll: int):  # fmt: skip
-    final, ys, _ = _forward(step, carry, xs, consts, False, interpret, num_warps)
+def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_final, d_ys):
+    """The reverse walk when the step cuts the carry's gradient at every positive multiple of
+    `window`: the windows are independent, so their K-step walks run side by side (W times
+    fewer sequential steps); steps after the last full window walk on their own first.
+
+    `how`: the `_Plan`.
+    """
+    backward, xla_step, unroll = how.backward, how.xla_step, how.unroll
+    interpret, num_warps = how.interpret, how.num_warps
+    n, t = jax.tree.leaves(xs)[0].shape[:2]
+    w = t // window
+    head = w * window
+    d_xs_tail, d_k_tail, d_last = None, None, d_final
+    if head < t:
+        cut = lambda tree: jax.tree.map(lambda a: a[:, head:], tree)  # noqa: E731
+        _, d_xs_tail, d_k_tail = _backward_seq(step, how, [a[:, head:] for a in saved],
+                                               cut(xs), consts, d_final, cut(d_ys))  # fmt: skip
+        d_last = jax.tree.map(jnp.zeros_like, d_final)  # the step at `head` cuts
+    # [N, T, ...] -> [N, W, K, ...]: a free reshape of the head of the time axis.
+    split = lambda a: a[:, :head].reshape((n, w, window) + a.shape[2:])  # noqa: E731
+    saved_w = [split(a) for a in saved]
+    xs_w, d_ys_w = jax.tree.map(split, (xs, d_ys))
+    # Each window's walk starts from a zero carry cotangent but the last one's.
+    d_start = jax.tree.map(
+        lambda d: jnp.concatenate([jnp.zeros((n, w - 1) + d.shape[1:], d.dtype), d[:, None]], 1),
+        d_last,
+    )
+    if backward == "xla":
+        if xla_step is None:  # N instances of W windows; consts are per instance
+            win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
+        else:
+            win_step = jax.vmap(xla_step, in_axes=(1, 1, None), out_axes=1)
+        d_w, d_xs, d_k = _backward_xla(win_step, None, saved_w, xs_w, consts, d_start, d_ys_w,
+                                       unroll, time_axis=2)  # fmt: skip
+        d_carry = jax.tree.map(lambda a: a[:, 0], d_w)
+    else:
+        flat = lambda a: a.reshape((n * w,) + a.shape[2:])  # noqa: E731
+        d_w, d_xs, d_k = _backward(step, [flat(a) for a in saved_w], jax.tree.map(flat, xs_w),
+                                   consts, jax.tree.map(flat, d_start),
+                                   jax.tree.map(flat, d_ys_w), interpret, num_warps, per=w)  # fmt: skip
+        unflat = lambda a: a.reshape((n, w) + a.shape[1:])  # noqa: E731
+        d_carry = jax.tree.map(lambda a: unflat(a)[:, 0], d_w)
+        d_xs = jax.tree.map(unflat, d_xs)
+        d_k = jax.tree.map(lambda d, a: unflat(d).sum(1).astype(a.dtype), d_k, consts)
+    d_xs = jax.tree.map(lambda a: a.reshape((n, head) + a.shape[3:]), d_xs)
+    if d_xs_tail is not None:
+        d_xs = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), d_xs, d_xs_tail)
+        d_k = jax.tree.map(jnp.add, d_k, d_k_tail)
+    return d_carry, d_xs, d_k
+
+
+def _backward_seq(step: Step, how: _Plan, saved, xs, consts, d_final, d_ys):
+    """The plain reverse walk over all steps, by the kernel or by XLA (`how`: the `_Plan`)."""
+    if how.backward == "xla":
+        xla_step = jax.vmap(step) if how.xla_step is None else how.xla_step
+        return _backward_xla(xla_step, how.layout, saved, xs, consts, d_final, d_ys, how.unroll)
+    return _backward(step, saved, xs, consts, d_final, d_ys, how.interpret, how.num_warps)
+
+
+def _run_forward(step: Step, carry, xs, consts, save: bool, how: _Plan):
+    if how.forward == "xla":
+        return _forward_xla(step, carry, xs, consts, save, how.unroll)
+    return _forward(step, carry, xs, consts, save, how.interpret, how.num_warps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _scan(step: Step, carry, xs, consts, how: _Plan, window: int):
+    final, ys, _ = _run_forward(step, carry, xs, consts, False, how)
     return final, ys
 
 
-def _scan_fwd(step, carry, xs, consts, interpret, num_warps, xla_step, layout, unroll):
-    final, ys, saved = _forward(step, carry, xs, consts, True, interpret, num_warps)
+def _scan_fwd(step, carry, xs, consts, how, window):
+    final, ys, saved = _run_forward(step, carry, xs, consts, True, how)
     return (final, ys), (saved, xs, consts)
 
 
-def _scan_bwd(step, interpret, num_warps, xla_step, layout, unroll, res, cotangents):
+def _scan_bwd(step, how, window, res, cotangents):
     saved, xs, consts = res
     d_final, d_ys = cotangents
-    if xla_step is not None:
-        return _backward_xla(xla_step, layout, saved, xs, consts, d_final, d_ys, unroll)
-    return _backward(step, saved, xs, consts, d_final, d_ys, interpret, num_warps)
+    t = jax.tree.leaves(xs)[0].shape[1]
+    if window and t >= 2 * window:
+        return _backward_windows(step, how, window, saved, xs, consts, d_final, d_ys)
+    return _backward_seq(step, how, saved, xs, consts, d_final, d_ys)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -251,7 +368,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
                num_warps: int = 8, backward: str = "kernel", xla_step: Step | None = None,
-               xla_layout: Layout | None = None, unroll: int = 1) -> tuple[Any, Any]:  # fmt: skip
+               xla_layout: Layout | None = None, unroll: int = 1, window: int = 0,
+               forward: str = "kernel") -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -273,6 +391,13 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         and returns, `unpack(packed, lead)` undoes it; the saved carries are packed once
         instead of on every step. Default: `xla_step` takes `step`'s carry layout.
       unroll: steps per loop iteration of the XLA backward.
+      window: K > 0 promises that `step` cuts the carry's gradient at every step whose index
+        is a positive multiple of K: its vjp there returns a zero carry cotangent, as
+        `core.truncation.cut_carry` does. The windows of K steps are then independent in the
+        backward, which walks them side by side (K sequential steps instead of T). A broken
+        promise gives wrong gradients: callers derive both from one setting (`run_level_fused`).
+      forward: `"kernel"` or `"xla"`: the forward as a vmapped `lax.scan` of XLA ops, saving
+        the same carries (no Pallas: any backend); needs `backward="xla"`.
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -294,11 +419,18 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         raise ValueError(f"fused_scan: unknown backward {backward!r}; allowed: {BACKWARDS}")
     if backward == "kernel" and (xla_step is not None or xla_layout is not None):
         raise ValueError("fused_scan: xla_step and xla_layout are only used with backward='xla'")
-    if backward == "xla" and xla_step is None:
-        if xla_layout is not None:
-            raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
-        xla_step = jax.vmap(step)
-    return _scan(step, carry, xs, consts, interpret, num_warps, xla_step, xla_layout, unroll)
+    if backward == "xla" and xla_step is None and xla_layout is not None:
+        raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"fused_scan: window must be an int >= 0 (0: none), got {window!r}")
+    if window and xla_layout is not None:
+        raise ValueError("fused_scan: gradient windows take no xla_layout (not implemented)")
+    if forward not in FORWARDS:
+        raise ValueError(f"fused_scan: unknown forward {forward!r}; allowed: {FORWARDS}")
+    if forward == "xla" and backward != "xla":
+        raise ValueError("fused_scan: forward='xla' needs backward='xla' (no kernel at all)")
+    how = _Plan(forward, backward, xla_step, xla_layout, unroll, interpret, num_warps)
+    return _scan(step, carry, xs, consts, how, window)
 
 
 def check_lowering(step: Step, carry: Any, xs: Any, consts: Any, grad: bool = True) -> str:

@@ -160,6 +160,7 @@ class NeuralMemory(nnx.Module):
         kernel: str = "auto",
         kernel_warps: int = 8,
         backprop_chunks: int = 0,
+        parallel_windows: bool = True,
         normalize_values: bool = False,
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
@@ -180,7 +181,10 @@ class NeuralMemory(nnx.Module):
         as `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernels.
         `backprop_chunks` K > 0: the outer gradient flows through the inner updates of at most
         K chunks, straight through to the initial fast weights at each cut
-        (`nl_jax.core.truncation`, spec row 8); 0: through all of them. `normalize_values`:
+        (`nl_jax.core.truncation`, spec row 8); 0: through all of them. `parallel_windows`: with
+        K > 0, the backward walks all windows of K chunks side by side (the same gradient;
+        speed and memory only), with the fused kernels or, for `kernel="xla"`, through
+        `run_level_fused(forward="xla")`. `normalize_values`:
         l2-normalise the values as the keys (not in the paper, which normalises q and k only).
         """
         if scan_unroll < 1:
@@ -190,6 +194,7 @@ class NeuralMemory(nnx.Module):
                 f"backprop_chunks must be an int >= 0 (0: no cut), got {backprop_chunks!r}"
             )
         self.backprop_chunks = backprop_chunks
+        self.parallel_windows = parallel_windows
         self.normalize_values = normalize_values
         if kernel not in KERNELS:
             raise ValueError(f"unknown memory.kernel {kernel!r} for Titans; allowed: {KERNELS}")
@@ -339,9 +344,19 @@ class NeuralMemory(nnx.Module):
         if self.backprop_chunks:
             seq = inputs.queries.shape[1]
             cuts = gradient_cuts(seq, level.chunk_size, self.backprop_chunks, offset)
+        # Windows side by side need the same cut pattern in every call: an offset on the
+        # window grid (MAC's traced segment starts are not known to be).
+        aligned = (
+            isinstance(offset, int)
+            and offset % (level.chunk_size * (self.backprop_chunks or 1)) == 0
+        )
+        window = self.backprop_chunks if self.parallel_windows and aligned else 0
         if resolve_kernel(self.kernel, self.level.chunk_size, self.head_dim,
                           self.memory.hidden) != "xla":  # fmt: skip
-            return self._memorize_fused(inputs, resets, carry, batch_axis, init, cuts)
+            return self._memorize_fused(inputs, resets, carry, batch_axis, init, cuts, window)
+        if window:  # the same chunk scan as XLA ops, its backward over the windows at once
+            return self._memorize_fused(inputs, resets, carry, batch_axis, init, cuts, window,
+                                        forward="xla")  # fmt: skip
 
         def one_head(params, state, q, k, v, eta, alpha, beta, resets, reset_params):
             extra = {} if resets is None else {"resets": resets, "reset_params": reset_params}
@@ -360,8 +375,10 @@ class NeuralMemory(nnx.Module):
 
     def _memorize_fused(self, inputs: MemoryInputs, resets: jax.Array | None, carry: Carry,
                         batch_axis: int | None, init: Params,
-                        cuts: jax.Array | None = None) -> tuple[jax.Array, Carry]:  # fmt: skip
-        """`memorize` with every (sequence, head) as one instance of `run_level_fused`."""
+                        cuts: jax.Array | None = None, window: int = 0,
+                        forward: str = "kernel") -> tuple[jax.Array, Carry]:  # fmt: skip
+        """`memorize` with every (sequence, head) as one instance of `run_level_fused`
+        (`forward="xla"`: its XLA form, for the windowed backward without a GPU kernel)."""
         b, s, h = inputs.queries.shape[:3]
         n = b * h
         # [b, s, h, ...] -> [b * h, s, ...]: instance-major, as the kernel's grid.
@@ -379,8 +396,8 @@ class NeuralMemory(nnx.Module):
             reset_params=None if resets is None and cuts is None
             else jax.tree.map(lambda a: flat(per_batch(a)), init),
             cuts=None if cuts is None else jnp.broadcast_to(cuts, (n, s)),
-            unroll=self.scan_unroll,
-            backward="kernel" if self.kernel == "pallas" else "xla",
+            unroll=self.scan_unroll, window=window, forward=forward,
+            backward="kernel" if self.kernel == "pallas" and forward == "kernel" else "xla",
             num_warps=self.kernel_warps,
         )  # fmt: skip
         unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
@@ -728,7 +745,7 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         normalize_chunk=m.get("titans_normalize_chunk", False), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
         kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8),
-        backprop_chunks=m.get("backprop_chunks", 0),
+        backprop_chunks=m.get("backprop_chunks", 0), parallel_windows=m.get("parallel_windows", True),
         normalize_values=m.get("titans_normalize_v", False), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
