@@ -412,10 +412,10 @@ fi
 if [ "$1" = pw2 ]; then  # session 11: windows at larger batches, and the trainer's 200 steps (session 10's nv run)
   timeout 260 $T --seq_len=4096 --batch=64 --presets=titans_lmm_340m --variants="b64:memory.parallel_windows=True" \
     --out=$OUT/pw2_b64.json 2>&1 | $F | grep "^| titans\|failed\|rror"
-  timeout 200 $T --seq_len=4096 --batch=96 --presets=titans_lmm_340m --out=$OUT/pw2_b96.json 2>&1 | $F | grep "^| titans\|failed\|rror"
+  timeout 200 $T --seq_len=4096 --batch=96 --presets=titans_lmm_340m --set=memory.parallel_windows=True --out=$OUT/pw2_b96.json 2>&1 | $F | grep "^| titans\|failed\|rror"
   timeout 120 python launch/train.py --config=experiments/lm.py:titans_lmm_340m --workdir=/tmp/pw_lmm \
     --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
-    --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
-    --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -4
+    --config.model.num_layers=4 --config.model.memory.parallel_windows=True --config.eval.every_steps=0 \
+    --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -4
   cp /tmp/pw_lmm/metrics.jsonl $OUT/pw_lmm.jsonl 2>/dev/null
 fi

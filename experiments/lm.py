@@ -146,9 +146,12 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
     #   it the gradient norm went infinite while the loss was still finite.
     m.memory.backprop_chunks = 4 if titans else 0
-    # With a cut every K chunks the windows are independent in the backward: the fused kernels
-    # walk them side by side (K sequential chunk steps, not seq / C). Same gradient.
-    m.memory.parallel_windows = True
+    # With a cut every K chunks the windows are independent in the backward, which can walk
+    # them side by side (K sequential chunk steps, not seq / C; the same gradient). Off until
+    # measured on a GPU (`benchmarks/gpu_perf_full.sh pw`): on CPU it changed nothing beyond
+    # noise, and it costs memory (one layer's inner gradient at titans_lmm_340m's batch-32
+    # shape, compiled on CPU: 15.1 -> 25.5 GiB of XLA temp buffers).
+    m.memory.parallel_windows = False
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
     m.memory.adaptive_q = False  # row 1: static q by default

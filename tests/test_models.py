@@ -267,6 +267,7 @@ REJECTED = [
      r"set at most one.*titans_normalize_chunk=False"),
     ("hope_tiny", {"memory.backprop_chunks": 4}, r"backprop_chunks = 4: only Titans.*'self_modifying"),
     ("titans_lmm_tiny", {"memory.backprop_chunks": -1}, r"memory.backprop_chunks = -1: an int >= 0"),
+    ("hope_tiny", {"memory.parallel_windows": True}, r"parallel_windows = True walks.*set memory.backprop_chunks > 0"),
     ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),
     ("transformer_tiny", {"xla_options.xla_gpu_enable_triton_gemmm": False},
      r"model.xla_options = .*triton_gemmm.*XLA rejected"),
@@ -278,6 +279,7 @@ ACCEPTED = [
     ("hope_tiny", {"memory.kernel": "pallas", "memory.remat_layer": True}),
     ("titans_mag_tiny", {"memory.titans_normalize_lr": True, "memory.titans_normalize_chunk": False}),
     ("titans_lmm_tiny", {"memory.backprop_chunks": 4}),
+    ("titans_lmm_tiny", {"memory.parallel_windows": True}),
 ]  # fmt: skip
 
 

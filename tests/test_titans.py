@@ -278,6 +278,28 @@ def test_backprop_chunks_reach_every_titans_variant():
         assert bool(jnp.isfinite(g).all()), family
 
 
+def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
+    """MAC's memory calls start at traced segment offsets; a segment that is a multiple of
+    the window (8 tokens, windows of 2 chunks of 2) lets each call's backward walk its windows
+    side by side, with the gradient of the walk over all chunks."""
+    cfg = small_config("titans_mac")
+    cfg.memory.segment, cfg.memory.backprop_chunks = 8, 2
+    cfg.param_dtype = cfg.dtype = "float64"
+    x = jax.random.normal(jax.random.PRNGKey(8), (2, 20, D), jnp.float64)
+    loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))  # noqa: E731
+    grads, jaxprs = {}, {}
+    for par in (True, False):
+        cfg.memory.parallel_windows = par
+        m = titans.mac_from_config(cfg, nnx.Rngs(0))
+        grads[par] = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1))(m, x))
+        jaxprs[par] = str(jax.make_jaxpr(lambda x, m=m: jax.grad(loss, argnums=1)(m, x))(x))
+    for a, c in zip(grads[True], grads[False], strict=True):
+        assert float(jnp.linalg.norm(a - c)) <= 1e-10 * float(jnp.linalg.norm(c)) + 1e-14
+    walk = r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True"
+    assert 2 in {int(n) for n in re.findall(walk, jaxprs[True])}
+    assert 2 not in {int(n) for n in re.findall(walk, jaxprs[False])}
+
+
 @pytest.mark.parametrize("key,attr,preset", [("titans_normalize_lr", "normalized", False),
                                              ("titans_normalize_chunk", "normalize_chunk", True),
                                              ("titans_normalize_v", "normalize_values", True)])  # fmt: skip

@@ -323,6 +323,7 @@ class NeuralMemory(nnx.Module):
         resets: jax.Array | None = None,
         carry: Carry | None = None,
         offset: jax.Array | int = 0,
+        offset_on_grid: bool = False,
     ) -> tuple[jax.Array, Carry]:
         """Run the inner loop over inputs; returns (reads [b, s, heads, head_dim], final carry).
 
@@ -330,6 +331,9 @@ class NeuralMemory(nnx.Module):
         carry: per-example (params, state) to start from (default: the initial fast weights).
         offset: position of the first input token in its sequence, where the `backprop_chunks`
           windows start (MAC's segments continue them).
+        offset_on_grid: the (traced) offset is known to be a multiple of the window,
+          `chunk_size * backprop_chunks` tokens (MAC: its segment length is), so the backward
+          may walk the windows side by side (`parallel_windows`).
         """
         init = self.initial_params()
         if carry is None:
@@ -345,11 +349,9 @@ class NeuralMemory(nnx.Module):
             seq = inputs.queries.shape[1]
             cuts = gradient_cuts(seq, level.chunk_size, self.backprop_chunks, offset)
         # Windows side by side need the same cut pattern in every call: an offset on the
-        # window grid (MAC's traced segment starts are not known to be).
-        aligned = (
-            isinstance(offset, int)
-            and offset % (level.chunk_size * (self.backprop_chunks or 1)) == 0
-        )
+        # window grid.
+        grid = level.chunk_size * max(self.backprop_chunks, 1)
+        aligned = offset_on_grid or (isinstance(offset, int) and offset % grid == 0)
         window = self.backprop_chunks if self.parallel_windows and aligned else 0
         if resolve_kernel(self.kernel, self.level.chunk_size, self.head_dim,
                           self.memory.hidden) != "xla":  # fmt: skip
@@ -605,8 +607,10 @@ class MemoryAsContext(nnx.Module):
                 segment_ids=None if seg_ids is None else jnp.repeat(seg_ids, 2, axis=1),
             )[:, 1::2]
             inputs, tail = mem.features(y, seg_ids, tail)
-            reads, (params, state) = mem.memorize(inputs, resets, carry=(params, state),
-                                                  offset=seg["start"])  # fmt: skip
+            reads, (params, state) = mem.memorize(
+                inputs, resets, carry=(params, state), offset=seg["start"],
+                offset_on_grid=c % (mem.level.chunk_size * max(mem.backprop_chunks, 1)) == 0,
+            )  # fmt: skip
             o = y * jax.nn.sigmoid(mem.readout(y, reads))
             return ((params, state), tail), (o, y, h)
 

@@ -497,6 +497,15 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                 f"model.memory.backprop_chunks = {cut}: only Titans' memory (titans_* mixers) "
                 f"truncates its outer gradient, not {mixer_name!r}"
             )
+        windows = cfg.memory.get("parallel_windows", False)
+        if windows not in (True, False):
+            raise ValueError(f"model.memory.parallel_windows = {windows!r}: True or False")
+        if windows and not cut:
+            raise ValueError(
+                "model.memory.parallel_windows = True walks the windows of backprop_chunks side "
+                "by side in the backward: set memory.backprop_chunks > 0 (Titans only) or leave "
+                "it off"
+            )
         warps = cfg.memory.get("kernel_warps", 8)
         if warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(
