@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/throughput.py --presets=transformer_tiny,hope_tiny --seq_len=256
 
 Per preset: one AdamW train step (bf16 compute, fp32 params unless --dtype=float32) on random
-tokens, compiled ahead of time, then timed over --steps steps. Prints tokens/s, MFU, peak memory
-and compile time. FLOP convention (issue 7): 6N per token (N without the input embedding) plus
+tokens (one document per row, or packed documents of --doc_len tokens, so every level resets at
+their starts as in training), compiled ahead of time, then timed over --steps steps. Prints
+tokens/s, MFU, peak memory, XLA's temp buffers and compile time. FLOP convention (issue 7): 6N per token (N without the input embedding) plus
 causal attention 12 * heads * head_dim * seq / 2 per token and layer; the memories' inner-loop
 FLOPs are not counted (they would raise Hope's MFU). `--append` adds the table to BENCHMARKS.md.
 
@@ -335,9 +336,15 @@ def utilisation(prof: dict, tokens: int, model_flops: float, inner_flops: float,
 def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
             overrides: dict[str, object] | None = None, profile: str = "",
             name: str = "", profile_top: int = 10, hlo_out: str = "",
-            profile_steps: int = 2) -> dict:  # fmt: skip
+            profile_steps: int = 2, doc_len: int = 0) -> dict:  # fmt: skip
     """Compile and time the train step of one preset (profiled if `profile` names a dir; its
-    optimized HLO gzipped to `hlo_out` if given, to look up the profile's kernels offline)."""
+    optimized HLO gzipped to `hlo_out` if given, to look up the profile's kernels offline).
+
+    `doc_len` > 0: every row packs documents of `doc_len` tokens (segment ids and positions
+    as the trainer's packed batches give them), so every level resets at their starts.
+    """
+    if doc_len < 0:
+        raise ValueError(f"doc_len must be >= 0 (0: one document per row), got {doc_len}")
     cfg = lm.get_config(preset).model
     cfg.dtype = dtype
     apply_overrides(cfg, overrides or {})
@@ -345,8 +352,13 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
+    docs = {}
+    if doc_len:
+        pos = jax.numpy.broadcast_to(jax.numpy.arange(seq_len, dtype="int32"), (batch, seq_len))
+        docs = {"segment_ids": 1 + pos // doc_len, "positions": pos % doc_len}
+
     def loss_fn(model, tokens):
-        logits = model(tokens[:, :-1])
+        logits = model(tokens[:, :-1], **docs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     def step(state, tokens):
@@ -404,7 +416,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         "preset": name or preset, "seq": seq_len, "overrides": overrides or {}, "profile": prof,
         "step_s": step_s, "batch": batch, "tokens_per_s": tokens_per_s,
         "mfu": mfu, "peak_gib": None if mem is None else mem / 2**30, "compile_s": compile_s,
-        "temp_gib": None if temp is None else temp / 2**30,
+        "temp_gib": None if temp is None else temp / 2**30, "doc_len": doc_len,
         "model_flops_per_token": model_flops, "inner_flops_per_token": inner_flops,
         "mfu_with_inner": tokens_per_s * (model_flops + inner_flops) / peak if peak else None,
         "loss": float(loss), "params_m": metrics.count_params(nnx.state(model, nnx.Param)) / 1e6,
@@ -423,8 +435,9 @@ def table(rows: list[dict], device: str) -> str:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         temp = "n/a" if r.get("temp_gib") is None else f"{r['temp_gib']:.2f}"
+        docs = f" (documents of {r['doc_len']})" if r.get("doc_len") else ""
         out.append(
-            f"| {r['preset']} | {r['params_m']:.1f} | {r['seq']} | {r['batch']} | "
+            f"| {r['preset']}{docs} | {r['params_m']:.1f} | {r['seq']} | {r['batch']} | "
             f"{r['tokens_per_s']:,.0f} | {mfu} | {peak} | {temp} | {r['compile_s']:.0f} |"
         )
     for r in rows:
@@ -514,6 +527,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--doc_len", type=int, default=0,
+                    help="pack documents of this many tokens per row (resets); 0 = one per row")  # fmt: skip
     ap.add_argument("--set", default="", help="model overrides for every preset: a.b=1,c=x")
     ap.add_argument("--variants", default="", help="name:k=v;k=v|name2:k=v (first preset)")
     ap.add_argument("--profile", default="", help="trace dir: top device ops of the last run")
@@ -539,7 +554,7 @@ def main() -> None:
             row = measure(preset, args.seq_len, args.batch, args.steps, args.dtype, overrides,
                           args.profile if i == len(runs) - 1 else "", label, args.profile_top,
                           args.hlo_out if i == len(runs) - 1 else "",
-                          args.profile_steps)  # fmt: skip
+                          args.profile_steps, args.doc_len)  # fmt: skip
         except Exception as e:  # noqa: BLE001  (one failing variant, e.g. OOM, must not end the sweep)
             print(f"[throughput] {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue

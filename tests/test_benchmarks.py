@@ -44,6 +44,12 @@ def test_throughput_measures_tiny_presets_and_profiles(tmp_path):
         assert row["tokens_per_s"] > 0 and row["compile_s"] > 0
         assert row["temp_gib"] is not None and row["temp_gib"] > 0  # XLA's buffers, on CPU too
         assert 4.0 < row["loss"] < 7.0  # about log(257) at init on random tokens
+    # Packed documents reach the model: Hope's memories reset at each start, so the same
+    # tokens give another loss, and the row says so.
+    packed = throughput.measure("hope_tiny", 16, 1, 1, "float32", {"num_layers": 1}, doc_len=4)
+    plain = throughput.measure("hope_tiny", 16, 1, 1, "float32", {"num_layers": 1})
+    assert abs(packed["loss"] - plain["loss"]) > 1e-4, (packed["loss"], plain["loss"])
+    assert "hope_tiny (documents of 4)" in throughput.table([packed], "cpu")
     text = throughput.table(rows, "cpu")
     assert "transformer_tiny" in text and "| h " in text, text
     assert "WARNING" not in text
@@ -262,3 +268,13 @@ def test_divergence_check_names_the_nonfinite_gradients():
     assert wild[0]["bad"] == [] and math.isfinite(wild[0]["loss"])
     named = {path for r in wild[1:] for path, count in r["bad"] if count > 0}
     assert any(p.startswith("blocks/") for p in named), wild
+
+
+def test_inner_grad_memory_reports_the_windows_temp_buffers():
+    # benchmarks/inner_grad_memory.py (the memory cost of memory.parallel_windows, compiled on
+    # CPU): positive sizes, and the windows' walk holds more at once than the sequential one.
+    import inner_grad_memory  # noqa: PLC0415
+
+    walk = inner_grad_memory.temp_gib(8, 64, 16, 4, 0, 2, 1)
+    windows = inner_grad_memory.temp_gib(8, 64, 16, 4, 2, 2, 1)
+    assert 0 < walk["temp_gib"] < windows["temp_gib"], (walk, windows)

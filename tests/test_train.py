@@ -298,3 +298,34 @@ def test_xla_options_reach_the_jitted_train_and_eval_steps(monkeypatch):
     mesh = sharding.make_mesh(dict(config.mesh))
     trainer.build_program(config, mesh, compile_train=False)
     assert seen.count({"xla_gpu_enable_triton_gemm": False}) == 2  # train and eval steps
+
+
+def load_paper(name: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("paper_setup", ROOT / "experiments" / "paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(name)
+
+
+@pytest.mark.parametrize(
+    "name,steps,lr", [("hope_340m", 28_611, 4e-4), ("titans_mac_760m", 57_221, 4e-4),
+                      ("transformer_1.3b", 190_735, 3e-4)],
+)  # fmt: skip
+def test_paper_setup_sets_the_papers_training_and_names_the_data_it_needs(name, steps, lr):
+    """experiments/paper.py: the preset's model, 4K x 128 rows (0.5M tokens), the size's
+    token budget in steps, its peak lr, 1% warmup; without the corpus and the tokenizer the
+    trainer's validation names the key to set (neither ships with the repo)."""
+    cfg, preset = load_paper(name), load_preset(name)
+    assert cfg.model.to_dict() == preset.model.to_dict()
+    assert (cfg.seq_len, cfg.global_batch_size, cfg.data.seq_len) == (4096, 128, 4096)
+    budget = {"340m": 15e9, "760m": 30e9, "1.3b": 100e9}[name.rpartition("_")[2]]
+    assert cfg.num_steps == steps and (steps - 1) * 4096 * 128 < budget <= steps * 4096 * 128
+    assert cfg.optimizer.learning_rate == lr and cfg.optimizer.weight_decay == 0.1
+    assert cfg.optimizer.warmup_steps == round(steps / 100)
+    with pytest.raises(config_lib.ConfigError, match="`data.tokenizer_path` = ''.*sentencepiece"):
+        config_lib.validate(cfg, num_devices=1)
+    cfg.data.tokenizer = "bytes"  # a tokenizer that builds: the corpus is named next
+    with pytest.raises(config_lib.ConfigError, match=r"`data.paths` = ''"):
+        config_lib.validate(cfg, num_devices=1)
+    with pytest.raises(ValueError, match="the paper trains the sizes"):
+        load_paper("hope_tiny")

@@ -153,6 +153,9 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if d.kind not in nl_data.SOURCE_KINDS:
         _fail("data.kind", d.kind, "unknown data source", ", ".join(nl_data.SOURCE_KINDS))
+    if d.tokenizer == "sentencepiece" and not d.tokenizer_path:
+        _fail("data.tokenizer_path", "", "data.tokenizer='sentencepiece' needs its model file",
+              "the path of a sentencepiece .model file (e.g. Llama-2's tokenizer.model)")  # fmt: skip
     try:
         vocab = nl_data.vocab_size_from_config(d)
     except (ValueError, OSError, ImportError) as e:
