@@ -48,18 +48,24 @@ def toy_loss(fn):
     return loss
 
 
+def outputs_match_lax(step, fused, carry, xs, consts):
+    """Assert `fused` gives `lax.scan(step)`'s outputs; returns both gradients of `toy_loss`."""
+    got, want = fused(carry, xs, consts), lax_reference(step, carry, xs, consts)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(a, b) < 1e-12
+    g_got = jax.grad(toy_loss(fused), argnums=(0, 1, 2))(carry, xs, consts)
+    g_want = jax.grad(toy_loss(functools.partial(lax_reference, step)), argnums=(0, 1, 2))(
+        carry, xs, consts
+    )
+    return g_got, g_want
+
+
 @pytest.mark.parametrize("backward", ["kernel", "xla"])
 def test_fused_scan_matches_lax_scan(x64, backward):
     carry, xs, consts = toy_inputs(dtype=jnp.float64)
     fused = functools.partial(fs.fused_scan, toy_step, interpret=True, backward=backward,
                               unroll=2)  # fmt: skip
-    got, want = fused(carry, xs, consts), lax_reference(toy_step, carry, xs, consts)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert rel_err(a, b) < 1e-12
-    g_got = jax.grad(toy_loss(fused), argnums=(0, 1, 2))(carry, xs, consts)
-    g_want = jax.grad(toy_loss(functools.partial(lax_reference, toy_step)), argnums=(0, 1, 2))(
-        carry, xs, consts
-    )
+    g_got, g_want = outputs_match_lax(toy_step, fused, carry, xs, consts)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         assert rel_err(a, b) < 1e-12
 
@@ -137,13 +143,7 @@ def test_fused_scan_gradient_windows_match_the_sequential_walk(x64, t, window, b
     consts["w0"] = carry["w"] * 0.5 + 0.1
     fused = functools.partial(fs.fused_scan, cutting_step, interpret=True, backward=backward,
                               unroll=2, window=window, forward=forward)  # fmt: skip
-    got, want = fused(carry, xs, consts), lax_reference(cutting_step, carry, xs, consts)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert rel_err(a, b) < 1e-12
-    g_got = jax.grad(toy_loss(fused), argnums=(0, 1, 2))(carry, xs, consts)
-    g_want = jax.grad(toy_loss(functools.partial(lax_reference, cutting_step)), argnums=(0, 1, 2))(
-        carry, xs, consts
-    )
+    g_got, g_want = outputs_match_lax(cutting_step, fused, carry, xs, consts)
     for g in (g_got, g_want):
         g[1].pop("cut")  # zero: the mask only selects
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
