@@ -177,7 +177,7 @@ def test_fused_scan_rejects_bad_inputs():
         fs.fused_scan(toy_step, carry, xs, consts, forward="xla")
     with pytest.raises(ValueError, match="window must be an int"):
         fs.fused_scan(toy_step, carry, xs, consts, interpret=True, window=-1)
-    with pytest.raises(ValueError, match="take no xla_layout"):
+    with pytest.raises(ValueError, match="take no xla_step or xla_layout"):
         fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="xla", window=2,
                       xla_step=jax.vmap(toy_step), xla_layout=(lambda c, n: c, lambda c, n: c))  # fmt: skip
     with pytest.raises(TypeError, match="floating"):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from nl_jax.core.level import Level, chunk_step, run_level
 from nl_jax.core.memories import Params
-from nl_jax.core.truncation import cut_carry
+from nl_jax.core.truncation import cut_carry, gradient_cuts
 from nl_jax.kernels.fused_scan import fused_scan
 
 
@@ -86,8 +86,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     consts = {}
     if window:
         # The backward's promise (a cut at every window start) made true in the forward too.
-        pos = jnp.arange(seq)
-        starts = (pos % (c * window) == 0) & (pos > 0)
+        starts = gradient_cuts(seq, c, window)
         cuts = starts if cuts is None else cuts | starts
         cuts = jnp.broadcast_to(cuts, (n, seq))
     if resets is not None:

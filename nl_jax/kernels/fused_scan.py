@@ -285,8 +285,7 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
 
     `how`: the `_Plan`.
     """
-    backward, xla_step, unroll = how.backward, how.xla_step, how.unroll
-    interpret, num_warps = how.interpret, how.num_warps
+    backward, unroll, interpret, num_warps = how.backward, how.unroll, how.interpret, how.num_warps
     n, t = jax.tree.leaves(xs)[0].shape[:2]
     w = t // window
     head = w * window
@@ -306,10 +305,8 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
         d_last,
     )
     if backward == "xla":
-        if xla_step is None:  # N instances of W windows; consts are per instance
-            win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
-        else:
-            win_step = jax.vmap(xla_step, in_axes=(1, 1, None), out_axes=1)
+        # N instances of W windows; consts are per instance.
+        win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
         d_w, d_xs, d_k = _backward_xla(win_step, None, saved_w, xs_w, consts, d_start, d_ys_w,
                                        unroll, time_axis=2)  # fmt: skip
         d_carry = jax.tree.map(lambda a: a[:, 0], d_w)
@@ -423,8 +420,10 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"fused_scan: window must be an int >= 0 (0: none), got {window!r}")
-    if window and xla_layout is not None:
-        raise ValueError("fused_scan: gradient windows take no xla_layout (not implemented)")
+    if window and (xla_step is not None or xla_layout is not None):
+        raise ValueError(
+            "fused_scan: gradient windows take no xla_step or xla_layout (not implemented)"
+        )
     if forward not in FORWARDS:
         raise ValueError(f"fused_scan: unknown forward {forward!r}; allowed: {FORWARDS}")
     if forward == "xla" and backward != "xla":

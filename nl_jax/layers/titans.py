@@ -160,7 +160,7 @@ class NeuralMemory(nnx.Module):
         kernel: str = "auto",
         kernel_warps: int = 8,
         backprop_chunks: int = 0,
-        parallel_windows: bool = True,
+        parallel_windows: bool = False,
         normalize_values: bool = False,
         norm_eps: float = 1e-6,
         param_dtype: jnp.dtype = jnp.float32,
@@ -749,7 +749,7 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
         normalize_chunk=m.get("titans_normalize_chunk", False), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
         kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8),
-        backprop_chunks=m.get("backprop_chunks", 0), parallel_windows=m.get("parallel_windows", True),
+        backprop_chunks=m.get("backprop_chunks", 0), parallel_windows=m.get("parallel_windows", False),
         normalize_values=m.get("titans_normalize_v", False), norm_eps=cfg.norm_eps, rngs=rngs, **_dtypes(cfg),
     )  # fmt: skip
 
