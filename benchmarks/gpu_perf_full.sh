@@ -78,9 +78,17 @@
 #   bash benchmarks/gpu_perf_full.sh pw  # memory.parallel_windows: compiled gradient check (windows vs walk vs
 #                                        # xla), titans_lmm_340m batch 32: walk vs windows, XLA and kernel backward
 #   bash benchmarks/gpu_perf_full.sh pw2 # titans_lmm_340m with windows at batch 64 and 96; 200 trainer steps
+#   bash benchmarks/gpu_perf_full.sh pw3 # the compiled gradient check on the stable settings (pw's was NaN in the
+#                                        # reference: the paper's form on random inputs); 200 trainer steps of
+#                                        # titans_lmm_340m walk vs windows (seed 0), and windows at seed 1
+#   bash benchmarks/gpu_perf_full.sh pw4 # pw3's trainer runs at other seeds: walk at seeds 1 and 2, windows at 2
+#   bash benchmarks/gpu_perf_full.sh pw5 # the runs that went NaN at outer lr 1e-3: walk seed 1, windows seeds 0 and 1
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
+# Each stage ran with the presets of its session: since session 12 the Titans presets walk the
+# cut's windows side by side (memory.parallel_windows) and the sized ones train at lr 1e-3, so a
+# rerun of an earlier stage measures today's presets unless it pins the old settings.
 set -u
 OUT=${OUT:-/tmp/out}
 if [ -d .whl ]; then python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site; fi
@@ -384,7 +392,7 @@ fi
 
 if [ "$1" = nvt ]; then  # session 10: tokens/s of the stable Titans settings (K 4, chunk normalisation, normalised values)
   timeout 230 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
-    --variants="old:memory.backprop_chunks=0;memory.titans_normalize_chunk=False;memory.titans_normalize_v=False|new:memory.backprop_chunks=4;memory.titans_normalize_chunk=True;memory.titans_normalize_v=True" \
+    --variants="old:memory.backprop_chunks=0;memory.parallel_windows=False;memory.titans_normalize_chunk=False;memory.titans_normalize_v=False|new:memory.backprop_chunks=4;memory.titans_normalize_chunk=True;memory.titans_normalize_v=True" \
     --out=$OUT/nvt_titans.json 2>&1 | $F | grep "^| titans\|failed"
 fi
 
@@ -418,4 +426,46 @@ if [ "$1" = pw2 ]; then  # session 11: windows at larger batches, and the traine
     --config.model.num_layers=4 --config.model.memory.parallel_windows=True --config.eval.every_steps=0 \
     --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -4
   cp /tmp/pw_lmm/metrics.jsonl $OUT/pw_lmm.jsonl 2>/dev/null
+fi
+
+if [ "$1" = pw3 ] || [ "$1" = pw4 ] || [ "$1" = pw5 ]; then  # session 12: is pw2's NaN at step 144 the windows' gradient or the run's luck?
+  [ "$1" = pw3 ] && timeout 150 python - <<'PY' 2>&1 | $F | tail -8
+import jax, jax.numpy as jnp
+from flax import nnx
+from nl_jax.layers import titans
+x = jax.random.normal(jax.random.PRNGKey(0), (4, 1024 + 40, 256), jnp.float32)
+loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))
+def grads(kernel, par):
+    m = titans.NeuralMemory(256, 4, 64, chunk_size=16, kernel=kernel, backprop_chunks=4, eta_max=0.02,
+                            normalize_chunk=True, normalize_values=True, parallel_windows=par, rngs=nnx.Rngs(0))
+    return jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
+ref = grads("xla", False)
+print("[windows check] reference finite:", all(bool(jnp.all(jnp.isfinite(g))) for g in ref))
+rel = lambda a, b: max(float(jnp.linalg.norm(u - v) / (jnp.linalg.norm(v) + 1e-30)) for u, v in zip(a, b))
+print(f"[windows check] xla: windows vs walk {rel(grads('xla', True), ref):.2e}")
+for kernel in ("pallas_forward", "pallas"):
+    print(f"[windows check] {kernel}: windows vs xla {rel(grads(kernel, True), ref):.2e}, walk vs xla {rel(grads(kernel, False), ref):.2e}")
+PY
+  RUNS="walk:False:0 win:True:0 win_s1:True:1"
+  [ "$1" = pw4 ] && RUNS="walk_s1:False:1 walk_s2:False:2 win_s2:True:2"
+  LR=3e-3; [ "$1" = pw5 ] && RUNS="walk_s1_lr1:False:1 win_lr1:True:0 win_s1_lr1:True:1" && LR=1e-3
+  for run in $RUNS; do
+    IFS=: read name par seed <<< "$run"
+    timeout 125 python launch/train.py --config=experiments/lm.py:titans_lmm_340m --workdir=/tmp/pw3_$name \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.parallel_windows=$par --config.seed=$seed --config.optimizer.learning_rate=$LR --config.eval.every_steps=0 \
+      --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 --config.logging.every_steps=10 2>&1 | $F | grep "loss\|error\|rror" | tail -2
+    cp /tmp/pw3_$name/metrics.jsonl $OUT/pw3_$name.jsonl 2>/dev/null
+  done
+fi
+
+if [ "$1" = pw6 ]; then  # session 12: the hybrids with windows at outer lr 1e-3, 200 trainer steps (4 layers)
+  for name in mag mal mac; do
+    timeout 100 python launch/train.py --config=experiments/lm.py:titans_${name}_340m --workdir=/tmp/pw6_$name \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.parallel_windows=True --config.optimizer.learning_rate=1e-3 \
+      --config.eval.every_steps=0 --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 \
+      --config.logging.every_steps=10 2>&1 | $F | grep "loss\|error\|rror" | tail -2
+    cp /tmp/pw6_$name/metrics.jsonl $OUT/pw6_$name.jsonl 2>/dev/null
+  done
 fi

@@ -146,12 +146,12 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
     #   it the gradient norm went infinite while the loss was still finite.
     m.memory.backprop_chunks = 4 if titans else 0
-    # With a cut every K chunks the windows are independent in the backward, which can walk
-    # them side by side (K sequential chunk steps, not seq / C; the same gradient). Off until
-    # measured on a GPU (`benchmarks/gpu_perf_full.sh pw`): on CPU it changed nothing beyond
-    # noise, and it costs memory (one layer's inner gradient at titans_lmm_340m's batch-32
-    # shape, compiled on CPU: 15.1 -> 25.5 GiB of XLA temp buffers).
-    m.memory.parallel_windows = False
+    # With a cut every K chunks the windows are independent in the backward, which walks them
+    # side by side (K sequential chunk steps, not seq / C; the same gradient). On an H200
+    # titans_lmm_340m (seq 4096 x 32) ran 32,612 -> 43,980 tokens/s, peak 42.7 -> 43.9 GiB; the
+    # 4-layer trainer at batch 8 96k -> 191k tokens/s (BENCHMARKS.md, session 12). On CPU it
+    # changes nothing beyond noise; on TPU it is not measured.
+    m.memory.parallel_windows = titans
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
     m.memory.adaptive_q = False  # row 1: static q by default
@@ -213,4 +213,9 @@ def get_config(arg: str = "hope_tiny") -> ml_collections.ConfigDict:
     config = _common()
     config.preset = arg
     config.model = model_config(family, size)
+    if family.startswith("titans") and size != "tiny":
+        # At 3e-3 (the CPU demo's rate) titans_lmm_340m went NaN within 200 steps in 5 of 8
+        # runs on an H200 (4 layers, seq 4096 x 8; walk and windows, seeds 0-2, sessions 10 and
+        # 12); at 1e-3 all 3 tried trained 200 steps, to a lower loss (BENCHMARKS.md, session 12).
+        config.optimizer.learning_rate = 1e-3
     return config
