@@ -82,7 +82,8 @@
 #                                        # reference: the paper's form on random inputs); 200 trainer steps of
 #                                        # titans_lmm_340m walk vs windows (seed 0), and windows at seed 1
 #   bash benchmarks/gpu_perf_full.sh pw4 # pw3's trainer runs at other seeds: walk at seeds 1 and 2, windows at 2
-#   bash benchmarks/gpu_perf_full.sh pw5 # the runs that went NaN at outer lr 1e-3: walk seed 1, windows seeds 0 and 1
+#   bash benchmarks/gpu_perf_full.sh pw5 # the runs that went NaN at 3e-3, now at outer lr 1e-3: walk seed 1, windows seeds 0 and 1
+#   bash benchmarks/gpu_perf_full.sh pw6 # titans_mag/mal/mac_340m with windows at lr 1e-3, 200 trainer steps (4 layers)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -95,6 +96,27 @@ if [ -d .whl ]; then python3 -m pip install -q --upgrade --no-index --no-deps --
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 F='grep -v ^W0000\|^I0000\|^W1122\|^I1122'
 T="python benchmarks/throughput.py --steps=3"
+# The windowed gradient against the walk and the XLA path, compiled on the GPU (one NeuralMemory
+# with the stable settings: the paper's form diverges on random inputs, the reference too).
+windows_check() {
+  timeout 150 python - <<'PY' 2>&1 | $F | tail -8
+import jax, jax.numpy as jnp
+from flax import nnx
+from nl_jax.layers import titans
+x = jax.random.normal(jax.random.PRNGKey(0), (4, 1024 + 40, 256), jnp.float32)
+loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))
+def grads(kernel, par):
+    m = titans.NeuralMemory(256, 4, 64, chunk_size=16, kernel=kernel, backprop_chunks=4, eta_max=0.02,
+                            normalize_chunk=True, normalize_values=True, parallel_windows=par, rngs=nnx.Rngs(0))
+    return jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
+ref = grads("xla", False)
+print("[windows check] reference finite:", all(bool(jnp.all(jnp.isfinite(g))) for g in ref))
+rel = lambda a, b: max(float(jnp.linalg.norm(u - v) / (jnp.linalg.norm(v) + 1e-30)) for u, v in zip(a, b))
+print(f"[windows check] xla: windows vs walk {rel(grads('xla', True), ref):.2e}")
+for kernel in ("pallas_forward", "pallas"):
+    print(f"[windows check] {kernel}: windows vs xla {rel(grads(kernel, True), ref):.2e}, walk vs xla {rel(grads(kernel, False), ref):.2e}")
+PY
+}
 if [ "$1" = a ]; then
   timeout 170 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
     --variants="u1:memory.scan_unroll=1|u2:memory.scan_unroll=2|u4:memory.scan_unroll=4" --out=$OUT/unroll.json 2>&1 | $F | tail -8
@@ -397,21 +419,7 @@ if [ "$1" = nvt ]; then  # session 10: tokens/s of the stable Titans settings (K
 fi
 
 if [ "$1" = pw ]; then  # session 11: the backward walks the windows of backprop_chunks side by side
-  timeout 150 python - <<'PY' 2>&1 | $F | tail -6
-import jax, jax.numpy as jnp
-from flax import nnx
-from nl_jax.layers import titans
-x = jax.random.normal(jax.random.PRNGKey(0), (4, 1024 + 40, 256), jnp.float32)
-loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))
-def grads(kernel, par):
-    m = titans.NeuralMemory(256, 4, 64, chunk_size=16, kernel=kernel, backprop_chunks=4,
-                            parallel_windows=par, rngs=nnx.Rngs(0))
-    return jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
-ref = grads("xla", False)
-rel = lambda a, b: max(float(jnp.linalg.norm(u - v) / (jnp.linalg.norm(v) + 1e-30)) for u, v in zip(a, b))
-for kernel in ("pallas_forward", "pallas"):
-    print(f"[windows check] {kernel}: windows vs xla {rel(grads(kernel, True), ref):.2e}, walk vs xla {rel(grads(kernel, False), ref):.2e}")
-PY
+  windows_check  # session 11 ran the paper-form module here, whose reference was NaN
   timeout 420 $T --seq_len=4096 --batch=32 --presets=titans_lmm_340m \
     --variants="walk:memory.parallel_windows=False|win:memory.parallel_windows=True|win_kernel:memory.parallel_windows=True;memory.kernel=pallas" \
     --out=$OUT/pw_titans.json 2>&1 | $F | grep "^| titans\|failed\|rror"
@@ -429,23 +437,7 @@ if [ "$1" = pw2 ]; then  # session 11: windows at larger batches, and the traine
 fi
 
 if [ "$1" = pw3 ] || [ "$1" = pw4 ] || [ "$1" = pw5 ]; then  # session 12: is pw2's NaN at step 144 the windows' gradient or the run's luck?
-  [ "$1" = pw3 ] && timeout 150 python - <<'PY' 2>&1 | $F | tail -8
-import jax, jax.numpy as jnp
-from flax import nnx
-from nl_jax.layers import titans
-x = jax.random.normal(jax.random.PRNGKey(0), (4, 1024 + 40, 256), jnp.float32)
-loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))
-def grads(kernel, par):
-    m = titans.NeuralMemory(256, 4, 64, chunk_size=16, kernel=kernel, backprop_chunks=4, eta_max=0.02,
-                            normalize_chunk=True, normalize_values=True, parallel_windows=par, rngs=nnx.Rngs(0))
-    return jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
-ref = grads("xla", False)
-print("[windows check] reference finite:", all(bool(jnp.all(jnp.isfinite(g))) for g in ref))
-rel = lambda a, b: max(float(jnp.linalg.norm(u - v) / (jnp.linalg.norm(v) + 1e-30)) for u, v in zip(a, b))
-print(f"[windows check] xla: windows vs walk {rel(grads('xla', True), ref):.2e}")
-for kernel in ("pallas_forward", "pallas"):
-    print(f"[windows check] {kernel}: windows vs xla {rel(grads(kernel, True), ref):.2e}, walk vs xla {rel(grads(kernel, False), ref):.2e}")
-PY
+  [ "$1" = pw3 ] && windows_check
   RUNS="walk:False:0 win:True:0 win_s1:True:1"
   [ "$1" = pw4 ] && RUNS="walk_s1:False:1 walk_s2:False:2 win_s2:True:2"
   LR=3e-3; [ "$1" = pw5 ] && RUNS="walk_s1_lr1:False:1 win_lr1:True:0 win_s1_lr1:True:1" && LR=1e-3
