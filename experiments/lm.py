@@ -145,6 +145,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   chunks (cut every K chunks, straight through to the meta-learned initial weights,
     #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
     #   it the gradient norm went infinite while the loss was still finite.
+    #   Hope takes it too (every memory of the layer cut every K x C_mem tokens), off here: at
+    #   K = 4 with parallel_windows hope_340m ran +26% tokens/s on an H200, but its quality is
+    #   not measured yet (BENCHMARKS.md, session 13).
     m.memory.backprop_chunks = 4 if titans else 0
     # With a cut every K chunks the windows are independent in the backward, which walks them
     # side by side (K sequential chunk steps, not seq / C; the same gradient). On an H200

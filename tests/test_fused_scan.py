@@ -207,11 +207,9 @@ def test_pallas_heads_match_token_reference(x64, changes):
     assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
 
 
-@pytest.mark.parametrize("fused", ["pallas", "pallas_forward", "pallas_forward_all"])
-@pytest.mark.parametrize("with_resets", [False, True], ids=["no_resets", "resets"])
-def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
-    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4)
-    b, s, h, dh = 2, 8, spec.heads, spec.head_dim
+def _heads_inputs(spec, b, s):
+    """float64 `run_heads` inputs `(init, static, u, q, beta)` for `spec.heads` heads."""
+    h, dh = spec.heads, spec.head_dim
     key = jax.random.PRNGKey(5)
     init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h, jnp.float64)
             for i, n in enumerate(spec.all_memories)}  # fmt: skip
@@ -221,6 +219,15 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
     u = jax.random.normal(ks[2], (b, s, h, dh))
     q = jax.random.normal(ks[3], (b, s, h, dh))
     beta = jax.random.uniform(ks[4], (b, s, h), minval=0.2, maxval=0.8)
+    return init, static, u, q, beta
+
+
+@pytest.mark.parametrize("fused", ["pallas", "pallas_forward", "pallas_forward_all"])
+@pytest.mark.parametrize("with_resets", [False, True], ids=["no_resets", "resets"])
+def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
+    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4)
+    b, s = 2, 8
+    init, static, u, q, beta = _heads_inputs(spec, b, s)
     head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
     heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), head)
 
@@ -245,6 +252,42 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
     g_p = jax.grad(loss(fused), argnums=(0, 1, 2, 3, 4))(*args)
     for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         assert rel_err(a, c) < 1e-9
+
+
+def test_hope_parallel_windows_give_the_walks_gradient(x64):
+    """`parallel_windows` walks Hope's cut windows side by side in the backward, for the
+    projection memories (`fused_scan(window=)`) and M_memory (`run_level_fused(window=)`), with
+    every kernel: for every input, the gradient of the XLA walk with the same cuts (which the
+    token loop pins: test_self_modifying.py), with documents, a chunk after the last window
+    and a partial chunk. Cuts every 8 tokens: windows of 4 projection and 2 M_memory chunks."""
+    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4, backprop_chunks=2)
+    b, s = 2, 19
+    args = _heads_inputs(spec, b, s)
+    # The second sequence starts documents mid-window and at a cut; pallas_forward runs
+    # without documents (the cuts' only use of the initial states).
+    docs = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, jnp.array([5, 16])].set(True)
+
+    def loss(kernel, windows, resets):
+        sp = dataclasses.replace(spec, kernel=kernel, parallel_windows=windows)
+        return lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, resets, None)[0]))
+
+    grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))  # noqa: E731
+    want = {r: jax.tree.leaves(grad(loss("xla", False, docs if r else None))(*args))
+            for r in (False, True)}  # fmt: skip
+    for kernel, with_docs in (("xla", True), ("pallas_forward", False), ("pallas", True)):
+        resets = docs if with_docs else None
+        got = jax.tree.leaves(grad(loss(kernel, True, resets))(*args))
+        for a, c in zip(got, want[with_docs], strict=True):
+            assert float(jnp.max(jnp.abs(a - c))) <= 1e-9 * float(jnp.max(jnp.abs(c))) + 1e-15
+        # The windows really walk side by side: reverse loops of 4 and 2 steps, none of 9.
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss(kernel, True, resets)))(*args))
+        walks = {int(n) for n in re.findall(
+            r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)}  # fmt: skip
+        assert 2 in walks and 9 not in walks, (kernel, walks)
+        if kernel == "pallas":  # the projection windows are kernel programs: 4 instances x 2
+            assert "grid=(8,)" in jaxpr.replace(" ", "")
+        else:
+            assert 4 in walks, (kernel, walks)
 
 
 def test_pallas_kernel_needs_a_known_name():
@@ -276,14 +319,15 @@ def _projection_inputs(spec, n=2, t=2, resets=False):
     static = {"w_eta": jnp.ones((n, spec.head_dim)), "b_eta": jnp.zeros(n),
               "w_alpha": jnp.ones((n, spec.head_dim)), "b_alpha": jnp.zeros(n)}  # fmt: skip
     consts = {"static": static}
-    if resets:
+    if resets:  # and a gradient cut at the second chunk (`memory.backprop_chunks`)
         xs["resets"] = jnp.zeros((n, t, spec.chunk_other)).at[:, :, 3].set(1.0)
+        xs["cuts"] = jnp.zeros((n, t, spec.chunk_other)).at[:, 1, 0].set(1.0)
         consts["init"] = tuple(c[0] for c in carry)
     return carry, xs, consts
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
-@pytest.mark.parametrize("resets", [False, True], ids=["no_resets", "resets"])
+@pytest.mark.parametrize("resets", [False, True], ids=["no_resets", "resets_and_cuts"])
 def test_projection_step_lowers_to_triton_for_cuda(resets):
     """Hope 340M's head shape (64 x 64 memories, C_other 16), forward and backward kernels."""
     spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16)
@@ -293,8 +337,11 @@ def test_projection_step_lowers_to_triton_for_cuda(resets):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
-def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas"):
-    """The compiled kernel at Hope 340M's head shape against the XLA path (both float32/TF32)."""
+def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas", documents: bool = False):
+    """The compiled kernel at Hope 340M's head shape against the XLA path (both float32/TF32).
+
+    With `documents` the kernel also holds the initial states (consts) to reset to: loaded once
+    before its loop they overflowed an H200's shared memory (BENCHMARKS.md, session 13)."""
     spec = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
                           solve="inverse")  # fmt: skip
     b, s, h, dh = 2, 256, spec.heads, spec.head_dim
@@ -309,9 +356,11 @@ def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas"):
     q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
     beta = jax.random.uniform(ks[4], (b, s, h), maxval=0.5)
 
+    resets = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, 100].set(True) if documents else None
+
     def loss(kernel):
         sp = dataclasses.replace(spec, kernel=kernel)
-        return jax.jit(lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, None, None)[0])))
+        return jax.jit(lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, resets, None)[0])))
 
     args = (init, static, u, q, beta)
     for kernel_out, xla_out in [(loss(fused)(*args), loss("xla")(*args))]:
@@ -327,6 +376,12 @@ def test_compiled_forward_kernel_matches_xla_on_gpu():
     """`pallas_forward` (the default on one GPU): the compiled forward kernel and the XLA
     backward over its saved carries, against the XLA path."""
     test_compiled_kernel_matches_xla_on_gpu("pallas_forward")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+def test_compiled_forward_kernel_with_documents_matches_xla_on_gpu():
+    """`pallas_forward` with document resets, as every trainer step runs it."""
+    test_compiled_kernel_matches_xla_on_gpu("pallas_forward", documents=True)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")

@@ -265,7 +265,9 @@ REJECTED = [
     # The presets' chunk normalisation is the other form of the same step.
     ("titans_mag_tiny", {"memory.titans_normalize_lr": True},
      r"set at most one.*titans_normalize_chunk=False"),
-    ("hope_tiny", {"memory.backprop_chunks": 4}, r"backprop_chunks = 4: only Titans.*'self_modifying"),
+    ("transformer_tiny", {"memory.backprop_chunks": 4}, r"backprop_chunks = 4: only the memory mixers.*'attention'"),
+    ("hope_tiny", {"memory.backprop_chunks": 1, "memory.chunk_size_other": 12},
+     r"backprop_chunks = 1: Hope cuts every .* = 16 tokens.*chunk_size_other = 12"),
     ("titans_lmm_tiny", {"memory.backprop_chunks": -1}, r"memory.backprop_chunks = -1: an int >= 0"),
     ("hope_tiny", {"memory.parallel_windows": True}, r"parallel_windows = True walks.*set memory.backprop_chunks > 0"),
     ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),
@@ -280,6 +282,7 @@ ACCEPTED = [
     ("titans_mag_tiny", {"memory.titans_normalize_lr": True, "memory.titans_normalize_chunk": False}),
     ("titans_lmm_tiny", {"memory.backprop_chunks": 4}),
     ("titans_lmm_tiny", {"memory.parallel_windows": True}),
+    ("hope_tiny", {"memory.backprop_chunks": 2, "memory.parallel_windows": True}),
 ]  # fmt: skip
 
 

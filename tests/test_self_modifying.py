@@ -23,18 +23,27 @@ def l2n(x):
     return x / jnp.sqrt(jnp.sum(x * x) + 1e-6)
 
 
-def reference(spec, init, static, u, q, beta, resets=None):
-    """Eqs. 90-91 token by token: projections from the chunk-start states, DGD per layer."""
+def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
+    """Eqs. 90-91 token by token: projections from the chunk-start states, DGD per layer.
+
+    `cut_every` > 0: before every positive multiple of that many tokens, every memory's state
+    keeps its value but passes its gradient straight to its initial state (spec row 8's cut).
+    """
     names = tuple(init)
     proj = [n for n in names if n != "memory"]
     state = {n: dict(init[n]) for n in names}
     mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
     outs, bnd = [], {}
+    sg = jax.lax.stop_gradient
     for t in range(u.shape[0]):
         if resets is not None and resets[t]:
             state = {n: dict(init[n]) for n in names}
             mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
             bnd = {n: dict(init[n]) for n in names}
+        if cut_every and t and t % cut_every == 0:
+            state = {n: {w: sg(x) + init[n][w] - sg(init[n][w]) for w, x in state[n].items()}
+                     for n in names}  # fmt: skip
+            mom = {n: {w: sg(x) for w, x in mom[n].items()} for n in names}
         if t % spec.chunk_other == 0:
             bnd.update({n: dict(state[n]) for n in proj})
         if t % spec.chunk_mem == 0:
@@ -155,6 +164,38 @@ def test_outer_gradient_reaches_meta_learned_initial_states(x64):
         # Every memory's initial state moves the loss (the projection memories only indirectly).
         assert float(jnp.max(jnp.abs(grads[name]["W2"]))) > 1e-8, name
     check_grads(jax.jit(loss), (init,), order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-5)
+
+
+def test_cut_gradients_match_the_token_reference(x64):
+    """`backprop_chunks` K cuts every memory's outer gradient each K * C_mem tokens, straight
+    through to the initial states, as the token loop cuts it: the same outputs as without the
+    cut, the token loop's gradient for every input, and not the uncut gradient."""
+    spec = dataclasses.replace(SPEC, chunk_mem=4, backprop_chunks=1)  # cuts at 4, 8; C_other 2
+    init, static, u, q, beta = make(spec, 5, seq=10)
+    # A document starts mid-window and one at a cut.
+    resets = np.zeros(10, bool)
+    resets[[0, 3, 8]] = True  # numpy: the token loop branches on it in Python
+    weights = jax.random.normal(jax.random.PRNGKey(11), (10, spec.head_dim))
+
+    def grad(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(3 * fn(*a)) * weights),
+                                argnums=(0, 1, 2, 3, 4)))  # fmt: skip
+
+    args = (init, static, u, q, beta)
+    uncut_spec = dataclasses.replace(spec, backprop_chunks=0)
+    fast = lambda *a: self_modifying_head(spec, *a, jnp.asarray(resets))  # noqa: E731
+    assert rel_err(jax.jit(fast)(*args), reference(uncut_spec, *args, resets)) < 1e-10
+    got = jax.tree.leaves(grad(fast)(*args))
+    want = jax.tree.leaves(grad(lambda *a: reference(spec, *a, resets, cut_every=4))(*args))
+    for a, c in zip(got, want, strict=True):  # w_k, w_v: unused (adaptive k, v), zero
+        assert float(jnp.max(jnp.abs(a - c))) <= 1e-9 * float(jnp.max(jnp.abs(c))) + 1e-15
+    uncut_fn = lambda *a: self_modifying_head(uncut_spec, *a, jnp.asarray(resets))  # noqa: E731
+    uncut = jax.tree.leaves(grad(uncut_fn)(*args))
+    assert max(float(jnp.max(jnp.abs(a - c))) for a, c in zip(got, uncut, strict=True)) > 1e-4
+    with pytest.raises(ValueError, match="must be a multiple of chunk_size_other"):
+        dataclasses.replace(SPEC, chunk_other=4, backprop_chunks=1)
+    with pytest.raises(ValueError, match="parallel_windows needs memory.backprop_chunks"):
+        dataclasses.replace(SPEC, parallel_windows=True)
 
 
 def test_state_continuation_equals_one_stream(with_segments=True):

@@ -136,11 +136,14 @@ def _forward(step: Step, carry, xs, consts, save: bool, interpret: bool, num_war
         c_in, x_in, k_in = refs[:nc], refs[nc : nc + nx], refs[nc + nx : nc + nx + nk]
         outs = refs[nc + nx + nk :]
         c_out, y_out, saved = outs[:nc], outs[nc : nc + ny], outs[nc + ny :]
-        k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
 
         def body(i, c):
             for ref, v in zip(saved, c, strict=False):  # no refs when not saving
                 ref[i] = v
+            # Consts load in the loop, not once before it: kept live across the loop, Hope's
+            # four initial states (128 KB at 340M) pushed the kernel with documents past the
+            # H200's shared memory (270,336 of 232,448 bytes requested).
+            k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
             x = jax.tree.unflatten(x_tree, [r[i] for r in x_in])
             new, y = step(jax.tree.unflatten(c_tree, list(c)), x, k)
             for ref, v in zip(y_out, jax.tree.leaves(y), strict=True):

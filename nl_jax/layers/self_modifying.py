@@ -38,6 +38,7 @@ from nl_jax.core import (
     run_level,
 )
 from nl_jax.core.level import chunk_update
+from nl_jax.core.truncation import cut_carry, gradient_cuts
 from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
@@ -80,10 +81,34 @@ class SelfModSpec:
     solve: str = "auto"
     kernel: str = "auto"
     kernel_warps: int = 8
+    backprop_chunks: int = 0
+    parallel_windows: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown memory.kernel {self.kernel!r}; allowed: {KERNELS}")
+        k = self.backprop_chunks
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"memory.backprop_chunks must be an int >= 0 (0: no cut), got {k!r}")
+        if k and (k * self.chunk_mem) % self.chunk_other:
+            raise ValueError(
+                f"memory.backprop_chunks = {k} cuts every {k * self.chunk_mem} tokens "
+                f"(chunk_size {self.chunk_mem}), which must be a multiple of chunk_size_other "
+                f"{self.chunk_other}: every memory of the layer is cut at a chunk start"
+            )
+        if self.parallel_windows and not k:
+            raise ValueError("memory.parallel_windows needs memory.backprop_chunks > 0")
+
+    @property
+    def cut_every(self) -> int:
+        """Tokens per outer-gradient window (0: no cut): `backprop_chunks` chunks of C_mem."""
+        return self.backprop_chunks * self.chunk_mem
+
+    def cuts(self, seq: int) -> jax.Array | None:
+        """`bool[seq]`: where every memory's outer gradient is cut (None without a cut)."""
+        if not self.backprop_chunks:
+            return None
+        return gradient_cuts(seq, self.chunk_mem, self.backprop_chunks)
 
     @property
     def memory(self) -> ResidualMLPMemory:
@@ -179,8 +204,12 @@ def _projection_chunk(spec: SelfModSpec, proj_init: Params, static: Params, carr
     """One chunk of the projection memories of one head (XLA form: memories on a vmapped axis).
 
     carry: `(stacked params, stacked inner optimizer state)`; xs: `u [C, dh]`, `beta [C]` and
-    optionally `resets bool[C]`. Returns the carry after the chunk and the chunk's `generate`.
+    optionally `resets bool[C]` and `cuts bool[C]` (any True: the chunk starts with the outer
+    gradient cut, straight through to `proj_init`). Returns the carry after the chunk and the
+    chunk's `generate`.
     """
+    if "cuts" in xs:
+        carry = cut_carry(carry, proj_init, jnp.any(xs["cuts"]))
     states, opt = carry
     cr = xs.get("resets")
     fresh = None if cr is None else chunked.fresh_mask(cr)
@@ -203,14 +232,18 @@ def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
 
     carry: one `(params, inner optimizer state)` per projection memory, in the order of
     `spec.projection_memories`; xs: `u [C, dh]`, `beta [C]` and optionally `resets [C]` (1.0 at
-    a document start); consts: `static` readouts and, with resets, `init`, the memories'
-    meta-learned initial weights (one per memory). Only 2-D matmuls and elementwise ops, so
-    Pallas' Triton lowering takes it (see `nl_jax.kernels.fused_scan`).
+    a document start) and `cuts [C]` (1.0: the chunk starts with the outer gradient cut);
+    consts: `static` readouts and, with resets or cuts, `init`, the memories' meta-learned
+    initial weights (one per memory). Only 2-D matmuls and elementwise ops, so Pallas' Triton
+    lowering takes it (see `nl_jax.kernels.fused_scan`).
     """
     u, static = xs["u"], consts["static"]
     names = spec.projection_memories
     resets = None if "resets" not in xs else xs["resets"] > 0.5
     inits = consts.get("init", (None,) * len(names))
+    if "cuts" in xs:
+        cut = jnp.max(xs["cuts"]) > 0.5
+        carry = tuple(cut_carry(c, it, cut) for c, it in zip(carry, inits, strict=True))
     fresh = None if resets is None else chunked.fresh_mask(resets)
     reads = {
         n: _read(spec.memory, p, it, u, fresh)
@@ -223,7 +256,9 @@ def projection_step(spec: SelfModSpec, carry: tuple, xs: dict,
     )
     kw = {"eta": gen["eta"], "alpha": gen["alpha"], "beta": xs["beta"], "resets": resets}
     new = tuple(
-        chunk_update(proj, p, o, gen["k"], gen["v"], reset_params=it, **kw)
+        chunk_update(
+            proj, p, o, gen["k"], gen["v"], reset_params=None if resets is None else it, **kw
+        )
         for (p, o), it in zip(carry, inits, strict=True)
     )
     return new, gen
@@ -254,8 +289,9 @@ def projection_step_batched(spec: SelfModSpec, stacked: tuple, xs: dict,
     """
     proj_init = stack_memories(consts["init"], 1) if "init" in consts else None
     x = dict(xs)
-    if "resets" in x:
-        x["resets"] = x["resets"] > 0.5
+    for name in ("resets", "cuts"):
+        if name in x:
+            x[name] = x[name] > 0.5
     chunk = functools.partial(_projection_chunk, spec)
     return jax.vmap(chunk)(proj_init, consts["static"], stacked, x)
 
@@ -268,8 +304,8 @@ def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: 
     queries = gen["q"] if spec.adaptive_q else q
     return run_level(
         main, *start, gen["k"], gen["v"], queries, eta=gen["eta"], alpha=gen["alpha"],
-        beta=beta, resets=resets, reset_params=init["memory"], path="fast", remat=spec.remat,
-        unroll=spec.scan_unroll,
+        beta=beta, resets=resets, reset_params=init["memory"], cuts=spec.cuts(q.shape[0]),
+        path="fast", remat=spec.remat, unroll=spec.scan_unroll,
     )  # fmt: skip
 
 
@@ -300,6 +336,8 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
     xs = {"u": u, "beta": beta}
     if resets is not None:
         xs["resets"] = resets
+    if spec.backprop_chunks:
+        xs["cuts"] = spec.cuts(seq)
     carry = start["proj"]
     n_full = seq // c
     gens = []
@@ -330,17 +368,21 @@ def resolve_kernel(spec: SelfModSpec) -> str:
 def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
                      q: jax.Array, beta: jax.Array, resets: jax.Array | None,
                      heads: dict | None) -> tuple[jax.Array, dict]:  # fmt: skip
-    """`run_heads` with the projection-memory chunk scan in one Pallas kernel.
+    """`run_heads` with the projection-memory chunk scan as one `fused_scan`.
 
     Every (sequence, head) pair is one kernel instance; a trailing partial chunk and M_memory
     run as in `self_modifying_head`. `kernel="pallas_forward"` differentiates the scan with XLA
-    ops (`projection_step_batched` at the kernel's saved chunk-start carries).
+    ops (`projection_step_batched` at the kernel's saved chunk-start carries). With
+    `parallel_windows` the backward walks the windows of the gradient cuts side by side, for
+    the projection memories (`fused_scan(window=...)`) and M_memory (`run_level_fused`);
+    `kernel="xla"` then runs the same scans as XLA ops (`forward="xla"`: no Pallas).
     """
     b, s, h, dh = u.shape
     n, c = b * h, spec.chunk_other
     n_full = s // c
     interpret = jax.default_backend() == "cpu"
-    if not interpret and min(c, dh, spec.hidden) < 16:
+    forward = "xla" if spec.kernel == "xla" else "kernel"
+    if forward == "kernel" and not interpret and min(c, dh, spec.hidden) < 16:
         raise ValueError(
             "memory.kernel='pallas' compiles Triton matmuls, which need chunk_size_other, "
             f"head_dim and the memory hidden size >= 16; got {c}, {dh}, {spec.hidden}"
@@ -363,28 +405,37 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if resets is not None:  # the same document starts for every head of a sequence
         resets_n = jnp.broadcast_to(resets[:, None], (b, h, s)).reshape(n, s)
         xs["resets"] = resets_n.astype(jnp.float32)  # fused_scan carries floats only
+    cuts = spec.cuts(s)
+    if cuts is not None:
+        xs["cuts"] = jnp.broadcast_to(cuts, (n, s)).astype(jnp.float32)
+    if resets is not None or cuts is not None:
         consts["init"] = tuple(init_n[m] for m in names)
+    window = spec.cut_every // c if spec.parallel_windows else 0
     gens = []
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
-        if spec.kernel in ("pallas_forward", "pallas_forward_all"):
-            carry, gen = fused_scan(
-                step, carry, full, consts, interpret=interpret, backward="xla",
-                xla_step=functools.partial(projection_step_batched, spec),
-                xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll,
-                num_warps=spec.kernel_warps,
-            )  # fmt: skip
+        kw = {"interpret": interpret, "num_warps": spec.kernel_warps, "window": window}
+        if spec.kernel == "pallas":
+            carry, gen = fused_scan(step, carry, full, consts, **kw)
+        elif window:
+            # The windows batch the step over N x W instances: no stacked xla_step needed.
+            carry, gen = fused_scan(step, carry, full, consts, backward="xla", forward=forward,
+                                    unroll=spec.scan_unroll, **kw)  # fmt: skip
         else:
-            carry, gen = fused_scan(step, carry, full, consts, interpret=interpret,
-                                    num_warps=spec.kernel_warps)  # fmt: skip
+            carry, gen = fused_scan(
+                step, carry, full, consts, backward="xla",
+                xla_step=functools.partial(projection_step_batched, spec),
+                xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll, **kw,
+            )  # fmt: skip
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = stack_memories(carry, 1)
     if s > n_full * c:
         proj_init = stack_memories(tuple(init_n[m] for m in names), 1)
-        tail = {"u": xs["u"][:, n_full * c :], "beta": xs["beta"][:, n_full * c :]}
-        if resets_n is not None:
-            tail["resets"] = resets_n[:, n_full * c :]
+        tail = {name: a[:, n_full * c :] for name, a in xs.items()}
+        for name in ("resets", "cuts"):
+            if name in tail:
+                tail[name] = tail[name] > 0.5
         carry, gen = jax.vmap(functools.partial(_projection_chunk, spec))(
             proj_init, static_n, carry, tail
         )
@@ -392,14 +443,18 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
     main = jax.tree.map(flat, heads["main"])
-    if spec.kernel == "pallas_forward_all":
+    if spec.kernel == "pallas_forward_all" or spec.parallel_windows:
+        main_forward = "kernel" if spec.kernel == "pallas_forward_all" else "xla"
         # Triton has no triangular solve: M_memory's DGD system takes the explicit inverse.
-        level = _main_level(dataclasses.replace(spec, solve="inverse"))
+        solve = "inverse" if main_forward == "kernel" else spec.solve
+        level = _main_level(dataclasses.replace(spec, solve=solve))
         y, main_end = run_level_fused(
             level, *main, gen["k"], gen["v"], gen["q"] if spec.adaptive_q else q_n,
             eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"], resets=resets_n,
             reset_params=init_n["memory"], unroll=spec.scan_unroll, interpret=interpret,
-            num_warps=spec.kernel_warps,
+            num_warps=spec.kernel_warps, forward=main_forward,
+            cuts=None if cuts is None else jnp.broadcast_to(cuts, (n, s)),
+            window=spec.backprop_chunks if spec.parallel_windows else 0,
         )  # fmt: skip
     else:
         y, main_end = jax.vmap(functools.partial(_main_memory, spec))(
@@ -421,7 +476,7 @@ def run_heads(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax
     Returns `(y [batch, seq, heads, head_dim], new head states or None)`.
     """
     spec = dataclasses.replace(spec, kernel=resolve_kernel(spec))
-    if spec.kernel != "xla":
+    if spec.kernel != "xla" or spec.parallel_windows:
         y, new = _run_heads_fused(spec, init, static, u, q, beta, resets, heads)
         return y, None if heads is None else new
     r_ax = None if resets is None else 0
@@ -455,7 +510,8 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
         solve=m.get("solve", "auto"), kernel=m.get("kernel", "auto"),
-        kernel_warps=m.get("kernel_warps", 8),
+        kernel_warps=m.get("kernel_warps", 8), backprop_chunks=m.get("backprop_chunks", 0),
+        parallel_windows=m.get("parallel_windows", False),
     )  # fmt: skip
 
 

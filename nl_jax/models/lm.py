@@ -492,10 +492,17 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
             raise ValueError(
                 f"model.memory.backprop_chunks = {cut!r}: an int >= 0 (0: no truncation)"
             )
-        if cut and not titans:
+        hope = mixer_name == "self_modifying_titans"
+        if cut and not (titans or hope):
             raise ValueError(
-                f"model.memory.backprop_chunks = {cut}: only Titans' memory (titans_* mixers) "
-                f"truncates its outer gradient, not {mixer_name!r}"
+                f"model.memory.backprop_chunks = {cut}: only the memory mixers (titans_* and "
+                f"Hope's self_modifying_titans) truncate their outer gradient, not {mixer_name!r}"
+            )
+        if cut and hope and (cut * cfg.memory.chunk_size) % cfg.memory.chunk_size_other:
+            raise ValueError(
+                f"model.memory.backprop_chunks = {cut}: Hope cuts every backprop_chunks * "
+                f"chunk_size = {cut * cfg.memory.chunk_size} tokens, which must be a multiple of "
+                f"memory.chunk_size_other = {cfg.memory.chunk_size_other}"
             )
         windows = cfg.memory.get("parallel_windows", False)
         if windows not in (True, False):
@@ -503,8 +510,7 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
         if windows and not cut:
             raise ValueError(
                 "model.memory.parallel_windows = True walks the windows of backprop_chunks side "
-                "by side in the backward: set memory.backprop_chunks > 0 (Titans only) or leave "
-                "it off"
+                "by side in the backward: set memory.backprop_chunks > 0 or leave it off"
             )
         warps = cfg.memory.get("kernel_warps", 8)
         if warps not in (1, 2, 4, 8, 16, 32):
