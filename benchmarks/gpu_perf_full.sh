@@ -92,6 +92,9 @@
 #                                        # hope_340m with documents (doc_len 1024) without the cut vs windows; 120
 #                                        # trainer steps of hope_340m (4 layers) without the cut vs with windows
 #   bash benchmarks/gpu_perf_full.sh hw4 # hw3's fit check alone (it ran out of time there): the kernel with documents
+#   bash benchmarks/gpu_perf_full.sh hw5 # next: the consts-in-loop kernel's tokens/s (no documents; documents of 1024,
+#                                        # kernel auto, no cut vs windows); 200 trainer steps of hope_340m (4 layers)
+#                                        # at outer lr 1e-3 without the cut vs with windows (3e-3 went NaN in hw3)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -125,33 +128,60 @@ for kernel in ("pallas_forward", "pallas"):
     print(f"[windows check] {kernel}: windows vs xla {rel(grads(kernel, True), ref):.2e}, walk vs xla {rel(grads(kernel, False), ref):.2e}")
 PY
 }
-# Hope's windowed gradient against its walk, compiled (340M head shape, documents, a tail).
-hope_windows_check() {
-  timeout 200 python - <<'PY' 2>&1 | $F | tail -8
-import dataclasses, jax, jax.numpy as jnp
+# Hope's run_heads inputs at the 340M head shape (4 heads of 64, C 64/16), [2, seq], documents
+# starting at token 0 and at `doc` in the second row; each Hope check below execs this file.
+cat > /tmp/hope_inputs.py <<'PY'
+import dataclasses, time, jax, jax.numpy as jnp
 from nl_jax.core import memories
 from nl_jax.layers import self_modifying as sm
-spec = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16, backprop_chunks=4)
-b, s, h, dh = 2, 1024 + 80, 4, 64
-key = jax.random.PRNGKey(0)
-init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h) for i, n in enumerate(spec.all_memories)}
-ks = jax.random.split(key, 5)
-static = {"w_eta": jax.random.normal(ks[0], (h, dh)) / 8, "b_eta": jnp.zeros(h),
-          "w_alpha": jax.random.normal(ks[1], (h, dh)) / 8, "b_alpha": jnp.full((h,), 4.0)}
-u = jax.random.normal(ks[2], (b, s, h, dh))
-q = jax.random.normal(ks[3], (b, s, h, dh)); q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-beta = jax.random.uniform(ks[4], (b, s, h), maxval=0.5)
-resets = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, 700].set(True)
-def grads(kernel, par):
-    sp = dataclasses.replace(spec, kernel=kernel, parallel_windows=par)
+def hope_inputs(s, doc=700, **spec_kw):
+    spec = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16, **spec_kw)
+    b, h, dh = 2, 4, 64
+    key = jax.random.PRNGKey(0)
+    ks = jax.random.split(key, 5)
+    init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h) for i, n in enumerate(spec.all_memories)}
+    static = {"w_eta": jax.random.normal(ks[0], (h, dh)) / 8, "b_eta": jnp.zeros(h),
+              "w_alpha": jax.random.normal(ks[1], (h, dh)) / 8, "b_alpha": jnp.full((h,), 4.0)}
+    u = jax.random.normal(ks[2], (b, s, h, dh))
+    q = jax.random.normal(ks[3], (b, s, h, dh)); q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    beta = jax.random.uniform(ks[4], (b, s, h), maxval=0.5)
+    docs = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, doc].set(True)
+    return spec, (init, static, u, q, beta), docs
+def hope_grads(spec, args, resets, **changes):
+    sp = dataclasses.replace(spec, **changes)
     loss = lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, resets, None)[0]))
-    return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(init, static, u, q, beta))
-ref = grads("xla", False)
-print("[hope windows check] reference finite:", all(bool(jnp.all(jnp.isfinite(g))) for g in ref))
+    t = time.time()
+    g = jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args))
+    print(f"[hope grads] {changes}: {time.time() - t:.0f} s", flush=True)
+    return g
 rel = lambda a, b: max(float(jnp.linalg.norm(x - y) / (jnp.linalg.norm(y) + 1e-30)) for x, y in zip(a, b))
-print(f"[hope windows check] xla: windows vs walk {rel(grads('xla', True), ref):.2e}")
-print(f"[hope windows check] pallas_forward: windows vs xla {rel(grads('pallas_forward', True), ref):.2e}, walk vs xla {rel(grads('pallas_forward', False), ref):.2e}")
 PY
+# Hope's windowed gradient against its walk, compiled (340M head shape, documents, a tail).
+hope_windows_check() {
+  timeout 200 python - <<'PY' 2>&1 | $F | grep -v "hope grads" | tail -8
+exec(open("/tmp/hope_inputs.py").read())
+spec, args, docs = hope_inputs(1024 + 80, backprop_chunks=4)
+ref = hope_grads(spec, args, docs, kernel="xla")
+print("[hope windows check] reference finite:", all(bool(jnp.all(jnp.isfinite(g))) for g in ref))
+print(f"[hope windows check] xla: windows vs walk {rel(hope_grads(spec, args, docs, kernel='xla', parallel_windows=True), ref):.2e}")
+win = hope_grads(spec, args, docs, kernel="pallas_forward", parallel_windows=True)
+walk = hope_grads(spec, args, docs, kernel="pallas_forward")
+print(f"[hope windows check] pallas_forward: windows vs xla {rel(win, ref):.2e}, walk vs xla {rel(walk, ref):.2e}")
+PY
+}
+# hope_340m (4 layers, seq 2048 x 8) in the trainer without the cut, then with the cut's windows:
+# hope_trainer STAGE TIMEOUT STEPS [trainer flags...]
+hope_trainer() {
+  local stage=$1 limit=$2 steps=$3; shift 3
+  for run in base:0:False win:4:True; do
+    IFS=: read name cut par <<< "$run"
+    timeout $limit python launch/train.py --config=experiments/lm.py:hope_340m --workdir=/tmp/${stage}_$name \
+      --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=$steps --config.model.dtype=bfloat16 \
+      --config.model.num_layers=4 --config.model.memory.backprop_chunks=$cut --config.model.memory.parallel_windows=$par \
+      --config.eval.every_steps=0 --config.data.eval_batches=2 --config.checkpoint.every_steps=1000 \
+      --config.logging.every_steps=20 "$@" 2>&1 | $F | grep "loss\|error\|rror" | tail -3
+    cp /tmp/${stage}_$name/metrics.jsonl $OUT/${stage}_$name.jsonl 2>/dev/null
+  done
 }
 if [ "$1" = a ]; then
   timeout 170 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
@@ -507,26 +537,13 @@ if [ "$1" = hw ]; then  # session 13: Hope's cut (backprop_chunks 4: every 256 t
 fi
 
 if [ "$1" = hw2 ]; then  # session 13: hw's check overflowed the kernel's shared memory: documents, cuts or both?
-  timeout 150 python - <<'PY' 2>&1 | $F | tail -6
-import dataclasses, jax, jax.numpy as jnp
-from nl_jax.core import memories
-from nl_jax.layers import self_modifying as sm
-b, s, h, dh = 2, 1024, 4, 64
-key = jax.random.PRNGKey(0)
-ks = jax.random.split(key, 5)
-base = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16, kernel="pallas_forward")
-init = {n: memories.init_multihead(base.memory, jax.random.fold_in(key, i), h) for i, n in enumerate(base.all_memories)}
-static = {"w_eta": jax.random.normal(ks[0], (h, dh)) / 8, "b_eta": jnp.zeros(h),
-          "w_alpha": jax.random.normal(ks[1], (h, dh)) / 8, "b_alpha": jnp.full((h,), 4.0)}
-u = jax.random.normal(ks[2], (b, s, h, dh)); q = jax.random.normal(ks[3], (b, s, h, dh))
-beta = jax.random.uniform(ks[4], (b, s, h), maxval=0.5)
-docs = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, 700].set(True)
+  timeout 150 python - <<'PY' 2>&1 | $F | grep -v "hope grads" | tail -6
+exec(open("/tmp/hope_inputs.py").read())
+spec, args, docs = hope_inputs(1024, kernel="pallas_forward")
 for name, resets, cut in (("documents", docs, 0), ("cuts", None, 4), ("both", docs, 4)):
-    sp = dataclasses.replace(base, backprop_chunks=cut)
-    loss = lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, resets, None)[0]))
     try:
-        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(init, static, u, q, beta)
-        print(f"[kernel fit] {name}: ok, finite {all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))}")
+        g = hope_grads(spec, args, resets, backprop_chunks=cut)
+        print(f"[kernel fit] {name}: ok, finite {all(bool(jnp.all(jnp.isfinite(x))) for x in g)}")
     except Exception as e:
         print(f"[kernel fit] {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
 PY
@@ -538,29 +555,13 @@ fi
 
 if [ "$1" = hw3 ]; then  # session 13: documents in the fused forward, then Hope's cut in the trainer
   KERNEL=xla
-  timeout 100 python - <<'PY' 2>&1 | $F | tail -4 | tee /tmp/fit.txt
-import dataclasses, jax, jax.numpy as jnp
-from nl_jax.core import memories
-from nl_jax.layers import self_modifying as sm
-b, s, h, dh = 2, 1024, 4, 64
-key = jax.random.PRNGKey(0)
-ks = jax.random.split(key, 5)
-base = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16, kernel="pallas_forward")
-init = {n: memories.init_multihead(base.memory, jax.random.fold_in(key, i), h) for i, n in enumerate(base.all_memories)}
-static = {"w_eta": jax.random.normal(ks[0], (h, dh)) / 8, "b_eta": jnp.zeros(h),
-          "w_alpha": jax.random.normal(ks[1], (h, dh)) / 8, "b_alpha": jnp.full((h,), 4.0)}
-u = jax.random.normal(ks[2], (b, s, h, dh)); q = jax.random.normal(ks[3], (b, s, h, dh))
-beta = jax.random.uniform(ks[4], (b, s, h), maxval=0.5)
-docs = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, 700].set(True)
-def grads(sp, resets):
-    loss = lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, resets, None)[0]))
-    return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(init, static, u, q, beta))
-rel = lambda a, b: max(float(jnp.linalg.norm(x - y) / (jnp.linalg.norm(y) + 1e-30)) for x, y in zip(a, b))
+  timeout 100 python - <<'PY' 2>&1 | $F | grep -v "hope grads" | tail -4 | tee /tmp/fit.txt
+exec(open("/tmp/hope_inputs.py").read())
+spec, args, docs = hope_inputs(1024, kernel="pallas_forward")
 try:
-    ref = grads(dataclasses.replace(base, kernel="xla"), docs)
-    got = grads(base, docs)
-    win = grads(dataclasses.replace(base, backprop_chunks=4, parallel_windows=True), docs)
-    walk = grads(dataclasses.replace(base, kernel="xla", backprop_chunks=4), docs)
+    ref, got = hope_grads(spec, args, docs, kernel="xla"), hope_grads(spec, args, docs)
+    win = hope_grads(spec, args, docs, backprop_chunks=4, parallel_windows=True)
+    walk = hope_grads(spec, args, docs, kernel="xla", backprop_chunks=4)
     print(f"[kernel fit] documents: ok, kernel vs xla {rel(got, ref):.2e}; windows (kernel) vs walk (xla) {rel(win, walk):.2e}")
 except Exception as e:
     print(f"[kernel fit] documents: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
@@ -570,43 +571,25 @@ PY
   timeout 220 $T --seq_len=4096 --batch=8 --doc_len=1024 --presets=hope_340m --set=memory.kernel=$KERNEL \
     --variants="base:memory.backprop_chunks=0|win:memory.backprop_chunks=4;memory.parallel_windows=True" \
     --out=$OUT/hw3_docs.json 2>&1 | $F | grep "^| hope\|failed\|rror"
-  for run in base:0:False win:4:True; do
-    IFS=: read name cut par <<< "$run"
-    timeout 130 python launch/train.py --config=experiments/lm.py:hope_340m --workdir=/tmp/hw3_$name \
-      --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=120 --config.model.dtype=bfloat16 \
-      --config.model.num_layers=4 --config.model.memory.backprop_chunks=$cut --config.model.memory.parallel_windows=$par \
-      --config.model.memory.kernel=$KERNEL --config.eval.every_steps=0 --config.data.eval_batches=2 \
-      --config.checkpoint.every_steps=1000 --config.logging.every_steps=20 2>&1 | $F | grep "loss\|error\|rror" | tail -3
-    cp /tmp/hw3_$name/metrics.jsonl $OUT/hw3_$name.jsonl 2>/dev/null
-  done
+  hope_trainer hw3 130 120 --config.model.memory.kernel=$KERNEL
 fi
 
 if [ "$1" = hw4 ]; then  # session 13: does the fused forward with documents fit now (consts loaded in the loop)?
   timeout 200 python - <<'PY' 2>&1 | $F | tail -4
-import dataclasses, time, jax, jax.numpy as jnp
-from nl_jax.core import memories
-from nl_jax.layers import self_modifying as sm
-b, s, h, dh = 2, 1024, 4, 64
-key = jax.random.PRNGKey(0)
-ks = jax.random.split(key, 5)
-base = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16, kernel="pallas_forward")
-init = {n: memories.init_multihead(base.memory, jax.random.fold_in(key, i), h) for i, n in enumerate(base.all_memories)}
-static = {"w_eta": jax.random.normal(ks[0], (h, dh)) / 8, "b_eta": jnp.zeros(h),
-          "w_alpha": jax.random.normal(ks[1], (h, dh)) / 8, "b_alpha": jnp.full((h,), 4.0)}
-u = jax.random.normal(ks[2], (b, s, h, dh)); q = jax.random.normal(ks[3], (b, s, h, dh))
-beta = jax.random.uniform(ks[4], (b, s, h), maxval=0.5)
-docs = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, 700].set(True)
-def grads(sp):
-    loss = lambda *a: jnp.sum(jnp.sin(3 * sm.run_heads(sp, *a, docs, None)[0]))
-    t = time.time()
-    g = jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(init, static, u, q, beta))
-    print(f"[kernel fit] {sp.kernel}: {time.time() - t:.0f} s", flush=True)
-    return g
-rel = lambda a, b: max(float(jnp.linalg.norm(x - y) / (jnp.linalg.norm(y) + 1e-30)) for x, y in zip(a, b))
+exec(open("/tmp/hope_inputs.py").read())
+spec, args, docs = hope_inputs(1024, kernel="pallas_forward")
 try:
-    got = grads(base)
-    print(f"[kernel fit] documents: ok, kernel vs xla {rel(got, grads(dataclasses.replace(base, kernel='xla'))):.2e}")
+    got = hope_grads(spec, args, docs)
+    print(f"[kernel fit] documents: ok, kernel vs xla {rel(got, hope_grads(spec, args, docs, kernel='xla')):.2e}")
 except Exception as e:
     print(f"[kernel fit] documents: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
 PY
+fi
+
+if [ "$1" = hw5 ]; then  # next session: hw3 again with the kernel fixed, and at outer lr 1e-3
+  timeout 100 $T --seq_len=4096 --batch=8 --presets=hope_340m --out=$OUT/hw5_base.json 2>&1 | $F | grep "^| hope\|failed\|rror"
+  timeout 200 $T --seq_len=4096 --batch=8 --doc_len=1024 --presets=hope_340m \
+    --variants="base:memory.backprop_chunks=0|win:memory.backprop_chunks=4;memory.parallel_windows=True" \
+    --out=$OUT/hw5_docs.json 2>&1 | $F | grep "^| hope\|failed\|rror"
+  hope_trainer hw5 140 200 --config.optimizer.learning_rate=1e-3
 fi
