@@ -149,7 +149,8 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, D), jnp.float64)
     ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11])
     resets = titans.document_resets(ids)
-    outs = {k: m(x, segment_ids=ids) for k, m in mems.items()}
+    # Jitted: eager dispatch of the chunk scans costs more than compiling them once.
+    outs = {k: nnx.jit(lambda m, x: m(x, segment_ids=ids))(m, x) for k, m in mems.items()}
     assert float(jnp.max(jnp.abs(outs[fused] - outs["xla"]))) < 1e-10
     # The fused path really runs (else this test would compare the XLA scan with itself).
     calls = {k: str(jax.make_jaxpr(lambda x, m=m: m(x))(x)).count("pallas_call") for k, m in
@@ -157,12 +158,12 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
     assert calls["xla"] == 0 and calls[fused] > 0, calls
     inputs = mems["xla"].features(x, ids)[0]
     carry = jax.tree.map(lambda a: a * 1.1, mems["xla"].initial_carry(b))  # continued stream
-    ends = {k: m.memorize(inputs, resets, carry) for k, m in mems.items()}
+    ends = {k: nnx.jit(lambda m: m.memorize(inputs, resets, carry))(m) for k, m in mems.items()}
     for a, c in zip(jax.tree.leaves(ends[fused]), jax.tree.leaves(ends["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.max(jnp.abs(a - c))) < 1e-10
     grads = {
-        k: nnx.grad(lambda m, x: jnp.sum(jnp.sin(3 * m(x, segment_ids=ids))))(m, x)
+        k: nnx.jit(nnx.grad(lambda m, x: jnp.sum(jnp.sin(3 * m(x, segment_ids=ids)))))(m, x)
         for k, m in mems.items()
     }
     for a, c in zip(jax.tree.leaves(grads[fused]), jax.tree.leaves(grads["xla"]),
@@ -273,8 +274,10 @@ def test_backprop_chunks_reach_every_titans_variant():
         assert cut.memory.backprop_chunks == 2
         cfg.memory.backprop_chunks = 0
         full = build_fn(cfg, nnx.Rngs(0))
-        np.testing.assert_allclose(cut(x), full(x), rtol=1e-5, atol=1e-6)
-        g = jax.grad(lambda x, m=cut: jnp.sum(m(x) ** 2))(x)
+        # Jitted: eager dispatch of the chunk scans costs more than compiling them once.
+        run = nnx.jit(lambda m, x: m(x))
+        np.testing.assert_allclose(run(cut, x), run(full, x), rtol=1e-5, atol=1e-6)
+        g = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=1))(cut, x)
         assert bool(jnp.isfinite(g).all()), family
 
 
