@@ -267,7 +267,7 @@ REJECTED = [
      r"set at most one.*titans_normalize_chunk=False"),
     ("transformer_tiny", {"memory.backprop_chunks": 4}, r"backprop_chunks = 4: only the memory mixers.*'attention'"),
     ("hope_tiny", {"memory.backprop_chunks": 1, "memory.chunk_size_other": 12},
-     r"backprop_chunks = 1: Hope cuts every .* = 16 tokens.*chunk_size_other = 12"),
+     r"memory.backprop_chunks = 1 cuts every 16 tokens.*multiple of chunk_size_other 12"),
     ("titans_lmm_tiny", {"memory.backprop_chunks": -1}, r"memory.backprop_chunks = -1: an int >= 0"),
     ("hope_tiny", {"memory.parallel_windows": True}, r"parallel_windows = True walks.*set memory.backprop_chunks > 0"),
     ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),

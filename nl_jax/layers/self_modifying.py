@@ -430,15 +430,9 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
             )  # fmt: skip
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = stack_memories(carry, 1)
-    if s > n_full * c:
-        proj_init = stack_memories(tuple(init_n[m] for m in names), 1)
+    if s > n_full * c:  # a trailing partial chunk: the XLA step on the stacked carry
         tail = {name: a[:, n_full * c :] for name, a in xs.items()}
-        for name in ("resets", "cuts"):
-            if name in tail:
-                tail[name] = tail[name] > 0.5
-        carry, gen = jax.vmap(functools.partial(_projection_chunk, spec))(
-            proj_init, static_n, carry, tail
-        )
+        carry, gen = projection_step_batched(spec, carry, tail, consts)
         gens.append(gen)
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)

@@ -498,12 +498,12 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                 f"model.memory.backprop_chunks = {cut}: only the memory mixers (titans_* and "
                 f"Hope's self_modifying_titans) truncate their outer gradient, not {mixer_name!r}"
             )
-        if cut and hope and (cut * cfg.memory.chunk_size) % cfg.memory.chunk_size_other:
-            raise ValueError(
-                f"model.memory.backprop_chunks = {cut}: Hope cuts every backprop_chunks * "
-                f"chunk_size = {cut * cfg.memory.chunk_size} tokens, which must be a multiple of "
-                f"memory.chunk_size_other = {cfg.memory.chunk_size_other}"
-            )
+        if cut and hope:
+            # Hope's layer spec owns the rule for where its cut may fall (a chunk start of both
+            # chunk sizes); building it raises that error before anything is built.
+            from nl_jax.layers.self_modifying import spec_from_config
+
+            spec_from_config(cfg)
         windows = cfg.memory.get("parallel_windows", False)
         if windows not in (True, False):
             raise ValueError(f"model.memory.parallel_windows = {windows!r}: True or False")
