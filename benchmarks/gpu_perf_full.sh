@@ -95,6 +95,11 @@
 #   bash benchmarks/gpu_perf_full.sh hw5 # next: the consts-in-loop kernel's tokens/s (no documents; documents of 1024,
 #                                        # kernel auto, no cut vs windows); 200 trainer steps of hope_340m (4 layers)
 #                                        # at outer lr 1e-3 without the cut vs with windows (3e-3 went NaN in hw3)
+#   bash benchmarks/gpu_perf_full.sh hw6 # session 14: hope_340m (4 layers) trainer at lr 3e-3, 60 steps: beta_max 0.3,
+#                                        # momentum off, eta_max 0.1 (the paper-form preset went NaN at step 13)
+#   bash benchmarks/gpu_perf_full.sh hw7 # beta_max 0.3 over 200 steps; hw8: momentum off over 200 steps
+#   bash benchmarks/gpu_perf_full.sh hw9 # next: the stable inner loop (the Hope presets since session 14) over 200
+#                                        # steps at lr 3e-3, and its tokens/s against the paper's form; hw10: lr 1e-3
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -182,6 +187,15 @@ hope_trainer() {
       --config.logging.every_steps=20 "$@" 2>&1 | $F | grep "loss\|error\|rror" | tail -3
     cp /tmp/${stage}_$name/metrics.jsonl $OUT/${stage}_$name.jsonl 2>/dev/null
   done
+}
+# One hope_340m trainer run (4 layers, seq 2048 x 8, bf16): hope_try STAGE NAME TIMEOUT STEPS [flags].
+hope_try() {
+  local stage=$1 name=$2 limit=$3 steps=$4; shift 4
+  timeout $limit python launch/train.py --config=experiments/lm.py:hope_340m --workdir=/tmp/${stage}_$name \
+    --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=$steps --config.model.dtype=bfloat16 \
+    --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
+    --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 "$@" 2>&1 | $F | grep "loss\|error\|rror" | tail -2
+  cp /tmp/${stage}_$name/metrics.jsonl $OUT/${stage}_$name.jsonl 2>/dev/null
 }
 if [ "$1" = a ]; then
   timeout 170 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
@@ -592,4 +606,24 @@ if [ "$1" = hw5 ]; then  # next session: hw3 again with the kernel fixed, and at
     --variants="base:memory.backprop_chunks=0|win:memory.backprop_chunks=4;memory.parallel_windows=True" \
     --out=$OUT/hw5_docs.json 2>&1 | $F | grep "^| hope\|failed\|rror"
   hope_trainer hw5 140 200 --config.optimizer.learning_rate=1e-3
+fi
+if [ "$1" = hw6 ]; then  # which inner-loop setting keeps hope_340m finite at outer lr 3e-3 (preset: NaN at step 13)
+  hope_try hw6 beta03 175 60 --config.model.memory.beta_max=0.3
+  hope_try hw6 nomom 175 60 --config.model.memory.momentum=False
+  hope_try hw6 eta01 175 60 --config.model.memory.eta_max=0.1
+fi
+if [ "$1" = hw7 ]; then  # the preset's momentum cap (beta_max 0.3) over 200 steps at lr 3e-3, with its evaluation
+  hope_try hw7 beta03 400 200 --config.model.memory.beta_max=0.3 --config.logging.every_steps=20
+fi
+if [ "$1" = hw8 ]; then  # beta_max 0.3 went NaN at step 33 (hw7): momentum off over the same 200 steps
+  hope_try hw8 nomom 300 200 --config.model.memory.momentum=False --config.logging.every_steps=20
+fi
+if [ "$1" = hw9 ]; then  # next session: the Hope presets' stable inner loop (session 14) on the GPU
+  hope_try hw9 lr3e-3 300 200 --config.logging.every_steps=20
+  timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="stable:memory.normalize_memory=True|paper:memory.normalize_memory=False;memory.momentum_ema=False" \
+    --out=$OUT/hw9_tps.json 2>&1 | $F | grep "^| hope\|failed\|rror"
+fi
+if [ "$1" = hw10 ]; then  # and at lr 1e-3 (the paper's form: NaN at step 41, hw5)
+  hope_try hw10 lr1e-3 300 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3
 fi

@@ -123,6 +123,23 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.momentum = True  # row 7; ablation "w/o momentum"
     m.memory.weight_decay = True  # retention alpha; ablation "w/o weight decay"
     m.memory.normalize_lr = True  # eta' = eta / (1 + eta ||a||^2) (row 16)
+    # Hope's stable inner loop: two switches, ours, not in the paper, on in the Hope presets.
+    # In the paper's form hope_340m (4 layers, seq 2048 x 8, bf16, H200) went non-finite in the
+    # trainer at every setting tried: outer lr 3e-3 at step 13, 1e-3 at step 41, with
+    # memory.beta_max 0.3 at step 33, without momentum at step 54, eta_max 0.1 at step 17
+    # (BENCHMARKS.md, session 14). One layer with its gates at their bounds diverges even
+    # token by token in that form, and stays bounded with both switches on
+    # (benchmarks/hope_inner_stability.py); hope_tiny: the same bits/byte, 8% fewer tokens/s.
+    # The 340M trainer has not run with them yet.
+    # - every layer's DGD step normalised by the curvature of the whole memory along the token's
+    #   error (rules.memory_curvature, a constant for the outer gradient): per-layer ||a||^2
+    #   ignores that an MLP memory's output layer scales its input layer's step by its own
+    #   squared norm. The same step as normalize_lr for a linear memory.
+    hope = family == "hope"
+    m.memory.normalize_memory = hope
+    # - momentum as an average, S = beta S - (1 - beta) eta' g: a gradient's steps sum to its
+    #   normalised step, not 1 / (1 - beta) (10 at beta 0.9) times it.
+    m.memory.momentum_ema = hope
     # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
     # it kept titans_mag_340m finite on random tokens at outer lr 1e-3, but on text it only
     # delayed the divergence (BENCHMARKS.md, issue 7, session 9).

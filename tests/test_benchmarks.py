@@ -278,3 +278,15 @@ def test_inner_grad_memory_reports_the_windows_temp_buffers():
     walk = inner_grad_memory.temp_gib(8, 64, 16, 4, 0, 2, 1)
     windows = inner_grad_memory.temp_gib(8, 64, 16, 4, 2, 2, 1)
     assert 0 < walk["temp_gib"] < windows["temp_gib"], (walk, windows)
+
+
+def test_hope_inner_stability_stress_separates_the_two_forms():
+    """benchmarks/hope_inner_stability.py: with its gates at their bounds a Hope layer in the
+    paper's form diverges token by token (beta 0.9), and in the presets' stable form stays
+    bounded on all three streams."""
+    import hope_inner_stability as stress
+
+    paper = stress.stress(1, 1, 0.9, 1.0, "paper")
+    stable = stress.stress(1, 1, 0.9, 1.0, "stable")
+    assert any(v.startswith("DIVERGES") for v in paper.values()), paper
+    assert all(v.startswith("bounded") for v in stable.values()), stable

@@ -22,6 +22,11 @@ RULES = {
     # The DGD system by trsm, and by the explicit blocked inverse (matmuls; `auto` on CPU).
     "dgd_momentum": DeltaRule(dgd=True, momentum=True, retention=True, solve="triangular"),
     "dgd_inverse": DeltaRule(dgd=True, momentum=True, retention=True, solve="inverse"),
+    # Hope's stable inner loop (memory.normalize_memory, memory.momentum_ema); and both on GD.
+    "dgd_stable": DeltaRule(
+        dgd=True, momentum=True, retention=True, normalize_memory=True, momentum_ema=True
+    ),  # fmt: skip
+    "gd_stable": DeltaRule(momentum=True, retention=True, normalize_memory=True, momentum_ema=True),
 }
 MEMORIES = {"linear": LinearMemory(4, 3), "mlp": ResidualMLPMemory(4, 6)}
 
@@ -67,7 +72,8 @@ def run_ref(level, inp):
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
         inp["eta"], inp["alpha"], inp["beta"], chunk_size=level.chunk_size, momentum=r.momentum,
         retention=r.retention, dgd=r.dgd, normalize_lr=r.normalize_lr,
-        normalize_gd=r.normalize_gd, read=level.read,
+        normalize_gd=r.normalize_gd, normalize_memory=r.normalize_memory,
+        momentum_ema=r.momentum_ema, read=level.read,
         update_on_partial=level.update_on_partial,
     )  # fmt: skip
 
@@ -190,20 +196,25 @@ def ref_outer_loss(level, params, eta, alpha, beta, inp):
     out, final, _ = reference_level(
         level.memory, level.objective, params, inp["keys"], inp["values"], inp["queries"],
         eta, alpha, beta, chunk_size=level.chunk_size, momentum=r.momentum, retention=r.retention,
-        dgd=r.dgd, normalize_lr=r.normalize_lr, read=level.read,
+        dgd=r.dgd, normalize_lr=r.normalize_lr, normalize_memory=r.normalize_memory,
+        momentum_ema=r.momentum_ema, read=level.read,
     )  # fmt: skip
     weights = jnp.sin(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
     return jnp.sum(out * weights) + sum(jnp.sum(jnp.cos(w)) for w in final.values())
 
 
+@pytest.mark.parametrize("rule", ["dgd_momentum", "dgd_stable"])
 @pytest.mark.parametrize("memory", list(MEMORIES))
-def test_outer_gradients_through_chunked_scan(x64, memory):
-    level = Level(MEMORIES[memory], objectives.l2, RULES["dgd_momentum"], 3)
+def test_outer_gradients_through_chunked_scan(x64, memory, rule):
+    level = Level(MEMORIES[memory], objectives.l2, RULES[rule], 3)
     inp = make_inputs(level.memory, 9, seq=7)
     args = (inp["params"], inp["eta"], inp["alpha"], inp["beta"])
     fast = jax.jit(functools.partial(outer_loss, level, "fast", inp=inp))
-    # Central finite differences along random directions (float64).
-    check_grads(fast, args, order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-6)
+    if not level.rule.normalize_memory:
+        # Central finite differences along random directions (float64). The memory-wide step's
+        # normaliser is a constant for the outer gradient (stop_gradient), which finite
+        # differences do not see: that rule is checked against the token loop only.
+        check_grads(fast, args, order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-6)
     grads = jax.grad(fast, argnums=(0, 1, 2, 3))(*args)
     ref_grads = jax.grad(functools.partial(ref_outer_loss, level, inp=inp), argnums=(0, 1, 2, 3))(
         *args
@@ -484,3 +495,92 @@ def test_chunk_normalized_step_bounds_a_coherent_chunk(x64):
     start = float(jnp.linalg.norm(v[0]))
     assert errs["gd"] > 10 * start and errs["token"] > 10 * start, errs
     assert errs["chunk"] < start, errs
+
+
+def test_memory_curvature_is_the_tangent_kernel_along_the_error(x64):
+    """`memory_curvature` from the rank-1 factors equals `e^T J J^T e / e^T e`, with `J` the
+    Jacobian of the memory output with respect to all its weights (built by `jax.jacobian`)."""
+    from nl_jax.core import memories
+    from nl_jax.core.rules import memory_curvature
+
+    memory = MEMORIES["mlp"]
+    inp = make_inputs(memory, 31)
+    params = jax.tree.map(lambda w: 2.0 * w, inp["params"])  # a non-trivial output layer
+    deltas, inputs, errors = memories.per_token_factors(
+        memory, params, inp["keys"], inp["values"], objectives.l2, with_error=True
+    )
+    kappa = memory_curvature(deltas, inputs, errors)
+    for t in range(SEQ):
+        jac = jax.jacobian(lambda p, t=t: memories.apply(memory, p, inp["keys"][t]))(params)
+        j = jnp.concatenate([a.reshape(a.shape[0], -1) for a in jax.tree.leaves(jac)], axis=1)
+        e = memories.apply(memory, params, inp["keys"][t]) - inp["values"][t]
+        np.testing.assert_allclose(errors[t], e, rtol=1e-12)
+        expected = e @ j @ j.T @ e / (e @ e)
+        np.testing.assert_allclose(kappa[t], expected, rtol=1e-10)
+    # A linear memory's curvature is its input's squared norm: layer-wise DGD's normaliser.
+    lin = MEMORIES["linear"]
+    lp = make_inputs(lin, 32)
+    d, i, e = memories.per_token_factors(
+        lin, lp["params"], lp["keys"], lp["values"], objectives.l2, with_error=True
+    )
+    np.testing.assert_allclose(memory_curvature(d, i, e), jnp.sum(lp["keys"] ** 2, -1), rtol=1e-12)
+    # No error (so no deltas either), no curvature, and no 0/0.
+    zero = memory_curvature(jax.tree.map(jnp.zeros_like, d), i, jnp.zeros_like(e))
+    assert bool(jnp.all(zero == 0.0))
+
+
+def test_memory_normalised_step_is_layerwise_dgd_for_a_linear_memory(x64):
+    """For `M(x) = W x` the memory-wide step is DGD's own; for the MLP memory it differs."""
+    plain = DeltaRule(dgd=True, momentum=True, retention=True)
+    wide = DeltaRule(dgd=True, momentum=True, retention=True, normalize_memory=True)
+    for memory, same in (("linear", True), ("mlp", False)):
+        inp = make_inputs(MEMORIES[memory], 33)
+        a = run_fast(Level(MEMORIES[memory], objectives.l2, plain, 3), inp)[0]
+        b = run_fast(Level(MEMORIES[memory], objectives.l2, wide, 3), inp)[0]
+        assert (rel_err(a, b) < 1e-12) == same, (memory, rel_err(a, b))
+
+
+def test_averaged_momentum_sums_one_gradients_steps_to_the_step(x64):
+    """With `momentum_ema` the momentum carries one gradient `u` as `(1 - beta) beta^j u`,
+    which sums to `u`; Titans' form sums it to `u / (1 - beta)`."""
+    memory = LinearMemory(2, 1)
+    seq, beta = 200, 0.9
+    k = jnp.zeros((seq, 2)).at[0].set(jnp.array([1.0, 0.0]))  # only token 0 has a gradient
+    v = jnp.zeros((seq, 1)).at[0].set(1.0)
+    params = {"W": jnp.zeros((1, 2))}
+    final = {}
+    for ema in (False, True):
+        rule = DeltaRule(momentum=True, momentum_ema=ema)
+        _, (w, _) = run_level(Level(memory, objectives.l2, rule, 1), params, rule.init(params),
+                              k, v, k, eta=0.5, beta=beta, path="fast")  # fmt: skip
+        final[ema] = float(w["W"][0, 0])
+    np.testing.assert_allclose(final[True], 0.5, rtol=1e-8)
+    np.testing.assert_allclose(final[False], 0.5 / (1 - beta), rtol=1e-8)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_stable_inner_loop_bounds_an_mlp_memory_where_the_paper_form_diverges(x64, chunk):
+    """Four recurring keys, a 2-layer residual MLP memory, gates at their bounds (eta 0.5,
+    beta 0.9, alpha 1): DGD with Titans momentum diverges even token by token (a gradient's
+    momentum steps add up to 1 / (1 - beta) = 10 times its normalised step); the averaged
+    momentum and the memory-wide step keep every read within a few target norms, both in the
+    token loop and with 8-token chunks (where gradients at the chunk-start weights add up)."""
+    memory = ResidualMLPMemory(8, 8)
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    keys = jax.random.normal(ks[0], (4, 8))
+    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+    idx = jax.random.randint(ks[1], (256,), 0, 4)
+    k, v = keys[idx], jax.random.normal(ks[2], (4, 8))[idx]
+    params = jax.tree.map(lambda w: 2.0 * w, memory.init(ks[3], jnp.float64))
+    worst = {}
+    for name, extra in {
+        "paper": {},
+        "stable": {"normalize_memory": True, "momentum_ema": True},
+    }.items():
+        rule = DeltaRule(dgd=True, momentum=True, retention=True, **extra)
+        out, _ = run_level(Level(memory, objectives.l2, rule, chunk), params, rule.init(params),
+                           k, v, k, eta=0.5, alpha=1.0, beta=0.9)  # fmt: skip
+        worst[name] = float(jnp.max(jnp.linalg.norm(out - v, axis=-1)))
+    scale = float(jnp.max(jnp.linalg.norm(v, axis=-1)))
+    assert not worst["paper"] < 100 * scale, worst  # NaN or huge
+    assert worst["stable"] < 3 * scale, worst

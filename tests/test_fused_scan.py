@@ -197,8 +197,13 @@ def _pallas_heads(spec, init, static, u, q, beta, heads=None):
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"chunk_other": 4, "chunk_mem": 4}, {"adaptive_k": False, "adaptive_v": False}],
-    ids=["chunks_3_2_partial", "chunks_4_4", "static_kv"],
+    [
+        {},
+        {"chunk_other": 4, "chunk_mem": 4},
+        {"adaptive_k": False, "adaptive_v": False},
+        {"normalize_memory": True, "momentum_ema": True},
+    ],
+    ids=["chunks_3_2_partial", "chunks_4_4", "static_kv", "stable"],
 )
 def test_pallas_heads_match_token_reference(x64, changes):
     spec = dataclasses.replace(SPEC, **changes)
@@ -222,10 +227,21 @@ def _heads_inputs(spec, b, s):
     return init, static, u, q, beta
 
 
-@pytest.mark.parametrize("fused", ["pallas", "pallas_forward", "pallas_forward_all"])
-@pytest.mark.parametrize("with_resets", [False, True], ids=["no_resets", "resets"])
-def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused):
-    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4)
+@pytest.mark.parametrize(
+    "fused,with_resets,stable",
+    [
+        (f, r, False)
+        for f in ("pallas", "pallas_forward", "pallas_forward_all")
+        for r in (False, True)
+    ]
+    + [("pallas", True, True), ("pallas_forward_all", True, True)],
+    ids=lambda v: str(v),
+)
+def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, stable):
+    """Every fused kernel against the XLA path, with documents and with the Hope presets'
+    stable inner loop (memory-wide step, averaged momentum)."""
+    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4,
+                               normalize_memory=stable, momentum_ema=stable)  # fmt: skip
     b, s = 2, 8
     init, static, u, q, beta = _heads_inputs(spec, b, s)
     head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
@@ -326,12 +342,15 @@ def _projection_inputs(spec, n=2, t=2, resets=False, cuts=False):
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
-@pytest.mark.parametrize("resets,cuts", [(False, False), (True, False), (False, True)],
-                         ids=["plain", "resets", "cuts"])  # fmt: skip
-def test_projection_step_lowers_to_triton_for_cuda(resets, cuts):
+@pytest.mark.parametrize("resets,cuts,stable", [(False, False, False), (True, False, False),
+                                                (False, True, False), (True, False, True)],
+                         ids=["plain", "resets", "cuts", "stable"])  # fmt: skip
+def test_projection_step_lowers_to_triton_for_cuda(resets, cuts, stable):
     """Hope 340M's head shape (64 x 64 memories, C_other 16), forward and backward kernels,
-    with documents or gradient cuts (their initial states as consts)."""
-    spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16)
+    with documents or gradient cuts (their initial states as consts), and with the stable
+    inner loop (the memory-wide step's output tap and the averaged momentum)."""
+    spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
+                          normalize_memory=stable, momentum_ema=stable)  # fmt: skip
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
                              *_projection_inputs(spec, resets=resets, cuts=cuts))  # fmt: skip
     assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel

@@ -60,9 +60,14 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
             target = mlp(b, v)  # self-generated value, held fixed in the inner gradient
             grads = jax.grad(lambda p, k=k, b=target: 0.5 * jnp.sum((mlp(p, k) - b) ** 2))(b)
             inputs = {"W2": k, "W1": jax.nn.gelu(b["W2"] @ k)}
+            err = mlp(b, k) - target
+            kappa = jax.lax.stop_gradient(sum(jnp.sum(g * g) for g in grads.values()) / (err @ err))
             for w, a in inputs.items():
                 lr = eta / (1 + eta * a @ a) if spec.dgd else eta
-                mom[n][w] = beta[t] * mom[n][w] - lr * grads[w]
+                if spec.normalize_memory:
+                    lr = eta / (1 + eta * jnp.maximum(kappa, a @ a))
+                gain = 1 - beta[t] if spec.momentum_ema else 1.0
+                mom[n][w] = beta[t] * mom[n][w] - gain * lr * grads[w]
                 decay = alpha * jnp.eye(a.shape[0]) - (lr * jnp.outer(a, a) if spec.dgd else 0)
                 state[n][w] = state[n][w] @ decay + mom[n][w]
         read = before if spec.read == "per_token_prior" else state["memory"]
@@ -104,8 +109,20 @@ def rel_err(a, b):
         {"adaptive_k": False, "adaptive_v": False},
         {"normalize_v": False},
         {"solve": "triangular", "chunk_mem": 4, "chunk_other": 3},
+        {"normalize_memory": True, "momentum_ema": True},
+        {"normalize_memory": True, "dgd": False},
     ],
-    ids=["default", "chunks_4_3", "read_prior", "plain_gd", "static_kv", "raw_v", "trsm_solve"],
+    ids=[
+        "default",
+        "chunks_4_3",
+        "read_prior",
+        "plain_gd",
+        "static_kv",
+        "raw_v",
+        "trsm_solve",
+        "stable",
+        "stable_gd",
+    ],  # fmt: skip
 )
 def test_chunked_equals_token_reference(x64, changes):
     spec = dataclasses.replace(SPEC, **changes)
@@ -196,6 +213,32 @@ def test_cut_gradients_match_the_token_reference(x64):
         dataclasses.replace(SPEC, chunk_other=4, backprop_chunks=1)
     with pytest.raises(ValueError, match="parallel_windows needs memory.backprop_chunks"):
         dataclasses.replace(SPEC, parallel_windows=True)
+
+
+def test_stable_inner_loop_gradients_match_the_token_reference(x64):
+    """The Hope presets' inner loop (memory-wide step, averaged momentum): the token loop's
+    outer gradient for every input, with documents; and a different gradient from the paper's
+    form (so the comparison can fail)."""
+    spec = dataclasses.replace(SPEC, normalize_memory=True, momentum_ema=True)
+    init, static, u, q, beta = make(spec, 6, seq=9)
+    resets = np.zeros(9, bool)
+    resets[[0, 4]] = True
+    weights = jax.random.normal(jax.random.PRNGKey(12), (9, spec.head_dim))
+
+    def grad(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(3 * fn(*a)) * weights),
+                                argnums=(0, 1, 2, 3, 4)))  # fmt: skip
+
+    args = (init, static, u, q, beta)
+    got = jax.tree.leaves(
+        grad(lambda *a: self_modifying_head(spec, *a, jnp.asarray(resets)))(*args)
+    )
+    want = jax.tree.leaves(grad(lambda *a: reference(spec, *a, resets))(*args))
+    for a, c in zip(got, want, strict=True):
+        assert float(jnp.max(jnp.abs(a - c))) <= 1e-9 * float(jnp.max(jnp.abs(c))) + 1e-15
+    paper = lambda *a: self_modifying_head(SPEC, *a, jnp.asarray(resets))  # noqa: E731
+    other = jax.tree.leaves(grad(paper)(*args))
+    assert max(float(jnp.max(jnp.abs(a - c))) for a, c in zip(got, other, strict=True)) > 1e-4
 
 
 def test_state_continuation_equals_one_stream(with_segments=True):

@@ -23,7 +23,7 @@ import optax
 
 from nl_jax.core import chunked, memories
 from nl_jax.core.memories import Memory, Params
-from nl_jax.core.rules import DeltaRule, chunk_inner_lr, inner_lr
+from nl_jax.core.rules import DeltaRule, chunk_inner_lr, inner_lr, memory_curvature
 from nl_jax.core.truncation import cut_carry
 
 Objective = Callable[[jax.Array, jax.Array], jax.Array]
@@ -73,21 +73,33 @@ class Level:
 
 
 def _factors(level: Level, params: Params, xs: dict, init: Params | None):
-    """Per-token gradient factors at the chunk start, or at `init` for tokens after a reset."""
+    """Per-token gradient factors at the chunk start, or at `init` for tokens after a reset:
+    `(deltas, inputs, curvature)`, curvature `[C]` (`memory_curvature`) or None unless the
+    rule normalises by the memory."""
+    with_error = isinstance(level.rule, DeltaRule) and level.rule.normalize_memory
 
     def factors(p):
         targets = xs["values"]
         if level.self_target:
             targets = memories.apply(level.memory, p, targets)
-        return memories.per_token_factors(level.memory, p, xs["keys"], targets, level.objective)
+        out = memories.per_token_factors(
+            level.memory, p, xs["keys"], targets, level.objective, with_error=with_error
+        )
+        if not with_error:
+            return out + (None,)
+        deltas, inputs, errors = out
+        return deltas, inputs, memory_curvature(deltas, inputs, errors)
 
-    deltas, inputs = factors(params)
+    found = factors(params)
     if init is None:
-        return deltas, inputs
-    fresh = chunked.fresh_mask(xs["resets"])[:, None]
-    d_init, i_init = factors(init)
-    pick = lambda a, b: jnp.where(fresh, a, b)  # noqa: E731
-    return jax.tree.map(pick, d_init, deltas), jax.tree.map(pick, i_init, inputs)
+        return found
+    fresh = chunked.fresh_mask(xs["resets"])
+    at_init = factors(init)
+
+    def pick(a, b):
+        return jnp.where(fresh.reshape(fresh.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, at_init, found)
 
 
 def _fast_chunk(
@@ -101,7 +113,7 @@ def _fast_chunk(
     """One chunk through the closed form. Returns `(outputs [C, d_out], (params, state))`;
     outputs are None without `with_outputs` (a write-only update)."""
     rule: DeltaRule = level.rule
-    deltas, inputs = _factors(level, params, xs, init)
+    deltas, inputs, curvature = _factors(level, params, xs, init)
     momentum = rule.get_momentum(state)
     kern = chunked.kernels(
         xs["alpha"] if rule.retention else jnp.ones_like(xs["eta"]),
@@ -109,16 +121,18 @@ def _fast_chunk(
         None if init is None else xs["resets"],
     )
     layers = {}
+    # Only the gradient enters the momentum; DGD's decay below keeps the plain step `eta`.
+    gain = 1.0 - xs["beta"] if rule.momentum and rule.momentum_ema else 1.0
     for name in level.memory.shapes():
         if rule.normalize_chunk:
             eta = chunk_inner_lr(xs["eta"], inputs[name], None if init is None else xs["resets"])
         else:
-            eta = inner_lr(xs["eta"], inputs[name], rule.normalized)  # [C]
+            eta = inner_lr(xs["eta"], inputs[name], rule.normalized, curvature)  # [C]
         layers[name] = chunked.layer_chunk(
             params[name],
             None if momentum is None else momentum[name],
             inputs[name],
-            -eta[:, None] * deltas[name],
+            -(eta * gain)[:, None] * deltas[name],
             eta if rule.dgd else None,
             kern,
             None if init is None else init[name],
@@ -201,7 +215,7 @@ def _generic_chunk(
         if isinstance(rule, DeltaRule)
         else optax.with_extra_args_support(rule)
     )
-    deltas, inputs = _factors(level, params, xs, init)
+    deltas, inputs, curvature = _factors(level, params, xs, init)
 
     def step(carry, tok):
         w, st = carry
@@ -210,9 +224,11 @@ def _generic_chunk(
             w = jax.tree.map(lambda a, b: jnp.where(reset, a, b), init, w)
             st = jax.tree.map(lambda a, b: jnp.where(reset, a, b), tx.init(init), st)
         grads = {n: jnp.outer(tok["deltas"][n], tok["inputs"][n]) for n in w}
+        extra = {} if curvature is None else {"curvature": tok["curvature"]}
         updates, st = tx.update(
-            grads, st, w, eta=tok["eta"], alpha=tok["alpha"], beta=tok["beta"], inputs=tok["inputs"]
-        )
+            grads, st, w, eta=tok["eta"], alpha=tok["alpha"], beta=tok["beta"],
+            inputs=tok["inputs"], **extra,
+        )  # fmt: skip
         new_w = optax.apply_updates(w, updates)
         read_w = {"per_token": new_w, "per_token_prior": w, "boundary": None}[level.read]
         if read_w is None:
@@ -220,6 +236,8 @@ def _generic_chunk(
         return (new_w, st), memories.apply(level.memory, read_w, tok["queries"])
 
     toks = dict(xs, deltas=deltas, inputs=inputs)
+    if curvature is not None:
+        toks["curvature"] = curvature
     (new_params, state), outputs = jax.lax.scan(step, (params, state), toks)
     if level.read == "boundary":
         outputs = _boundary_read(level, params, xs, init)

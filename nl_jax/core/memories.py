@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 Params = dict[str, jax.Array]
 LinearFn = Callable[[str, jax.Array], jax.Array]
+# Name of the tap on a memory's output (not a layer name: layers are `W`, `W1`, ...).
+_OUTPUT_TAP = "__output__"
 
 
 class Memory(Protocol):
@@ -68,7 +70,8 @@ def per_token_factors(
     keys: jax.Array,
     targets: jax.Array,
     objective: Callable[[jax.Array, jax.Array], jax.Array],
-) -> tuple[Params, Params]:
+    with_error: bool = False,
+) -> tuple[Params, Params] | tuple[Params, Params, jax.Array]:
     """Rank-1 factors of every token's inner gradient at fixed weights, as batched matmuls.
 
     For a linear layer `y = W a`, the gradient of token t's loss is `delta_t a_t^T`, with
@@ -79,10 +82,14 @@ def per_token_factors(
     Args:
       keys: `[tokens, d_in]`; targets: `[tokens, d_out]`.
     Returns:
-      `(deltas, inputs)`: dicts by layer name of `[tokens, d_out_l]` and `[tokens, d_in_l]`.
+      `(deltas, inputs)`: dicts by layer name of `[tokens, d_out_l]` and `[tokens, d_in_l]`;
+      with `with_error`, also `errors [tokens, d_out]`, each token's `dL_t/dM(k_t)` (a tap on
+      the memory output, so any memory and objective).
     """
     shapes = memory.shapes()
     taps = {n: jnp.zeros(keys.shape[:-1] + (s[0],), keys.dtype) for n, s in shapes.items()}
+    if with_error:
+        taps[_OUTPUT_TAP] = jnp.zeros(targets.shape, keys.dtype)
 
     def total_loss(taps: Params) -> tuple[jax.Array, Params]:
         seen: Params = {}
@@ -92,9 +99,14 @@ def per_token_factors(
             return a @ params[name].T + taps[name]
 
         out = memory.forward(linear, keys)
+        if with_error:
+            out = out + taps[_OUTPUT_TAP]
         return jnp.sum(jax.vmap(objective)(out, targets)), seen
 
     deltas, inputs = jax.grad(total_loss, has_aux=True)(taps)
+    if with_error:
+        errors = deltas.pop(_OUTPUT_TAP)
+        return deltas, inputs, errors
     return deltas, inputs
 
 

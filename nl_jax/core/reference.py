@@ -37,6 +37,8 @@ def reference_level(
     normalize_lr: bool = True,
     normalize_gd: bool = False,
     normalize_chunk: bool = False,
+    normalize_memory: bool = False,
+    momentum_ema: bool = False,
     read: str = "per_token",
     update_on_partial: bool = True,
     momentum_state: Params | None = None,
@@ -51,6 +53,10 @@ def reference_level(
     in the inner gradient. `resets[t]` puts the initial `params` (and zero momentum) back before token t.
     `normalize_chunk`: GD's step is `eta_t / (1 + running)`, `running` the sum of
     `eta_s ||a_s||^2` over the chunk's tokens s <= t since the chunk start or the last reset.
+    `normalize_memory`: every layer's step is `eta_t / (1 + eta_t max(kappa_t, ||a||^2))`,
+    `kappa_t = sum_l ||grad_l||_F^2 / ||dL_t/dM(k_t)||^2` at the chunk-start weights, a
+    constant for the outer gradient.
+    `momentum_ema`: `S_t = beta_t S_{t-1} - (1 - beta_t) eta'_t grad_t`.
     `cuts`: a chunk holding a True starts from `stop_gradient(W) + params - stop_gradient(params)`
     and a stopped momentum (truncated outer gradient, spec row 8).
     """
@@ -85,15 +91,24 @@ def reference_level(
 
             grads = jax.grad(loss)(boundary)
             acts = memories.layer_inputs(memory, boundary, keys[t])
+            if normalize_memory:
+                pred = memories.apply(memory, boundary, keys[t])
+                err = jax.grad(objective)(pred, target)
+                ee = jnp.dot(err, err)
+                kappa = sum(jnp.sum(g * g) for g in grads.values()) / ee if ee > 0 else 0.0
+                kappa = jax.lax.stop_gradient(kappa)
             for name in w:
                 a = acts[name]
                 normalized = (dgd and normalize_lr) or (not dgd and normalize_gd)
                 lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if normalized else eta[t]
+                if normalize_memory:
+                    lr = eta[t] / (1.0 + eta[t] * jnp.maximum(kappa, jnp.dot(a, a)))
                 if normalize_chunk:
                     running[name] = running[name] + eta[t] * jnp.dot(a, a)
                     lr = eta[t] / (1.0 + running[name])
                 if momentum:
-                    s[name] = beta[t] * s[name] - lr * grads[name]
+                    gain = 1.0 - beta[t] if momentum_ema else 1.0
+                    s[name] = beta[t] * s[name] - gain * lr * grads[name]
                     step = s[name]
                 else:
                     step = -lr * grads[name]

@@ -24,11 +24,44 @@ import optax
 from nl_jax.core import chunked
 
 
-def inner_lr(eta: jax.Array, a: jax.Array, normalize: bool) -> jax.Array:
-    """DGD step size `eta / (1 + eta ||a||^2)` if `normalize`, else `eta`; `a: [..., d_in]`."""
+def inner_lr(
+    eta: jax.Array, a: jax.Array, normalize: bool, curvature: jax.Array | None = None
+) -> jax.Array:
+    """DGD step size `eta / (1 + eta ||a||^2)` if `normalize`, else `eta`; `a: [..., d_in]`.
+
+    With `curvature` (`memory_curvature`, one per token) the step is the memory-wide
+    `eta / (1 + eta max(kappa, ||a||^2))` whatever `normalize` says.
+    """
+    if curvature is not None:
+        return eta / (1.0 + eta * jnp.maximum(curvature, jnp.sum(a * a, axis=-1)))
     if not normalize:
         return eta
     return eta / (1.0 + eta * jnp.sum(a * a, axis=-1))
+
+
+def memory_curvature(deltas: dict, inputs: dict, errors: jax.Array) -> jax.Array:
+    """`kappa_t = sum_l ||a_l||^2 ||delta_l||^2 / ||e_t||^2`, `[tokens]`, over a memory's layers.
+
+    `deltas`, `inputs`: per layer `[tokens, d_out_l]`, `[tokens, d_in_l]` (the rank-1 factors
+    of each token's gradient); `errors: [tokens, d_out]` = `dL_t/dM(k_t)`. This is `e^T Theta e /
+    e^T e` for the memory's tangent kernel `Theta` at the token: the curvature of its loss
+    along its own gradient step. Layer-wise DGD normalises each layer by its own `||a||^2`, which
+    ignores how a deeper layer scales a shallower one's step (an MLP's `W_out` multiplies the
+    change of `W_in` by `||W_out||^2`); `eta / (1 + eta kappa)` bounds the whole memory's step
+    along `e` below 1. For a linear memory `kappa = ||a||^2`: layer-wise DGD's normaliser.
+    Zero where `e = 0`. A constant for the outer gradient (stop_gradient), as a step-size
+    normaliser: its own gradient grows like `kappa / ||e||` as e -> 0 (a ratio of two vanishing
+    quantities), and hope_tiny's first trainer step took it to NaN; with a floor on `||e||^2`
+    instead, the stress test of BENCHMARKS.md (session 14) diverged in 2 of 18 cases.
+    """
+    total = sum(
+        jnp.sum(deltas[n] * deltas[n], axis=-1) * jnp.sum(inputs[n] * inputs[n], axis=-1)
+        for n in deltas
+    )
+    ee = jnp.sum(errors * errors, axis=-1)
+    tiny = jnp.finfo(ee.dtype).tiny
+    kappa = jnp.where(ee > tiny, total / jnp.where(ee > tiny, ee, 1.0), 0.0)
+    return jax.lax.stop_gradient(kappa)
 
 
 def chunk_inner_lr(eta: jax.Array, a: jax.Array, resets: jax.Array | None = None) -> jax.Array:
@@ -63,12 +96,13 @@ def scale_by_inner_lr(normalize: bool = False) -> optax.GradientTransformationEx
         del params
         return optax.EmptyState()
 
-    def update(updates, state, params=None, *, eta=None, inputs=None, **extra):
+    def update(updates, state, params=None, *, eta=None, inputs=None, curvature=None, **extra):
         del params, extra
         eta = _need("eta", eta, "scale_by_inner_lr")
-        if normalize:
+        if normalize or curvature is not None:
             inputs = _need("inputs", inputs, "scale_by_inner_lr(normalize=True)")
-            return jax.tree.map(lambda g, a: -inner_lr(eta, a, True) * g, updates, inputs), state
+            lr = lambda a: inner_lr(eta, a, True, curvature)  # noqa: E731
+            return jax.tree.map(lambda g, a: -lr(a) * g, updates, inputs), state
         return jax.tree.map(lambda g: -eta * g, updates), state
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -80,8 +114,9 @@ class SurpriseState(NamedTuple):
     momentum: Any
 
 
-def trace_surprise() -> optax.GradientTransformationExtraArgs:
-    """`S = beta S + u; u = S` (Titans momentum with data-dependent `beta`)."""
+def trace_surprise(ema: bool = False) -> optax.GradientTransformationExtraArgs:
+    """`S = beta S + u; u = S` (Titans momentum with data-dependent `beta`); with `ema`,
+    `S = beta S + (1 - beta) u`, so one gradient's steps sum to `u` whatever `beta`."""
 
     def init(params: Any) -> SurpriseState:
         return SurpriseState(jax.tree.map(jnp.zeros_like, params))
@@ -89,7 +124,8 @@ def trace_surprise() -> optax.GradientTransformationExtraArgs:
     def update(updates, state, params=None, *, beta=None, **extra):
         del params, extra
         beta = _need("beta", beta, "trace_surprise")
-        momentum = jax.tree.map(lambda m, u: beta * m + u, state.momentum, updates)
+        gain = 1.0 - beta if ema else 1.0
+        momentum = jax.tree.map(lambda m, u: beta * m + gain * u, state.momentum, updates)
         return momentum, SurpriseState(momentum)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -102,14 +138,14 @@ def add_delta_decay(normalize: bool = True) -> optax.GradientTransformationExtra
         del params
         return optax.EmptyState()
 
-    def update(updates, state, params=None, *, eta=None, inputs=None, **extra):
+    def update(updates, state, params=None, *, eta=None, inputs=None, curvature=None, **extra):
         del extra
         params = _need("params", params, "add_delta_decay")
         eta = _need("eta", eta, "add_delta_decay")
         inputs = _need("inputs", inputs, "add_delta_decay")
 
         def decay(u, w, a):
-            return u - inner_lr(eta, a, normalize) * jnp.outer(w @ a, a)
+            return u - inner_lr(eta, a, normalize, curvature) * jnp.outer(w @ a, a)
 
         return jax.tree.map(decay, updates, params, inputs), state
 
@@ -150,28 +186,36 @@ class DeltaRule:
     # Plain GD's step normalised over the chunk so far (`chunk_inner_lr`): bounds the summed
     # step of a chunk of near-identical keys. Not in the Titans paper; fast path only.
     normalize_chunk: bool = False
+    # Every layer's step normalised by the whole memory's curvature along the token's error
+    # (`memory_curvature`): `eta / (1 + eta max(kappa, ||a||^2))`. Not in the papers; the same as
+    # `normalize_lr`/`normalize_gd` for a linear memory. Callers pass `curvature=` per token.
+    normalize_memory: bool = False
+    # Momentum as an average, `S = beta S - (1 - beta) eta' g`: a gradient's steps sum to
+    # `eta' g` (Titans' form sums them to `eta' g / (1 - beta)`). Not in the papers.
+    momentum_ema: bool = False
     # Fast path only: how a DGD chunk solves its triangular system (`chunked.SOLVES`).
     solve: str = "auto"
 
     def __post_init__(self):
         if self.solve not in chunked.SOLVES:
             raise ValueError(f"unknown solve {self.solve!r}; allowed: {chunked.SOLVES}")
-        if self.normalize_chunk and (self.dgd or self.normalize_gd):
+        if self.normalize_chunk and (self.dgd or self.normalize_gd or self.normalize_memory):
             raise ValueError(
                 "normalize_chunk is plain GD's chunk-normalised step: it excludes dgd (which "
-                "normalises by normalize_lr) and the per-token normalize_gd"
+                "normalises by normalize_lr), the per-token normalize_gd and normalize_memory"
             )
 
     @property
     def normalized(self) -> bool:
-        """Whether the step size is `eta / (1 + eta ||a||^2)` (DGD's, or GD's if asked)."""
+        """Whether the step size is `eta / (1 + eta ||a||^2)` (DGD's, or GD's if asked); with
+        `normalize_memory` it is `eta / (1 + eta max(kappa, ||a||^2))` either way."""
         return (self.dgd and self.normalize_lr) or (not self.dgd and self.normalize_gd)
 
     def transformation(self) -> optax.GradientTransformationExtraArgs:
         """The same rule as an `optax.chain` of the pieces above."""
         pieces = [scale_by_inner_lr(self.normalized)]
         if self.momentum:
-            pieces.append(trace_surprise())
+            pieces.append(trace_surprise(self.momentum_ema))
         if self.dgd:
             pieces.append(add_delta_decay(self.normalize_lr))
         if self.retention:

@@ -481,6 +481,12 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                 f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr, its "
                 "values memory.normalize_v)"
             )
+        hope_only = [k for k in ("normalize_memory", "momentum_ema") if cfg.memory.get(k, False)]
+        if hope_only and mixer_name != "self_modifying_titans":
+            raise ValueError(
+                f"model.memory.{hope_only[0]} = True: only Hope's self_modifying_titans mixer "
+                f"has it, not {mixer_name!r}"
+            )
         if {"titans_normalize_lr", "titans_normalize_chunk"} <= set(titans_only):
             raise ValueError(
                 "model.memory.titans_normalize_chunk and titans_normalize_lr are two forms of "
