@@ -92,7 +92,7 @@
 #                                        # hope_340m with documents (doc_len 1024) without the cut vs windows; 120
 #                                        # trainer steps of hope_340m (4 layers) without the cut vs with windows
 #   bash benchmarks/gpu_perf_full.sh hw4 # hw3's fit check alone (it ran out of time there): the kernel with documents
-#   bash benchmarks/gpu_perf_full.sh hw5 # next: the consts-in-loop kernel's tokens/s (no documents; documents of 1024,
+#   bash benchmarks/gpu_perf_full.sh hw5 # session 14: the consts-in-loop kernel's tokens/s (no documents; documents of 1024,
 #                                        # kernel auto, no cut vs windows); 200 trainer steps of hope_340m (4 layers)
 #                                        # at outer lr 1e-3 without the cut vs with windows (3e-3 went NaN in hw3)
 #   bash benchmarks/gpu_perf_full.sh hw6 # session 14: hope_340m (4 layers) trainer at lr 3e-3, 60 steps: beta_max 0.3,
