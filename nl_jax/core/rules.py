@@ -60,7 +60,8 @@ def memory_curvature(deltas: dict, inputs: dict, errors: jax.Array) -> jax.Array
     )
     ee = jnp.sum(errors * errors, axis=-1)
     tiny = jnp.finfo(ee.dtype).tiny
-    kappa = jnp.where(ee > tiny, total / jnp.where(ee > tiny, ee, 1.0), 0.0)
+    # No double where for a safe gradient: the result is stopped below.
+    kappa = jnp.where(ee > tiny, total / jnp.maximum(ee, tiny), 0.0)
     return jax.lax.stop_gradient(kappa)
 
 
