@@ -98,8 +98,9 @@
 #   bash benchmarks/gpu_perf_full.sh hw6 # session 14: hope_340m (4 layers) trainer at lr 3e-3, 60 steps: beta_max 0.3,
 #                                        # momentum off, eta_max 0.1 (the paper-form preset went NaN at step 13)
 #   bash benchmarks/gpu_perf_full.sh hw7 # beta_max 0.3 over 200 steps; hw8: momentum off over 200 steps
-#   bash benchmarks/gpu_perf_full.sh hw9 # next: the stable inner loop (the Hope presets since session 14) over 200
-#                                        # steps at lr 3e-3, and its tokens/s against the paper's form; hw10: lr 1e-3
+#   bash benchmarks/gpu_perf_full.sh hw9 # the stable inner loop (the Hope presets since session 14) over 200
+#                                        # steps at lr 3e-3, and its tokens/s against the paper's form; hw10: lr 1e-3;
+#                                        # hw11: Transformer++ and Hope's cut beside hw10; hw12: full depth (session 15)
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -188,12 +189,13 @@ hope_trainer() {
     cp /tmp/${stage}_$name/metrics.jsonl $OUT/${stage}_$name.jsonl 2>/dev/null
   done
 }
-# One hope_340m trainer run (4 layers, seq 2048 x 8, bf16): hope_try STAGE NAME TIMEOUT STEPS [flags].
+# One hope_340m trainer run (4 layers, seq 2048 x 8, bf16): hope_try STAGE NAME TIMEOUT STEPS [flags];
+# PRESET=transformer_340m hope_try ... runs another preset at the same settings, LAYERS=24 at full depth.
 hope_try() {
   local stage=$1 name=$2 limit=$3 steps=$4; shift 4
-  timeout $limit python launch/train.py --config=experiments/lm.py:hope_340m --workdir=/tmp/${stage}_$name \
+  timeout $limit python launch/train.py --config=experiments/lm.py:${PRESET:-hope_340m} --workdir=/tmp/${stage}_$name \
     --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=$steps --config.model.dtype=bfloat16 \
-    --config.model.num_layers=4 --config.eval.every_steps=0 --config.data.eval_batches=2 \
+    --config.model.num_layers=${LAYERS:-4} --config.eval.every_steps=0 --config.data.eval_batches=2 \
     --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 "$@" 2>&1 | $F | grep "loss\|error\|rror" | tail -2
   cp /tmp/${stage}_$name/metrics.jsonl $OUT/${stage}_$name.jsonl 2>/dev/null
 }
@@ -618,7 +620,7 @@ fi
 if [ "$1" = hw8 ]; then  # beta_max 0.3 went NaN at step 33 (hw7): momentum off over the same 200 steps
   hope_try hw8 nomom 300 200 --config.model.memory.momentum=False --config.logging.every_steps=20
 fi
-if [ "$1" = hw9 ]; then  # next session: the Hope presets' stable inner loop (session 14) on the GPU
+if [ "$1" = hw9 ]; then  # the Hope presets' stable inner loop (session 14) on the GPU
   hope_try hw9 lr3e-3 300 200 --config.logging.every_steps=20
   timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
     --variants="stable:memory.normalize_memory=True|paper:memory.normalize_memory=False;memory.momentum_ema=False" \
@@ -626,4 +628,12 @@ if [ "$1" = hw9 ]; then  # next session: the Hope presets' stable inner loop (se
 fi
 if [ "$1" = hw10 ]; then  # and at lr 1e-3 (the paper's form: NaN at step 41, hw5)
   hope_try hw10 lr1e-3 300 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3
+fi
+if [ "$1" = hw11 ]; then  # beside hw10: Transformer++ at the same settings, and Hope's cut (K = 4 + windows)
+  PRESET=transformer_340m hope_try hw11 tpp 200 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3
+  hope_try hw11 win 300 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
+    --config.model.memory.backprop_chunks=4 --config.model.memory.parallel_windows=True
+fi
+if [ "$1" = hw12 ]; then  # the stable inner loop at full hope_340m depth (24 layers), 60 steps at lr 1e-3
+  LAYERS=24 hope_try hw12 full24 450 60 --config.logging.every_steps=10 --config.optimizer.learning_rate=1e-3
 fi

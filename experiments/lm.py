@@ -130,7 +130,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # (BENCHMARKS.md, session 14). One layer with its gates at their bounds diverges even
     # token by token in that form, and stays bounded with both switches on
     # (benchmarks/hope_inner_stability.py); hope_tiny: the same bits/byte, 8% fewer tokens/s.
-    # The 340M trainer has not run with them yet.
+    # With them hope_340m (4 layers) trained 200 steps finite at lr 3e-3 and 1e-3 on an H200,
+    # at 2% fewer tokens/s (BENCHMARKS.md, session 15).
     # - every layer's DGD step normalised by the curvature of the whole memory along the token's
     #   error (rules.memory_curvature, a constant for the outer gradient): per-layer ||a||^2
     #   ignores that an MLP memory's output layer scales its input layer's step by its own
@@ -163,8 +164,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
     #   it the gradient norm went infinite while the loss was still finite.
     #   Hope takes it too (every memory of the layer cut every K x C_mem tokens), off here: at
-    #   K = 4 with parallel_windows hope_340m ran +26% tokens/s on an H200, but its quality is
-    #   not measured yet (BENCHMARKS.md, session 13).
+    #   K = 4 with parallel_windows hope_340m ran +26% tokens/s on an H200 (+20% in the
+    #   trainer), and 200 trainer steps (4 layers, lr 1e-3) reached 1.738 vs 1.788 bits/byte
+    #   uncut: one seed each, too short to call it free (BENCHMARKS.md, sessions 13 and 15).
     m.memory.backprop_chunks = 4 if titans else 0
     # With a cut every K chunks the windows are independent in the backward, which walks them
     # side by side (K sequential chunk steps, not seq / C; the same gradient). On an H200
