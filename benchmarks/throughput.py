@@ -333,23 +333,25 @@ def utilisation(prof: dict, tokens: int, model_flops: float, inner_flops: float,
     return out
 
 
-def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
-            overrides: dict[str, object] | None = None, profile: str = "",
-            name: str = "", profile_top: int = 10, hlo_out: str = "",
-            profile_steps: int = 2, doc_len: int = 0) -> dict:  # fmt: skip
-    """Compile and time the train step of one preset (profiled if `profile` names a dir; its
-    optimized HLO gzipped to `hlo_out` if given, to look up the profile's kernels offline).
-
-    `doc_len` > 0: every row packs documents of `doc_len` tokens (segment ids and positions
-    as the trainer's packed batches give them), so every level resets at their starts.
+def train_step(preset: str, seq_len: int, batch: int, dtype: str,
+               overrides: dict[str, object] | None = None, doc_len: int = 0,
+               abstract: bool = False) -> tuple:  # fmt: skip
+    """`(step, state, model, cfg)`: one preset's AdamW train step `step(state, tokens [batch,
+    seq_len + 1]) -> (state, loss)` and its initial state (`abstract`: shapes only, nothing
+    allocated). `doc_len` > 0 packs documents of `doc_len` tokens per row (segment ids and
+    positions as the trainer's packed batches give them), so every level resets at their starts.
     """
     if doc_len < 0:
         raise ValueError(f"doc_len must be >= 0 (0: one document per row), got {doc_len}")
     cfg = lm.get_config(preset).model
     cfg.dtype = dtype
     apply_overrides(cfg, overrides or {})
-    model = models.build(cfg, nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    def build():
+        model = models.build(cfg, nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    model, optimizer = nnx.eval_shape(build) if abstract else build()
     graphdef, state = nnx.split((model, optimizer))
 
     docs = {}
@@ -367,6 +369,19 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
 
+    return step, state, model, cfg
+
+
+def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
+            overrides: dict[str, object] | None = None, profile: str = "",
+            name: str = "", profile_top: int = 10, hlo_out: str = "",
+            profile_steps: int = 2, doc_len: int = 0) -> dict:  # fmt: skip
+    """Compile and time the train step of one preset (profiled if `profile` names a dir; its
+    optimized HLO gzipped to `hlo_out` if given, to look up the profile's kernels offline).
+
+    `doc_len` > 0: every row packs documents of `doc_len` tokens (see `train_step`).
+    """
+    step, state, model, cfg = train_step(preset, seq_len, batch, dtype, overrides, doc_len)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
     t0 = time.perf_counter()
     options = models.compiler_options(cfg) or None

@@ -8,10 +8,11 @@ SIGTERM) and resumes from the latest checkpoint in --workdir. Ends with one summ
 the validation loss / bits per byte and where the checkpoint is.
 
     python launch/train.py --config=experiments/lm.py:transformer_340m --compile_only \
-        [--topology=v5p:2x2x2]
+        [--topology=v5p:2x2x2 | --topology=h200]
 
-compiles the train step ahead of time (for the local devices, or for a TPU topology from any
-machine with `jax[tpu]` installed) and prints its per-device memory, without training.
+compiles the train step ahead of time (for the local devices, for a TPU topology from any
+machine with `jax[tpu]` installed, or for one H200 from any machine with `jax[cuda12]`
+installed, no GPU needed) and prints its per-device memory, without training.
 Exit codes: 0 done, 2 bad input (config, data, mesh, checkpoint), 3 compile-only topology not
 available here, 4 compile-only: does not fit in device memory, 143 stopped by SIGTERM after
 saving a checkpoint.
@@ -39,7 +40,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Only AOT-compile the train step.")
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "With --compile_only: a TPU topology such as v5p:2x2x2 or v5e:16x16."
+    "topology",
+    None,
+    "With --compile_only: a TPU topology such as v5p:2x2x2 or v5e:16x16, or h200 (one GPU, "
+    "described without one: needs the CUDA plugin, jax[cuda12]).",
 )
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",

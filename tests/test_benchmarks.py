@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from nl_jax import models
@@ -290,3 +291,103 @@ def test_hope_inner_stability_stress_separates_the_two_forms():
     stable = stress.stress(1, 1, 0.9, 1.0, "stable")
     assert any(v.startswith("DIVERGES") for v in paper.values()), paper
     assert all(v.startswith("bounded") for v in stable.values()), stable
+
+
+def test_kernel_count_multiplies_loop_bodies_by_their_trip_counts():
+    """On HLO compiled here: a loop of n steps adds n times its body's kernels."""
+    import kernel_count  # noqa: PLC0415
+
+    def counted(n):
+        def f(x):
+            return jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ x) * 0.5 + i, x)
+
+        text = jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text()
+        total, launches, warnings = kernel_count.count_kernels(text)
+        assert not warnings, warnings
+        assert total == sum(launches.values())
+        return total
+
+    per_step = counted(8) - counted(7)
+    assert per_step >= 1
+    assert counted(17) - counted(7) == 10 * per_step
+
+
+def test_kernel_count_walks_nested_loops_calls_and_conditionals():
+    import kernel_count  # noqa: PLC0415
+
+    trip = 'backend_config={"known_trip_count":{"n":"%d"}}'
+    text = "\n".join([
+        "HloModule m",
+        "%fused_a (p: f32[4]) -> f32[4] {",
+        "  %p = f32[4]{0} parameter(0)",
+        "  ROOT %n = f32[4]{0} negate(f32[4]{0} %p)",
+        "}",
+        "%inner_body (t: (s32[], f32[4])) -> (s32[], f32[4]) {",
+        "  %t = (s32[], f32[4]{0}) parameter(0)",
+        "  %g = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %t), index=1",
+        "  %f1 = f32[4]{0} fusion(f32[4]{0} %g), kind=kLoop, calls=%fused_a",
+        "  %f2 = f32[4]{0} fusion(f32[4]{0} %f1), kind=kLoop, calls=%fused_a",
+        "  ROOT %r = (s32[], f32[4]{0}) tuple(s32[] %i, f32[4]{0} %f2)",
+        "}",
+        "%cond (t: (s32[], f32[4])) -> pred[] {",
+        "  %t = (s32[], f32[4]{0}) parameter(0)",
+        "  ROOT %c = pred[] fusion((s32[], f32[4]{0}) %t), kind=kLoop, calls=%fused_a",
+        "}",
+        "%outer_body (t: (s32[], f32[4])) -> (s32[], f32[4]) {",
+        "  %t = (s32[], f32[4]{0}) parameter(0)",
+        "  %w = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %t), condition=%cond, "
+        "body=%inner_body, " + trip % 5,
+        "  ROOT %cc = f32[4]{0} custom-call(f32[4]{0} %x), custom_call_target=\"__cublas$gemm\"",
+        "}",
+        "%small (p: f32[4]) -> f32[4] {",
+        "  %p = f32[4]{0} parameter(0)",
+        "  ROOT %f = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused_a",
+        "}",
+        "%big (p: f32[4]) -> f32[4] {",
+        "  %p = f32[4]{0} parameter(0)",
+        "  %f = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused_a",
+        "  ROOT %h = f32[4]{0} fusion(f32[4]{0} %f), kind=kLoop, calls=%fused_a",
+        "}",
+        "ENTRY %main (x: f32[4]) -> f32[4] {",
+        "  %x = f32[4]{0} parameter(0)",
+        "  %k = f32[4]{0} constant({1, 2, 3, 4})",
+        "  %w = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %t), condition=%cond, "
+        "body=%outer_body, " + trip % 3,
+        "  %u = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %t), condition=%cond, "
+        "body=%inner_body",
+        "  %b = f32[4]{0} conditional(s32[] %i, f32[4]{0} %x, f32[4]{0} %x), "
+        "branch_computations={%small, %big}",
+        "  ROOT %cp = f32[4]{0} call(f32[4]{0} %x), to_apply=%small",
+        "}",
+    ])  # fmt: skip
+    total, launches, warnings = kernel_count.count_kernels(text)
+    # outer loop: 3 x (cond 1 + inner loop 5 x (cond 1 + 2 fusions) + 1 custom call) = 3 x 17;
+    # the loop without a trip count: once (1 + 2), warned; the conditional: its larger branch
+    # (2) plus the predicate's read; the call: 1.
+    assert total == 3 * 17 + 3 + 3 + 1, (total, launches)
+    assert len(warnings) == 1 and "u has no known trip count" in warnings[0]
+    assert launches["cc"] == 3 and launches["f1"] == 3 * 5 + 1
+
+
+def test_kernel_count_compiles_hope_for_an_h200_without_one():
+    """Needs the CUDA plugin (jax[cuda12]); skipped without it, as in CI."""
+    import kernel_count  # noqa: PLC0415
+
+    from nl_jax.train import gpu_targets  # noqa: PLC0415
+
+    try:
+        gpu_targets.devices("h200")
+    except gpu_targets.GpuTargetError as e:
+        pytest.skip(str(e)[:200])
+    sharding, _ = kernel_count.compile_for("h200")
+    over = {"num_layers": 1, "memory.chunk_size_other": 16}
+    rows = {
+        k: kernel_count.measure("hope_tiny", 64, 2, "float32", dict(over, **{"memory.kernel": k}),
+                                sharding, by=2)
+        for k in ("xla", "pallas_forward")
+    }  # fmt: skip
+    for row in rows.values():
+        assert row["kernels_per_step"] > 0 and not row["warnings"]
+        assert any("inner_memory" in name for name, _ in row["groups"]), row["groups"]
+    # The fused forward replaces the projection memories' forward chunk loop by one kernel.
+    assert rows["pallas_forward"]["kernels_per_step"] < rows["xla"]["kernels_per_step"]

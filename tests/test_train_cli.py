@@ -279,6 +279,17 @@ def test_compile_only_tpu_topology(env):
     assert "[memory] train step on v5p:2x2x2, per device (8 devices)" in result.stdout
 
 
+def test_compile_only_gpu_target_without_a_gpu(env):
+    """`--topology=h200` compiles for one H200 on a machine without one (XLA's deviceless GPU
+    compiler, with the CUDA plugin installed), tracing the GPU's choices (`nl_jax.core.target`)."""
+    args = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=h200"]
+    result = launch(args, env)
+    if result.returncode == 3 and "jax[cuda12]" in result.stderr:
+        pytest.skip("GPU compile-only needs the CUDA plugin: " + result.stderr.strip()[-200:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[memory] train step on h200, per device (1 devices)" in result.stdout
+
+
 def _free_port():
     import socket
 

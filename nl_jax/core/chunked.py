@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from nl_jax.core import target
+
 READ_MODES = ("per_token", "per_token_prior", "boundary")
 # How the DGD chunk solves its unit lower-triangular system (see `unit_lower_solve`).
 SOLVES = ("auto", "triangular", "inverse")
@@ -204,7 +206,7 @@ def resolve_solve(method: str) -> str:
     if method not in SOLVES:
         raise ValueError(f"unknown solve method {method!r}; allowed: {SOLVES}")
     if method == "auto":
-        return "inverse" if jax.default_backend() == "cpu" else "triangular"
+        return "inverse" if target.backend() == "cpu" else "triangular"
     return method
 
 

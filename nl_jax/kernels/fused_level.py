@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nl_jax.core import target
 from nl_jax.core.level import Level, chunk_step, run_level
 from nl_jax.core.memories import Params
 from nl_jax.core.truncation import cut_carry, gradient_cuts
@@ -67,7 +68,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     n, seq = keys.shape[:2]
     c = level.chunk_size
     n_full = seq // c
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    interpret = target.backend() == "cpu" if interpret is None else interpret
     dims = {c, *(d for a in jax.tree.leaves(params) for d in a.shape[1:])}
     if forward == "kernel" and not interpret and min(dims) < 16:
         raise ValueError(

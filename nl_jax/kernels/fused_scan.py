@@ -33,6 +33,8 @@ try:  # the Triton flavour of Pallas; absent in some CPU-only jaxlib builds
 except ImportError:  # pragma: no cover - depends on the installed jaxlib
     pl_triton = None
 
+from nl_jax.core import target  # noqa: E402 (after the optional Pallas import)
+
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
 # How the gradient runs: the reverse-walk kernel, or XLA ops over the kernel's saved carries.
 BACKWARDS = ("kernel", "xla")
@@ -60,7 +62,7 @@ def fused_fits(*sizes: int) -> bool:
     lowering, and every matmul size at least 16 (Triton's operands) and a power of two (its
     blocks). Not on several devices: GSPMD cannot partition the Pallas call (untested)."""
     shapes_fit = all(n >= 16 and n & (n - 1) == 0 for n in sizes)
-    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+    single_gpu = target.backend() == "gpu" and target.device_count() == 1
     return shapes_fit and single_gpu and pl_triton is not None
 
 

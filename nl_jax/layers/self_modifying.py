@@ -36,6 +36,7 @@ from nl_jax.core import (
     memories,
     objectives,
     run_level,
+    target,
 )
 from nl_jax.core.level import chunk_update
 from nl_jax.core.truncation import cut_carry, gradient_cuts
@@ -383,7 +384,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     b, s, h, dh = u.shape
     n, c = b * h, spec.chunk_other
     n_full = s // c
-    interpret = jax.default_backend() == "cpu"
+    interpret = target.backend() == "cpu"
     forward = "xla" if spec.kernel == "xla" else "kernel"
     if forward == "kernel" and not interpret and min(c, dh, spec.hidden) < 16:
         raise ValueError(

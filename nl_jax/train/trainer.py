@@ -26,10 +26,11 @@ from flax import nnx
 
 from nl_jax import data as nl_data
 from nl_jax import models
+from nl_jax.core import target
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import config as config_lib
+from nl_jax.train import gpu_targets, sharding, step
 from nl_jax.train import metrics as metrics_lib
-from nl_jax.train import sharding, step
 
 log = logging.getLogger(__name__)
 echo = metrics_lib.print_main
@@ -561,8 +562,22 @@ def tpu_topology_devices(topology: str) -> Sequence[Any]:
 
 
 def compile_only(config: ml_collections.ConfigDict, topology: str | None = None) -> dict[str, Any]:
-    """Validate and AOT-compile the train step (local devices, or a TPU topology); no training."""
-    devices = tpu_topology_devices(topology) if topology else jax.devices()
+    """Validate and AOT-compile the train step (local devices, a TPU topology, or one GPU named
+    in `gpu_targets.TARGETS`, e.g. `h200`, described without a GPU); no training."""
+    if topology in gpu_targets.TARGETS:
+        try:
+            devices = gpu_targets.devices(topology)
+        except gpu_targets.GpuTargetError as e:
+            raise TopologyError(str(e)) from None
+    else:
+        devices = tpu_topology_devices(topology) if topology else jax.devices()
+    # Trace for the target's platform: its kernels and solves, not this host's.
+    with target.compiling_for(devices[0].platform, len(devices)):
+        return _compile_only(config, devices, topology)
+
+
+def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
+                  topology: str | None) -> dict[str, Any]:  # fmt: skip
     config_lib.validate(config, num_devices=len(devices), process_count=1)
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     where = topology or f"{len(devices)} local {devices[0].platform} device(s)"
