@@ -640,6 +640,10 @@ if [ "$1" = hw13 ]; then  # next session: kernel_count.py's static count against
   K="python benchmarks/kernel_count.py --presets=hope_340m --set=num_layers=4 --seq_len=4096 --batch=8"
   timeout 200 $K --target=local --variants="auto:|xla:memory.kernel='xla'" 2>&1 | $F | grep "^|"
   timeout 200 $K --target=h200 --variants="auto:" 2>&1 | $F | grep "^|"
+  for topo in "" "--topology=h200"; do  # XLA's memory estimate: live compile vs deviceless
+    timeout 150 python launch/train.py --config=experiments/lm.py:hope_340m --compile_only $topo \
+      --config.seq_len=4096 --config.global_batch_size=8 --config.model.dtype=bfloat16 2>&1 | $F | grep "memory\]\|rror"
+  done
   timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 --profile=/tmp/p13 \
     --profile_steps=1 --out=$OUT/hw13_tps.json 2>&1 | $F | grep "^| hope\|kernels\|device ops\|rror"
 fi

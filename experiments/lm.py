@@ -166,7 +166,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   Hope takes it too (every memory of the layer cut every K x C_mem tokens), off here: at
     #   K = 4 with parallel_windows hope_340m ran +26% tokens/s on an H200 (+20% in the
     #   trainer), and 200 trainer steps (4 layers, lr 1e-3) reached 1.738 vs 1.788 bits/byte
-    #   uncut: one seed each, too short to call it free (BENCHMARKS.md, sessions 13 and 15).
+    #   uncut (one seed), hope_tiny within 0.0012 at two seeds: a second 340M seed decides
+    #   (BENCHMARKS.md, sessions 13 and 15).
     m.memory.backprop_chunks = 4 if titans else 0
     # With a cut every K chunks the windows are independent in the backward, which walks them
     # side by side (K sequential chunk steps, not seq / C; the same gradient). On an H200

@@ -279,6 +279,14 @@ def test_compile_only_tpu_topology(env):
     assert "[memory] train step on v5p:2x2x2, per device (8 devices)" in result.stdout
 
 
+def test_compile_only_rejects_an_unknown_topology(env):
+    args = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=a100"]
+    result = launch(args, env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "not understood" in result.stderr and "or one GPU: h200" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_compile_only_gpu_target_without_a_gpu(env):
     """`--topology=h200` compiles for one H200 on a machine without one (XLA's deviceless GPU
     compiler, with the CUDA plugin installed), tracing the GPU's choices (`nl_jax.core.target`)."""

@@ -532,9 +532,10 @@ def tpu_topology_devices(topology: str) -> Sequence[Any]:
     """Compile-only devices of a TPU topology such as `v5p:2x2x2` or `v5e:16x16`."""
     m = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+){1,2})", topology)
     if not m:
-        raise ValueError(
-            f"--topology={topology!r} is not understood; expected <kind>:<shape> with kind one of "
-            f"{sorted(_TPU_KINDS)} and shape like 2x2x2 (v4, v5p) or 16x16 (v5e, v6e)"
+        raise config_lib.ConfigError(
+            f"--topology={topology!r} is not understood; expected a TPU topology <kind>:<shape> "
+            f"with kind one of {sorted(_TPU_KINDS)} and shape like 2x2x2 (v4, v5p) or 16x16 "
+            f"(v5e, v6e), or one GPU: {', '.join(sorted(gpu_targets.TARGETS))}."
         )
     kind, shape = m.group(1), m.group(2)
     name, chip_config = _TPU_KINDS[kind]
