@@ -412,7 +412,7 @@ def test_auto_solve_is_the_inverse_on_cpu():
     from nl_jax.core.chunked import resolve_solve
 
     assert resolve_solve("triangular") == "triangular" and resolve_solve("inverse") == "inverse"
-    assert resolve_solve("auto") == ("inverse" if jax.default_backend() == "cpu" else "triangular")
+    assert resolve_solve("auto") == ("triangular" if jax.default_backend() == "gpu" else "inverse")
     with pytest.raises(ValueError, match="unknown solve"):
         resolve_solve("lu")
 

@@ -32,8 +32,8 @@ def test_compiling_for_a_gpu_takes_the_gpu_choices_and_restores_the_local_ones()
         with target.compiling_for("gpu", 4):  # GSPMD cannot partition the Pallas call
             assert target.device_count() == 4 and not fused_scan.fused_fits(16, 64)
         assert target.device_count() == 1
-    with target.compiling_for("tpu", 8):
-        assert chunked.resolve_solve("auto") == "triangular"
+    with target.compiling_for("tpu", 8):  # trsm asked 8.8 GiB more per v5p chip
+        assert chunked.resolve_solve("auto") == "inverse"
         assert not fused_scan.fused_fits(16, 64)
     assert chunked.resolve_solve("auto") == local_solve
     assert fused_scan.fused_fits(16, 64) == local_fused

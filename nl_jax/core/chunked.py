@@ -198,15 +198,17 @@ def unit_lower_inverse(lower: jax.Array) -> jax.Array:
 
 
 def resolve_solve(method: str) -> str:
-    """`auto` -> `inverse` on CPU, `triangular` elsewhere; other methods unchanged.
+    """`auto` -> `triangular` on GPU, `inverse` elsewhere; other methods unchanged.
 
-    XLA:CPU can hang in the triangular solve of a Hope step (WORKSPACE.md, "Known problems");
-    on GPU trsm measured 3.5% faster than the inverse at full hope_340m depth (BENCHMARKS.md).
+    On GPU trsm measured 3.5% faster than the inverse at full hope_340m depth; XLA:CPU can hang
+    in the triangular solve of a Hope step (WORKSPACE.md, "Known problems"); on a TPU (v5p:2x2x2,
+    compiled ahead of time) hope_340m's step asked 29.9 GiB per chip with it, 21.1 with the
+    inverse (BENCHMARKS.md, session 15).
     """
     if method not in SOLVES:
         raise ValueError(f"unknown solve method {method!r}; allowed: {SOLVES}")
     if method == "auto":
-        return "inverse" if target.backend() == "cpu" else "triangular"
+        return "triangular" if target.backend() == "gpu" else "inverse"
     return method
 
 
