@@ -14,7 +14,8 @@ here before a GPU is spent on it; what each kernel costs is the GPU's business.
 `--target=h200` (default) compiles without a GPU, from the device description in
 `nl_jax/train/gpu_targets.py`, with XLA's deviceless compiler: needs the CUDA plugin
 (`pip install "jax[cuda12]==<jax version>"`; no driver or GPU). Autotuning is off there, so GEMM
-choices may differ from a live compile; the chunk steps' fusions do not depend on them.
+choices may differ from a live compile (the autotuner may also split a Triton GEMM fusion into
+cuBLAS plus an elementwise kernel): `--target=local` on a GPU tells by how much.
 `--target=local` compiles for the local GPU. The model's platform choices (`memory.kernel`,
 `memory.solve`) are those of one GPU (`nl_jax.core.target`). `--by=N` groups the kernels by the
 first N parts of their JAX name stack (`op_name` metadata) and prints the largest groups.

@@ -2,8 +2,8 @@
 
 XLA's deviceless GPU compiler (`jax.experimental.topologies.get_topology_desc(platform="cuda",
 target_config=...)`, with the CUDA plugin installed: `pip install "jax[cuda12]"`, no driver or
-GPU) compiles for the GPU these describe. Autotuning is off there, so GEMM algorithm choices
-may differ from a live compile; fusion and buffer assignment are the GPU compiler's own.
+GPU) compiles for the GPU these describe with the GPU compiler's own passes, except that
+autotuning is off: GEMM choices (and with them a few fusions) may differ from a live compile.
 """
 
 from __future__ import annotations
