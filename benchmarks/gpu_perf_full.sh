@@ -102,7 +102,7 @@
 #                                        # steps at lr 3e-3, and its tokens/s against the paper's form; hw10: lr 1e-3;
 #                                        # hw11: Transformer++ and Hope's cut beside hw10; hw12: full depth (session 15)
 #   bash benchmarks/gpu_perf_full.sh hw13 # next: kernel_count.py against a profile's kernel count;
-#                                        # hw14: the cut's quality at a second seed; hw15: C_other 64's quality
+#                                        # hw14 + hw14w: the cut's quality at a second seed; hw15: C_other 64
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
 #                                        # batch 8 and 32 (which ops grow with the batch);
 #                                        # C_other 16 vs 64 (4 layers)
@@ -647,13 +647,17 @@ if [ "$1" = hw13 ]; then  # next session: kernel_count.py's static count against
   timeout 200 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 --profile=/tmp/p13 \
     --profile_steps=1 --out=$OUT/hw13_tps.json 2>&1 | $F | grep "^| hope\|kernels\|device ops\|rror"
 fi
-if [ "$1" = hw14 ]; then  # next session: the cut's quality, a second seed (hw10 / hw11 were seed 0)
-  hope_try hw14 s1 300 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 --config.seed=1
-  hope_try hw14 s1win 300 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
+# Next session: the cut's quality, a second seed (hw10 / hw11 were seed 0); one call each (a
+# 200-step run takes ~320 s with its startup, two do not fit a call's 600 s).
+if [ "$1" = hw14 ]; then
+  hope_try hw14 s1 330 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 --config.seed=1
+fi
+if [ "$1" = hw14w ]; then
+  hope_try hw14w s1win 330 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
     --config.seed=1 --config.model.memory.backprop_chunks=4 --config.model.memory.parallel_windows=True
 fi
 if [ "$1" = hw15 ]; then  # next session: C_other 64 (+49% tokens/s at full depth, session 7) beside hw10's 1.7875
-  hope_try hw15 cother64 300 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
+  hope_try hw15 cother64 330 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
     --config.model.memory.chunk_size_other=64
 fi
 if [ "$1" = hw12 ]; then  # the stable inner loop at full hope_340m depth (24 layers), 60 steps at lr 1e-3
