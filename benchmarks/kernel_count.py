@@ -55,10 +55,6 @@ _NO_KERNEL = {
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([^\s=]+)\s*=\s.*?[\]})]\s+([a-z][\w-]*)\(")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CALLEE = re.compile(
-    r"\b(body|condition|to_apply|true_computation|false_computation)=%?([^\s,{}]+)"
-)
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 
 def parse_hlo(text: str) -> tuple[str, dict[str, list[tuple[str, str, str]]]]:
@@ -100,7 +96,8 @@ def count_kernels(text: str) -> tuple[int, collections.Counter, list[str]]:
             raise ValueError(f"HLO call depth above 64 at {name!r}")
         total = 0
         for inst, opcode, line in comps.get(name, []):
-            callees = dict(_CALLEE.findall(line))
+            found = throughput.HLO_CALLEES.findall(line)
+            callees = {key: callee for key, callee, _ in found if callee}
             if opcode == "while":
                 trip = _TRIP.search(line)
                 if trip is None:
@@ -112,10 +109,10 @@ def count_kernels(text: str) -> tuple[int, collections.Counter, list[str]]:
             elif opcode == "call":
                 total += walk(callees["to_apply"], times, depth + 1, sink)
             elif opcode == "conditional":
-                branches = _BRANCHES.search(line)
+                listed = [b for key, _, b in found if key == "branch_computations"]
                 names = (
-                    re.findall(r"%?([^\s,]+)", branches.group(1))
-                    if branches
+                    re.findall(r"%?([^\s,%]+)", listed[0])
+                    if listed
                     else [callees[k] for k in ("true_computation", "false_computation")]
                 )
                 largest = max(names, key=lambda b: walk(b, times, depth + 1, collections.Counter()))

@@ -132,7 +132,7 @@ def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
             if _TRITON_CALL in line and (kernel := _TRITON_NAME.search(line, inst.end())):
                 own.setdefault(kernel.group(1), meta.group(1))
                 computation_of.setdefault(kernel.group(1), computation)
-        for key, callee, branches in _HLO_CALLEES.findall(line, inst.end()):
+        for key, callee, branches in HLO_CALLEES.findall(line, inst.end()):
             for c in [callee] if callee else re.findall(r"%?([^\s,%]+)", branches):
                 callers.setdefault(c, name)
                 if key == "calls":
@@ -159,7 +159,7 @@ _HLO_INSTRUCTION = re.compile(r"\s+(?:ROOT\s+)?%?([^\s=%]+)\s*=\s")
 _HLO_OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="((?:[^"\\]|\\.)*)"')
 _TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'
 _TRITON_NAME = re.compile(r'\bname = "([^"]+)"')
-_HLO_CALLEES = re.compile(
+HLO_CALLEES = re.compile(
     r"\b(body|condition|calls|to_apply|true_computation|false_computation|branch_computations)"
     r"=(?:%?([^\s,{}%]+)|\{([^}]*)\})"
 )
