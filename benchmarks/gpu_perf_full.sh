@@ -101,6 +101,8 @@
 #   bash benchmarks/gpu_perf_full.sh hw9 # the stable inner loop (the Hope presets since session 14) over 200
 #                                        # steps at lr 3e-3, and its tokens/s against the paper's form; hw10: lr 1e-3;
 #                                        # hw11: Transformer++ and Hope's cut beside hw10; hw12: full depth (session 15)
+#   bash benchmarks/gpu_perf_full.sh hw17 # the final full-depth hope_340m profile, Transformer++ beside it
+#   bash benchmarks/gpu_perf_full.sh hw16 # hw14's NaN: replay to it, then its gradient under variants
 #   bash benchmarks/gpu_perf_full.sh hw13 # next: kernel_count.py against a profile's kernel count;
 #                                        # hw14 + hw14w: the cut's quality at a second seed; hw15: C_other 64
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
@@ -659,6 +661,26 @@ fi
 if [ "$1" = hw15 ]; then  # next session: C_other 64 (+49% tokens/s at full depth, session 7) beside hw10's 1.7875
   hope_try hw15 cother64 330 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
     --config.model.memory.chunk_size_other=64
+fi
+if [ "$1" = hw16 ]; then  # hw14's NaN (uncut, seed 1, step 105): replay from a step-100 checkpoint, then
+  # the bad step's gradient as run, cut, in float32, with the XLA kernel and the inverse solve
+  UNCUT="--config.model.memory.backprop_chunks=0 --config.model.memory.parallel_windows=False"
+  hope_try hw16 s1 260 200 --config.logging.every_steps=5 --config.optimizer.learning_rate=1e-3 \
+    --config.seed=1 --config.checkpoint.every_steps=100 $UNCUT
+  timeout 330 python launch/probe_nonfinite.py --config=experiments/lm.py:hope_340m --workdir=/tmp/hw16_s1 \
+    --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=200 --config.model.dtype=bfloat16 \
+    --config.model.num_layers=4 --config.optimizer.learning_rate=1e-3 --config.seed=1 $UNCUT \
+    --config.checkpoint.every_steps=100 --steps=10 --at_step=105 --out=$OUT/hw16_probe.json \
+    --variants="cut:model.memory.backprop_chunks=4;model.memory.parallel_windows=True|f32:model.dtype='float32'|xla:model.memory.kernel='xla'|inv:model.memory.solve='inverse'" \
+    2>&1 | $F | grep -v "^\[setup\]\|^\[compile\]" | tail -60
+fi
+if [ "$1" = hw17 ]; then  # the final full-depth hope_340m (session-16 presets: the cut + windows), profiled,
+  # with transformer_340m in the same call
+  # XLA's attention (the preset's default) asked for 258.66 GiB here (session 16): cuDNN's, as before
+  timeout 90 $T --seq_len=4096 --batch=8 --presets=transformer_340m --set="attention.implementation=cudnn" \
+    --out=$OUT/hw17_tpp.json 2>&1 | $F | grep "^| transformer\|failed\|rror"
+  timeout 260 $T --steps=2 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_17 \
+    --profile_steps=1 --profile_top=15 --out=$OUT/hw17_hope.json 2>&1 | $F | tail -40
 fi
 if [ "$1" = hw12 ]; then  # the stable inner loop at full hope_340m depth (24 layers), 60 steps at lr 1e-3
   LAYERS=24 hope_try hw12 full24 450 60 --config.logging.every_steps=10 --config.optimizer.learning_rate=1e-3
