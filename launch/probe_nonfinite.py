@@ -31,7 +31,6 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
-import importlib.util
 import json
 import logging
 import math
@@ -165,17 +164,11 @@ def format_overrides(overrides: dict[str, Any]) -> str:
 
 def leaf_name(path: Sequence[Any]) -> str:
     """A `jax.tree_util` key path -> `"blocks/0/mixer/wq"` (an nnx Variable's `value` dropped)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    if len(parts) > 1 and parts[-1] in ("value", "raw_value"):
-        parts.pop()
-    return "/".join(parts)
+    from nl_jax.optim.routing import path_to_str  # noqa: PLC0415
+
+    name = path_to_str(tuple(path))
+    head, _, last = name.rpartition("/")
+    return head if head and last in ("value", "raw_value") else name
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:
@@ -315,41 +308,11 @@ def _define_flags(argv: list[str]) -> tuple[flags.FlagValues, dict[str, flags.Fl
     return fv, h
 
 
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """The ConfigDict of `path.py[:arg]`, loaded like config_flags does (for error messages)."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("nl_jax_probe_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def _parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     """absl flag parsing with clear messages for unknown --config keys and bad values."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_arg is None:
-        _fail("--config is required: the run's config, e.g. --config=experiments/lm.py:hope_tiny")
-    try:
-        base = _load_config_file(config_arg)
-    except FileNotFoundError:
-        _fail(f"--config={config_arg}: no such config file")
-    except ValueError as e:
-        _fail(f"--config={config_arg}: {e}")
     from nl_jax.train import config as config_lib  # noqa: PLC0415
 
-    message = config_lib.unknown_override_message(base, argv)
-    if message:
-        _fail(message)
-    try:
-        fv(argv)
-    except flags.Error as e:
-        _fail(f"{e}. Fix the flag value (its type must match the config field's type).")
-    except Exception as e:  # config_flags raises plain errors for odd overrides
-        _fail(f"cannot apply the command-line overrides: {type(e).__name__}: {e}")
-
-
-# ---------------------------------------------------------------------------------------------
-# the probe
+    config_lib.parse_config_flags(fv, argv, _fail)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,6 @@ saving a checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import pathlib
@@ -60,37 +59,11 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _load_config_file(spec: str):
-    """The ConfigDict of `path.py[:arg]`, loaded like config_flags does (for error messages)."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("nl_jax_launch_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def _parse_flags(argv: list[str]) -> None:
     """absl flag parsing with clear messages for unknown --config keys and bad values."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_arg is None:
-        _fail("--config is required, e.g. --config=experiments/lm.py:hope_tiny")
-    try:
-        base = _load_config_file(config_arg)
-    except FileNotFoundError:
-        _fail(f"--config={config_arg}: no such config file")
-    except ValueError as e:
-        _fail(f"--config={config_arg}: {e}")
     from nl_jax.train import config as config_lib  # noqa: PLC0415
 
-    message = config_lib.unknown_override_message(base, argv)
-    if message:
-        _fail(message)
-    try:
-        flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(f"{e}. Fix the flag value (its type must match the config field's type).")
-    except Exception as e:  # config_flags raises plain errors for odd overrides
-        _fail(f"cannot apply the command-line overrides: {type(e).__name__}: {e}")
+    config_lib.parse_config_flags(flags.FLAGS, argv, _fail)
 
 
 def main(argv: list[str]) -> int:

@@ -9,9 +9,10 @@ overwriting a different one.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -279,3 +280,40 @@ def save_resolved(
             n += 1
     path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The ConfigDict of `path.py[:arg]`, loaded as `config_flags` does (to check overrides)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("nl_jax_cli_config", path)
+    if module_spec is None:
+        raise FileNotFoundError(path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_config_flags(flag_values: Any, argv: list[str], fail: Callable[[str], Any]) -> None:
+    """Parse `argv` into absl `flag_values` (with a `--config` config-file flag); every problem
+    (no --config, a missing file, an unknown `--config.x` key, a bad value) goes to `fail` as
+    one paragraph instead of a traceback."""
+    from absl import flags  # noqa: PLC0415  (only the command-line tools need absl)
+
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+        return fail("--config is required, e.g. --config=experiments/lm.py:hope_tiny")
+    try:
+        base = load_config_file(config_arg)
+    except FileNotFoundError:
+        return fail(f"--config={config_arg}: no such config file")
+    except ValueError as e:
+        return fail(f"--config={config_arg}: {e}")
+    message = unknown_override_message(base, argv)
+    if message:
+        return fail(message)
+    try:
+        flag_values(argv)
+    except flags.Error as e:
+        fail(f"{e}. Fix the flag value (its type must match the config field's type).")
+    except Exception as e:  # config_flags raises plain errors for odd overrides
+        fail(f"cannot apply the command-line overrides: {type(e).__name__}: {e}")
