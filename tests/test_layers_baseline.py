@@ -1,5 +1,6 @@
 """Baseline layers (norms, MLP, RoPE, attention, short conv) against independent numpy references."""
 
+import contextlib
 import math
 
 import jax
@@ -247,6 +248,48 @@ def test_attention_bf16_runs_close_to_float32():
     y16 = m16(x)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), m32(x), rtol=0.05, atol=0.05)
+
+
+def test_attention_auto_takes_cudnn_on_gpu_in_half_precision(monkeypatch):
+    """`implementation="auto"` (the presets') asks `jax.nn.dot_product_attention` for cuDNN when
+    traced for a GPU in bf16/fp16 with a head_dim cuDNN takes, for XLA otherwise: on CPU, in
+    float32, with head_dim 12 or 192, with persistent tokens (an explicit mask over a key
+    prefix) and for a continued stream (short queries on a cache)."""
+    from nl_jax.core import target
+    from nl_jax.layers import attention as attention_lib
+
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def record(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, **kwargs)  # XLA: this machine has no cuDNN
+
+    monkeypatch.setattr(attention_lib.jax.nn, "dot_product_attention", record)
+
+    def ask(head_dim: int, dtype, gpu: bool, state: bool = False, persistent: int = 0):
+        module = Attention(16, 2, head_dim, dtype=dtype, implementation="auto",
+                           num_persistent=persistent, rngs=nnx.Rngs(0))  # fmt: skip
+        x = jnp.asarray(randn(2, 8, 16))
+        asked.clear()
+        with target.compiling_for("gpu", 1) if gpu else contextlib.nullcontext():
+            if state:
+                module(x[:, :1], state=module.init_state(2, 8))
+            else:
+                jax.eval_shape(module, x)
+        return asked[-1]
+
+    assert ask(64, jnp.bfloat16, gpu=True) == "cudnn"
+    assert ask(128, jnp.float16, gpu=True) == "cudnn"
+    assert ask(64, jnp.bfloat16, gpu=False) is None
+    assert ask(64, jnp.float32, gpu=True) is None
+    assert ask(12, jnp.bfloat16, gpu=True) is None
+    assert ask(192, jnp.bfloat16, gpu=True) is None
+    assert ask(64, jnp.bfloat16, gpu=True, state=True) is None
+    assert ask(64, jnp.bfloat16, gpu=True, persistent=4) is None
+    # An explicit choice is kept whatever the platform.
+    assert attention_lib.resolve_implementation("xla", jnp.bfloat16, 64) == "xla"
+    assert attention_lib.resolve_implementation(None, jnp.bfloat16, 64) is None
 
 
 def test_attention_rejects_bad_heads():

@@ -298,6 +298,32 @@ def test_compile_only_gpu_target_without_a_gpu(env):
     assert "[memory] train step on h200, per device (1 devices)" in result.stdout
 
 
+def test_compile_only_gpu_target_checks_memory_and_takes_cudnn(env):
+    """On a GPU target the compile-only step compares XLA's peak estimate with the GPU's memory
+    (XLA:GPU compiles what cannot run): XLA's attention at seq 32768 x 8 keeps 2 layers' scores
+    (exit 4, naming the estimate); the presets' `attention.implementation="auto"` takes cuDNN
+    there and fits. Skips without the CUDA plugin."""
+    base = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=h200",
+            "--config.seq_len=32768", "--config.global_batch_size=8",
+            "--config.model.dtype=bfloat16"]  # fmt: skip
+    xla = launch([*base, "--config.model.attention.implementation=xla"], env)
+    if xla.returncode == 3 and "jax[cuda12]" in xla.stderr:
+        pytest.skip("GPU compile-only needs the CUDA plugin: " + xla.stderr.strip()[-200:])
+    assert xla.returncode == 4, xla.stderr[-3000:]
+    assert "does not fit" in xla.stderr and "the h200's device memory" in xla.stderr
+    auto = launch(base, env)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "[memory] train step on h200" in auto.stdout
+
+
+def test_gpu_target_memory_is_read_from_its_description():
+    from nl_jax.train import gpu_targets
+
+    assert gpu_targets.memory_bytes("h200") == 150_000_000_000
+    with pytest.raises(ValueError, match="unknown GPU target"):
+        gpu_targets.memory_bytes("h100")
+
+
 def _free_port():
     import socket
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nl_jax.core import target
 from nl_jax.layers import axes
 from nl_jax.layers.conv import continue_positions, continue_segments
 from nl_jax.layers.norms import RMSNorm, logical_param
@@ -20,7 +21,33 @@ from nl_jax.layers.rope import apply_rope, segment_positions
 # (global attention) or the last `window - 1` keys (sliding window), with every key's segment id
 # and stream index so the masks of the module docstring apply unchanged.
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "auto")
+# cuDNN's fused (flash) attention: half-precision inputs, head_dim a multiple of 8 up to 128.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def resolve_implementation(
+    implementation: str | None, dtype: jnp.dtype, head_dim: int, num_persistent: int = 0
+) -> str | None:
+    """`implementation` with `auto` resolved for the platform being compiled for: `cudnn` on a
+    GPU where cuDNN takes the shapes (half precision, head_dim % 8 == 0, <= 128), else XLA.
+    With persistent tokens (Titans' hybrids: an explicit mask over a key prefix) `auto` stays
+    with XLA, as every GPU run of them so far did.
+
+    XLA's attention materialises every layer's `[batch, heads, seq, seq]` scores for the
+    backward: transformer_340m at seq 4096 x 8 asked for 258.66 GiB on an H200 (session 16),
+    and XLA's estimate for one H200 is 320.8 GiB against 37.3 GiB with cuDNN.
+    """
+    if implementation != "auto":
+        return implementation
+    fits = (
+        not num_persistent
+        and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES]
+        and head_dim % 8 == 0
+        and head_dim <= CUDNN_MAX_HEAD_DIM
+    )
+    return "cudnn" if target.backend() == "gpu" and fits else None
 
 
 def _projection_init(
@@ -114,7 +141,9 @@ class Attention(nnx.Module):
         qk_norm: RMSNorm over head_dim (learned scale) on queries and keys, before RoPE.
         num_persistent: learned key/value tokens [num_persistent, kv_heads, head_dim], initialised
             N(0, 1), seen by every query, without RoPE (they have no position).
-        implementation: passed to `jax.nn.dot_product_attention` (None/"xla", or "cudnn" on GPU).
+        implementation: passed to `jax.nn.dot_product_attention` (None/"xla", or "cudnn" on GPU);
+            "auto" = `resolve_implementation` (cuDNN on a GPU where it applies, else XLA) for
+            whole sequences, XLA for continued streams (short queries against a cache).
         Projections are truncated normal with variance 1/fan_in; matmuls run in `dtype`.
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -276,9 +305,8 @@ class Attention(nnx.Module):
             # The XLA kernel forms logits in float32; float64 references need them exact.
             out = _softmax_attention(q, keys, values, mask)
         else:
-            out = jax.nn.dot_product_attention(
-                q, keys, values, mask=mask, implementation=self.implementation
-            )
+            impl = None if self.implementation == "auto" else self.implementation
+            out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=impl)
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt)), new
 
     def __call__(
@@ -339,6 +367,8 @@ class Attention(nnx.Module):
             mask=mask,
             is_causal=is_causal,
             local_window_size=local_window,
-            implementation=self.implementation,
+            implementation=resolve_implementation(
+                self.implementation, q.dtype, self.head_dim, self.num_persistent
+            ),
         )
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))

@@ -8,6 +8,7 @@ autotuning is off: GEMM choices (and with them a few fusions) may differ from a 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -72,3 +73,13 @@ def devices(name: str) -> list[Any]:
             f'pip install "jax[cuda12]=={jax.__version__}" (no GPU or driver needed).'
         ) from None
     return list(desc.devices)
+
+
+def memory_bytes(name: str) -> int:
+    """Device memory of the GPU target `name` in bytes (its `device_memory_size`)."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown GPU target {name!r}; allowed: {sorted(TARGETS)}")
+    found = re.search(r"device_memory_size:\s*(\d+)", TARGETS[name])
+    if found is None:
+        raise ValueError(f"GPU target {name!r} has no device_memory_size")
+    return int(found.group(1))

@@ -605,4 +605,27 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
         ) from None
     echo(f"[compile-only] compiled in {time.time() - t0:.1f}s")
     sizes = _print_memory(compiled, f"train step on {where}", mesh.size)
+    # XLA:TPU refuses a program that does not fit (above); XLA:GPU compiles it and the run
+    # fails at its first step, so compare its estimate with the GPU's memory here.
+    limit = _gpu_memory_limit(devices[0], topology)
+    peak = sizes.get("peak_estimate", 0)
+    if limit is not None and peak > limit[0]:
+        raise CompileError(
+            f"the train step does not fit in device memory on {where} with mesh "
+            f"{dict(mesh.shape)}, seq_len {config.data.seq_len} and global batch "
+            f"{config.data.global_batch_size}: XLA's peak estimate is {peak / 2**30:.1f} GiB "
+            f"per device, above {limit[0] / 2**30:.1f} GiB ({limit[1]}). Lower the batch or "
+            "sequence, shard over more devices (mesh.fsdp), or remat more."
+        )
     return {"devices": mesh.size, "memory": sizes, "num_params": program.num_params}
+
+
+def _gpu_memory_limit(device: Any, topology: str | None) -> tuple[int, str] | None:
+    """`(bytes, what they are)` a GPU program may use: a described target's device memory, or
+    the local allocator's limit; None off GPUs or where unknown."""
+    if device.platform != "gpu":
+        return None
+    if topology in gpu_targets.TARGETS:
+        return gpu_targets.memory_bytes(topology), f"the {topology}'s device memory"
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    return (int(limit), "this GPU's allocator limit") if limit else None
