@@ -95,10 +95,10 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.attention.window = 0  # 0: global causal attention
     m.attention.qk_norm = False
     # "auto": cuDNN's flash attention on a GPU in bf16/fp16 without persistent tokens, else XLA
-    # ("" = XLA, "cudnn"; attention.resolve_implementation). XLA's
-    # keeps every layer's scores: transformer_340m at seq 4096 x 8 asked an H200 for 258.66 GiB
-    # (XLA's estimate 320.8 GiB, cuDNN's 37.3 GiB; BENCHMARKS.md, session 16). Every GPU row
-    # of BENCHMARKS.md with attention at seq 4096 ran cuDNN, on one GPU and under FSDP.
+    # ("" = XLA, "cudnn"; attention.resolve_implementation). XLA's keeps every layer's scores:
+    # transformer_340m at seq 4096 x 8 asked an H200 for 258.66 GiB (XLA's estimate 320.8 GiB,
+    # cuDNN's 37.3 GiB; BENCHMARKS.md, session 16). Every GPU row of BENCHMARKS.md with
+    # attention at seq 4096 ran cuDNN, on one GPU and under FSDP.
     m.attention.implementation = "auto"
 
     # Titans / self-modifying Titans memory (spec sections 2 and 5, ambiguity table rows 1-10).
