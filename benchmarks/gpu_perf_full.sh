@@ -103,6 +103,11 @@
 #                                        # hw11: Transformer++ and Hope's cut beside hw10; hw12: full depth (session 15)
 #   bash benchmarks/gpu_perf_full.sh hw17 # the final full-depth hope_340m profile, Transformer++ beside it
 #   bash benchmarks/gpu_perf_full.sh hw16 # hw14's NaN: replay to it, then its gradient under variants
+#   bash benchmarks/gpu_perf_full.sh hw18 # session 17: transformer_340m's preset (attention auto) live at batch 8
+#                                        # and 16, then hw15 (C_other 64's quality, on the session-16 presets)
+#   bash benchmarks/gpu_perf_full.sh hw19 # hw18's C_other 64 again, now that 'auto' falls back to XLA when the fused
+#                                        # kernel does not fit (trainer, 200 steps), and its tokens/s beside the preset
+#   bash benchmarks/gpu_perf_full.sh hw19b # hw19's C_other 64 tokens/s alone (it ran past its limit there)
 #   bash benchmarks/gpu_perf_full.sh hw13 # next: kernel_count.py against a profile's kernel count;
 #                                        # hw14 + hw14w: the cut's quality at a second seed; hw15: C_other 64
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
@@ -200,7 +205,7 @@ hope_try() {
   timeout $limit python launch/train.py --config=experiments/lm.py:${PRESET:-hope_340m} --workdir=/tmp/${stage}_$name \
     --config.seq_len=2048 --config.global_batch_size=8 --config.num_steps=$steps --config.model.dtype=bfloat16 \
     --config.model.num_layers=${LAYERS:-4} --config.eval.every_steps=0 --config.data.eval_batches=2 \
-    --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 "$@" 2>&1 | $F | grep "loss\|error\|rror" | tail -2
+    --config.checkpoint.every_steps=1000 --config.logging.every_steps=5 "$@" 2>&1 | $F | grep "loss\|error\|rror\|kernel\]" | tail -3
   cp /tmp/${stage}_$name/metrics.jsonl $OUT/${stage}_$name.jsonl 2>/dev/null
 }
 if [ "$1" = a ]; then
@@ -681,6 +686,25 @@ if [ "$1" = hw17 ]; then  # the final full-depth hope_340m (session-16 presets: 
     --out=$OUT/hw17_tpp.json 2>&1 | $F | grep "^| transformer\|failed\|rror"
   timeout 260 $T --steps=2 --seq_len=4096 --batch=8 --presets=hope_340m --profile=/tmp/prof_17 \
     --profile_steps=1 --profile_top=15 --out=$OUT/hw17_hope.json 2>&1 | $F | tail -40
+fi
+if [ "$1" = hw18 ]; then  # the preset's attention.implementation='auto' had only run deviceless (session 16)
+  for b in 8 16; do
+    timeout 80 $T --seq_len=4096 --batch=$b --presets=transformer_340m --out=$OUT/hw18_tpp_b$b.json 2>&1 \
+      | $F | grep "^| transformer\|failed\|rror\|attention"
+  done
+  hope_try hw18 cother64 330 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
+    --config.model.memory.chunk_size_other=64
+fi
+if [ "$1" = hw19 ]; then  # C_other 64: the fused kernel asks 278,528 of 232,448 bytes of shared memory (hw18)
+  hope_try hw19 cother64 380 200 --config.logging.every_steps=20 --config.optimizer.learning_rate=1e-3 \
+    --config.model.memory.chunk_size_other=64
+  timeout 170 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="c16:memory.chunk_size_other=16|c64:memory.chunk_size_other=64" \
+    --out=$OUT/hw19_tps.json 2>&1 | $F | grep "^| hope\|kernel\]\|rror"
+fi
+if [ "$1" = hw19b ]; then  # hw19's c64 row ran past its limit (the refused compile, then XLA's): alone
+  timeout 300 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
+    --variants="c64:memory.chunk_size_other=64" --out=$OUT/hw19b_tps.json 2>&1 | $F | grep "^| hope\|kernel\]\|rror"
 fi
 if [ "$1" = hw12 ]; then  # the stable inner loop at full hope_340m depth (24 layers), 60 steps at lr 1e-3
   LAYERS=24 hope_try hw12 full24 450 60 --config.logging.every_steps=10 --config.optimizer.learning_rate=1e-3

@@ -53,7 +53,7 @@ import lm  # noqa: E402
 
 from nl_jax import models  # noqa: E402
 from nl_jax.layers.inner import INNER_SCOPE  # noqa: E402
-from nl_jax.train import metrics  # noqa: E402
+from nl_jax.train import kernel_fit, metrics  # noqa: E402
 
 
 def flops_per_token(model: nnx.Module, seq_len: int) -> float:
@@ -381,13 +381,27 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
 
     `doc_len` > 0: every row packs documents of `doc_len` tokens (see `train_step`).
     """
-    step, state, model, cfg = train_step(preset, seq_len, batch, dtype, overrides, doc_len)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
     t0 = time.perf_counter()
-    options = models.compiler_options(cfg) or None
-    compiled = (
-        jax.jit(step, donate_argnums=0, compiler_options=options).lower(state, tokens).compile()
-    )
+
+    def compile_with(overrides: dict[str, object] | None) -> tuple:
+        step, state, model, cfg = train_step(preset, seq_len, batch, dtype, overrides, doc_len)
+        tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
+        options = models.compiler_options(cfg) or None
+        jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
+        return jitted.lower(state, tokens).compile(), state, model, cfg, tokens
+
+    try:
+        compiled, state, model, cfg, tokens = compile_with(overrides)
+    except jax.errors.JaxRuntimeError as e:
+        # `memory.kernel="auto"` falls back as the trainer does (`nl_jax.train.kernel_fit`).
+        cfg = lm.get_config(preset).model
+        apply_overrides(cfg, overrides or {})
+        if not kernel_fit.exceeds_shared_memory(e) or kernel_fit.xla_fallback(cfg) is None:
+            raise
+        print(kernel_fit.fell_back(e, name or preset), flush=True)
+        overrides = {**(overrides or {}), "memory.kernel": "xla"}
+        name = f"{name or preset} (kernel xla: fallback)"
+        compiled, state, model, cfg, tokens = compile_with(overrides)
     compile_s = time.perf_counter() - t0
     # XLA's temporary buffers of the step: on CPU, where no peak is measured, the memory cost
     # a change adds (buffer assignment on a GPU differs but moves the same way).

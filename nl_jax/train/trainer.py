@@ -29,7 +29,7 @@ from nl_jax import models
 from nl_jax.core import target
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import config as config_lib
-from nl_jax.train import gpu_targets, sharding, step
+from nl_jax.train import gpu_targets, kernel_fit, sharding, step
 from nl_jax.train import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,25 @@ def _print_memory(compiled: Any, what: str, num_devices: int) -> dict[str, int]:
 def build_program(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, compile_train: bool = True
 ) -> Program:
-    """Abstract model -> shardings -> jitted init / train / eval steps; AOT-compiles the step."""
-    model_cfg = config.model
+    """Abstract model -> shardings -> jitted init / train / eval steps; AOT-compiles the step.
+
+    A fused kernel that does not fit the GPU's shared memory (`kernel_fit`) is replaced by the
+    XLA path under `memory.kernel="auto"` (a warning, one more compile) and is a `ConfigError`
+    where the config named the kernel."""
+    try:
+        return _build_program(config, config.model, mesh, compile_train)
+    except jax.errors.JaxRuntimeError as e:
+        if not kernel_fit.exceeds_shared_memory(e):
+            raise
+        fallback = kernel_fit.xla_fallback(config.model)
+        if fallback is None:
+            raise config_lib.ConfigError(kernel_fit.explain(e, config.model)) from None
+        echo(kernel_fit.fell_back(e, "train step"))
+        return _build_program(config, fallback, mesh, compile_train)
+
+
+def _build_program(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh, compile_train: bool) -> Program:  # fmt: skip
     seq_len, batch = config.data.seq_len, config.data.global_batch_size
     abs_model = abstract_model(model_cfg, config.seed)
     graphdef, abs_params, _ = nnx.split(abs_model, nnx.Param, ...)
@@ -130,7 +147,7 @@ def build_program(
     batch_shardings = {k: batch_sh for k in nl_data.ROW_KEYS}
     replicated = sharding.replicated(mesh)
 
-    options = models.compiler_options(config.model) or None
+    options = models.compiler_options(model_cfg) or None
     with nnx.logical_axis_rules(list(sharding.RULES.items())):
         train_jit = jax.jit(
             sharding.with_activation_sharding(
@@ -583,7 +600,6 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     where = topology or f"{len(devices)} local {devices[0].platform} device(s)"
     echo(f"[compile-only] {config.get('preset', 'model')} on {where}, mesh {dict(mesh.shape)}")
-    program = build_program(config, mesh, compile_train=False)
     batch_sh = sharding.batch_sharding(mesh)
     abstract_batch = {
         k: jax.ShapeDtypeStruct(
@@ -592,9 +608,24 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
         for k in nl_data.ROW_KEYS
     }
     t0 = time.time()
-    lowered = program.train_step.lower(program.abstract_state, abstract_batch)
+    kernel = (config.model.get("memory") or {}).get("kernel")
+
+    def compile_with(model_cfg: ml_collections.ConfigDict) -> tuple[Program, Any]:
+        program = _build_program(config, model_cfg, mesh, compile_train=False)
+        return program, program.train_step.lower(program.abstract_state, abstract_batch).compile()
+
     try:
-        compiled = lowered.compile()
+        try:
+            program, compiled = compile_with(config.model)
+        except jax.errors.JaxRuntimeError as e:
+            if not kernel_fit.exceeds_shared_memory(e):
+                raise
+            fallback = kernel_fit.xla_fallback(config.model)
+            if fallback is None:
+                raise config_lib.ConfigError(kernel_fit.explain(e, config.model)) from None
+            echo(kernel_fit.fell_back(e, f"train step on {where}"))
+            program, compiled = compile_with(fallback)
+            kernel = "xla (fallback)"
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -617,7 +648,8 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
             f"per device, above {limit[0] / 2**30:.1f} GiB ({limit[1]}). Lower the batch or "
             "sequence, shard over more devices (mesh.fsdp), or remat more."
         )
-    return {"devices": mesh.size, "memory": sizes, "num_params": program.num_params}
+    return {"devices": mesh.size, "memory": sizes, "num_params": program.num_params,
+            "memory_kernel": kernel}  # fmt: skip
 
 
 def _gpu_memory_limit(device: Any, topology: str | None) -> tuple[int, str] | None:

@@ -1,0 +1,75 @@
+"""A fused Pallas kernel that asks more shared memory than the GPU has, and what follows.
+
+XLA compiles every Triton kernel of a program and refuses one whose program needs more shared
+memory than the GPU allows per block (`RESOURCE_EXHAUSTED: Shared memory size limit exceeded:
+requested N, available M`). Whether a kernel fits depends on its shapes, its inputs (document
+resets add consts) and the Triton version, so only a compile can tell:
+Hope's fused projection scan at `chunk_size_other=64` compiles for an H200 on rows without
+documents, but with the trainer's document resets it asks 278,528 of the 232,448 bytes
+(jax 0.10.2 deviceless and 0.11.2 on the GPU alike).
+
+So a compile that fails this way is retried on the XLA path where the config left the choice
+to `memory.kernel="auto"` (the same function; the tests pin the two paths together), and is a
+config error that says what to change where the config named a kernel.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_collections
+
+from nl_jax.models import lm
+
+SHARED_MEMORY = "Shared memory size limit exceeded"
+
+
+def exceeds_shared_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA refusing a kernel for its shared memory (not device memory)."""
+    return SHARED_MEMORY in str(error)
+
+
+def requested(error: BaseException) -> str:
+    """`requested N of M bytes` from XLA's message, or its first 200 characters."""
+    found = re.search(r"requested (\d+), available:? (\d+)", str(error))
+    if found is None:
+        return str(error).strip()[:200]
+    return f"requested {int(found.group(1)):,} of {int(found.group(2)):,} bytes per block"
+
+
+def xla_fallback(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """A copy of `model_cfg` with `memory.kernel="auto"` set to `"xla"`; None where the memory
+    kernel was named explicitly or the model runs no memory layer (attention mixers ignore
+    `memory.kernel`), so there is nothing to fall to."""
+    memory = model_cfg.get("memory")
+    if (
+        memory is None
+        or memory.get("kernel") != "auto"
+        or lm.family_parts(model_cfg)[0] == "attention"
+    ):
+        return None
+    fallback = ml_collections.ConfigDict(model_cfg.to_dict())
+    fallback.memory.kernel = "xla"
+    return fallback
+
+
+def fell_back(error: BaseException, where: str) -> str:
+    """The warning printed when `auto` falls back to the XLA path."""
+    return (
+        f"[kernel] {where}: the fused Pallas kernel does not fit this GPU's shared memory "
+        f"({requested(error)}); memory.kernel='auto' falls back to 'xla' (same function, "
+        "slower). Smaller chunk sizes keep the kernel."
+    )
+
+
+def explain(error: BaseException, model_cfg: ml_collections.ConfigDict) -> str:
+    """The config error for an explicitly named kernel that does not fit."""
+    memory = model_cfg.get("memory") or {}
+    sizes = ", ".join(
+        f"memory.{k}={memory[k]}" for k in ("chunk_size", "chunk_size_other") if k in memory
+    )
+    return (
+        f"memory.kernel={memory.get('kernel')!r}: a fused Pallas kernel of this model does not "
+        f"fit the GPU's shared memory ({requested(error)}; {sizes}). Use memory.kernel='auto' "
+        "(falls back to 'xla' here) or 'xla', or smaller chunk sizes."
+    )

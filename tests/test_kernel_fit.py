@@ -1,0 +1,129 @@
+"""A fused kernel that XLA refuses for its shared memory: `memory.kernel="auto"` falls back to
+the XLA path (trainer, compile-only, throughput), a named kernel is a clear config error.
+
+XLA's refusal is simulated (CPU has no shared-memory limit): the first compile raises the
+exact error an H200 gave for hope_340m at `chunk_size_other=64` (BENCHMARKS.md, session 17)."""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import ml_collections
+import pytest
+
+from nl_jax.train import config as config_lib
+from nl_jax.train import kernel_fit, sharding, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+H200 = (
+    "RESOURCE_EXHAUSTED: Shared memory size limit exceeded: requested 278528, "
+    "available: 232448, context: []"
+)
+
+
+def _preset(name: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("lm_presets", ROOT / "experiments" / "lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(name)
+    config.data.seq_len = 16
+    config.data.global_batch_size = 2
+    config.model.num_layers = 1
+    return config
+
+
+@pytest.fixture
+def refuse_first_compiles(monkeypatch):
+    """Make the next `n` XLA compiles fail as the H200 did; returns the list of compile calls."""
+    real = jax.stages.Lowered.compile
+    calls = []
+
+    def arm(n: int, message: str = H200) -> list:
+        calls.clear()
+
+        def compile_(self, *args, **kwargs):
+            calls.append(len(calls))
+            if len(calls) <= n:
+                raise jax.errors.JaxRuntimeError(message)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(jax.stages.Lowered, "compile", compile_)
+        return calls
+
+    return arm
+
+
+def test_detects_and_explains_the_shared_memory_refusal():
+    assert kernel_fit.exceeds_shared_memory(jax.errors.JaxRuntimeError(H200))
+    oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2306867200 bytes."
+    assert not kernel_fit.exceeds_shared_memory(jax.errors.JaxRuntimeError(oom))
+    assert (
+        kernel_fit.requested(RuntimeError(H200)) == "requested 278,528 of 232,448 bytes per block"
+    )
+    model = _preset("hope_tiny").model
+    model.memory.kernel = "pallas_forward"
+    text = kernel_fit.explain(RuntimeError(H200), model)
+    assert "memory.kernel='pallas_forward'" in text and "278,528" in text
+    assert f"memory.chunk_size_other={model.memory.chunk_size_other}" in text
+
+
+def test_fallback_config_only_for_auto_and_leaves_the_original_alone():
+    model = _preset("hope_tiny").model
+    assert model.memory.kernel == "auto"
+    fallback = kernel_fit.xla_fallback(model)
+    assert fallback.memory.kernel == "xla" and model.memory.kernel == "auto"
+    assert fallback.memory.chunk_size_other == model.memory.chunk_size_other
+    model.memory.kernel = "pallas_forward"
+    assert kernel_fit.xla_fallback(model) is None  # a named kernel is kept, not replaced
+    assert kernel_fit.xla_fallback(_preset("transformer_tiny").model) is None  # no memory
+
+
+def test_trainer_falls_back_to_xla_under_auto(refuse_first_compiles, monkeypatch, capsys):
+    config = _preset("hope_tiny")
+    built = []
+    real_abstract = trainer.abstract_model
+
+    def recording(model_cfg, seed):
+        built.append(model_cfg.memory.kernel)
+        return real_abstract(model_cfg, seed)
+
+    monkeypatch.setattr(trainer, "abstract_model", recording)
+    calls = refuse_first_compiles(1)
+    program = trainer.build_program(config, sharding.make_mesh(dict(config.mesh)))
+    assert built == ["auto", "xla"] and len(calls) == 2
+    assert "falls back to 'xla'" in capsys.readouterr().out
+    assert config.model.memory.kernel == "auto"  # the saved config stays the user's
+    assert program.train_step is not None
+
+
+def test_named_kernel_that_does_not_fit_is_a_config_error(refuse_first_compiles):
+    config = _preset("hope_tiny")
+    config.model.memory.kernel = "pallas_forward"
+    refuse_first_compiles(1)
+    with pytest.raises(config_lib.ConfigError, match=r"memory.kernel='pallas_forward'.*278,528"):
+        trainer.build_program(config, sharding.make_mesh(dict(config.mesh)))
+    refuse_first_compiles(1)
+    with pytest.raises(config_lib.ConfigError, match="smaller chunk sizes"):
+        trainer.compile_only(config)
+
+
+def test_other_compile_errors_are_not_taken_for_shared_memory(refuse_first_compiles):
+    config = _preset("hope_tiny")
+    refuse_first_compiles(1, "INTERNAL: ptxas exited with non-zero error code 139")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="ptxas"):
+        trainer.build_program(config, sharding.make_mesh(dict(config.mesh)))
+
+
+def test_compile_only_and_throughput_fall_back_too(refuse_first_compiles, capsys):
+    refuse_first_compiles(1)
+    result = trainer.compile_only(_preset("hope_tiny"))
+    assert result["memory_kernel"] == "xla (fallback)"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput  # noqa: PLC0415
+
+    refuse_first_compiles(1)
+    row = throughput.measure("hope_tiny", 16, 1, 1, "float32", {"num_layers": 1})
+    assert row["preset"] == "hope_tiny (kernel xla: fallback)"
+    assert row["overrides"] == {"num_layers": 1, "memory.kernel": "xla"}
+    assert "falls back to 'xla'" in capsys.readouterr().out
