@@ -108,6 +108,7 @@
 #   bash benchmarks/gpu_perf_full.sh hw19 # hw18's C_other 64 again, now that 'auto' falls back to XLA when the fused
 #                                        # kernel does not fit (trainer, 200 steps), and its tokens/s beside the preset
 #   bash benchmarks/gpu_perf_full.sh hw19b # hw19's C_other 64 tokens/s alone (it ran past its limit there)
+#   bash benchmarks/gpu_perf_full.sh hw20 # the shared-memory fallback on the GPU (compile only, 1 layer)
 #   bash benchmarks/gpu_perf_full.sh hw13 # next: kernel_count.py against a profile's kernel count;
 #                                        # hw14 + hw14w: the cut's quality at a second seed; hw15: C_other 64
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
@@ -705,6 +706,11 @@ fi
 if [ "$1" = hw19b ]; then  # hw19's c64 row ran past its limit (the refused compile, then XLA's): alone
   timeout 300 $T --seq_len=4096 --batch=8 --presets=hope_340m --set=num_layers=4 \
     --variants="c64:memory.chunk_size_other=64" --out=$OUT/hw19b_tps.json 2>&1 | $F | grep "^| hope\|kernel\]\|rror"
+fi
+if [ "$1" = hw20 ]; then  # the shared-memory fallback live: C_other 64 with documents, compile only (1 layer)
+  timeout 400 python launch/train.py --config=experiments/lm.py:hope_340m --compile_only --config.seq_len=2048 \
+    --config.global_batch_size=8 --config.model.dtype=bfloat16 --config.model.num_layers=1 \
+    --config.model.memory.chunk_size_other=64 2>&1 | $F | grep "kernel\]\|compile-only\]\|memory\]\|rror"
 fi
 if [ "$1" = hw12 ]; then  # the stable inner loop at full hope_340m depth (24 layers), 60 steps at lr 1e-3
   LAYERS=24 hope_try hw12 full24 450 60 --config.logging.every_steps=10 --config.optimizer.learning_rate=1e-3

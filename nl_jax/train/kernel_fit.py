@@ -16,12 +16,17 @@ config error that says what to change where the config named a kernel.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
+import jax
 import ml_collections
 
 from nl_jax.models import lm
+from nl_jax.train import config as config_lib
 
 SHARED_MEMORY = "Shared memory size limit exceeded"
+T = TypeVar("T")
 
 
 def exceeds_shared_memory(error: BaseException) -> bool:
@@ -73,3 +78,20 @@ def explain(error: BaseException, model_cfg: ml_collections.ConfigDict) -> str:
         f"fit the GPU's shared memory ({requested(error)}; {sizes}). Use memory.kernel='auto' "
         "(falls back to 'xla' here) or 'xla', or smaller chunk sizes."
     )
+
+
+def build_or_fall_back(model_cfg: ml_collections.ConfigDict,
+                       build: Callable[[ml_collections.ConfigDict], T], where: str,
+                       say: Callable[[str], None] = print) -> tuple[T, bool]:  # fmt: skip
+    """`(build(model_cfg), False)`; on a shared-memory refusal `(build(xla_fallback), True)`
+    under `auto`, a `ConfigError` naming the kernel otherwise. Other errors pass through."""
+    try:
+        return build(model_cfg), False
+    except jax.errors.JaxRuntimeError as e:
+        if not exceeds_shared_memory(e):
+            raise
+        fallback = xla_fallback(model_cfg)
+        if fallback is None:
+            raise config_lib.ConfigError(explain(e, model_cfg)) from None
+        say(fell_back(e, where))
+        return build(fallback), True

@@ -121,16 +121,8 @@ def build_program(
     A fused kernel that does not fit the GPU's shared memory (`kernel_fit`) is replaced by the
     XLA path under `memory.kernel="auto"` (a warning, one more compile) and is a `ConfigError`
     where the config named the kernel."""
-    try:
-        return _build_program(config, config.model, mesh, compile_train)
-    except jax.errors.JaxRuntimeError as e:
-        if not kernel_fit.exceeds_shared_memory(e):
-            raise
-        fallback = kernel_fit.xla_fallback(config.model)
-        if fallback is None:
-            raise config_lib.ConfigError(kernel_fit.explain(e, config.model)) from None
-        echo(kernel_fit.fell_back(e, "train step"))
-        return _build_program(config, fallback, mesh, compile_train)
+    build = lambda model_cfg: _build_program(config, model_cfg, mesh, compile_train)  # noqa: E731
+    return kernel_fit.build_or_fall_back(config.model, build, "train step", echo)[0]
 
 
 def _build_program(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
@@ -608,24 +600,15 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
         for k in nl_data.ROW_KEYS
     }
     t0 = time.time()
-    kernel = (config.model.get("memory") or {}).get("kernel")
 
     def compile_with(model_cfg: ml_collections.ConfigDict) -> tuple[Program, Any]:
         program = _build_program(config, model_cfg, mesh, compile_train=False)
         return program, program.train_step.lower(program.abstract_state, abstract_batch).compile()
 
     try:
-        try:
-            program, compiled = compile_with(config.model)
-        except jax.errors.JaxRuntimeError as e:
-            if not kernel_fit.exceeds_shared_memory(e):
-                raise
-            fallback = kernel_fit.xla_fallback(config.model)
-            if fallback is None:
-                raise config_lib.ConfigError(kernel_fit.explain(e, config.model)) from None
-            echo(kernel_fit.fell_back(e, f"train step on {where}"))
-            program, compiled = compile_with(fallback)
-            kernel = "xla (fallback)"
+        (program, compiled), fell_back = kernel_fit.build_or_fall_back(
+            config.model, compile_with, f"train step on {where}", echo
+        )
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -649,7 +632,8 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
             "sequence, shard over more devices (mesh.fsdp), or remat more."
         )
     return {"devices": mesh.size, "memory": sizes, "num_params": program.num_params,
-            "memory_kernel": kernel}  # fmt: skip
+            "memory_kernel": "xla (fallback)" if fell_back
+            else (config.model.get("memory") or {}).get("kernel")}  # fmt: skip
 
 
 def _gpu_memory_limit(device: Any, topology: str | None) -> tuple[int, str] | None:
