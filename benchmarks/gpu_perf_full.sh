@@ -108,7 +108,7 @@
 #   bash benchmarks/gpu_perf_full.sh hw19 # hw18's C_other 64 again, now that 'auto' falls back to XLA when the fused
 #                                        # kernel does not fit (trainer, 200 steps), and its tokens/s beside the preset
 #   bash benchmarks/gpu_perf_full.sh hw19b # hw19's C_other 64 tokens/s alone (it ran past its limit there)
-#   bash benchmarks/gpu_perf_full.sh hw20 # the shared-memory fallback on the GPU (compile only, 1 layer)
+#   bash benchmarks/gpu_perf_full.sh hw20 # the shared-memory fallback on the GPU (compile only, 1 layer; session 17)
 #   bash benchmarks/gpu_perf_full.sh hw13 # next: kernel_count.py against a profile's kernel count;
 #                                        # hw14 + hw14w: the cut's quality at a second seed; hw15: C_other 64
 #   bash benchmarks/gpu_perf_full.sh j   # profiles: full depth (inner-memory share), 4 layers at
