@@ -43,6 +43,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import optax
 from flax import nnx
 
@@ -383,25 +384,25 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
     """
     t0 = time.perf_counter()
 
-    def compile_with(overrides: dict[str, object] | None) -> tuple:
-        step, state, model, cfg = train_step(preset, seq_len, batch, dtype, overrides, doc_len)
+    asked = lm.get_config(preset).model
+    apply_overrides(asked, overrides or {})
+    fallback = {**(overrides or {}), "memory.kernel": "xla"}
+
+    def compile_with(model_cfg: ml_collections.ConfigDict) -> tuple:
+        # `kernel_fit` hands back `asked` or its XLA fallback; the row records it as an override.
+        these = overrides if model_cfg is asked else fallback
+        step, state, model, cfg = train_step(preset, seq_len, batch, dtype, these, doc_len)
         tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
         options = models.compiler_options(cfg) or None
         jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
         return jitted.lower(state, tokens).compile(), state, model, cfg, tokens
 
-    try:
-        compiled, state, model, cfg, tokens = compile_with(overrides)
-    except jax.errors.JaxRuntimeError as e:
-        # `memory.kernel="auto"` falls back as the trainer does (`nl_jax.train.kernel_fit`).
-        cfg = lm.get_config(preset).model
-        apply_overrides(cfg, overrides or {})
-        if not kernel_fit.exceeds_shared_memory(e) or kernel_fit.xla_fallback(cfg) is None:
-            raise
-        print(kernel_fit.fell_back(e, name or preset), flush=True)
-        overrides = {**(overrides or {}), "memory.kernel": "xla"}
-        name = f"{name or preset} (kernel xla: fallback)"
-        compiled, state, model, cfg, tokens = compile_with(overrides)
+    # `memory.kernel="auto"` falls back as the trainer does when a fused kernel does not fit.
+    (compiled, state, model, cfg, tokens), fell_back = kernel_fit.build_or_fall_back(
+        asked, compile_with, name or preset
+    )
+    if fell_back:
+        overrides, name = fallback, f"{name or preset} (kernel xla: fallback)"
     compile_s = time.perf_counter() - t0
     # XLA's temporary buffers of the step: on CPU, where no peak is measured, the memory cost
     # a change adds (buffer assignment on a GPU differs but moves the same way).
