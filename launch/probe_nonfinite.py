@@ -300,6 +300,18 @@ def _define_flags(argv: list[str]) -> tuple[flags.FlagValues, dict[str, flags.Fl
             flag_values=fv,
         ),
         "out": flags.DEFINE_string("out", None, "Write the report here as JSON.", flag_values=fv),
+        "repeat": flags.DEFINE_integer(
+            "repeat", 1, "Recompute each variant's gradients this many times on the same params "
+            "and batch and count the non-finite ones (a count between 0 and all says the "
+            "singularity is not deterministic: a race or an unwritten buffer, not the math).",
+            flag_values=fv,
+        ),
+        "locate_dir": flags.DEFINE_string(
+            "locate_dir", None, "Recompute the analysed step's backward block by block, name the "
+            "block, branch and sequences where it turns non-finite, and write what reproduces it "
+            "(that mixer's params, input and output cotangent; nl_jax.train.locate_nonfinite) "
+            "here.", flag_values=fv,
+        ),
         "distributed": flags.DEFINE_enum(
             "distributed", "auto", ["auto", "on", "off"],
             "jax.distributed.initialize(), as for train.py.", flag_values=fv,
@@ -631,6 +643,16 @@ def main(argv: list[str]) -> int:
             result = analyse(
                 c, mesh, pre["params"], pre["rest"], batch, h["group_depth"].value, memo
             )
+            if h["repeat"].value > 1 and "skipped" not in result:
+                norms = [result["grad_norm"]] + [
+                    analyse(c, mesh, pre["params"], pre["rest"], batch, 1, memo)["grad_norm"]
+                    for _ in range(h["repeat"].value - 1)
+                ]
+                result["repeats"] = len(norms)
+                result["nonfinite_repeats"] = sum(not math.isfinite(n) for n in norms)
+                result["distinct_grad_norms"] = len(set(norms))
+                _echo(f"[repeat] {name}: {result['nonfinite_repeats']}/{len(norms)} non-finite, "
+                      f"{result['distinct_grad_norms']} distinct gradient norms")  # fmt: skip
         except Exception as e:  # a variant that cannot build or run is a finding, not a crash
             result = {"skipped": f"failed: {type(e).__name__}: {str(e)[:300]}"}
         same = first_with.setdefault(model_key(c), name)
@@ -648,8 +670,52 @@ def main(argv: list[str]) -> int:
         _echo(f"[analysis] {name}: {status}")
     for line in format_analysis(rows):
         _echo(line)
+    if h["locate_dir"].value:
+        report["located"] = locate_and_save(config, pre, batch, h["locate_dir"].value)
     _write_report(h["out"].value, report)
     return 0
+
+
+def locate_and_save(
+    config: ml_collections.ConfigDict, pre: dict[str, Any], batch: dict[str, Any], out_dir: str
+) -> dict[str, Any]:
+    """`locate_nonfinite.locate` on the analysed step; saves the singular mixer's case and the
+    `debug_nans` trace of its backward into `out_dir`; returns the report."""
+    from nl_jax.train import locate_nonfinite as loc  # noqa: PLC0415
+
+    graphdef, abs_params, abs_rest = _variant_model(config)
+    params, rest = transplant(pre["params"], abs_params), transplant(pre["rest"], abs_rest)
+    t0 = time.time()
+    found = loc.locate(graphdef, params, rest, batch)
+    for row in found["blocks"]:
+        _echo(f"[locate] block {row['block']}: cotangent in finite {row['cot_out_finite']}, "
+              f"param grads finite {row['params_finite']} (max {row['params_max_abs']:.3g}), "
+              f"cotangent out finite {row['cot_in_finite']} (max {row['cot_in_max_abs']:.3g})")  # fmt: skip
+    source = found["source"]
+    if not found["forward_finite"]:
+        _echo("[locate] the forward itself turns non-finite (the loss is not finite)")
+    if source is None:
+        _echo(f"[locate] no block's backward turns non-finite when recomputed alone "
+              f"({time.time() - t0:.0f}s)")  # fmt: skip
+        return found
+    _echo(f"[locate] source: block {source['block']}, the {source['singular']} "
+          f"(mlp branch {source['mlp_branch']}, mixer {source['mixer']}), rows "
+          f"{source['rows_with_nonfinite_cot']} ({time.time() - t0:.0f}s)")  # fmt: skip
+    case = found["case"]
+    trace = loc.debug_nans_trace(
+        loc.module_vjp(loc.split_params(_mixer(graphdef, params, rest, source["block"]))[0]),
+        case["params"], case["rest"], case["u"], case["cot"], case["segment_ids"],
+        case["positions"],
+    )  # fmt: skip
+    found["debug_nans"] = trace
+    _echo("[locate] debug_nans: " + ("no NaN/Inf raised" if trace is None else trace[-3000:]))
+    files = loc.save_case(out_dir, found, config)
+    _echo(f"[locate] wrote {', '.join(files)}")
+    return found
+
+
+def _mixer(graphdef: nnx.GraphDef, params: Any, rest: Any, block: int) -> nnx.Module:
+    return nnx.merge(graphdef, params, rest).blocks[block].mixer
 
 
 if __name__ == "__main__":
