@@ -84,9 +84,10 @@ def main(argv: list[str]) -> int:
 
         cache = os.path.expanduser(config.compilation_cache_dir)
         jax.config.update("jax_compilation_cache_dir", cache)
-    # orbax logs every failed background save as chained tracebacks; the trainer reports it in
-    # one line instead.
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    # orbax (absl) and its asyncio writers log a failed background save as chained tracebacks;
+    # the trainer reports it in one line instead.
+    for noisy in ("absl", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         if _COMPILE_ONLY.value:
             try:

@@ -20,6 +20,7 @@ import json
 import logging
 import pathlib
 import shutil
+import time
 import zlib
 from typing import Any
 
@@ -111,6 +112,24 @@ def _gather_strings(text: str) -> list[str]:
     return [
         bytes(row[: int(n)]).decode() for row, n in zip(everything, np.ravel(lengths), strict=True)
     ]
+
+
+# The operating-system failures a save meets, as they appear in tensorstore's long messages.
+_OS_FAILURES = ("No space left on device", "Disk quota exceeded", "Permission denied",
+                "Read-only file system")  # fmt: skip
+
+
+def _remove_settled(find: Any, quiet_s: float = 0.3, timeout_s: float = 30.0) -> None:
+    """Remove the directories `find()` lists until none has reappeared for `quiet_s`: the
+    failed save's other writers may still be finishing (and failing) in the background."""
+    deadline, quiet_since = time.time() + timeout_s, time.time()
+    while time.time() < deadline and time.time() - quiet_since < quiet_s:
+        found = find()
+        for tmp in found:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if found:
+            quiet_since = time.time()
+        time.sleep(0.05)
 
 
 class Checkpointer:
@@ -206,17 +225,26 @@ class Checkpointer:
 
     def _save_failed(self, step: int, error: BaseException) -> CheckpointSaveError:
         """The one-line error of a failed save, after removing what it left behind."""
-        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        # The save's other writers may still be running: stop them before removing their files.
+        if self._manager is not None:
+            try:
+                self._manager.close()
+            except Exception:  # the same failure again
+                pass
+            self._manager = None
+        _remove_settled(lambda: list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*")))
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
         text = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+        text = next((m for m in _OS_FAILURES if m in str(cause)), text)
+        good = [int(p.name) for p in self.directory.glob("*") if p.name.isdigit()
+                and (p / CHECKSUMS).is_file()]  # fmt: skip
+        restart = f"step {max(good)}" if good else "its newest checkpoint"
         return CheckpointSaveError(
             f"saving the checkpoint of step {step} to {self.directory} failed "
             f"({type(cause).__name__}: {text}); its temporary directory was removed. Free "
-            "space or fix permissions there, then restart: training resumes from the newest "
-            "checkpoint it lists."
+            f"space or fix permissions there and restart: it resumes from {restart}."
         )
 
     def damage(self, step: int) -> str | None:
@@ -241,6 +269,13 @@ class Checkpointer:
         `abstract_state`: a pytree of `jax.ShapeDtypeStruct`s with `sharding` set.
         """
         where = self.step_dir(step)
+        mismatch = _mismatch(where / "state", abstract_state)
+        if mismatch is not None:
+            raise CheckpointError(
+                f"the checkpoint {where} does not fit this run's model or optimizer: {mismatch}. "
+                "Nothing was written or deleted. Resume with the config that wrote it, or use a "
+                "new --workdir."
+            )
         try:
             restored = self._open().restore(
                 step,
@@ -286,6 +321,38 @@ class Checkpointer:
             finally:
                 self._manager.close()
                 self._manager = None
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """`{"a/b/0": leaf}` of a pytree (dict keys, sequence indices and attribute names)."""
+    return {
+        "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path): x
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _mismatch(state_dir: pathlib.Path, abstract_state: Any) -> str | None:
+    """The first difference in keys, shapes or dtypes between a saved state and the target, or
+    None. Found from the metadata, before a restore that would fail part-way."""
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    except Exception:  # unreadable metadata: the restore itself reports it
+        return None
+    tree = getattr(meta, "item_metadata", meta)
+    saved, wanted = _flat(getattr(tree, "tree", tree)), _flat(abstract_state)
+    only_saved, only_wanted = sorted(set(saved) - set(wanted)), sorted(set(wanted) - set(saved))
+    if only_saved or only_wanted:
+        return (
+            f"{len(only_saved)} arrays only in the checkpoint {only_saved[:3]}, "
+            f"{len(only_wanted)} only in this config {only_wanted[:3]}"
+        )
+    for key, want in wanted.items():
+        have = saved[key]
+        if tuple(getattr(have, "shape", ())) != tuple(want.shape):
+            return f"{key} has shape {tuple(have.shape)} there and {tuple(want.shape)} here"
+        if getattr(have, "dtype", want.dtype) != want.dtype:
+            return f"{key} has dtype {have.dtype} there and {want.dtype} here"
+    return None
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
