@@ -89,3 +89,18 @@ def test_the_checksums_are_written_only_after_the_save_commits(tmp_path, monkeyp
     monkeypatch.setattr(ckpt_lib, "write_checksums", recording)
     train_tiny(tmp_path / "run", **{"checkpoint.async_save": True})
     assert seen == [("2", True), ("4", True)]
+
+
+def test_an_unreadable_step_is_damaged(trained, monkeypatch):
+    """Mocked: permissions do not stop root, who runs many CI jobs."""
+    real = pathlib.Path.iterdir
+
+    def unreadable(self):
+        if self.parent.name == "4":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", unreadable)
+    problem = ckpt_lib.damage(trained / "checkpoints" / "4")
+    assert problem is not None and "Permission denied" in problem
+    assert ckpt_lib.damage(trained / "checkpoints" / "2") is None

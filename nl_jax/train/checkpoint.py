@@ -252,13 +252,23 @@ class Checkpointer:
         return damage(self.step_dir(step))
 
     def set_aside(self, step: int) -> pathlib.Path:
-        """Move a damaged step out of the manager's sight (never deleted); returns where."""
+        """Move a damaged step out of the manager's sight (never deleted); returns where. Only
+        process 0 moves it (the others, sharing the directory, just skip it)."""
         target_root = self.directory.parent / DAMAGED_DIR
-        target_root.mkdir(exist_ok=True)
         target, n = target_root / str(step), 1
         while target.exists():
             target, n = target_root / f"{step}.{n}", n + 1
-        self.step_dir(step).rename(target)
+        if jax.process_index() != 0:
+            return target
+        try:
+            target_root.mkdir(exist_ok=True)
+            self.step_dir(step).rename(target)
+        except OSError as e:
+            raise CheckpointError(
+                f"the checkpoint {self.step_dir(step)} is damaged and cannot be moved to {target} "
+                f"({e.strerror or type(e).__name__}); move it away by hand to resume from the "
+                "previous checkpoint."
+            ) from None
         if self._manager is not None:
             self._manager.reload()
         return target

@@ -362,6 +362,8 @@ def unsafe_state(health: dict[str, Any], base_norm: float) -> str | None:
     if not bool(health["finite"]):
         return "holds inf or NaN in its parameters or optimizer state"
     norm = float(health["param_norm"])
+    if not math.isfinite(norm):
+        return f"has blown up: its parameter norm overflows (the run started from {base_norm:.3g})"
     if base_norm > 0 and norm > MAX_PARAM_NORM_GROWTH * base_norm:
         return (
             f"has blown up: parameter norm {norm:.3g}, {norm / base_norm:.3g}x the {base_norm:.3g} "
@@ -505,7 +507,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: floa
     # Steps whose loss and gradient norm are not yet checked: looked at (one transfer) only
     # where the loop syncs anyway, before anything reads or saves the state.
     pending: list[tuple[int, dict]] = []
-    warned_nonfinite = False
+    warned_nonfinite = warned_unsafe = False
     try:
         for step_no in range(start + 1, num_steps + 1):
             if step_no == prof_start:
@@ -576,8 +578,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: floa
                     ckpt.wait()
                     if stop_on_nonfinite:
                         raise NonFiniteError(_unsafe_message(unsafe, step_no, saved_step, ckpt))
-                    echo(f"[checkpoint] step {step_no} not saved: the state {unsafe}; a restart "
-                         f"resumes from {_restart_from(saved_step, ckpt)}")  # fmt: skip
+                    if not warned_unsafe:
+                        warned_unsafe = True
+                        echo(f"[checkpoint] step {step_no} not saved (nor later ones like it): the "
+                             f"state {unsafe}; a restart resumes from "
+                             f"{_restart_from(saved_step, ckpt)}")  # fmt: skip
                 else:
                     t_save = time.time()
                     ckpt.save(step_no, state, train_iter.get_state(), config_json)
