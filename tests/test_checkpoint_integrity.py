@@ -7,7 +7,7 @@ import pathlib
 import shutil
 
 import pytest
-from fault_helpers import steps, train_tiny
+from fault_helpers import steps, tiny_config, train_tiny
 
 from nl_jax.train import checkpoint as ckpt_lib
 
@@ -104,3 +104,26 @@ def test_an_unreadable_step_is_damaged(trained, monkeypatch):
     problem = ckpt_lib.damage(trained / "checkpoints" / "4")
     assert problem is not None and "Permission denied" in problem
     assert ckpt_lib.damage(trained / "checkpoints" / "2") is None
+
+
+def test_a_checkpoint_holding_nan_is_set_aside_on_resume(trained, tmp_path, capsys):
+    """A finite-check failure on restore (e.g. a checkpoint from before the check existed)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from nl_jax.train import sharding, trainer  # noqa: PLC0415
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    cfg = tiny_config()
+    program = trainer.build_program(cfg, sharding.make_mesh(dict(cfg.mesh)), compile_train=False)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    state, data_state = ckpt.restore(4, program.abstract_state)
+    state["params"] = jax.tree.map(lambda x: x * jnp.nan, state["params"])
+    ckpt.save(5, state, data_state, ckpt.saved_config(4))
+    ckpt.close()
+    capsys.readouterr()
+    train_tiny(workdir, num_steps=6)
+    out = capsys.readouterr().out
+    assert "checkpoint step 5 is damaged (its state holds inf or NaN)" in out, out
+    assert "[resume] restored step 4" in out and (workdir / ckpt_lib.DAMAGED_DIR / "5").is_dir()

@@ -20,6 +20,7 @@ import json
 import logging
 import pathlib
 import shutil
+import threading
 import time
 import zlib
 from typing import Any
@@ -148,6 +149,8 @@ class Checkpointer:
         self._options = options
         self._manager: ocp.CheckpointManager | None = None
         self._pending: int | None = None  # saved, not yet known to be committed
+        self._hashing: threading.Thread | None = None
+        self._hash_error: tuple[int, OSError] | None = None
         if self.directory.exists():
             self._open()
 
@@ -201,10 +204,13 @@ class Checkpointer:
         self._pending = step
         if not self._options.enable_async_checkpointing:
             self.settle(wait=True)
+            self._join_hashing()
 
     def settle(self, wait: bool = False) -> int | None:
         """Finish the pending save if it is done (or `wait`): surface its error as a
         `CheckpointSaveError`, write its checksums. Returns the step it committed, if any."""
+        if wait:
+            self._join_hashing()
         step = self._pending
         if step is None or self._manager is None:
             return None
@@ -217,11 +223,30 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types; all mean "not written"
             raise self._save_failed(step, e) from e
         if jax.process_index() == 0 and self.step_dir(step).is_dir():
-            try:
-                write_checksums(self.step_dir(step))
-            except OSError as e:
-                raise self._save_failed(step, e) from e
+            # Off the training thread: reading a large state back takes seconds (zlib releases
+            # the GIL); joined before the next save, so rotation never deletes what it reads.
+            self._hashing = threading.Thread(
+                target=self._checksum, args=(step,), name=f"checksums_{step}", daemon=True
+            )
+            self._hashing.start()
         return step
+
+    def _checksum(self, step: int) -> None:
+        try:
+            write_checksums(self.step_dir(step))
+        except OSError as e:
+            if self.step_dir(step).exists():  # else rotation removed it: nothing to record
+                self._hash_error = (step, e)
+
+    def _join_hashing(self) -> None:
+        """Wait for the checksums of the last committed step; a failed write is a save error."""
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
+        if self._hash_error is not None:
+            step, error = self._hash_error
+            self._hash_error = None
+            raise self._save_failed(step, error) from error
 
     def _save_failed(self, step: int, error: BaseException) -> CheckpointSaveError:
         """The one-line error of a failed save, after removing what it left behind."""
@@ -322,12 +347,14 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until pending async saves are committed (and checksummed)."""
         self.settle(wait=True)
+        self._join_hashing()
 
     def close(self) -> None:
         """Wait for pending saves (raising a failed one's error) and release the manager."""
         if self._manager is not None:
             try:
                 self.settle(wait=True)
+                self._join_hashing()
             finally:
                 self._manager.close()
                 self._manager = None
@@ -345,11 +372,10 @@ def _mismatch(state_dir: pathlib.Path, abstract_state: Any) -> str | None:
     """The first difference in keys, shapes or dtypes between a saved state and the target, or
     None. Found from the metadata, before a restore that would fail part-way."""
     try:
-        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+        meta = ocp.StandardCheckpointHandler().metadata(state_dir)
     except Exception:  # unreadable metadata: the restore itself reports it
         return None
-    tree = getattr(meta, "item_metadata", meta)
-    saved, wanted = _flat(getattr(tree, "tree", tree)), _flat(abstract_state)
+    saved, wanted = _flat(getattr(meta, "tree", meta)), _flat(abstract_state)
     only_saved, only_wanted = sorted(set(saved) - set(wanted)), sorted(set(wanted) - set(saved))
     if only_saved or only_wanted:
         return (

@@ -373,20 +373,22 @@ def unsafe_state(health: dict[str, Any], base_norm: float) -> str | None:
 
 
 def restore_newest_good(
-    ckpt: ckpt_lib.Checkpointer, program: Program, train_iter: Any
+    ckpt: ckpt_lib.Checkpointer, program: Program, train_iter: Any, health_fn: Callable
 ) -> tuple[Any, int | None]:
-    """`(state, step)` of the newest checkpoint that is intact, moving each damaged newer one
-    aside (one line each); `(None, None)` when there is none."""
+    """`(state, step)` of the newest checkpoint that is intact and finite, moving each damaged
+    newer one aside (one line each); `(None, None)` when there is none."""
     for candidate in reversed(ckpt.all_steps()):
         problem = ckpt.damage(candidate)
+        t0 = time.time()
+        if problem is None:
+            state, data_state = ckpt.restore(candidate, program.abstract_state)
+            if not bool(jax.device_get(health_fn(state))["finite"]):
+                problem = "its state holds inf or NaN"
         if problem is not None:
             moved = ckpt.set_aside(candidate)
             echo(f"[resume] checkpoint step {candidate} is damaged ({problem}); moved it to "
                  f"{moved} and falling back to the previous step")  # fmt: skip
             continue
-        t0 = time.time()
-        state, data_state = ckpt.restore(candidate, program.abstract_state)
-        jax.block_until_ready(state)
         if data_state is not None:
             try:
                 train_iter.set_state(data_state)
@@ -459,7 +461,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: floa
          program: Program, ckpt: ckpt_lib.Checkpointer, train_iter: Any,
          byte_level: bool) -> Summary:  # fmt: skip
     d, num_steps = config.data, config.num_steps
-    state, latest = restore_newest_good(ckpt, program, train_iter)
+    health_fn = jax.jit(state_health)
+    state, latest = restore_newest_good(ckpt, program, train_iter, health_fn)
     if latest is not None:
         saved = ckpt.saved_config(latest)
         # Same shapes, different model (e.g. a preset default changed since the run started):
@@ -474,7 +477,6 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: floa
     else:
         state = initial_state(program, config.init_on)
     start = int(jax.device_get(state["step"]))
-    health_fn = jax.jit(state_health)
     base_norm = float(jax.device_get(health_fn(state))["param_norm"])
 
     # First writes to the workdir (besides its lock): only after everything above succeeded.
