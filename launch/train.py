@@ -4,8 +4,9 @@
         [--config.num_steps=500 --config.mesh.fsdp=2 ...]
 
 Trains, evaluates every `eval.every_steps`, checkpoints every `checkpoint.every_steps` (and on
-SIGTERM) and resumes from the latest checkpoint in --workdir. Ends with one summary line:
-the validation loss / bits per byte and where the checkpoint is.
+SIGTERM or Ctrl-C) and resumes from the newest intact checkpoint in --workdir. Ends with one
+summary line: the validation loss / bits per byte and where the checkpoint is. Every anticipated
+failure ends with one `error:` line instead (exit codes below).
 
     python launch/train.py --config=experiments/lm.py:transformer_340m --compile_only \
         [--topology=v5p:2x2x2 | --topology=h200]

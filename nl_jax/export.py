@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         export(args.workdir, args.out, dtype=args.dtype, step=args.step,
                weights_format=args.format, overwrite=args.overwrite)  # fmt: skip
     except (load_lib.ExportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0
 

@@ -2,8 +2,16 @@
 
 `train(config, workdir)` is the whole run; `compile_only(config, topology=...)` stops after the
 AOT compile (for local devices, or a TPU topology described from a CPU machine). Order matters:
-everything that can fail on bad input (config, mesh, data, compile, checkpoint restore) happens
-before the first file is written to the workdir.
+the config is validated and the workdir proven writable and locked (`nl_jax.train.workdir`)
+before the compile; everything else that can fail on bad input (mesh, data, compile, checkpoint
+restore) happens before the first file other than the lock is written to the workdir.
+
+Nothing poisoned is saved: before every save one fused reduction checks that the parameters and
+optimizer state are finite and that the parameter norm has not blown up (`state_health`); a
+state that fails is not saved, and the run stops (`on_nonfinite=stop`) naming the step a restart
+resumes from. Resume takes the newest checkpoint that is intact (checksums) and finite, moving
+damaged newer ones aside. SIGTERM and SIGINT save a checkpoint and stop; a second SIGINT exits
+at once.
 """
 
 from __future__ import annotations
