@@ -140,7 +140,8 @@ def _read_or_fail(path: pathlib.Path, read: Any) -> dict[str, np.ndarray]:
     try:
         return read()
     except Exception as e:  # safetensors / tensorstore raise many types for a damaged file
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first.split(" See full TensorStore details")[0][:300]  # the rest is a tensor spec
         raise ExportError(
             f"the weights {path} cannot be read ({type(e).__name__}: {first}); the export is "
             "truncated or damaged: export it again (python -m nl_jax.export)"

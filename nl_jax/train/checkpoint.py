@@ -77,7 +77,11 @@ def damage(step_dir: pathlib.Path) -> str | None:
     match), or None. A step without `checksums.json` (cut off before it) is only checked for
     its items."""
     try:
-        missing = [item for item in ITEMS if not any((step_dir / item).iterdir())]
+        missing = [
+            item
+            for item in ITEMS
+            if not (step_dir / item).is_dir() or not any((step_dir / item).iterdir())
+        ]
     except OSError as e:
         return f"an item cannot be read ({e.strerror or type(e).__name__}: {e.filename})"
     if missing:
@@ -382,8 +386,8 @@ def _mismatch(state_dir: pathlib.Path, abstract_state: Any) -> str | None:
             f"{len(only_saved)} arrays only in the checkpoint {only_saved[:3]}, "
             f"{len(only_wanted)} only in this config {only_wanted[:3]}"
         )
-    for key, want in wanted.items():
-        have = saved[key]
+    for key in sorted(wanted, key=lambda k: (not k.startswith("params"), k)):
+        have, want = saved[key], wanted[key]
         if tuple(getattr(have, "shape", ())) != tuple(want.shape):
             return f"{key} has shape {tuple(have.shape)} there and {tuple(want.shape)} here"
         if getattr(have, "dtype", want.dtype) != want.dtype:
