@@ -40,13 +40,12 @@ def available_format() -> str:
     return "safetensors"
 
 
-# What marks a directory as a training workdir (launch/train.py writes these).
-WORKDIR_MARKERS = ("checkpoints", "metrics.jsonl")
-
-
 def is_training_workdir(directory: pathlib.Path) -> bool:
-    """True where `directory` holds a training run's checkpoints or metrics."""
-    return (directory / "checkpoints").is_dir() or (directory / "metrics.jsonl").is_file()
+    """True where `directory` holds a training run: its metrics, or checkpoints with the run's
+    config (a bare `checkpoints/` folder, e.g. in a home directory, is not enough)."""
+    return (directory / "metrics.jsonl").is_file() or (
+        (directory / "checkpoints").is_dir() and (directory / "config.json").is_file()
+    )
 
 
 def is_export(directory: pathlib.Path) -> bool:
@@ -60,8 +59,8 @@ def is_export(directory: pathlib.Path) -> bool:
 
 def _workdir_under(directory: pathlib.Path) -> pathlib.Path | None:
     """The first training workdir at or below `directory`, or None."""
-    for root, dirs, files in os.walk(directory):
-        if any(name in dirs or name in files for name in WORKDIR_MARKERS):
+    for root, _, _ in os.walk(directory):
+        if is_training_workdir(pathlib.Path(root)):
             return pathlib.Path(root)
     return None
 

@@ -27,6 +27,13 @@ def fake_workdir(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def test_a_folder_named_checkpoints_alone_does_not_make_a_workdir(trained, tmp_path):
+    home = tmp_path / "home"
+    (home / "checkpoints").mkdir(parents=True)
+    out = export_lib.export(trained, home / "exports" / "e")
+    assert export_lib.is_export(out)
+
+
 def files(path: pathlib.Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
