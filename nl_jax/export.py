@@ -340,6 +340,14 @@ def export(
         raise load_lib.ExportError(f"--step={step}: no checkpoint at that step; have {steps}")
     out = pathlib.Path(out).absolute()
     check_out(out, overwrite, workdir=workdir)
+    from nl_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415 - only export needs it
+
+    problem = ckpt_lib.damage(workdir / "checkpoints" / str(step))
+    if problem is not None:
+        raise load_lib.ExportError(
+            f"the checkpoint {workdir / 'checkpoints' / str(step)} is damaged ({problem}); "
+            f"export another --step (have {steps})"
+        )
     print(f"[export] reading {workdir / 'checkpoints' / str(step)}", flush=True)
     weights, config = read_checkpoint(workdir / "checkpoints" / str(step))
     return write_export(

@@ -77,3 +77,17 @@ def test_overwrite_replaces_a_previous_export(trained, tmp_path):
     (out / "stale.txt").write_text("from the first export")
     assert export_lib.main([f"--workdir={trained}", f"--out={out}", "--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and export_lib.is_export(out)
+
+
+def test_a_damaged_checkpoint_is_not_exported(trained, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    state = workdir / "checkpoints" / "2" / "state"
+    victim = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    assert export_lib.main([f"--workdir={workdir}", f"--out={tmp_path / 'e'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "does not match its checksum" in err, err
+    assert not (tmp_path / "e").exists()
