@@ -112,7 +112,11 @@ def main(argv: list[str]) -> int:
     except checkpoint.CheckpointSaveError as e:
         _fail(str(e), code=6)
     except KeyboardInterrupt:
-        _fail("interrupted (Ctrl-C) before training started; nothing was saved.", code=130)
+        _fail(
+            "interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from "
+            "the newest checkpoint in the workdir, if any.",
+            code=130,
+        )
     print(summary.line(), flush=True)
     return summary.exit_code
 

@@ -360,8 +360,9 @@ class Checkpointer:
                 self.settle(wait=True)
                 self._join_hashing()
             finally:
-                self._manager.close()
-                self._manager = None
+                if self._manager is not None:  # a failed save has closed it already
+                    self._manager.close()
+                    self._manager = None
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -373,8 +374,8 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 def _mismatch(state_dir: pathlib.Path, abstract_state: Any) -> str | None:
-    """The first difference in keys, shapes or dtypes between a saved state and the target, or
-    None. Found from the metadata, before a restore that would fail part-way."""
+    """The first difference in keys or shapes between a saved state and the target, or None.
+    Found from the metadata, before a restore that would fail part-way (dtypes are cast)."""
     try:
         meta = ocp.StandardCheckpointHandler().metadata(state_dir)
     except Exception:  # unreadable metadata: the restore itself reports it
@@ -390,8 +391,6 @@ def _mismatch(state_dir: pathlib.Path, abstract_state: Any) -> str | None:
         have, want = saved[key], wanted[key]
         if tuple(getattr(have, "shape", ())) != tuple(want.shape):
             return f"{key} has shape {tuple(have.shape)} there and {tuple(want.shape)} here"
-        if getattr(have, "dtype", want.dtype) != want.dtype:
-            return f"{key} has dtype {have.dtype} there and {want.dtype} here"
     return None
 
 
