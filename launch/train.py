@@ -111,16 +111,14 @@ def main(argv: list[str]) -> int:
         _fail(str(e), code=5)
     except checkpoint.CheckpointSaveError as e:
         _fail(str(e), code=6)
-    except KeyboardInterrupt:
-        _fail(
-            "interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from "
-            "the newest checkpoint in the workdir, if any.",
-            code=130,
-        )
     print(summary.line(), flush=True)
     return summary.exit_code
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
+        _fail("interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from "
+              "the newest checkpoint in the workdir, if any.", code=130)  # fmt: skip

@@ -274,6 +274,20 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
     assert not (workdir / workdir_lib.LOCK_NAME).exists()
 
 
+def test_sigint_while_compiling_is_one_line_and_exit_130(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _start(workdir)
+    deadline = time.time() + 120
+    line = ""
+    while "[setup]" not in line and time.time() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+
+
 def test_a_second_sigint_exits_at_once_without_saving(monkeypatch, capfd):
     exits = []
     monkeypatch.setattr(trainer.os, "_exit", exits.append)
