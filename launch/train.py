@@ -4,8 +4,9 @@
         [--config.num_steps=500 --config.mesh.fsdp=2 ...]
 
 Trains, evaluates every `eval.every_steps`, checkpoints every `checkpoint.every_steps` (and on
-SIGTERM) and resumes from the latest checkpoint in --workdir. Ends with one summary line:
-the validation loss / bits per byte and where the checkpoint is.
+SIGTERM or Ctrl-C) and resumes from the newest intact checkpoint in --workdir. Ends with one
+summary line: the validation loss / bits per byte and where the checkpoint is. Every anticipated
+failure ends with one `error:` line instead (exit codes below).
 
     python launch/train.py --config=experiments/lm.py:transformer_340m --compile_only \
         [--topology=v5p:2x2x2 | --topology=h200]
@@ -13,9 +14,11 @@ the validation loss / bits per byte and where the checkpoint is.
 compiles the train step ahead of time (for the local devices, for a TPU topology from any
 machine with `jax[tpu]` installed, or for one H200 from any machine with `jax[cuda12]`
 installed, no GPU needed) and prints its per-device memory, without training.
-Exit codes: 0 done, 2 bad input (config, data, mesh, checkpoint), 3 compile-only topology not
-available here, 4 compile-only: does not fit in device memory, 143 stopped by SIGTERM after
-saving a checkpoint.
+Exit codes: 0 done, 2 bad input (config, data, mesh, checkpoint, a workdir that is not writable
+or that another trainer holds), 3 compile-only topology not available here, 4 compile-only: does
+not fit in device memory, 5 the training state became non-finite (nothing of it saved), 6 a
+checkpoint could not be written (disk full), 130 stopped by Ctrl-C (SIGINT) and 143 by SIGTERM
+after saving a checkpoint (a second Ctrl-C exits at once with 130, without one).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import logging
 import os
 import pathlib
 import sys
-import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -54,8 +56,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    """Print a one-paragraph error and exit (no traceback: the message is the diagnosis)."""
-    print("\n" + textwrap.fill("error: " + message, width=100) + "\n", file=sys.stderr, flush=True)
+    """Print a one-line error and exit (no traceback: the message is the diagnosis)."""
+    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -75,6 +77,7 @@ def main(argv: list[str]) -> int:
     distributed.initialize(_DISTRIBUTED.value)
     from nl_jax.train import checkpoint, trainer  # noqa: PLC0415
     from nl_jax.train import config as config_lib
+    from nl_jax.train import workdir as workdir_lib
 
     config = _CONFIG.value
     if config.get("compilation_cache_dir"):
@@ -82,6 +85,10 @@ def main(argv: list[str]) -> int:
 
         cache = os.path.expanduser(config.compilation_cache_dir)
         jax.config.update("jax_compilation_cache_dir", cache)
+    # orbax (absl) and its asyncio writers log a failed background save as chained tracebacks;
+    # the trainer reports it in one line instead.
+    for noisy in ("absl", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         if _COMPILE_ONLY.value:
             try:
@@ -98,14 +105,20 @@ def main(argv: list[str]) -> int:
         summary = trainer.train(config, _WORKDIR.value)
     except config_lib.ConfigError as e:
         _fail(f"{e} Nothing was written to the workdir.")
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, workdir_lib.WorkdirError) as e:
         _fail(str(e))
     except trainer.NonFiniteError as e:
         _fail(str(e), code=5)
+    except checkpoint.CheckpointSaveError as e:
+        _fail(str(e), code=6)
     print(summary.line(), flush=True)
-    return 143 if summary.preempted else 0
+    return summary.exit_code
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
+        _fail("interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from "
+              "the newest checkpoint in the workdir, if any.", code=130)  # fmt: skip

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -37,6 +38,64 @@ def available_format() -> str:
     except ImportError:
         return "orbax"
     return "safetensors"
+
+
+def is_training_workdir(directory: pathlib.Path) -> bool:
+    """True where `directory` holds a training run: its metrics, or checkpoints with the run's
+    config (a bare `checkpoints/` folder, e.g. in a home directory, is not enough)."""
+    return (directory / "metrics.jsonl").is_file() or (
+        (directory / "checkpoints").is_dir() and (directory / "config.json").is_file()
+    )
+
+
+def is_export(directory: pathlib.Path) -> bool:
+    """True where `directory` is an export written by this module (its manifest says so)."""
+    try:
+        manifest = json.loads((directory / load_lib.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest
+
+
+def _workdir_under(directory: pathlib.Path) -> pathlib.Path | None:
+    """The first training workdir at or below `directory`, or None."""
+    for root, _, _ in os.walk(directory):
+        if is_training_workdir(pathlib.Path(root)):
+            return pathlib.Path(root)
+    return None
+
+
+def check_out(out: pathlib.Path, overwrite: bool, workdir: pathlib.Path | None = None) -> None:
+    """Refuse an `--out` whose writing could destroy a training run or any non-export data."""
+    out = out.resolve()
+    related = [] if workdir is None else [workdir.resolve()]
+    for directory in [out, *out.parents]:
+        if directory in related or is_training_workdir(directory):
+            raise load_lib.ExportError(
+                f"--out {out} is or lies inside the training workdir {directory}; "
+                "choose an --out outside every training workdir"
+            )
+    inside = [w for w in related if w.is_relative_to(out)]
+    if inside:
+        raise load_lib.ExportError(
+            f"--out {out} contains the training workdir {inside[0]}; "
+            "choose an --out outside every training workdir"
+        )
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise load_lib.ExportError(f"--out {out} exists and is not empty; pass --overwrite")
+    if not out.is_dir() or not is_export(out):
+        raise load_lib.ExportError(
+            f"--out {out} is not an nl_jax export (no {load_lib.MANIFEST}); --overwrite only "
+            "replaces a previous export: choose a new or empty --out"
+        )
+    found = _workdir_under(out)
+    if found is not None:
+        raise load_lib.ExportError(
+            f"--out {out} contains the training workdir {found}; "
+            "choose an --out outside every training workdir"
+        )
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -200,8 +259,7 @@ def write_export(
         )
     if fmt == "safetensors" and available_format() != "safetensors":
         raise load_lib.ExportError("--format=safetensors needs `pip install safetensors`")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise load_lib.ExportError(f"--out {out} exists and is not empty; pass --overwrite")
+    check_out(out, overwrite, workdir=_source_workdir(info))
     model_config = dict(model_config)
     if dtype is not None:
         model_config["param_dtype"] = dtype
@@ -211,8 +269,8 @@ def write_export(
         ml_collections.ConfigDict(model_config), weights, where="the weights to export"
     )
     stored = sorted({str(v.dtype) for v in weights.values() if np.issubdtype(v.dtype, np.floating)})
-    if out.exists() and overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists() and overwrite and is_export(out):
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = dict(tokenizer)
     if tokenizer.get("kind") == "sentencepiece":
@@ -253,6 +311,11 @@ def write_export(
     return out
 
 
+def _source_workdir(info: dict[str, Any] | None) -> pathlib.Path | None:
+    source = (info or {}).get("source_workdir")
+    return None if source is None else pathlib.Path(source)
+
+
 def export(
     workdir: str | pathlib.Path,
     out: str | pathlib.Path,
@@ -276,8 +339,15 @@ def export(
     if step not in steps:
         raise load_lib.ExportError(f"--step={step}: no checkpoint at that step; have {steps}")
     out = pathlib.Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise load_lib.ExportError(f"--out {out} exists and is not empty; pass --overwrite")
+    check_out(out, overwrite, workdir=workdir)
+    from nl_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415 - only export needs it
+
+    problem = ckpt_lib.damage(workdir / "checkpoints" / str(step))
+    if problem is not None:
+        raise load_lib.ExportError(
+            f"the checkpoint {workdir / 'checkpoints' / str(step)} is damaged ({problem}); "
+            f"export another --step (have {steps})"
+        )
     print(f"[export] reading {workdir / 'checkpoints' / str(step)}", flush=True)
     weights, config = read_checkpoint(workdir / "checkpoints" / str(step))
     return write_export(
@@ -308,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.workdir, args.out, dtype=args.dtype, step=args.step,
                weights_format=args.format, overwrite=args.overwrite)  # fmt: skip
-    except (load_lib.ExportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (load_lib.ExportError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0
 

@@ -135,6 +135,19 @@ def restore_orbax_numpy(directory: str | pathlib.Path, only: tuple[str, ...] | N
     return jax.tree.map(np.asarray, restored)
 
 
+def _read_or_fail(path: pathlib.Path, read: Any) -> dict[str, np.ndarray]:
+    """`read()`, with any failure of the weights file itself as a one-line `ExportError`."""
+    try:
+        return read()
+    except Exception as e:  # safetensors / tensorstore raise many types for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first.split(" See full TensorStore details")[0][:300]  # the rest is a tensor spec
+        raise ExportError(
+            f"the weights {path} cannot be read ({type(e).__name__}: {first}); the export is "
+            "truncated or damaged: export it again (python -m nl_jax.export)"
+        ) from None
+
+
 def read_weights(directory: str | pathlib.Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """The flat `{key: array}` weights of an export directory."""
     directory = pathlib.Path(directory)
@@ -152,12 +165,12 @@ def read_weights(directory: str | pathlib.Path, manifest: dict[str, Any]) -> dic
                 f"{directory} stores its weights as safetensors; pip install safetensors "
                 "(or re-export with --format=orbax)"
             ) from e
-        return dict(load_file(str(path)))
+        return _read_or_fail(path, lambda: dict(load_file(str(path))))
     if fmt == "orbax":
         path = directory / ORBAX_DIR
         if not path.is_dir():
             raise ExportError(f"{directory}: the manifest names {ORBAX_DIR}/, which is missing")
-        return flatten_tree(restore_orbax_numpy(path))
+        return _read_or_fail(path, lambda: flatten_tree(restore_orbax_numpy(path)))
     raise ExportError(f"{directory}: unknown weights_format {fmt!r}; allowed: {WEIGHT_FORMATS}")
 
 

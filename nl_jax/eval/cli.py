@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_task(exported, args.task, args)
         if args.task == "niah":
             result["heatmaps"] = _heatmaps(result, args)
-    except (EvalInputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EvalInputError, OSError, ImportError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     result["export"] = str(args.export)
     cols, rows = TABLES[args.task](result)

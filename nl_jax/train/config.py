@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,6 +66,7 @@ def validate(
             f"the config lacks the keys {missing}: experiment files must start from "
             "experiments/common.py `base_config()` and add a `model` (see experiments/lm.py)."
         )
+    _reject_nonfinite(config)
     _int_at_least(config, "num_steps", 1)
     if config.get("init_on", "auto") not in ("auto", "device", "host"):
         _fail("init_on", config.init_on, "unknown init mode", "auto, device, host")
@@ -123,6 +125,25 @@ def validate(
     _validate_model(config)
     _validate_data(config)
     return mesh_shape
+
+
+def nonfinite_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """`(key, value)` of every inf or NaN float in a config (nested dicts, lists, tuples)."""
+    if isinstance(node, ml_collections.ConfigDict | dict):
+        items = [(f"{prefix}{k}", node[k]) for k in node.keys()]
+        return [bad for key, value in items for bad in nonfinite_values(value, key + ".")]
+    key = prefix.rstrip(".")
+    if isinstance(node, list | tuple):
+        return [bad for i, v in enumerate(node) for bad in nonfinite_values(v, f"{key}[{i}].")]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [(key, node)]
+    return []
+
+
+def _reject_nonfinite(config: ml_collections.ConfigDict) -> None:
+    bad = nonfinite_values(config)
+    if bad:
+        _fail(bad[0][0], bad[0][1], "not a finite number", "finite numbers")
 
 
 def _gcd(a: int, b: int) -> int:

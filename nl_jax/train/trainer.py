@@ -2,8 +2,16 @@
 
 `train(config, workdir)` is the whole run; `compile_only(config, topology=...)` stops after the
 AOT compile (for local devices, or a TPU topology described from a CPU machine). Order matters:
-everything that can fail on bad input (config, mesh, data, compile, checkpoint restore) happens
-before the first file is written to the workdir.
+the config is validated and the workdir proven writable and locked (`nl_jax.train.workdir`)
+before the compile; everything else that can fail on bad input (mesh, data, compile, checkpoint
+restore) happens before the first file other than the lock is written to the workdir.
+
+Nothing poisoned is saved: before every save one fused reduction checks that the parameters and
+optimizer state are finite and that the parameter norm has not blown up (`state_health`); a
+state that fails is not saved, and the run stops (`on_nonfinite=stop`) naming the step a restart
+resumes from. Resume takes the newest checkpoint that is intact (checksums) and finite, moving
+damaged newer ones aside. SIGTERM and SIGINT save a checkpoint and stop; a second SIGINT exits
+at once.
 """
 
 from __future__ import annotations
@@ -11,15 +19,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import pathlib
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -31,6 +42,7 @@ from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import config as config_lib
 from nl_jax.train import gpu_targets, kernel_fit, sharding, step
 from nl_jax.train import metrics as metrics_lib
+from nl_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 echo = metrics_lib.print_main
@@ -65,11 +77,17 @@ class Summary:
     checkpoint: str | None
     preempted: bool
     seconds: float
+    stop_signal: str = "SIGTERM"
+
+    @property
+    def exit_code(self) -> int:
+        """0, or the shell's code of the signal that stopped the run (130 SIGINT, 143 SIGTERM)."""
+        return 128 + int(signal.Signals[self.stop_signal]) if self.preempted else 0
 
     def line(self) -> str:
         """The one-line final summary launch/train.py prints."""
         parts = [
-            f"nl_jax: {'stopped (SIGTERM) at' if self.preempted else 'finished'} step "
+            f"nl_jax: {f'stopped ({self.stop_signal}) at' if self.preempted else 'finished'} step "
             f"{self.step}/{self.num_steps} in {metrics_lib.format_duration(self.seconds)}"
         ]
         if self.eval:
@@ -257,23 +275,35 @@ def initial_state(program: Program, init_on: str = "auto") -> Any:
 
 
 class _StopFlag:
-    """Set by SIGTERM (one process) or by JAX's preemption sync point (multi-process)."""
+    """Set by SIGTERM or SIGINT (one process) or by JAX's preemption sync point (multi-process).
+
+    A second SIGINT exits at once (code 130) without saving."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
-        self._installed = False
+        self.signal_name = "SIGTERM"
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        # Multi-process runs leave SIGTERM to JAX's preemption notifier so that every process
+        # Multi-process runs leave signals to JAX's preemption notifier so that every process
         # agrees on the step to stop at (reached_preemption_sync_point).
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        del signum, frame
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            os.write(2, b"\nnl_jax: interrupted again (Ctrl-C): exiting without a checkpoint\n")
+            os._exit(130)
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's exit code for the signal that stopped the run (130 SIGINT, 143 SIGTERM)."""
+        return 128 + int(signal.Signals[self.signal_name])
 
     def should_stop(self, step_no: int) -> bool:
         if jax.process_count() > 1:
@@ -286,9 +316,9 @@ class _StopFlag:
         return self.requested
 
     def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,11 +349,94 @@ def first_nonfinite(pending: Sequence[tuple[int, dict]]) -> tuple[int, dict[str,
     return None
 
 
+# A saved state whose parameter norm is this many times the norm the run started from has blown
+# up (finite, but useless): it is not saved, like a non-finite one.
+MAX_PARAM_NORM_GROWTH = 100.0
+
+
+def state_health(state: Any) -> dict[str, jax.Array]:
+    """`finite` (no inf or NaN in the parameters, other variables and optimizer state) and
+    `param_norm` (global L2 norm of the parameters): one fused reduction on device."""
+    checked = {k: state[k] for k in ("params", "rest", "opt_state") if k in state}
+    floats = [x for x in jax.tree.leaves(checked) if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+    params = [x for x in jax.tree.leaves(state["params"]) if jnp.issubdtype(x.dtype, jnp.floating)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in params))
+    return {"finite": finite, "param_norm": norm}
+
+
+def unsafe_state(health: dict[str, Any], base_norm: float) -> str | None:
+    """Why a state must not be saved (not finite, or blown up against `base_norm`), or None."""
+    if not bool(health["finite"]):
+        return "holds inf or NaN in its parameters or optimizer state"
+    norm = float(health["param_norm"])
+    if not math.isfinite(norm):
+        return f"has blown up: its parameter norm overflows (the run started from {base_norm:.3g})"
+    if base_norm > 0 and norm > MAX_PARAM_NORM_GROWTH * base_norm:
+        return (
+            f"has blown up: parameter norm {norm:.3g}, {norm / base_norm:.3g}x the {base_norm:.3g} "
+            "the run started from"
+        )
+    return None
+
+
+def restore_newest_good(
+    ckpt: ckpt_lib.Checkpointer, program: Program, train_iter: Any, health_fn: Callable
+) -> tuple[Any, int | None]:
+    """`(state, step)` of the newest checkpoint that is intact and finite, moving each damaged
+    newer one aside (one line each); `(None, None)` when there is none."""
+    for candidate in reversed(ckpt.all_steps()):
+        problem = ckpt.damage(candidate)
+        t0 = time.time()
+        if problem is None:
+            state, data_state = ckpt.restore(candidate, program.abstract_state)
+            if not bool(jax.device_get(health_fn(state))["finite"]):
+                problem = "its state holds inf or NaN"
+        if problem is not None:
+            moved = ckpt.set_aside(candidate)
+            echo(f"[resume] checkpoint step {candidate} is damaged ({problem}); moved it to "
+                 f"{moved} and falling back to the previous step")  # fmt: skip
+            continue
+        if data_state is not None:
+            try:
+                train_iter.set_state(data_state)
+            except Exception as e:  # grain raises many types for a state it cannot use
+                raise ckpt_lib.CheckpointError(
+                    f"the data iterator state in {ckpt.step_dir(candidate) / 'data'} does not fit "
+                    f"this run's data pipeline ({type(e).__name__}: {str(e)[:200]}). Nothing was "
+                    "written or deleted. Resume with the data config that wrote it, or use a new "
+                    "--workdir."
+                ) from None
+        echo(
+            f"[resume] restored step {candidate} from {ckpt.step_dir(candidate)} in "
+            f"{time.time() - t0:.1f}s onto mesh {dict(program.mesh.shape)}"
+        )
+        return state, candidate
+    return None, None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Summary:
-    """Train `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    """Train `config` in `workdir`, resuming from its newest good checkpoint if there is one."""
     t_start = time.time()
     workdir = pathlib.Path(workdir).absolute()
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    # Before any compile: a workdir that cannot be written or that another trainer holds.
+    created = workdir_lib.prepare(workdir)
+    lock = workdir_lib.WorkdirLock(workdir, echo)
+    started = False
+    try:
+        if jax.process_index() == 0:
+            lock.acquire()
+        summary = _train(config, workdir, t_start)
+        started = True
+        return summary
+    finally:
+        lock.release()
+        if not started and not (workdir / "metrics.jsonl").exists():
+            workdir_lib.remove_created(created)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: float) -> Summary:
     mesh = sharding.make_mesh(dict(config.mesh))
     d, num_steps = config.data, config.num_steps
     tokenizer = nl_data.tokenizer_from_config(d)
@@ -341,18 +454,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
     )
 
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
-    latest = ckpt.latest_step()
+    try:
+        return _run(config, workdir, t_start, program, ckpt, train_iter, byte_level)
+    finally:
+        # On an error, one already propagating wins over a failed flush of an earlier save.
+        try:
+            ckpt.close()
+        except ckpt_lib.CheckpointSaveError:
+            if sys.exc_info()[0] is None:
+                raise
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: float,
+         program: Program, ckpt: ckpt_lib.Checkpointer, train_iter: Any,
+         byte_level: bool) -> Summary:  # fmt: skip
+    d, num_steps = config.data, config.num_steps
+    health_fn = jax.jit(state_health)
+    state, latest = restore_newest_good(ckpt, program, train_iter, health_fn)
     if latest is not None:
-        t_restore = time.time()
-        state, data_state = ckpt.restore(latest, program.abstract_state)
-        jax.block_until_ready(state)
-        t_restore = time.time() - t_restore
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        echo(
-            f"[resume] restored step {latest} from {ckpt.step_dir(latest)} in {t_restore:.1f}s "
-            f"onto mesh {dict(mesh.shape)}"
-        )
         saved = ckpt.saved_config(latest)
         # Same shapes, different model (e.g. a preset default changed since the run started):
         # the restore succeeds, so only this line tells the user.
@@ -366,9 +485,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
     else:
         state = initial_state(program, config.init_on)
     start = int(jax.device_get(state["step"]))
+    base_norm = float(jax.device_get(health_fn(state))["param_norm"])
 
-    # First writes to the workdir: only after everything above succeeded.
-    workdir.mkdir(parents=True, exist_ok=True)
+    # First writes to the workdir (besides its lock): only after everything above succeeded.
     config_json = config_lib.to_json_dict(config)
     if jax.process_index() == 0:
         config_lib.save_resolved(config, workdir, start)
@@ -393,11 +512,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
     last_eval: dict[str, float] | None = None
     saved_step: int | None = latest
     preempted = False
+    stop_on_nonfinite = config.get("on_nonfinite", "stop") == "stop"
     t_loop, t_log, steps_since_log, step_no = time.time(), time.time(), 0, start
     # Steps whose loss and gradient norm are not yet checked: looked at (one transfer) only
     # where the loop syncs anyway, before anything reads or saves the state.
     pending: list[tuple[int, dict]] = []
-    warned_nonfinite = False
+    warned_nonfinite = warned_unsafe = False
     try:
         for step_no in range(start + 1, num_steps + 1):
             if step_no == prof_start:
@@ -406,6 +526,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
             state, step_metrics = program.train_step(state, batch)
             pending.append((step_no, step_metrics))
             steps_since_log += 1
+            ckpt.settle()  # a failed background save surfaces here, at the step it finished
             preempted = stop.should_stop(step_no)
             if step_no + 1 == prof_stop:
                 jax.block_until_ready(state)
@@ -443,9 +564,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
             if eval_due or save_due or _due(step_no, config.logging.every_steps, num_steps):
                 bad = first_nonfinite(pending)
                 pending.clear()
-                if bad is not None and config.get("on_nonfinite", "stop") == "stop":
+                if bad is not None and stop_on_nonfinite:
                     writer.write(step_no, "run", {"event": "nonfinite", "at_step": bad[0],
                                                   **bad[1]})  # fmt: skip
+                    ckpt.wait()
                     raise NonFiniteError(_nonfinite_message(bad, step_no, saved_step, ckpt))
                 if bad is not None and not warned_nonfinite:
                     warned_nonfinite = True
@@ -460,26 +582,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
                 )
                 t_log = time.time()  # keep eval time out of tokens/s
             if save_due:
-                t_save = time.time()
-                ckpt.save(step_no, state, train_iter.get_state(), config_json)
-                # Blocking part only (async saves finish in the background); not in tokens/s.
-                writer.write(step_no, "checkpoint", {"save_blocking_s": time.time() - t_save})
-                saved_step = step_no
+                unsafe = unsafe_state(jax.device_get(health_fn(state)), base_norm)
+                if unsafe is not None:
+                    writer.write(step_no, "run", {"event": "unsafe_state", "reason": unsafe})
+                    ckpt.wait()
+                    if stop_on_nonfinite:
+                        raise NonFiniteError(_unsafe_message(unsafe, step_no, saved_step, ckpt))
+                    if not warned_unsafe:
+                        warned_unsafe = True
+                        echo(f"[checkpoint] step {step_no} not saved (nor later ones like it): the "
+                             f"state {unsafe}; a restart resumes from "
+                             f"{_restart_from(saved_step, ckpt)}")  # fmt: skip
+                else:
+                    t_save = time.time()
+                    ckpt.save(step_no, state, train_iter.get_state(), config_json)
+                    # Blocking part only (async saves finish in the background); not in tokens/s.
+                    writer.write(step_no, "checkpoint", {"save_blocking_s": time.time() - t_save})
+                    saved_step = step_no
                 t_log = time.time()
             if preempted:
-                echo(f"[preempt] SIGTERM: saved a checkpoint at step {step_no}; stopping")
+                echo(f"[preempt] {stop.signal_name}: saved a checkpoint at step {step_no}; "
+                     "stopping")  # fmt: skip
                 break
         if last_eval is None and not preempted:
             last_eval = evaluate(program, state, nl_data.from_config(d, "eval"), byte_level)
             writer.write(step_no, "eval", last_eval)
-    finally:
-        stop.uninstall()
         t_close = time.time()
         ckpt.close()
         if saved_step is not None and saved_step != latest:
             echo(
                 f"[checkpoint] step {saved_step} written; final flush {time.time() - t_close:.1f}s"
             )
+    finally:
+        stop.uninstall()
         writer.close()
     return Summary(
         workdir=str(workdir),
@@ -489,6 +624,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Sum
         checkpoint=str(ckpt.step_dir(saved_step)) if saved_step is not None else None,
         preempted=preempted,
         seconds=time.time() - t_start,
+        stop_signal=stop.signal_name,
+    )
+
+
+def _restart_from(saved_step: int | None, ckpt: ckpt_lib.Checkpointer) -> str:
+    """Which checkpoint a restart of this workdir resumes from, in words."""
+    if saved_step is None:
+        return "scratch (no checkpoint exists in this workdir yet)"
+    return f"step {saved_step} ({ckpt.step_dir(saved_step)})"
+
+
+_ADVICE = (
+    "Lower optimizer.learning_rate, keep optimizer.grad_clip_norm > 0, or set "
+    "--config.on_nonfinite=continue to train on regardless."
+)
+
+
+def _unsafe_message(unsafe: str, step_no: int, saved_step: int | None,
+                    ckpt: ckpt_lib.Checkpointer) -> str:  # fmt: skip
+    """Why the run stopped before saving, and which step a restart uses."""
+    return (
+        f"the train state at step {step_no} {unsafe}; it was not saved. A restart resumes from "
+        f"{_restart_from(saved_step, ckpt)}. {_ADVICE}"
     )
 
 
@@ -504,9 +662,7 @@ def _nonfinite_message(bad: tuple[int, dict[str, float]], step_no: int, saved_st
     )
     return (
         f"the training loss or gradient norm became non-finite at step {bad[0]} ({values}); "
-        f"stopped at step {step_no} without evaluating or saving that state. {where} Lower "
-        "optimizer.learning_rate, keep optimizer.grad_clip_norm > 0, or set "
-        "--config.on_nonfinite=continue to train on regardless."
+        f"stopped at step {step_no} without evaluating or saving that state. {where} {_ADVICE}"
     )
 
 

@@ -1,0 +1,79 @@
+"""Shared pieces of the fault tests: a tiny config, a tiny trained run, the launcher."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+
+from nl_jax.train import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+# launch/train.py flags of a run that takes a few seconds on one CPU core.
+TINY_FLAGS = [
+    "--config=experiments/lm.py:transformer_tiny",
+    "--config.seq_len=32",
+    "--config.global_batch_size=4",
+    "--config.num_steps=4",
+    "--config.data.default_max_bytes=60000",
+    "--config.data.eval_batches=1",
+    "--config.data.num_threads=1",
+    "--config.logging.every_steps=1",
+    "--config.logging.tensorboard=False",
+    "--config.eval.every_steps=0",
+    "--config.checkpoint.every_steps=2",
+]
+
+
+def tiny_config(**changes) -> ml_collections.ConfigDict:
+    """transformer_tiny at seq_len 32, batch 4, 4 steps, checkpoints every 2 (synchronous)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import lm  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    cfg = lm.get_config("transformer_tiny")
+    cfg.seq_len = 32
+    cfg.global_batch_size = 4
+    cfg.num_steps = 4
+    cfg.data.default_max_bytes = 60_000
+    cfg.data.eval_batches = 1
+    cfg.data.num_threads = 1
+    cfg.logging.every_steps = 1
+    cfg.logging.tensorboard = False
+    cfg.logging.progress = False
+    cfg.eval.every_steps = 0
+    cfg.checkpoint.every_steps = 2
+    cfg.checkpoint.async_save = False
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def train_tiny(workdir: pathlib.Path, **changes) -> trainer.Summary:
+    """Run the trainer in this process on `tiny_config(**changes)`."""
+    return trainer.train(tiny_config(**changes), workdir)
+
+
+def env() -> dict[str, str]:
+    """The environment of a launch/train.py subprocess (CPU, this checkout first)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+
+
+def launch(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """launch/train.py with TINY_FLAGS and `args`, waited for."""
+    return subprocess.run([sys.executable, TRAIN, *TINY_FLAGS, *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300, **kwargs)  # fmt: skip
+
+
+def steps(workdir: pathlib.Path) -> list[int]:
+    """Checkpoint steps present in a workdir."""
+    root = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
