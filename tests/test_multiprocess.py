@@ -255,3 +255,11 @@ def test_processes_must_hold_whole_batch_blocks():
         sharding.check_process_batch(_fake_mesh((1, 1, 8), [0] * 4 + [1] * 4))
     with pytest.raises(sharding.MeshError, match="blocks per process: \\[1, 3\\]"):
         sharding.check_process_batch(_fake_mesh((1, 4, 2), [0] * 2 + [1] * 6))
+
+
+def test_tensor_parallelism_across_processes_is_a_mesh_error(monkeypatch):
+    monkeypatch.setattr(sharding.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding.jax, "local_device_count", lambda: 4)
+    assert sharding.resolve_mesh_shape({"fsdp": -1, "tensor": 4}, 8) == (1, 2, 4)
+    with pytest.raises(sharding.MeshError, match="mesh.tensor=8 does not divide the 4 devices"):
+        sharding.resolve_mesh_shape({"tensor": -1}, 8)

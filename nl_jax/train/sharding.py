@@ -78,6 +78,15 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[i
             f"mesh.data, mesh.fsdp and mesh.tensor must equal {num_devices} (or set one of them "
             "to -1 to take the rest)."
         )
+    # Read here (not passed in) so that config validation refuses it before anything is built.
+    local = jax.local_device_count()
+    if jax.process_count() > 1 and local % sizes[2]:
+        raise MeshError(
+            f"mesh.tensor={sizes[2]} does not divide the {local} devices of each of the "
+            f"{jax.process_count()} processes: each process feeds whole batch rows, so tensor "
+            "parallelism must stay within one process (shard across processes with mesh.data "
+            "or mesh.fsdp)."
+        )
     return tuple(sizes)
 
 
