@@ -263,3 +263,14 @@ def test_tensor_parallelism_across_processes_is_a_mesh_error(monkeypatch):
     assert sharding.resolve_mesh_shape({"fsdp": -1, "tensor": 4}, 8) == (1, 2, 4)
     with pytest.raises(sharding.MeshError, match="mesh.tensor=8 does not divide the 4 devices"):
         sharding.resolve_mesh_shape({"tensor": -1}, 8)
+
+
+def test_heartbeat_timeout_bounds_how_long_a_dead_process_goes_unnoticed():
+    from nl_jax.train import distributed
+
+    assert distributed.failure_options({}) == {"heartbeat_timeout_seconds": 30}
+    assert distributed.failure_options({"NL_JAX_HEARTBEAT_TIMEOUT_S": "5"}) == {
+        "heartbeat_timeout_seconds": 5
+    }
+    with pytest.raises(ValueError, match="must be >= 1 second"):
+        distributed.failure_options({"NL_JAX_HEARTBEAT_TIMEOUT_S": "0"})
