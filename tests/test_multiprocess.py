@@ -136,9 +136,9 @@ def resume_copy(src: pathlib.Path, dst: pathlib.Path, keep: int) -> pathlib.Path
     return dst
 
 
-def validation_loss(stdout: str) -> str:
+def validation_loss(stdout: str) -> float:
     (value,) = re.findall(r"validation loss (\S+) nats/token", stdout)
-    return value
+    return float(value)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,8 @@ def test_two_processes_train_like_one(transformer_runs):
     want = losses(one.workdir)
     assert sorted(want) == list(range(1, STEPS + 1))
     assert_same_losses(losses(two.workdir), want, range(1, STEPS + 1))
-    assert validation_loss(two.stdout) == validation_loss(one.stdout)
+    # printed to 4 decimals
+    assert math.isclose(validation_loss(two.stdout), validation_loss(one.stdout), abs_tol=1.5e-4)
     # Each process read its own slice of the same global batches: one iterator state for all.
     data_dir = two.workdir / "checkpoints" / str(STEPS) / "data"
     (item,) = [f for f in data_dir.iterdir() if f.name != "commit_success.txt"]
@@ -194,6 +195,12 @@ def _committed_steps(workdir: pathlib.Path) -> list[int]:
     )
 
 
+def _steps_logged(workdir: pathlib.Path) -> int:
+    """Training records written so far (the file may end in a line being written)."""
+    path = workdir / "metrics.jsonl"
+    return path.read_text().count('"split": "train"') if path.exists() else 0
+
+
 def test_killed_process_fails_the_job_fast_and_it_resumes_bit_identically(
     transformer_runs, tmp_path
 ):
@@ -201,7 +208,7 @@ def test_killed_process_fails_the_job_fast_and_it_resumes_bit_identically(
     long_run = [*TRANSFORMER, "--config.num_steps=100000"]
     with _job(long_run, workdir, 2, NL_JAX_HEARTBEAT_TIMEOUT_S="5") as (first, second):
         deadline = time.monotonic() + TIMEOUT_S
-        while not (3 in _committed_steps(workdir) and len(_records(workdir)) >= 4):
+        while not (3 in _committed_steps(workdir) and _steps_logged(workdir) >= 4):
             assert first.poll() is None and second.poll() is None, _text(first)[1][-3000:]
             assert time.monotonic() < deadline, "the job did not reach step 4 in time"
             time.sleep(0.05)
@@ -220,10 +227,6 @@ def test_killed_process_fails_the_job_fast_and_it_resumes_bit_identically(
     assert f"[resume] restored step {latest}" in stdout
     steps = range(latest + 1, latest + 4)
     assert_same_losses(losses(workdir), losses(transformer_runs["two"].workdir), steps, rtol=0)
-
-
-def _records(workdir: pathlib.Path) -> dict[int, float]:
-    return losses(workdir) if (workdir / "metrics.jsonl").exists() else {}
 
 
 @pytest.mark.slow
