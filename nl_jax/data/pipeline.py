@@ -11,7 +11,7 @@ Processes: the global batch of every step is a function of the data config and `
 of the number of processes. Every process runs the same deterministic stream of packed rows, cuts it
 into global batches of `batch_size * process_count` rows and keeps rows
 `[p * batch_size, (p + 1) * batch_size)`: process `p`'s disjoint slice, which `jax.sharding` puts on
-its devices (`nl_jax.train.sharding.process_batch_rows`). So a run on 1 process x 8 devices sees
+its devices (`nl_jax.train.sharding.check_process_batch`). So a run on 1 process x 8 devices sees
 the same batches as one on 2 x 4 or 8 x 1, and the iterator state (the same on every process)
 resumes on any process count. The price: each process tokenizes and packs the whole global stream.
 Shuffling: documents get a fresh permutation per epoch (grain `shuffle` with the epoch folded into
