@@ -1,6 +1,11 @@
 """The Pallas TPU splash attention path, run in Pallas interpret mode on CPU against XLA's
 `jax.nn.dot_product_attention`: outputs and gradients, causal, document and window masks."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +17,7 @@ from nl_jax.core import target
 from nl_jax.layers import attention, axes
 from nl_jax.train import sharding
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 256  # two splash tiles
 # Documents of 50, 100 and 106 tokens in the first row, one document in the second.
 SEGMENTS = np.stack([np.repeat([1, 2, 3], [50, 100, 106]), np.ones(SEQ, int)]).astype(np.int32)
@@ -102,3 +108,37 @@ def test_auto_picks_splash_when_compiling_for_a_tpu():
                             implementation="splash", rngs=nnx.Rngs(0))  # fmt: skip
     with pytest.raises(ValueError, match="seq_len % 128 == 0"):
         attention.splash_attention(*(x[:, :100] for x in _qkv(2, 2)), interpret=True)
+
+
+SHARDED = """
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from nl_jax.layers import attention
+from nl_jax.train import sharding
+
+x = jax.random.normal(jax.random.key(1), (4, 256, 64))
+seg = np.repeat([[1, 2]], 4, 0).repeat(128, 1).astype(np.int32)
+for kv_heads in (6, 3):  # heads split over `tensor` alike, and kv heads that cannot be split
+    build = lambda impl: attention.Attention(64, num_heads=6, num_kv_heads=kv_heads, head_dim=16,
+                                             implementation=impl, rngs=nnx.Rngs(0))
+    want = build("xla")(x, segment_ids=seg)
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+    model = build("splash")
+    step = jax.jit(sharding.with_activation_sharding(lambda x, s: model(x, segment_ids=s), mesh))
+    got = step(jax.device_put(x, NamedSharding(mesh, sharding.logical_to_mesh(
+        ("batch", None, None), x.shape, mesh))), seg)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+print("ok")
+"""
+
+
+def test_splash_runs_per_shard_on_a_mesh(tmp_path):
+    """On 4 devices (data 2 x tensor 2) the layer traced under the trainer's activation
+    sharding runs splash per shard (`shard_map`) and gives the unsharded XLA output."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
