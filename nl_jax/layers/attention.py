@@ -13,9 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
+
+try:  # shipped with JAX's Pallas TPU ops; a JAX without them keeps the XLA path
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    splash = splash_mask = None
 
 from nl_jax.core import target
 from nl_jax.layers import axes
@@ -56,7 +64,7 @@ def resolve_implementation(
         return implementation
     if target.backend() == "tpu":
         whole = seq_len is not None and seq_len % SPLASH_BLOCK == 0
-        return "splash" if whole and not num_persistent else None
+        return "splash" if splash is not None and whole and not num_persistent else None
     fits = (
         not num_persistent
         and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES]
@@ -107,6 +115,8 @@ def _splash_kernel(
     seq_len: int, num_heads: int, window: int | None, interpret: bool
 ) -> Callable[..., jax.Array]:
     """The splash kernel of one sequence: q [heads, seq, d], k/v [kv_heads, seq, d]."""
+    if splash is None:
+        raise ValueError("this JAX has no Pallas splash attention; use implementation='xla'")
     if seq_len % SPLASH_BLOCK:
         raise ValueError(f"splash attention needs seq_len % {SPLASH_BLOCK} == 0, got {seq_len}")
     shape = (seq_len, seq_len)
