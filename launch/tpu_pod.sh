@@ -136,7 +136,11 @@ fi
 on_workers all "cd ~/nl_jax && rm -f train.rc && setsid nohup sh -c $DETACHED > train.log 2>&1 \
 < /dev/null & echo \$! > ~/nl_jax/train.pid"
 echo "# training started on every worker; follow it again with: $0 --logs $NAME $ZONE $TYPE"
+# Ctrl-C while following stops following, not training: the slice is kept.
+trap 'trap - EXIT; echo "# stopped following; $NAME keeps training. Delete it with:" \
+  "${GCLOUD[*]} delete $NAME ${WHERE[*]} --quiet"; exit 130' INT
 follow_log
+trap - INT
 if [[ $KEEP == 1 ]]; then
   echo "# kept $NAME; delete it with: ${GCLOUD[*]} delete $NAME ${WHERE[*]} --quiet"
 elif [[ $DRY == 1 ]]; then

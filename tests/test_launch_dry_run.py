@@ -6,7 +6,9 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -166,3 +168,50 @@ def test_gpu_multihost_hosts_stops_at_the_first_failure(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert '"JAX_PROCESS_ID": "1"' in result.stdout
+
+
+def _fake_gcloud(tmp_path: pathlib.Path, follow: str) -> tuple[dict, pathlib.Path]:
+    """A `gcloud` that records its calls; following worker 0's log runs `follow`."""
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {calls}\n'
+        f'if [[ "$*" == *--worker=0* ]]; then {follow}; fi\n'
+    )
+    (bin_dir / "gcloud").chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), calls
+
+
+TPU_RUN = ["bash", "launch/tpu_pod.sh", "--clone", "u", "nl", "z", "v4-8", "--", "--config=c"]
+
+
+def test_tpu_pod_deletes_the_slice_when_training_ends(tmp_path):
+    env, calls = _fake_gcloud(tmp_path, "exit 0")
+    result = subprocess.run(TPU_RUN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("compute tpus tpu-vm create nl")
+    assert lines[-1] == "compute tpus tpu-vm delete nl --zone z --quiet"
+
+
+def test_tpu_pod_ctrl_c_while_following_keeps_the_slice(tmp_path):
+    env, calls = _fake_gcloud(tmp_path, "exec sleep 60")
+    proc = subprocess.Popen(
+        TPU_RUN, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (calls.exists() and "--worker=0" in calls.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    assert "nl keeps training" in out
+    assert "delete" not in calls.read_text()
