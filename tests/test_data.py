@@ -261,22 +261,28 @@ def test_deterministic_for_seed_and_different_across_seeds(small_text):
     assert not _batches_equal(a, c)
 
 
-def test_two_processes_get_disjoint_shards(small_text):
-    shards = [
-        _docs_from_stream(
-            _all_batches(
-                _train(small_text, num_epochs=1, shuffle_window=0, process_index=p, process_count=2)
-            ),
-            BYTES.bos_id,
+def test_processes_read_disjoint_slices_of_one_global_batch(small_text):
+    one = _take(_train(small_text, batch_size=8), 24)  # past the first epoch
+    for count in (2, 4):
+        its = [
+            _train(small_text, batch_size=8 // count, process_index=p, process_count=count)
+            for p in range(count)
+        ]
+        slices = [_take(it, 24) for it in its]
+        joined = [{k: np.concatenate([s[i][k] for s in slices]) for k in KEYS} for i in range(24)]
+        assert _batches_equal(joined, one)
+        # the same state on every process: a checkpoint resumes on any process count
+        assert all(it.get_state() == its[0].get_state() for it in its)
+    assert not _batches_equal(slices[0], slices[1])
+    ev = lambda p, n: _all_batches(  # noqa: E731
+        pipeline.make_eval_iterator(
+            small_text, BYTES, seq_len=32, batch_size=8 // n, process_index=p, process_count=n
         )
-        for p in range(2)
-    ]
-    assert shards[0] and shards[1]
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(small_text[i] for i in range(len(small_text)))
-    a = _take(_train(small_text, process_index=0, process_count=2), 2)
-    b = _take(_train(small_text, process_index=1, process_count=2), 2)
-    assert not _batches_equal(a, b)
+    )
+    halves = [ev(0, 2), ev(1, 2)]
+    assert len(halves[0]) == len(halves[1])
+    joined = [{k: np.concatenate([a[k], b[k]]) for k in KEYS} for a, b in zip(*halves, strict=True)]
+    assert _batches_equal(joined, ev(0, 1))
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])

@@ -7,10 +7,16 @@ Batch format (numpy dict, every array `[batch, seq_len]` int32), see `packing.py
   positions    restart at 0 at each piece
   loss_mask    1 where `targets` is to be predicted, 0 on padding (and on non-answers for MQAR)
 
-Sharding: process `p` of `P` reads documents `p, p + P, p + 2P, ...`, so shards are disjoint and
-cover the source. Shuffling: documents get a fresh permutation per epoch (grain `shuffle` with the
-epoch folded into the seed), then packed rows are shuffled within windows of `shuffle_window` rows
-so one long document does not fill a whole batch. All of it is a function of `seed`.
+Processes: the global batch of every step is a function of the data config and `seed` only, never
+of the number of processes. Every process runs the same deterministic stream of packed rows, cuts it
+into global batches of `batch_size * process_count` rows and keeps rows
+`[p * batch_size, (p + 1) * batch_size)`: process `p`'s disjoint slice, which `jax.sharding` puts on
+its devices (`nl_jax.train.sharding.check_process_batch`). So a run on 1 process x 8 devices sees
+the same batches as one on 2 x 4 or 8 x 1, and the iterator state (the same on every process)
+resumes on any process count. The price: each process tokenizes and packs the whole global stream.
+Shuffling: documents get a fresh permutation per epoch (grain `shuffle` with the epoch folded into
+the seed), then packed rows are shuffled within windows of `shuffle_window` rows so one long
+document does not fill a whole batch. All of it is a function of `seed`.
 The train iterator is a `grain.DatasetIterator`: `get_state()` returns a JSON-able dict and
 `set_state()` resumes with exactly the batches that would have followed.
 """
@@ -170,6 +176,25 @@ def _stack_rows(rows: Sequence[Batch], batch_size: int, seq_len: int) -> Batch:
     return {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
 
 
+def _stack_slice(rows: Sequence[Batch], start: int, batch_size: int, seq_len: int) -> Batch:
+    """Rows `[start, start + batch_size)` of one global batch (a short final one is padded)."""
+    return _stack_rows(list(rows)[start : start + batch_size], batch_size, seq_len)
+
+
+def _process_batches(
+    ds: grain.IterDataset, batch_size: int, process_index: int, process_count: int, seq_len: int
+) -> grain.IterDataset:
+    """Global batches of `batch_size * process_count` rows, of which this process keeps its own.
+
+    Padding (not dropping) a final short batch keeps shapes static and loses no data; it pads
+    the global batch, so every process sees the same number of batches.
+    """
+    stack = functools.partial(
+        _stack_slice, start=process_index * batch_size, batch_size=batch_size, seq_len=seq_len
+    )
+    return ds.batch(batch_size * process_count, drop_remainder=False, batch_fn=stack)
+
+
 def _check_row(row: Batch, seq_len: int) -> Batch:
     """Synthetic rows must already have the pipeline's shape and keys."""
     shapes = {k: np.shape(row.get(k)) for k in ROW_KEYS}
@@ -197,19 +222,18 @@ def rows_dataset(
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
     add_bos: bool = True,
     num_threads: int = 4,
 ) -> grain.IterDataset:
-    """This process's stream of rows `[seq_len]` (packed documents, or synthetic rows as is).
+    """The stream of rows `[seq_len]` (packed documents, or synthetic rows as is), the same on
+    every process.
 
     `tokenizer=None` means the source yields ready rows (synthetic kinds).
     """
     check_seq_len(seq_len)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
@@ -238,7 +262,10 @@ def train_dataset(
     num_threads: int = 4,
     prefetch: int = 2,
 ) -> grain.IterDataset:
-    """grain IterDataset of training batches `[batch_size, seq_len]` for this process."""
+    """grain IterDataset of this process's `[batch_size, seq_len]` slices of the global batches.
+
+    The global batch is `batch_size * process_count` rows, the same whatever `process_count`.
+    """
     _check_sharding(len(source), batch_size, process_index, process_count)
     ds = rows_dataset(
         source,
@@ -247,8 +274,6 @@ def train_dataset(
         seed=seed,
         shuffle=shuffle,
         num_epochs=num_epochs,
-        process_index=process_index,
-        process_count=process_count,
         add_bos=add_bos,
         num_threads=num_threads,
     )
@@ -257,9 +282,7 @@ def train_dataset(
         ds = grain.experimental.WindowShuffleIterDataset(
             ds, window_size=shuffle_window, seed=seed + 7919
         )
-    # Padding (not dropping) a final short batch keeps shapes static and loses no data.
-    stack = functools.partial(_stack_rows, batch_size=batch_size, seq_len=seq_len)
-    ds = ds.batch(batch_size, drop_remainder=False, batch_fn=stack)
+    ds = _process_batches(ds, batch_size, process_index, process_count, seq_len)
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
@@ -340,7 +363,7 @@ def make_eval_iterator(
     add_bos: bool = True,
     num_threads: int = 4,
 ) -> Iterator[Batch]:
-    """One deterministic pass (no shuffle) in batches `[batch_size, seq_len]`.
+    """One deterministic pass (no shuffle) in this process's slices `[batch_size, seq_len]`.
 
     The last batch is padded with empty rows. With `num_batches` the pass is cut or padded with
     all-padding batches to exactly that many, so every process runs the same number of steps.
@@ -352,13 +375,10 @@ def make_eval_iterator(
         seq_len=seq_len,
         shuffle=False,
         num_epochs=1,
-        process_index=process_index,
-        process_count=process_count,
         add_bos=add_bos,
         num_threads=num_threads,
     )
-    stack = functools.partial(_stack_rows, batch_size=batch_size, seq_len=seq_len)
-    it = iter(ds.batch(batch_size, drop_remainder=False, batch_fn=stack))
+    it = iter(_process_batches(ds, batch_size, process_index, process_count, seq_len))
     if num_batches is None:
         return it
     if num_batches < 1:

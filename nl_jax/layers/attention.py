@@ -1,15 +1,29 @@
 """Multi-head causal self-attention: GQA, RoPE, sliding window, qk-norm, documents, persistent tokens.
 
-The kernel is `jax.nn.dot_product_attention`. Masking semantics, shared by every path:
+The kernel is `jax.nn.dot_product_attention` (XLA, or cuDNN on GPUs), or on TPUs the Pallas
+splash (flash) attention kernel that ships with JAX. Masking semantics, shared by every path:
 query i sees key j of the sequence when j <= i, i - j < window (if a window is set) and both
 tokens have the same segment id (if segment ids are given); it always sees the `num_persistent`
 learned key/value tokens that are prepended to the keys.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+try:  # shipped with JAX's Pallas TPU ops; a JAX without them keeps the XLA path
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    splash = splash_mask = None
 
 from nl_jax.core import target
 from nl_jax.layers import axes
@@ -21,17 +35,24 @@ from nl_jax.layers.rope import apply_rope, segment_positions
 # (global attention) or the last `window - 1` keys (sliding window), with every key's segment id
 # and stream index so the masks of the module docstring apply unchanged.
 
-IMPLEMENTATIONS = (None, "xla", "cudnn", "auto")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "splash", "auto")
 # cuDNN's fused (flash) attention: half-precision inputs, head_dim a multiple of 8 up to 128.
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128
+# Splash attention's tiles: the sequence must be a multiple of the 128 TPU lanes.
+SPLASH_BLOCK = 128
 
 
 def resolve_implementation(
-    implementation: str | None, dtype: jnp.dtype, head_dim: int, num_persistent: int = 0
+    implementation: str | None,
+    dtype: jnp.dtype,
+    head_dim: int,
+    num_persistent: int = 0,
+    seq_len: int | None = None,
 ) -> str | None:
-    """`implementation` with `auto` resolved for the platform being compiled for: `cudnn` on a
-    GPU where cuDNN takes the shapes (half precision, head_dim % 8 == 0, <= 128), else XLA.
+    """`implementation` with `auto` resolved for the platform being compiled for: `splash` on a
+    TPU where the sequence is whole tiles (`seq_len % SPLASH_BLOCK == 0`), `cudnn` on a GPU where
+    cuDNN takes the shapes (half precision, head_dim % 8 == 0, <= 128), else XLA.
     With persistent tokens (Titans' hybrids: an explicit mask over a key prefix) `auto` stays
     with XLA, as every GPU run of them so far did.
 
@@ -41,6 +62,9 @@ def resolve_implementation(
     """
     if implementation != "auto":
         return implementation
+    if target.backend() == "tpu":
+        whole = seq_len is not None and seq_len % SPLASH_BLOCK == 0
+        return "splash" if splash is not None and whole and not num_persistent else None
     fits = (
         not num_persistent
         and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES]
@@ -85,6 +109,79 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
     probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
     return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _splash_kernel(
+    seq_len: int, num_heads: int, window: int | None, interpret: bool
+) -> Callable[..., jax.Array]:
+    """The splash kernel of one sequence: q [heads, seq, d], k/v [kv_heads, seq, d]."""
+    if splash is None:
+        raise ValueError("this JAX has no Pallas splash attention; use implementation='xla'")
+    if seq_len % SPLASH_BLOCK:
+        raise ValueError(f"splash attention needs seq_len % {SPLASH_BLOCK} == 0, got {seq_len}")
+    shape = (seq_len, seq_len)
+    if window is None:
+        one = splash_mask.CausalMask(shape)
+    else:
+        one = splash_mask.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    b = SPLASH_BLOCK
+    blocks = splash.BlockSizes(
+        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
+    )  # fmt: skip
+    return splash.make_splash_mha(
+        splash_mask.MultiHeadMask([one] * num_heads),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    window: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Causal attention by the Pallas TPU splash kernel, masks as in the module docstring.
+
+    q [b, t, heads, d], k/v [b, t, kv_heads, d] -> [b, t, heads, d] in q's dtype. It never
+    forms the `[t, t]` scores. `interpret=None` runs the kernel in Pallas interpret mode unless
+    compiling for a TPU. Under a mesh (`axes.activation_sharding`) it runs per shard of the
+    batch (and of the heads, where q and k/v heads are split alike).
+    """
+    interpret = target.backend() != "tpu" if interpret is None else interpret
+    kernel = _splash_kernel(q.shape[1], q.shape[2], window, interpret)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
+        if seg is None:
+            one = lambda q, k, v: kernel(q, k, v)  # noqa: E731
+            out = jax.vmap(one)(heads_first(q * scale), heads_first(k), heads_first(v))
+        else:
+            ids = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))  # noqa: E731
+            out = jax.vmap(ids)(heads_first(q * scale), heads_first(k), heads_first(v), seg)
+        return heads_first(out).astype(q.dtype)
+
+    resolve = axes._RESOLVER.get()  # the mesh of the step being traced, if any
+    if resolve is None:
+        return attend(q, k, v, segment_ids)
+    q_spec = resolve((axes.BATCH, axes.SEQ, axes.HEADS, axes.HEAD_DIM), q.shape).spec
+    kv_sharding = resolve((axes.BATCH, axes.SEQ, axes.KV_HEADS, axes.HEAD_DIM), k.shape)
+    mesh, kv_spec = kv_sharding.mesh, kv_sharding.spec
+    if q_spec[2] != kv_spec[2]:  # a shard must hold the kv heads of its query heads
+        q_spec = kv_spec = P(q_spec[0], None, None, None)
+    q_spec, kv_spec = P(q_spec[0], None, q_spec[2], None), P(q_spec[0], None, kv_spec[2], None)
+    seg_spec = None if segment_ids is None else P(q_spec[0], None)
+    return jax.shard_map(
+        attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)  # fmt: skip
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -142,8 +239,10 @@ class Attention(nnx.Module):
         num_persistent: learned key/value tokens [num_persistent, kv_heads, head_dim], initialised
             N(0, 1), seen by every query, without RoPE (they have no position).
         implementation: passed to `jax.nn.dot_product_attention` (None/"xla", or "cudnn" on GPU);
-            "auto" = `resolve_implementation` (cuDNN on a GPU where it applies, else XLA) for
-            whole sequences, XLA for continued streams (short queries against a cache).
+            "splash" = `splash_attention` (Pallas TPU kernel; interpret mode elsewhere, for
+            tests); "auto" = `resolve_implementation` (splash on a TPU, cuDNN on a GPU where they
+            apply, else XLA) for whole sequences, XLA for continued streams (short queries
+            against a cache).
         Projections are truncated normal with variance 1/fan_in; matmuls run in `dtype`.
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -157,6 +256,8 @@ class Attention(nnx.Module):
             raise ValueError(f"num_persistent={num_persistent}; must be >= 0")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}; accepted: {IMPLEMENTATIONS}")
+        if implementation == "splash" and num_persistent:
+            raise ValueError("implementation='splash' has no mask for persistent tokens")
         if use_rope and head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got head_dim={head_dim}")
         self.num_heads = num_heads
@@ -305,7 +406,8 @@ class Attention(nnx.Module):
             # The XLA kernel forms logits in float32; float64 references need them exact.
             out = _softmax_attention(q, keys, values, mask)
         else:
-            impl = None if self.implementation == "auto" else self.implementation
+            # A continued stream's keys are a cache with its own mask: the XLA kernel.
+            impl = None if self.implementation in ("auto", "splash") else self.implementation
             out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=impl)
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt)), new
 
@@ -360,15 +462,19 @@ class Attention(nnx.Module):
         q, k, v = axes.same_sharding(
             q, k, v, names=(axes.BATCH, axes.SEQ, axes.KV_HEADS, axes.HEAD_DIM)
         )
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=is_causal,
-            local_window_size=local_window,
-            implementation=resolve_implementation(
-                self.implementation, q.dtype, self.head_dim, self.num_persistent
-            ),
+        impl = resolve_implementation(
+            self.implementation, q.dtype, self.head_dim, self.num_persistent, seq_len=seq
         )
+        if impl == "splash":
+            out = splash_attention(q, k, v, segment_ids=segment_ids, window=self.window)
+        else:
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=is_causal,
+                local_window_size=local_window,
+                implementation=impl,
+            )
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))

@@ -3,6 +3,8 @@
 Each step directory holds three items:
   state   the train state pytree (params, rest, opt_state, rng, step), restored already sharded
   data    JSON: the data iterator state of every process `{"process_count", "states": [...]}`
+          (all equal when every process reads the same global batches: then any process count
+          may resume)
   config  JSON: the resolved config of the run that wrote it
 Retention: the last `keep` checkpoints, plus every step divisible by `keep_period` forever.
 
@@ -333,13 +335,18 @@ class Checkpointer:
             ) from None
         data = restored.data or {}
         count = data.get("process_count", 1)
-        if count != jax.process_count():
-            raise CheckpointError(
-                f"the checkpoint {where} holds data iterator states of {count} processes but "
-                f"this run has {jax.process_count()}; resume with the same number of processes."
-            )
         states = data.get("states") or [None]
-        return restored.state, states[jax.process_index()]
+        if count == jax.process_count():
+            return restored.state, states[jax.process_index()]
+        # Iterators that read the same global batches on every process save the same state,
+        # which is then valid for any number of processes.
+        if any(s != states[0] for s in states):
+            raise CheckpointError(
+                f"the checkpoint {where} holds different data iterator states of {count} "
+                f"processes but this run has {jax.process_count()}; resume with the same number "
+                "of processes."
+            )
+        return restored.state, states[0]
 
     def saved_config(self, step: int) -> dict[str, Any] | None:
         """The resolved config that wrote `step` (its `config` item), or None if unreadable."""

@@ -8,10 +8,17 @@ Detection (first match wins), all before any JAX device is touched:
              JAX finds the coordinator through the TPU metadata
   otherwise  one process: nothing to do
 `mode="on"` forces initialize() with JAX's own auto-detection, `mode="off"` never calls it.
+
+A process that dies (killed, out of memory, lost host) stops sending heartbeats; after
+NL_JAX_HEARTBEAT_TIMEOUT_S seconds (default 30, JAX's own is 100) the coordination service
+aborts every other process with "Terminating process because the JAX distributed service
+detected fatal errors", instead of leaving them blocked in a collective. Checkpoints are
+committed atomically, so the job restarts from the last complete one.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -19,6 +26,7 @@ import jax
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
+HEARTBEAT_TIMEOUT_S = 30
 
 
 def detect(environ: dict[str, str] | None = None) -> str | None:
@@ -32,6 +40,17 @@ def detect(environ: dict[str, str] | None = None) -> str | None:
     if len(hosts) > 1:
         return "tpu_pod"
     return None
+
+
+def failure_options(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """`jax.distributed.initialize` keyword arguments that bound how long a dead peer goes
+    unnoticed (only those this JAX version accepts)."""
+    env = os.environ if environ is None else environ
+    timeout = int(env.get("NL_JAX_HEARTBEAT_TIMEOUT_S") or HEARTBEAT_TIMEOUT_S)
+    if timeout < 1:
+        raise ValueError(f"NL_JAX_HEARTBEAT_TIMEOUT_S must be >= 1 second, got {timeout}")
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    return {"heartbeat_timeout_seconds": timeout} if "heartbeat_timeout_seconds" in accepted else {}
 
 
 def initialize(mode: str = "auto") -> str | None:
@@ -48,6 +67,7 @@ def initialize(mode: str = "auto") -> str | None:
         return None
     if jax.distributed.is_initialized():
         return kind
+    options = failure_options()
     if kind == "explicit":
         local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
         jax.distributed.initialize(
@@ -55,9 +75,10 @@ def initialize(mode: str = "auto") -> str | None:
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
             local_device_ids=[int(i) for i in local.split(",")] if local else None,
+            **options,
         )
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**options)
     log.info(
         "jax.distributed initialised (%s): process %d of %d, %d local / %d global devices",
         kind,

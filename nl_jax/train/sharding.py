@@ -78,6 +78,15 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[i
             f"mesh.data, mesh.fsdp and mesh.tensor must equal {num_devices} (or set one of them "
             "to -1 to take the rest)."
         )
+    # Read here (not passed in) so that config validation refuses it before anything is built.
+    local = jax.local_device_count()
+    if jax.process_count() > 1 and local % sizes[2]:
+        raise MeshError(
+            f"mesh.tensor={sizes[2]} does not divide the {local} devices of each of the "
+            f"{jax.process_count()} processes: each process feeds whole batch rows, so tensor "
+            "parallelism must stay within one process (shard across processes with mesh.data "
+            "or mesh.fsdp)."
+        )
     return tuple(sizes)
 
 
@@ -196,8 +205,45 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Sharding of a `[batch, seq]` input: batch over (data, fsdp), sequence replicated."""
+    """Sharding of a `[batch, seq]` input: batch over (data, fsdp), sequence replicated.
+
+    Raises MeshError when processes share batch rows (see `check_process_batch`).
+    """
+    if jax.process_count() > 1:
+        check_process_batch(mesh)
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def process_batch_positions(mesh: jax.sharding.Mesh) -> dict[int, set[int]]:
+    """`{process index: the (data, fsdp) positions its devices hold}`: batch blocks, row-major."""
+    blocks = np.asarray(mesh.devices).reshape(-1, mesh.shape["tensor"])
+    out: dict[int, set[int]] = {}
+    for position, devices in enumerate(blocks):
+        for device in devices:
+            out.setdefault(device.process_index, set()).add(position)
+    return out
+
+
+def check_process_batch(mesh: jax.sharding.Mesh) -> None:
+    """Every process must hold whole batch blocks of its own, equally many.
+
+    Each process feeds its own rows of the global batch (`jax.make_array_from_process_local_data`);
+    a batch block on the devices of two processes (`mesh.tensor` across processes) would receive
+    different rows from each, and unequal shares would not match the data pipeline's equal split.
+    """
+    positions = process_batch_positions(mesh)
+    shared = sorted(
+        {b for p, bs in positions.items() for q, cs in positions.items() if p < q for b in bs & cs}
+    )
+    sizes = {len(bs) for bs in positions.values()}
+    if shared or len(sizes) > 1:
+        raise MeshError(
+            f"mesh {dict(mesh.shape)} splits the batch over mesh.data x mesh.fsdp blocks that "
+            f"{len(positions)} processes do not hold whole and equally (blocks on several "
+            f"processes: {shared[:8]}; blocks per process: {sorted(sizes)}). Keep mesh.tensor "
+            "within one process (at most its local device count) and let mesh.data x mesh.fsdp "
+            "span the processes."
+        )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
