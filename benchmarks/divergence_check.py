@@ -1,96 +1,214 @@
-"""Where a preset's training goes non-finite: loss and non-finite gradient leaves, step by step.
+"""Long trainer runs side by side: the first non-finite step of each, or "finite", and its
+validation bits per byte at the evaluation steps.
 
-    .venv/bin/python benchmarks/divergence_check.py --preset=titans_mag_340m --set=num_layers=4 \
-        --seq_len=4096 --batch=8 --steps=4 --variants="pf:memory.kernel=pallas_forward|xla:memory.kernel=xla"
+    python benchmarks/divergence_check.py --runs=hope_340m:0,hope_340m:1,titans_lmm_340m:0 \
+        --steps=1000 --eval_every=250 --root=/tmp/stability --time_budget=560 \
+        -- --config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8 \
+        --config.model.dtype=bfloat16
 
-The step is `benchmarks/throughput.py`'s (AdamW at --lr, no clipping, no warmup, random tokens,
-bf16 compute unless --dtype=float32), so a NaN seen in a throughput row can be traced here: each
-step prints its loss and the parameters whose gradient has non-finite entries (with their
-count). The trainer itself clips and warms up, and stops on a non-finite loss or gradient norm.
+Each run (`PRESET:SEED[:LR]`) is `launch/train.py` itself in `ROOT/PRESET_sSEED[_lrLR]`, with
+checkpoints every `--checkpoint_every` steps, so the same command continues every unfinished run
+where it stopped (a long sweep spreads over several calls of a time-limited machine:
+`--time_budget` sends the running trainer SIGTERM, which checkpoints, and starts no run it cannot
+finish a compile of). A run that stopped on a non-finite loss or gradient is not restarted.
+`--summary` prints the table of whatever the runs' `metrics.jsonl` hold and runs nothing.
+Arguments after `--` go to every trainer. Exit code 0 whatever the runs did; 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import pathlib
+import signal
+import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import lm  # noqa: E402
-import throughput  # noqa: E402
-
-from nl_jax import models  # noqa: E402
+# Seconds a run needs at least (compile and a few steps) to be worth starting in the budget.
+MIN_RUN_S = 150
 
 
-def run(preset: str, overrides: dict[str, object], seq_len: int, batch: int, steps: int,
-        dtype: str, lr: float) -> Iterator[dict]:  # fmt: skip
-    """Train `steps` AdamW steps, yielding after each `{"step", "loss", "bad": [(param path,
-    count)]}` (a generator, so a long run reports every step as it finishes)."""
-    cfg = lm.get_config(preset).model
-    cfg.dtype = dtype
-    throughput.apply_overrides(cfg, overrides)
-    model = models.build(cfg, nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
-    names = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    graphdef, state = nnx.split((model, optimizer))
+@dataclass(frozen=True)
+class Run:
+    """One trainer run: preset, seed, outer learning rate (None: the preset's)."""
 
-    def step(state, tokens):
-        model, optimizer = nnx.merge(graphdef, state)
+    preset: str
+    seed: int
+    lr: float | None = None
 
-        def loss_fn(model):
-            logits = model(tokens[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        bad = jnp.stack([jnp.sum(~jnp.isfinite(v.get_value())) for _, v in
-                         nnx.to_flat_state(grads)])  # fmt: skip
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss, bad
-
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
-    compiled = jax.jit(step, donate_argnums=0)
-    for i in range(steps):
-        state, loss, bad = compiled(state, tokens)
-        bad = np.asarray(bad)
-        yield {"step": i, "loss": float(loss),
-               "bad": [(names[j], int(bad[j])) for j in np.nonzero(bad)[0]]}  # fmt: skip
+    @property
+    def name(self) -> str:
+        """The workdir's name: `PRESET_sSEED[_lrLR]`."""
+        return f"{self.preset}_s{self.seed}" + ("" if self.lr is None else f"_lr{self.lr:g}")
 
 
-def main() -> None:
-    """Parse flags and print each variant's steps."""
+def parse_runs(text: str) -> list[Run]:
+    """`"hope_340m:0,hope_340m:1:3e-3"` -> runs; ValueError naming a bad entry."""
+    runs = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise ValueError(f"run {item!r} is not PRESET:SEED[:LR]")
+        try:
+            runs.append(Run(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else None))
+        except ValueError:
+            raise ValueError(f"run {item!r}: SEED must be an int and LR a number") from None
+    if not runs:
+        raise ValueError("--runs names no run")
+    return runs
+
+
+def _number(x: object) -> float:
+    return float(x) if isinstance(x, int | float) else float("nan")
+
+
+def status(metrics_path: pathlib.Path, steps: int, eval_steps: list[int]) -> dict:
+    """What a run's `metrics.jsonl` says: `{"state": "finite" | "nonfinite" | "running" |
+    "not started", "last_step", "nonfinite_step", "loss_finite_there", "bpb": {step: value}}`."""
+    out = {"state": "not started", "last_step": 0, "nonfinite_step": None,
+           "loss_finite_there": None, "bpb": {}}  # fmt: skip
+    if not metrics_path.exists():
+        return out
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        step = int(row.get("step", 0))
+        if row.get("split") == "train":
+            out["last_step"] = max(out["last_step"], step)
+        elif row.get("split") == "eval" and step in eval_steps:
+            out["bpb"][step] = _number(row.get("bits_per_byte"))
+        elif row.get("split") == "run" and row.get("event") == "nonfinite":
+            out["nonfinite_step"] = int(row.get("at_step", step))
+            out["loss_finite_there"] = math.isfinite(_number(row.get("loss")))
+    if out["nonfinite_step"] is not None:
+        out["state"] = "nonfinite"
+    elif out["last_step"] >= steps:
+        out["state"] = "finite"
+    else:
+        out["state"] = "running"
+    return out
+
+
+def describe(st: dict) -> str:
+    """One cell: `finite`, `NaN at step N (loss finite)`, `through step N` or `not started`."""
+    if st["state"] == "nonfinite":
+        loss = "loss finite" if st["loss_finite_there"] else "loss non-finite"
+        return f"non-finite at step {st['nonfinite_step']} ({loss})"
+    if st["state"] == "running":
+        return f"finite through step {st['last_step']} (unfinished)"
+    return st["state"]
+
+
+def table(runs: list[Run], root: pathlib.Path, steps: int, eval_steps: list[int]) -> list[str]:
+    """Markdown rows: one per run, then per preset and lr the mean and spread over seeds."""
+    head = "| run | outcome | " + " | ".join(f"bpb @ {s}" for s in eval_steps) + " |"
+    lines = [head, "|---" * (2 + len(eval_steps)) + "|"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        st = status(root / run.name / "metrics.jsonl", steps, eval_steps)
+        groups.setdefault((run.preset, run.lr), []).append(st)
+        cells = [f"{st['bpb'][s]:.4f}" if s in st["bpb"] else "-" for s in eval_steps]
+        lines.append(f"| {run.name} | {describe(st)} | " + " | ".join(cells) + " |")
+    for (preset, lr), sts in groups.items():
+        if len(sts) < 2:
+            continue
+        cells = []
+        for s in eval_steps:
+            vals = [st["bpb"][s] for st in sts if s in st["bpb"]]
+            cells.append(
+                f"{statistics.mean(vals):.4f} +/- {statistics.pstdev(vals):.4f} (n={len(vals)})"
+                if vals
+                else "-"
+            )
+        name = preset + ("" if lr is None else f" lr {lr:g}")
+        lines.append(f"| {name}, mean over seeds | | " + " | ".join(cells) + " |")
+    return lines
+
+
+def trainer_command(run: Run, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The `launch/train.py` command of one run."""
+    cmd = [
+        sys.executable, str(ROOT / "launch" / "train.py"),
+        f"--config={ROOT / 'experiments' / 'lm.py'}:{run.preset}",
+        f"--workdir={pathlib.Path(args.root) / run.name}",
+        f"--config.seed={run.seed}", f"--config.num_steps={args.steps}",
+        f"--config.eval.every_steps={args.eval_every}",
+        f"--config.checkpoint.every_steps={args.checkpoint_every}",
+        "--config.logging.progress=False",
+    ]  # fmt: skip
+    if run.lr is not None:
+        cmd.append(f"--config.optimizer.learning_rate={run.lr}")
+    return cmd + extra
+
+
+def train(run: Run, args: argparse.Namespace, extra: list[str], deadline: float) -> None:
+    """Run (or continue) one trainer until it ends or the deadline, then SIGTERM it."""
+    log = pathlib.Path(args.root) / f"{run.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        proc = subprocess.Popen(
+            trainer_command(run, args, extra), stdout=f, stderr=subprocess.STDOUT
+        )
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(1.0)
+        if proc.poll() is None:  # out of time: the trainer checkpoints on SIGTERM
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run or continue every unfinished run, then print the table."""
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="titans_mag_tiny")
-    ap.add_argument("--seq_len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--set", default="", help="model overrides: a.b=1,c=x")
-    ap.add_argument("--variants", default="", help="name:k=v;k=v|name2:k=v")
-    args = ap.parse_args()
-    base = throughput.parse_overrides(args.set)
-    variants = throughput.parse_variants(args.variants) if args.variants else [("", {})]
-    t0 = time.time()
-    for name, extra in variants:
-        label = f"{args.preset}[{name}]" if name else args.preset
-        for row in run(args.preset, {**base, **extra}, args.seq_len, args.batch, args.steps,
-                       args.dtype, args.lr):  # fmt: skip
-            bad = ", ".join(f"{p} ({n})" for p, n in row["bad"][:8]) or "none"
-            more = f" and {len(row['bad']) - 8} more" if len(row["bad"]) > 8 else ""
-            print(f"{label} step {row['step']}: loss {row['loss']:.6g}; non-finite gradients: "
-                  f"{bad}{more} [{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+    ap.add_argument("--runs", required=True, help="PRESET:SEED[:LR],...")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--eval_every", type=int, default=250)
+    ap.add_argument("--checkpoint_every", type=int, default=50)
+    ap.add_argument("--root", default="/tmp/nl_jax_stability")
+    ap.add_argument("--time_budget", type=float, default=0.0, help="seconds; 0 = no limit")
+    ap.add_argument("--summary", action="store_true", help="print the table, run nothing")
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    try:
+        runs = parse_runs(args.runs)
+    except ValueError as e:
+        print(f"error: --runs: {e}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.eval_every < 1:
+        print("error: --steps and --eval_every must be >= 1", file=sys.stderr)
+        return 2
+    root = pathlib.Path(args.root)
+    eval_steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    start = time.time()
+    deadline = start + args.time_budget if args.time_budget > 0 else math.inf
+    for run in [] if args.summary else runs:
+        st = status(root / run.name / "metrics.jsonl", args.steps, eval_steps)
+        if st["state"] in ("finite", "nonfinite"):
+            continue
+        if deadline - time.time() < MIN_RUN_S:
+            print(f"[stability] out of time before {run.name}; run the command again", flush=True)
+            break
+        print(f"[stability] {run.name}: from step {st['last_step']}", flush=True)
+        train(run, args, extra, deadline)
+        print(f"[stability] {run.name}: {describe(status(root / run.name / 'metrics.jsonl', args.steps, eval_steps))}", flush=True)  # fmt: skip
+    for line in table(runs, root, args.steps, eval_steps):
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

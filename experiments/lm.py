@@ -128,24 +128,33 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.momentum = True  # row 7; ablation "w/o momentum"
     m.memory.weight_decay = True  # retention alpha; ablation "w/o weight decay"
     m.memory.normalize_lr = True  # eta' = eta / (1 + eta ||a||^2) (row 16)
-    # Hope's stable inner loop: two switches, ours, not in the paper, on in the Hope presets.
-    # In the paper's form hope_340m (4 layers, seq 2048 x 8, bf16, H200) went non-finite in the
-    # trainer at every setting tried: outer lr 3e-3 at step 13, 1e-3 at step 41, with
-    # memory.beta_max 0.3 at step 33, without momentum at step 54, eta_max 0.1 at step 17
-    # (BENCHMARKS.md, session 14). One layer with its gates at their bounds diverges even
-    # token by token in that form, and stays bounded with both switches on
-    # (benchmarks/hope_inner_stability.py); hope_tiny: the same bits/byte, 8% fewer tokens/s.
-    # With them hope_340m (4 layers) trained 200 steps finite at lr 3e-3 and 1e-3 on an H200,
-    # at 2% fewer tokens/s (BENCHMARKS.md, session 15).
-    # - every layer's DGD step normalised by the curvature of the whole memory along the token's
-    #   error (rules.memory_curvature, a constant for the outer gradient): per-layer ||a||^2
-    #   ignores that an MLP memory's output layer scales its input layer's step by its own
-    #   squared norm. The same step as normalize_lr for a linear memory.
-    hope = family == "hope"
-    m.memory.normalize_memory = hope
-    # - momentum as an average, S = beta S - (1 - beta) eta' g: a gradient's steps sum to its
-    #   normalised step, not 1 / (1 - beta) (10 at beta 0.9) times it.
-    m.memory.momentum_ema = hope
+    # The stable inner loop: three switches, ours, not in the papers, on in every Hope and
+    # Titans preset (off: the papers' form). In the paper's form hope_340m (4 layers, seq
+    # 2048 x 8, bf16) went non-finite in the trainer at every outer lr and gate bound tried,
+    # within 60 steps; WORKSPACE.md ("The stable inner loop") has the analysis.
+    # - every layer's step normalised by the curvature of the whole memory along the token's
+    #   error, eta / (1 + eta max(kappa, ||a||^2)) (rules.memory_curvature, a constant for the
+    #   outer gradient): per-layer ||a||^2 ignores that an MLP memory's output layer scales
+    #   its input layer's step by its own squared norm. The same step as normalize_lr for a
+    #   linear memory; for Titans it enters the chunk-normalised step below.
+    hope, titans = family == "hope", family.startswith("titans")
+    m.memory.normalize_memory = hope or titans
+    # - momentum as an average, S = beta S - (1 - beta) eta' g: a repeated gradient's steps sum
+    #   to its normalised step, not 1 / (1 - beta) (10 at beta 0.9) times it. With the summed
+    #   momentum a run of identical keys at saturated gates drove a Titans MLP memory to inf in
+    #   context (titans_lmm_340m's loss went NaN at trainer step 161).
+    m.memory.momentum_ema = hope or titans
+    # - each step divided by 1 + the running sum of eta max(kappa, ||a||^2) over the chunk's
+    #   earlier tokens (Hope: memory.normalize_chunk; Titans: memory.titans_normalize_chunk).
+    #   Every token's gradient in a chunk is taken at the chunk-start weights: per-token
+    #   normalisation bounds each step, but a chunk of near-identical keys sums C of them along
+    #   one direction and leaves the inner loop at the edge of stability. The forward stays
+    #   bounded while the backward through the window grows exponentially: hope_340m's
+    #   gradient (not its loss) went NaN at trainer step 89 (H100, seed 0, with the fused
+    #   kernel and with XLA's ops). One layer at its gate bounds on runs of identical keys:
+    #   max |gradient| 8.6e3 -> 0.4 with the cut every 4 chunks, 3e15 -> 576 without
+    #   (tests/test_inner_stability.py).
+    m.memory.normalize_chunk = hope
     # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
     # it kept titans_mag_340m finite on random tokens at outer lr 1e-3, but on text it only
     # delayed the divergence (BENCHMARKS.md, issue 7, session 9).

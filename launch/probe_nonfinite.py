@@ -677,7 +677,11 @@ def main(argv: list[str]) -> int:
 
 
 def locate_and_save(
-    config: ml_collections.ConfigDict, pre: dict[str, Any], batch: dict[str, Any], out_dir: str
+    config: ml_collections.ConfigDict,
+    pre: dict[str, Any],
+    batch: dict[str, Any],
+    out_dir: str,
+    debug_nans: bool = False,
 ) -> dict[str, Any]:
     """`locate_nonfinite.locate` on the analysed step; saves the singular mixer's case and the
     `debug_nans` trace of its backward into `out_dir`; returns the report."""
@@ -702,13 +706,14 @@ def locate_and_save(
           f"(mlp branch {source['mlp_branch']}, mixer {source['mixer']}), rows "
           f"{source['rows_with_nonfinite_cot']} ({time.time() - t0:.0f}s)")  # fmt: skip
     case = found["case"]
-    trace = loc.debug_nans_trace(
-        loc.module_vjp(loc.split_params(_mixer(graphdef, params, rest, source["block"]))[0]),
-        case["params"], case["rest"], case["u"], case["cot"], case["segment_ids"],
-        case["positions"],
-    )  # fmt: skip
-    found["debug_nans"] = trace
-    _echo("[locate] debug_nans: " + ("no NaN/Inf raised" if trace is None else trace[-3000:]))
+    if debug_nans:
+        # Op by op, so slow at full width: after the case is saved it can run anywhere.
+        trace = loc.debug_nans_trace(
+            loc.module_vjp(loc.split_params(_mixer(graphdef, params, rest, source["block"]))[0]),
+            case["params"], case["rest"], case["u"], case["cot"], case["segment_ids"],
+            case["positions"],
+        )  # fmt: skip
+        found["debug_nans"] = trace
     files = loc.save_case(out_dir, found, config)
     _echo(f"[locate] wrote {', '.join(files)}")
     return found

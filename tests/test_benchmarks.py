@@ -261,19 +261,6 @@ def test_model_inner_flops_sum_memory_layers():
         assert abstract(preset).inner_flops_per_token(128) > 0, preset
 
 
-def test_divergence_check_names_the_nonfinite_gradients():
-    import divergence_check  # noqa: PLC0415
-
-    calm = list(divergence_check.run("transformer_tiny", {}, 32, 2, 2, "float32", 1e-3))
-    assert [r["bad"] for r in calm] == [[], []] and all(math.isfinite(r["loss"]) for r in calm)
-    # AdamW at 1e30 overflows the parameters after the first update, so a later step's
-    # gradients are non-finite, and they are named by parameter path.
-    wild = list(divergence_check.run("transformer_tiny", {}, 32, 2, 3, "float32", 1e30))
-    assert wild[0]["bad"] == [] and math.isfinite(wild[0]["loss"])
-    named = {path for r in wild[1:] for path, count in r["bad"] if count > 0}
-    assert any(p.startswith("blocks/") for p in named), wild
-
-
 def test_inner_grad_memory_reports_the_windows_temp_buffers():
     # benchmarks/inner_grad_memory.py (the memory cost of memory.parallel_windows, compiled on
     # CPU): positive sizes, and the windows' walk holds more at once than the sequential one.

@@ -471,8 +471,8 @@ def test_chunk_normalized_step_matches_reference(x64, memory, chunk, with_resets
         assert rel_err(other, out) > 1e-6
     with pytest.raises(ValueError, match="no token-by-token optax form"):
         run_fast(level, inp, path="generic")
-    with pytest.raises(ValueError, match="excludes dgd"):
-        DeltaRule(dgd=True, normalize_chunk=True)
+    with pytest.raises(ValueError, match="normalize_chunk and normalize_gd are two forms"):
+        DeltaRule(normalize_chunk=True, normalize_gd=True)
 
 
 def test_chunk_normalized_step_bounds_a_coherent_chunk(x64):

@@ -272,8 +272,10 @@ REJECTED = [
     ("hope_tiny", {"memory.backprop_chunks": 0, "memory.parallel_windows": True},
      r"parallel_windows = True walks.*set memory.backprop_chunks > 0"),
     ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),
-    ("titans_lmm_tiny", {"memory.normalize_memory": True},
-     r"memory.normalize_memory = True: only Hope's self_modifying_titans.*'titans_lmm'"),
+    ("titans_lmm_tiny", {"memory.normalize_chunk": True},
+     r"memory.normalize_chunk = True: only Hope's self_modifying_titans.*'titans_lmm'"),
+    ("transformer_tiny", {"memory.normalize_memory": True},
+     r"memory.normalize_memory = True: only Hope's and Titans' memories"),
     ("hope_attention_tiny", {"memory.momentum_ema": True}, r"memory.momentum_ema = True: only Hope's"),
     ("transformer_tiny", {"xla_options.xla_gpu_enable_triton_gemmm": False},
      r"model.xla_options = .*triton_gemmm.*XLA rejected"),
@@ -307,8 +309,8 @@ def test_validate_config_accepts_what_the_mixer_has(preset, overrides):
 
 def test_hope_presets_take_the_stable_inner_loop():
     """Every Hope preset's layers normalise their step by the whole memory and average their
-    momentum (the paper's form went non-finite in the 340M trainer on an H200); the other
-    families do not have the switches on."""
+    momentum (the paper's form went non-finite in the 340M trainer on an H200); the families
+    without a memory do not have the switches on."""
     from nl_jax.layers.self_modifying import spec_from_config
 
     for size in lm.SIZES:
@@ -319,7 +321,7 @@ def test_hope_presets_take_the_stable_inner_loop():
     assert layers and all(m.spec.rule.normalize_memory and m.spec.rule.momentum_ema
                           for m in layers)  # fmt: skip
     for family in lm.FAMILIES:
-        if family != "hope":
+        if family != "hope" and not family.startswith("titans"):
             memory = lm.get_config(f"{family}_tiny").model.memory
             assert not (memory.normalize_memory or memory.momentum_ema), family
 

@@ -33,21 +33,24 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
     proj = [n for n in names if n != "memory"]
     state = {n: dict(init[n]) for n in names}
     mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
-    outs, bnd = [], {}
+    outs, bnd, running = [], {}, {}
     sg = jax.lax.stop_gradient
     for t in range(u.shape[0]):
         if resets is not None and resets[t]:
             state = {n: dict(init[n]) for n in names}
             mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
             bnd = {n: dict(init[n]) for n in names}
+            running = {n: dict.fromkeys(init[n], 0.0) for n in names}
         if cut_every and t and t % cut_every == 0:
             state = {n: {w: sg(x) + init[n][w] - sg(init[n][w]) for w, x in state[n].items()}
                      for n in names}  # fmt: skip
             mom = {n: {w: sg(x) for w, x in mom[n].items()} for n in names}
         if t % spec.chunk_other == 0:
             bnd.update({n: dict(state[n]) for n in proj})
+            running.update({n: dict.fromkeys(init[n], 0.0) for n in proj})
         if t % spec.chunk_mem == 0:
             bnd["memory"] = dict(state["memory"])
+            running["memory"] = dict.fromkeys(init["memory"], 0.0)
         x = u[t]
         k = l2n(mlp(bnd["k"], x) if spec.adaptive_k else static["w_k"] @ x)
         v = mlp(bnd["v"], x) if spec.adaptive_v else static["w_v"] @ x
@@ -64,8 +67,13 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
             kappa = jax.lax.stop_gradient(sum(jnp.sum(g * g) for g in grads.values()) / (err @ err))
             for w, a in inputs.items():
                 lr = eta / (1 + eta * a @ a) if spec.dgd else eta
+                curv = a @ a
                 if spec.normalize_memory:
-                    lr = eta / (1 + eta * jnp.maximum(kappa, a @ a))
+                    curv = curv + jax.lax.stop_gradient(jnp.maximum(kappa - curv, 0.0))
+                    lr = eta / (1 + eta * curv)
+                if spec.normalize_chunk:
+                    running[n][w] = running[n][w] + eta * curv
+                    lr = eta / (1 + running[n][w])
                 gain = 1 - beta[t] if spec.momentum_ema else 1.0
                 mom[n][w] = beta[t] * mom[n][w] - gain * lr * grads[w]
                 decay = alpha * jnp.eye(a.shape[0]) - (lr * jnp.outer(a, a) if spec.dgd else 0)
@@ -111,6 +119,7 @@ def rel_err(a, b):
         {"solve": "triangular", "chunk_mem": 4, "chunk_other": 3},
         {"normalize_memory": True, "momentum_ema": True},
         {"normalize_memory": True, "dgd": False},
+        {"normalize_memory": True, "momentum_ema": True, "normalize_chunk": True},
     ],
     ids=[
         "default",
@@ -122,6 +131,7 @@ def rel_err(a, b):
         "trsm_solve",
         "stable",
         "stable_gd",
+        "stable_chunk",
     ],  # fmt: skip
 )
 def test_chunked_equals_token_reference(x64, changes):
@@ -215,11 +225,14 @@ def test_cut_gradients_match_the_token_reference(x64):
         dataclasses.replace(SPEC, parallel_windows=True)
 
 
-def test_stable_inner_loop_gradients_match_the_token_reference(x64):
-    """The Hope presets' inner loop (memory-wide step, averaged momentum): the token loop's
-    outer gradient for every input, with documents; and a different gradient from the paper's
-    form (so the comparison can fail)."""
-    spec = dataclasses.replace(SPEC, normalize_memory=True, momentum_ema=True)
+@pytest.mark.parametrize("chunk_normalized", [False, True])
+def test_stable_inner_loop_gradients_match_the_token_reference(x64, chunk_normalized):
+    """The Hope presets' inner loop (memory-wide step, averaged momentum, the step normalised
+    over the chunk): the token loop's outer gradient for every input, the meta-learned initial
+    states included, with documents; and a different gradient from the paper's form (so the
+    comparison can fail)."""
+    spec = dataclasses.replace(SPEC, normalize_memory=True, momentum_ema=True,
+                               normalize_chunk=chunk_normalized, chunk_mem=4, chunk_other=3)  # fmt: skip
     init, static, u, q, beta = make(spec, 6, seq=9)
     resets = np.zeros(9, bool)
     resets[[0, 4]] = True

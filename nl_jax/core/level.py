@@ -125,7 +125,9 @@ def _fast_chunk(
     gain = 1.0 - xs["beta"] if rule.momentum and rule.momentum_ema else 1.0
     for name in level.memory.shapes():
         if rule.normalize_chunk:
-            eta = chunk_inner_lr(xs["eta"], inputs[name], None if init is None else xs["resets"])
+            eta = chunk_inner_lr(
+                xs["eta"], inputs[name], None if init is None else xs["resets"], curvature
+            )
         else:
             eta = inner_lr(xs["eta"], inputs[name], rule.normalized, curvature)  # [C]
         layers[name] = chunked.layer_chunk(

@@ -101,10 +101,13 @@ def reference_level(
                 a = acts[name]
                 normalized = (dgd and normalize_lr) or (not dgd and normalize_gd)
                 lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if normalized else eta[t]
+                curv = jnp.dot(a, a)
                 if normalize_memory:
-                    lr = eta[t] / (1.0 + eta[t] * jnp.maximum(kappa, jnp.dot(a, a)))
+                    # The outer gradient flows through ||a||^2 alone (rules.curvature_at_least).
+                    curv = curv + jax.lax.stop_gradient(jnp.maximum(kappa - curv, 0.0))
+                    lr = eta[t] / (1.0 + eta[t] * curv)
                 if normalize_chunk:
-                    running[name] = running[name] + eta[t] * jnp.dot(a, a)
+                    running[name] = running[name] + eta[t] * curv
                     lr = eta[t] / (1.0 + running[name])
                 if momentum:
                     gain = 1.0 - beta[t] if momentum_ema else 1.0

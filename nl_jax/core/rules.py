@@ -24,16 +24,26 @@ import optax
 from nl_jax.core import chunked
 
 
+def curvature_at_least(a_sq: jax.Array, curvature: jax.Array) -> jax.Array:
+    """`max(kappa, ||a||^2)` whose outer gradient always flows through `||a||^2` alone.
+
+    `||a||^2 + stop_gradient(max(kappa - ||a||^2, 0))`: `kappa` (stopped) tops the layer's own
+    `||a||^2` up. A plain `maximum` splits its gradient at a tie, and for a linear memory
+    `kappa = ||a||^2` exactly, so which branch took the gradient was decided by rounding.
+    """
+    return a_sq + jax.lax.stop_gradient(jnp.maximum(curvature - a_sq, 0.0))
+
+
 def inner_lr(
     eta: jax.Array, a: jax.Array, normalize: bool, curvature: jax.Array | None = None
 ) -> jax.Array:
     """DGD step size `eta / (1 + eta ||a||^2)` if `normalize`, else `eta`; `a: [..., d_in]`.
 
     With `curvature` (`memory_curvature`, one per token) the step is the memory-wide
-    `eta / (1 + eta max(kappa, ||a||^2))` whatever `normalize` says.
+    `eta / (1 + eta max(kappa, ||a||^2))` whatever `normalize` says (`curvature_at_least`).
     """
     if curvature is not None:
-        return eta / (1.0 + eta * jnp.maximum(curvature, jnp.sum(a * a, axis=-1)))
+        return eta / (1.0 + eta * curvature_at_least(jnp.sum(a * a, axis=-1), curvature))
     if not normalize:
         return eta
     return eta / (1.0 + eta * jnp.sum(a * a, axis=-1))
@@ -65,8 +75,17 @@ def memory_curvature(deltas: dict, inputs: dict, errors: jax.Array) -> jax.Array
     return jax.lax.stop_gradient(kappa)
 
 
-def chunk_inner_lr(eta: jax.Array, a: jax.Array, resets: jax.Array | None = None) -> jax.Array:
+def chunk_inner_lr(
+    eta: jax.Array,
+    a: jax.Array,
+    resets: jax.Array | None = None,
+    curvature: jax.Array | None = None,
+) -> jax.Array:
     """Chunk-normalised GD step `eta_t / (1 + sum_{s <= t} eta_s ||a_s||^2)`, `[C]`.
+
+    With `curvature` (`memory_curvature`, `[C]`) each term is `eta_s max(kappa_s, ||a_s||^2)`:
+    the whole memory's curvature along the token's error, which for an MLP memory includes how
+    its output layer scales the input layer's step (per-layer `||a||^2` does not).
 
     The sum runs over the chunk's tokens up to t in t's document (`resets: bool[C]`), so no
     step sees a later token. The chunk-parallel update takes all of a chunk's gradients at the
@@ -75,7 +94,10 @@ def chunk_inner_lr(eta: jax.Array, a: jax.Array, resets: jax.Array | None = None
     the outer gradient through many chunks. `eta: [C]`, `a: [C, d_in]`.
     Triton-lowerable (masked C x C sums, no cumsum).
     """
-    x = eta * jnp.sum(a * a, axis=-1)
+    x = jnp.sum(a * a, axis=-1)
+    if curvature is not None:
+        x = curvature_at_least(x, curvature)
+    x = eta * x
     idx = jnp.arange(x.shape[0])
     mask = idx[:, None] >= idx[None, :]
     if resets is not None:
@@ -200,10 +222,10 @@ class DeltaRule:
     def __post_init__(self):
         if self.solve not in chunked.SOLVES:
             raise ValueError(f"unknown solve {self.solve!r}; allowed: {chunked.SOLVES}")
-        if self.normalize_chunk and (self.dgd or self.normalize_gd or self.normalize_memory):
+        if self.normalize_chunk and self.normalize_gd:
             raise ValueError(
-                "normalize_chunk is plain GD's chunk-normalised step: it excludes dgd (which "
-                "normalises by normalize_lr), the per-token normalize_gd and normalize_memory"
+                "normalize_chunk and normalize_gd are two forms of one step normalisation "
+                "(over the chunk so far, per token): set at most one"
             )
 
     @property

@@ -73,6 +73,7 @@ class SelfModSpec:
     normalize_lr: bool = True
     normalize_memory: bool = False
     momentum_ema: bool = False
+    normalize_chunk: bool = False
     adaptive_k: bool = True
     adaptive_v: bool = True
     adaptive_q: bool = False
@@ -123,7 +124,8 @@ class SelfModSpec:
         """DGD with weight decay (or the GD / no-momentum / no-decay ablations)."""
         return DeltaRule(momentum=self.momentum, retention=self.weight_decay, dgd=self.dgd,
                          normalize_lr=self.normalize_lr, normalize_memory=self.normalize_memory,
-                         momentum_ema=self.momentum_ema, solve=self.solve)  # fmt: skip
+                         momentum_ema=self.momentum_ema, normalize_chunk=self.normalize_chunk,
+                         solve=self.solve)  # fmt: skip
 
     @property
     def projection_memories(self) -> tuple[str, ...]:
@@ -505,7 +507,8 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         activation=m.activation, chunk_mem=m.chunk_size, chunk_other=m.chunk_size_other,
         eta_max=m.eta_max, beta_max=m.beta_max, dgd=m.dgd, momentum=m.momentum, weight_decay=m.weight_decay,
         normalize_lr=m.normalize_lr, normalize_memory=m.get("normalize_memory", False),
-        momentum_ema=m.get("momentum_ema", False), adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
+        momentum_ema=m.get("momentum_ema", False), normalize_chunk=m.get("normalize_chunk", False),
+        adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
         solve=m.get("solve", "auto"), kernel=m.get("kernel", "auto"),

@@ -481,11 +481,16 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                 f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr, its "
                 "values memory.normalize_v)"
             )
-        hope_only = [k for k in ("normalize_memory", "momentum_ema") if cfg.memory.get(k, False)]
-        if hope_only and mixer_name != "self_modifying_titans":
+        if cfg.memory.get("normalize_chunk", False) and mixer_name != "self_modifying_titans":
             raise ValueError(
-                f"model.memory.{hope_only[0]} = True: only Hope's self_modifying_titans mixer "
-                f"has it, not {mixer_name!r}"
+                f"model.memory.normalize_chunk = True: only Hope's self_modifying_titans mixer "
+                f"has it, not {mixer_name!r} (Titans' memory: memory.titans_normalize_chunk)"
+            )
+        stabilisers = [k for k in ("normalize_memory", "momentum_ema") if cfg.memory.get(k, False)]
+        if stabilisers and not (titans or mixer_name == "self_modifying_titans"):
+            raise ValueError(
+                f"model.memory.{stabilisers[0]} = True: only Hope's and Titans' memories have "
+                f"it, not {mixer_name!r}"
             )
         if {"titans_normalize_lr", "titans_normalize_chunk"} <= set(titans_only):
             raise ValueError(
