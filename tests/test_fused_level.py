@@ -153,8 +153,10 @@ def test_titans_chunk_step_lowers_to_triton_for_cuda(resets):
 
 
 def test_chunk_normalized_titans_fused_matches_vmapped_run_level(x64):
-    """`memory.titans_normalize_chunk` through the fused forward (interpreter), with resets."""
-    rule = DeltaRule(momentum=True, retention=True, normalize_chunk=True)
+    """The Titans presets' rule (the chunk-normalised step by the memory's curvature, averaged
+    momentum) through the fused forward (interpreter), with resets."""
+    rule = DeltaRule(momentum=True, retention=True, normalize_chunk=True, normalize_memory=True,
+                     momentum_ema=True)  # fmt: skip
     level = Level(ResidualMLPMemory(4, 8), objectives.l2, rule, 4)
     params, state, inputs = make(level, 3, 14, jax.random.PRNGKey(5))
     resets = jnp.zeros((3, 14), bool).at[:, 0].set(True).at[1, jnp.array([3, 8, 13])].set(True)
@@ -166,8 +168,10 @@ def test_chunk_normalized_titans_fused_matches_vmapped_run_level(x64):
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
 def test_chunk_normalized_titans_step_lowers_to_triton_for_cuda():
-    """The chunk-normalised step's masked running sum lowers in the Triton kernel, resets too."""
-    rule = DeltaRule(momentum=True, retention=True, normalize_chunk=True)
+    """The Titans presets' step (masked running sum of the memory's curvature, averaged
+    momentum) lowers in the Triton kernel, resets too."""
+    rule = DeltaRule(momentum=True, retention=True, normalize_chunk=True, normalize_memory=True,
+                     momentum_ema=True)  # fmt: skip
     level = Level(ResidualMLPMemory(64, 64), objectives.l2, rule, 16)
     params, state, inputs = make(level, 2, 32, jax.random.PRNGKey(2), jnp.float32)
     xs = jax.tree.map(lambda a: a.reshape((2, 2, 16) + a.shape[2:]), inputs)

@@ -201,7 +201,7 @@ def _pallas_heads(spec, init, static, u, q, beta, heads=None):
         {},
         {"chunk_other": 4, "chunk_mem": 4},
         {"adaptive_k": False, "adaptive_v": False},
-        {"normalize_memory": True, "momentum_ema": True},
+        {"normalize_memory": True, "momentum_ema": True, "normalize_chunk": True},
     ],
     ids=["chunks_3_2_partial", "chunks_4_4", "static_kv", "stable"],
 )
@@ -239,9 +239,9 @@ def _heads_inputs(spec, b, s):
 )
 def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, stable):
     """Every fused kernel against the XLA path, with documents and with the Hope presets'
-    stable inner loop (memory-wide step, averaged momentum)."""
-    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4,
-                               normalize_memory=stable, momentum_ema=stable)  # fmt: skip
+    stable inner loop (memory-wide step normalised over the chunk, averaged momentum)."""
+    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4, normalize_memory=stable,
+                               momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
     b, s = 2, 8
     init, static, u, q, beta = _heads_inputs(spec, b, s)
     head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
@@ -348,9 +348,11 @@ def _projection_inputs(spec, n=2, t=2, resets=False, cuts=False):
 def test_projection_step_lowers_to_triton_for_cuda(resets, cuts, stable):
     """Hope 340M's head shape (64 x 64 memories, C_other 16), forward and backward kernels,
     with documents or gradient cuts (their initial states as consts), and with the stable
-    inner loop (the memory-wide step's output tap and the averaged momentum)."""
+    inner loop (the memory-wide step's output tap normalised over the chunk, the averaged
+    momentum)."""
     spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
-                          normalize_memory=stable, momentum_ema=stable)  # fmt: skip
+                          normalize_memory=stable, momentum_ema=stable,
+                          normalize_chunk=stable)  # fmt: skip
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
                              *_projection_inputs(spec, resets=resets, cuts=cuts))  # fmt: skip
     assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
