@@ -274,16 +274,6 @@ def test_divergence_check_names_the_nonfinite_gradients():
     assert any(p.startswith("blocks/") for p in named), wild
 
 
-def test_inner_grad_memory_reports_the_windows_temp_buffers():
-    # benchmarks/inner_grad_memory.py (the memory cost of memory.parallel_windows, compiled on
-    # CPU): positive sizes, and the windows' walk holds more at once than the sequential one.
-    import inner_grad_memory  # noqa: PLC0415
-
-    walk = inner_grad_memory.temp_gib(8, 64, 16, 4, 0, 2, 1)
-    windows = inner_grad_memory.temp_gib(8, 64, 16, 4, 2, 2, 1)
-    assert 0 < walk["temp_gib"] < windows["temp_gib"], (walk, windows)
-
-
 def test_hope_inner_stability_stress_separates_the_two_forms():
     """benchmarks/hope_inner_stability.py: with its gates at their bounds a Hope layer in the
     paper's form diverges token by token (beta 0.9), and in the presets' stable form stays

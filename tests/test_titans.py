@@ -2,7 +2,6 @@
 
 import functools
 import importlib.util
-import inspect
 import pathlib
 import re
 
@@ -24,9 +23,6 @@ FACTORIES = {
     "titans_mag": titans.mag_from_config,
     "titans_mal": titans.mal_from_config,
 }
-needs_resets = pytest.mark.skipif(
-    not titans.supports_resets(), reason="run_level has no resets/reset_params yet"
-)
 
 
 def _experiments_lm():
@@ -76,10 +72,6 @@ _call = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))
     "read,docs", [("per_token", False), ("boundary", False), ("per_token", True)]
 )
 def test_lmm_matches_token_loop(read, docs):
-    if docs and "resets" not in inspect.signature(reference_level).parameters:
-        pytest.skip("reference_level has no resets yet")
-    if docs and not titans.supports_resets():
-        pytest.skip("run_level has no resets yet")
     with jax.enable_x64(True):
         mem = make_memory(read=read)
         b, s = 2, 11  # chunk 3: three full chunks and a partial one
@@ -445,7 +437,7 @@ def test_mac_equals_one_memory_stream():
         b, s, c = 2, 12, 4
         x = jax.random.normal(jax.random.PRNGKey(5), (b, s, D), jnp.float64)
         # Row 0: a document starts mid-segment (chunk aligned); row 1: one document.
-        ids = jnp.array([[1] * 6 + [2] * 6, [3] * 12]) if titans.supports_resets() else None
+        ids = jnp.array([[1] * 6 + [2] * 6, [3] * 12])
         resets = None if ids is None else titans.document_resets(ids)
 
         @jax.jit
@@ -482,7 +474,6 @@ def test_mac_equals_one_memory_stream():
 # --------------------------------------------------------------------------- documents
 
 
-@needs_resets
 @pytest.mark.parametrize("family", sorted(FACTORIES))
 def test_packed_document_equals_document_alone(family):
     """Row 0 packs [other | doc]; row 1 starts with doc alone (causality makes its tail moot)."""

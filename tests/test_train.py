@@ -153,17 +153,23 @@ def test_update_every_rejects_bad_metadata():
 # TensorBoard files
 
 
-def test_crc32c_known_value():
-    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-
-
 def test_tensorboard_writer_roundtrip(tmp_path):
+    """What the trainer writes, read back by the `tensorboard` package; non-finite values are
+    left out."""
     writer = metrics.TensorBoardWriter(tmp_path)
     writer.scalars(3, {"train/loss": 2.5, "train/nan": math.nan})
     writer.scalars(7, {"train/loss": 1.25, "eval/bits_per_byte": 0.5})
     writer.close()
-    got = metrics.read_tensorboard_scalars(writer.path)
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    got = metrics.read_tensorboard_scalars(event_file)
     assert got == [(3, "train/loss", 2.5), (7, "train/loss", 1.25), (7, "eval/bits_per_byte", 0.5)]
+
+
+def test_progress_line_counts_only_this_runs_steps():
+    """A resumed run's remaining time comes from the steps it ran itself, not from step 0."""
+    line = metrics.progress_line(120, 1000, {"loss": 2.5, "tokens_per_sec": 4.5e4}, 10.0, 20)
+    assert line.startswith("120/1000  12%|") and "loss 2.5000" in line and "45.0k tok/s" in line
+    assert line.endswith("00:10<07:20")  # 880 steps at 2 steps/s
 
 
 def test_flops_per_token_convention():
@@ -174,7 +180,7 @@ def test_flops_per_token_convention():
     flops = metrics.flops_per_token(model, seq_len=64)
     n_all = metrics.count_params(nnx.state(model, nnx.Param))
     n = n_all - cfg.vocab_size * cfg.d_model  # the embedding gather is not a matmul
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64 / 2  # causal: half
     assert flops == {"model": 6 * n + attention, "inner": 0.0}
 
 

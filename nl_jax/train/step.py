@@ -95,9 +95,9 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
             "target_tokens": count,
             **diagnostics,
         }
