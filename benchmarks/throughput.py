@@ -550,7 +550,7 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="trace dir: top device ops of the last run")
     ap.add_argument("--profile_top", type=int, default=10, help="rows of the op table")
     # A full-depth Hope step launches ~2M kernels; CUPTI kept ~2M records per trace on an H200
-    # whatever the configured cap (2026-11-30), so profile one step there.
+    # whatever the configured cap, so profile one step there.
     ap.add_argument("--profile_steps", type=int, default=2, help="steps in the profiled trace")
     ap.add_argument("--out", default="", help="write the measured rows as JSON here")
     ap.add_argument("--hlo_out", default="", help="gzip the profiled run's optimized HLO here")

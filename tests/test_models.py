@@ -338,8 +338,8 @@ def test_titans_presets_walk_the_cut_windows_side_by_side(family):
 
 def test_hope_presets_cut_the_meta_gradient_and_walk_the_windows():
     """Every Hope preset cuts the outer gradient every 4 C_mem chunks (straight through to the
-    initial states) and walks the windows side by side: cut, hope_340m trained two seeds finite
-    and better on an H200, at +20% tokens/s; uncut, one run's gradient went NaN (session 16).
+    initial states) and walks the windows side by side: cut, hope_340m trains finite and better
+    on an H200, at +20% tokens/s; uncut, its gradient can go NaN.
     Its sized presets train at 1e-3 (better than 3e-3 there); the tiny one keeps the demo's."""
     model = models.build(tiny("hope"), nnx.Rngs(0))
     layers = [m for _, m in nnx.iter_graph(model) if hasattr(m, "spec")]

@@ -198,7 +198,7 @@ def test_backprop_chunks_truncate_the_memory_gradient(x64, kernel):
     def last_chunk(m, x):
         return jnp.sum(jnp.sin(3 * m(x)[:, 15:]))
 
-    grads = {k: jax.grad(functools.partial(last_chunk, m))(x) for k, m in mems.items()}
+    grads = {k: jax.jit(jax.grad(functools.partial(last_chunk, m)))(x) for k, m in mems.items()}
     # Chunks of 3, cut before token 12; the conv (window 4) reaches back to token 9.
     assert float(jnp.abs(grads[2][:, :9]).max()) == 0.0
     assert float(jnp.abs(grads[0][:, :9]).max()) > 1e-8
@@ -220,7 +220,9 @@ def test_parallel_windows_give_the_sequential_gradient(x64, kernel):
     }  # the XLA path's walk is the reference itself
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 23, D), jnp.float64)
     loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))  # noqa: E731
-    grads = {name: nnx.grad(loss, argnums=(0, 1))(m, x) for name, m in mems.items()}
+    # Jitted: run eagerly, every op of the scans (and of the Pallas interpreter) is dispatched
+    # on its own.
+    grads = {name: nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x) for name, m in mems.items()}
     want = jax.tree.leaves(grads["xla"])
     for name in set(mems) - {"xla"}:
         for a, c in zip(jax.tree.leaves(grads[name]), want, strict=True):
@@ -286,7 +288,7 @@ def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
     for par in (True, False):
         cfg.memory.parallel_windows = par
         m = titans.mac_from_config(cfg, nnx.Rngs(0))
-        grads[par] = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1))(m, x))
+        grads[par] = jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
         jaxprs[par] = str(jax.make_jaxpr(lambda x, m=m: jax.grad(loss, argnums=1)(m, x))(x))
     for a, c in zip(grads[True], grads[False], strict=True):
         assert float(jnp.linalg.norm(a - c)) <= 1e-10 * float(jnp.linalg.norm(c)) + 1e-14

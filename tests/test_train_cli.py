@@ -246,8 +246,7 @@ def test_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(straight, 
 
 def test_titans_mag_preset_trains_finite_on_text(tmp_path, env):
     """titans_mag_tiny's first 60 steps of its 200-step schedule on the default corpus stay
-    finite. In the paper's form (the three stabilisers off) this run went NaN at step 41
-    (BENCHMARKS.md, session 10)."""
+    finite. In the paper's form (the three stabilisers off) this run goes NaN at step 41."""
     args = ["--config=experiments/lm.py:titans_mag_tiny", f"--workdir={tmp_path}",
             "--config.num_steps=60", "--config.optimizer.decay_steps=200",
             "--config.eval.every_steps=0", "--config.data.eval_batches=1",
@@ -393,7 +392,7 @@ def test_distributed_detection():
 
 
 def test_checkpoint_of_eight_devices_restores_on_four(tmp_path, env):
-    """Issue 8's resharding on fake CPU devices: FSDP over 8 devices saves step 3; the same
+    """Resharding on fake CPU devices: FSDP over 8 devices saves step 3; the same
     workdir resumes with FSDP over 4 and its steps 4-6 give the 8-device run's losses."""
 
     def run(workdir, devices):
