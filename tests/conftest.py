@@ -28,6 +28,30 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long end-to-end runs (`slow`) first, dealt out so every xdist worker starts with its share:
+    the workers then finish together instead of one starting a long run while the other has
+    nothing left. xdist's worksteal hands each worker one contiguous part of this list (the
+    first `n // workers` items to the first); a module's slow tests stay on one worker, so its
+    module-scoped fixtures are built once."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    by_module: dict = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            by_module.setdefault(item.module.__name__, []).append(item)
+    dealt = [[] for _ in range(workers)]
+    for group in sorted(by_module.values(), key=len, reverse=True):
+        min(dealt, key=len).extend(group)
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    order, remaining = [], len(items)
+    for w in range(workers):
+        share = remaining // (workers - w)
+        take = max(0, share - len(dealt[w]))
+        order += dealt[w] + fast[:take]
+        fast, remaining = fast[take:], remaining - len(dealt[w]) - take
+    items[:] = order + fast
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The process that made the run's compilation cache removes it (nothing left in /tmp)."""
     if os.environ.get("NL_JAX_TEST_OWNS_CACHE") == str(os.getpid()):

@@ -162,6 +162,7 @@ def run(tmp_path_factory):
     return workdir, logged
 
 
+@pytest.mark.slow
 def test_replay_reproduces_the_logged_steps(run, tmp_path, capsys):
     workdir, logged = run
     out = tmp_path / "report.json"
@@ -179,6 +180,7 @@ def test_replay_reproduces_the_logged_steps(run, tmp_path, capsys):
     assert report["all_finite"] and report["analysed_step"] is None and report["analysis"] == []
 
 
+@pytest.mark.slow
 def test_analysis_at_step_recomputes_the_logged_loss(run, tmp_path, capsys):
     workdir, logged = run
     out = tmp_path / "report.json"

@@ -341,6 +341,7 @@ def test_paper_setup_sets_the_papers_training_and_names_the_data_it_needs(name, 
 # Hope through the trainer
 
 
+@pytest.mark.slow
 def test_hope_resume_continues_the_straight_run(tmp_path):
     """A 1-layer hope_tiny run resumed from its step-2 checkpoint logs the straight run's steps 3
     and 4: the data position, the meta-learned initial states and the CMS level whose gradients

@@ -244,6 +244,7 @@ def test_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(straight, 
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_titans_mag_preset_trains_finite_on_text(tmp_path, env):
     """titans_mag_tiny's first 60 steps of its 200-step schedule on the default corpus stay
     finite. In the paper's form (the three stabilisers off) this run goes NaN at step 41."""
@@ -348,6 +349,7 @@ def _two_processes(args, env):
     return [out for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path, env):
     """jax.distributed on two CPU processes: per-process data, one checkpoint, resume."""
     workdir = tmp_path / "two"
@@ -391,6 +393,7 @@ def test_distributed_detection():
     assert distributed.initialize("off") is None
 
 
+@pytest.mark.slow
 def test_checkpoint_of_eight_devices_restores_on_four(tmp_path, env):
     """Resharding on fake CPU devices: FSDP over 8 devices saves step 3; the same
     workdir resumes with FSDP over 4 and its steps 4-6 give the 8-device run's losses."""

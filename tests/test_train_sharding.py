@@ -124,6 +124,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,mode", [("transformer_tiny", "train"), ("hope_tiny", "train")])
 def test_eight_devices_train_like_one(preset, mode):
     """Training Transformer++ and Hope (one layer each) on 8 fake devices equals one device."""
