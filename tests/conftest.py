@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nl_jax_test_cache_")
     os.environ["NL_JAX_TEST_OWNS_CACHE"] = str(os.getpid())
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 # Most of this suite's time is XLA compiling small programs for the CPU. LLVM at -O0 and the
 # classic (non-MLIR) fusion emitters compile the Hope train steps about 5x faster, and the tiny
 # programs run about as fast. Set before JAX initialises its backend; subprocesses inherit it.
