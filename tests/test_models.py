@@ -383,3 +383,19 @@ def test_builds_under_a_trace_skip_the_error_origin_search(monkeypatch):
         jax.jit(lambda x: x.sharding)(jnp.ones(2))
     with quiet_tracer_sharding(), pytest.raises(AttributeError, match="not available"):
         jax.jit(lambda x: x.sharding)(jnp.ones(2))
+
+
+def test_out_of_range_token_ids_are_an_error():
+    """An id outside the vocabulary raises where the tokens are concrete (the model called
+    eagerly, eval's forward, generation's prefill) instead of giving NaN or clamped logits."""
+    from nl_jax import generate
+    from nl_jax.eval import forward
+
+    model = models.build(tiny("transformer", num_layers=1), nnx.Rngs(0))
+    good = jnp.array([[1, 2, 256]], jnp.int32)
+    assert model(good).shape == (1, 3, 257)
+    for bad in (good.at[0, 1].set(257), good.at[0, 0].set(-1)):
+        for call in (model, lambda t: forward.logits(model, t),
+                     lambda t: generate.prefill(model, t, max_len=8)):  # fmt: skip
+            with pytest.raises(ValueError, match=r"token ids must be in \[0, 257\)"):
+                call(bad)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from nl_jax.layers import axes
 from nl_jax.layers.norms import RMSNorm, logical_param
-from nl_jax.models.loss import token_nll
+from nl_jax.models.loss import check_token_ids, token_nll
 
 Factory = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
 _MIXERS: dict[str, Factory] = {}
@@ -218,6 +218,7 @@ class DecoderLM(nnx.Module):
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int32[batch, seq], got shape {tokens.shape}")
+        check_token_ids(tokens, self.embed.shape[0])
         if self.context_chunk:
             return self._in_context(tokens, segment_ids, positions, state)
         if state is None:

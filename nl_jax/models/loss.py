@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -15,3 +16,22 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
+    """Raise ValueError if concrete `tokens` hold an id outside `[0, vocab_size)`.
+
+    Inside a trace the embedding gather cannot raise (an out-of-range id reads NaN or a clamped
+    row), so the entry points check their concrete inputs before they jit.
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        return  # another process holds part of it; the trainer's pipeline checks its own ids
+    ids = np.asarray(tokens)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}) for this model (its vocab_size), got ids "
+            f"from {int(ids.min())} to {int(ids.max())}: was the text encoded with another "
+            "tokenizer?"
+        )
