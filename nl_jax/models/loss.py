@@ -27,7 +27,7 @@ def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
     if isinstance(tokens, jax.core.Tracer):
         return
     if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
-        return  # another process holds part of it; the trainer's pipeline checks its own ids
+        return  # part of it lives in another process: only a jitted step can read it
     ids = np.asarray(tokens)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(
