@@ -1,4 +1,4 @@
-"""Gated DeltaNet from `jax-linear-attention` (jla) at our 340M shape: the issue-7 yardstick.
+"""Gated DeltaNet from `jax-linear-attention` (jla) at our 340M shape: Hope's yardstick.
 
     python benchmarks/gdn_baseline.py --seq_len=4096 --batch=8 --out=gdn.json
 
@@ -6,10 +6,10 @@ Needs `jax-linear-attention` (JAX 0.11.2, Python 3.12, Pallas Mosaic GPU kernels
 its wheel to the GPU machine). The model is jla's own LM with 24 Gated DeltaNet blocks at
 d_model 1024, 8 heads of 128 (the head size its kernels support), SwiGLU width 2432 and the 32K
 vocabulary, so it matches `transformer_340m` / `hope_340m` of `experiments/lm.py` in width, depth
-and vocabulary. The step mirrors `benchmarks/throughput.py`: AdamW, bf16 compute, fp32 params,
-full logits and softmax cross entropy, random tokens, compiled ahead of time, then timed. The
-issue-7 FLOP convention (6N, N without the input embedding; the recurrence is not counted) gives
-its MFU.
+and vocabulary. jla's model is not ours, so the step is its own (AdamW, bf16 compute, fp32 params, full logits
+and softmax cross entropy, random tokens, compiled ahead of time, then timed); MFU is 6N (N
+without the input embedding; no attention, and the recurrence is not counted), the convention
+of `nl_jax/train/metrics.py`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ pushed to their bounds (alpha ~ 1, beta = beta_max, eta = eta_max) and its meta-
 states scaled (training grows them), read over 512 tokens of three streams: random vectors, a
 code-like stream (90% one token, as a run of indentation) and one repeated token. A row
 "diverges" on a stream when the layer's output is non-finite or a memory state exceeds 1e4.
-BENCHMARKS.md (session 14) has the table; CPU is enough (float32, `memory.kernel=xla`).
+CPU is enough (float32, `memory.kernel=xla`).
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/hope_inner_stability.py
     ... --rows="64,16,0.9,1,paper;64,16,0.9,1,stable"   # C_mem,C_other,beta_max,scale,form

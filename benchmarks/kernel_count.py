@@ -4,8 +4,8 @@
         --batch=8 [--target=h200] [--variants="a:k=v|b:k=v"] [--by=6]
 
 Hope's step on an H200 is bound by how many kernels it launches, not by FLOPs or bytes
-(BENCHMARKS.md, issue 7: ~4 us each, ~1.3M in a full-depth hope_340m step). This compiles one
-preset's train step (`throughput.train_step`: AdamW, random tokens) for a GPU and counts the
+(BENCHMARKS.md, "Where Hope's step goes"). This compiles one
+preset's train step (`throughput.train_step`: the trainer's step, random tokens) for a GPU and counts the
 kernels one step launches: every fusion, custom call (cuBLAS, cuDNN, Triton) and unfused op,
 times the trip count of each while loop around it (XLA's `known_trip_count`). The count is a
 static property of the compiled program, so a change that fuses the chunk step can be measured

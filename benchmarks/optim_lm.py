@@ -1,7 +1,7 @@
-"""Small LM comparison of outer optimizers (issue 5 part b): AdamW, Muon, M3 and DMGD.
+"""Small LM comparison of outer optimizers: AdamW, Muon, M3 and DMGD.
 
-Byte-level tinyshakespeare (`../shared/data/tinyshakespeare.txt`; first 90% train, last 10%
-validation), presets `transformer_tiny` and `hope_tiny` from `experiments/lm.py`, built with
+Byte-level tinyshakespeare (`--data`; by default `shared/data/tinyshakespeare.txt` beside the
+checkout; first 90% train, last 10% validation), presets `transformer_tiny` and `hope_tiny` from `experiments/lm.py`, built with
 `nl_jax.models.build`. Every run uses the trainer's own pieces: `make_init_fn`,
 `make_train_step` (masked cross-entropy, jitted) and `make_eval_step` from
 `nl_jax/train/step.py`, and the trainer's optimizer `make_optimizer(cfg.optimizer, ...)` (global
@@ -404,6 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--merge", default="", help="comma-separated result JSONs to combine")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 seed, seconds")
     ap.add_argument("--out", default="", help="output path prefix (default results/optim_lm)")
+    ap.add_argument("--data", default=str(DATA), help="a byte-level text corpus (tinyshakespeare)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.seq_len, args.batch = "0", 8, 32, 4
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return merge(
             [Path(x) for x in args.merge.split(",")], Path(args.out or RESULTS / "optim_lm")
         )
-    data = load_bytes()
+    data = load_bytes(Path(args.data))
     presets = [m for m in args.models.split(",") if m]
     names = [o for o in args.optimizers.split(",") if o]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/throughput.py --presets=transformer_tiny,hope_tiny --seq_len=256
 
-Per preset: one AdamW train step (bf16 compute, fp32 params unless --dtype=float32) on random
-tokens (one document per row, or packed documents of --doc_len tokens, so every level resets at
+Per preset: the trainer's train step (`nl_jax.train.step`: the preset's optimizer, bf16 compute,
+fp32 params unless --dtype=float32) on random tokens (one document per row, or packed documents of --doc_len tokens, so every level resets at
 their starts as in training), compiled ahead of time, then timed over --steps steps. Prints
-tokens/s, MFU, peak memory, XLA's temp buffers and compile time. FLOP convention (issue 7): 6N per token (N without the input embedding) plus
-causal attention 12 * heads * head_dim * seq / 2 per token and layer; the memories' inner-loop
-FLOPs are not counted (they would raise Hope's MFU). `--append` adds the table to BENCHMARKS.md.
+tokens/s, MFU, peak memory, XLA's temp buffers and compile time. MFU follows the one FLOP
+convention in `nl_jax/train/metrics.py` (6N + causal attention; the memories' inner-loop FLOPs
+are reported beside it, not in it).
 
 `--set=memory.chunk_size=64,attention.implementation=cudnn` overrides model config fields for
 every preset (values parsed as Python literals); `--variants` measures one preset under several
@@ -32,19 +32,16 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import datetime
 import gzip
 import json
 import math
 import pathlib
 import re
-import subprocess
 import sys
 import time
 
 import jax
 import ml_collections
-import optax
 from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,15 +52,7 @@ import lm  # noqa: E402
 from nl_jax import models  # noqa: E402
 from nl_jax.layers.inner import INNER_SCOPE  # noqa: E402
 from nl_jax.train import kernel_fit, metrics  # noqa: E402
-
-
-def flops_per_token(model: nnx.Module, seq_len: int) -> float:
-    """6N + causal attention at half (issue 7 convention)."""
-    counted = metrics.flops_per_token(model, seq_len)["model"]  # attention counted in full there
-    n = metrics.count_params(nnx.state(model, nnx.Param))
-    if model.unembed is not None:
-        n -= model.embed[...].size
-    return 6.0 * n + 0.5 * (counted - 6.0 * n)
+from nl_jax.train import step as step_lib  # noqa: E402
 
 
 def parse_overrides(text: str, sep: str = ",") -> dict[str, object]:
@@ -337,38 +326,35 @@ def utilisation(prof: dict, tokens: int, model_flops: float, inner_flops: float,
 def train_step(preset: str, seq_len: int, batch: int, dtype: str,
                overrides: dict[str, object] | None = None, doc_len: int = 0,
                abstract: bool = False) -> tuple:  # fmt: skip
-    """`(step, state, model, cfg)`: one preset's AdamW train step `step(state, tokens [batch,
-    seq_len + 1]) -> (state, loss)` and its initial state (`abstract`: shapes only, nothing
-    allocated). `doc_len` > 0 packs documents of `doc_len` tokens per row (segment ids and
-    positions as the trainer's packed batches give them), so every level resets at their starts.
-    """
+    """`(step, state, model, cfg)`: the trainer's train step (`nl_jax.train.step`, with the
+    preset's optimizer, clipping and update groups) as `step(state, tokens [batch, seq_len + 1])
+    -> (state, loss)`, its initial state (`abstract`: shapes only, nothing allocated) and the
+    abstract model. Rows are one document each, or `doc_len` > 0 packs documents of `doc_len`
+    tokens per row (segment ids and positions as the trainer's packed batches give them)."""
     if doc_len < 0:
         raise ValueError(f"doc_len must be >= 0 (0: one document per row), got {doc_len}")
-    cfg = lm.get_config(preset).model
+    config = lm.get_config(preset)
+    cfg = config.model
     cfg.dtype = dtype
     apply_overrides(cfg, overrides or {})
+    model = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0)))
+    graphdef, abstract_params, _ = nnx.split(model, nnx.Param, ...)
+    tx = step_lib.make_optimizer(config.optimizer, config.num_steps, abstract_params)
+    init = step_lib.make_init_fn(lambda rngs: models.build(cfg, rngs), tx)
+    key = step_lib.seed_key(0)
+    state = jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+    trainer_step = step_lib.make_train_step(graphdef, tx)
 
-    def build():
-        model = models.build(cfg, nnx.Rngs(0))
-        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
-
-    model, optimizer = nnx.eval_shape(build) if abstract else build()
-    graphdef, state = nnx.split((model, optimizer))
-
-    docs = {}
+    pos = jax.numpy.broadcast_to(jax.numpy.arange(seq_len, dtype="int32"), (batch, seq_len))
+    rows = {"segment_ids": jax.numpy.ones_like(pos), "positions": pos}
     if doc_len:
-        pos = jax.numpy.broadcast_to(jax.numpy.arange(seq_len, dtype="int32"), (batch, seq_len))
-        docs = {"segment_ids": 1 + pos // doc_len, "positions": pos % doc_len}
-
-    def loss_fn(model, tokens):
-        logits = model(tokens[:, :-1], **docs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        rows = {"segment_ids": 1 + pos // doc_len, "positions": pos % doc_len}
 
     def step(state, tokens):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+        batch_ = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+                  "loss_mask": jax.numpy.ones_like(pos), **rows}  # fmt: skip
+        state, out = trainer_step(state, batch_)
+        return state, out["loss"]
 
     return step, state, model, cfg
 
@@ -434,8 +420,8 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
     device = jax.devices()[0]
     tokens_per_s = batch * seq_len / step_s
     peak = metrics.peak_flops_per_device(device.device_kind)
-    model_flops = flops_per_token(model, seq_len)
-    inner_flops = metrics.flops_per_token(model, seq_len)["inner"]  # training: 3x forward
+    flops = metrics.flops_per_token(model, seq_len)  # THE convention (nl_jax/train/metrics.py)
+    model_flops, inner_flops = flops["model"], flops["inner"]
     mfu = tokens_per_s * model_flops / peak if peak else None
     if prof and "inner_ms_per_step" in prof:
         prof.update(utilisation(prof, batch * seq_len, model_flops, inner_flops, peak))
@@ -564,11 +550,10 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="trace dir: top device ops of the last run")
     ap.add_argument("--profile_top", type=int, default=10, help="rows of the op table")
     # A full-depth Hope step launches ~2M kernels; CUPTI kept ~2M records per trace on an H200
-    # whatever the configured cap (2026-11-30), so profile one step there.
+    # whatever the configured cap, so profile one step there.
     ap.add_argument("--profile_steps", type=int, default=2, help="steps in the profiled trace")
     ap.add_argument("--out", default="", help="write the measured rows as JSON here")
     ap.add_argument("--hlo_out", default="", help="gzip the profiled run's optimized HLO here")
-    ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__})"
     common = parse_overrides(args.set)
@@ -598,13 +583,6 @@ def main() -> None:
             )
     text = table(rows, device)
     print(text)
-    if args.append:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=ROOT).stdout.strip() or "unknown"  # fmt: skip
-        date = datetime.date.today().isoformat()
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### Throughput, {date}, commit {commit}\n\n`{' '.join(sys.argv)}`\n\n")
-            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ paper takes from Titans and Gated DeltaNet (spec 2.5 and ambiguity row 21):
       --config.data.tokenizer_path=llama2/tokenizer.model
 
 The global batch is split over the data and FSDP axes of `mesh`; hope_1.3b needs FSDP on
-H200s (WORKSPACE.md, issue 8). Not run at these sizes here.
+H200s (BENCHMARKS.md, "Several GPUs"). Not run at these sizes here.
 """
 
 import importlib.util

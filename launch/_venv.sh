@@ -1,4 +1,5 @@
-# Sourced by main.sh and test.sh: create or reuse .venv and install nl_jax with the given extras.
+# Sourced by main.sh and test.sh: create or reuse .venv and install nl_jax, with the extra named
+# by the argument ("main" installs none: the main job needs no TPU runtime nor test tools).
 # Re-installs only when setup.cfg changed, so a second run starts at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,8 +13,10 @@ PY="${PYTHON:-python3}"
 stamp=".venv/.nl_jax_installed_$1"
 want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing nl_jax[$1] into .venv (first run takes about a minute)"
+  spec="."
+  [ "$1" = main ] || spec=".[$1]"
+  echo "[setup] installing nl_jax${spec#.} into .venv (first run takes about a minute)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$1]"
+  .venv/bin/python -m pip install -q -e "$spec"
   echo "$want" > "$stamp"
 fi

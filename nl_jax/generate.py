@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nl_jax.models.loss import check_token_ids
+
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
@@ -69,6 +71,7 @@ def prefill(
     prompt + 1024). It sizes global-attention KV caches.
     """
     batch, length = tokens.shape
+    check_token_ids(tokens, model.embed.shape[0])
     period = int(model.state_period)
     max_len = length + 1024 if max_len is None else max_len
     if max_len < length:

@@ -2,18 +2,21 @@
 
 import os
 import pathlib
+import shutil
 import tempfile
 
-# With jax[tpu] installed, every process that initialises JAX would load libtpu and hold its
-# lockfile for the whole session, so the TPU compile-only subprocess could not get it.
+# With jax[tpu] installed, a process that initialises JAX without JAX_PLATFORMS loads libtpu,
+# prints its "Failed to find host bounds" block on a machine without TPUs and holds libtpu's
+# lockfile, which the TPU compile-only subprocess then cannot get.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests compile the same programs (a tiny preset at the same shapes); both xdist workers and
-# the subprocesses they start share one persistent compilation cache for this run.
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"nl_jax_test_cache_{_run}")
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Many tests compile the same programs (a tiny preset at the same shapes): the xdist workers and
+# the subprocesses they start inherit this process's environment, so they share one persistent
+# compilation cache, made here (in the controller, before the workers start) and removed when the
+# session ends (pytest_sessionfinish below).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nl_jax_test_cache_")
+    os.environ["NL_JAX_TEST_OWNS_CACHE"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 # Most of this suite's time is XLA compiling small programs for the CPU. LLVM at -O0 and the
 # classic (non-MLIR) fusion emitters compile the Hope train steps about 5x faster, and the tiny
 # programs run about as fast. Set before JAX initialises its backend; subprocesses inherit it.
@@ -23,6 +26,37 @@ os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_FLAGS} {os.environ.get('XLA_FLAGS', ''
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long end-to-end runs (`slow`) first, dealt out so every xdist worker starts with its share:
+    the workers then finish together instead of one starting a long run while the other has
+    nothing left. xdist's worksteal hands each worker one contiguous part of this list (the
+    first `n // workers` items to the first); a module's slow tests stay on one worker, so its
+    module-scoped fixtures are built once."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    by_module: dict = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            by_module.setdefault(item.module.__name__, []).append(item)
+    dealt = [[] for _ in range(workers)]
+    for group in sorted(by_module.values(), key=len, reverse=True):
+        min(dealt, key=len).extend(group)
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    order, remaining = [], len(items)
+    for w in range(workers):
+        share = remaining // (workers - w)
+        take = max(0, share - len(dealt[w]))
+        order += dealt[w] + fast[:take]
+        fast, remaining = fast[take:], remaining - len(dealt[w]) - take
+    items[:] = order + fast
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the run's compilation cache removes it (nothing left in /tmp)."""
+    if os.environ.get("NL_JAX_TEST_OWNS_CACHE") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -261,14 +261,6 @@ def test_model_inner_flops_sum_memory_layers():
         assert abstract(preset).inner_flops_per_token(128) > 0, preset
 
 
-def test_inner_grad_memory_reports_the_windows_temp_buffers():
-    # benchmarks/inner_grad_memory.py (the memory cost of memory.parallel_windows, compiled on
-    # CPU): positive sizes, and the windows' walk holds more at once than the sequential one.
-    import inner_grad_memory  # noqa: PLC0415
-
-    walk = inner_grad_memory.temp_gib(8, 64, 16, 4, 0, 2, 1)
-    windows = inner_grad_memory.temp_gib(8, 64, 16, 4, 2, 2, 1)
-    assert 0 < walk["temp_gib"] < windows["temp_gib"], (walk, windows)
 
 
 def test_hope_inner_stability_stress_separates_the_two_forms():

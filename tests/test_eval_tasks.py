@@ -29,7 +29,6 @@ from nl_jax.eval import (
     mqar_recall,
     niah,
     perplexity,
-    png_writer,
     scoring,
 )
 from nl_jax.eval.errors import EvalInputError
@@ -142,8 +141,7 @@ def test_greedy_recompute_path():
 
 def test_greedy_recurrent_path_matches_recompute():
     model = tiny_model(seed=1)
-    if not decoding.has_recurrent_api(model):
-        pytest.skip("no recurrent state API (nl_jax.generate) in this checkout")
+    assert decoding.has_recurrent_api(model)
     prompt = np.array([[5, 9, 200, 17, 3]], np.int32)
     fast = decoding.greedy(model, prompt, 4, recurrent=True)
     slow = decoding.greedy(model, prompt, 4, recurrent=False)
@@ -400,8 +398,9 @@ def test_cms_sgd_updates_only_the_tagged_params():
 # heatmaps
 
 
-def test_png_writer_round_trip(tmp_path):
-    image_lib = pytest.importorskip("PIL.Image", reason="Pillow reads the PNG back")
+def test_plain_heatmap_round_trip(tmp_path):
+    from PIL import Image as image_lib
+
     acc = np.array([[0.0, 0.5, 1.0], [1.0, 0.25, 0.0]])
     path = heatmap.write_heatmap(tmp_path / "h.png", acc, [0.0, 1.0], [64, 128, 256],
                                  use_matplotlib=False)  # fmt: skip
@@ -410,8 +409,6 @@ def test_png_writer_round_trip(tmp_path):
     assert tuple(img[12, 12]) == (215, 48, 39)  # 0.0: red
     assert tuple(img[12, 60]) == (26, 152, 80)  # 1.0: green
     assert tuple(img[12, 36]) == (254, 224, 139)  # 0.5: yellow
-    with pytest.raises(ValueError, match="uint8"):
-        png_writer.encode_png(np.zeros((2, 2, 3), np.float32))
 
 
 def test_matplotlib_heatmap(tmp_path):

@@ -50,10 +50,11 @@ def toy_loss(fn):
 
 def outputs_match_lax(step, fused, carry, xs, consts):
     """Assert `fused` gives `lax.scan(step)`'s outputs; returns both gradients of `toy_loss`."""
-    got, want = fused(carry, xs, consts), lax_reference(step, carry, xs, consts)
+    # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
+    got, want = jax.jit(fused)(carry, xs, consts), lax_reference(step, carry, xs, consts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
-    g_got = jax.grad(toy_loss(fused), argnums=(0, 1, 2))(carry, xs, consts)
+    g_got = jax.jit(jax.grad(toy_loss(fused), argnums=(0, 1, 2)))(carry, xs, consts)
     g_want = jax.grad(toy_loss(functools.partial(lax_reference, step)), argnums=(0, 1, 2))(
         carry, xs, consts
     )
@@ -90,8 +91,8 @@ def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
     for a, b in zip(jax.tree.leaves(other(carry, xs, consts)),
                     jax.tree.leaves(same(carry, xs, consts)), strict=True):  # fmt: skip
         assert rel_err(a, b) < 1e-15
-    g_same = jax.grad(toy_loss(same), argnums=1)(carry, xs, consts)
-    g_other = jax.grad(toy_loss(other), argnums=1)(carry, xs, consts)
+    g_same = jax.jit(jax.grad(toy_loss(same), argnums=1))(carry, xs, consts)
+    g_other = jax.jit(jax.grad(toy_loss(other), argnums=1))(carry, xs, consts)
     assert rel_err(g_other["u"], g_same["u"]) > 0.1
 
     # An xla_step in another carry layout (a (w, s) tuple), packed once outside the loop.
@@ -106,7 +107,7 @@ def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
         return pack(new, 1), y
 
     packed = functools.partial(same, xla_step=tuple_step, xla_layout=(pack, unpack))
-    g_packed = jax.grad(toy_loss(packed), argnums=(0, 1, 2))(carry, xs, consts)
+    g_packed = jax.jit(jax.grad(toy_loss(packed), argnums=(0, 1, 2)))(carry, xs, consts)
     g_want = jax.grad(toy_loss(functools.partial(lax_reference, toy_step)), argnums=(0, 1, 2))(
         carry, xs, consts
     )
@@ -259,18 +260,19 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, sta
     if fused != "pallas":  # one fused forward kernel per fused scan (else: XLA vs XLA below)
         calls = str(jax.make_jaxpr(run(fused, False))(*args)).count("pallas_call")
         assert calls == (2 if fused == "pallas_forward_all" else 1), calls
-    _, st_x = run("xla", True)(*args)
-    _, st_p = run(fused, True)(*args)
+    _, st_x = jax.jit(run("xla", True))(*args)
+    _, st_p = jax.jit(run(fused, True))(*args)
     for a, c in zip(jax.tree.leaves(st_p), jax.tree.leaves(st_x), strict=True):
         assert rel_err(a, c) < 1e-10
     loss = lambda k: lambda *a: jnp.sum(jnp.sin(3 * run(k, False)(*a)[0]))  # noqa: E731
-    g_x = jax.grad(loss("xla"), argnums=(0, 1, 2, 3, 4))(*args)
-    g_p = jax.grad(loss(fused), argnums=(0, 1, 2, 3, 4))(*args)
+    g_x = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2, 3, 4)))(*args)
+    g_p = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3, 4)))(*args)
     for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         assert rel_err(a, c) < 1e-9
 
 
-def test_hope_parallel_windows_give_the_walks_gradient(x64):
+@pytest.mark.parametrize("kernel", ["xla", "pallas_forward", "pallas"])
+def test_hope_parallel_windows_give_the_walks_gradient(x64, kernel):
     """`parallel_windows` walks Hope's cut windows side by side in the backward, for the
     projection memories (`fused_scan(window=)`) and M_memory (`run_level_fused(window=)`), with
     every kernel: for every input, the gradient of the XLA walk with the same cuts (which the
@@ -288,19 +290,18 @@ def test_hope_parallel_windows_give_the_walks_gradient(x64):
 
     grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))  # noqa: E731
     want = jax.tree.leaves(grad(loss("xla", False))(*args))
-    for kernel in ("xla", "pallas_forward", "pallas"):
-        got = jax.tree.leaves(grad(loss(kernel, True))(*args))
-        for a, c in zip(got, want, strict=True):
-            assert float(jnp.max(jnp.abs(a - c))) <= 1e-9 * float(jnp.max(jnp.abs(c))) + 1e-15
-        # The windows really walk side by side: reverse loops of 4 and 2 steps, none of 9.
-        jaxpr = str(jax.make_jaxpr(jax.grad(loss(kernel, True)))(*args))
-        walks = {int(n) for n in re.findall(
-            r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)}  # fmt: skip
-        assert 2 in walks and 9 not in walks, (kernel, walks)
-        if kernel == "pallas":  # the projection windows are kernel programs: 2 instances x 2
-            assert "grid=(4,)" in jaxpr.replace(" ", "")
-        else:
-            assert 4 in walks, (kernel, walks)
+    got = jax.tree.leaves(grad(loss(kernel, True))(*args))
+    for a, c in zip(got, want, strict=True):
+        assert float(jnp.max(jnp.abs(a - c))) <= 1e-9 * float(jnp.max(jnp.abs(c))) + 1e-15
+    # The windows really walk side by side: reverse loops of 4 and 2 steps, none of 9.
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(kernel, True)))(*args))
+    walks = {int(n) for n in re.findall(
+        r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)}  # fmt: skip
+    assert 2 in walks and 9 not in walks, (kernel, walks)
+    if kernel == "pallas":  # the projection windows are kernel programs: 2 instances x 2
+        assert "grid=(4,)" in jaxpr.replace(" ", "")
+    else:
+        assert 4 in walks, (kernel, walks)
 
 
 def test_pallas_kernel_needs_a_known_name():
@@ -363,7 +364,7 @@ def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas", documents: bo
     """The compiled kernel at Hope 340M's head shape against the XLA path (both float32/TF32).
 
     With `documents` the kernel also holds the initial states (consts) to reset to: loaded once
-    before its loop they overflowed an H200's shared memory (BENCHMARKS.md, session 13)."""
+    before its loop they would overflow an H200's shared memory."""
     spec = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
                           solve="inverse")  # fmt: skip
     b, s, h, dh = 2, 256, spec.heads, spec.head_dim

@@ -2,7 +2,7 @@
 the XLA path (trainer, compile-only, throughput), a named kernel is a clear config error.
 
 XLA's refusal is simulated (CPU has no shared-memory limit): the first compile raises the
-exact error an H200 gave for hope_340m at `chunk_size_other=64` (BENCHMARKS.md, session 17)."""
+exact error an H200 gives for hope_340m at `chunk_size_other=64` with documents."""
 
 import importlib.util
 import pathlib

@@ -30,6 +30,7 @@ TINY = [
     "--config=experiments/lm.py:hope_tiny",
     "--config.seq_len=64",
     "--config.global_batch_size=2",
+    "--config.model.num_layers=1",  # one layer compiles ~4x faster than two; depth is not tested
     "--config.num_steps=4",
     "--config.data.default_max_bytes=60000",
     "--config.data.eval_batches=1",
@@ -141,7 +142,8 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(workdir, {step: logged train record}): 4 steps of hope_tiny, checkpoints at 2 and 4."""
+    """(workdir, {step: logged train record}): 4 steps of 1-layer hope_tiny, checkpoints at 2
+    and 4."""
     from nl_jax.train import trainer  # noqa: PLC0415
 
     overrides = {}
@@ -160,6 +162,7 @@ def run(tmp_path_factory):
     return workdir, logged
 
 
+@pytest.mark.slow
 def test_replay_reproduces_the_logged_steps(run, tmp_path, capsys):
     workdir, logged = run
     out = tmp_path / "report.json"
@@ -177,6 +180,7 @@ def test_replay_reproduces_the_logged_steps(run, tmp_path, capsys):
     assert report["all_finite"] and report["analysed_step"] is None and report["analysis"] == []
 
 
+@pytest.mark.slow
 def test_analysis_at_step_recomputes_the_logged_loss(run, tmp_path, capsys):
     workdir, logged = run
     out = tmp_path / "report.json"

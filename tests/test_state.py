@@ -14,15 +14,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import lm  # noqa: E402
 
 from nl_jax import generate, models  # noqa: E402
-from nl_jax.layers import self_modifying  # noqa: E402
 
-HOPE_READY = hasattr(self_modifying.SelfModifyingTitans, "init_state")
 # "+cms": in-context CMS levels with chunks of 4 and 8 tokens (the model-level chunk scan).
-NOT_READY = pytest.mark.skipif(not HOPE_READY, reason="SelfModifyingTitans.init_state missing")
-FAMILIES = [
-    pytest.param(f, marks=NOT_READY if f.split("+")[0] == "hope" else ())
-    for f in lm.FAMILIES + ("hope+cms", "hope_attention+cms")
-]
+FAMILIES = [*lm.FAMILIES, "hope+cms", "hope_attention+cms"]
 
 
 def tiny(family: str, **changes):

@@ -2,7 +2,6 @@
 
 import functools
 import importlib.util
-import inspect
 import pathlib
 import re
 
@@ -24,9 +23,6 @@ FACTORIES = {
     "titans_mag": titans.mag_from_config,
     "titans_mal": titans.mal_from_config,
 }
-needs_resets = pytest.mark.skipif(
-    not titans.supports_resets(), reason="run_level has no resets/reset_params yet"
-)
 
 
 def _experiments_lm():
@@ -76,10 +72,6 @@ _call = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))
     "read,docs", [("per_token", False), ("boundary", False), ("per_token", True)]
 )
 def test_lmm_matches_token_loop(read, docs):
-    if docs and "resets" not in inspect.signature(reference_level).parameters:
-        pytest.skip("reference_level has no resets yet")
-    if docs and not titans.supports_resets():
-        pytest.skip("run_level has no resets yet")
     with jax.enable_x64(True):
         mem = make_memory(read=read)
         b, s = 2, 11  # chunk 3: three full chunks and a partial one
@@ -206,7 +198,7 @@ def test_backprop_chunks_truncate_the_memory_gradient(x64, kernel):
     def last_chunk(m, x):
         return jnp.sum(jnp.sin(3 * m(x)[:, 15:]))
 
-    grads = {k: jax.grad(functools.partial(last_chunk, m))(x) for k, m in mems.items()}
+    grads = {k: jax.jit(jax.grad(functools.partial(last_chunk, m)))(x) for k, m in mems.items()}
     # Chunks of 3, cut before token 12; the conv (window 4) reaches back to token 9.
     assert float(jnp.abs(grads[2][:, :9]).max()) == 0.0
     assert float(jnp.abs(grads[0][:, :9]).max()) > 1e-8
@@ -228,7 +220,9 @@ def test_parallel_windows_give_the_sequential_gradient(x64, kernel):
     }  # the XLA path's walk is the reference itself
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 23, D), jnp.float64)
     loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))  # noqa: E731
-    grads = {name: nnx.grad(loss, argnums=(0, 1))(m, x) for name, m in mems.items()}
+    # Jitted: run eagerly, every op of the scans (and of the Pallas interpreter) is dispatched
+    # on its own.
+    grads = {name: nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x) for name, m in mems.items()}
     want = jax.tree.leaves(grads["xla"])
     for name in set(mems) - {"xla"}:
         for a, c in zip(jax.tree.leaves(grads[name]), want, strict=True):
@@ -294,7 +288,7 @@ def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
     for par in (True, False):
         cfg.memory.parallel_windows = par
         m = titans.mac_from_config(cfg, nnx.Rngs(0))
-        grads[par] = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1))(m, x))
+        grads[par] = jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
         jaxprs[par] = str(jax.make_jaxpr(lambda x, m=m: jax.grad(loss, argnums=1)(m, x))(x))
     for a, c in zip(grads[True], grads[False], strict=True):
         assert float(jnp.linalg.norm(a - c)) <= 1e-10 * float(jnp.linalg.norm(c)) + 1e-14
@@ -445,7 +439,7 @@ def test_mac_equals_one_memory_stream():
         b, s, c = 2, 12, 4
         x = jax.random.normal(jax.random.PRNGKey(5), (b, s, D), jnp.float64)
         # Row 0: a document starts mid-segment (chunk aligned); row 1: one document.
-        ids = jnp.array([[1] * 6 + [2] * 6, [3] * 12]) if titans.supports_resets() else None
+        ids = jnp.array([[1] * 6 + [2] * 6, [3] * 12])
         resets = None if ids is None else titans.document_resets(ids)
 
         @jax.jit
@@ -482,7 +476,6 @@ def test_mac_equals_one_memory_stream():
 # --------------------------------------------------------------------------- documents
 
 
-@needs_resets
 @pytest.mark.parametrize("family", sorted(FACTORIES))
 def test_packed_document_equals_document_alone(family):
     """Row 0 packs [other | doc]; row 1 starts with doc alone (causality makes its tail moot)."""

@@ -153,17 +153,23 @@ def test_update_every_rejects_bad_metadata():
 # TensorBoard files
 
 
-def test_crc32c_known_value():
-    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-
-
 def test_tensorboard_writer_roundtrip(tmp_path):
+    """What the trainer writes, read back by the `tensorboard` package; non-finite values are
+    left out."""
     writer = metrics.TensorBoardWriter(tmp_path)
     writer.scalars(3, {"train/loss": 2.5, "train/nan": math.nan})
     writer.scalars(7, {"train/loss": 1.25, "eval/bits_per_byte": 0.5})
     writer.close()
-    got = metrics.read_tensorboard_scalars(writer.path)
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    got = metrics.read_tensorboard_scalars(event_file)
     assert got == [(3, "train/loss", 2.5), (7, "train/loss", 1.25), (7, "eval/bits_per_byte", 0.5)]
+
+
+def test_progress_line_counts_only_this_runs_steps():
+    """A resumed run's remaining time comes from the steps it ran itself, not from step 0."""
+    line = metrics.progress_line(120, 1000, {"loss": 2.5, "tokens_per_sec": 4.5e4}, 10.0, 20)
+    assert line.startswith("120/1000  12%|") and "loss 2.5000" in line and "45.0k tok/s" in line
+    assert line.endswith("00:10<07:20")  # 880 steps at 2 steps/s
 
 
 def test_flops_per_token_convention():
@@ -174,7 +180,7 @@ def test_flops_per_token_convention():
     flops = metrics.flops_per_token(model, seq_len=64)
     n_all = metrics.count_params(nnx.state(model, nnx.Param))
     n = n_all - cfg.vocab_size * cfg.d_model  # the embedding gather is not a matmul
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64 / 2  # causal: half
     assert flops == {"model": 6 * n + attention, "inner": 0.0}
 
 
@@ -329,3 +335,42 @@ def test_paper_setup_sets_the_papers_training_and_names_the_data_it_needs(name, 
         config_lib.validate(cfg, num_devices=1)
     with pytest.raises(ValueError, match="the paper trains the sizes"):
         load_paper("hope_tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hope through the trainer
+
+
+@pytest.mark.slow
+def test_hope_resume_continues_the_straight_run(tmp_path):
+    """A 1-layer hope_tiny run resumed from its step-2 checkpoint logs the straight run's steps 3
+    and 4: the data position, the meta-learned initial states and the CMS level whose gradients
+    accumulate over 4 steps (`update_every`, across the resume) all come back."""
+    import json
+    import shutil
+
+    from nl_jax.train import trainer
+
+    cfg = load_preset("hope_tiny")
+    cfg.seq_len, cfg.global_batch_size, cfg.num_steps = 64, 2, 4
+    cfg.model.num_layers = 1
+    cfg.data.default_max_bytes, cfg.data.eval_batches, cfg.data.num_threads = 60_000, 1, 1
+    cfg.logging.every_steps, cfg.logging.tensorboard, cfg.logging.progress = 1, False, False
+    cfg.eval.every_steps, cfg.checkpoint.every_steps, cfg.checkpoint.async_save = 0, 2, False
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert trainer.train(cfg, straight).step == 4
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    kept = [x for x in lines if json.loads(x)["step"] <= 2 and json.loads(x)["split"] == "train"]
+    (resumed / "metrics.jsonl").write_text("".join(x + "\n" for x in kept))
+    assert trainer.train(cfg, resumed).step == 4
+
+    def losses(workdir):
+        records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+    want, got = losses(straight), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)], (got, want)
+    assert want[3] != want[2]  # the steps differ: equal losses are not a constant

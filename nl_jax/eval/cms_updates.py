@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nl_jax.models.loss import token_nll
+
 
 def is_across_step(path: Any, var: Any) -> bool:
     """nnx filter: a Param whose `update_every` metadata is above 1."""
@@ -36,8 +38,7 @@ def _compiled_step(graphdef: nnx.GraphDef) -> Any:
     def step(tagged, rest, tokens, targets, mask, learning_rate):
         def loss_fn(tagged):
             out = nnx.merge(graphdef, tagged, rest)(tokens)
-            logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
-            nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+            nll = token_nll(out, targets)
             m = mask.astype(jnp.float32)
             return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 

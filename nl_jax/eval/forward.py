@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nl_jax.models.loss import check_token_ids, token_nll
+
 # Compiled forwards by graph: models with equal graphs (e.g. a copy after test-time updates)
 # share one. The graph holds a ConfigDict (unhashable), so entries are compared, not hashed.
 _COMPILED: list[tuple[nnx.GraphDef, Any]] = []
@@ -35,6 +37,7 @@ def logits(
 ) -> jax.Array:
     """`tokens: int32 [batch, seq]` -> float32 logits `[batch, seq, vocab]` (jitted per shape)."""
     fn, state = _compiled(model)
+    check_token_ids(tokens, model.embed.shape[0])
     tokens = jnp.asarray(tokens, jnp.int32)
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     return fn(state, tokens, seg)
@@ -51,8 +54,7 @@ def target_logprobs(
     inputs, targets: int32 `[batch, seq]` (targets are usually inputs shifted left by one).
     """
     out = logits(model, inputs, segment_ids)
-    logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
     tgt = jnp.asarray(targets, jnp.int32)
-    picked = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    hits = jnp.argmax(logp, axis=-1) == tgt
+    picked = -token_nll(out, tgt)
+    hits = jnp.argmax(out, axis=-1) == tgt
     return np.asarray(picked), np.asarray(hits)

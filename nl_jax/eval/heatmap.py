@@ -1,4 +1,5 @@
-"""Depth-by-length accuracy heatmaps as PNG: matplotlib when installed, else `png_writer`."""
+"""Depth-by-length accuracy heatmaps as PNG: labelled by matplotlib when installed, else plain
+cells written by Pillow (`pip install 'nl_jax[images]'`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
-
-from nl_jax.eval import png_writer
 
 
 def colors(values: np.ndarray) -> np.ndarray:
@@ -26,6 +25,17 @@ def plain_heatmap(accuracy: np.ndarray, cell: int = 24) -> np.ndarray:
     img[::cell, :, :] = 128
     img[:, ::cell, :] = 128
     return img
+
+
+def _write_png(path: pathlib.Path, rgb: np.ndarray) -> pathlib.Path:
+    try:
+        from PIL import Image  # noqa: PLC0415 - optional dependency
+    except ImportError as e:
+        raise ImportError(
+            "writing a heatmap needs Pillow or matplotlib: pip install 'nl_jax[images]'"
+        ) from e
+    Image.fromarray(rgb, mode="RGB").save(path, format="PNG")
+    return path
 
 
 def write_heatmap(
@@ -47,7 +57,7 @@ def write_heatmap(
         use_matplotlib = importlib.util.find_spec("matplotlib") is not None
     path = pathlib.Path(path)
     if not use_matplotlib:
-        return png_writer.write_png(path, plain_heatmap(accuracy))
+        return _write_png(path, plain_heatmap(accuracy))
     import matplotlib  # noqa: PLC0415 - optional dependency
 
     matplotlib.use("Agg")

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import tqdm
 from flax import nnx
 
 from nl_jax.eval import forward
@@ -80,7 +81,10 @@ def score_stream(
     """`{"nats", "tokens", "correct"}` summed over every target of `stream` int32 `[n]`."""
     nats, tokens, correct = 0.0, 0, 0
     rows = list(windows(stream, seq_len, stride))
-    for i in range(0, len(rows), batch_size):
+    # The first batch compiles the forward (tens of seconds at 340M): tqdm shows it is working.
+    batches = tqdm.trange(0, len(rows), batch_size, desc="[ppl] batches", unit="batch",
+                          disable=len(rows) <= batch_size)  # fmt: skip
+    for i in batches:
         chunk = rows[i : i + batch_size]
         pad = batch_size - len(chunk)  # full batches only: one compiled shape
         chunk = chunk + [(np.zeros(seq_len, np.int32),) * 3] * pad

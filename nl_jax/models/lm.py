@@ -21,6 +21,7 @@ from flax import nnx
 
 from nl_jax.layers import axes
 from nl_jax.layers.norms import RMSNorm, logical_param
+from nl_jax.models.loss import check_token_ids, token_nll
 
 Factory = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
 _MIXERS: dict[str, Factory] = {}
@@ -217,6 +218,7 @@ class DecoderLM(nnx.Module):
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int32[batch, seq], got shape {tokens.shape}")
+        check_token_ids(tokens, self.embed.shape[0])
         if self.context_chunk:
             return self._in_context(tokens, segment_ids, positions, state)
         if state is None:
@@ -289,8 +291,7 @@ class DecoderLM(nnx.Module):
                 for st, f in zip(blocks_state, fast, strict=True)
             ]
             logits, new = self._forward(states, xs["tokens"], xs.get("ids"), xs.get("pos"))
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            nll = -jnp.take_along_axis(logp, xs["targets"][..., None], axis=-1)[..., 0]
+            nll = token_nll(logits, xs["targets"])
             return jnp.sum(jnp.where(xs["mask"], nll, 0.0)), (logits, new)
 
         grads, (logits, new) = jax.grad(loss_fn, has_aux=True)(fast)

@@ -1,12 +1,14 @@
 """Metrics: JSONL + TensorBoard event files in the workdir, a progress line, FLOPs and MFU.
 
-FLOP convention (per token of a training step; forward + backward = 3 x forward):
-  model   = 6 * N + 12 * L_attn * d_attn * T
+THE FLOP convention of nl_jax (the trainer, benchmarks/throughput.py and every tool that reports
+MFU use this function), per token of a training step (forward + backward = 3 x forward):
+  model   = 6 * N + 12 * L_attn * d_attn * K
             N       parameters used in matmuls: every param except the input embedding table
                     (a gather), unless embeddings are tied (then the table is the output head)
             L_attn  softmax attention layers, d_attn = heads * head_dim,
-            T       keys a query can see: the sequence length (or the sliding window if smaller);
-                    causal masking is NOT discounted (PaLM, appendix B)
+            K       keys a query sees on average under the causal mask: with S = the sequence
+                    length T or the sliding window if smaller, K = S - S^2 / (2 T), i.e. T / 2
+                    for full causal attention (the masked half is not counted)
   inner   = 3 * model.inner_flops_per_token(T) if the model defines that method (the forward
             FLOPs of inner-loop memory updates and reads that are not parameter matmuls, e.g.
             Titans / Hope fast-weight updates); reported separately as `inner_flops_per_token`
@@ -16,18 +18,15 @@ FLOP convention (per token of a training step; forward + backward = 3 x forward)
             so MFU is omitted there. It is approximate: norms, softmax, elementwise ops are not
             counted, and float32 compute is still measured against the bf16 peak.
 
-TensorBoard files are written without TensorFlow: `events.out.tfevents.*` TFRecords of
-`Event{wall_time, step, summary{value{tag, simple_value}}}` protos encoded here by hand.
+TensorBoard event files (`<workdir>/tensorboard/events.out.tfevents.*`) are written with
+tensorboardX; the progress line is tqdm's meter.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import socket
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 from flax import nnx
 
 # Dense bf16 peak FLOP/s per device, matched against `jax.Device.device_kind` (first match).
@@ -83,7 +83,8 @@ def flops_per_token(model: nnx.Module, seq_len: int) -> dict[str, float]:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Attention):
             span = min(module.window, seq_len) if module.window else seq_len
-            attention += 12.0 * module.num_heads * module.head_dim * span
+            keys = span - span * span / (2.0 * seq_len)  # the mean over causal positions
+            attention += 12.0 * module.num_heads * module.head_dim * keys
     inner = 0.0
     if hasattr(model, "inner_flops_per_token"):
         inner = 3.0 * float(model.inner_flops_per_token(seq_len))
@@ -91,167 +92,42 @@ def flops_per_token(model: nnx.Module, seq_len: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorBoard event files (no TensorFlow)
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord framing needs."""
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: str = "", scalars=()) -> bytes:
-    """Serialized tensorflow.Event proto."""
-    out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-    if file_version:
-        out += _field_bytes(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-            for tag, value in scalars
-        )
-        out += _field_bytes(5, values)
-    return out
-
-
-def _record(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", _masked_crc(header))
-        + data
-        + struct.pack("<I", _masked_crc(data))
-    )
+# TensorBoard event files
 
 
 class TensorBoardWriter:
-    """Scalar summaries in a TensorBoard event file (append-only, one file per run start)."""
+    """Scalar summaries in a TensorBoard event file (one file per run start), via tensorboardX."""
 
     def __init__(self, logdir: str | pathlib.Path) -> None:
         """Create `logdir` and a new event file in it."""
-        logdir = pathlib.Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = logdir / name
-        self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-        self._file.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
-        self._file.flush()
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 writes
+
+        self._writer = SummaryWriter(str(logdir), flush_secs=30)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Write one event with every finite scalar of `values` at `step`."""
-        items = [(k, float(v)) for k, v in values.items() if v is not None and math.isfinite(v)]
-        if items:
-            self._file.write(_record(_event(time.time(), step, scalars=items)))
-            self._file.flush()
+        """Write every finite scalar of `values` at `step`, flushed so a crash loses nothing."""
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(tag, float(value), int(step))
+        self._writer.flush()
 
     def close(self) -> None:
         """Close the event file."""
-        self._file.close()
+        self._writer.close()
 
 
 def read_tensorboard_scalars(path: str | pathlib.Path) -> list[tuple[int, str, float]]:
-    """`(step, tag, value)` of every scalar in an event file written by `TensorBoardWriter`.
-
-    Checks the TFRecord CRCs; decodes only the fields `TensorBoardWriter` writes (tests, tools).
-    """
-    data = pathlib.Path(path).read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        header = data[pos : pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        if struct.unpack("<I", data[pos + 8 : pos + 12])[0] != _masked_crc(header):
-            raise ValueError(f"bad length CRC at byte {pos} of {path}")
-        record = data[pos + 12 : pos + 12 + length]
-        if struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] != _masked_crc(
-            record
-        ):
-            raise ValueError(f"bad data CRC at byte {pos} of {path}")
-        pos += 16 + length
-        out.extend(_decode_event_scalars(record))
-    return out
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
-
-
-def _fields(buf: bytes):
-    i = 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        elif wire == 2:
-            n, i = _read_varint(buf, i)
-            value, i = buf[i : i + n], i + n
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        yield number, value
-
-
-def _decode_event_scalars(record: bytes) -> list[tuple[int, str, float]]:
-    step, out = 0, []
-    for number, value in _fields(record):
-        if number == 2:
-            step = value
-        elif number == 5:
-            for _, v in _fields(value):
-                tag, simple = "", None
-                for n2, v2 in _fields(v):
-                    if n2 == 1:
-                        tag = v2.decode()
-                    elif n2 == 2:
-                        simple = struct.unpack("<f", v2)[0]
-                if simple is not None:
-                    out.append((step, tag, simple))
+    """`(step, tag, value)` of every scalar in an event file, read with the `tensorboard`
+    package's own loader (an independent check of what `TensorBoardWriter` wrote)."""
+    try:
+        from tensorboard.backend.event_processing import event_file_loader  # noqa: PLC0415
+        from tensorboard.util import tensor_util  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError("reading event files needs `pip install tensorboard`") from e
+    out = []
+    for event in event_file_loader.EventFileLoader(str(path)).Load():
+        for value in event.summary.value:
+            out.append((event.step, value.tag, float(tensor_util.make_ndarray(value.tensor))))
     return out
 
 
@@ -319,10 +195,9 @@ def format_duration(seconds: float) -> str:
 def progress_line(
     step: int, total: int, values: Mapping[str, Any], elapsed: float, steps_done: int
 ) -> str:
-    """`[####......]  120/1000 12% | loss 2.314 | bpb 3.339 | 45.1k tok/s | ETA 3m20s`."""
-    frac = min(1.0, step / max(total, 1))
-    bar = "#" * int(round(20 * frac)) + "." * (20 - int(round(20 * frac)))
-    parts = [f"[{bar}] {step:>{len(str(total))}}/{total} {100 * frac:3.0f}%"]
+    """`120/1000  12%|##        | loss 2.3140 | bpb 3.339 | 45.1k tok/s | 00:33<04:50` (tqdm's
+    meter; printed as a line, not redrawn, so logs of long runs stay readable)."""
+    parts = []
     for key, label, fmt in (
         ("loss", "loss", "{:.4f}"),
         ("bits_per_byte", "bpb", "{:.3f}"),
@@ -334,9 +209,17 @@ def progress_line(
         parts.append(f"{values['tokens_per_sec'] / 1e3:.1f}k tok/s")
     if values.get("mfu") is not None:
         parts.append(f"MFU {100 * values['mfu']:.1f}%")
-    if steps_done > 0 and step < total:
-        parts.append(f"ETA {format_duration(elapsed / steps_done * (total - step))}")
-    return " | ".join(parts)
+    fields = "".join(f"{p} | " for p in parts).replace("{", "{{").replace("}", "}}")
+    return tqdm.tqdm.format_meter(
+        step,
+        max(total, 1),
+        elapsed,
+        initial=step - steps_done,  # a resumed run's rate counts only this run's steps
+        ascii=" #",
+        bar_format="{n_fmt}/{total_fmt} {percentage:3.0f}%|{bar:20}| "
+        + fields
+        + "{elapsed}<{remaining}",
+    )
 
 
 def print_main(*args: Any) -> None:

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from nl_jax import optim
+from nl_jax.models.loss import token_nll
 
 Batch = Mapping[str, jax.Array]
 State = dict[str, Any]
@@ -45,8 +46,7 @@ def masked_cross_entropy(
     logits: jax.Array, targets: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """`(sum of -log p(target) over mask, number of masked tokens)`; logits `[b, t, vocab]`."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = token_nll(logits, targets)
     mask = mask.astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
@@ -95,9 +95,9 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
             "target_tokens": count,
             **diagnostics,
         }

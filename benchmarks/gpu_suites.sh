@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU runs behind BENCHMARKS.md's tables, in named suites that each fit a 10-minute run:
+#
+#   bash benchmarks/gpu_suites.sh SUITE [SUITE ...]
+#
+#   throughput  one GPU: transformer_340m (batch 8, 16), titans_lmm_340m (batch 32),
+#               hope_340m (batch 8), all at seq 4096                       -> "One GPU"
+#   long        one GPU: hope_340m at seq 4096 and 32768 (batch 4), hope_760m at seq 65536
+#               (batch 1)                                                   -> "Long sequences"
+#   profile     one GPU: hope_340m's full-depth step, profiled, split into the memory layers'
+#               inner recurrences and the rest                             -> "Where Hope's step goes"
+#   gdn         one GPU: jax-linear-attention's Gated DeltaNet at the 340M shape beside
+#               transformer_340m and hope_340m (needs the `jla` package)   -> "One GPU"
+#   scaling     2 GPUs of one host: transformer_1.3b and hope_1.3b on 1 GPU, then FSDP on 2,
+#               and the 2-GPU checkpoint restored on 1                     -> "Several GPUs"
+#   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
+#               titans_lmm_340m (2 seeds each) and transformer_340m at 4 layers: the first
+#               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
+#               resumable (run it again)                -> "Training stability and quality"
+#
+# Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every tool times the
+# trainer's own train step (nl_jax.train.step) and reports MFU in one convention
+# (nl_jax/train/metrics.py). Environment: OUT, TMO (seconds per command, default 280).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+TMO=${TMO:-280}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 NCCL_NVLS_ENABLE=0
+PY=${PY:-python3}
+quiet() { grep -v '^W0000\|^I0000'; }
+T="timeout $TMO $PY benchmarks/throughput.py --steps=3 --seq_len=4096"
+
+train() {  # name gpus preset global_batch steps extra...: one trainer run on the given GPUs
+  local name=$1 gpus=$2 preset=$3 batch=$4 steps=$5
+  shift 5
+  CUDA_VISIBLE_DEVICES=$gpus timeout "$TMO" $PY launch/train.py \
+    --config=experiments/lm.py:"$preset" --workdir="$OUT/runs/$name" \
+    --config.seq_len=2048 --config.global_batch_size="$batch" --config.num_steps="$steps" \
+    --config.model.dtype=bfloat16 --config.eval.every_steps=0 --config.data.eval_batches=1 \
+    --config.logging.every_steps=2 --config.logging.tensorboard=False "$@" 2>&1 | quiet | tail -3
+}
+
+suite_throughput() {
+  $T --batch=8 --presets=transformer_340m,hope_340m --out="$OUT/throughput_b8.json" | quiet
+  $T --batch=16 --presets=transformer_340m --out="$OUT/throughput_b16.json" | quiet
+  $T --batch=32 --presets=titans_lmm_340m --out="$OUT/throughput_titans.json" | quiet
+}
+
+suite_long() {
+  $T --batch=4 --presets=hope_340m --out="$OUT/long_4096.json" | quiet
+  timeout "$TMO" $PY benchmarks/throughput.py --steps=2 --seq_len=32768 --batch=4 \
+    --presets=hope_340m --out="$OUT/long_32768.json" | quiet
+  timeout "$TMO" $PY benchmarks/throughput.py --steps=1 --seq_len=65536 --batch=1 \
+    --presets=hope_760m --out="$OUT/long_65536.json" | quiet
+}
+
+suite_profile() {
+  timeout 500 $PY benchmarks/throughput.py --steps=2 --seq_len=4096 --batch=8 \
+    --presets=hope_340m --profile="$OUT/profile" --profile_steps=1 --profile_top=10 \
+    --out="$OUT/profile.json" | quiet
+}
+
+suite_gdn() {
+  timeout "$TMO" $PY benchmarks/gdn_baseline.py --seq_len=4096 --batch=8 --steps=3 --out="$OUT/gdn.json" | quiet
+  $T --batch=8 --presets=transformer_340m,hope_340m --out="$OUT/gdn_side.json" | quiet
+}
+
+suite_scaling() {
+  train t13_1 0 transformer_1.3b 8 20 --config.checkpoint.every_steps=10
+  train t13_2 0,1 transformer_1.3b 16 20 --config.mesh.fsdp=-1 --config.mesh.data=1 \
+    --config.checkpoint.every_steps=10
+  mkdir -p "$OUT/runs/t13_2to1" && cp -r "$OUT/runs/t13_2/checkpoints" "$OUT/runs/t13_2to1/" &&
+    rm -rf "$OUT/runs/t13_2to1/checkpoints/20"
+  train t13_2to1 0 transformer_1.3b 16 20
+  train h13_1 0 hope_1.3b 2 8
+  train h13_2 0,1 hope_1.3b 4 8 --config.mesh.fsdp=-1 --config.mesh.data=1
+  $PY benchmarks/summarize_runs.py t13_1="$OUT/runs/t13_1:1" t13_2="$OUT/runs/t13_2:2" \
+    t13_2to1="$OUT/runs/t13_2to1:1" h13_1="$OUT/runs/h13_1:1" h13_2="$OUT/runs/h13_2:2" \
+    --out="$OUT/scaling.json"
+}
+
+suite_stability() {
+  # 1,000 trainer steps per run, 4 layers, seq 2048 x 8: more than one 10-minute call; run
+  # the suite again on the same machine and every unfinished run continues from its checkpoint.
+  $PY benchmarks/divergence_check.py --root="$OUT/stability" --time_budget="${BUDGET:-540}" \
+    --runs="${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0}" \
+    --steps=1000 --eval_every=250 -- --config.model.num_layers=4 --config.seq_len=2048 \
+    --config.global_batch_size=8 --config.model.dtype=bfloat16 --config.data.eval_batches=4 \
+    | quiet | tail -20
+}
+
+[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+for suite in "$@"; do
+  if ! declare -f "suite_$suite" >/dev/null; then
+    echo "unknown suite '$suite' (throughput long profile gdn scaling stability)" >&2
+    exit 2
+  fi
+  echo "== $suite"
+  "suite_$suite"
+done

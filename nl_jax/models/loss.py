@@ -1,0 +1,37 @@
+"""The next-token loss: one cross-entropy for training, in-context CMS updates and evaluation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`-log p(target)` per position, `[...]`, from logits `[..., vocab]` and int targets `[...]`.
+
+    The softmax runs in at least float32 (bf16 logits lose the small probabilities), and in
+    float64 when the logits are (the float64 reference tests).
+    """
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
+    """Raise ValueError if concrete `tokens` hold an id outside `[0, vocab_size)`.
+
+    Inside a trace the embedding gather cannot raise (an out-of-range id reads NaN or a clamped
+    row), so the entry points check their concrete inputs before they jit.
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        return  # part of it lives in another process: only a jitted step can read it
+    ids = np.asarray(tokens)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}) for this model (its vocab_size), got ids "
+            f"from {int(ids.min())} to {int(ids.max())}: was the text encoded with another "
+            "tokenizer?"
+        )
