@@ -261,8 +261,6 @@ def test_model_inner_flops_sum_memory_layers():
         assert abstract(preset).inner_flops_per_token(128) > 0, preset
 
 
-
-
 def test_hope_inner_stability_stress_separates_the_two_forms():
     """benchmarks/hope_inner_stability.py: with its gates at their bounds a Hope layer in the
     paper's form diverges token by token (beta 0.9), and in the presets' stable form stays
