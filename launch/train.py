@@ -27,6 +27,7 @@ import logging
 import os
 import pathlib
 import sys
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -115,10 +116,29 @@ def main(argv: list[str]) -> int:
     return summary.exit_code
 
 
+_INTERRUPTED = (
+    "interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from the newest "
+    "checkpoint in the workdir, if any."
+)
+
+
+def _interrupt_in_a_callback(unraisable: Any) -> None:
+    """A Ctrl-C that lands in a callback Python cannot raise from (a garbage-collection hook
+    of JAX's) would be printed and swallowed, and the run would go on: exit as Ctrl-C does."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        from nl_jax.train import workdir as workdir_lib  # noqa: PLC0415 (imported by main)
+
+        workdir_lib.release_held()
+        print(f"\nerror: {_INTERRUPTED}", file=sys.stderr, flush=True)
+        os._exit(130)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.unraisablehook = _interrupt_in_a_callback
     try:
         sys.exit(main(sys.argv))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
-        _fail("interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from "
-              "the newest checkpoint in the workdir, if any.", code=130)  # fmt: skip
+        _fail(_INTERRUPTED, code=130)

@@ -335,3 +335,26 @@ def test_eval_cli_on_a_truncated_export_exits_2_in_one_line(exported, tmp_path, 
     assert eval_cli.main([f"--export={broken}", "--task=mqar", "--num_examples=2"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert str(broken) in line and "export it again" in line
+
+
+def test_a_ctrl_c_swallowed_by_a_callback_still_exits_130_and_frees_the_lock(
+    tmp_path, monkeypatch, capfd
+):
+    """A KeyboardInterrupt raised inside a garbage-collection callback reaches Python's
+    unraisable hook, not the caller: launch/train.py's hook exits as Ctrl-C does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli_under_test", TRAIN)
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    lock = workdir_lib.WorkdirLock(tmp_path)
+    lock.acquire()
+    exits = []
+    monkeypatch.setattr(train_cli.os, "_exit", exits.append)
+
+    class Unraisable:
+        exc_value = KeyboardInterrupt()
+
+    train_cli._interrupt_in_a_callback(Unraisable())
+    assert exits == [130] and not lock.path.exists()
+    assert "interrupted (Ctrl-C)" in capfd.readouterr().err

@@ -89,6 +89,16 @@ def is_stale(path: pathlib.Path, holder: dict[str, Any] | None) -> bool:
     return holder.get("host") == socket.gethostname() and not _alive(int(holder["pid"]))
 
 
+# Locks this process holds: `release_held` frees them where a `finally` cannot run.
+_HELD: list[WorkdirLock] = []
+
+
+def release_held() -> None:
+    """Release every lock this process holds (before an immediate `os._exit`)."""
+    for lock in list(_HELD):
+        lock.release()
+
+
 class WorkdirLock:
     """`<workdir>/train.lock`: one trainer per workdir."""
 
@@ -119,6 +129,7 @@ class WorkdirLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._held = True
+            _HELD.append(self)
             return
         raise WorkdirError(self._busy_message(read_holder(self.path)))
 
@@ -141,3 +152,5 @@ class WorkdirLock:
             if holder is None or int(holder["pid"]) == os.getpid():
                 self.path.unlink(missing_ok=True)
             self._held = False
+            if self in _HELD:
+                _HELD.remove(self)
