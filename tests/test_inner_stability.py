@@ -240,3 +240,23 @@ def test_hope_preset_gradient_stays_small_on_runs_of_identical_keys():
     grads = jax.jit(jax.grad(loss))(params)
     largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
     assert largest < 5.0
+
+
+@pytest.mark.parametrize("logit", [-20.0, -85.0, -89.0, -200.0])
+def test_saturated_gates_keep_the_kernels_gradient_finite(logit):
+    """The chunk kernels take a gate's log as `log(max(x, tiny))`, whose derivative `1 / x`
+    is huge once `x = sigmoid(z)` nears float32's smallest normal (z < -80). Its cotangent
+    through the decay products carries a factor of the gate itself, so the gradient with
+    respect to the logits stays finite, with document resets too."""
+    from nl_jax.core import chunked
+
+    resets = jnp.zeros(16, bool).at[jnp.array([0, 5, 11])].set(True)
+
+    def loss(z):
+        alpha, beta = jax.nn.sigmoid(z), 0.9 * jax.nn.sigmoid(z - 2.0)
+        k = chunked.kernels(alpha, beta, resets)
+        parts = (k.g_incl, k.g_prior, k.k_incl, k.k_prior, k.rho_incl, k.gamma_incl, k.p_end)
+        return 1e6 * sum(jnp.sum(p) for p in parts)
+
+    grads = jax.grad(loss)(jnp.full(16, logit, jnp.float32))
+    assert bool(jnp.all(jnp.isfinite(grads)))
