@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_core import make_inputs, rel_err
 
 from experiments import lm
 from nl_jax.core import DeltaRule, Level, LinearMemory, ResidualMLPMemory, objectives, run_level
@@ -124,29 +125,6 @@ RULES = {
 }
 
 
-def _inputs(memory, seed: int, seq: int) -> dict:
-    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    params = memory.init(ks[0], jnp.float64)
-    if isinstance(memory, LinearMemory):
-        params = {"W": 0.3 * jax.random.normal(ks[7], (memory.d_out, memory.d_in), jnp.float64)}
-    d_out = memory.d_out if isinstance(memory, LinearMemory) else memory.dim
-    k = jax.random.normal(ks[1], (seq, 4), jnp.float64)
-    return dict(
-        params=params,
-        keys=k / jnp.linalg.norm(k, axis=-1, keepdims=True),
-        values=jax.random.normal(ks[2], (seq, d_out), jnp.float64),
-        queries=jax.random.normal(ks[3], (seq, 4), jnp.float64),
-        eta=jax.random.uniform(ks[4], (seq,), jnp.float64, 0.1, 0.5),
-        alpha=jax.random.uniform(ks[5], (seq,), jnp.float64, 0.7, 1.0),
-        beta=jax.random.uniform(ks[6], (seq,), jnp.float64, 0.3, 0.9),
-    )
-
-
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 @pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("memory", list(MEMORIES))
@@ -163,7 +141,7 @@ def test_stable_inner_loop_matches_reference(x64, memory, rule, documents):
     cuts = np.zeros(seq, bool)
     if cut:
         cuts[[4, 12]] = True
-    inp = _inputs(level.memory, 3, seq)
+    inp = make_inputs(level.memory, 3, seq=seq)
     resets = np.zeros(seq, bool)
     if with_resets:
         resets[[0, 5, 6, 9]] = True
@@ -188,10 +166,10 @@ def test_stable_inner_loop_matches_reference(x64, memory, rule, documents):
 
     args = (inp["params"], inp["keys"], inp["eta"], inp["beta"])
     got, want = jax.jit(fast)(*args), ref(*args)
-    assert _rel_err(got[0], want[0]) < 1e-10
+    assert rel_err(got[0], want[0]) < 1e-10
     for name in want[1]:
-        assert _rel_err(got[1][name], want[1][name]) < 1e-10
-        assert _rel_err(got[2][name], want[2][name]) < 1e-10
+        assert rel_err(got[1][name], want[1][name]) < 1e-10
+        assert rel_err(got[2][name], want[2][name]) < 1e-10
 
     def loss(fn):
         def f(*a):
@@ -203,7 +181,7 @@ def test_stable_inner_loop_matches_reference(x64, memory, rule, documents):
     g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2, 3)))(*args)
     g_ref = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref), strict=True):
-        assert _rel_err(a, b) < 1e-9
+        assert rel_err(a, b) < 1e-9
 
 
 def test_hope_preset_gradient_stays_small_on_runs_of_identical_keys():
