@@ -13,8 +13,10 @@
 #               transformer_340m and hope_340m (needs the `jla` package)   -> "One GPU"
 #   scaling     2 GPUs of one host: transformer_1.3b and hope_1.3b on 1 GPU, then FSDP on 2,
 #               and the 2-GPU checkpoint restored on 1                     -> "Several GPUs"
-#   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m, 2 seeds
-#                                                      -> "Training stability and quality"
+#   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
+#               titans_lmm_340m (2 seeds each) and transformer_340m at 4 layers: the first
+#               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
+#               resumable (run it again)                -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every tool times the
 # trainer's own train step (nl_jax.train.step) and reports MFU in one convention
@@ -78,9 +80,14 @@ suite_scaling() {
     --out="$OUT/scaling.json"
 }
 
-suite_stability() {  # trainer runs of 1000 steps, two seeds; the script keeps to its budget
-  timeout 590 $PY benchmarks/divergence_check.py --runs=hope_340m:0,hope_340m:1 --steps=1000 \
-    --root="$OUT/stability" --time_budget=570 | quiet | tail -30
+suite_stability() {
+  # 1,000 trainer steps per run, 4 layers, seq 2048 x 8: more than one 10-minute call; run
+  # the suite again on the same machine and every unfinished run continues from its checkpoint.
+  $PY benchmarks/divergence_check.py --root="$OUT/stability" --time_budget="${BUDGET:-540}" \
+    --runs="${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0}" \
+    --steps=1000 --eval_every=250 -- --config.model.num_layers=4 --config.seq_len=2048 \
+    --config.global_batch_size=8 --config.model.dtype=bfloat16 --config.data.eval_batches=4 \
+    | quiet | tail -20
 }
 
 [ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
