@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.models.loss import check_token_ids
+from nl_jax.models.loss import check_token_ids, vocab_size_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ def prefill(
     prompt + 1024). It sizes global-attention KV caches.
     """
     batch, length = tokens.shape
-    check_token_ids(tokens, model.embed.shape[0])
+    check_token_ids(tokens, vocab_size_of(model))
     period = int(model.state_period)
     max_len = length + 1024 if max_len is None else max_len
     if max_len < length:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nl_jax.models.loss import check_token_ids, token_nll
+from nl_jax.models.loss import check_token_ids, token_nll, vocab_size_of
 
 # Compiled forwards by graph: models with equal graphs (e.g. a copy after test-time updates)
 # share one. The graph holds a ConfigDict (unhashable), so entries are compared, not hashed.
@@ -37,7 +37,7 @@ def logits(
 ) -> jax.Array:
     """`tokens: int32 [batch, seq]` -> float32 logits `[batch, seq, vocab]` (jitted per shape)."""
     fn, state = _compiled(model)
-    check_token_ids(tokens, model.embed.shape[0])
+    check_token_ids(tokens, vocab_size_of(model))
     tokens = jnp.asarray(tokens, jnp.int32)
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     return fn(state, tokens, seg)

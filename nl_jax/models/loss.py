@@ -18,13 +18,20 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
-    """Raise ValueError if concrete `tokens` hold an id outside `[0, vocab_size)`.
+def vocab_size_of(model: object) -> int | None:
+    """The number of rows of a model's input embedding, or None for a model without one."""
+    embed = getattr(model, "embed", None)
+    return None if embed is None else int(embed.shape[0])
+
+
+def check_token_ids(tokens: jax.Array, vocab_size: int | None) -> None:
+    """Raise ValueError if concrete `tokens` hold an id outside `[0, vocab_size)` (no check
+    when `vocab_size` is None).
 
     Inside a trace the embedding gather cannot raise (an out-of-range id reads NaN or a clamped
     row), so the entry points check their concrete inputs before they jit.
     """
-    if isinstance(tokens, jax.core.Tracer):
+    if vocab_size is None or isinstance(tokens, jax.core.Tracer):
         return
     if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
         return  # part of it lives in another process: only a jitted step can read it
