@@ -315,7 +315,8 @@ def test_titans_normalisations_reach_the_memory(key, attr, preset):
     for flag in (False, True):
         cfg.memory[key] = flag
         if key == "titans_normalize_lr":
-            cfg.memory.titans_normalize_chunk = False
+            # The per-token step by ||a||^2 alone: normalize_memory would take its place.
+            cfg.memory.titans_normalize_chunk = cfg.memory.normalize_memory = False
         mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
         built = mem if key == "titans_normalize_v" else mem.level.rule
         assert getattr(built, attr) is flag
