@@ -74,8 +74,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # do nothing off GPU). Transformer++ runs every GEMM through cuBLAS instead of Triton's
     # fused GEMMs: 171,943 -> 176,327 tokens/s (43.1 -> 44.2% MFU) at batch 8 on an H200, and
     # 180,213 (45.2%) at batch 16. The same flag cost titans_lmm_340m 12.5% (its many small
-    # batched matmuls run faster as Triton fusions), so the memory models keep XLA's default
-    # (BENCHMARKS.md, issue 7, session 9).
+    # batched matmuls run faster as Triton fusions), so the memory models keep XLA's default.
     m.xla_options = ml_collections.ConfigDict(
         {"xla_gpu_enable_triton_gemm": False} if family == "transformer" else {}
     )
@@ -85,7 +84,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Transformer++ compiles in seconds unscanned and ran 20% faster so (H200, seq 4096).
     m.scan_layers = size != "tiny" and family != "transformer"
     # Titans too: scanned without it, titans_lmm_340m asked 186 GiB at seq 4096 x 8 (an H200
-    # has 139); unscanned it had fit in 112 GiB (BENCHMARKS.md, issue 7).
+    # has 139); unscanned it had fit in 112 GiB.
     m.remat_blocks = family != "transformer" and size != "tiny"
 
     m.attention = ml_collections.ConfigDict()
@@ -97,7 +96,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # "auto": cuDNN's flash attention on a GPU in bf16/fp16 without persistent tokens, else XLA
     # ("" = XLA, "cudnn"; attention.resolve_implementation). XLA's keeps every layer's scores:
     # transformer_340m at seq 4096 x 8 asked an H200 for 258.66 GiB (XLA's estimate 320.8 GiB,
-    # cuDNN's 37.3 GiB; BENCHMARKS.md, session 16). Every GPU row of BENCHMARKS.md with
+    # cuDNN's 37.3 GiB). Every GPU row of BENCHMARKS.md with
     # attention at seq 4096 ran cuDNN, on one GPU and under FSDP.
     m.attention.implementation = "auto"
 
@@ -108,7 +107,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.hidden_mult = 1  # residual MLP memory hidden = hidden_mult * head_dim (row 9)
     m.memory.activation = "gelu"
     # Row 10 recommends C_other 8-16 and C_mem 16-64. At 340M+ we take the top of both ranges:
-    # at seq 4096 on one H200 that ran Hope 1.4x faster than 8/16 (BENCHMARKS.md, issue 7).
+    # at seq 4096 on one H200 that ran Hope 1.4x faster than 8/16.
     big_hope = family == "hope" and size != "tiny"
     m.memory.chunk_size = 64 if big_hope else 16  # C_mem: main memory period (Titans' too)
     m.memory.chunk_size_other = 16 if big_hope else 8  # C_other: k, v, eta, alpha memories
@@ -118,8 +117,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # gives sum(eta k k^T) an eigenvalue above 1 and the in-context updates diverge. At 0.1
     # every Titans preset (LMM, MAC, MAG, MAL; 340M width, 2 layers, seq 1024, text) went NaN
     # within 3 trainer steps on CPU, and titans_mag_340m at its first step on an H200; the
-    # normalised step (titans_normalize_lr) only delayed it; 0.02 trained all four finite
-    # (BENCHMARKS.md, issue 7, session 9). 0.5 had diverged at init already.
+    # normalised step (titans_normalize_lr) only delayed it; 0.02 trained all four finite.
+    # 0.5 had diverged at init already.
     if family.startswith("titans"):
         m.memory.eta_max = 0.02
     m.memory.beta_max = 0.9  # momentum beta = beta_max * sigmoid(.) (bounded: see self_modifying)
@@ -157,7 +156,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.normalize_chunk = hope
     # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
     # it kept titans_mag_340m finite on random tokens at outer lr 1e-3, but on text it only
-    # delayed the divergence (BENCHMARKS.md, issue 7, session 9).
+    # delayed the divergence.
     m.memory.titans_normalize_lr = False
     # Titans' stable inner loop on text: three switches, none in the paper, on together in the
     # Titans presets. In the paper's form (all three off), on text at 340M width on an H200
@@ -165,7 +164,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # at the paper's outer lr 4e-4 (LMM and MAG at 3e-3 too). With all three they trained 200
     # steps finite at 3e-3; without the value normalisation LMM failed at step 93, without the
     # chunk normalisation at step 194; chunk-normalised without the cut (values raw) its
-    # gradient norm went infinite at step 10 (BENCHMARKS.md, issue 7, session 10). They cost
+    # gradient norm went infinite at step 10. They cost
     # titans_lmm_340m 8.6% tokens/s (35,356 -> 32,306 at batch 32).
     titans = family.startswith("titans")
     # - GD's step divided by 1 + the running sum of eta ||a||^2 over the chunk so far (causal):
@@ -178,7 +177,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
     #   it the gradient norm went infinite while the loss was still finite.
     #   Hope takes it too (every memory of the layer cut every K x C_mem tokens), on in its
-    #   presets since session 16: hope_340m (4 layers, seq 2048 x 8, lr 1e-3, 200 steps, H200)
+    #   presets: hope_340m (4 layers, seq 2048 x 8, lr 1e-3, 200 steps, H200)
     #   cut trained both seeds finite, to 1.738 and 1.748 bits/byte, at +20% trainer tokens/s
     #   (+26% in benchmarks/throughput.py); uncut it reached 1.788 at seed 0, and at seed 1 one
     #   run's gradient went NaN at step 105 (loss finite; a rerun, not bit-identical on the GPU,
@@ -189,7 +188,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # With a cut every K chunks the windows are independent in the backward, which walks them
     # side by side (K sequential chunk steps, not seq / C; the same gradient). On an H200
     # titans_lmm_340m (seq 4096 x 32) ran 32,612 -> 43,980 tokens/s, peak 42.7 -> 43.9 GiB; the
-    # 4-layer trainer at batch 8 96k -> 191k tokens/s (BENCHMARKS.md, session 12). On CPU it
+    # 4-layer trainer at batch 8 96k -> 191k tokens/s. On CPU it
     # changes nothing beyond noise; on TPU it is not measured.
     m.memory.parallel_windows = titans or hope
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
@@ -207,7 +206,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.remat_layer = False  # remat_blocks covers it at 340M+
     # Chunks per loop iteration of the chunk scans, Hope's and Titans' (speed only): 2 measured
     # +16% tokens/s on a 4-layer hope_340m and +14.5% on titans_lmm_340m (with remat_blocks,
-    # batch 8) on an H200 (BENCHMARKS.md, issue 7); 1 keeps CPU compiles short.
+    # batch 8) on an H200; 1 keeps CPU compiles short.
     m.memory.scan_unroll = 2 if family != "transformer" and size != "tiny" else 1
     # DGD's per-chunk triangular system: "triangular" (trsm) | "inverse" (matmuls only) |
     # "auto" (triangular on GPU, 3.5% faster there; the inverse on CPU, where XLA's trsm can
@@ -225,7 +224,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Warps per program of the fused kernels (a power of two <= 32). 8 measured fastest on an
     # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps
     # (forward kernel) and its backward kernel 32,827 / 35,138 / 17,148 / 7,559 at 4 / 8 / 16 /
-    # 32; hope_340m (4 layers) 24,024 at 8 and 21,896 at 16 (BENCHMARKS.md, session 9).
+    # 32; hope_340m (4 layers) 24,024 at 8 and 21,896 at 16.
     m.memory.kernel_warps = 8
 
     # Continuum Memory System (spec section 4, rows 11-15).
@@ -257,10 +256,10 @@ def get_config(arg: str = "hope_tiny") -> ml_collections.ConfigDict:
     if family.startswith("titans") and size != "tiny":
         # At 3e-3 (the CPU demo's rate) titans_lmm_340m went NaN within 200 steps in 5 of 8
         # runs on an H200 (4 layers, seq 4096 x 8; walk and windows, seeds 0-2, sessions 10 and
-        # 12); at 1e-3 all 3 tried trained 200 steps, to a lower loss (BENCHMARKS.md, session 12).
+        # 12); at 1e-3 all 3 tried trained 200 steps, to a lower loss.
         config.optimizer.learning_rate = 1e-3
     if family == "hope" and size != "tiny":
         # hope_340m (4 layers, 200 steps, H200, seed 0): 1.788 bits/byte at 1e-3 against 1.936
-        # at 3e-3 (BENCHMARKS.md, session 15).
+        # at 3e-3.
         config.optimizer.learning_rate = 1e-3
     return config

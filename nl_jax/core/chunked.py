@@ -203,7 +203,7 @@ def resolve_solve(method: str) -> str:
     On GPU trsm measured 3.5% faster than the inverse at full hope_340m depth; XLA:CPU can hang
     in the triangular solve of a Hope step (WORKSPACE.md, "Known problems"); on a TPU (v5p:2x2x2,
     compiled ahead of time) hope_340m's step asked 29.9 GiB per chip with it, 21.1 with the
-    inverse (BENCHMARKS.md, session 15).
+    inverse.
     """
     if method not in SOLVES:
         raise ValueError(f"unknown solve method {method!r}; allowed: {SOLVES}")

@@ -62,7 +62,7 @@ def memory_curvature(deltas: dict, inputs: dict, errors: jax.Array) -> jax.Array
     Zero where `e = 0`. A constant for the outer gradient (stop_gradient), as a step-size
     normaliser: its own gradient grows like `kappa / ||e||` as e -> 0 (a ratio of two vanishing
     quantities), and hope_tiny's first trainer step took it to NaN; with a floor on `||e||^2`
-    instead, the stress test of BENCHMARKS.md (session 14) diverged in 2 of 18 cases.
+    instead, `benchmarks/hope_inner_stability.py` diverged in 2 of 18 cases.
     """
     total = sum(
         jnp.sum(deltas[n] * deltas[n], axis=-1) * jnp.sum(inputs[n] * inputs[n], axis=-1)

@@ -3,8 +3,7 @@
 By default the outer gradient flows through every unrolled inner update of a sequence. On real
 text at 340M width the Titans memory's updates can multiply that gradient by more than one per
 chunk: with its forward bounded (`titans_normalize_chunk`), titans_lmm_340m's gradient norm
-became infinite at trainer step 10 on an H200 while its loss was still finite (BENCHMARKS.md,
-issue 7, session 10). Cutting the gradient every K chunks bounds the product to K chunk
+became infinite at trainer step 10 on an H200 while its loss was still finite. Cutting the gradient every K chunks bounds the product to K chunk
 Jacobians.
 
 At a cut the fast state entering the chunk becomes `stop_gradient(W) + (W0 - stop_gradient(W0))`:

@@ -1,7 +1,7 @@
 """A whole `lax.scan` in one Pallas (Triton) kernel per instance, forward and backward.
 
 XLA runs a chunk scan as a loop of small kernels: for Hope's projection memories that is ~290
-launches of a few KB each per chunk step (BENCHMARKS.md, issue 7 profile), so the step is bound
+launches of a few KB each per chunk step, so the step is bound
 by launches, not FLOPs or bytes. `fused_scan` runs the same `step` for all chunks of one instance
 (one sequence and head) inside a single kernel program; the grid covers the instances.
 

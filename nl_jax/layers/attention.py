@@ -57,7 +57,7 @@ def resolve_implementation(
     with XLA, as every GPU run of them so far did.
 
     XLA's attention materialises every layer's `[batch, heads, seq, seq]` scores for the
-    backward: transformer_340m at seq 4096 x 8 asked for 258.66 GiB on an H200 (session 16),
+    backward: transformer_340m at seq 4096 x 8 asked for 258.66 GiB on an H200,
     and XLA's estimate for one H200 is 320.8 GiB against 37.3 GiB with cuDNN.
     """
     if implementation != "auto":
