@@ -368,25 +368,6 @@ def _two_processes(args, env):
     return [out for out, _ in outs]
 
 
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume(tmp_path, env):
-    """jax.distributed on two CPU processes: per-process data, one checkpoint, resume."""
-    workdir = tmp_path / "two"
-    args = [*TINY, "--config.num_steps=10", f"--workdir={workdir}"]
-    outs = _two_processes(args, env)
-    assert all("finished step 10/10" in out for out in outs)
-    (data_item,) = [
-        f
-        for f in (workdir / "checkpoints" / "10" / "data").iterdir()
-        if f.name != "commit_success.txt"
-    ]
-    saved = json.loads(data_item.read_text())
-    assert saved["process_count"] == 2 and len(saved["states"]) == 2
-    outs = _two_processes([*TINY, "--config.num_steps=15", f"--workdir={workdir}"], env)
-    assert "[resume] restored step 10" in outs[0]
-    assert sorted(records(workdir)) == list(range(1, 16))
-
-
 def test_tpu_pod_dry_run_prints_the_commands():
     result = subprocess.run(
         ["bash", "launch/tpu_pod.sh", "--dry-run", "nl-test", "us-east5-a", "v5p-16", "--",
