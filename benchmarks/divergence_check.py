@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Seconds a run needs at least (compile and a few steps) to be worth starting in the budget.
+# Seconds a run needs at least (compile and a few steps): with less left before --time_budget
+# runs out, the next run is not started.
 MIN_RUN_S = 150
 
 

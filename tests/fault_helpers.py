@@ -27,14 +27,15 @@ TINY_FLAGS = [
 ]
 
 
-def tiny_config(**changes) -> ml_collections.ConfigDict:
-    """transformer_tiny at seq_len 32, batch 4, 4 steps, checkpoints every 2 (synchronous)."""
+def tiny_config(preset: str = "transformer_tiny", **changes) -> ml_collections.ConfigDict:
+    """`preset` at seq_len 32, batch 4, 4 steps, checkpoints every 2 (synchronous); `changes`
+    are dotted config keys (`**{"checkpoint.every_steps": 3}`)."""
     sys.path.insert(0, str(ROOT / "experiments"))
     try:
         import lm  # noqa: PLC0415
     finally:
         sys.path.remove(str(ROOT / "experiments"))
-    cfg = lm.get_config("transformer_tiny")
+    cfg = lm.get_config(preset)
     cfg.seq_len = 32
     cfg.global_batch_size = 4
     cfg.num_steps = 4

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import fault_helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,25 +25,8 @@ TEXT = "First Citizen: Before we proceed any further, hear me speak. All: Speak,
 
 
 def tiny_config(preset: str = "transformer_tiny") -> ml_collections.ConfigDict:
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import lm  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
-    cfg = lm.get_config(preset)
-    cfg.seq_len = 32
-    cfg.global_batch_size = 4
-    cfg.num_steps = 3
-    cfg.data.default_max_bytes = 60_000
-    cfg.data.eval_batches = 1
-    cfg.data.num_threads = 1
-    cfg.logging.every_steps = 1
-    cfg.logging.tensorboard = False
-    cfg.logging.progress = False
-    cfg.eval.every_steps = 0
-    cfg.checkpoint.every_steps = 3
-    cfg.checkpoint.async_save = False
-    return cfg
+    """`fault_helpers.tiny_config` at 3 steps with one checkpoint at the end."""
+    return fault_helpers.tiny_config(preset, num_steps=3, **{"checkpoint.every_steps": 3})
 
 
 @pytest.fixture(scope="module")

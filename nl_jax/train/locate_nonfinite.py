@@ -154,10 +154,10 @@ def _inside_block(block: nnx.Module, index: int, x, cot, seg, pos) -> dict[str, 
     mixer_run = module_vjp(mixer_split[0])
     m = _apply(*mixer_split, u, **kw)
     h = x + m
-    cot_h, mlp = cot, {"finite": True}
+    y, cot_h, mlp = h, cot, {"cot_in_finite": True}
     if block.mlp is not None:
         branch = lambda h: h + block.mlp(block.mlp_norm(h), **kw)  # noqa: E731
-        _, vjp = jax.vjp(branch, h)
+        y, vjp = jax.vjp(branch, h)
         (cot_h,) = vjp(cot)
         mlp = {"cot_in_finite": _finite(cot_h), "cot_in_max_abs": _max_abs(cot_h)}
     _, grads, cot_u = mixer_run(mixer_split[1], mixer_split[2], u, cot_h, seg, pos)
@@ -175,10 +175,10 @@ def _inside_block(block: nnx.Module, index: int, x, cot, seg, pos) -> dict[str, 
     }
     if m_bad.any():
         singular = "mixer forward"
-    elif not _finite(h + block.mlp(block.mlp_norm(h), **kw) if block.mlp is not None else h):
+    elif not _finite(y):
         singular = "mlp forward"
     else:
-        singular = "mlp" if not mlp.get("cot_in_finite", True) else "mixer"
+        singular = "mlp" if not mlp["cot_in_finite"] else "mixer"
     out["singular"] = singular
     rows = out["rows_with_nonfinite_mixer_output"] or out["rows_with_nonfinite_cot"] or [0]
     r = rows[0]
