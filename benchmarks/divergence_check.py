@@ -10,7 +10,8 @@ Each run (`PRESET:SEED[:LR]`) is `launch/train.py` itself in `ROOT/PRESET_sSEED[
 checkpoints every `--checkpoint_every` steps, so the same command continues every unfinished run
 where it stopped (a long sweep spreads over several calls of a time-limited machine:
 `--time_budget` sends the running trainer SIGTERM, which checkpoints, and starts no run it cannot
-finish a compile of). A run that stopped on a non-finite loss or gradient is not restarted.
+finish a compile of). `--parallel=N` runs N trainers at once on the same devices (each
+allocating device memory as it goes): small models leave most of a GPU idle. A run that stopped on a non-finite loss or gradient is not restarted.
 `--summary` prints the table of whatever the runs' `metrics.jsonl` hold and runs nothing.
 Arguments after `--` go to every trainer. Exit code 0 whatever the runs did; 2 bad arguments.
 """
@@ -152,22 +153,68 @@ def trainer_command(run: Run, args: argparse.Namespace, extra: list[str]) -> lis
     return cmd + extra
 
 
-def train(run: Run, args: argparse.Namespace, extra: list[str], deadline: float) -> None:
-    """Run (or continue) one trainer until it ends or the deadline, then SIGTERM it."""
+def start(run: Run, args: argparse.Namespace, extra: list[str]) -> subprocess.Popen:
+    """Start (or continue) one trainer, its output appended to `ROOT/NAME.log`."""
     log = pathlib.Path(args.root) / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.parallel > 1:
+        # Trainers sharing one GPU each take what they use, not a preallocated fraction.
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     with log.open("a") as f:
-        proc = subprocess.Popen(
-            trainer_command(run, args, extra), stdout=f, stderr=subprocess.STDOUT
+        return subprocess.Popen(
+            trainer_command(run, args, extra), stdout=f, stderr=subprocess.STDOUT, env=env
         )
-        while proc.poll() is None and time.time() < deadline:
-            time.sleep(1.0)
-        if proc.poll() is None:  # out of time: the trainer checkpoints on SIGTERM
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a trainer (it checkpoints), then kill it if it does not end."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def train_all(
+    runs: list[Run],
+    args: argparse.Namespace,
+    extra: list[str],
+    deadline: float,
+    eval_steps: list[int],
+) -> None:
+    """Run every unfinished run, `args.parallel` trainers at a time, until done or the deadline."""
+    root = pathlib.Path(args.root)
+    todo = [
+        r for r in runs
+        if status(root / r.name / "metrics.jsonl", args.steps, eval_steps)["state"]
+        not in ("finite", "nonfinite")
+    ]  # fmt: skip
+    running: dict[Run, subprocess.Popen] = {}
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            if deadline - time.time() < MIN_RUN_S:
+                names = ", ".join(r.name for r in todo)
+                print(f"[stability] out of time before {names}; run the command again", flush=True)
+                todo = []
+                break
+            run = todo.pop(0)
+            st = status(root / run.name / "metrics.jsonl", args.steps, eval_steps)
+            print(f"[stability] {run.name}: from step {st['last_step']}", flush=True)
+            running[run] = start(run, args, extra)
+        time.sleep(1.0)
+        if time.time() >= deadline:
+            for proc in running.values():  # out of time: the trainers checkpoint on SIGTERM
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in running.values():
+                stop(proc)
+        for run, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[run]
+                st = status(root / run.name / "metrics.jsonl", args.steps, eval_steps)
+                print(f"[stability] {run.name}: {describe(st)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,29 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="/tmp/nl_jax_stability")
     ap.add_argument("--time_budget", type=float, default=0.0, help="seconds; 0 = no limit")
     ap.add_argument("--summary", action="store_true", help="print the table, run nothing")
+    ap.add_argument(
+        "--parallel", type=int, default=1, help="trainers at once (they share the devices)"
+    )
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     try:
         runs = parse_runs(args.runs)
     except ValueError as e:
         print(f"error: --runs: {e}", file=sys.stderr)
         return 2
-    if args.steps < 1 or args.eval_every < 1:
-        print("error: --steps and --eval_every must be >= 1", file=sys.stderr)
+    if args.steps < 1 or args.eval_every < 1 or args.parallel < 1:
+        print("error: --steps, --eval_every and --parallel must be >= 1", file=sys.stderr)
         return 2
     root = pathlib.Path(args.root)
     eval_steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
-    start = time.time()
-    deadline = start + args.time_budget if args.time_budget > 0 else math.inf
-    for run in [] if args.summary else runs:
-        st = status(root / run.name / "metrics.jsonl", args.steps, eval_steps)
-        if st["state"] in ("finite", "nonfinite"):
-            continue
-        if deadline - time.time() < MIN_RUN_S:
-            print(f"[stability] out of time before {run.name}; run the command again", flush=True)
-            break
-        print(f"[stability] {run.name}: from step {st['last_step']}", flush=True)
-        train(run, args, extra, deadline)
-        print(f"[stability] {run.name}: {describe(status(root / run.name / 'metrics.jsonl', args.steps, eval_steps))}", flush=True)  # fmt: skip
+    t0 = time.time()
+    deadline = t0 + args.time_budget if args.time_budget > 0 else math.inf
+    if not args.summary:
+        train_all(runs, args, extra, deadline, eval_steps)
     for line in table(runs, root, args.steps, eval_steps):
         print(line)
     return 0

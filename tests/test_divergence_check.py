@@ -3,6 +3,7 @@
 import json
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -64,3 +65,36 @@ def test_runs_the_trainer_and_skips_finished_runs(tmp_path, capsys):
     assert dc.main(argv) == 0  # finished: nothing runs again
     assert "[stability]" not in capsys.readouterr().out
     assert dc.main(["--runs=transformer_tiny", f"--root={tmp_path}"]) == 2
+
+
+_FAKE_TRAINER = """
+import json, pathlib, sys, time
+root, name, steps = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+(root / "started").mkdir(exist_ok=True)
+(root / "started" / name).write_text(str(time.time()))
+time.sleep(float(sys.argv[4]))
+d = root / name
+d.mkdir(exist_ok=True)
+(d / "metrics.jsonl").write_text(json.dumps({"step": steps, "split": "train", "loss": 1.0}) + "\\n")
+"""
+
+
+def test_parallel_runs_overlap_and_the_deadline_stops_them(tmp_path, monkeypatch):
+    def fake(run, args, extra):
+        sleep = "30" if run.seed == 9 else "2"
+        return [sys.executable, "-c", _FAKE_TRAINER, args.root, run.name, str(args.steps), sleep]
+
+    monkeypatch.setattr(dc, "trainer_command", fake)
+    monkeypatch.setattr(dc, "MIN_RUN_S", 0)
+    argv = ["--runs=p:0,p:1", "--steps=5", "--eval_every=5", f"--root={tmp_path}",
+            "--parallel=2"]  # fmt: skip
+    assert dc.main(argv) == 0
+    starts = sorted(float((tmp_path / "started" / f"p_s{s}").read_text()) for s in (0, 1))
+    assert starts[1] - starts[0] < 1.5  # both started before either ended
+    assert all(dc.status(tmp_path / f"p_s{s}" / "metrics.jsonl", 5, [5])["state"] == "finite"
+               for s in (0, 1))  # fmt: skip
+    # A run past the time budget is stopped, not waited for.
+    t0 = time.time()
+    assert dc.main(["--runs=p:9", "--steps=5", f"--root={tmp_path}", "--time_budget=3"]) == 0
+    assert time.time() - t0 < 20
+    assert not (tmp_path / "p_s9" / "metrics.jsonl").exists()
