@@ -14,8 +14,9 @@
 #   scaling     2 GPUs of one host: transformer_1.3b and hope_1.3b on 1 GPU, then FSDP on 2,
 #               and the 2-GPU checkpoint restored on 1                     -> "Several GPUs"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
-#               titans_lmm_340m (2 seeds each) and transformer_340m at 4 layers: the first
-#               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
+#               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
+#               learning-rate sweep and Hope's paper form, side by side: the first non-finite
+#               step or "finite", and validation bits/byte at steps 250, 500, 1000;
 #               resumable (run it again)                -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every tool times the
@@ -81,16 +82,36 @@ suite_scaling() {
 }
 
 suite_stability() {
-  # 1,000 trainer steps per run, 4 layers, seq 2048 x 8: more than one 10-minute call; run
-  # the suite again on the same machine and every unfinished run continues from its checkpoint.
-  $PY benchmarks/divergence_check.py --root="$OUT/stability" --time_budget="${BUDGET:-540}" \
-    --runs="${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0}" \
-    --steps=1000 --eval_every=250 -- --config.model.num_layers=4 --config.seq_len=2048 \
-    --config.global_batch_size=8 --config.model.dtype=bfloat16 --config.data.eval_batches=4 \
-    | quiet | tail -20
+  # 4 layers, seq 2048 x 8: 1,000 steps of two seeds per family, the learning-rate sweep
+  # (250 steps at 3e-4 and 3e-3; 1e-3 is the long runs' step 250) and Hope's paper form (the
+  # stable inner loop's switches off; cut and uncut meta-gradient), all at once on one GPU.
+  # Longer than one 10-minute call: run the suite again on the same machine and every
+  # unfinished run continues from its checkpoint. JAX_COMPILATION_CACHE_DIR saves recompiles.
+  local c="--config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8"
+  c="$c --config.model.dtype=bfloat16 --config.data.eval_batches=4"
+  local m=--config.model.memory
+  local paper="$m.normalize_memory=False $m.momentum_ema=False $m.normalize_chunk=False"
+  local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500}"
+  local long=${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0,transformer_340m:1}
+  local sweep=hope_340m:0:3e-4,hope_340m:0:3e-3,titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3
+  sweep=$sweep,transformer_340m:0:3e-4,transformer_340m:0:3e-3
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the trainers share the GPU
+  $dc --root="$OUT/stability" --parallel=6 --steps=1000 --eval_every=250 --runs="$long" -- $c \
+    >"$OUT/stability.log" 2>&1 &
+  $dc --root="$OUT/lr_sweep" --parallel=3 --steps=250 --eval_every=250 --runs="$sweep" -- $c \
+    >"$OUT/lr_sweep.log" 2>&1 &
+  $dc --root="$OUT/paper_form" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c $paper \
+    >"$OUT/paper_form.log" 2>&1 &
+  $dc --root="$OUT/paper_form_uncut" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c $paper \
+    $m.backprop_chunks=0 $m.parallel_windows=False >"$OUT/paper_form_uncut.log" 2>&1 &
+  wait
+  for name in stability lr_sweep paper_form paper_form_uncut; do
+    echo "-- $name"
+    grep -v '^W0000\|^I0000' "$OUT/$name.log" | tail -14
+  done
 }
 
-[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
 for suite in "$@"; do
