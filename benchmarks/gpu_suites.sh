@@ -91,7 +91,7 @@ suite_stability() {
   c="$c --config.model.dtype=bfloat16 --config.data.eval_batches=4"
   local m=--config.model.memory
   local paper="$m.normalize_memory=False $m.momentum_ema=False $m.normalize_chunk=False"
-  local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500}"
+  local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500} --checkpoint_every=250"
   local long=${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0,transformer_340m:1}
   local sweep=hope_340m:0:3e-4,hope_340m:0:3e-3,titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3
   sweep=$sweep,transformer_340m:0:3e-4,transformer_340m:0:3e-3
