@@ -67,7 +67,7 @@ def make(seq: int, dtype, seed: int = 0, momentum: bool = True):
     return state, x
 
 
-def xla_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs):
+def xla_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, resets=None, init=None):
     """The XLA chunk form on the explicit state: `(y, State)`."""
     level = level_of(cfg, x.k.shape[0])
     rule = level.rule
@@ -75,7 +75,11 @@ def xla_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs):
     opt = rule.set_momentum(rule.init(params), {"W1": state.s1, "W2": state.s2})
     xs = {"keys": x.k, "values": x.v, "queries": x.q, "eta": x.eta, "alpha": x.alpha,
           "beta": x.beta}  # fmt: skip
-    y, (p, o) = xla_chunk_step(level, params, opt, xs)
+    reset_to = None
+    if resets is not None:
+        xs["resets"] = resets
+        reset_to = {"W1": init.w1, "W2": init.w2}
+    y, (p, o) = xla_chunk_step(level, params, opt, xs, reset_to)
     mom = rule.get_momentum(o)
     return (y if cfg.read else None), cs.State(p["W1"], p["W2"], mom["W1"], mom["W2"])
 
@@ -114,10 +118,41 @@ def test_chunk_forward_and_backward_match_xla_float64(x64, name, read):
     got = jax.jit(functools.partial(cs.chunk_backward, cfg))(state, x, dy, ds)
     _, vjp = jax.vjp(functools.partial(xla_step, cfg), state, x)
     want = jax.jit(vjp)((dy, ds))
+    assert got[2] is None
     for field, a, b in zip(
         cs.State._fields + cs.Inputs._fields, (*got[0], *got[1]), (*want[0], *want[1]),
         strict=True,
     ):  # fmt: skip
+        assert rel_err(a, b) < 1e-10, field
+
+
+RESETS = {"inside": (3, 6), "at_start": (0, 5)}
+
+
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("where", list(RESETS))
+def test_chunk_with_resets_matches_xla_float64(x64, where, read):
+    cfg = CONFIGS["hope"]._replace(read=read)
+    state, x = make(8, jnp.float64)
+    init, _ = make(8, jnp.float64, seed=1)
+    init = init._replace(s1=jnp.zeros_like(init.s1), s2=jnp.zeros_like(init.s2))
+    resets = jnp.zeros(8, bool).at[jnp.array(RESETS[where])].set(True)
+    y, new = jax.jit(functools.partial(cs.chunk_forward, cfg))(state, x, resets, init)
+    y_ref, new_ref = jax.jit(functools.partial(xla_step, cfg))(state, x, resets, init)
+    if read:
+        assert rel_err(y, y_ref) < 1e-12
+    for a, b in zip(new, new_ref, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+    dy, ds = cotangents(state, x)
+    dy = dy if read else None
+    got = jax.jit(functools.partial(cs.chunk_backward, cfg))(state, x, dy, ds, resets, init)
+    _, vjp = jax.vjp(lambda s, x, i: xla_step(cfg, s, x, resets, i), state, x, init)
+    want = jax.jit(vjp)((dy, ds))
+    names = cs.State._fields + cs.Inputs._fields + ("init_w1", "init_w2")
+    got_all = (*got[0], *got[1], got[2].w1, got[2].w2)
+    want_all = (*want[0], *want[1], want[2].w1, want[2].w2)
+    for field, a, b in zip(names, got_all, want_all, strict=True):
         assert rel_err(a, b) < 1e-10, field
 
 
@@ -149,31 +184,31 @@ def stream_losses(seq: int, dtype):
     )
 
 
-def xla_stream(cfg, every, w1, w2, k, v, q, eta, alpha, beta):
+def xla_stream(cfg, every, resets, w1, w2, k, v, q, eta, alpha, beta):
     """`run_level` (XLA chunk scan, cut every `every` chunks) from fresh momentum."""
     level = level_of(cfg, CHUNK)
     params = {"W1": w1, "W2": w2}
     cuts = gradient_cuts(k.shape[0], CHUNK, every) if every else None
     y, (p, _) = run_level(
         level, params, level.rule.init(params), k, v, q, eta=eta, alpha=alpha, beta=beta,
-        cuts=cuts, path="fast",
+        cuts=cuts, resets=resets, path="fast",
     )  # fmt: skip
     return y, p["W1"], p["W2"]
 
 
-def ref_stream(cfg, every, w1, w2, k, v, q, eta, alpha, beta):
+def ref_stream(cfg, every, resets, w1, w2, k, v, q, eta, alpha, beta):
     """The float64 token loop on the same stream."""
     cuts = gradient_cuts(k.shape[0], CHUNK, every) if every else None
     y, p, _ = reference_level(
         ResidualMLPMemory(D, H), objectives.l2, {"W1": w1, "W2": w2}, k, v, q, eta, alpha, beta,
         chunk_size=CHUNK, momentum=True, retention=True, dgd=True, normalize_lr=cfg.normalize_lr,
         normalize_chunk=cfg.normalize_chunk, normalize_memory=cfg.normalize_memory,
-        momentum_ema=cfg.momentum_ema, cuts=cuts, self_target=True,
+        momentum_ema=cfg.momentum_ema, cuts=cuts, resets=resets, self_target=True,
     )  # fmt: skip
     return y, p["W1"], p["W2"]
 
 
-def staged_stream(cfg, every, w1, w2, k, v, q, eta, alpha, beta):
+def staged_stream(cfg, every, resets, w1, w2, k, v, q, eta, alpha, beta):
     """The staged forward and the window backward as one custom-VJP function."""
 
     def init_of(w1, w2):
@@ -181,7 +216,7 @@ def staged_stream(cfg, every, w1, w2, k, v, q, eta, alpha, beta):
 
     @jax.custom_vjp
     def f(w1, w2, x):
-        y, st = cs.sequence_forward(cfg, init_of(w1, w2), x, CHUNK)
+        y, st = cs.sequence_forward(cfg, init_of(w1, w2), x, CHUNK, resets)
         return y, st.w1, st.w2
 
     def fwd(w1, w2, x):
@@ -191,7 +226,7 @@ def staged_stream(cfg, every, w1, w2, k, v, q, eta, alpha, beta):
         w1, w2, x = res
         dy, dw1, dw2 = cot
         d_final = cs.State(dw1, dw2, jnp.zeros_like(dw1), jnp.zeros_like(dw2))
-        d_init, dx = cs.window_backward(cfg, init_of(w1, w2), x, CHUNK, every, dy, d_final)
+        d_init, dx = cs.window_backward(cfg, init_of(w1, w2), x, CHUNK, every, dy, d_final, resets)
         return d_init.w1, d_init.w2, dx
 
     f.defvjp(fwd, bwd)
@@ -211,13 +246,20 @@ def stream_loss(fn, weights):
     return loss
 
 
-@pytest.mark.parametrize("every", [0, EVERY])
-def test_stream_matches_xla_and_token_reference_float64(x64, every):
+# Document starts at the first token, inside the third chunk and at the fifth chunk's start.
+STREAM_RESETS = (0, 10, 16)
+
+
+@pytest.mark.parametrize("every,with_resets", [(0, False), (EVERY, False), (EVERY, True)])
+def test_stream_matches_xla_and_token_reference_float64(x64, every, with_resets):
     cfg = CONFIGS["hope"]
     args = stream_args(jnp.float64)
-    staged = jax.jit(functools.partial(staged_stream, cfg, every))
-    xla = jax.jit(functools.partial(xla_stream, cfg, every))
-    ref = functools.partial(ref_stream, cfg, every)
+    resets = None
+    if with_resets:
+        resets = jnp.zeros(SEQ, bool).at[jnp.array(STREAM_RESETS)].set(True)
+    staged = jax.jit(functools.partial(staged_stream, cfg, every, resets))
+    xla = jax.jit(functools.partial(xla_stream, cfg, every, resets))
+    ref = functools.partial(ref_stream, cfg, every, resets)
     got, want_xla, want_ref = staged(*args), xla(*args), ref(*args)
     for a, b, c in zip(got, want_xla, want_ref, strict=True):
         assert rel_err(a, b) < 1e-11
@@ -239,8 +281,9 @@ def test_stream_gradients_match_xla_float32():
     args = stream_args(jnp.float32)
     weights = stream_losses(SEQ, jnp.float32)
     argnums = tuple(range(len(args)))
-    staged = functools.partial(staged_stream, cfg, EVERY)
-    xla = functools.partial(xla_stream, cfg, EVERY)
+    resets = jnp.zeros(SEQ, bool).at[jnp.array(STREAM_RESETS)].set(True)
+    staged = functools.partial(staged_stream, cfg, EVERY, resets)
+    xla = functools.partial(xla_stream, cfg, EVERY, resets)
     g = jax.jit(jax.grad(stream_loss(staged, weights), argnums))(*args)
     g_xla = jax.jit(jax.grad(stream_loss(xla, weights), argnums))(*args)
     for a, b in zip(g, g_xla, strict=True):
