@@ -72,3 +72,23 @@ def test_boundary_read_walk_lowers_for_cuda():
     init, x = make(2, 128, 64, 64)
     text = mw.lower_for_cuda(CFG, init, x, 64, mw.boundary_read_step)
     assert "mosaic_gpu" in text
+
+
+def decay_gates(n: int, c: int):
+    ks = jax.random.split(jax.random.PRNGKey(1), 2)
+    alpha = jax.random.uniform(ks[0], (n, c), jnp.float32, 0.7, 1.0)
+    return alpha, jax.random.uniform(ks[1], (n, c), jnp.float32, 0.3, 0.9)
+
+
+def test_decays_stage_in_interpreter():
+    alpha, beta = decay_gates(2, 16)
+    got = jax.jit(functools.partial(mw.decays_kernel, interpret=mw.interpret_params()))(alpha, beta)
+    want = jax.vmap(cs.decays)(alpha, beta)
+    for field, a, b in zip(cs.Decays._fields, got, want, strict=True):
+        assert rel_err(a, b) < 1e-6, field
+
+
+def test_decays_stage_lowers_for_cuda():
+    alpha, beta = decay_gates(2, 64)
+    text = jax.jit(mw.decays_kernel).trace(alpha, beta).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()

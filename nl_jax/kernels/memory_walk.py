@@ -9,16 +9,18 @@ copies the chunk's outputs to HBM.
 
 The chunk step is a pluggable `Step` that reads and writes shared-memory refs:
 `reference_step` loads them and applies `chunk_step.chunk_forward` (stage 2; it runs in the
-GPU interpreter, and is what every compiled stage is checked against); `boundary_read_step`
-is a compiled-form stage, the read `q + W1 gelu(W2 q)` as two tf32 `wgmma`s whose operands
-stay in shared memory. `lower_for_cuda` lowers a walk for a GPU on any host, so a stage that
-Mosaic GPU cannot lower fails on CPU.
+GPU interpreter, and is what every compiled stage is checked against). Compiled stages are
+written once against `Ops` (tensor-core matmuls and WGMMA register layouts compiled, the same
+math without layouts interpreted): `boundary_read_step`, the read `q + W1 gelu(W2 q)` as two
+tf32 `wgmma`s whose operands stay in shared memory, and `decays_stage`, stage 1
+(`decays_kernel` runs it alone). `lower_for_cuda` lowers a walk for a GPU on any host, so a
+stage that Mosaic GPU cannot lower fails on CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +30,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from nl_jax.kernels import chunk_step as cs
 
-# `mm_nt(a_ref, b_ref) -> a @ b^T` (float32 accumulation) from two shared-memory refs.
-MatmulNT = Callable[[Any, Any], jax.Array]
-# `step(cfg, state_refs, input_refs, y_ref, mm_nt)`: one chunk, in place on the state refs.
-Step = Callable[[cs.StepConfig, cs.State, cs.Inputs, Any, MatmulNT], None]
 # Mosaic GPU's layout inference runs per warpgroup; the lane form cannot load an untiled
 # float32 ref into registers for a store into a swizzled one.
 _COMPILER = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
@@ -56,6 +54,21 @@ def _scratch(shape: tuple[int, ...], dtype: Any, compiled: bool) -> plgpu.SMEM:
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
 
 
+class Ops(NamedTuple):
+    """How a stage issues matmuls and places vectors: compiled (`COMPILED`) or interpreted.
+
+    Mosaic GPU lowers reductions and vector broadcasts only in its WGMMA register layout, which
+    the interpreter does not model; the interpreted ops are the same math without layouts.
+    """
+
+    compiled: bool
+    mm_nt: Callable[[Any, Any], jax.Array]  # `a @ b^T` of two shared-memory refs, float32
+    matrix: Callable[[jax.Array], jax.Array]  # a `[m, n]` value in the WGMMA layout
+    rows: Callable[[jax.Array, int], jax.Array]  # `v [m] -> [m, n]`, v_t along row t
+    cols: Callable[[jax.Array, int], jax.Array]  # `v [n] -> [m, n]`, v_s along column s
+    iota: Callable[[tuple[int, int], int], jax.Array]  # int32 indices along one dimension
+
+
 def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     """`a @ b^T` for row-major `a: [m, k]`, `b: [n, k]` in shared memory, on tensor cores.
 
@@ -74,11 +87,39 @@ def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     return jnp.dot(a_ref[...], b_ref[...].T, preferred_element_type=jnp.float32)
 
 
-def reference_step(
-    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, mm_nt: MatmulNT
-) -> None:
+def _log(x: jax.Array) -> jax.Array:
+    # The clamp of `chunk_step.decays`: gates may be exactly 0.
+    return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+
+
+def _compiled_rows(v: jax.Array, n: int) -> jax.Array:
+    v = plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))
+    return lax.broadcast_in_dim(v, (v.shape[0], n), [0])
+
+
+def _compiled_cols(v: jax.Array, m: int) -> jax.Array:
+    v = plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(0))
+    return lax.broadcast_in_dim(v, (m, v.shape[0]), [1])
+
+
+COMPILED = Ops(
+    True, wgmma_nt, lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA), _compiled_rows,
+    _compiled_cols,
+    lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA),
+)  # fmt: skip
+INTERPRETED = Ops(
+    False, interpret_nt, lambda x: x,
+    lambda v, n: lax.broadcast_in_dim(v, (v.shape[0], n), [0]),
+    lambda v, m: lax.broadcast_in_dim(v, (m, v.shape[0]), [1]),
+    lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim),
+)  # fmt: skip
+# `step(cfg, state_refs, input_refs, y_ref, ops)`: one chunk, in place on the state refs.
+Step = Callable[[cs.StepConfig, cs.State, cs.Inputs, Any, Ops], None]
+
+
+def reference_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
     """Stage 2 on the refs: the chunk step of `chunk_step.chunk_forward` (interpreter only)."""
-    del mm_nt
+    del ops
     y, new = cs.chunk_forward(
         cfg, cs.State(*(r[...] for r in state)), cs.Inputs(*(r[...] for r in x))
     )
@@ -88,23 +129,105 @@ def reference_step(
 
 
 def boundary_read_step(
-    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, mm_nt: MatmulNT
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops
 ) -> None:
     """`y = q + gelu(q W2^T) W1^T` at the chunk-start state, state unchanged (compiled form).
 
-    Both products are `mm_nt`s of shared-memory operands; the hidden activations are staged
-    through a shared-memory scratch between them.
+    Both products are `ops.mm_nt`s of shared-memory operands; the hidden activations are
+    staged through a shared-memory scratch between them.
     """
     del cfg
     c = x.q.shape[0]
-    hidden = cs.gelu(mm_nt(x.q, state.w2))
+    hidden = cs.gelu(ops.mm_nt(x.q, state.w2))
 
     def read(h_ref):
         h_ref[...] = hidden
         plgpu.commit_smem()
-        y_ref[...] = x.q[...] + mm_nt(h_ref, state.w1)
+        y_ref[...] = x.q[...] + ops.mm_nt(h_ref, state.w1)
 
-    pl.run_scoped(read, _scratch((c, state.w2.shape[0]), jnp.float32, mm_nt is wgmma_nt))
+    pl.run_scoped(read, _scratch((c, state.w2.shape[0]), jnp.float32, ops.compiled))
+
+
+def decays_stage(alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, ops: Ops) -> None:
+    """Stage 1 (`chunk_step.decays`, no resets) from `alpha, beta [C]` refs into `out`'s refs.
+
+    Cumulative sums are masked `C x C` row or column sums, so each comes out along the axis it
+    is broadcast on; `K = G P` are two `ops.mm_nt` with `P^T` built in `scratch [C, C]`.
+    `out.pi_end` is not written (it is `out.pi[C - 1]`).
+    """
+    c = alpha_ref.shape[0]
+    shape = (c, c)
+    t, s = ops.iota(shape, 0), ops.iota(shape, 1)
+    lower, strict, upper = t >= s, t > s, t <= s
+
+    def cumulative(ref):
+        """`(x_t, X_t along rows, X_s along columns)`, X the inclusive cumulative sum of log x."""
+        along_t = _log(ref[...])
+        x_by_t = ops.rows(along_t, c)
+        x_by_s = ops.cols(_log(ref[...]), c)
+        return (
+            along_t,
+            jnp.sum(jnp.where(lower, x_by_s, 0.0), 1),
+            jnp.sum(jnp.where(upper, x_by_t, 0.0), 0),
+        )
+
+    la, ci_t, ci_s = cumulative(alpha_ref)
+    _, cb_t, cb_s = cumulative(beta_ref)
+    cp_t = ci_t - la
+    g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
+    g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)
+    diff_b = ops.rows(cb_t, c) - ops.cols(cb_s, c)
+    out.g_incl[...] = g_incl
+    out.g_prior[...] = g_prior
+    out.p_incl[...] = jnp.where(lower, jnp.exp(diff_b), 0.0)
+    scratch[...] = jnp.where(upper, jnp.exp(-diff_b), 0.0)  # P^T
+    out.gi[...] = jnp.exp(ci_t)
+    out.gp[...] = jnp.exp(cp_t)
+    out.pi[...] = jnp.exp(cb_t)
+    pi_s = ops.cols(jnp.exp(cb_s), c)
+    out.ri[...] = jnp.sum(g_incl * pi_s, 1)
+    out.rp[...] = jnp.sum(g_prior * pi_s, 1)
+    plgpu.commit_smem()
+    out.k_incl[...] = ops.mm_nt(out.g_incl, scratch)
+    out.k_prior[...] = ops.mm_nt(out.g_prior, scratch)
+
+
+def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -> cs.Decays:
+    """`decays_stage` for N chunks `alpha, beta [N, C]` as a kernel (the stage's test harness);
+    `Decays` fields `[N, ...]`, `pi_end` taken from `pi`."""
+    n, c = alpha.shape
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    f32 = jnp.float32
+    names = [f for f in cs.Decays._fields if f != "pi_end"]
+    shapes = {f: (c, c) if f in ("g_incl", "g_prior", "p_incl", "k_incl", "k_prior") else (c,)
+              for f in names}  # fmt: skip
+
+    def body(*refs):
+        alpha_g, beta_g, outs_g = refs[0], refs[1], refs[2 : 2 + len(names)]
+        a_s, b_s, scratch, bar = refs[2 + len(names) : 6 + len(names)]
+        outs_s = refs[6 + len(names) :]
+        i = lax.axis_index("chunk")
+        for src, dst in ((alpha_g, a_s), (beta_g, b_s)):
+            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
+            plgpu.barrier_wait(bar)
+        out = dict(zip(names, outs_s, strict=True))
+        decays_stage(a_s, b_s, cs.Decays(**out, pi_end=None), scratch, ops)
+        plgpu.commit_smem()
+        for src, dst in zip(outs_s, outs_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[i])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *shapes[f]), f32) for f in names],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[_scratch((c,), f32, compiled), _scratch((c,), f32, compiled),
+                       _scratch((c, c), f32, compiled), plgpu.Barrier(num_arrivals=1),
+                       *(_scratch(shapes[f], f32, compiled) for f in names)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    fields = dict(zip(names, kernel(alpha, beta), strict=True))
+    return cs.Decays(**fields, pi_end=fields["pi"][:, -1])
 
 
 def walk_forward(
@@ -128,7 +251,7 @@ def walk_forward(
     n_chunks = seq // chunk
     f32 = jnp.float32
     compiled = interpret is None
-    mm_nt = wgmma_nt if compiled else interpret_nt
+    ops = COMPILED if compiled else INTERPRETED
     state_scratch = [_scratch(a.shape[1:], a.dtype, compiled) for a in init]
     chunk_scratch = [_scratch((chunk, d), x.k.dtype, compiled) for _ in range(3)]
     gate_scratch = [_scratch((chunk,), x.eta.dtype, compiled) for _ in range(3)]
@@ -152,7 +275,7 @@ def walk_forward(
                 plgpu.barrier_wait(bar)
             # The previous chunk's output copy reads y_s: wait before overwriting it.
             plgpu.wait_smem_to_gmem(0)
-            step(cfg, state_s, x_s, y_s, mm_nt)
+            step(cfg, state_s, x_s, y_s, ops)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(y_s, y_g.at[i, rows])
             return carry
