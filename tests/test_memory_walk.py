@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nl_jax.core import ResidualMLPMemory
 from nl_jax.kernels import chunk_step as cs
@@ -91,4 +92,22 @@ def test_decays_stage_in_interpreter():
 def test_decays_stage_lowers_for_cuda():
     alpha, beta = decay_gates(2, 64)
     text = jax.jit(mw.decays_kernel).trace(alpha, beta).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()
+
+
+@pytest.mark.parametrize("normalize_memory", [True, False])
+def test_factors_stage_in_interpreter(normalize_memory):
+    cfg = CFG._replace(normalize_memory=normalize_memory)
+    init, x = make(2, 16, 8, 16)
+    stage = functools.partial(mw.factors_kernel, cfg, interpret=mw.interpret_params())
+    got = jax.jit(stage)(init.w1, init.w2, x.k, x.v)
+    want = jax.vmap(functools.partial(cs.factors, cfg))(init.w1, init.w2, x.k, x.v)
+    for field, a, b in zip(cs.Factors._fields, got, want, strict=True):
+        assert rel_err(a, b) < 1e-5, field
+
+
+def test_factors_stage_lowers_for_cuda():
+    init, x = make(2, 64, 64, 64)
+    stage = jax.jit(functools.partial(mw.factors_kernel, CFG))
+    text = stage.trace(init.w1, init.w2, x.k, x.v).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in text.as_text()

@@ -370,7 +370,7 @@ def _layer_backward(
     return _LayerGrads(dw0, ds0, dwi, da, dg, db), dc
 
 
-class _Factors(NamedTuple):
+class Factors(NamedTuple):
     """Stage 2 at one set of weights: targets, error and gradient factors per token."""
 
     zv: jax.Array  # [C, h] W2 v
@@ -382,7 +382,7 @@ class _Factors(NamedTuple):
     cur2: jax.Array  # [C]
 
 
-def _factors(cfg: StepConfig, w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array) -> _Factors:
+def factors(cfg: StepConfig, w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array) -> Factors:
     """Stage 2: the self-generated target `M(v)` and each token's gradient factors at (w1, w2)."""
     zv = v @ w2.T
     target = v + gelu(zv) @ w1.T
@@ -392,7 +392,7 @@ def _factors(cfg: StepConfig, w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax
     delta2 = (err @ w1) * gelu_grad(z)
     x1, x2 = _rows(hk), _rows(k)
     if not cfg.normalize_memory:
-        return _Factors(zv, z, hk, err, delta2, x1, x2)
+        return Factors(zv, z, hk, err, delta2, x1, x2)
     ee = _rows(err)
     tiny = jnp.finfo(ee.dtype).tiny
     total = ee * x1 + _rows(delta2) * x2
@@ -400,14 +400,14 @@ def _factors(cfg: StepConfig, w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax
     # max(kappa, ||a||^2) with the gradient through ||a||^2 (`rules.curvature_at_least`).
     cur1 = x1 + jax.lax.stop_gradient(jnp.maximum(kappa - x1, 0.0))
     cur2 = x2 + jax.lax.stop_gradient(jnp.maximum(kappa - x2, 0.0))
-    return _Factors(zv, z, hk, err, delta2, cur1, cur2)
+    return Factors(zv, z, hk, err, delta2, cur1, cur2)
 
 
-def _factors_backward(
-    w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array, f: _Factors,
+def factors_backward(
+    w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array, f: Factors,
     d_hk: jax.Array, d_err: jax.Array, d_delta2: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
-    """Reverse of `_factors` (its curvature is a constant): `(dw1, dw2, dk, dv)`."""
+    """Reverse of `factors` (its curvature is a constant): `(dw1, dw2, dk, dv)`."""
     gz = gelu_grad(f.z)
     ew = f.err @ w1
     d_ew = d_delta2 * gz
@@ -429,9 +429,9 @@ class _Forward(NamedTuple):
 
     dec: Decays
     seg: Segments | None
-    at_state: _Factors
-    at_init: _Factors | None
-    picked: _Factors  # per token: at the initial weights after a reset, else at the state
+    at_state: Factors
+    at_init: Factors | None
+    picked: Factors  # per token: at the initial weights after a reset, else at the state
     b1: jax.Array  # [C] eta'
     b2: jax.Array
     gain: jax.Array  # [C]
@@ -469,11 +469,11 @@ def _step_size_backward(cfg: StepConfig, eta, cur, seg: Segments | None, db):
     return db, jnp.zeros_like(cur)
 
 
-def _pick(fresh: jax.Array, at_init: _Factors, at_state: _Factors) -> _Factors:
+def _pick(fresh: jax.Array, at_init: Factors, at_state: Factors) -> Factors:
     def pick(a, b):
         return jnp.where(fresh.reshape(fresh.shape + (1,) * (a.ndim - 1)), a, b)
 
-    return _Factors(*(pick(a, b) for a, b in zip(at_init, at_state, strict=True)))
+    return Factors(*(pick(a, b) for a, b in zip(at_init, at_state, strict=True)))
 
 
 def _forward(
@@ -483,11 +483,11 @@ def _forward(
         raise ValueError("a chunk with resets needs init, the weights a reset returns to")
     seg = None if resets is None else segments(resets, x.eta.dtype)
     dec = decays(x.alpha, x.beta, seg)
-    at_state = _factors(cfg, st.w1, st.w2, x.k, x.v)
+    at_state = factors(cfg, st.w1, st.w2, x.k, x.v)
     at_init = f = at_state
     fresh = wi1 = wi2 = None
     if seg is not None:
-        at_init = _factors(cfg, init.w1, init.w2, x.k, x.v)
+        at_init = factors(cfg, init.w1, init.w2, x.k, x.v)
         f = _pick(seg.fresh, at_init, at_state)
         fresh, wi1, wi2 = seg.fresh, init.w1, init.w2
     b1, b2 = _step_size(cfg, x.eta, f.cur1, seg), _step_size(cfg, x.eta, f.cur2, seg)
@@ -553,13 +553,13 @@ def chunk_backward(
     d_k = g2.a + 2.0 * dc2[:, None] * x.k
     cots = (d_hk, d_err, d_delta2)
     if seg is None:
-        w1, w2, d_k_f, d_v = _factors_backward(state.w1, state.w2, x.k, x.v, f.at_state, *cots)
+        w1, w2, d_k_f, d_v = factors_backward(state.w1, state.w2, x.k, x.v, f.at_state, *cots)
         d_init = None
     else:
         at_init = tuple(jnp.where(_col(seg.fresh), c, 0.0) for c in cots)
         at_state = tuple(c - ci for c, ci in zip(cots, at_init, strict=True))
-        w1, w2, d_k_f, d_v = _factors_backward(state.w1, state.w2, x.k, x.v, f.at_state, *at_state)
-        i1, i2, d_k_i, d_v_i = _factors_backward(init.w1, init.w2, x.k, x.v, f.at_init, *at_init)
+        w1, w2, d_k_f, d_v = factors_backward(state.w1, state.w2, x.k, x.v, f.at_state, *at_state)
+        i1, i2, d_k_i, d_v_i = factors_backward(init.w1, init.w2, x.k, x.v, f.at_init, *at_init)
         d_k_f, d_v = d_k_f + d_k_i, d_v + d_v_i
         d_init = State(i1 + g1.wi, i2 + g2.wi, jnp.zeros_like(init.s1), jnp.zeros_like(init.s2))
     d_alpha, d_beta_dec = decays_backward(x.alpha, x.beta, dec, Decays(**cot), seg)

@@ -12,8 +12,8 @@ The chunk step is a pluggable `Step` that reads and writes shared-memory refs:
 GPU interpreter, and is what every compiled stage is checked against). Compiled stages are
 written once against `Ops` (tensor-core matmuls and WGMMA register layouts compiled, the same
 math without layouts interpreted): `boundary_read_step`, the read `q + W1 gelu(W2 q)` as two
-tf32 `wgmma`s whose operands stay in shared memory, and `decays_stage`, stage 1
-(`decays_kernel` runs it alone). `lower_for_cuda` lowers a walk for a GPU on any host, so a
+tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1) and
+`factors_stage` (stage 2); `decays_kernel` and `factors_kernel` run one stage alone. `lower_for_cuda` lowers a walk for a GPU on any host, so a
 stage that Mosaic GPU cannot lower fails on CPU.
 """
 
@@ -190,6 +190,98 @@ def decays_stage(alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, op
     plgpu.commit_smem()
     out.k_incl[...] = ops.mm_nt(out.g_incl, scratch)
     out.k_prior[...] = ops.mm_nt(out.g_prior, scratch)
+
+
+def transpose_into(dst: Any, src: Any, eye: Any, ops: Ops) -> None:
+    """`dst = src^T` for `src [m, n]` in shared memory, as `eye [n, n] @ src^T`.
+
+    tf32 `wgmma` multiplies only `A @ B^T`, and registers do not transpose; an intermediate
+    needed in both orientations is produced twice (`(A B^T)^T = mm_nt(B, A)`), a state or an
+    input by this product with the identity.
+    """
+    dst[...] = ops.mm_nt(eye, src)
+
+
+def factors_stage(
+    cfg: cs.StepConfig, w1: Any, w2: Any, w1t: Any, k: Any, v: Any, out: cs.Factors,
+    scratch: Any, ops: Ops,
+) -> None:  # fmt: skip
+    """Stage 2 (`chunk_step.factors`) from refs: `w1 [d, h]`, `w2 [h, d]`, `w1t = w1^T`, `k, v
+    [C, d]` -> `out`'s refs (`zv, z, hk [C, h]`, `err [C, d]`, `delta2 [C, h]`, `cur1, cur2
+    [C]`). `scratch [C, h]` holds `gelu(zv)` for its product."""
+    zv = ops.mm_nt(v, w2)
+    z = ops.mm_nt(k, w2)
+    hk = cs.gelu(z)
+    out.zv[...] = zv
+    out.z[...] = z
+    out.hk[...] = hk
+    scratch[...] = cs.gelu(zv)
+    plgpu.commit_smem()
+    err = ops.matrix(k[...]) - ops.matrix(v[...]) + ops.mm_nt(out.hk, w1) - ops.mm_nt(scratch, w1)
+    out.err[...] = err
+    plgpu.commit_smem()
+    delta2 = ops.mm_nt(out.err, w1t) * cs.gelu_grad(z)
+    out.delta2[...] = delta2
+    x1 = jnp.sum(hk * hk, 1)
+    x2 = jnp.sum(ops.matrix(k[...]) ** 2, 1)
+    if not cfg.normalize_memory:
+        out.cur1[...] = x1
+        out.cur2[...] = x2
+        return
+    ee = jnp.sum(err * err, 1)
+    tiny = jnp.finfo(jnp.float32).tiny
+    kappa = jnp.where(
+        ee > tiny, (ee * x1 + jnp.sum(delta2 * delta2, 1) * x2) / jnp.maximum(ee, tiny), 0.0
+    )
+    out.cur1[...] = jnp.maximum(kappa, x1)
+    out.cur2[...] = jnp.maximum(kappa, x2)
+
+
+def factors_kernel(
+    cfg: cs.StepConfig, w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array, *,
+    interpret: Any = None,
+) -> cs.Factors:  # fmt: skip
+    """`factors_stage` for N chunks as a kernel (the stage's test harness): `w1 [N, d, h]`,
+    `w2 [N, h, d]`, `k, v [N, C, d]` -> `Factors` fields `[N, ...]`."""
+    n, c, d = k.shape
+    h = w2.shape[1]
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    f32 = jnp.float32
+    shapes = {"zv": (c, h), "z": (c, h), "hk": (c, h), "err": (c, d), "delta2": (c, h),
+              "cur1": (c,), "cur2": (c,)}  # fmt: skip
+    names = list(cs.Factors._fields)
+
+    def body(*refs):
+        ins_g, outs_g = refs[:4], refs[4 : 4 + len(names)]
+        rest = refs[4 + len(names) :]
+        ins_s, (w1t, eye, scratch, bar), outs_s = rest[:4], rest[4:8], rest[8:]
+        i = lax.axis_index("chunk")
+        for src, dst in zip(ins_g, ins_s, strict=True):
+            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
+            plgpu.barrier_wait(bar)
+        rows, cols = ops.iota((h, h), 0), ops.iota((h, h), 1)
+        eye[...] = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+        plgpu.commit_smem()
+        transpose_into(w1t, ins_s[0], eye, ops)
+        plgpu.commit_smem()
+        out = cs.Factors(*outs_s)
+        factors_stage(cfg, ins_s[0], ins_s[1], w1t, ins_s[2], ins_s[3], out, scratch, ops)
+        plgpu.commit_smem()
+        for src, dst in zip(outs_s, outs_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[i])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *shapes[f]), f32) for f in names],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(_scratch(a.shape[1:], f32, compiled) for a in (w1, w2, k, v)),
+                       _scratch((h, d), f32, compiled), _scratch((h, h), f32, compiled),
+                       _scratch((c, h), f32, compiled), plgpu.Barrier(num_arrivals=1),
+                       *(_scratch(shapes[f], f32, compiled) for f in names)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    return cs.Factors(*kernel(w1, w2, k, v))
 
 
 def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -> cs.Decays:
