@@ -235,7 +235,7 @@ def _base_backward(x, w0, wi, fresh, d):
     return d_0 @ w0 + d_i @ wi, d_0.T @ x, d_i.T @ x
 
 
-class _Layer(NamedTuple):
+class Layer(NamedTuple):
     """One linear layer's chunk: inputs, steps and the solved DGD corrections."""
 
     w0: jax.Array  # [o, i]
@@ -251,31 +251,31 @@ class _Layer(NamedTuple):
     be: jax.Array  # [C, o] b_t e_t
 
 
-def _layer_solve(
+def layer_solve(
     w0: jax.Array, s0: jax.Array, wi: jax.Array | None, fresh: jax.Array | None, a: jax.Array,
     g: jax.Array, b: jax.Array, dec: Decays,
-) -> _Layer:  # fmt: skip
+) -> Layer:  # fmt: skip
     """Stage 4: `e_t = W_{t-1} a_t` of every token from the unit lower-triangular system."""
     aa = a @ a.T
     rhs = dec.gp[:, None] * _base(a, w0, wi, fresh) + (dec.k_prior * aa) @ g
     rhs = rhs + dec.rp[:, None] * (a @ s0.T)
     inv = unit_lower_inverse(dec.g_prior * aa * b[None, :])
     e = inv @ rhs
-    return _Layer(w0, s0, wi, fresh, a, g, b, aa, inv, e, b[:, None] * e)
+    return Layer(w0, s0, wi, fresh, a, g, b, aa, inv, e, b[:, None] * e)
 
 
-def _layer_read(lay: _Layer, dec: Decays, c: jax.Array) -> jax.Array:
+def layer_read(lay: Layer, dec: Decays, c: jax.Array) -> jax.Array:
     """Stage 5 for one layer: `W_t c_t` for `c: [C, i]` -> `[C, o]`."""
     ca = c @ lay.a.T
     out = dec.gi[:, None] * _base(c, lay.w0, lay.wi, lay.fresh) + (dec.k_incl * ca) @ lay.g
     return out + dec.ri[:, None] * (c @ lay.s0.T) - (dec.g_incl * ca) @ lay.be
 
 
-def _end_base(lay: _Layer) -> jax.Array:
+def _end_base(lay: Layer) -> jax.Array:
     return lay.w0 if lay.fresh is None else jnp.where(lay.fresh[-1], lay.wi, lay.w0)
 
 
-def _layer_end(lay: _Layer, dec: Decays) -> tuple[jax.Array, jax.Array]:
+def layer_end(lay: Layer, dec: Decays) -> tuple[jax.Array, jax.Array]:
     """Stage 6 for one layer: `(W_C, S_C)`."""
     steps = dec.k_incl[-1][:, None] * lay.g - dec.g_incl[-1][:, None] * lay.be
     w = dec.gi[-1] * _end_base(lay) + steps.T @ lay.a + dec.ri[-1] * lay.s0
@@ -297,10 +297,10 @@ def _add(x: jax.Array | None, y: jax.Array | None) -> jax.Array | None:
 
 
 def _layer_backward(
-    lay: _Layer, dec: Decays, cot: dict, c: jax.Array | None, d_out: jax.Array | None,
+    lay: Layer, dec: Decays, cot: dict, c: jax.Array | None, d_out: jax.Array | None,
     d_w: jax.Array, d_s: jax.Array,
 ) -> tuple[_LayerGrads, jax.Array | None]:  # fmt: skip
-    """Reverse of `_layer_solve`, `_layer_read` (query `c`, cotangent `d_out`) and `_layer_end`.
+    """Reverse of `layer_solve`, `layer_read` (query `c`, cotangent `d_out`) and `layer_end`.
 
     Adds the decay cotangents into `cot` (a dict of `Decays` fields); returns the layer's
     gradients and the query's (None without a read).
@@ -435,8 +435,8 @@ class _Forward(NamedTuple):
     b1: jax.Array  # [C] eta'
     b2: jax.Array
     gain: jax.Array  # [C]
-    lay1: _Layer
-    lay2: _Layer
+    lay1: Layer
+    lay2: Layer
     r2: jax.Array | None  # [C, h] W2 read of q
     hq: jax.Array | None  # [C, h] gelu(r2)
 
@@ -493,14 +493,14 @@ def _forward(
     b1, b2 = _step_size(cfg, x.eta, f.cur1, seg), _step_size(cfg, x.eta, f.cur2, seg)
     gain = 1.0 - x.beta if cfg.momentum_ema else jnp.ones_like(x.beta)
     g1, g2 = -(b1 * gain)[:, None] * f.err, -(b2 * gain)[:, None] * f.delta2
-    lay1 = _layer_solve(st.w1, st.s1, wi1, fresh, f.hk, g1, b1, dec)
-    lay2 = _layer_solve(st.w2, st.s2, wi2, fresh, x.k, g2, b2, dec)
+    lay1 = layer_solve(st.w1, st.s1, wi1, fresh, f.hk, g1, b1, dec)
+    lay2 = layer_solve(st.w2, st.s2, wi2, fresh, x.k, g2, b2, dec)
     y = r2 = hq = None
     if cfg.read:
-        r2 = _layer_read(lay2, dec, x.q)
+        r2 = layer_read(lay2, dec, x.q)
         hq = gelu(r2)
-        y = x.q + _layer_read(lay1, dec, hq)
-    (w1, s1), (w2, s2) = _layer_end(lay1, dec), _layer_end(lay2, dec)
+        y = x.q + layer_read(lay1, dec, hq)
+    (w1, s1), (w2, s2) = layer_end(lay1, dec), layer_end(lay2, dec)
     fwd = _Forward(
         dec, seg, at_state, None if seg is None else at_init, f, b1, b2, gain, lay1, lay2, r2, hq
     )

@@ -12,13 +12,15 @@ The chunk step is a pluggable `Step` that reads and writes shared-memory refs:
 GPU interpreter, and is what every compiled stage is checked against). Compiled stages are
 written once against `Ops` (tensor-core matmuls and WGMMA register layouts compiled, the same
 math without layouts interpreted): `boundary_read_step`, the read `q + W1 gelu(W2 q)` as two
-tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1) and
-`factors_stage` (stage 2); `decays_kernel` and `factors_kernel` run one stage alone. `lower_for_cuda` lowers a walk for a GPU on any host, so a
+tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1),
+`factors_stage` (stage 2) and `solve_stage` (stage 4); `decays_kernel`, `factors_kernel` and
+`solve_kernel` run stages alone. `lower_for_cuda` lowers a walk for a GPU on any host, so a
 stage that Mosaic GPU cannot lower fails on CPU.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nl_jax.core import chunked
 from nl_jax.kernels import chunk_step as cs
 
 # Mosaic GPU's layout inference runs per warpgroup; the lane form cannot load an untiled
@@ -148,12 +151,16 @@ def boundary_read_step(
     pl.run_scoped(read, _scratch((c, state.w2.shape[0]), jnp.float32, ops.compiled))
 
 
-def decays_stage(alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, ops: Ops) -> None:
+def decays_stage(
+    alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, ops: Ops,
+    g_prior_t: Any = None,
+) -> None:  # fmt: skip
     """Stage 1 (`chunk_step.decays`, no resets) from `alpha, beta [C]` refs into `out`'s refs.
 
     Cumulative sums are masked `C x C` row or column sums, so each comes out along the axis it
     is broadcast on; `K = G P` are two `ops.mm_nt` with `P^T` built in `scratch [C, C]`.
-    `out.pi_end` is not written (it is `out.pi[C - 1]`).
+    `out.pi_end` is not written (it is `out.pi[C - 1]`); `g_prior_t`, if given, receives
+    `G_prior^T` (the DGD solve's transposed operand).
     """
     c = alpha_ref.shape[0]
     shape = (c, c)
@@ -179,6 +186,8 @@ def decays_stage(alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, op
     diff_b = ops.rows(cb_t, c) - ops.cols(cb_s, c)
     out.g_incl[...] = g_incl
     out.g_prior[...] = g_prior
+    if g_prior_t is not None:
+        g_prior_t[...] = jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0)
     out.p_incl[...] = jnp.where(lower, jnp.exp(diff_b), 0.0)
     scratch[...] = jnp.where(upper, jnp.exp(-diff_b), 0.0)  # P^T
     out.gi[...] = jnp.exp(ci_t)
@@ -282,6 +291,148 @@ def factors_kernel(
         compiler_params=_COMPILER, interpret=interpret,
     )  # fmt: skip
     return cs.Factors(*kernel(w1, w2, k, v))
+
+
+def _nilpotent_inverse(low: jax.Array, low_t: jax.Array, order: int, refs: tuple, ops: Ops) -> None:
+    """`(I + L)^-1` and its transpose into `refs = (power, power^T, inv, inv^T)` (`[C, C]`)
+    for a nilpotent `L` given both ways (`chunked._nilpotent_inverse`); every product is
+    taken in both orientations, four per squaring round."""
+    power, power_t, inv, inv_t = refs
+    c = low.shape[0]
+    eye = jnp.where(ops.iota((c, c), 0) == ops.iota((c, c), 1), 1.0, 0.0)
+    power[...] = -low
+    power_t[...] = -low_t
+    inv[...] = eye - low
+    inv_t[...] = eye - low_t
+    plgpu.commit_smem()
+    for _ in range(max(0, math.ceil(math.log2(max(order, 1))) - 1)):
+        squared, squared_t = ops.mm_nt(power, power_t), ops.mm_nt(power_t, power)
+        power[...] = squared
+        power_t[...] = squared_t
+        plgpu.commit_smem()
+        new, new_t = ops.mm_nt(power, inv_t), ops.mm_nt(inv_t, power)
+        inv[...] = inv[...] + new
+        inv_t[...] = inv_t[...] + new_t
+        plgpu.commit_smem()
+
+
+def unit_lower_inverse_stage(low: jax.Array, low_t: jax.Array, inv_out: Any, ops: Ops) -> None:
+    """`(I + L)^-1` of a strictly lower `low [C, C]` (and `low_t = L^T`) into `inv_out`, the
+    product form of `chunked.unit_lower_inverse` (C <= 16, or a multiple of 16)."""
+    c = low.shape[0]
+    block = chunked._PRODUCT_BLOCK
+    if c > block and c % block:
+        raise ValueError(f"the compiled inverse takes C <= {block} or a multiple of it, got {c}")
+    mat = _scratch((c, c), jnp.float32, ops.compiled)
+
+    def run(*refs):
+        if c <= block:
+            _nilpotent_inverse(low, low_t, c, refs[:4], ops)
+            inv_out[...] = refs[2][...]
+            return
+        blocks = (ops.iota((c, c), 0) // block) == (ops.iota((c, c), 1) // block)
+        _nilpotent_inverse(
+            jnp.where(blocks, low, 0.0), jnp.where(blocks, low_t, 0.0), block, refs[:4], ops
+        )
+        d_inv, d_inv_t = refs[2], refs[3]
+        # rest = D^-1 O, nilpotent of order C / 16; (I + L)^-1 = (I + rest)^-1 D^-1.
+        refs[0][...] = jnp.where(blocks, 0.0, low_t)  # O^T
+        plgpu.commit_smem()
+        rest, rest_t = ops.mm_nt(d_inv, refs[0]), ops.mm_nt(refs[0], d_inv)
+        second = (refs[0], refs[1], refs[4], refs[5])
+        _nilpotent_inverse(rest, rest_t, c // block, second, ops)
+        inv_out[...] = ops.mm_nt(refs[4], d_inv_t)
+
+    pl.run_scoped(run, *([mat] * (4 if c <= block else 6)))
+
+
+def solve_stage(
+    lay: cs.Layer, g_t: Any, dec: cs.Decays, g_prior_t: Any, out: cs.Layer, ops: Ops
+) -> None:
+    """Stage 4 (`chunk_step.layer_solve`, no resets) from refs: `lay`'s `w0, s0 [o, i]`,
+    `a [C, i]`, `g [C, o]`, `b [C]`, `g_t = g^T`, the decays and `G_prior^T` -> `out`'s
+    `aa`, `inv [C, C]`, `e`, `be [C, o]`. The right-hand side is formed transposed, the
+    orientation `inv @ rhs` reads."""
+    c = lay.a.shape[0]
+    aa = ops.mm_nt(lay.a, lay.a)
+    out.aa[...] = aa
+    low = dec.g_prior[...] * aa * ops.cols(lay.b[...], c)
+    low_t = g_prior_t[...] * aa * ops.rows(lay.b[...], c)
+    # rhs^T = gp * (W0 a^T) + g^T (K' * aa)^T + rp * (S0 a^T), columns scaled per token.
+    k_aa = dec.k_prior[...] * aa
+    rhs_t = ops.cols(dec.gp[...], lay.w0.shape[0]) * ops.mm_nt(lay.w0, lay.a)
+    rhs_t = rhs_t + ops.cols(dec.rp[...], lay.w0.shape[0]) * ops.mm_nt(lay.s0, lay.a)
+    unit_lower_inverse_stage(low, low_t, out.inv, ops)
+
+    def finish(k_ref, rhs_ref):
+        k_ref[...] = k_aa
+        plgpu.commit_smem()
+        rhs_ref[...] = rhs_t + ops.mm_nt(g_t, k_ref)
+        plgpu.commit_smem()
+        e = ops.mm_nt(out.inv, rhs_ref)
+        out.e[...] = e
+        out.be[...] = ops.rows(lay.b[...], e.shape[1]) * e
+
+    o = lay.w0.shape[0]
+    pl.run_scoped(
+        finish, _scratch((c, c), jnp.float32, ops.compiled),
+        _scratch((o, c), jnp.float32, ops.compiled),
+    )  # fmt: skip
+
+
+def solve_kernel(
+    a: jax.Array, w0: jax.Array, s0: jax.Array, g: jax.Array, b: jax.Array, alpha: jax.Array,
+    beta: jax.Array, *, interpret: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """`decays_stage` then `solve_stage` for N chunks as a kernel (the stage's test harness):
+    `a [N, C, i]`, `w0, s0 [N, o, i]`, `g [N, C, o]`, `b, alpha, beta [N, C]` ->
+    `(aa, inv [N, C, C], e, be [N, C, o])`."""
+    n, c, _ = a.shape
+    o = w0.shape[1]
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    f32 = jnp.float32
+    dec_names = [f for f in cs.Decays._fields if f != "pi_end"]
+    square = ("g_incl", "g_prior", "p_incl", "k_incl", "k_prior")
+    dec_shapes = [(c, c) if f in square else (c,) for f in dec_names]
+    out_shapes = [(c, c), (c, c), (c, o), (c, o)]
+
+    def body(*refs):
+        ins_g, outs_g = refs[:7], refs[7:11]
+        ins_s, rest = refs[11:18], refs[18:]
+        outs_s, (g_t, eye, g_prior_t, p_t, bar) = rest[:4], rest[4:9]
+        dec_s = cs.Decays(**dict(zip(dec_names, rest[9:], strict=True)), pi_end=None)
+        idx = lax.axis_index("chunk")
+        for src, dst in zip(ins_g, ins_s, strict=True):
+            plgpu.copy_gmem_to_smem(src.at[idx], dst, bar)
+            plgpu.barrier_wait(bar)
+        a_s, w0_s, s0_s, g_s, b_s, alpha_s, beta_s = ins_s
+        decays_stage(alpha_s, beta_s, dec_s, p_t, ops, g_prior_t)
+        eye[...] = jnp.where(ops.iota((o, o), 0) == ops.iota((o, o), 1), 1.0, 0.0).astype(f32)
+        plgpu.commit_smem()
+        transpose_into(g_t, g_s, eye, ops)
+        plgpu.commit_smem()
+        lay = cs.Layer(w0_s, s0_s, None, None, a_s, g_s, b_s, None, None, None, None)
+        out = cs.Layer(None, None, None, None, None, None, None, *outs_s)
+        solve_stage(lay, g_t, dec_s, g_prior_t, out, ops)
+        plgpu.commit_smem()
+        for src, dst in zip(outs_s, outs_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[idx])
+        plgpu.wait_smem_to_gmem(0)
+
+    ins = (a, w0, s0, g, b, alpha, beta)
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *sh), f32) for sh in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(_scratch(x.shape[1:], f32, compiled) for x in ins),
+                       *(_scratch(sh, f32, compiled) for sh in out_shapes),
+                       _scratch((o, c), f32, compiled), _scratch((o, o), f32, compiled),
+                       _scratch((c, c), f32, compiled), _scratch((c, c), f32, compiled),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(_scratch(sh, f32, compiled) for sh in dec_shapes)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    return tuple(kernel(*ins))
 
 
 def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -> cs.Decays:
