@@ -1,0 +1,549 @@
+"""The persistent chunk-walk forward of one Hope memory as a Pallas Mosaic GPU kernel.
+
+One CTA per (sequence, head) walks every chunk of its stream in a `fori_loop`. The memory's
+state (`W1, W2` and their momenta, float32) lives in shared-memory scratch for the whole walk:
+it is loaded from HBM once before the first chunk and written back once after the last. Per
+chunk the CTA copies the chunk's keys, values, queries and gates into shared memory (TMA),
+runs the chunk step on them and the state, writes the new state back into the same scratch and
+copies the chunk's outputs to HBM.
+
+The chunk step is a pluggable `Step` that reads and writes shared-memory refs:
+`reference_step` loads them and applies `chunk_step.chunk_forward` (stage 2; it runs in the
+GPU interpreter, and is what every compiled stage is checked against). Compiled stages are
+written once against `Ops` (tensor-core matmuls and WGMMA register layouts compiled, the same
+math without layouts interpreted): `boundary_read_step`, the read `q + W1 gelu(W2 q)` as two
+tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1),
+`factors_stage` (stage 2) and `solve_stage` (stage 4); `decays_kernel`, `factors_kernel` and
+`solve_kernel` run stages alone. `lower_for_cuda` lowers a walk for a GPU on any host, so a
+stage that Mosaic GPU cannot lower fails on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from nl_jax.core import chunked
+from nl_jax.kernels import chunk_step as cs
+
+# Mosaic GPU's layout inference runs per warpgroup; the lane form cannot load an untiled
+# float32 ref into registers for a store into a swizzled one.
+_COMPILER = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def interpret_params() -> Any:
+    """Parameters of the Mosaic GPU interpreter (CPU execution of the kernels)."""
+    try:
+        return plgpu.InterpretGPUParams()
+    except AttributeError:  # jax < 0.11 keeps the class private
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        return InterpretGPUParams()
+
+
+def _scratch(shape: tuple[int, ...], dtype: Any, compiled: bool) -> plgpu.SMEM:
+    """A shared-memory ref; compiled, 2-D ones are tiled and swizzled for `wgmma` (128-byte
+    rows), which the interpreter does not model."""
+    if not compiled or len(shape) != 2:
+        return plgpu.SMEM(shape, dtype)
+    tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
+
+
+class Ops(NamedTuple):
+    """How a stage issues matmuls and places vectors: compiled (`COMPILED`) or interpreted.
+
+    Mosaic GPU lowers reductions and vector broadcasts only in its WGMMA register layout, which
+    the interpreter does not model; the interpreted ops are the same math without layouts.
+    """
+
+    compiled: bool
+    mm_nt: Callable[[Any, Any], jax.Array]  # `a @ b^T` of two shared-memory refs, float32
+    matrix: Callable[[jax.Array], jax.Array]  # a `[m, n]` value in the WGMMA layout
+    rows: Callable[[jax.Array, int], jax.Array]  # `v [m] -> [m, n]`, v_t along row t
+    cols: Callable[[jax.Array, int], jax.Array]  # `v [n] -> [m, n]`, v_s along column s
+    iota: Callable[[tuple[int, int], int], jax.Array]  # int32 indices along one dimension
+
+
+def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
+    """`a @ b^T` for row-major `a: [m, k]`, `b: [n, k]` in shared memory, on tensor cores.
+
+    The only operand order tf32 `wgmma` takes (bf16 takes any); `[m, n]` float32 registers.
+    """
+
+    def product(acc):
+        plgpu.wgmma(acc, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+        return acc[...]
+
+    return pl.run_scoped(product, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
+
+
+def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
+    """`wgmma_nt` for the interpreter, which has no `wgmma` on transposed refs."""
+    return jnp.dot(a_ref[...], b_ref[...].T, preferred_element_type=jnp.float32)
+
+
+def _log(x: jax.Array) -> jax.Array:
+    # The clamp of `chunk_step.decays`: gates may be exactly 0.
+    return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+
+
+def _compiled_rows(v: jax.Array, n: int) -> jax.Array:
+    v = plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))
+    return lax.broadcast_in_dim(v, (v.shape[0], n), [0])
+
+
+def _compiled_cols(v: jax.Array, m: int) -> jax.Array:
+    v = plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(0))
+    return lax.broadcast_in_dim(v, (m, v.shape[0]), [1])
+
+
+COMPILED = Ops(
+    True, wgmma_nt, lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA), _compiled_rows,
+    _compiled_cols,
+    lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA),
+)  # fmt: skip
+INTERPRETED = Ops(
+    False, interpret_nt, lambda x: x,
+    lambda v, n: lax.broadcast_in_dim(v, (v.shape[0], n), [0]),
+    lambda v, m: lax.broadcast_in_dim(v, (m, v.shape[0]), [1]),
+    lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim),
+)  # fmt: skip
+# `step(cfg, state_refs, input_refs, y_ref, ops)`: one chunk, in place on the state refs.
+Step = Callable[[cs.StepConfig, cs.State, cs.Inputs, Any, Ops], None]
+
+
+def reference_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
+    """Stage 2 on the refs: the chunk step of `chunk_step.chunk_forward` (interpreter only)."""
+    del ops
+    y, new = cs.chunk_forward(
+        cfg, cs.State(*(r[...] for r in state)), cs.Inputs(*(r[...] for r in x))
+    )
+    for ref, val in zip(state, new, strict=True):
+        ref[...] = val
+    y_ref[...] = y
+
+
+def boundary_read_step(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops
+) -> None:
+    """`y = q + gelu(q W2^T) W1^T` at the chunk-start state, state unchanged (compiled form).
+
+    Both products are `ops.mm_nt`s of shared-memory operands; the hidden activations are
+    staged through a shared-memory scratch between them.
+    """
+    del cfg
+    c = x.q.shape[0]
+    hidden = cs.gelu(ops.mm_nt(x.q, state.w2))
+
+    def read(h_ref):
+        h_ref[...] = hidden
+        plgpu.commit_smem()
+        y_ref[...] = x.q[...] + ops.mm_nt(h_ref, state.w1)
+
+    pl.run_scoped(read, _scratch((c, state.w2.shape[0]), jnp.float32, ops.compiled))
+
+
+def decays_stage(
+    alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, ops: Ops,
+    g_prior_t: Any = None,
+) -> None:  # fmt: skip
+    """Stage 1 (`chunk_step.decays`, no resets) from `alpha, beta [C]` refs into `out`'s refs.
+
+    Cumulative sums are masked `C x C` row or column sums, so each comes out along the axis it
+    is broadcast on; `K = G P` are two `ops.mm_nt` with `P^T` built in `scratch [C, C]`.
+    `out.pi_end` is not written (it is `out.pi[C - 1]`); `g_prior_t`, if given, receives
+    `G_prior^T` (the DGD solve's transposed operand).
+    """
+    c = alpha_ref.shape[0]
+    shape = (c, c)
+    t, s = ops.iota(shape, 0), ops.iota(shape, 1)
+    lower, strict, upper = t >= s, t > s, t <= s
+
+    def cumulative(ref):
+        """`(x_t, X_t along rows, X_s along columns)`, X the inclusive cumulative sum of log x."""
+        along_t = _log(ref[...])
+        x_by_t = ops.rows(along_t, c)
+        x_by_s = ops.cols(_log(ref[...]), c)
+        return (
+            along_t,
+            jnp.sum(jnp.where(lower, x_by_s, 0.0), 1),
+            jnp.sum(jnp.where(upper, x_by_t, 0.0), 0),
+        )
+
+    la, ci_t, ci_s = cumulative(alpha_ref)
+    _, cb_t, cb_s = cumulative(beta_ref)
+    cp_t = ci_t - la
+    g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
+    g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)
+    diff_b = ops.rows(cb_t, c) - ops.cols(cb_s, c)
+    out.g_incl[...] = g_incl
+    out.g_prior[...] = g_prior
+    if g_prior_t is not None:
+        g_prior_t[...] = jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0)
+    out.p_incl[...] = jnp.where(lower, jnp.exp(diff_b), 0.0)
+    scratch[...] = jnp.where(upper, jnp.exp(-diff_b), 0.0)  # P^T
+    out.gi[...] = jnp.exp(ci_t)
+    out.gp[...] = jnp.exp(cp_t)
+    out.pi[...] = jnp.exp(cb_t)
+    pi_s = ops.cols(jnp.exp(cb_s), c)
+    out.ri[...] = jnp.sum(g_incl * pi_s, 1)
+    out.rp[...] = jnp.sum(g_prior * pi_s, 1)
+    plgpu.commit_smem()
+    out.k_incl[...] = ops.mm_nt(out.g_incl, scratch)
+    out.k_prior[...] = ops.mm_nt(out.g_prior, scratch)
+
+
+def transpose_into(dst: Any, src: Any, eye: Any, ops: Ops) -> None:
+    """`dst = src^T` for `src [m, n]` in shared memory, as `eye [n, n] @ src^T`.
+
+    tf32 `wgmma` multiplies only `A @ B^T`, and registers do not transpose; an intermediate
+    needed in both orientations is produced twice (`(A B^T)^T = mm_nt(B, A)`), a state or an
+    input by this product with the identity.
+    """
+    dst[...] = ops.mm_nt(eye, src)
+
+
+def factors_stage(
+    cfg: cs.StepConfig, w1: Any, w2: Any, w1t: Any, k: Any, v: Any, out: cs.Factors,
+    scratch: Any, ops: Ops,
+) -> None:  # fmt: skip
+    """Stage 2 (`chunk_step.factors`) from refs: `w1 [d, h]`, `w2 [h, d]`, `w1t = w1^T`, `k, v
+    [C, d]` -> `out`'s refs (`zv, z, hk [C, h]`, `err [C, d]`, `delta2 [C, h]`, `cur1, cur2
+    [C]`). `scratch [C, h]` holds `gelu(zv)` for its product."""
+    zv = ops.mm_nt(v, w2)
+    z = ops.mm_nt(k, w2)
+    hk = cs.gelu(z)
+    out.zv[...] = zv
+    out.z[...] = z
+    out.hk[...] = hk
+    scratch[...] = cs.gelu(zv)
+    plgpu.commit_smem()
+    err = ops.matrix(k[...]) - ops.matrix(v[...]) + ops.mm_nt(out.hk, w1) - ops.mm_nt(scratch, w1)
+    out.err[...] = err
+    plgpu.commit_smem()
+    delta2 = ops.mm_nt(out.err, w1t) * cs.gelu_grad(z)
+    out.delta2[...] = delta2
+    x1 = jnp.sum(hk * hk, 1)
+    x2 = jnp.sum(ops.matrix(k[...]) ** 2, 1)
+    if not cfg.normalize_memory:
+        out.cur1[...] = x1
+        out.cur2[...] = x2
+        return
+    ee = jnp.sum(err * err, 1)
+    tiny = jnp.finfo(jnp.float32).tiny
+    kappa = jnp.where(
+        ee > tiny, (ee * x1 + jnp.sum(delta2 * delta2, 1) * x2) / jnp.maximum(ee, tiny), 0.0
+    )
+    out.cur1[...] = jnp.maximum(kappa, x1)
+    out.cur2[...] = jnp.maximum(kappa, x2)
+
+
+def factors_kernel(
+    cfg: cs.StepConfig, w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array, *,
+    interpret: Any = None,
+) -> cs.Factors:  # fmt: skip
+    """`factors_stage` for N chunks as a kernel (the stage's test harness): `w1 [N, d, h]`,
+    `w2 [N, h, d]`, `k, v [N, C, d]` -> `Factors` fields `[N, ...]`."""
+    n, c, d = k.shape
+    h = w2.shape[1]
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    f32 = jnp.float32
+    shapes = {"zv": (c, h), "z": (c, h), "hk": (c, h), "err": (c, d), "delta2": (c, h),
+              "cur1": (c,), "cur2": (c,)}  # fmt: skip
+    names = list(cs.Factors._fields)
+
+    def body(*refs):
+        ins_g, outs_g = refs[:4], refs[4 : 4 + len(names)]
+        rest = refs[4 + len(names) :]
+        ins_s, (w1t, eye, scratch, bar), outs_s = rest[:4], rest[4:8], rest[8:]
+        i = lax.axis_index("chunk")
+        for src, dst in zip(ins_g, ins_s, strict=True):
+            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
+            plgpu.barrier_wait(bar)
+        rows, cols = ops.iota((h, h), 0), ops.iota((h, h), 1)
+        eye[...] = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+        plgpu.commit_smem()
+        transpose_into(w1t, ins_s[0], eye, ops)
+        plgpu.commit_smem()
+        out = cs.Factors(*outs_s)
+        factors_stage(cfg, ins_s[0], ins_s[1], w1t, ins_s[2], ins_s[3], out, scratch, ops)
+        plgpu.commit_smem()
+        for src, dst in zip(outs_s, outs_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[i])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *shapes[f]), f32) for f in names],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(_scratch(a.shape[1:], f32, compiled) for a in (w1, w2, k, v)),
+                       _scratch((h, d), f32, compiled), _scratch((h, h), f32, compiled),
+                       _scratch((c, h), f32, compiled), plgpu.Barrier(num_arrivals=1),
+                       *(_scratch(shapes[f], f32, compiled) for f in names)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    return cs.Factors(*kernel(w1, w2, k, v))
+
+
+def _nilpotent_inverse(low: jax.Array, low_t: jax.Array, order: int, refs: tuple, ops: Ops) -> None:
+    """`(I + L)^-1` and its transpose into `refs = (power, power^T, inv, inv^T)` (`[C, C]`)
+    for a nilpotent `L` given both ways (`chunked._nilpotent_inverse`); every product is
+    taken in both orientations, four per squaring round."""
+    power, power_t, inv, inv_t = refs
+    c = low.shape[0]
+    eye = jnp.where(ops.iota((c, c), 0) == ops.iota((c, c), 1), 1.0, 0.0)
+    power[...] = -low
+    power_t[...] = -low_t
+    inv[...] = eye - low
+    inv_t[...] = eye - low_t
+    plgpu.commit_smem()
+    for _ in range(max(0, math.ceil(math.log2(max(order, 1))) - 1)):
+        squared, squared_t = ops.mm_nt(power, power_t), ops.mm_nt(power_t, power)
+        power[...] = squared
+        power_t[...] = squared_t
+        plgpu.commit_smem()
+        new, new_t = ops.mm_nt(power, inv_t), ops.mm_nt(inv_t, power)
+        inv[...] = inv[...] + new
+        inv_t[...] = inv_t[...] + new_t
+        plgpu.commit_smem()
+
+
+def unit_lower_inverse_stage(low: jax.Array, low_t: jax.Array, inv_out: Any, ops: Ops) -> None:
+    """`(I + L)^-1` of a strictly lower `low [C, C]` (and `low_t = L^T`) into `inv_out`, the
+    product form of `chunked.unit_lower_inverse` (C <= 16, or a multiple of 16)."""
+    c = low.shape[0]
+    block = chunked._PRODUCT_BLOCK
+    if c > block and c % block:
+        raise ValueError(f"the compiled inverse takes C <= {block} or a multiple of it, got {c}")
+    mat = _scratch((c, c), jnp.float32, ops.compiled)
+
+    def run(*refs):
+        if c <= block:
+            _nilpotent_inverse(low, low_t, c, refs[:4], ops)
+            inv_out[...] = refs[2][...]
+            return
+        blocks = (ops.iota((c, c), 0) // block) == (ops.iota((c, c), 1) // block)
+        _nilpotent_inverse(
+            jnp.where(blocks, low, 0.0), jnp.where(blocks, low_t, 0.0), block, refs[:4], ops
+        )
+        d_inv, d_inv_t = refs[2], refs[3]
+        # rest = D^-1 O, nilpotent of order C / 16; (I + L)^-1 = (I + rest)^-1 D^-1.
+        refs[0][...] = jnp.where(blocks, 0.0, low_t)  # O^T
+        plgpu.commit_smem()
+        rest, rest_t = ops.mm_nt(d_inv, refs[0]), ops.mm_nt(refs[0], d_inv)
+        second = (refs[0], refs[1], refs[4], refs[5])
+        _nilpotent_inverse(rest, rest_t, c // block, second, ops)
+        inv_out[...] = ops.mm_nt(refs[4], d_inv_t)
+
+    pl.run_scoped(run, *([mat] * (4 if c <= block else 6)))
+
+
+def solve_stage(
+    lay: cs.Layer, g_t: Any, dec: cs.Decays, g_prior_t: Any, out: cs.Layer, ops: Ops
+) -> None:
+    """Stage 4 (`chunk_step.layer_solve`, no resets) from refs: `lay`'s `w0, s0 [o, i]`,
+    `a [C, i]`, `g [C, o]`, `b [C]`, `g_t = g^T`, the decays and `G_prior^T` -> `out`'s
+    `aa`, `inv [C, C]`, `e`, `be [C, o]`. The right-hand side is formed transposed, the
+    orientation `inv @ rhs` reads."""
+    c = lay.a.shape[0]
+    aa = ops.mm_nt(lay.a, lay.a)
+    out.aa[...] = aa
+    low = dec.g_prior[...] * aa * ops.cols(lay.b[...], c)
+    low_t = g_prior_t[...] * aa * ops.rows(lay.b[...], c)
+    # rhs^T = gp * (W0 a^T) + g^T (K' * aa)^T + rp * (S0 a^T), columns scaled per token.
+    k_aa = dec.k_prior[...] * aa
+    rhs_t = ops.cols(dec.gp[...], lay.w0.shape[0]) * ops.mm_nt(lay.w0, lay.a)
+    rhs_t = rhs_t + ops.cols(dec.rp[...], lay.w0.shape[0]) * ops.mm_nt(lay.s0, lay.a)
+    unit_lower_inverse_stage(low, low_t, out.inv, ops)
+
+    def finish(k_ref, rhs_ref):
+        k_ref[...] = k_aa
+        plgpu.commit_smem()
+        rhs_ref[...] = rhs_t + ops.mm_nt(g_t, k_ref)
+        plgpu.commit_smem()
+        e = ops.mm_nt(out.inv, rhs_ref)
+        out.e[...] = e
+        out.be[...] = ops.rows(lay.b[...], e.shape[1]) * e
+
+    o = lay.w0.shape[0]
+    pl.run_scoped(
+        finish, _scratch((c, c), jnp.float32, ops.compiled),
+        _scratch((o, c), jnp.float32, ops.compiled),
+    )  # fmt: skip
+
+
+def solve_kernel(
+    a: jax.Array, w0: jax.Array, s0: jax.Array, g: jax.Array, b: jax.Array, alpha: jax.Array,
+    beta: jax.Array, *, interpret: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """`decays_stage` then `solve_stage` for N chunks as a kernel (the stage's test harness):
+    `a [N, C, i]`, `w0, s0 [N, o, i]`, `g [N, C, o]`, `b, alpha, beta [N, C]` ->
+    `(aa, inv [N, C, C], e, be [N, C, o])`."""
+    n, c, _ = a.shape
+    o = w0.shape[1]
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    f32 = jnp.float32
+    dec_names = [f for f in cs.Decays._fields if f != "pi_end"]
+    square = ("g_incl", "g_prior", "p_incl", "k_incl", "k_prior")
+    dec_shapes = [(c, c) if f in square else (c,) for f in dec_names]
+    out_shapes = [(c, c), (c, c), (c, o), (c, o)]
+
+    def body(*refs):
+        ins_g, outs_g = refs[:7], refs[7:11]
+        ins_s, rest = refs[11:18], refs[18:]
+        outs_s, (g_t, eye, g_prior_t, p_t, bar) = rest[:4], rest[4:9]
+        dec_s = cs.Decays(**dict(zip(dec_names, rest[9:], strict=True)), pi_end=None)
+        idx = lax.axis_index("chunk")
+        for src, dst in zip(ins_g, ins_s, strict=True):
+            plgpu.copy_gmem_to_smem(src.at[idx], dst, bar)
+            plgpu.barrier_wait(bar)
+        a_s, w0_s, s0_s, g_s, b_s, alpha_s, beta_s = ins_s
+        decays_stage(alpha_s, beta_s, dec_s, p_t, ops, g_prior_t)
+        eye[...] = jnp.where(ops.iota((o, o), 0) == ops.iota((o, o), 1), 1.0, 0.0).astype(f32)
+        plgpu.commit_smem()
+        transpose_into(g_t, g_s, eye, ops)
+        plgpu.commit_smem()
+        lay = cs.Layer(w0_s, s0_s, None, None, a_s, g_s, b_s, None, None, None, None)
+        out = cs.Layer(None, None, None, None, None, None, None, *outs_s)
+        solve_stage(lay, g_t, dec_s, g_prior_t, out, ops)
+        plgpu.commit_smem()
+        for src, dst in zip(outs_s, outs_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[idx])
+        plgpu.wait_smem_to_gmem(0)
+
+    ins = (a, w0, s0, g, b, alpha, beta)
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *sh), f32) for sh in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(_scratch(x.shape[1:], f32, compiled) for x in ins),
+                       *(_scratch(sh, f32, compiled) for sh in out_shapes),
+                       _scratch((o, c), f32, compiled), _scratch((o, o), f32, compiled),
+                       _scratch((c, c), f32, compiled), _scratch((c, c), f32, compiled),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(_scratch(sh, f32, compiled) for sh in dec_shapes)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    return tuple(kernel(*ins))
+
+
+def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -> cs.Decays:
+    """`decays_stage` for N chunks `alpha, beta [N, C]` as a kernel (the stage's test harness);
+    `Decays` fields `[N, ...]`, `pi_end` taken from `pi`."""
+    n, c = alpha.shape
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    f32 = jnp.float32
+    names = [f for f in cs.Decays._fields if f != "pi_end"]
+    shapes = {f: (c, c) if f in ("g_incl", "g_prior", "p_incl", "k_incl", "k_prior") else (c,)
+              for f in names}  # fmt: skip
+
+    def body(*refs):
+        alpha_g, beta_g, outs_g = refs[0], refs[1], refs[2 : 2 + len(names)]
+        a_s, b_s, scratch, bar = refs[2 + len(names) : 6 + len(names)]
+        outs_s = refs[6 + len(names) :]
+        i = lax.axis_index("chunk")
+        for src, dst in ((alpha_g, a_s), (beta_g, b_s)):
+            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
+            plgpu.barrier_wait(bar)
+        out = dict(zip(names, outs_s, strict=True))
+        decays_stage(a_s, b_s, cs.Decays(**out, pi_end=None), scratch, ops)
+        plgpu.commit_smem()
+        for src, dst in zip(outs_s, outs_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[i])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *shapes[f]), f32) for f in names],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[_scratch((c,), f32, compiled), _scratch((c,), f32, compiled),
+                       _scratch((c, c), f32, compiled), plgpu.Barrier(num_arrivals=1),
+                       *(_scratch(shapes[f], f32, compiled) for f in names)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    fields = dict(zip(names, kernel(alpha, beta), strict=True))
+    return cs.Decays(**fields, pi_end=fields["pi"][:, -1])
+
+
+def walk_forward(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, *,
+    step: Step = reference_step, interpret: Any = None,
+) -> tuple[jax.Array, cs.State]:  # fmt: skip
+    """The persistent forward over N streams: `(y [N, seq, d], final State)`.
+
+    Args:
+      init: leaves `[N, ...]` (one per sequence and head). x: k, v, q `[N, seq, d]`, eta,
+        alpha, beta `[N, seq]`; seq a multiple of `chunk` (a trailing partial chunk runs
+        through `chunk_step` outside the kernel).
+      step: the per-chunk stage (`reference_step`, `boundary_read_step`).
+      interpret: `interpret_params()` to run in the Mosaic GPU interpreter on CPU.
+    """
+    if not cfg.read:
+        raise ValueError("walk_forward is the read-out memory's walk (StepConfig.read=True)")
+    n, seq, d = x.k.shape
+    if seq % chunk:
+        raise ValueError(f"seq {seq} must be a multiple of the chunk size {chunk}")
+    n_chunks = seq // chunk
+    f32 = jnp.float32
+    compiled = interpret is None
+    ops = COMPILED if compiled else INTERPRETED
+    state_scratch = [_scratch(a.shape[1:], a.dtype, compiled) for a in init]
+    chunk_scratch = [_scratch((chunk, d), x.k.dtype, compiled) for _ in range(3)]
+    gate_scratch = [_scratch((chunk,), x.eta.dtype, compiled) for _ in range(3)]
+    y_scratch = _scratch((chunk, d), f32, compiled)
+
+    def body(*refs):
+        ins, outs, scratch = refs[:10], refs[10:15], refs[15:]
+        init_g, x_g = cs.State(*ins[:4]), cs.Inputs(*ins[4:])
+        y_g, final_g = outs[0], cs.State(*outs[1:])
+        state_s, x_s = cs.State(*scratch[:4]), cs.Inputs(*scratch[4:10])
+        y_s, bar = scratch[10], scratch[11]
+        i = lax.axis_index("stream")
+        for src, dst in zip(init_g, state_s, strict=True):
+            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
+            plgpu.barrier_wait(bar)
+
+        def chunk_body(c, carry):
+            rows = pl.ds(c * chunk, chunk)
+            for src, dst in zip(x_g, x_s, strict=True):
+                plgpu.copy_gmem_to_smem(src.at[i, rows], dst, bar)
+                plgpu.barrier_wait(bar)
+            # The previous chunk's output copy reads y_s: wait before overwriting it.
+            plgpu.wait_smem_to_gmem(0)
+            step(cfg, state_s, x_s, y_s, ops)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_s, y_g.at[i, rows])
+            return carry
+
+        lax.fori_loop(0, n_chunks, chunk_body, 0)
+        plgpu.commit_smem()
+        for src, dst in zip(state_s, final_g, strict=True):
+            plgpu.copy_smem_to_gmem(src, dst.at[i])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = (
+        jax.ShapeDtypeStruct((n, seq, d), f32),
+        *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in init),
+    )
+    kernel = plgpu.kernel(
+        body, out_type=out_type, grid=(n,), grid_names=("stream",),
+        scratch_types=[*state_scratch, *chunk_scratch, *gate_scratch, y_scratch,
+                       plgpu.Barrier(num_arrivals=1)],
+        compiler_params=_COMPILER, interpret=interpret,
+    )  # fmt: skip
+    y, *final = kernel(*init, *x)
+    return y, cs.State(*final)
+
+
+def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step) -> str:
+    """StableHLO text of `walk_forward` lowered for a CUDA GPU (no GPU needed)."""
+    fn = jax.jit(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
+    return fn.trace(init, x).lower(lowering_platforms=("cuda",)).as_text()

@@ -1,0 +1,141 @@
+"""The persistent Mosaic GPU chunk walk (`kernels.memory_walk`) against the staged chunk step.
+
+On CPU the walk runs in the Mosaic GPU interpreter; `lower_for_cuda` lowers it for a GPU here,
+so a stage Mosaic GPU cannot lower fails without one.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nl_jax.core import ResidualMLPMemory
+from nl_jax.kernels import chunk_step as cs
+from nl_jax.kernels import memory_walk as mw
+
+CFG = cs.StepConfig()
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def make(n: int, seq: int, d: int, h: int, dtype=jnp.float32):
+    """N streams: initial states with momentum and unit-norm keys, values, queries."""
+    ks = jax.random.split(jax.random.PRNGKey(0), 12)
+    p = jax.vmap(lambda k: ResidualMLPMemory(d, h).init(k, dtype))(jax.random.split(ks[0], n))
+    init = cs.State(
+        p["W1"] + 0.2 * jax.random.normal(ks[1], p["W1"].shape, dtype), p["W2"],
+        0.05 * jax.random.normal(ks[2], p["W1"].shape, dtype),
+        0.05 * jax.random.normal(ks[3], p["W2"].shape, dtype),
+    )  # fmt: skip
+
+    def unit(k):
+        x = jax.random.normal(k, (n, seq, d), dtype)
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+    x = cs.Inputs(
+        unit(ks[4]), unit(ks[5]), unit(ks[6]),
+        jax.random.uniform(ks[7], (n, seq), dtype, 0.1, 0.9),
+        jax.random.uniform(ks[8], (n, seq), dtype, 0.7, 1.0),
+        jax.random.uniform(ks[9], (n, seq), dtype, 0.3, 0.9),
+    )  # fmt: skip
+    return init, x
+
+
+def test_walk_matches_staged_sequence_in_interpreter():
+    init, x = make(2, 16, 8, 16)
+    walk = functools.partial(mw.walk_forward, CFG, chunk=4, interpret=mw.interpret_params())
+    y, final = jax.jit(walk)(init, x)
+    y_ref, final_ref = jax.vmap(lambda i, xs: cs.sequence_forward(CFG, i, xs, 4))(init, x)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(final, final_ref, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_boundary_read_stage_in_interpreter():
+    init, x = make(2, 8, 8, 16)
+    walk = functools.partial(
+        mw.walk_forward, CFG, chunk=4, step=mw.boundary_read_step,
+        interpret=mw.interpret_params(),
+    )  # fmt: skip
+    y, final = jax.jit(walk)(init, x)
+    hidden = cs.gelu(jnp.einsum("nsd,nhd->nsh", x.q, init.w2))
+    assert rel_err(y, x.q + jnp.einsum("nsh,ndh->nsd", hidden, init.w1)) < 1e-6
+    for a, b in zip(final, init, strict=True):
+        assert rel_err(a, b) == 0.0
+
+
+def test_boundary_read_walk_lowers_for_cuda():
+    init, x = make(2, 128, 64, 64)
+    text = mw.lower_for_cuda(CFG, init, x, 64, mw.boundary_read_step)
+    assert "mosaic_gpu" in text
+
+
+def decay_gates(n: int, c: int):
+    ks = jax.random.split(jax.random.PRNGKey(1), 2)
+    alpha = jax.random.uniform(ks[0], (n, c), jnp.float32, 0.7, 1.0)
+    return alpha, jax.random.uniform(ks[1], (n, c), jnp.float32, 0.3, 0.9)
+
+
+def test_decays_stage_in_interpreter():
+    alpha, beta = decay_gates(2, 16)
+    got = jax.jit(functools.partial(mw.decays_kernel, interpret=mw.interpret_params()))(alpha, beta)
+    want = jax.vmap(cs.decays)(alpha, beta)
+    for field, a, b in zip(cs.Decays._fields, got, want, strict=True):
+        assert rel_err(a, b) < 1e-6, field
+
+
+def test_decays_stage_lowers_for_cuda():
+    alpha, beta = decay_gates(2, 64)
+    text = jax.jit(mw.decays_kernel).trace(alpha, beta).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()
+
+
+@pytest.mark.parametrize("normalize_memory", [True, False])
+def test_factors_stage_in_interpreter(normalize_memory):
+    cfg = CFG._replace(normalize_memory=normalize_memory)
+    init, x = make(2, 16, 8, 16)
+    stage = functools.partial(mw.factors_kernel, cfg, interpret=mw.interpret_params())
+    got = jax.jit(stage)(init.w1, init.w2, x.k, x.v)
+    want = jax.vmap(functools.partial(cs.factors, cfg))(init.w1, init.w2, x.k, x.v)
+    for field, a, b in zip(cs.Factors._fields, got, want, strict=True):
+        assert rel_err(a, b) < 1e-5, field
+
+
+def test_factors_stage_lowers_for_cuda():
+    init, x = make(2, 64, 64, 64)
+    stage = jax.jit(functools.partial(mw.factors_kernel, CFG))
+    text = stage.trace(init.w1, init.w2, x.k, x.v).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()
+
+
+def solve_inputs(n: int, c: int, i: int, o: int):
+    ks = jax.random.split(jax.random.PRNGKey(2), 7)
+    a = jax.random.normal(ks[0], (n, c, i))
+    return (
+        a / jnp.linalg.norm(a, axis=-1, keepdims=True),
+        jax.random.normal(ks[1], (n, o, i)) / i**0.5,
+        0.05 * jax.random.normal(ks[2], (n, o, i)),
+        0.1 * jax.random.normal(ks[3], (n, c, o)),
+        jax.random.uniform(ks[4], (n, c), minval=0.05, maxval=0.3),
+        jax.random.uniform(ks[5], (n, c), minval=0.7, maxval=1.0),
+        jax.random.uniform(ks[6], (n, c), minval=0.3, maxval=0.9),
+    )
+
+
+@pytest.mark.parametrize("chunk", [16, 32])  # one product block; the block form
+def test_solve_stage_in_interpreter(chunk):
+    args = solve_inputs(2, chunk, 8, 16)
+    got = jax.jit(functools.partial(mw.solve_kernel, interpret=mw.interpret_params()))(*args)
+
+    def staged(a, w0, s0, g, b, alpha, beta):
+        lay = cs.layer_solve(w0, s0, None, None, a, g, b, cs.decays(alpha, beta))
+        return lay.aa, lay.inv, lay.e, lay.be
+
+    want = jax.vmap(staged)(*args)
+    for name, a, b in zip(("aa", "inv", "e", "be"), got, want, strict=True):
+        assert rel_err(a, b) < 1e-5, name
