@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 TMO=${TMO:-280}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 NCCL_NVLS_ENABLE=0
 PY=${PY:-python3}
 quiet() { grep -v '^W0000\|^I0000'; }
 T="timeout $TMO $PY benchmarks/throughput.py --steps=3 --seq_len=4096"
@@ -88,13 +88,13 @@ suite_stability() {
   # Longer than one 10-minute call: run the suite again on the same machine and every
   # unfinished run continues from its checkpoint. JAX_COMPILATION_CACHE_DIR saves recompiles.
   local c="--config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8"
-  c="$c --config.model.dtype=bfloat16 --config.data.eval_batches=4"
+  c="$c --config.model.dtype=bfloat16 --config.data.eval_batches=4 --config.logging.tensorboard=False"
   local m=--config.model.memory
   local paper="$m.normalize_memory=False $m.momentum_ema=False $m.normalize_chunk=False"
   local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500} --checkpoint_every=250"
   local long=${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0,transformer_340m:1}
-  local sweep=hope_340m:0:3e-4,hope_340m:0:3e-3,titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3
-  sweep=$sweep,transformer_340m:0:3e-4,transformer_340m:0:3e-3
+  local sweep=${SWEEP:-hope_340m:0:3e-4,hope_340m:0:3e-3,titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3}
+  [ -n "${SWEEP:-}" ] || sweep=$sweep,transformer_340m:0:3e-4,transformer_340m:0:3e-3
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the trainers share the GPU
   $dc --root="$OUT/stability" --parallel=6 --steps=1000 --eval_every=250 --runs="$long" -- $c \
     >"$OUT/stability.log" 2>&1 &
