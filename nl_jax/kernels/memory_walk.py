@@ -66,10 +66,14 @@ class Ops(NamedTuple):
 
     compiled: bool
     mm_nt: Callable[[Any, Any], jax.Array]  # `a @ b^T` of two shared-memory refs, float32
+    mm: Callable[..., jax.Array]  # `op(a) @ op(b)` of 16-bit refs, `(a, b, ta, tb)`, float32
     matrix: Callable[[jax.Array], jax.Array]  # a `[m, n]` value in the WGMMA layout
     rows: Callable[[jax.Array, int], jax.Array]  # `v [m] -> [m, n]`, v_t along row t
     cols: Callable[[jax.Array, int], jax.Array]  # `v [n] -> [m, n]`, v_s along column s
     iota: Callable[[tuple[int, int], int], jax.Array]  # int32 indices along one dimension
+    # `memory_step`'s operand tiles: bf16 compiled (tf32 has no transposed operands); float32
+    # in the interpreter checks its math exactly.
+    operands: Any = jnp.bfloat16
 
 
 def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
@@ -85,6 +89,27 @@ def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     return pl.run_scoped(product, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
 
 
+def wgmma_any(a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False) -> jax.Array:
+    """`op(a) @ op(b)` (`op` transposes where `ta`, `tb`) of bf16 shared-memory refs, float32
+    accumulation on tensor cores: 16-bit `wgmma` reads either operand transposed."""
+    m = a_ref.shape[1] if ta else a_ref.shape[0]
+    n = b_ref.shape[0] if tb else b_ref.shape[1]
+    a = plgpu.transpose_ref(a_ref, (1, 0)) if ta else a_ref
+    b = plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref
+
+    def product(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
+
+
+def interpret_any(a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False) -> jax.Array:
+    """`wgmma_any` for the interpreter."""
+    a, b = a_ref[...], b_ref[...]
+    return jnp.dot(a.T if ta else a, b.T if tb else b, preferred_element_type=jnp.float32)
+
+
 def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     """`wgmma_nt` for the interpreter, which has no `wgmma` on transposed refs."""
     return jnp.dot(a_ref[...], b_ref[...].T, preferred_element_type=jnp.float32)
@@ -93,6 +118,10 @@ def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
 def _log(x: jax.Array) -> jax.Array:
     # The clamp of `chunk_step.decays`: gates may be exactly 0.
     return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+
+
+def _store(ref: Any, value: jax.Array) -> None:
+    ref[...] = value.astype(ref.dtype)
 
 
 def _compiled_rows(v: jax.Array, n: int) -> jax.Array:
@@ -106,12 +135,12 @@ def _compiled_cols(v: jax.Array, m: int) -> jax.Array:
 
 
 COMPILED = Ops(
-    True, wgmma_nt, lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA), _compiled_rows,
+    True, wgmma_nt, wgmma_any, lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA), _compiled_rows,
     _compiled_cols,
     lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA),
 )  # fmt: skip
 INTERPRETED = Ops(
-    False, interpret_nt, lambda x: x,
+    False, interpret_nt, interpret_any, lambda x: x,
     lambda v, n: lax.broadcast_in_dim(v, (v.shape[0], n), [0]),
     lambda v, m: lax.broadcast_in_dim(v, (m, v.shape[0]), [1]),
     lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim),
@@ -184,12 +213,12 @@ def decays_stage(
     g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
     g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)
     diff_b = ops.rows(cb_t, c) - ops.cols(cb_s, c)
-    out.g_incl[...] = g_incl
-    out.g_prior[...] = g_prior
+    _store(out.g_incl, g_incl)
+    _store(out.g_prior, g_prior)
     if g_prior_t is not None:
-        g_prior_t[...] = jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0)
-    out.p_incl[...] = jnp.where(lower, jnp.exp(diff_b), 0.0)
-    scratch[...] = jnp.where(upper, jnp.exp(-diff_b), 0.0)  # P^T
+        _store(g_prior_t, jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0))
+    _store(out.p_incl, jnp.where(lower, jnp.exp(diff_b), 0.0))
+    _store(scratch, jnp.where(upper, jnp.exp(-diff_b), 0.0))  # P^T
     out.gi[...] = jnp.exp(ci_t)
     out.gp[...] = jnp.exp(cp_t)
     out.pi[...] = jnp.exp(cb_t)
@@ -197,8 +226,8 @@ def decays_stage(
     out.ri[...] = jnp.sum(g_incl * pi_s, 1)
     out.rp[...] = jnp.sum(g_prior * pi_s, 1)
     plgpu.commit_smem()
-    out.k_incl[...] = ops.mm_nt(out.g_incl, scratch)
-    out.k_prior[...] = ops.mm_nt(out.g_prior, scratch)
+    _store(out.k_incl, ops.mm_nt(out.g_incl, scratch))
+    _store(out.k_prior, ops.mm_nt(out.g_prior, scratch))
 
 
 def transpose_into(dst: Any, src: Any, eye: Any, ops: Ops) -> None:
@@ -473,9 +502,246 @@ def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -
     return cs.Decays(**fields, pi_end=fields["pi"][:, -1])
 
 
+def _tile(shape: tuple[int, ...], ops: Ops) -> plgpu.SMEM:
+    """A product operand's shared-memory tile, in `ops.operands`."""
+    return _scratch(shape, ops.operands, ops.compiled)
+
+
+def _vector(n: int) -> plgpu.SMEM:
+    return plgpu.SMEM((n,), jnp.float32)
+
+
+def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops) -> jax.Array:
+    """`vec [C]` (along rows) -> `[o, i]` filled with `vec[C - 1]`, by a masked column sum:
+    the WGMMA layout has no scalar extraction."""
+    c = vec.shape[0]
+    by_t = ops.rows(vec, shape[1])
+    at_end = ops.iota((c, shape[1]), 0) == c - 1
+    return ops.cols(jnp.sum(jnp.where(at_end, by_t, 0.0), 0), shape[0])
+
+
+def _step_sizes(cfg: cs.StepConfig, eta: jax.Array, cur: Any, ops: Ops) -> jax.Array:
+    """Stage 3 (`chunk_step._step_size`, no resets): `eta' [C]` along rows from `eta [C]` and
+    the curvature ref `cur [C]` (read along columns for the chunk's running sum)."""
+    c = eta.shape[0]
+    if cfg.normalize_chunk:
+        lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
+        by_s = ops.cols(eta, c) * ops.cols(cur[...], c)
+        return eta / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
+    if cfg.normalize_memory or cfg.normalize_lr:
+        return eta / (1.0 + eta * cur[...])
+    return eta
+
+
+def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) -> None:
+    """`(I + L)^-1` of a nilpotent `low [C, C]` (`chunked._nilpotent_inverse`) into `inv`,
+    bf16 operands; `power` is scratch. Both refs are overwritten in place once the product
+    reading them has completed."""
+    c = low.shape[0]
+    eye = jnp.where(ops.iota((c, c), 0) == ops.iota((c, c), 1), 1.0, 0.0)
+    _store(power, -low)
+    _store(inv, eye - low)
+    plgpu.commit_smem()
+    for _ in range(max(0, math.ceil(math.log2(max(order, 1))) - 1)):
+        _store(power, ops.mm(power, power))
+        plgpu.commit_smem()
+        _store(inv, inv[...].astype(jnp.float32) + ops.mm(power, inv))
+        plgpu.commit_smem()
+
+
+def _solve_layer(
+    a: Any, g: Any, b: Any, w0: Any, s0: Any, dec: cs.Decays, be_out: Any, ops: Ops
+) -> None:
+    """Stage 4 for one layer (`chunk_step.layer_solve`, no resets), bf16 operands: `a [C, i]`,
+    `g [C, o]` (bf16), `b [C]`, the float32 state `w0, s0 [o, i]` -> `be_out = b e [C, o]`.
+
+    `e = (I + L)^-1 rhs` is applied as `(I + M)^-1 ((I + D)^-1 rhs)` (`chunked.
+    unit_lower_inverse`'s split), so the full inverse is never formed; 3 `[C, C]` tiles and
+    `rhs` are live at once.
+    """
+    c, o = a.shape[0], w0.shape[0]
+    block = chunked._PRODUCT_BLOCK
+    if c > block and c % block:
+        raise ValueError(f"the compiled solve takes C <= {block} or a multiple of it, got {c}")
+    aa = ops.mm(a, a, False, True)
+    low = dec.g_prior[...].astype(jnp.float32) * aa * ops.cols(b[...], c)
+
+    def solve(rhs, p1, p2, p3):
+        def right_side(wt):
+            _store(wt, w0[...])
+            _store(p1, dec.k_prior[...].astype(jnp.float32) * aa)
+            plgpu.commit_smem()
+            out = ops.rows(dec.gp[...], o) * ops.mm(a, wt, False, True) + ops.mm(p1, g)
+            _store(wt, s0[...])
+            plgpu.commit_smem()
+            _store(rhs, out + ops.rows(dec.rp[...], o) * ops.mm(a, wt, False, True))
+
+        pl.run_scoped(right_side, _tile(w0.shape, ops))
+        if c <= block:
+            _inverse_rounds(low, c, p1, p2, ops)
+            plgpu.commit_smem()
+            e = ops.mm(p2, rhs)
+        else:
+            blocks = (ops.iota((c, c), 0) // block) == (ops.iota((c, c), 1) // block)
+            _inverse_rounds(jnp.where(blocks, low, 0.0), block, p1, p2, ops)  # (I + D)^-1
+            _store(p3, jnp.where(blocks, 0.0, low))
+            plgpu.commit_smem()
+            rest = ops.mm(p2, p3)
+            _store(rhs, ops.mm(p2, rhs))
+            _inverse_rounds(rest, c // block, p1, p3, ops)
+            plgpu.commit_smem()
+            e = ops.mm(p3, rhs)
+        _store(be_out, ops.rows(b[...], o) * e)
+
+    square = _tile((c, c), ops)
+    pl.run_scoped(solve, _tile((c, o), ops), square, square, square)
+
+
+def _read_layer(
+    q: Any, a: Any, g: Any, be: Any, w0: Any, s0: Any, dec: cs.Decays, ops: Ops
+) -> jax.Array:
+    """Stage 5 for one layer (`chunk_step.layer_read`, no resets): `W_t q_t` for the bf16 query
+    `q [C, i]` -> `[C, o]` float32."""
+    c, o = q.shape[0], w0.shape[0]
+    ca = ops.mm(q, a, False, True)
+
+    def read(wt, m_k, m_g):
+        _store(m_k, dec.k_incl[...].astype(jnp.float32) * ca)
+        _store(m_g, dec.g_incl[...].astype(jnp.float32) * ca)
+        _store(wt, w0[...])
+        plgpu.commit_smem()
+        out = ops.rows(dec.gi[...], o) * ops.mm(q, wt, False, True)
+        out = out + ops.mm(m_k, g) - ops.mm(m_g, be)
+        _store(wt, s0[...])
+        plgpu.commit_smem()
+        return out + ops.rows(dec.ri[...], o) * ops.mm(q, wt, False, True)
+
+    square = _tile((c, c), ops)
+    return pl.run_scoped(read, _tile(w0.shape, ops), square, square)
+
+
+def _end_layer(
+    a: Any, g: Any, be: Any, w: Any, s: Any, dec: cs.Decays, last: tuple, ops: Ops
+) -> None:
+    """Stage 6 for one layer (`chunk_step.layer_end`, no resets): the float32 refs `w, s [o, i]`
+    become `(W_C, S_C)`; `last = (k_incl[C-1], g_incl[C-1], p_incl[C-1])` as `[C]` refs."""
+    c, o = a.shape[0], w.shape[0]
+    k_last, g_last, p_last = (ops.rows(ref[...], o) for ref in last)
+    g32, be32 = g[...].astype(jnp.float32), be[...].astype(jnp.float32)
+
+    def end(steps, pg):
+        _store(steps, k_last * g32 - g_last * be32)
+        _store(pg, p_last * g32)
+        plgpu.commit_smem()
+        dw, ds = ops.mm(steps, a, True, False), ops.mm(pg, a, True, False)
+        w0, s0 = ops.matrix(w[...]), ops.matrix(s[...])
+        shape = w.shape
+        new_w = _last(dec.gi[...], shape, ops) * w0 + dw + _last(dec.ri[...], shape, ops) * s0
+        new_s = _last(dec.pi[...], shape, ops) * s0 + ds
+        w[...] = new_w
+        s[...] = new_s
+
+    pl.run_scoped(end, _tile((c, o), ops), _tile((c, o), ops))
+
+
+def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
+    """The whole chunk step (`chunk_step.chunk_forward`, no resets) in compiled form.
+
+    `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` bf16
+    refs (the products' operands as they arrive), gates `[C]` float32 -> `y_ref [C, d]`
+    float32 and the state updated in place. Every product takes bf16 operands with float32
+    accumulation; the state, the decays' vectors, step sizes and all elementwise math stay
+    float32. Scratch is scoped per stage so that stages reuse it; live across stages are the
+    layer inputs, steps and `b e` (bf16 `[C, d]` and `[C, h]`) and `G`, `K` incl. and prior.
+    """
+    c, d = x.k.shape
+    h = state.w2.shape[0]
+    f32 = jnp.float32
+    gain = 1.0 - x.beta[...] if cfg.momentum_ema else jnp.ones((c,), f32)
+
+    def factors(hk_out, b1, b2, g1, g2):
+        """Stage 2 and 3: W1's input, both layers' step sizes and gradient steps."""
+
+        def body(w1b, w2b, gzv, err_b, cur1, cur2):
+            _store(w1b, state.w1[...])
+            _store(w2b, state.w2[...])
+            plgpu.commit_smem()
+            zv = ops.mm(x.v, w2b, False, True)
+            z = ops.mm(x.k, w2b, False, True)
+            hk = cs.gelu(z)
+            _store(hk_out, hk)
+            _store(gzv, cs.gelu(zv))
+            plgpu.commit_smem()
+            kv = ops.matrix(x.k[...].astype(f32)) - ops.matrix(x.v[...].astype(f32))
+            err = kv + ops.mm(hk_out, w1b, False, True) - ops.mm(gzv, w1b, False, True)
+            _store(err_b, err)
+            plgpu.commit_smem()
+            delta2 = ops.mm(err_b, w1b) * cs.gelu_grad(z)
+            x1 = jnp.sum(hk * hk, 1)
+            x2 = jnp.sum(ops.matrix(x.k[...].astype(f32)) ** 2, 1)
+            if cfg.normalize_memory:
+                ee = jnp.sum(err * err, 1)
+                tiny = jnp.finfo(f32).tiny
+                total = ee * x1 + jnp.sum(delta2 * delta2, 1) * x2
+                kappa = jnp.where(ee > tiny, total / jnp.maximum(ee, tiny), 0.0)
+                x1, x2 = jnp.maximum(kappa, x1), jnp.maximum(kappa, x2)
+            cur1[...] = x1
+            cur2[...] = x2
+            plgpu.commit_smem()
+            eta = x.eta[...]
+            b1[...] = _step_sizes(cfg, eta, cur1, ops)
+            b2[...] = _step_sizes(cfg, eta, cur2, ops)
+            plgpu.commit_smem()
+            _store(g1, -ops.rows(b1[...] * gain, d) * err)
+            _store(g2, -ops.rows(b2[...] * gain, h) * delta2)
+
+        pl.run_scoped(
+            body, _tile(state.w1.shape, ops), _tile(state.w2.shape, ops),
+            _tile((c, h), ops), _tile((c, d), ops), _vector(c), _vector(c),
+        )  # fmt: skip
+
+    def walk(hk, g1, g2, be1, be2, g_incl, k_incl, gi, pi, ri, b1, b2, k_last, g_last, p_last):
+        def solves(g_prior, k_prior, p_t, gp, rp):
+            dec = cs.Decays(gi, gp, g_incl, g_prior, p_t, pi, k_incl, k_prior, ri, rp, None)
+            decays_stage(x.alpha, x.beta, dec, p_t, ops)
+            factors(hk, b1, b2, g1, g2)
+            plgpu.commit_smem()
+            _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops)
+            _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops)
+
+        square = _tile((c, c), ops)
+        pl.run_scoped(solves, square, square, square, _vector(c), _vector(c))
+        plgpu.commit_smem()
+        dec = cs.Decays(gi, None, g_incl, None, None, pi, k_incl, None, ri, None, None)
+        at_end = ops.iota((c, c), 0) == c - 1
+        k_last[...] = jnp.sum(jnp.where(at_end, k_incl[...].astype(f32), 0.0), 0)
+        g_last[...] = jnp.sum(jnp.where(at_end, g_incl[...].astype(f32), 0.0), 0)
+        p_ts = ops.rows(pi[...], c) / ops.cols(pi[...], c)
+        p_last[...] = jnp.sum(jnp.where(at_end, p_ts, 0.0), 0)
+
+        def reads(hq):
+            r2 = _read_layer(x.q, x.k, g2, be2, state.w2, state.s2, dec, ops)
+            _store(hq, cs.gelu(r2))
+            plgpu.commit_smem()
+            out = _read_layer(hq, hk, g1, be1, state.w1, state.s1, dec, ops)
+            y_ref[...] = ops.matrix(x.q[...].astype(f32)) + out
+
+        pl.run_scoped(reads, _tile((c, h), ops))
+        plgpu.commit_smem()
+        last = (k_last, g_last, p_last)
+        _end_layer(hk, g1, be1, state.w1, state.s1, dec, last, ops)
+        _end_layer(x.k, g2, be2, state.w2, state.s2, dec, last, ops)
+
+    pl.run_scoped(
+        walk, _tile((c, h), ops), _tile((c, d), ops), _tile((c, h), ops),
+        _tile((c, d), ops), _tile((c, h), ops), _tile((c, c), ops),
+        _tile((c, c), ops), *(_vector(c) for _ in range(8)),
+    )  # fmt: skip
+
+
 def walk_forward(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, *,
-    step: Step = reference_step, interpret: Any = None,
+    step: Step = reference_step, interpret: Any = None, operands: Any = jnp.bfloat16,
 ) -> tuple[jax.Array, cs.State]:  # fmt: skip
     """The persistent forward over N streams: `(y [N, seq, d], final State)`.
 
@@ -485,6 +751,7 @@ def walk_forward(
         through `chunk_step` outside the kernel).
       step: the per-chunk stage (`reference_step`, `boundary_read_step`).
       interpret: `interpret_params()` to run in the Mosaic GPU interpreter on CPU.
+      operands: `memory_step`'s operand dtype (`Ops.operands`).
     """
     if not cfg.read:
         raise ValueError("walk_forward is the read-out memory's walk (StepConfig.read=True)")
@@ -494,7 +761,7 @@ def walk_forward(
     n_chunks = seq // chunk
     f32 = jnp.float32
     compiled = interpret is None
-    ops = COMPILED if compiled else INTERPRETED
+    ops = (COMPILED if compiled else INTERPRETED)._replace(operands=operands)
     state_scratch = [_scratch(a.shape[1:], a.dtype, compiled) for a in init]
     chunk_scratch = [_scratch((chunk, d), x.k.dtype, compiled) for _ in range(3)]
     gate_scratch = [_scratch((chunk,), x.eta.dtype, compiled) for _ in range(3)]
