@@ -95,6 +95,10 @@ def wgmma_any(a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False) -> jax
     m = a_ref.shape[1] if ta else a_ref.shape[0]
     n = b_ref.shape[0] if tb else b_ref.shape[1]
     a = plgpu.transpose_ref(a_ref, (1, 0)) if ta else a_ref
+    if b_ref is a_ref and not ta:
+        # Layout inference gives one ref used as both operands a single operand's tiling; A is
+        # taken from registers instead.
+        a = plgpu.layout_cast(a_ref[...], plgpu.Layout.WGMMA)
     b = plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref
 
     def product(acc):
@@ -502,13 +506,25 @@ def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -
     return cs.Decays(**fields, pi_end=fields["pi"][:, -1])
 
 
+def _load(ref: Any, ops: Ops) -> jax.Array:
+    """A `[m, n]` ref as float32 in the WGMMA layout (named, so layout inference need not
+    search for it)."""
+    return ops.matrix(ref[...]).astype(jnp.float32)
+
+
+def _along(ref: Any, ops: Ops, dim: int = 1) -> jax.Array:
+    """A `[C]` ref as the layout of a sum over `dim` (1: along rows, 0: along columns)."""
+    v = ref[...]
+    return plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(dim)) if ops.compiled else v
+
+
 def _tile(shape: tuple[int, ...], ops: Ops) -> plgpu.SMEM:
     """A product operand's shared-memory tile, in `ops.operands`."""
     return _scratch(shape, ops.operands, ops.compiled)
 
 
-def _vector(n: int) -> plgpu.SMEM:
-    return plgpu.SMEM((n,), jnp.float32)
+# `memory_step`'s `[C]` vectors, rows of one scratch: each allocation is aligned to 1 KiB.
+_VECTORS = ("gi", "gp", "pi", "ri", "rp", "b1", "b2", "cur1", "cur2", "k_last", "g_last", "p_last")
 
 
 def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops) -> jax.Array:
@@ -520,17 +536,17 @@ def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops) -> jax.Array:
     return ops.cols(jnp.sum(jnp.where(at_end, by_t, 0.0), 0), shape[0])
 
 
-def _step_sizes(cfg: cs.StepConfig, eta: jax.Array, cur: Any, ops: Ops) -> jax.Array:
-    """Stage 3 (`chunk_step._step_size`, no resets): `eta' [C]` along rows from `eta [C]` and
-    the curvature ref `cur [C]` (read along columns for the chunk's running sum)."""
+def _step_sizes(cfg: cs.StepConfig, eta: Any, cur: Any, ops: Ops) -> jax.Array:
+    """Stage 3 (`chunk_step._step_size`, no resets): `eta' [C]` along rows from the refs
+    `eta [C]` and the curvature `cur [C]` (read along columns for the chunk's running sum)."""
     c = eta.shape[0]
     if cfg.normalize_chunk:
         lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
-        by_s = ops.cols(eta, c) * ops.cols(cur[...], c)
-        return eta / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
+        by_s = ops.cols(_along(eta, ops, 0), c) * ops.cols(_along(cur, ops, 0), c)
+        return _along(eta, ops) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
     if cfg.normalize_memory or cfg.normalize_lr:
-        return eta / (1.0 + eta * cur[...])
-    return eta
+        return _along(eta, ops) / (1.0 + _along(eta, ops) * _along(cur, ops))
+    return _along(eta, ops)
 
 
 def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) -> None:
@@ -545,7 +561,7 @@ def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) 
     for _ in range(max(0, math.ceil(math.log2(max(order, 1))) - 1)):
         _store(power, ops.mm(power, power))
         plgpu.commit_smem()
-        _store(inv, inv[...].astype(jnp.float32) + ops.mm(power, inv))
+        _store(inv, _load(inv, ops) + ops.mm(power, inv))
         plgpu.commit_smem()
 
 
@@ -556,32 +572,31 @@ def _solve_layer(
     `g [C, o]` (bf16), `b [C]`, the float32 state `w0, s0 [o, i]` -> `be_out = b e [C, o]`.
 
     `e = (I + L)^-1 rhs` is applied as `(I + M)^-1 ((I + D)^-1 rhs)` (`chunked.
-    unit_lower_inverse`'s split), so the full inverse is never formed; 3 `[C, C]` tiles and
-    `rhs` are live at once.
+    unit_lower_inverse`'s split), so the full inverse is never formed; at most 3 `[C, C]`
+    tiles and `rhs` are live at once.
     """
     c, o = a.shape[0], w0.shape[0]
     block = chunked._PRODUCT_BLOCK
     if c > block and c % block:
         raise ValueError(f"the compiled solve takes C <= {block} or a multiple of it, got {c}")
     aa = ops.mm(a, a, False, True)
-    low = dec.g_prior[...].astype(jnp.float32) * aa * ops.cols(b[...], c)
+    low = _load(dec.g_prior, ops) * aa * ops.cols(b[...], c)
 
-    def solve(rhs, p1, p2, p3):
+    def solve(rhs, p1):
         def right_side(wt):
-            _store(wt, w0[...])
-            _store(p1, dec.k_prior[...].astype(jnp.float32) * aa)
+            _store(wt, _load(w0, ops))
+            _store(p1, _load(dec.k_prior, ops) * aa)
             plgpu.commit_smem()
             out = ops.rows(dec.gp[...], o) * ops.mm(a, wt, False, True) + ops.mm(p1, g)
-            _store(wt, s0[...])
+            _store(wt, _load(s0, ops))
             plgpu.commit_smem()
             _store(rhs, out + ops.rows(dec.rp[...], o) * ops.mm(a, wt, False, True))
 
-        pl.run_scoped(right_side, _tile(w0.shape, ops))
-        if c <= block:
-            _inverse_rounds(low, c, p1, p2, ops)
-            plgpu.commit_smem()
-            e = ops.mm(p2, rhs)
-        else:
+        def inverse(p2, p3):
+            if c <= block:
+                _inverse_rounds(low, c, p1, p2, ops)
+                plgpu.commit_smem()
+                return ops.mm(p2, rhs)
             blocks = (ops.iota((c, c), 0) // block) == (ops.iota((c, c), 1) // block)
             _inverse_rounds(jnp.where(blocks, low, 0.0), block, p1, p2, ops)  # (I + D)^-1
             _store(p3, jnp.where(blocks, 0.0, low))
@@ -590,11 +605,15 @@ def _solve_layer(
             _store(rhs, ops.mm(p2, rhs))
             _inverse_rounds(rest, c // block, p1, p3, ops)
             plgpu.commit_smem()
-            e = ops.mm(p3, rhs)
+            return ops.mm(p3, rhs)
+
+        # The state's copy and the inverse's tiles are never live together.
+        pl.run_scoped(right_side, _tile(w0.shape, ops))
+        e = pl.run_scoped(inverse, square, square)
         _store(be_out, ops.rows(b[...], o) * e)
 
     square = _tile((c, c), ops)
-    pl.run_scoped(solve, _tile((c, o), ops), square, square, square)
+    pl.run_scoped(solve, _tile((c, o), ops), square)
 
 
 def _read_layer(
@@ -606,13 +625,13 @@ def _read_layer(
     ca = ops.mm(q, a, False, True)
 
     def read(wt, m_k, m_g):
-        _store(m_k, dec.k_incl[...].astype(jnp.float32) * ca)
-        _store(m_g, dec.g_incl[...].astype(jnp.float32) * ca)
-        _store(wt, w0[...])
+        _store(m_k, _load(dec.k_incl, ops) * ca)
+        _store(m_g, _load(dec.g_incl, ops) * ca)
+        _store(wt, _load(w0, ops))
         plgpu.commit_smem()
         out = ops.rows(dec.gi[...], o) * ops.mm(q, wt, False, True)
         out = out + ops.mm(m_k, g) - ops.mm(m_g, be)
-        _store(wt, s0[...])
+        _store(wt, _load(s0, ops))
         plgpu.commit_smem()
         return out + ops.rows(dec.ri[...], o) * ops.mm(q, wt, False, True)
 
@@ -627,14 +646,14 @@ def _end_layer(
     become `(W_C, S_C)`; `last = (k_incl[C-1], g_incl[C-1], p_incl[C-1])` as `[C]` refs."""
     c, o = a.shape[0], w.shape[0]
     k_last, g_last, p_last = (ops.rows(ref[...], o) for ref in last)
-    g32, be32 = g[...].astype(jnp.float32), be[...].astype(jnp.float32)
+    g32, be32 = _load(g, ops), _load(be, ops)
 
     def end(steps, pg):
         _store(steps, k_last * g32 - g_last * be32)
         _store(pg, p_last * g32)
         plgpu.commit_smem()
         dw, ds = ops.mm(steps, a, True, False), ops.mm(pg, a, True, False)
-        w0, s0 = ops.matrix(w[...]), ops.matrix(s[...])
+        w0, s0 = _load(w, ops), _load(s, ops)
         shape = w.shape
         new_w = _last(dec.gi[...], shape, ops) * w0 + dw + _last(dec.ri[...], shape, ops) * s0
         new_s = _last(dec.pi[...], shape, ops) * s0 + ds
@@ -657,14 +676,14 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
     c, d = x.k.shape
     h = state.w2.shape[0]
     f32 = jnp.float32
-    gain = 1.0 - x.beta[...] if cfg.momentum_ema else jnp.ones((c,), f32)
+    ones = jnp.ones((c,), f32)
 
-    def factors(hk_out, b1, b2, g1, g2):
+    def factors(hk_out, b1, b2, g1, g2, cur1, cur2):
         """Stage 2 and 3: W1's input, both layers' step sizes and gradient steps."""
 
-        def body(w1b, w2b, gzv, err_b, cur1, cur2):
-            _store(w1b, state.w1[...])
-            _store(w2b, state.w2[...])
+        def body(w1b, w2b, gzv, err_b):
+            _store(w1b, _load(state.w1, ops))
+            _store(w2b, _load(state.w2, ops))
             plgpu.commit_smem()
             zv = ops.mm(x.v, w2b, False, True)
             z = ops.mm(x.k, w2b, False, True)
@@ -672,13 +691,13 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
             _store(hk_out, hk)
             _store(gzv, cs.gelu(zv))
             plgpu.commit_smem()
-            kv = ops.matrix(x.k[...].astype(f32)) - ops.matrix(x.v[...].astype(f32))
+            kv = _load(x.k, ops) - _load(x.v, ops)
             err = kv + ops.mm(hk_out, w1b, False, True) - ops.mm(gzv, w1b, False, True)
             _store(err_b, err)
             plgpu.commit_smem()
             delta2 = ops.mm(err_b, w1b) * cs.gelu_grad(z)
             x1 = jnp.sum(hk * hk, 1)
-            x2 = jnp.sum(ops.matrix(x.k[...].astype(f32)) ** 2, 1)
+            x2 = jnp.sum(_load(x.k, ops) ** 2, 1)
             if cfg.normalize_memory:
                 ee = jnp.sum(err * err, 1)
                 tiny = jnp.finfo(f32).tiny
@@ -688,34 +707,40 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
             cur1[...] = x1
             cur2[...] = x2
             plgpu.commit_smem()
-            eta = x.eta[...]
-            b1[...] = _step_sizes(cfg, eta, cur1, ops)
-            b2[...] = _step_sizes(cfg, eta, cur2, ops)
+            b1[...] = _step_sizes(cfg, x.eta, cur1, ops)
+            b2[...] = _step_sizes(cfg, x.eta, cur2, ops)
             plgpu.commit_smem()
-            _store(g1, -ops.rows(b1[...] * gain, d) * err)
-            _store(g2, -ops.rows(b2[...] * gain, h) * delta2)
+            gain = 1.0 - _along(x.beta, ops) if cfg.momentum_ema else ones
+            _store(g1, -ops.rows(_along(b1, ops) * gain, d) * err)
+            gain = 1.0 - _along(x.beta, ops) if cfg.momentum_ema else ones
+            _store(g2, -ops.rows(_along(b2, ops) * gain, h) * delta2)
 
         pl.run_scoped(
             body, _tile(state.w1.shape, ops), _tile(state.w2.shape, ops),
-            _tile((c, h), ops), _tile((c, d), ops), _vector(c), _vector(c),
+            _tile((c, h), ops), _tile((c, d), ops),
         )  # fmt: skip
 
-    def walk(hk, g1, g2, be1, be2, g_incl, k_incl, gi, pi, ri, b1, b2, k_last, g_last, p_last):
-        def solves(g_prior, k_prior, p_t, gp, rp):
+    def walk(hk, g1, g2, be1, be2, g_incl, k_incl, vectors):
+        v = {name: vectors.at[i] for i, name in enumerate(_VECTORS)}
+        gi, gp, pi, ri, rp, b1, b2 = (v[f] for f in ("gi", "gp", "pi", "ri", "rp", "b1", "b2"))
+        k_last, g_last, p_last = v["k_last"], v["g_last"], v["p_last"]
+        # Factors first: their scratch is free before the decays' is taken.
+        factors(hk, b1, b2, g1, g2, v["cur1"], v["cur2"])
+
+        def solves(g_prior, k_prior, p_t):
             dec = cs.Decays(gi, gp, g_incl, g_prior, p_t, pi, k_incl, k_prior, ri, rp, None)
             decays_stage(x.alpha, x.beta, dec, p_t, ops)
-            factors(hk, b1, b2, g1, g2)
             plgpu.commit_smem()
             _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops)
             _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops)
 
         square = _tile((c, c), ops)
-        pl.run_scoped(solves, square, square, square, _vector(c), _vector(c))
+        pl.run_scoped(solves, square, square, square)
         plgpu.commit_smem()
         dec = cs.Decays(gi, None, g_incl, None, None, pi, k_incl, None, ri, None, None)
         at_end = ops.iota((c, c), 0) == c - 1
-        k_last[...] = jnp.sum(jnp.where(at_end, k_incl[...].astype(f32), 0.0), 0)
-        g_last[...] = jnp.sum(jnp.where(at_end, g_incl[...].astype(f32), 0.0), 0)
+        k_last[...] = jnp.sum(jnp.where(at_end, _load(k_incl, ops), 0.0), 0)
+        g_last[...] = jnp.sum(jnp.where(at_end, _load(g_incl, ops), 0.0), 0)
         p_ts = ops.rows(pi[...], c) / ops.cols(pi[...], c)
         p_last[...] = jnp.sum(jnp.where(at_end, p_ts, 0.0), 0)
 
@@ -724,7 +749,7 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
             _store(hq, cs.gelu(r2))
             plgpu.commit_smem()
             out = _read_layer(hq, hk, g1, be1, state.w1, state.s1, dec, ops)
-            y_ref[...] = ops.matrix(x.q[...].astype(f32)) + out
+            y_ref[...] = _load(x.q, ops) + out
 
         pl.run_scoped(reads, _tile((c, h), ops))
         plgpu.commit_smem()
@@ -735,7 +760,7 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
     pl.run_scoped(
         walk, _tile((c, h), ops), _tile((c, d), ops), _tile((c, h), ops),
         _tile((c, d), ops), _tile((c, h), ops), _tile((c, c), ops),
-        _tile((c, c), ops), *(_vector(c) for _ in range(8)),
+        _tile((c, c), ops), plgpu.SMEM((len(_VECTORS), c), f32),
     )  # fmt: skip
 
 
@@ -814,3 +839,23 @@ def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int,
     """StableHLO text of `walk_forward` lowered for a CUDA GPU (no GPU needed)."""
     fn = jax.jit(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
     return fn.trace(init, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def smem_bytes_at_lowering(lower: Callable[[], Any]) -> list[int]:
+    """The shared memory per CTA that Mosaic GPU asks at launch, one entry per kernel lowered by
+    `lower()` (scratch, barriers and reduction scratch, as the launch counts them)."""
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    sizes: list[int] = []
+    count = mgpu_core._smem_tree_size
+
+    def counting(tree):
+        sizes.append(count(tree))
+        return sizes[-1]
+
+    mgpu_core._smem_tree_size = counting
+    try:
+        lower()
+    finally:
+        mgpu_core._smem_tree_size = count
+    return sizes
