@@ -194,13 +194,16 @@ def test_memory_step_walk_with_bf16_operands(x64):
 
 
 def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
-    """hope_340m's M_memory (C = d = h = 64): the whole chunk step lowers, and the CTA asks
-    222 KiB of shared memory, under the 227 KiB an H100 or H200 CTA may take."""
+    """hope_340m's M_memory (C = d = h = 64): the whole chunk step lowers, the CTA asks 222 KiB
+    of shared memory, under the 227 KiB an H100 or H200 CTA may take, and a chunk is 51
+    `wgmma`s of 64 x 64 x 64 (WORKSPACE.md's count)."""
     init, x = make(2, 128, 64, 64)
+    x = bf16_inputs(x)
     texts = []
     sizes = mw.smem_bytes_at_lowering(
-        lambda: texts.append(mw.lower_for_cuda(CFG, init, bf16_inputs(x), 64, mw.memory_step))
+        lambda: texts.append(mw.lower_for_cuda(CFG, init, x, 64, mw.memory_step))
     )
     assert "mosaic_gpu" in texts[0]
     assert sizes == [227336]
     assert sizes[0] <= 227 * 1024
+    assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step) == 51

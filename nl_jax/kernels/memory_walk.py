@@ -859,3 +859,27 @@ def smem_bytes_at_lowering(lower: Callable[[], Any]) -> list[int]:
     finally:
         mgpu_core._smem_tree_size = count
     return sizes
+
+
+def wgmma_per_chunk(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step
+) -> int:
+    """`wgmma`s one chunk of `walk_forward` issues (those inside its chunk loop), counted in
+    the compiled form's jaxpr without a GPU."""
+
+    def count(jaxpr: Any, in_loop: bool) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "wgmma_ref":
+                n += in_loop
+            inner = in_loop or eqn.primitive.name in ("while", "scan")
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if not hasattr(sub, "eqns"):
+                        sub = getattr(sub, "jaxpr", None)
+                    if hasattr(sub, "eqns"):
+                        n += count(sub, inner)
+        return n
+
+    fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
+    return count(fn(init, x).jaxpr, False)
