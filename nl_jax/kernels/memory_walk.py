@@ -797,17 +797,18 @@ def walk_forward(
         init_g, x_g = cs.State(*ins[:4]), cs.Inputs(*ins[4:])
         y_g, final_g = outs[0], cs.State(*outs[1:])
         state_s, x_s = cs.State(*scratch[:4]), cs.Inputs(*scratch[4:10])
-        y_s, bar = scratch[10], scratch[11]
+        y_s, state_bar, bar = scratch[10:]
         i = lax.axis_index("stream")
+        # Each barrier counts one arrival per copy, so the copies fly together.
         for src, dst in zip(init_g, state_s, strict=True):
-            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
-            plgpu.barrier_wait(bar)
+            plgpu.copy_gmem_to_smem(src.at[i], dst, state_bar)
+        plgpu.barrier_wait(state_bar)
 
         def chunk_body(c, carry):
             rows = pl.ds(c * chunk, chunk)
             for src, dst in zip(x_g, x_s, strict=True):
                 plgpu.copy_gmem_to_smem(src.at[i, rows], dst, bar)
-                plgpu.barrier_wait(bar)
+            plgpu.barrier_wait(bar)
             # The previous chunk's output copy reads y_s: wait before overwriting it.
             plgpu.wait_smem_to_gmem(0)
             step(cfg, state_s, x_s, y_s, ops)
@@ -828,7 +829,8 @@ def walk_forward(
     kernel = plgpu.kernel(
         body, out_type=out_type, grid=(n,), grid_names=("stream",),
         scratch_types=[*state_scratch, *chunk_scratch, *gate_scratch, y_scratch,
-                       plgpu.Barrier(num_arrivals=1)],
+                       plgpu.Barrier(num_arrivals=len(init)),
+                       plgpu.Barrier(num_arrivals=len(x))],
         compiler_params=_COMPILER, interpret=interpret,
     )  # fmt: skip
     y, *final = kernel(*init, *x)
