@@ -14,8 +14,11 @@ written once against `Ops` (tensor-core matmuls and WGMMA register layouts compi
 math without layouts interpreted): `boundary_read_step`, the read `q + W1 gelu(W2 q)` as two
 tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1),
 `factors_stage` (stage 2) and `solve_stage` (stage 4); `decays_kernel`, `factors_kernel` and
-`solve_kernel` run stages alone. `lower_for_cuda` lowers a walk for a GPU on any host, so a
-stage that Mosaic GPU cannot lower fails on CPU.
+`solve_kernel` run stages alone. `memory_step` is the whole chunk step with bf16 operand tiles
+(`Ops.mm`), scratch scoped per stage so that it fits one CTA's shared memory at `C = d = h =
+64`. `lower_for_cuda` lowers a walk for a GPU on any host, so a stage that Mosaic GPU cannot
+lower fails on CPU; `smem_bytes_at_lowering` and `wgmma_per_chunk` count a walk's shared memory
+and tensor-core products there.
 """
 
 from __future__ import annotations
