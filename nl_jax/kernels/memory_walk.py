@@ -669,8 +669,8 @@ def _end_layer(
 def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
     """The whole chunk step (`chunk_step.chunk_forward`, no resets) in compiled form.
 
-    `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` bf16
-    refs (the products' operands as they arrive), gates `[C]` float32 -> `y_ref [C, d]`
+    `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` refs in
+    `ops.operands` (the products' operands as they arrive; `walk_forward` casts them), gates `[C]` float32 -> `y_ref [C, d]`
     float32 and the state updated in place. Every product takes bf16 operands with float32
     accumulation; the state, the decays' vectors, step sizes and all elementwise math stay
     float32. Scratch is scoped per stage so that stages reuse it; live across stages are the
@@ -779,7 +779,7 @@ def walk_forward(
         through `chunk_step` outside the kernel).
       step: the per-chunk stage (`reference_step`, `boundary_read_step`).
       interpret: `interpret_params()` to run in the Mosaic GPU interpreter on CPU.
-      operands: `memory_step`'s operand dtype (`Ops.operands`).
+      operands: `memory_step`'s operand dtype (`Ops.operands`); its k, v, q are cast to it.
     """
     if not cfg.read:
         raise ValueError("walk_forward is the read-out memory's walk (StepConfig.read=True)")
@@ -787,6 +787,9 @@ def walk_forward(
     if seq % chunk:
         raise ValueError(f"seq {seq} must be a multiple of the chunk size {chunk}")
     n_chunks = seq // chunk
+    if step is memory_step:
+        # Its products read k, v, q straight from the copied tiles.
+        x = x._replace(k=x.k.astype(operands), v=x.v.astype(operands), q=x.q.astype(operands))
     f32 = jnp.float32
     compiled = interpret is None
     ops = (COMPILED if compiled else INTERPRETED)._replace(operands=operands)
