@@ -186,8 +186,8 @@ def test_memory_step_walk_is_exact_with_float32_operands(x64, chunk, name):
 
 def test_memory_step_walk_with_bf16_operands(x64):
     """bf16 operands (the compiled form) at hope_340m's C = d = h = 64: the read `y - q` and the
-    state's change over three chunks within 5e-3 of the float64 reference (measured: 2.9e-3
-    and 6e-6 to 9.4e-4)."""
+    state's change over three chunks within 5e-3 of the float64 reference (measured: 2.8e-3
+    and 9e-6 to 9.5e-4)."""
     y, final, y_ref, final_ref, init, q = memory_step_case(64, jnp.bfloat16, n=1, d=64, h=64)
     errs = [rel_err(y - q, y_ref - q)]
     errs += [rel_err(a - i, b - i) for a, b, i in zip(final, final_ref, init, strict=True)]
@@ -196,8 +196,8 @@ def test_memory_step_walk_with_bf16_operands(x64):
 
 def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
     """hope_340m's M_memory (C = d = h = 64): the whole chunk step lowers, the CTA asks 222 KiB
-    of shared memory, under the 227 KiB an H100 or H200 CTA may take, and a chunk is 51
-    `wgmma`s of 64 x 64 x 64 (WORKSPACE.md's count)."""
+    of shared memory, under the 227 KiB an H100 or H200 CTA may take, and a chunk is 50
+    `wgmma`s of 64 x 64 x 64 in 48 dependent steps (WORKSPACE.md's count)."""
     init, x = make(2, 128, 64, 64)  # float32 k, v, q: the walk casts them
     texts = []
     sizes = mw.smem_bytes_at_lowering(
@@ -206,4 +206,4 @@ def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
     assert "mosaic_gpu" in texts[0]
     assert sizes == [227344]
     assert sizes[0] <= 227 * 1024
-    assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step) == 51
+    assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step) == (50, 48)

@@ -69,7 +69,7 @@ class Ops(NamedTuple):
 
     compiled: bool
     mm_nt: Callable[[Any, Any], jax.Array]  # `a @ b^T` of two shared-memory refs, float32
-    mm: Callable[..., jax.Array]  # `op(a) @ op(b)` of 16-bit refs, `(a, b, ta, tb)`, float32
+    mm: Callable[..., jax.Array]  # `op(a) @ op(b)` (+ more) of 16-bit refs: `wgmma_any`
     matrix: Callable[[jax.Array], jax.Array]  # a `[m, n]` value in the WGMMA layout
     rows: Callable[[jax.Array, int], jax.Array]  # `v [m] -> [m, n]`, v_t along row t
     cols: Callable[[jax.Array, int], jax.Array]  # `v [n] -> [m, n]`, v_s along column s
@@ -92,29 +92,41 @@ def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     return pl.run_scoped(product, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
 
 
-def wgmma_any(a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False) -> jax.Array:
-    """`op(a) @ op(b)` (`op` transposes where `ta`, `tb`) of bf16 shared-memory refs, float32
-    accumulation on tensor cores: 16-bit `wgmma` reads either operand transposed."""
-    m = a_ref.shape[1] if ta else a_ref.shape[0]
-    n = b_ref.shape[0] if tb else b_ref.shape[1]
+def _operands(a_ref: Any, b_ref: Any, ta: bool, tb: bool) -> tuple[Any, Any]:
     a = plgpu.transpose_ref(a_ref, (1, 0)) if ta else a_ref
     if b_ref is a_ref and not ta:
         # Layout inference gives one ref used as both operands a single operand's tiling; A is
         # taken from registers instead.
         a = plgpu.layout_cast(a_ref[...], plgpu.Layout.WGMMA)
-    b = plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref
+    return a, plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref
+
+
+def wgmma_any(
+    a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False, plus: tuple = ()
+) -> jax.Array:
+    """`op(a) @ op(b)` (`op` transposes where `ta`, `tb`) of bf16 shared-memory refs, float32
+    accumulation on tensor cores: 16-bit `wgmma` reads either operand transposed. `plus`:
+    further `(a, b, ta, tb)` products summed in the same accumulator, waited on once."""
+    m = a_ref.shape[1] if ta else a_ref.shape[0]
+    n = b_ref.shape[0] if tb else b_ref.shape[1]
 
     def product(acc):
-        plgpu.wgmma(acc, a, b)
+        for term in ((a_ref, b_ref, ta, tb), *plus):
+            plgpu.wgmma(acc, *_operands(*term))
         return acc[...]
 
     return pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
 
 
-def interpret_any(a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False) -> jax.Array:
+def interpret_any(
+    a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False, plus: tuple = ()
+) -> jax.Array:
     """`wgmma_any` for the interpreter."""
-    a, b = a_ref[...], b_ref[...]
-    return jnp.dot(a.T if ta else a, b.T if tb else b, preferred_element_type=jnp.float32)
+    out = 0.0
+    for x_ref, y_ref, tx, ty in ((a_ref, b_ref, ta, tb), *plus):
+        x, y = x_ref[...], y_ref[...]
+        out = out + jnp.dot(x.T if tx else x, y.T if ty else y, preferred_element_type=jnp.float32)
+    return out
 
 
 def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
@@ -629,11 +641,11 @@ def _read_layer(
 
     def read(wt, m_k, m_g):
         _store(m_k, _load(dec.k_incl, ops) * ca)
-        _store(m_g, _load(dec.g_incl, ops) * ca)
+        _store(m_g, -_load(dec.g_incl, ops) * ca)  # negated: one accumulator for both
         _store(wt, _load(w0, ops))
         plgpu.commit_smem()
         out = ops.rows(dec.gi[...], o) * ops.mm(q, wt, False, True)
-        out = out + ops.mm(m_k, g) - ops.mm(m_g, be)
+        out = out + ops.mm(m_k, g, plus=((m_g, be, False, False),))
         _store(wt, _load(s0, ops))
         plgpu.commit_smem()
         return out + ops.rows(dec.ri[...], o) * ops.mm(q, wt, False, True)
@@ -692,10 +704,10 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
             z = ops.mm(x.k, w2b, False, True)
             hk = cs.gelu(z)
             _store(hk_out, hk)
-            _store(gzv, cs.gelu(zv))
+            # err = k - v + (gelu(z) - gelu(zv)) W1^T: one product of the difference.
+            _store(gzv, hk - cs.gelu(zv))
             plgpu.commit_smem()
-            kv = _load(x.k, ops) - _load(x.v, ops)
-            err = kv + ops.mm(hk_out, w1b, False, True) - ops.mm(gzv, w1b, False, True)
+            err = _load(x.k, ops) - _load(x.v, ops) + ops.mm(gzv, w1b, False, True)
             _store(err_b, err)
             plgpu.commit_smem()
             delta2 = ops.mm(err_b, w1b) * cs.gelu_grad(z)
@@ -871,23 +883,26 @@ def smem_bytes_at_lowering(lower: Callable[[], Any]) -> list[int]:
 
 def wgmma_per_chunk(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step
-) -> int:
-    """`wgmma`s one chunk of `walk_forward` issues (those inside its chunk loop), counted in
-    the compiled form's jaxpr without a GPU."""
+) -> tuple[int, int]:
+    """`(wgmma issued, accumulator reads)` per chunk of `walk_forward` (inside its chunk
+    loop), counted in the compiled form's jaxpr without a GPU; every read waits for the
+    products before it, so the reads are the step's dependent tensor-core steps."""
 
-    def count(jaxpr: Any, in_loop: bool) -> int:
-        n = 0
+    def count(jaxpr: Any, in_loop: bool) -> tuple[int, int]:
+        n = [0, 0]
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "wgmma_ref":
-                n += in_loop
-            inner = in_loop or eqn.primitive.name in ("while", "scan")
+            name = eqn.primitive.name
+            n[0] += in_loop and name == "wgmma_ref"
+            n[1] += in_loop and name.startswith("wgmma_accumulator_deref")
+            inner = in_loop or name in ("while", "scan")
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (list, tuple)) else [param]:
                     if not hasattr(sub, "eqns"):
                         sub = getattr(sub, "jaxpr", None)
                     if hasattr(sub, "eqns"):
-                        n += count(sub, inner)
-        return n
+                        products, reads = count(sub, inner)
+                        n[0], n[1] = n[0] + products, n[1] + reads
+        return n[0], n[1]
 
     fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
     return count(fn(init, x).jaxpr, False)
