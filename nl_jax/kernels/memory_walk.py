@@ -565,8 +565,8 @@ def _step_sizes(cfg: cs.StepConfig, eta: Any, cur: Any, ops: Ops) -> jax.Array:
 
 
 def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) -> None:
-    """`(I + L)^-1` of a nilpotent `low [C, C]` (`chunked._nilpotent_inverse`) into `inv`,
-    bf16 operands; `power` is scratch. Both refs are overwritten in place once the product
+    """`(I + L)^-1` of a nilpotent `low [C, C]` (`chunked._nilpotent_inverse`) into the
+    operand tile `inv`; `power` is scratch. Both refs are overwritten in place once the product
     reading them has completed."""
     c = low.shape[0]
     eye = jnp.where(ops.iota((c, c), 0) == ops.iota((c, c), 1), 1.0, 0.0)
@@ -583,8 +583,8 @@ def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) 
 def _solve_layer(
     a: Any, g: Any, b: Any, w0: Any, s0: Any, dec: cs.Decays, be_out: Any, ops: Ops
 ) -> None:
-    """Stage 4 for one layer (`chunk_step.layer_solve`, no resets), bf16 operands: `a [C, i]`,
-    `g [C, o]` (bf16), `b [C]`, the float32 state `w0, s0 [o, i]` -> `be_out = b e [C, o]`.
+    """Stage 4 for one layer (`chunk_step.layer_solve`, no resets): operand tiles `a [C, i]`,
+    `g [C, o]`, `b [C]`, the float32 state `w0, s0 [o, i]` -> the tile `be_out = b e [C, o]`.
 
     `e = (I + L)^-1 rhs` is applied as `(I + M)^-1 ((I + D)^-1 rhs)` (`chunked.
     unit_lower_inverse`'s split), so the full inverse is never formed; at most 3 `[C, C]`
@@ -634,7 +634,7 @@ def _solve_layer(
 def _read_layer(
     q: Any, a: Any, g: Any, be: Any, w0: Any, s0: Any, dec: cs.Decays, ops: Ops
 ) -> jax.Array:
-    """Stage 5 for one layer (`chunk_step.layer_read`, no resets): `W_t q_t` for the bf16 query
+    """Stage 5 for one layer (`chunk_step.layer_read`, no resets): `W_t q_t` for the query tile
     `q [C, i]` -> `[C, o]` float32."""
     c, o = q.shape[0], w0.shape[0]
     ca = ops.mm(q, a, False, True)
@@ -682,11 +682,12 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
     """The whole chunk step (`chunk_step.chunk_forward`, no resets) in compiled form.
 
     `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` refs in
-    `ops.operands` (the products' operands as they arrive; `walk_forward` casts them), gates `[C]` float32 -> `y_ref [C, d]`
-    float32 and the state updated in place. Every product takes bf16 operands with float32
-    accumulation; the state, the decays' vectors, step sizes and all elementwise math stay
-    float32. Scratch is scoped per stage so that stages reuse it; live across stages are the
-    layer inputs, steps and `b e` (bf16 `[C, d]` and `[C, h]`) and `G`, `K` incl. and prior.
+    `ops.operands` (read by the products as they arrive; `walk_forward` casts them), gates
+    `[C]` float32 -> `y_ref [C, d]` float32 and the state updated in place. Every product
+    takes operand tiles (`ops.operands`: bf16 compiled) with float32 accumulation; the state,
+    the decays' vectors, step sizes and all elementwise math stay float32. Scratch is scoped
+    per stage so that stages reuse it; live across stages are the layer inputs, steps and
+    `b e` (`[C, d]` and `[C, h]` tiles) and `G`, `K` incl. and prior.
     """
     c, d = x.k.shape
     h = state.w2.shape[0]
