@@ -139,3 +139,71 @@ def test_solve_stage_in_interpreter(chunk):
     want = jax.vmap(staged)(*args)
     for name, a, b in zip(("aa", "inv", "e", "be"), got, want, strict=True):
         assert rel_err(a, b) < 1e-5, name
+
+
+def bf16_inputs(x: cs.Inputs) -> cs.Inputs:
+    """k, v, q in bf16, the form `memory_step` takes them."""
+    return x._replace(**{f: getattr(x, f).astype(jnp.bfloat16) for f in ("k", "v", "q")})
+
+
+def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h=16):
+    """`memory_step` walked over three chunks in the interpreter, and the float64 reference of
+    `chunk_step.sequence_forward` on the same (rounded) inputs: `(y, final, y_ref, final_ref,
+    init, q)`; float64 enabled (the `x64` fixture)."""
+    init, x = make(n, 3 * chunk, d, h)
+    # Retention near 1: the chunk-start state must still matter after three chunks.
+    x = x._replace(alpha=0.97 + 0.03 * x.alpha)
+    if operands == jnp.bfloat16:
+        x = bf16_inputs(x)
+    walk = functools.partial(
+        mw.walk_forward, cfg, chunk=chunk, step=mw.memory_step,
+        interpret=mw.interpret_params(), operands=operands,
+    )  # fmt: skip
+    y, final = jax.jit(walk)(init, x)
+    up = cs.Inputs(*(a.astype(jnp.float64) for a in x))
+    init64 = cs.State(*(a.astype(jnp.float64) for a in init))
+    ref = jax.jit(jax.vmap(lambda i, xs: cs.sequence_forward(cfg, i, xs, chunk)))
+    y_ref, final_ref = ref(init64, up)
+    return y, final, y_ref, final_ref, init64, up.q
+
+
+STEP_CONFIGS = {
+    "presets": CFG,
+    "curvature_step": CFG._replace(normalize_chunk=False),
+    "plain": cs.StepConfig(False, False, False, False),
+}
+
+
+# C = 16: one inverse block; 32: the block split.
+@pytest.mark.parametrize(("chunk", "name"), [(16, "presets"), (32, "presets"),
+                                             (16, "curvature_step"), (16, "plain")])  # fmt: skip
+def test_memory_step_walk_is_exact_with_float32_operands(x64, chunk, name):
+    y, final, y_ref, final_ref, init, q = memory_step_case(chunk, jnp.float32, STEP_CONFIGS[name])
+    assert rel_err(y - q, y_ref - q) < 1e-5
+    for a, b, i in zip(final, final_ref, init, strict=True):
+        assert rel_err(a - i, b - i) < 1e-5
+
+
+def test_memory_step_walk_with_bf16_operands(x64):
+    """bf16 operands (the compiled form) at hope_340m's C = d = h = 64: the read `y - q` and the
+    state's change over three chunks within 5e-3 of the float64 reference (measured: 2.8e-3
+    and 9e-6 to 9.5e-4)."""
+    y, final, y_ref, final_ref, init, q = memory_step_case(64, jnp.bfloat16, n=1, d=64, h=64)
+    errs = [rel_err(y - q, y_ref - q)]
+    errs += [rel_err(a - i, b - i) for a, b, i in zip(final, final_ref, init, strict=True)]
+    assert max(errs) < 5e-3
+
+
+def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
+    """hope_340m's M_memory (C = d = h = 64): the whole chunk step lowers, the CTA asks 222 KiB
+    of shared memory, under the 227 KiB an H100 or H200 CTA may take, and a chunk is 50
+    `wgmma`s of 64 x 64 x 64 in 48 dependent steps (WORKSPACE.md's count)."""
+    init, x = make(2, 128, 64, 64)  # float32 k, v, q: the walk casts them
+    texts = []
+    sizes = mw.smem_bytes_at_lowering(
+        lambda: texts.append(mw.lower_for_cuda(CFG, init, x, 64, mw.memory_step))
+    )
+    assert "mosaic_gpu" in texts[0]
+    assert sizes == [227344]
+    assert sizes[0] <= 227 * 1024
+    assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step) == (50, 48)

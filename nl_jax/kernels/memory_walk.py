@@ -14,8 +14,11 @@ written once against `Ops` (tensor-core matmuls and WGMMA register layouts compi
 math without layouts interpreted): `boundary_read_step`, the read `q + W1 gelu(W2 q)` as two
 tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1),
 `factors_stage` (stage 2) and `solve_stage` (stage 4); `decays_kernel`, `factors_kernel` and
-`solve_kernel` run stages alone. `lower_for_cuda` lowers a walk for a GPU on any host, so a
-stage that Mosaic GPU cannot lower fails on CPU.
+`solve_kernel` run stages alone. `memory_step` is the whole chunk step with bf16 operand tiles
+(`Ops.mm`), scratch scoped per stage so that it fits one CTA's shared memory at `C = d = h =
+64`. `lower_for_cuda` lowers a walk for a GPU on any host, so a stage that Mosaic GPU cannot
+lower fails on CPU; `smem_bytes_at_lowering` and `wgmma_per_chunk` count a walk's shared memory
+and tensor-core products there.
 """
 
 from __future__ import annotations
@@ -66,10 +69,14 @@ class Ops(NamedTuple):
 
     compiled: bool
     mm_nt: Callable[[Any, Any], jax.Array]  # `a @ b^T` of two shared-memory refs, float32
+    mm: Callable[..., jax.Array]  # `op(a) @ op(b)` (+ more) of 16-bit refs: `wgmma_any`
     matrix: Callable[[jax.Array], jax.Array]  # a `[m, n]` value in the WGMMA layout
     rows: Callable[[jax.Array, int], jax.Array]  # `v [m] -> [m, n]`, v_t along row t
     cols: Callable[[jax.Array, int], jax.Array]  # `v [n] -> [m, n]`, v_s along column s
     iota: Callable[[tuple[int, int], int], jax.Array]  # int32 indices along one dimension
+    # `memory_step`'s operand tiles: bf16 compiled (tf32 has no transposed operands); float32
+    # in the interpreter checks its math exactly.
+    operands: Any = jnp.bfloat16
 
 
 def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
@@ -85,6 +92,43 @@ def wgmma_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     return pl.run_scoped(product, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
 
 
+def _operands(a_ref: Any, b_ref: Any, ta: bool, tb: bool) -> tuple[Any, Any]:
+    a = plgpu.transpose_ref(a_ref, (1, 0)) if ta else a_ref
+    if b_ref is a_ref and not ta:
+        # Layout inference gives one ref used as both operands a single operand's tiling; A is
+        # taken from registers instead.
+        a = plgpu.layout_cast(a_ref[...], plgpu.Layout.WGMMA)
+    return a, plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref
+
+
+def wgmma_any(
+    a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False, plus: tuple = ()
+) -> jax.Array:
+    """`op(a) @ op(b)` (`op` transposes where `ta`, `tb`) of bf16 shared-memory refs, float32
+    accumulation on tensor cores: 16-bit `wgmma` reads either operand transposed. `plus`:
+    further `(a, b, ta, tb)` products summed in the same accumulator, waited on once."""
+    m = a_ref.shape[1] if ta else a_ref.shape[0]
+    n = b_ref.shape[0] if tb else b_ref.shape[1]
+
+    def product(acc):
+        for term in ((a_ref, b_ref, ta, tb), *plus):
+            plgpu.wgmma(acc, *_operands(*term))
+        return acc[...]
+
+    return pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
+
+
+def interpret_any(
+    a_ref: Any, b_ref: Any, ta: bool = False, tb: bool = False, plus: tuple = ()
+) -> jax.Array:
+    """`wgmma_any` for the interpreter."""
+    out = 0.0
+    for x_ref, y_ref, tx, ty in ((a_ref, b_ref, ta, tb), *plus):
+        x, y = x_ref[...], y_ref[...]
+        out = out + jnp.dot(x.T if tx else x, y.T if ty else y, preferred_element_type=jnp.float32)
+    return out
+
+
 def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
     """`wgmma_nt` for the interpreter, which has no `wgmma` on transposed refs."""
     return jnp.dot(a_ref[...], b_ref[...].T, preferred_element_type=jnp.float32)
@@ -93,6 +137,10 @@ def interpret_nt(a_ref: Any, b_ref: Any) -> jax.Array:
 def _log(x: jax.Array) -> jax.Array:
     # The clamp of `chunk_step.decays`: gates may be exactly 0.
     return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+
+
+def _store(ref: Any, value: jax.Array) -> None:
+    ref[...] = value.astype(ref.dtype)
 
 
 def _compiled_rows(v: jax.Array, n: int) -> jax.Array:
@@ -106,12 +154,12 @@ def _compiled_cols(v: jax.Array, m: int) -> jax.Array:
 
 
 COMPILED = Ops(
-    True, wgmma_nt, lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA), _compiled_rows,
+    True, wgmma_nt, wgmma_any, lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA), _compiled_rows,
     _compiled_cols,
     lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA),
 )  # fmt: skip
 INTERPRETED = Ops(
-    False, interpret_nt, lambda x: x,
+    False, interpret_nt, interpret_any, lambda x: x,
     lambda v, n: lax.broadcast_in_dim(v, (v.shape[0], n), [0]),
     lambda v, m: lax.broadcast_in_dim(v, (m, v.shape[0]), [1]),
     lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim),
@@ -184,12 +232,12 @@ def decays_stage(
     g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
     g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)
     diff_b = ops.rows(cb_t, c) - ops.cols(cb_s, c)
-    out.g_incl[...] = g_incl
-    out.g_prior[...] = g_prior
+    _store(out.g_incl, g_incl)
+    _store(out.g_prior, g_prior)
     if g_prior_t is not None:
-        g_prior_t[...] = jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0)
-    out.p_incl[...] = jnp.where(lower, jnp.exp(diff_b), 0.0)
-    scratch[...] = jnp.where(upper, jnp.exp(-diff_b), 0.0)  # P^T
+        _store(g_prior_t, jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0))
+    _store(out.p_incl, jnp.where(lower, jnp.exp(diff_b), 0.0))
+    _store(scratch, jnp.where(upper, jnp.exp(-diff_b), 0.0))  # P^T
     out.gi[...] = jnp.exp(ci_t)
     out.gp[...] = jnp.exp(cp_t)
     out.pi[...] = jnp.exp(cb_t)
@@ -197,8 +245,8 @@ def decays_stage(
     out.ri[...] = jnp.sum(g_incl * pi_s, 1)
     out.rp[...] = jnp.sum(g_prior * pi_s, 1)
     plgpu.commit_smem()
-    out.k_incl[...] = ops.mm_nt(out.g_incl, scratch)
-    out.k_prior[...] = ops.mm_nt(out.g_prior, scratch)
+    _store(out.k_incl, ops.mm_nt(out.g_incl, scratch))
+    _store(out.k_prior, ops.mm_nt(out.g_prior, scratch))
 
 
 def transpose_into(dst: Any, src: Any, eye: Any, ops: Ops) -> None:
@@ -473,9 +521,268 @@ def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -
     return cs.Decays(**fields, pi_end=fields["pi"][:, -1])
 
 
+def _load(ref: Any, ops: Ops) -> jax.Array:
+    """A `[m, n]` ref as float32 in the WGMMA layout (named, so layout inference need not
+    search for it)."""
+    return ops.matrix(ref[...]).astype(jnp.float32)
+
+
+def _along(ref: Any, ops: Ops, dim: int = 1) -> jax.Array:
+    """A `[C]` ref as the layout of a sum over `dim` (1: along rows, 0: along columns)."""
+    v = ref[...]
+    return plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(dim)) if ops.compiled else v
+
+
+def _tile(shape: tuple[int, ...], ops: Ops) -> plgpu.SMEM:
+    """A product operand's shared-memory tile, in `ops.operands`."""
+    return _scratch(shape, ops.operands, ops.compiled)
+
+
+# `memory_step`'s `[C]` vectors, rows of one scratch: each allocation is aligned to 1 KiB.
+_VECTORS = ("gi", "gp", "pi", "ri", "rp", "b1", "b2", "cur1", "cur2", "k_last", "g_last", "p_last")
+
+
+def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops) -> jax.Array:
+    """`vec [C]` (along rows) -> `[o, i]` filled with `vec[C - 1]`, by a masked column sum:
+    the WGMMA layout has no scalar extraction."""
+    c = vec.shape[0]
+    by_t = ops.rows(vec, shape[1])
+    at_end = ops.iota((c, shape[1]), 0) == c - 1
+    return ops.cols(jnp.sum(jnp.where(at_end, by_t, 0.0), 0), shape[0])
+
+
+def _step_sizes(cfg: cs.StepConfig, eta: Any, cur: Any, ops: Ops) -> jax.Array:
+    """Stage 3 (`chunk_step._step_size`, no resets): `eta' [C]` along rows from the refs
+    `eta [C]` and the curvature `cur [C]` (read along columns for the chunk's running sum)."""
+    c = eta.shape[0]
+    if cfg.normalize_chunk:
+        lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
+        by_s = ops.cols(_along(eta, ops, 0), c) * ops.cols(_along(cur, ops, 0), c)
+        return _along(eta, ops) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
+    if cfg.normalize_memory or cfg.normalize_lr:
+        return _along(eta, ops) / (1.0 + _along(eta, ops) * _along(cur, ops))
+    return _along(eta, ops)
+
+
+def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) -> None:
+    """`(I + L)^-1` of a nilpotent `low [C, C]` (`chunked._nilpotent_inverse`) into the
+    operand tile `inv`; `power` is scratch. Both refs are overwritten in place once the product
+    reading them has completed."""
+    c = low.shape[0]
+    eye = jnp.where(ops.iota((c, c), 0) == ops.iota((c, c), 1), 1.0, 0.0)
+    _store(power, -low)
+    _store(inv, eye - low)
+    plgpu.commit_smem()
+    for _ in range(max(0, math.ceil(math.log2(max(order, 1))) - 1)):
+        _store(power, ops.mm(power, power))
+        plgpu.commit_smem()
+        _store(inv, _load(inv, ops) + ops.mm(power, inv))
+        plgpu.commit_smem()
+
+
+def _solve_layer(
+    a: Any, g: Any, b: Any, w0: Any, s0: Any, dec: cs.Decays, be_out: Any, ops: Ops
+) -> None:
+    """Stage 4 for one layer (`chunk_step.layer_solve`, no resets): operand tiles `a [C, i]`,
+    `g [C, o]`, `b [C]`, the float32 state `w0, s0 [o, i]` -> the tile `be_out = b e [C, o]`.
+
+    `e = (I + L)^-1 rhs` is applied as `(I + M)^-1 ((I + D)^-1 rhs)` (`chunked.
+    unit_lower_inverse`'s split), so the full inverse is never formed; at most 3 `[C, C]`
+    tiles and `rhs` are live at once.
+    """
+    c, o = a.shape[0], w0.shape[0]
+    block = chunked._PRODUCT_BLOCK
+    if c > block and c % block:
+        raise ValueError(f"the compiled solve takes C <= {block} or a multiple of it, got {c}")
+    aa = ops.mm(a, a, False, True)
+    low = _load(dec.g_prior, ops) * aa * ops.cols(b[...], c)
+
+    def solve(rhs, p1):
+        def right_side(wt):
+            _store(wt, _load(w0, ops))
+            _store(p1, _load(dec.k_prior, ops) * aa)
+            plgpu.commit_smem()
+            out = ops.rows(dec.gp[...], o) * ops.mm(a, wt, False, True) + ops.mm(p1, g)
+            _store(wt, _load(s0, ops))
+            plgpu.commit_smem()
+            _store(rhs, out + ops.rows(dec.rp[...], o) * ops.mm(a, wt, False, True))
+
+        def inverse(p2, p3):
+            if c <= block:
+                _inverse_rounds(low, c, p1, p2, ops)
+                plgpu.commit_smem()
+                return ops.mm(p2, rhs)
+            blocks = (ops.iota((c, c), 0) // block) == (ops.iota((c, c), 1) // block)
+            _inverse_rounds(jnp.where(blocks, low, 0.0), block, p1, p2, ops)  # (I + D)^-1
+            _store(p3, jnp.where(blocks, 0.0, low))
+            plgpu.commit_smem()
+            rest = ops.mm(p2, p3)
+            _store(rhs, ops.mm(p2, rhs))
+            _inverse_rounds(rest, c // block, p1, p3, ops)
+            plgpu.commit_smem()
+            return ops.mm(p3, rhs)
+
+        # The state's copy and the inverse's tiles are never live together.
+        pl.run_scoped(right_side, _tile(w0.shape, ops))
+        e = pl.run_scoped(inverse, square, square)
+        _store(be_out, ops.rows(b[...], o) * e)
+
+    square = _tile((c, c), ops)
+    pl.run_scoped(solve, _tile((c, o), ops), square)
+
+
+def _read_layer(
+    q: Any, a: Any, g: Any, be: Any, w0: Any, s0: Any, dec: cs.Decays, ops: Ops
+) -> jax.Array:
+    """Stage 5 for one layer (`chunk_step.layer_read`, no resets): `W_t q_t` for the query tile
+    `q [C, i]` -> `[C, o]` float32."""
+    c, o = q.shape[0], w0.shape[0]
+    ca = ops.mm(q, a, False, True)
+
+    def read(wt, m_k, m_g):
+        _store(m_k, _load(dec.k_incl, ops) * ca)
+        _store(m_g, -_load(dec.g_incl, ops) * ca)  # negated: one accumulator for both
+        _store(wt, _load(w0, ops))
+        plgpu.commit_smem()
+        out = ops.rows(dec.gi[...], o) * ops.mm(q, wt, False, True)
+        out = out + ops.mm(m_k, g, plus=((m_g, be, False, False),))
+        _store(wt, _load(s0, ops))
+        plgpu.commit_smem()
+        return out + ops.rows(dec.ri[...], o) * ops.mm(q, wt, False, True)
+
+    square = _tile((c, c), ops)
+    return pl.run_scoped(read, _tile(w0.shape, ops), square, square)
+
+
+def _end_layer(
+    a: Any, g: Any, be: Any, w: Any, s: Any, dec: cs.Decays, last: tuple, ops: Ops
+) -> None:
+    """Stage 6 for one layer (`chunk_step.layer_end`, no resets): the float32 refs `w, s [o, i]`
+    become `(W_C, S_C)`; `last = (k_incl[C-1], g_incl[C-1], p_incl[C-1])` as `[C]` refs."""
+    c, o = a.shape[0], w.shape[0]
+    k_last, g_last, p_last = (ops.rows(ref[...], o) for ref in last)
+    g32, be32 = _load(g, ops), _load(be, ops)
+
+    def end(steps, pg):
+        _store(steps, k_last * g32 - g_last * be32)
+        _store(pg, p_last * g32)
+        plgpu.commit_smem()
+        dw, ds = ops.mm(steps, a, True, False), ops.mm(pg, a, True, False)
+        w0, s0 = _load(w, ops), _load(s, ops)
+        shape = w.shape
+        new_w = _last(dec.gi[...], shape, ops) * w0 + dw + _last(dec.ri[...], shape, ops) * s0
+        new_s = _last(dec.pi[...], shape, ops) * s0 + ds
+        w[...] = new_w
+        s[...] = new_s
+
+    pl.run_scoped(end, _tile((c, o), ops), _tile((c, o), ops))
+
+
+def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
+    """The whole chunk step (`chunk_step.chunk_forward`, no resets) in compiled form.
+
+    `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` refs in
+    `ops.operands` (read by the products as they arrive; `walk_forward` casts them), gates
+    `[C]` float32 -> `y_ref [C, d]` float32 and the state updated in place. Every product
+    takes operand tiles (`ops.operands`: bf16 compiled) with float32 accumulation; the state,
+    the decays' vectors, step sizes and all elementwise math stay float32. Scratch is scoped
+    per stage so that stages reuse it; live across stages are the layer inputs, steps and
+    `b e` (`[C, d]` and `[C, h]` tiles) and `G`, `K` incl. and prior.
+    """
+    c, d = x.k.shape
+    h = state.w2.shape[0]
+    f32 = jnp.float32
+    ones = jnp.ones((c,), f32)
+
+    def factors(hk_out, b1, b2, g1, g2, cur1, cur2):
+        """Stage 2 and 3: W1's input, both layers' step sizes and gradient steps."""
+
+        def body(w1b, w2b, gzv, err_b):
+            _store(w1b, _load(state.w1, ops))
+            _store(w2b, _load(state.w2, ops))
+            plgpu.commit_smem()
+            zv = ops.mm(x.v, w2b, False, True)
+            z = ops.mm(x.k, w2b, False, True)
+            hk = cs.gelu(z)
+            _store(hk_out, hk)
+            # err = k - v + (gelu(z) - gelu(zv)) W1^T: one product of the difference.
+            _store(gzv, hk - cs.gelu(zv))
+            plgpu.commit_smem()
+            err = _load(x.k, ops) - _load(x.v, ops) + ops.mm(gzv, w1b, False, True)
+            _store(err_b, err)
+            plgpu.commit_smem()
+            delta2 = ops.mm(err_b, w1b) * cs.gelu_grad(z)
+            x1 = jnp.sum(hk * hk, 1)
+            x2 = jnp.sum(_load(x.k, ops) ** 2, 1)
+            if cfg.normalize_memory:
+                ee = jnp.sum(err * err, 1)
+                tiny = jnp.finfo(f32).tiny
+                total = ee * x1 + jnp.sum(delta2 * delta2, 1) * x2
+                kappa = jnp.where(ee > tiny, total / jnp.maximum(ee, tiny), 0.0)
+                x1, x2 = jnp.maximum(kappa, x1), jnp.maximum(kappa, x2)
+            cur1[...] = x1
+            cur2[...] = x2
+            plgpu.commit_smem()
+            b1[...] = _step_sizes(cfg, x.eta, cur1, ops)
+            b2[...] = _step_sizes(cfg, x.eta, cur2, ops)
+            plgpu.commit_smem()
+            gain = 1.0 - _along(x.beta, ops) if cfg.momentum_ema else ones
+            _store(g1, -ops.rows(_along(b1, ops) * gain, d) * err)
+            gain = 1.0 - _along(x.beta, ops) if cfg.momentum_ema else ones
+            _store(g2, -ops.rows(_along(b2, ops) * gain, h) * delta2)
+
+        pl.run_scoped(
+            body, _tile(state.w1.shape, ops), _tile(state.w2.shape, ops),
+            _tile((c, h), ops), _tile((c, d), ops),
+        )  # fmt: skip
+
+    def walk(hk, g1, g2, be1, be2, g_incl, k_incl, vectors):
+        v = {name: vectors.at[i] for i, name in enumerate(_VECTORS)}
+        gi, gp, pi, ri, rp, b1, b2 = (v[f] for f in ("gi", "gp", "pi", "ri", "rp", "b1", "b2"))
+        k_last, g_last, p_last = v["k_last"], v["g_last"], v["p_last"]
+        # Factors first: their scratch is free before the decays' is taken.
+        factors(hk, b1, b2, g1, g2, v["cur1"], v["cur2"])
+
+        def solves(g_prior, k_prior, p_t):
+            dec = cs.Decays(gi, gp, g_incl, g_prior, p_t, pi, k_incl, k_prior, ri, rp, None)
+            decays_stage(x.alpha, x.beta, dec, p_t, ops)
+            plgpu.commit_smem()
+            _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops)
+            _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops)
+
+        square = _tile((c, c), ops)
+        pl.run_scoped(solves, square, square, square)
+        plgpu.commit_smem()
+        dec = cs.Decays(gi, None, g_incl, None, None, pi, k_incl, None, ri, None, None)
+        at_end = ops.iota((c, c), 0) == c - 1
+        k_last[...] = jnp.sum(jnp.where(at_end, _load(k_incl, ops), 0.0), 0)
+        g_last[...] = jnp.sum(jnp.where(at_end, _load(g_incl, ops), 0.0), 0)
+        p_ts = ops.rows(pi[...], c) / ops.cols(pi[...], c)
+        p_last[...] = jnp.sum(jnp.where(at_end, p_ts, 0.0), 0)
+
+        def reads(hq):
+            r2 = _read_layer(x.q, x.k, g2, be2, state.w2, state.s2, dec, ops)
+            _store(hq, cs.gelu(r2))
+            plgpu.commit_smem()
+            out = _read_layer(hq, hk, g1, be1, state.w1, state.s1, dec, ops)
+            y_ref[...] = _load(x.q, ops) + out
+
+        pl.run_scoped(reads, _tile((c, h), ops))
+        plgpu.commit_smem()
+        last = (k_last, g_last, p_last)
+        _end_layer(hk, g1, be1, state.w1, state.s1, dec, last, ops)
+        _end_layer(x.k, g2, be2, state.w2, state.s2, dec, last, ops)
+
+    pl.run_scoped(
+        walk, _tile((c, h), ops), _tile((c, d), ops), _tile((c, h), ops),
+        _tile((c, d), ops), _tile((c, h), ops), _tile((c, c), ops),
+        _tile((c, c), ops), plgpu.SMEM((len(_VECTORS), c), f32),
+    )  # fmt: skip
+
+
 def walk_forward(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, *,
-    step: Step = reference_step, interpret: Any = None,
+    step: Step = reference_step, interpret: Any = None, operands: Any = jnp.bfloat16,
 ) -> tuple[jax.Array, cs.State]:  # fmt: skip
     """The persistent forward over N streams: `(y [N, seq, d], final State)`.
 
@@ -485,6 +792,7 @@ def walk_forward(
         through `chunk_step` outside the kernel).
       step: the per-chunk stage (`reference_step`, `boundary_read_step`).
       interpret: `interpret_params()` to run in the Mosaic GPU interpreter on CPU.
+      operands: `memory_step`'s operand dtype (`Ops.operands`); its k, v, q are cast to it.
     """
     if not cfg.read:
         raise ValueError("walk_forward is the read-out memory's walk (StepConfig.read=True)")
@@ -492,9 +800,12 @@ def walk_forward(
     if seq % chunk:
         raise ValueError(f"seq {seq} must be a multiple of the chunk size {chunk}")
     n_chunks = seq // chunk
+    if step is memory_step:
+        # Its products read k, v, q straight from the copied tiles.
+        x = x._replace(k=x.k.astype(operands), v=x.v.astype(operands), q=x.q.astype(operands))
     f32 = jnp.float32
     compiled = interpret is None
-    ops = COMPILED if compiled else INTERPRETED
+    ops = (COMPILED if compiled else INTERPRETED)._replace(operands=operands)
     state_scratch = [_scratch(a.shape[1:], a.dtype, compiled) for a in init]
     chunk_scratch = [_scratch((chunk, d), x.k.dtype, compiled) for _ in range(3)]
     gate_scratch = [_scratch((chunk,), x.eta.dtype, compiled) for _ in range(3)]
@@ -505,17 +816,18 @@ def walk_forward(
         init_g, x_g = cs.State(*ins[:4]), cs.Inputs(*ins[4:])
         y_g, final_g = outs[0], cs.State(*outs[1:])
         state_s, x_s = cs.State(*scratch[:4]), cs.Inputs(*scratch[4:10])
-        y_s, bar = scratch[10], scratch[11]
+        y_s, state_bar, bar = scratch[10:]
         i = lax.axis_index("stream")
+        # Each barrier counts one arrival per copy, so the copies fly together.
         for src, dst in zip(init_g, state_s, strict=True):
-            plgpu.copy_gmem_to_smem(src.at[i], dst, bar)
-            plgpu.barrier_wait(bar)
+            plgpu.copy_gmem_to_smem(src.at[i], dst, state_bar)
+        plgpu.barrier_wait(state_bar)
 
         def chunk_body(c, carry):
             rows = pl.ds(c * chunk, chunk)
             for src, dst in zip(x_g, x_s, strict=True):
                 plgpu.copy_gmem_to_smem(src.at[i, rows], dst, bar)
-                plgpu.barrier_wait(bar)
+            plgpu.barrier_wait(bar)
             # The previous chunk's output copy reads y_s: wait before overwriting it.
             plgpu.wait_smem_to_gmem(0)
             step(cfg, state_s, x_s, y_s, ops)
@@ -536,7 +848,8 @@ def walk_forward(
     kernel = plgpu.kernel(
         body, out_type=out_type, grid=(n,), grid_names=("stream",),
         scratch_types=[*state_scratch, *chunk_scratch, *gate_scratch, y_scratch,
-                       plgpu.Barrier(num_arrivals=1)],
+                       plgpu.Barrier(num_arrivals=len(init)),
+                       plgpu.Barrier(num_arrivals=len(x))],
         compiler_params=_COMPILER, interpret=interpret,
     )  # fmt: skip
     y, *final = kernel(*init, *x)
@@ -547,3 +860,50 @@ def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int,
     """StableHLO text of `walk_forward` lowered for a CUDA GPU (no GPU needed)."""
     fn = jax.jit(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
     return fn.trace(init, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def smem_bytes_at_lowering(lower: Callable[[], Any]) -> list[int]:
+    """The shared memory per CTA that Mosaic GPU asks at launch, one entry per kernel lowered by
+    `lower()` (scratch, barriers and reduction scratch, as the launch counts them)."""
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    sizes: list[int] = []
+    count = mgpu_core._smem_tree_size
+
+    def counting(tree):
+        sizes.append(count(tree))
+        return sizes[-1]
+
+    mgpu_core._smem_tree_size = counting
+    try:
+        lower()
+    finally:
+        mgpu_core._smem_tree_size = count
+    return sizes
+
+
+def wgmma_per_chunk(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step
+) -> tuple[int, int]:
+    """`(wgmma issued, accumulator reads)` per chunk of `walk_forward` (inside its chunk
+    loop), counted in the compiled form's jaxpr without a GPU; every read waits for the
+    products before it, so the reads are the step's dependent tensor-core steps."""
+
+    def count(jaxpr: Any, in_loop: bool) -> tuple[int, int]:
+        n = [0, 0]
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            n[0] += in_loop and name == "wgmma_ref"
+            n[1] += in_loop and name.startswith("wgmma_accumulator_deref")
+            inner = in_loop or name in ("while", "scan")
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if not hasattr(sub, "eqns"):
+                        sub = getattr(sub, "jaxpr", None)
+                    if hasattr(sub, "eqns"):
+                        products, reads = count(sub, inner)
+                        n[0], n[1] = n[0] + products, n[1] + reads
+        return n[0], n[1]
+
+    fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
+    return count(fn(init, x).jaxpr, False)
