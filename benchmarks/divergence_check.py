@@ -11,7 +11,8 @@ checkpoints every `--checkpoint_every` steps, so the same command continues ever
 where it stopped (a long sweep spreads over several calls of a time-limited machine:
 `--time_budget` sends the running trainer SIGTERM, which checkpoints, and starts no run it cannot
 finish a compile of). `--parallel=N` runs N trainers at once on the same devices (each
-allocating device memory as it goes): small models leave most of a GPU idle. A run that stopped on a non-finite loss or gradient is not restarted.
+allocating device memory as it goes): small models leave most of a GPU idle, but their peaks
+add up, and a trainer that finds no memory fails at its first step (rerun it with fewer). A run that stopped on a non-finite loss or gradient is not restarted.
 `--summary` prints the table of whatever the runs' `metrics.jsonl` hold and runs nothing.
 Arguments after `--` go to every trainer. Exit code 0 whatever the runs did; 2 bad arguments.
 """

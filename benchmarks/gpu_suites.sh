@@ -93,12 +93,14 @@ suite_stability() {
   local paper="$m.normalize_memory=False $m.momentum_ema=False $m.normalize_chunk=False"
   local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500} --checkpoint_every=250"
   local long=${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0,transformer_340m:1}
-  local sweep=${SWEEP:-hope_340m:0:3e-4,hope_340m:0:3e-3,titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3}
-  [ -n "${SWEEP:-}" ] || sweep=$sweep,transformer_340m:0:3e-4,transformer_340m:0:3e-3
+  # The short runs first: a hope_340m trainer at this size peaks at about 10 GiB, and six of
+  # them beside the others ran an H100 out of memory.
+  local sweep=${SWEEP:-titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3,transformer_340m:0:3e-4}
+  [ -n "${SWEEP:-}" ] || sweep=$sweep,transformer_340m:0:3e-3,hope_340m:0:3e-4,hope_340m:0:3e-3
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the trainers share the GPU
   $dc --root="$OUT/stability" --parallel=6 --steps=1000 --eval_every=250 --runs="$long" -- $c \
     >"$OUT/stability.log" 2>&1 &
-  $dc --root="$OUT/lr_sweep" --parallel=3 --steps=250 --eval_every=250 --runs="$sweep" -- $c \
+  $dc --root="$OUT/lr_sweep" --parallel=2 --steps=250 --eval_every=250 --runs="$sweep" -- $c \
     >"$OUT/lr_sweep.log" 2>&1 &
   $dc --root="$OUT/paper_form" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c $paper \
     >"$OUT/paper_form.log" 2>&1 &
