@@ -27,7 +27,7 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
     """Eqs. 90-91 token by token: projections from the chunk-start states, DGD per layer.
 
     `cut_every` > 0: before every positive multiple of that many tokens, every memory's state
-    keeps its value but passes its gradient straight to its initial state (spec row 8's cut).
+    keeps its value but passes its gradient straight to its initial state (the cut).
     """
     names = tuple(init)
     proj = [n for n in names if n != "memory"]

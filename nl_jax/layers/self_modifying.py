@@ -8,8 +8,8 @@ each chunk of C_other tokens, the projection memories' chunk-start states genera
     alpha_t = sigmoid(w_alpha . M_alpha(u_t) + b_alpha)                         (Eq. 90)
 
 and every memory then learns its self-generated target v_hat = M_box,xi(v_t) on key k_t with DGD
-and weight decay (Eq. 91), plus Titans momentum beta_t (spec row 7). The output is the per-token
-read y_t = M_memory,t(q_t) of a static, l2-normalised query (row 1; `adaptive_q` makes q a memory
+and weight decay (Eq. 91), plus Titans momentum beta_t. The output is the per-token
+read y_t = M_memory,t(q_t) of a static, l2-normalised query (`adaptive_q` makes q a memory
 read too). v is l2-normalised as well (`normalize_v`, our choice: the self-generated targets
 otherwise diverge). `u` is the block input after an input projection, SiLU and a short causal conv.
 

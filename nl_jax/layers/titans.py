@@ -3,7 +3,7 @@
 The modules are thin NNX shells: they own the slow parameters (projections, gates, convs, norms
 and the meta-learned initial fast weights) and hand the inner loop to `nl_jax.core.run_level`,
 vmapped over batch and heads. The outer gradient flows through the unrolled inner updates into
-the initial fast weights (spec row 8), or through the last `backprop_chunks` chunks of them
+the initial fast weights, or through the last `backprop_chunks` chunks of them
 (the presets: see `experiments/lm.py` on Titans' inner loop on text).
 
 LMM, per head h and token t (x already normalised by the block):
@@ -190,7 +190,7 @@ class NeuralMemory(nnx.Module):
         as `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernels.
         `backprop_chunks` K > 0: the outer gradient flows through the inner updates of at most
         K chunks, straight through to the initial fast weights at each cut
-        (`nl_jax.core.truncation`, spec row 8); 0: through all of them. `parallel_windows`: with
+        (`nl_jax.core.truncation`); 0: through all of them. `parallel_windows`: with
         K > 0, the backward walks all windows of K chunks side by side (the same gradient;
         speed and memory only), with the fused kernels or, for `kernel="xla"`, through
         `run_level_fused(forward="xla")`. `normalize_values`:
