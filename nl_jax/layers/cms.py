@@ -40,6 +40,7 @@ import ml_collections
 from flax import nnx
 
 from nl_jax.layers.conv import continue_segments
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.mlp import MLP
 from nl_jax.layers.norms import RMSNorm, logical_param
 
@@ -277,8 +278,6 @@ class CMS(nnx.Module):
 
 def from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> CMS:
     """The CMS of a model config (`cms.*` fields of `experiments/lm.py`)."""
-    from nl_jax.models.lm import dtype_of
-
     c = cfg.cms
     chunks, every = tuple(c.chunk_sizes), tuple(c.update_every)
     if len(chunks) != len(every):

@@ -44,6 +44,7 @@ from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import l2_normalize, logical_param
 
@@ -696,8 +697,6 @@ class SelfModifyingTitans(nnx.Module):
 
 def from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SelfModifyingTitans:
     """The mixer for a model config (`memory.*` fields of `experiments/lm.py`)."""
-    from nl_jax.models.lm import dtype_of
-
     spec = spec_from_config(cfg)
     if spec.heads * spec.head_dim <= 0:
         raise ValueError(f"memory.heads and memory.head_dim must be positive, got {spec}")

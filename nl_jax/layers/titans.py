@@ -52,6 +52,7 @@ from nl_jax.kernels.fused_scan import fused_fits
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
 from nl_jax.layers.conv import ShortConv, causal_conv, continue_positions, continue_segments
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import RMSNorm, l2_normalize, logical_param
 from nl_jax.layers.rope import segment_positions
@@ -744,7 +745,6 @@ class MemoryAsLayer(_MemoryWithAttention):
 
 
 def _dtypes(cfg: ml_collections.ConfigDict) -> dict[str, jnp.dtype]:
-    from nl_jax.models.lm import dtype_of  # lazy: models imports layers
 
     return {"param_dtype": dtype_of(cfg.param_dtype), "dtype": dtype_of(cfg.dtype)}
 

@@ -23,6 +23,7 @@ import ml_collections
 from flax import nnx
 
 from nl_jax.layers import axes
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.norms import RMSNorm, logical_param
 from nl_jax.models.loss import check_token_ids, token_nll
 
@@ -80,16 +81,6 @@ def _lookup(table: dict[str, Factory], kind: str, name: str) -> Factory:
             "nl_jax-eval, or import it before nl_jax.load"
         )
     return table[name]
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    """`float32` / `bfloat16` / `float16` by name, with a clear error otherwise."""
-    # float64 only for references in tests (under jax.enable_x64).
-    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-               "float64": jnp.float64}  # fmt: skip
-    if name not in allowed:
-        raise ValueError(f"unknown dtype {name!r}; allowed: {sorted(allowed)}")
-    return allowed[name]
 
 
 class Block(nnx.Module):

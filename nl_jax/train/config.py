@@ -153,6 +153,7 @@ def _gcd(a: int, b: int) -> int:
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
+    from nl_jax.layers.dtypes import dtype_of  # noqa: PLC0415
     from nl_jax.models import lm  # noqa: PLC0415
 
     m = config.model
@@ -162,7 +163,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"{e}.") from None
     for key in ("dtype", "param_dtype"):
         try:
-            lm.dtype_of(m[key])
+            dtype_of(m[key])
         except ValueError as e:
             raise ConfigError(f"config key `model.{key}` = {m[key]!r}: {e}.") from None
     hook = getattr(lm, "validate_config", None)
