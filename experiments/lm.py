@@ -53,6 +53,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.family = family
     m.mixer = ""  # empty: the family's default mixer (see nl_jax.models.lm.FAMILIES)
     m.mlp = ""
+    # Modules to import before building: ones that register your own mixers or MLPs
+    # (`nl_jax-train --import=MODULE` appends here; export, eval and nl_jax.load import them).
+    m.imports = ()
     m.vocab_size = 257 if size == "tiny" else 32000
     m.d_model = d
     m.num_layers = layers
@@ -172,17 +175,17 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.titans_normalize_chunk = titans
     # - l2-normalised values, as the paper's keys and queries: bounds the inner error.
     m.memory.titans_normalize_v = titans
-    # - spec row 8's option: the outer gradient flows through the inner updates of at most K
-    #   chunks (cut every K chunks, straight through to the meta-learned initial weights,
-    #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Without
-    #   it the gradient norm went infinite while the loss was still finite.
+    # - the outer gradient flows through the inner updates of at most K chunks (cut every K
+    #   chunks, straight through to the meta-learned initial weights,
+    #   nl_jax/core/truncation.py); 0 = through all of them, as the paper meta-learns. Uncut,
+    #   the gradient norm of the sized presets overflows while the loss is still finite.
     #   Hope takes it too (every memory of the layer cut every K x C_mem tokens), on in its
-    #   presets: hope_340m (4 layers, seq 2048 x 8, lr 1e-3, 200 steps, H200)
-    #   cut trained both seeds finite, to 1.738 and 1.748 bits/byte, at +20% trainer tokens/s
-    #   (+26% in benchmarks/throughput.py); uncut it reached 1.788 at seed 0, and at seed 1 one
-    #   run's gradient went NaN at step 105 (loss finite; a rerun, not bit-identical on the GPU,
-    #   passed that step). hope_tiny moved by <= 0.0012 bits/byte at two seeds (BENCHMARKS.md,
-    #   sessions 13, 15 and 16). The paper's uncut meta-gradient:
+    #   presets: hope_340m (4 layers, seq 2048 x 8, lr 1e-3, 200 steps, H200) trains both
+    #   seeds finite with the cut, to 1.738 and 1.748 bits/byte, at +20% trainer tokens/s
+    #   (+26% in benchmarks/throughput.py); uncut it reaches 1.788 at seed 0, and at seed 1 its
+    #   gradient can go NaN near step 105 with the loss finite (GPU runs are not
+    #   bit-identical). hope_tiny moves by <= 0.0012 bits/byte at two seeds. The paper's uncut
+    #   meta-gradient:
     #   --config.model.memory.backprop_chunks=0 --config.model.memory.parallel_windows=False.
     m.memory.backprop_chunks = 4 if titans or hope else 0
     # With a cut every K chunks the windows are independent in the backward, which walks them
@@ -193,7 +196,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.parallel_windows = titans or hope
     m.memory.adaptive_k = True  # ablation "w/o inner-projection k"
     m.memory.adaptive_v = True  # ablation "w/o inner-projection v"
-    m.memory.adaptive_q = False  # row 1: static q by default
+    m.memory.adaptive_q = False  # static q by default (the paper's)
     m.memory.normalize_v = True  # l2-normalise Hope's v (ours: self-targets diverge without it)
     m.memory.read = "per_token"  # row 2 option B; "boundary" = option A
     m.memory.conv_window = 4
@@ -240,7 +243,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # Outer gradient of in-context levels (spec 4.5, row 8): "unrolled" backpropagates through the
     # updates (second order); "straight_through" writes stop-gradient updates.
     m.cms.outer_grad = "unrolled"
-    m.cms.flush_partial = False  # row 14: a trailing partial chunk updates the state (or not)
+    m.cms.flush_partial = False  # a trailing partial chunk updates the state (or not)
     return m
 
 
@@ -254,12 +257,12 @@ def get_config(arg: str = "hope_tiny") -> ml_collections.ConfigDict:
     config.preset = arg
     config.model = model_config(family, size)
     if family.startswith("titans") and size != "tiny":
-        # At 3e-3 (the CPU demo's rate) titans_lmm_340m went NaN within 200 steps in 5 of 8
-        # runs on an H200 (4 layers, seq 4096 x 8; walk and windows, seeds 0-2, sessions 10 and
-        # 12); at 1e-3 all 3 tried trained 200 steps, to a lower loss.
+        # At 3e-3 (the CPU demo's rate) titans_lmm_340m goes NaN within 200 steps in 5 of 8
+        # runs on an H200 (4 layers, seq 4096 x 8, seeds 0-2); at 1e-3 all 3 seeds tried train
+        # 200 steps, to a lower loss.
         config.optimizer.learning_rate = 1e-3
     if family == "hope" and size != "tiny":
-        # hope_340m (4 layers, 200 steps, H200, seed 0): 1.788 bits/byte at 1e-3 against 1.936
-        # at 3e-3.
+        # hope_340m (4 layers, 200 steps, H200, seed 0): 1.788 bits/byte at 1e-3, 1.936 at
+        # 3e-3.
         config.optimizer.learning_rate = 1e-3
     return config

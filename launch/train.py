@@ -1,144 +1,18 @@
-"""THE launch script: train any preset on CPU, one or many GPUs, or a TPU pod.
+"""Train any preset from a checkout: the `nl_jax-train` command (nl_jax/train/cli.py has the
+flags and exit codes).
 
     python launch/train.py --config=experiments/lm.py:hope_tiny --workdir=/tmp/run \
-        [--config.num_steps=500 --config.mesh.fsdp=2 ...]
-
-Trains, evaluates every `eval.every_steps`, checkpoints every `checkpoint.every_steps` (and on
-SIGTERM or Ctrl-C) and resumes from the newest intact checkpoint in --workdir. Ends with one
-summary line: the validation loss / bits per byte and where the checkpoint is. Every anticipated
-failure ends with one `error:` line instead (exit codes below).
-
-    python launch/train.py --config=experiments/lm.py:transformer_340m --compile_only \
-        [--topology=v5p:2x2x2 | --topology=h200]
-
-compiles the train step ahead of time (for the local devices, for a TPU topology from any
-machine with `jax[tpu]` installed, or for one H200 from any machine with `jax[cuda12]`
-installed, no GPU needed) and prints its per-device memory, without training.
-Exit codes: 0 done, 2 bad input (config, data, mesh, checkpoint, a workdir that is not writable
-or that another trainer holds), 3 compile-only topology not available here, 4 compile-only: does
-not fit in device memory, 5 the training state became non-finite (nothing of it saved), 6 a
-checkpoint could not be written (disk full), 130 stopped by Ctrl-C (SIGINT) and 143 by SIGTERM
-after saving a checkpoint (a second Ctrl-C exits at once with 130, without one).
+        [--config.num_steps=500 --config.mesh.fsdp=2 --import=my_pkg.my_level ...]
 """
 
-from __future__ import annotations
-
-import logging
-import os
 import pathlib
 import sys
-from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: path/to/file.py:arg, e.g. experiments/lm.py:hope_tiny."
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Only AOT-compile the train step.")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology",
-    None,
-    "With --compile_only: a TPU topology such as v5p:2x2x2 or v5e:16x16, or h200 (one GPU, "
-    "described without one: needs the CUDA plugin, jax[cuda12]).",
-)
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    ["auto", "on", "off"],
-    "jax.distributed.initialize(): auto = when SLURM / TPU pod / JAX_COORDINATOR_ADDRESS say "
-    "the run has several processes.",
-)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit (no traceback: the message is the diagnosis)."""
-    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> None:
-    """absl flag parsing with clear messages for unknown --config keys and bad values."""
-    from nl_jax.train import config as config_lib  # noqa: PLC0415
-
-    config_lib.parse_config_flags(flags.FLAGS, argv, _fail)
-
-
-def main(argv: list[str]) -> int:
-    """Parse flags, start multi-process JAX if needed, then train or compile."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _parse_flags(argv)
-    from nl_jax.train import distributed  # noqa: PLC0415
-
-    distributed.initialize(_DISTRIBUTED.value)
-    from nl_jax.train import checkpoint, trainer  # noqa: PLC0415
-    from nl_jax.train import config as config_lib
-    from nl_jax.train import workdir as workdir_lib
-
-    config = _CONFIG.value
-    if config.get("compilation_cache_dir"):
-        import jax  # noqa: PLC0415
-
-        cache = os.path.expanduser(config.compilation_cache_dir)
-        jax.config.update("jax_compilation_cache_dir", cache)
-    # orbax (absl) and its asyncio writers log a failed background save as chained tracebacks;
-    # the trainer reports it in one line instead.
-    for noisy in ("absl", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    try:
-        if _COMPILE_ONLY.value:
-            try:
-                trainer.compile_only(config, _TOPOLOGY.value)
-            except trainer.TopologyError as e:
-                _fail(str(e), code=3)
-            except trainer.CompileError as e:
-                _fail(str(e), code=4)
-            return 0
-        if _TOPOLOGY.value:
-            _fail("--topology only makes sense with --compile_only")
-        if not _WORKDIR.value:
-            _fail("--workdir is required to train (checkpoints and metrics go there)")
-        summary = trainer.train(config, _WORKDIR.value)
-    except config_lib.ConfigError as e:
-        _fail(f"{e} Nothing was written to the workdir.")
-    except (checkpoint.CheckpointError, workdir_lib.WorkdirError) as e:
-        _fail(str(e))
-    except trainer.NonFiniteError as e:
-        _fail(str(e), code=5)
-    except checkpoint.CheckpointSaveError as e:
-        _fail(str(e), code=6)
-    print(summary.line(), flush=True)
-    return summary.exit_code
-
-
-_INTERRUPTED = (
-    "interrupted (Ctrl-C) before a checkpoint could be saved; a restart resumes from the newest "
-    "checkpoint in the workdir, if any."
-)
-
-
-def _interrupt_in_a_callback(unraisable: Any) -> None:
-    """A Ctrl-C that lands in a callback Python cannot raise from (a garbage-collection hook
-    of JAX's) would be printed and swallowed, and the run would go on: exit as Ctrl-C does."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        from nl_jax.train import workdir as workdir_lib  # noqa: PLC0415 (imported by main)
-
-        workdir_lib.release_held()
-        print(f"\nerror: {_INTERRUPTED}", file=sys.stderr, flush=True)
-        os._exit(130)
-        return
-    sys.__unraisablehook__(unraisable)
-
+from nl_jax.train.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.unraisablehook = _interrupt_in_a_callback
-    try:
-        sys.exit(main(sys.argv))
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
-        _fail(_INTERRUPTED, code=130)
+    run()

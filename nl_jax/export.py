@@ -324,8 +324,13 @@ def export(
     step: int | None = None,
     weights_format: str = "auto",
     overwrite: bool = False,
+    imports: tuple[str, ...] = (),
 ) -> pathlib.Path:
-    """Write the export directory `out` from the training `workdir`; returns its path."""
+    """Write the export directory `out` from the training `workdir`; returns its path.
+
+    imports: modules that register the model's own mixers or MLPs, imported now and recorded
+    in the export's `model.imports` beside those the run recorded.
+    """
     workdir = pathlib.Path(workdir).absolute()
     if not workdir.is_dir():
         raise load_lib.ExportError(f"--workdir {workdir} does not exist")
@@ -350,9 +355,12 @@ def export(
         )
     print(f"[export] reading {workdir / 'checkpoints' / str(step)}", flush=True)
     weights, config = read_checkpoint(workdir / "checkpoints" / str(step))
+    model_config = dict(config["model"])
+    recorded = list(model_config.get("imports", ()))
+    model_config["imports"] = recorded + [m for m in imports if m not in recorded]
     return write_export(
         out,
-        model_config=config["model"],
+        model_config=model_config,
         weights=weights,
         tokenizer=tokenizer_description(config),
         run_config=config,
@@ -374,11 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--format", default="auto", choices=("auto", *load_lib.WEIGHT_FORMATS))
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="import MODULE first (one that registers your own mixer or MLP) and record it in "
+        "the export; repeatable; the run's model.imports are imported without it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        from nl_jax.models import lm  # noqa: PLC0415
+
+        lm.import_modules(args.imports)
         export(args.workdir, args.out, dtype=args.dtype, step=args.step,
-               weights_format=args.format, overwrite=args.overwrite)  # fmt: skip
-    except (load_lib.ExportError, OSError) as e:
+               weights_format=args.format, overwrite=args.overwrite,
+               imports=tuple(args.imports))  # fmt: skip
+    except (ValueError, OSError) as e:  # ExportError, or an --import that cannot be imported
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0

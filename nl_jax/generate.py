@@ -141,8 +141,7 @@ def generate(
     """Continue prompt int32 [batch, len] by max_new_tokens: int32 [batch, len + max_new_tokens].
 
     greedy: argmax; otherwise sample from softmax(logits / temperature) with `rng`.
-    learn_from_generated: in-context CMS levels keep updating on the generated tokens (spec row
-    22); False freezes them after the prompt (the prompt's last chunk, whose target would be a
+    learn_from_generated: in-context CMS levels keep updating on the generated tokens; False freezes them after the prompt (the prompt's last chunk, whose target would be a
     generated token, does not update them either).
     """
     if not greedy and rng is None:

@@ -217,7 +217,12 @@ def model_from_weights(
     """Build the model of `model_config` abstractly and fill every variable from `weights`."""
     from nl_jax import models  # noqa: PLC0415 - keeps `import nl_jax` light
 
-    abstract = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+    try:
+        abstract = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+    except ExportError:
+        raise
+    except ValueError as e:  # e.g. a mixer of a module that `model.imports` does not name
+        raise ExportError(f"{where}: the model cannot be built: {e}") from e
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     expected = {path_key(path): var for path, var in flat}

@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -77,3 +78,26 @@ def shakespeare_path() -> pathlib.Path:
             f"real-text corpus not found at {path} (expected ../shared/data beside the repo)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def hope_tiny_run(tmp_path_factory) -> pathlib.Path:
+    """The workdir of a finished 4-step run of one-block hope_tiny (`fault_helpers.HOPE_RUN`:
+    seq 64 x 2, checkpoints at steps 2 and 4), trained once per test run and shared by the xdist
+    workers: read it, copy it to change it."""
+    from fault_helpers import hope_run_config  # noqa: PLC0415
+
+    from nl_jax.train import trainer  # noqa: PLC0415
+
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's base folder sits in the run's own folder, which they share.
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    workdir, done = root / "hope_tiny_run", root / "hope_tiny_run.done"
+    with open(root / "hope_tiny_run.lock", "w") as lock:
+        # The other worker waits for the run instead of repeating it.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            assert trainer.train(hope_run_config(), workdir).step == 4
+            done.touch()
+    return workdir

@@ -57,6 +57,21 @@ def tiny_config(preset: str = "transformer_tiny", **changes) -> ml_collections.C
     return cfg
 
 
+# One-block hope_tiny for 4 steps (tests/conftest.py: `hope_tiny_run` trains it once per test
+# run): the probe replays it, the Hope resume test continues it.
+HOPE_RUN = {
+    "seq_len": 64, "global_batch_size": 2, "model.num_layers": 1, "num_steps": 4,
+    "data.default_max_bytes": 60_000, "data.eval_batches": 1, "data.num_threads": 1,
+    "logging.every_steps": 1, "logging.tensorboard": False, "logging.progress": False,
+    "eval.every_steps": 0, "checkpoint.every_steps": 2, "checkpoint.async_save": False,
+}  # fmt: skip
+
+
+def hope_run_config() -> ml_collections.ConfigDict:
+    """hope_tiny with the `HOPE_RUN` changes."""
+    return tiny_config("hope_tiny", **HOPE_RUN)
+
+
 def train_tiny(workdir: pathlib.Path, **changes) -> trainer.Summary:
     """Run the trainer in this process on `tiny_config(**changes)`."""
     return trainer.train(tiny_config(**changes), workdir)

@@ -202,3 +202,23 @@ def test_sentencepiece_tokenizer_is_copied_into_the_export(tmp_path):
     _, loaded_tok = nl_jax.load(out)
     np.testing.assert_array_equal(loaded_tok.encode(TEXT), tok.encode(TEXT))
     assert json.loads((out / "tokenizer.json").read_text())["model_path"] == "tokenizer.model"
+
+
+def test_readme_text_generation_example(trained, tmp_path, capsys):
+    """README.md's "Text in, text out" block, run as written on an export of the tiny run."""
+    workdir, _ = trained
+    out = export_lib.export(workdir, tmp_path / "export")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("Text in, text out") :]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start : section.index("\n```", start)]
+    assert '"exports/hope_tiny"' in code
+    capsys.readouterr()
+    namespace = {}
+    exec(code.replace('"exports/hope_tiny"', repr(str(out))), namespace)  # noqa: S102
+    ids, tokens = namespace["ids"], namespace["out"]
+    assert int(ids[0]) == namespace["tokenizer"].bos_id  # the prompt starts with BOS
+    assert tokens.shape == (1, len(ids) + 64)
+    assert capsys.readouterr().out.strip("\n") == namespace["tokenizer"].decode(
+        tokens[0, len(ids) :]
+    )

@@ -341,12 +341,9 @@ def test_a_ctrl_c_swallowed_by_a_callback_still_exits_130_and_frees_the_lock(
     tmp_path, monkeypatch, capfd
 ):
     """A KeyboardInterrupt raised inside a garbage-collection callback reaches Python's
-    unraisable hook, not the caller: launch/train.py's hook exits as Ctrl-C does."""
-    import importlib.util
+    unraisable hook, not the caller: the train command's hook exits as Ctrl-C does."""
+    from nl_jax.train import cli as train_cli
 
-    spec = importlib.util.spec_from_file_location("train_cli_under_test", TRAIN)
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
     lock = workdir_lib.WorkdirLock(tmp_path)
     lock.acquire()
     exits = []

@@ -121,8 +121,12 @@ def test_trainer_builds_the_fallback_program_under_auto(monkeypatch, capsys):
     assert "falls back to 'xla'" in capsys.readouterr().out
 
 
+# Real compiles below use Titans' memory, which has the fused kernels too and compiles several
+# times faster than Hope's mixer: the fallback is the trainer's, not the mixer's.
+
+
 def test_named_kernel_that_does_not_fit_is_a_config_error(refuse_first_compiles):
-    config = _preset("hope_tiny")
+    config = _preset("titans_lmm_tiny")
     config.model.memory.kernel = "pallas_forward"
     refuse_first_compiles(1)
     with pytest.raises(config_lib.ConfigError, match="smaller chunk sizes"):
@@ -131,13 +135,13 @@ def test_named_kernel_that_does_not_fit_is_a_config_error(refuse_first_compiles)
 
 def test_compile_only_and_throughput_fall_back_too(refuse_first_compiles, capsys):
     refuse_first_compiles(1)
-    result = trainer.compile_only(_preset("hope_tiny"))
+    result = trainer.compile_only(_preset("titans_lmm_tiny"))
     assert result["memory_kernel"] == "xla (fallback)"
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import throughput  # noqa: PLC0415
 
     refuse_first_compiles(1)
-    row = throughput.measure("hope_tiny", 16, 1, 1, "float32", {"num_layers": 1})
-    assert row["preset"] == "hope_tiny (kernel xla: fallback)"
+    row = throughput.measure("titans_lmm_tiny", 16, 1, 1, "float32", {"num_layers": 1})
+    assert row["preset"] == "titans_lmm_tiny (kernel xla: fallback)"
     assert row["overrides"] == {"num_layers": 1, "memory.kernel": "xla"}
     assert "falls back to 'xla'" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from fault_helpers import HOPE_RUN
 from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -141,18 +142,15 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(hope_tiny_run):
     """(workdir, {step: logged train record}): 4 steps of 1-layer hope_tiny, checkpoints at 2
-    and 4."""
-    from nl_jax.train import trainer  # noqa: PLC0415
-
+    and 4 (conftest.py's shared run, trained with the values of TINY)."""
     overrides = {}
     for arg in TINY[1:]:
         key, _, value = arg.removeprefix("--config.").partition("=")
         overrides[key] = probe._literal(value)
-    config = probe.apply_overrides(hope_tiny(), overrides)
-    workdir = tmp_path_factory.mktemp("hope_run")
-    assert trainer.train(config, workdir).step == 4
+    assert overrides == HOPE_RUN  # the probe's flags describe the run it replays
+    workdir = hope_tiny_run
     logged = {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)

@@ -342,23 +342,19 @@ def test_paper_setup_sets_the_papers_training_and_names_the_data_it_needs(name, 
 
 
 @pytest.mark.slow
-def test_hope_resume_continues_the_straight_run(tmp_path):
+def test_hope_resume_continues_the_straight_run(hope_tiny_run, tmp_path):
     """A 1-layer hope_tiny run resumed from its step-2 checkpoint logs the straight run's steps 3
     and 4: the data position, the meta-learned initial states and the CMS level whose gradients
     accumulate over 4 steps (`update_every`, across the resume) all come back."""
     import json
     import shutil
 
+    from fault_helpers import hope_run_config
+
     from nl_jax.train import trainer
 
-    cfg = load_preset("hope_tiny")
-    cfg.seq_len, cfg.global_batch_size, cfg.num_steps = 64, 2, 4
-    cfg.model.num_layers = 1
-    cfg.data.default_max_bytes, cfg.data.eval_batches, cfg.data.num_threads = 60_000, 1, 1
-    cfg.logging.every_steps, cfg.logging.tensorboard, cfg.logging.progress = 1, False, False
-    cfg.eval.every_steps, cfg.checkpoint.every_steps, cfg.checkpoint.async_save = 0, 2, False
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert trainer.train(cfg, straight).step == 4
+    cfg = hope_run_config()
+    straight, resumed = hope_tiny_run, tmp_path / "resumed"  # conftest.py: 4 steps straight
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
     lines = (resumed / "metrics.jsonl").read_text().splitlines()

@@ -12,10 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
-from nl_jax.train import metrics
+from nl_jax.train import cli, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -45,6 +46,23 @@ def launch(args, env, **kwargs):
         [sys.executable, TRAIN, *args], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=300, **kwargs,
     )  # fmt: skip
+
+
+@pytest.fixture
+def train_here(capfd):
+    """`launch` run in this process (`nl_jax-train`'s own `main`), for runs that need no process
+    of their own (no signals, no device count): the same exit code, stdout and stderr, without
+    starting Python and JAX again."""
+
+    def run(args):
+        try:
+            code = cli.main(["nl_jax-train", *args])
+        except SystemExit as e:  # the one-line `error:` exits
+            code = e.code
+        out, err = capfd.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
 
 
 def records(workdir, split="train"):
@@ -126,19 +144,19 @@ def test_exact_resume_after_sigkill(straight, tmp_path, env):
     assert records(workdir, "eval")[20]["loss"] == records(reference, "eval")[20]["loss"]
 
 
-def test_resume_with_a_changed_model_config_says_so(straight, tmp_path, env):
+def test_resume_with_a_changed_model_config_says_so(straight, tmp_path, train_here):
     """A resume whose model settings differ from the checkpoint's (same shapes, so the restore
     succeeds) prints which ones changed; an unchanged resume prints nothing of the kind."""
     reference, _ = straight
     workdir = tmp_path / "changed"
     shutil.copytree(reference, workdir)
-    result = launch([*TINY, f"--workdir={workdir}", "--config.num_steps=21",
-                     "--config.model.norm_eps=1e-5"], env)  # fmt: skip
+    result = train_here([*TINY, f"--workdir={workdir}", "--config.num_steps=21",
+                         "--config.model.norm_eps=1e-5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[resume] restored step 20" in result.stdout
     assert "model.norm_eps: 1e-06 -> 1e-05" in result.stdout, result.stdout[-2000:]
-    result = launch([*TINY, f"--workdir={workdir}", "--config.num_steps=22",
-                     "--config.model.norm_eps=1e-5"], env)  # fmt: skip
+    result = train_here([*TINY, f"--workdir={workdir}", "--config.num_steps=22",
+                         "--config.model.norm_eps=1e-5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[resume] restored step 21" in result.stdout
     assert "model config differs" not in result.stdout
@@ -188,13 +206,13 @@ def _bad_inputs(tmp_path):
     "case",
     ["unknown_key", "mesh", "seq_len", "on_nonfinite", "chunks", "missing_file", "empty_file"],
 )
-def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, env):
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, train_here):
     overrides, expected = _bad_inputs(tmp_path)[case]
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("an existing file")
     before = snapshot(workdir)
-    result = launch([*TINY, *overrides, f"--workdir={workdir}"], env)
+    result = train_here([*TINY, *overrides, f"--workdir={workdir}"])
     assert result.returncode == 2, result.stderr[-3000:]
     assert expected in " ".join(result.stderr.split()), result.stderr
     assert "Traceback" not in result.stderr
@@ -206,12 +224,12 @@ DIVERGING = ["--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup
              "--config.optimizer.grad_clip_norm=0.0", "--config.checkpoint.every_steps=1"]  # fmt: skip
 
 
-def test_nonfinite_loss_stops_before_saving_that_state(tmp_path, env):
+def test_nonfinite_loss_stops_before_saving_that_state(tmp_path, train_here):
     workdir = tmp_path / "diverged"
     # No checkpoint before the bad step: the loss/gradient check stops the run, not the check
     # of the state before a save (which refuses the exploded step-1 state).
-    result = launch([*TINY, *DIVERGING, "--config.checkpoint.every_steps=10",
-                     f"--workdir={workdir}"], env)  # fmt: skip
+    result = train_here([*TINY, *DIVERGING, "--config.checkpoint.every_steps=10",
+                         f"--workdir={workdir}"])  # fmt: skip
     assert result.returncode == 5, result.stderr[-3000:]
     message = " ".join(result.stderr.split())
     assert "became non-finite at step 2" in message and "grad_norm nan" in message, message
@@ -224,9 +242,9 @@ def test_nonfinite_loss_stops_before_saving_that_state(tmp_path, env):
     assert not any(e["split"] == "eval" for e in events)
 
 
-def test_an_exploded_state_is_never_saved(tmp_path, env):
+def test_an_exploded_state_is_never_saved(tmp_path, train_here):
     workdir = tmp_path / "exploded"
-    result = launch([*TINY, *DIVERGING, f"--workdir={workdir}"], env)
+    result = train_here([*TINY, *DIVERGING, f"--workdir={workdir}"])
     assert result.returncode == 5, result.stderr[-3000:]
     message = " ".join(result.stderr.split())
     assert "the train state at step 1 has blown up" in message, message
@@ -236,10 +254,10 @@ def test_an_exploded_state_is_never_saved(tmp_path, env):
     )
 
 
-def test_nonfinite_loss_continues_when_asked(tmp_path, env):
+def test_nonfinite_loss_continues_when_asked(tmp_path, train_here):
     workdir = tmp_path / "diverged_on"
     args = [*TINY, *DIVERGING, "--config.num_steps=3", "--config.on_nonfinite=continue"]
-    result = launch([*args, f"--workdir={workdir}"], env)
+    result = train_here([*args, f"--workdir={workdir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[nonfinite] step 2") == 1
     # Training went on, but no exploded or non-finite state was written.
@@ -249,13 +267,13 @@ def test_nonfinite_loss_continues_when_asked(tmp_path, env):
     )
 
 
-def test_a_damaged_checkpoint_is_set_aside_and_resume_falls_back(straight, tmp_path, env):
+def test_a_damaged_checkpoint_is_set_aside_and_resume_falls_back(straight, tmp_path, train_here):
     workdir = tmp_path / "damaged"
     shutil.copytree(straight[0], workdir)
     for f in (workdir / "checkpoints" / "20" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
-    result = launch([*TINY, f"--workdir={workdir}"], env)
+    result = train_here([*TINY, f"--workdir={workdir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = " ".join((result.stdout + result.stderr).split())
     assert "checkpoint step 20 is damaged" in out and "does not match its checksum" in out, out
@@ -264,7 +282,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_resume_falls_back(straight, tmp_p
 
 
 @pytest.mark.slow
-def test_titans_mag_preset_trains_finite_on_text(tmp_path, env):
+def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here):
     """titans_mag_tiny's first 60 steps of its 200-step schedule on the default corpus stay
     finite. In the paper's form (the three stabilisers off) this run goes NaN at step 41."""
     args = ["--config=experiments/lm.py:titans_mag_tiny", f"--workdir={tmp_path}",
@@ -272,14 +290,14 @@ def test_titans_mag_preset_trains_finite_on_text(tmp_path, env):
             "--config.eval.every_steps=0", "--config.data.eval_batches=1",
             "--config.checkpoint.every_steps=1000", "--config.logging.every_steps=10",
             "--config.logging.tensorboard=False"]  # fmt: skip
-    result = launch(args, env)
+    result = train_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["loss"] for r in records(tmp_path).values()]
     assert len(losses) >= 6 and all(math.isfinite(x) for x in losses), losses
 
 
-def test_compile_only_local_devices(env):
-    result = launch(["--config=experiments/lm.py:transformer_tiny", "--compile_only"], env)
+def test_compile_only_local_devices(train_here):
+    result = train_here(["--config=experiments/lm.py:transformer_tiny", "--compile_only"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[memory] train step on 1 local cpu device(s), per device" in result.stdout
 
@@ -298,9 +316,9 @@ def test_compile_only_tpu_topology(env):
     assert "[memory] train step on v5p:2x2x2, per device (8 devices)" in result.stdout
 
 
-def test_compile_only_rejects_an_unknown_topology(env):
+def test_compile_only_rejects_an_unknown_topology(train_here):
     args = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=a100"]
-    result = launch(args, env)
+    result = train_here(args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "not understood" in result.stderr and "or one GPU: h200" in result.stderr
     assert "Traceback" not in result.stderr
@@ -341,31 +359,6 @@ def test_gpu_target_memory_is_read_from_its_description():
     assert gpu_targets.memory_bytes("h200") == 150_000_000_000
     with pytest.raises(ValueError, match="unknown GPU target"):
         gpu_targets.memory_bytes("h100")
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(args, env):
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, TRAIN, *args], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                     JAX_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]  # fmt: skip
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
 
 
 def test_tpu_pod_dry_run_prints_the_commands():

@@ -1,4 +1,4 @@
-"""Truncated backpropagation through the inner loop (`run_level(cuts=...)`, spec row 8)."""
+"""Truncated backpropagation through the inner loop (`run_level(cuts=...)`)."""
 
 import functools
 

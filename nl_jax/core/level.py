@@ -39,13 +39,12 @@ class Level:
       objective: per-token inner loss `L(M(k), v)`.
       rule: a `DeltaRule` (has a chunked closed form) or any optax transformation.
       chunk_size: update period C: gradients inside a chunk are taken at its start state.
-      read: `per_token` (state after token t's update, TTT/Titans dual form, spec row 2 option B),
-        `per_token_prior` (state before it, Eq. 86 literally) or `boundary` (chunk-start state,
-        option A).
+      read: `per_token` (state after token t's update, TTT/Titans dual form),
+        `per_token_prior` (state before it, Eq. 86 literally) or `boundary` (chunk-start state).
       update_on_partial: whether a trailing chunk shorter than C updates the state.
       self_target: the inner target is the memory's own read of the values at the chunk-start
         state, `v_hat = M_xi(v)` (Hope Eq. 83), instead of the values themselves. The inner
-        gradient treats `v_hat` as fixed (spec row 6); the outer gradient flows through it.
+        gradient treats `v_hat` as fixed; the outer gradient flows through it.
     """
 
     memory: Memory

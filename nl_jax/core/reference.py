@@ -58,7 +58,7 @@ def reference_level(
     constant for the outer gradient.
     `momentum_ema`: `S_t = beta_t S_{t-1} - (1 - beta_t) eta'_t grad_t`.
     `cuts`: a chunk holding a True starts from `stop_gradient(W) + params - stop_gradient(params)`
-    and a stopped momentum (truncated outer gradient, spec row 8).
+    and a stopped momentum (truncated outer gradient).
     """
     w = dict(params)
     s = dict(momentum_state) if momentum_state else {n: jnp.zeros_like(x) for n, x in w.items()}

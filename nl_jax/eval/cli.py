@@ -148,6 +148,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export", required=True, help="export directory (python -m nl_jax.export)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="import MODULE before loading (one that registers your own mixer or MLP and that "
+        "the export's model.imports does not name); repeatable",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--data", default=None, help="ppl / continual text: comma-separated files")
@@ -199,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.task not in TASKS:
             raise EvalInputError(f"unknown task {args.task!r}; allowed: {', '.join(TASKS)}")
         from nl_jax import load as load_lib  # noqa: PLC0415
+        from nl_jax.models import lm  # noqa: PLC0415
 
         try:
+            lm.import_modules(args.imports)
             exported = load_lib.load(args.export)
-        except load_lib.ExportError as e:
+        except ValueError as e:  # ExportError, or an --import that cannot be imported
             raise EvalInputError(str(e)) from None
         result = run_task(exported, args.task, args)
         if args.task == "niah":

@@ -15,7 +15,7 @@ applies their accumulated gradients every `update_every` steps.
 In-context levels (`chunk_sizes[l] = C_l > 0` tokens, spec section 4.5 regime 2) are fast weights
 inside the forward pass: reset to their meta-learned parameters theta_0 at each document start,
 and at the end of each of their chunks updated by plain GD, `theta <- theta - lr_l g`, where g is
-the gradient of the summed next-token loss of the chunk's tokens (spec rows 12, 14). The loss
+the gradient of the summed next-token loss of the chunk's tokens. The loss
 needs the whole model downstream, so `DecoderLM` runs a scan over model chunks of the smallest
 in-context chunk size, taking the gradient of each model chunk's loss with the state at the chunk
 start held fixed, and hands it to `CMS.commit`; a level with a k-times larger chunk sums k such
@@ -28,7 +28,7 @@ gradients. This module only keeps the level states (the protocol's `state`):
 Tokens after a document start inside a chunk read theta_0 + d0 (d0 = 0, so their gradient lands
 on d0), tokens before it read "w"; `commit` then replaces the level by theta_0 minus the new
 document's gradient. Outer gradient (`outer_grad`): `unrolled` differentiates through the updates
-(second order, the default of spec row 8); `straight_through` writes stop-gradient updates, so
+(second order, the default); `straight_through` writes stop-gradient updates, so
 theta_0 receives the gradient of every chunk's loss as if it were read directly.
 """
 
@@ -40,6 +40,7 @@ import ml_collections
 from flax import nnx
 
 from nl_jax.layers.conv import continue_segments
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.mlp import MLP
 from nl_jax.layers.norms import RMSNorm, logical_param
 
@@ -277,8 +278,6 @@ class CMS(nnx.Module):
 
 def from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> CMS:
     """The CMS of a model config (`cms.*` fields of `experiments/lm.py`)."""
-    from nl_jax.models.lm import dtype_of
-
     c = cfg.cms
     chunks, every = tuple(c.chunk_sizes), tuple(c.update_every)
     if len(chunks) != len(every):

@@ -8,8 +8,8 @@ each chunk of C_other tokens, the projection memories' chunk-start states genera
     alpha_t = sigmoid(w_alpha . M_alpha(u_t) + b_alpha)                         (Eq. 90)
 
 and every memory then learns its self-generated target v_hat = M_box,xi(v_t) on key k_t with DGD
-and weight decay (Eq. 91), plus Titans momentum beta_t (spec row 7). The output is the per-token
-read y_t = M_memory,t(q_t) of a static, l2-normalised query (row 1; `adaptive_q` makes q a memory
+and weight decay (Eq. 91), plus Titans momentum beta_t. The output is the per-token
+read y_t = M_memory,t(q_t) of a static, l2-normalised query (`adaptive_q` makes q a memory
 read too). v is l2-normalised as well (`normalize_v`, our choice: the self-generated targets
 otherwise diverge). `u` is the block input after an input projection, SiLU and a short causal conv.
 
@@ -44,6 +44,7 @@ from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
 from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import l2_normalize, logical_param
 
@@ -696,8 +697,6 @@ class SelfModifyingTitans(nnx.Module):
 
 def from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SelfModifyingTitans:
     """The mixer for a model config (`memory.*` fields of `experiments/lm.py`)."""
-    from nl_jax.models.lm import dtype_of
-
     spec = spec_from_config(cfg)
     if spec.heads * spec.head_dim <= 0:
         raise ValueError(f"memory.heads and memory.head_dim must be positive, got {spec}")

@@ -3,7 +3,7 @@
 The modules are thin NNX shells: they own the slow parameters (projections, gates, convs, norms
 and the meta-learned initial fast weights) and hand the inner loop to `nl_jax.core.run_level`,
 vmapped over batch and heads. The outer gradient flows through the unrolled inner updates into
-the initial fast weights (spec row 8), or through the last `backprop_chunks` chunks of them
+the initial fast weights, or through the last `backprop_chunks` chunks of them
 (the presets: see `experiments/lm.py` on Titans' inner loop on text).
 
 LMM, per head h and token t (x already normalised by the block):
@@ -52,6 +52,7 @@ from nl_jax.kernels.fused_scan import fused_fits
 from nl_jax.layers import axes
 from nl_jax.layers.attention import Attention
 from nl_jax.layers.conv import ShortConv, causal_conv, continue_positions, continue_segments
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import RMSNorm, l2_normalize, logical_param
 from nl_jax.layers.rope import segment_positions
@@ -190,7 +191,7 @@ class NeuralMemory(nnx.Module):
         as `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernels.
         `backprop_chunks` K > 0: the outer gradient flows through the inner updates of at most
         K chunks, straight through to the initial fast weights at each cut
-        (`nl_jax.core.truncation`, spec row 8); 0: through all of them. `parallel_windows`: with
+        (`nl_jax.core.truncation`); 0: through all of them. `parallel_windows`: with
         K > 0, the backward walks all windows of K chunks side by side (the same gradient;
         speed and memory only), with the fused kernels or, for `kernel="xla"`, through
         `run_level_fused(forward="xla")`. `normalize_values`:
@@ -744,7 +745,6 @@ class MemoryAsLayer(_MemoryWithAttention):
 
 
 def _dtypes(cfg: ml_collections.ConfigDict) -> dict[str, jnp.dtype]:
-    from nl_jax.models.lm import dtype_of  # lazy: models imports layers
 
     return {"param_dtype": dtype_of(cfg.param_dtype), "dtype": dtype_of(cfg.dtype)}
 

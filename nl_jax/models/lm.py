@@ -1,7 +1,7 @@
 """One decoder LM with a pluggable sequence mixer and MLP per block.
 
     x = embed(tokens)
-    for each block:  h = x + mixer(norm(x));  x = h + mlp(norm(h))      (pre-norm, spec row 20)
+    for each block:  h = x + mixer(norm(x));  x = h + mlp(norm(h))      (pre-norm)
     logits = unembed(norm(x))            (float32; the matmul's inputs per `head_dtype`)
 
 Mixers and MLPs are NNX modules built by factories registered by name (`register_mixer`,
@@ -11,8 +11,11 @@ A family (`transformer`, `hope`, ...) names one mixer and one MLP.
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ import ml_collections
 from flax import nnx
 
 from nl_jax.layers import axes
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.norms import RMSNorm, logical_param
 from nl_jax.models.loss import check_token_ids, token_nll
 
@@ -49,20 +53,34 @@ def register_mlp(name: str, factory: Factory) -> None:
     _MLPS[name] = factory
 
 
+def import_modules(names: Sequence[str]) -> None:
+    """Import the modules that register a model's own mixers and MLPs (`model.imports`)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # Console scripts do not put the working directory on sys.path (`python -m` does):
+            # a module beside the user's config file is found as `python -m` would find it.
+            if os.getcwd() not in sys.path and e.name == name.partition(".")[0]:
+                sys.path.append(os.getcwd())
+                import_modules([name])
+                continue
+            raise ValueError(
+                f"model.imports names {name!r}, which cannot be imported here ({e}): install "
+                "it or put its folder on PYTHONPATH"
+            ) from e
+
+
 def _lookup(table: dict[str, Factory], kind: str, name: str) -> Factory:
     if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; registered: {sorted(table)}")
+        raise ValueError(
+            f"unknown {kind} {name!r}; registered: {sorted(table)}. A {kind} registered by "
+            "your own module exists only in a process that imported it: name the module in "
+            "`model.imports` (nl_jax-train --import=MODULE records it there, and export, eval "
+            "and nl_jax.load import it again), pass --import=MODULE to nl_jax-export and "
+            "nl_jax-eval, or import it before nl_jax.load"
+        )
     return table[name]
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    """`float32` / `bfloat16` / `float16` by name, with a clear error otherwise."""
-    # float64 only for references in tests (under jax.enable_x64).
-    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-               "float64": jnp.float64}  # fmt: skip
-    if name not in allowed:
-        raise ValueError(f"unknown dtype {name!r}; allowed: {sorted(allowed)}")
-    return allowed[name]
 
 
 class Block(nnx.Module):
@@ -127,9 +145,7 @@ class DecoderLM(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
         """Build the blocks named by `cfg.family` (or `cfg.mixer` / `cfg.mlp` if set)."""
-        mixer_name, mlp_name = family_parts(cfg)
-        make_mixer = _lookup(_MIXERS, "mixer", mixer_name)
-        make_mlp = None if mlp_name == "none" else _lookup(_MLPS, "mlp", mlp_name)
+        make_mixer, make_mlp = registered_parts(cfg)
         self.cfg = cfg
         self.dtype = dtype_of(cfg.dtype)
         # Configs saved before head_dtype existed multiplied the head in float32.
@@ -432,6 +448,17 @@ def family_parts(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     return cfg.get("mixer") or default_mixer, cfg.get("mlp") or default_mlp
 
 
+def registered_parts(cfg: ml_collections.ConfigDict) -> tuple[Factory, Factory | None]:
+    """The factories of the config's mixer and MLP (None: `mlp="none"`), after importing the
+    modules named by `cfg.imports`."""
+    from nl_jax.models import registry  # noqa: F401, PLC0415  (the built-in mixers and MLPs)
+
+    import_modules(cfg.get("imports", ()))
+    mixer_name, mlp_name = family_parts(cfg)
+    make_mixer = _lookup(_MIXERS, "mixer", mixer_name)
+    return make_mixer, None if mlp_name == "none" else _lookup(_MLPS, "mlp", mlp_name)
+
+
 def compiler_options(cfg: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
     """The model config's `xla_options` as `jax.jit(compiler_options=...)` takes them."""
     return dict(cfg.get("xla_options", None) or {})
@@ -456,6 +483,7 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
 
     Called by the trainer before anything is built, so a bad config fails in seconds.
     """
+    registered_parts(cfg)
     mixer_name, mlp_name = family_parts(cfg)
     _check_compiler_options(cfg)
     positive = {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}

@@ -8,8 +8,9 @@ from flax import nnx
 from nl_jax.layers import cms as cms_layer
 from nl_jax.layers import self_modifying, titans
 from nl_jax.layers.attention import Attention
+from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.mlp import MLP
-from nl_jax.models.lm import dtype_of, register_mixer, register_mlp
+from nl_jax.models.lm import register_mixer, register_mlp
 
 
 class _SegmentFree(nnx.Module):

@@ -11,7 +11,7 @@ Per matrix parameter, with `g_t` the gradient at step `t` (1-based) and slow per
             O2 <- NS(M2)   (reused for the whole next chunk; O2 = 0 during the first chunk)
 
 The accumulate column is Algorithm 1 as printed. The EMA column (default) is our reading of
-spec row 17: bias correction is applied to `V` only, because Newton-Schulz normalises its input
+the paper's M3: bias correction is applied to `V` only, because Newton-Schulz normalises its input
 by its Frobenius norm so a scalar correction of `M1`/`M2` would not change `NS(.)`; the final RMS
 normalisation (default 0.2, AdamW's typical update RMS, as in Moonshot's Muon) stops
 `O(1)`-sized orthogonal updates divided by a small `sqrt(V)` from exploding (spec 3.8 note).

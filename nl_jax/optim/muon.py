@@ -8,7 +8,7 @@ What is optax's and what is ours:
   even though they are 2-D; 3-D attention projections are orthogonalised as `[fan_in, fan_out]`
   matrices), the width scaling `sqrt(max(1, fan_out / fan_in))` (Muon's reference rule,
   re-implemented because optax keeps it private), and the composition. `optax.contrib.muon`
-  routes by rank only; it has no notion of "embedding" or "head", which spec row 18 asks to keep
+  routes by rank only; it has no notion of "embedding" or "head", which nl_jax keeps
   on AdamW. The reshape itself is optax's (`MuonDimensionNumbers` given to `scale_by_muon`).
 
 In the paper's terms (spec 3.6, arXiv eq. 52) Muon is a linear momentum memory read through a

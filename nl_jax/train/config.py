@@ -153,12 +153,17 @@ def _gcd(a: int, b: int) -> int:
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
+    from nl_jax.layers.dtypes import dtype_of  # noqa: PLC0415
     from nl_jax.models import lm  # noqa: PLC0415
 
     m = config.model
+    try:
+        lm.registered_parts(m)
+    except ValueError as e:
+        raise ConfigError(f"{e}.") from None
     for key in ("dtype", "param_dtype"):
         try:
-            lm.dtype_of(m[key])
+            dtype_of(m[key])
         except ValueError as e:
             raise ConfigError(f"config key `model.{key}` = {m[key]!r}: {e}.") from None
     hook = getattr(lm, "validate_config", None)
@@ -303,9 +308,28 @@ def save_resolved(
     return path
 
 
+# The preset files shipped with nl_jax (`nl_jax/experiments` is the repository's `experiments/`).
+PRESET_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def resolve_config_spec(spec: str) -> str:
+    """`path.py[:arg]` as given when the file exists; otherwise, for `lm.py:hope_tiny` or
+    `experiments/lm.py:hope_tiny`, the shipped preset file of that name (an installed nl_jax
+    has no checkout to find `experiments/` in)."""
+    path, sep, arg = spec.partition(":")
+    if pathlib.Path(path).exists():
+        return spec
+    shipped = PRESET_DIR / pathlib.Path(path).name
+    if pathlib.Path(path).parent in (pathlib.Path("."), pathlib.Path("experiments")) and (
+        shipped.is_file()
+    ):
+        return f"{shipped}{sep}{arg}"
+    return spec
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """The ConfigDict of `path.py[:arg]`, loaded as `config_flags` does (to check overrides)."""
-    path, _, arg = spec.partition(":")
+    path, _, arg = resolve_config_spec(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("nl_jax_cli_config", path)
     if module_spec is None:
         raise FileNotFoundError(path)
@@ -323,6 +347,10 @@ def parse_config_flags(flag_values: Any, argv: list[str], fail: Callable[[str], 
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_arg is None:
         return fail("--config is required, e.g. --config=experiments/lm.py:hope_tiny")
+    argv = [
+        f"--config={resolve_config_spec(config_arg)}" if a.startswith("--config=") else a
+        for a in argv
+    ]
     try:
         base = load_config_file(config_arg)
     except FileNotFoundError:
