@@ -337,8 +337,10 @@ def test_titans_presets_walk_the_cut_windows_side_by_side(family):
     assert memories and all(m.parallel_windows and m.backprop_chunks == 4 for m in memories)
     for size in ("340m", "760m", "1.3b"):
         assert lm.get_config(f"{family}_{size}").optimizer.learning_rate == 1e-3
-    # Transformer++ keeps the demo's rate: it was not measured at 1e-3.
-    assert lm.get_config("transformer_340m").optimizer.learning_rate == 3e-3
+    # Every sized preset shares the rate; the tiny CPU presets keep the demo's 3e-3.
+    for size in ("340m", "760m", "1.3b"):
+        assert lm.get_config(f"transformer_{size}").optimizer.learning_rate == 1e-3
+    assert lm.get_config("transformer_tiny").optimizer.learning_rate == 3e-3
 
 
 def test_hope_presets_cut_the_meta_gradient_and_walk_the_windows():
