@@ -282,7 +282,8 @@ def test_sigint_while_compiling_is_one_line_and_exit_130(tmp_path):
     while "[setup]" not in line and time.time() < deadline and proc.poll() is None:
         line = proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    # The compile finishes before the trainer sees the signal; a loaded machine compiles slowly.
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     assert not (workdir / workdir_lib.LOCK_NAME).exists()
