@@ -194,6 +194,43 @@ def test_memory_step_walk_with_bf16_operands(x64):
     assert max(errs) < 5e-3
 
 
+# Stream 0: a reset inside a chunk and one inside the trailing partial chunk; stream 1: one at a
+# chunk start and one inside a chunk.
+RESETS = jnp.zeros((2, 14), bool).at[0, [5, 13]].set(True).at[1, [4, 10]].set(True)
+
+
+@pytest.mark.parametrize("step", [mw.reference_step, mw.memory_step])
+def test_walk_with_resets_and_partial_chunk_in_interpreter(step):
+    """14 tokens in chunks of 4 (a trailing chunk of 2) with document resets: the walk equals
+    `chunk_step.sequence_forward` with the same resets (float32 operand tiles)."""
+    init, x = make(2, 14, 8, 16)
+    walk = functools.partial(
+        mw.walk_forward, CFG, chunk=4, step=step, interpret=mw.interpret_params(),
+        operands=jnp.float32, resets=RESETS,
+    )  # fmt: skip
+    y, final = jax.jit(walk)(init, x)
+    ref = jax.jit(jax.vmap(lambda i, xs, r: cs.sequence_forward(CFG, i, xs, 4, r)))
+    y_ref, final_ref = ref(init, x, RESETS)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(final, final_ref, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_memory_step_walk_with_resets_lowers_for_cuda_and_fits_shared_memory():
+    """With document resets the walk adds the chunk's flags (1 KiB) and a barrier: 228,376 B,
+    4,072 under an H100 or H200 CTA's 232,448; the reset weights stay in HBM."""
+    init, x = make(2, 128, 64, 64)
+    resets = jnp.zeros((2, 128), bool).at[:, 70].set(True)
+
+    def lower():
+        fn = jax.jit(
+            lambda i, xs, r: mw.walk_forward(CFG, i, xs, 64, step=mw.memory_step, resets=r)
+        )
+        return fn.trace(init, x, resets).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert mw.smem_bytes_at_lowering(lower) == [228376]
+
+
 def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
     """hope_340m's M_memory (C = d = h = 64): the whole chunk step lowers, the CTA asks 222 KiB
     of shared memory, under the 227 KiB an H100 or H200 CTA may take, and a chunk is 50
