@@ -244,3 +244,72 @@ def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
     assert sizes == [227344]
     assert sizes[0] <= 227 * 1024
     assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step) == (50, 48)
+
+
+def fast_jit(fn, *args):
+    """`jax.jit(fn)` compiled for `args` without XLA's expensive CPU passes: compiling the
+    unrolled chunk loops dominates these tests."""
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return jax.jit(fn).lower(*args).compile(options)
+
+
+def with_vjp(fn, cot):
+    """`(init, x) -> (fn's outputs, gradients of <outputs, cot> for init and x)`."""
+
+    def run(init, x):
+        out, vjp = jax.vjp(fn, init, x)
+        return out, vjp(cot)
+
+    return run
+
+
+# 6 tokens in chunks of 4: stream 0 resets inside the first chunk and inside the trailing
+# partial one, stream 1 at the second chunk's start.
+GRAD_RESETS = jnp.zeros((2, 6), bool).at[0, [2, 5]].set(True).at[1, 4].set(True)
+
+
+@pytest.mark.parametrize("every", [0, 1])  # one window: the full gradient; a cut per chunk
+def test_walk_memory_gradients_in_interpreter(every):
+    """`walk_memory` (the interpreted kernel forward, `windows_backward` from its window-start
+    states) against `chunk_step.sequence_forward` and its `jax.vjp` (one window) or
+    `chunk_step.window_backward` (a cut per chunk), with document resets and a trailing
+    partial chunk, float32 operands: outputs, final state and the gradients of the initial
+    state and of every input within 1e-5."""
+    init, x = make(2, 6, 8, 16)
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    cot = (
+        jax.random.normal(ks[0], x.k.shape),
+        cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True))),
+    )
+
+    def walk(init, x):
+        return mw.walk_memory(
+            CFG, init, x, 4, GRAD_RESETS, every=every, interpret=True, operands=jnp.float32
+        )
+
+    def reference(init, x):
+        seq = functools.partial(cs.sequence_forward, CFG, chunk=4)
+        return jax.vmap(lambda i, xs, r: seq(i, xs, resets=r))(init, x, GRAD_RESETS)
+
+    (y, final), grads = fast_jit(with_vjp(walk, cot), init, x)(init, x)
+    if every == 0:
+        (y_ref, final_ref), grads_ref = fast_jit(with_vjp(reference, cot), init, x)(init, x)
+    else:
+        y_ref, final_ref = fast_jit(reference, init, x)(init, x)
+
+        def cut(init, x, d_y, d_final):
+            bwd = functools.partial(cs.window_backward, CFG, chunk=4, every=every)
+            return jax.vmap(lambda i, xs, dy, df, r: bwd(i, xs, d_y=dy, d_final=df, resets=r))(
+                init, x, d_y, d_final, GRAD_RESETS
+            )
+
+        grads_ref = fast_jit(cut, init, x, *cot)(init, x, *cot)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(final, final_ref, strict=True):
+        assert rel_err(a, b) < 1e-5
+    for name, a, b in zip(
+        [f"init.{f}" for f in cs.State._fields] + [f"x.{f}" for f in cs.Inputs._fields],
+        jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True,
+    ):  # fmt: skip
+        assert rel_err(a, b) < 1e-5, name
+    assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads))

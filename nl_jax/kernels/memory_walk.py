@@ -23,6 +23,7 @@ and tensor-core products there.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -1054,6 +1055,103 @@ def walk_forward(
     y, *states = kernel(*init, *x, *extra_in)
     y, final = y[:, :seq], cs.State(*states[:4])
     return (y, final) if every is None else (y, final, cs.State(*states[4:]))
+
+
+def windows_backward(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
+    d_y: jax.Array, d_final: cs.State, resets: jax.Array | None = None,
+) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
+    """`chunk_step.window_backward` of one stream from stored window-start states: `(d init,
+    d inputs [seq, ...])`.
+
+    `starts`: leaves `[windows, ...]`, the state at each cut window's first chunk (what
+    `walk_forward(..., every=every)` writes); within a window the chunk-start states are
+    recomputed by `chunk_step.chunk_forward` and the chunks reversed by `chunk_backward`. A
+    reset returns to `init`'s weights, whatever window it falls in.
+    """
+    seq = x.k.shape[0]
+    firsts = list(range(0, seq, chunk))
+    xs = [cs.Inputs(*(a[s : s + chunk] for a in x)) for s in firsts]
+    rs = [None if resets is None else resets[s : s + chunk] for s in firsts]
+    every = every or len(xs)
+    d_init = cs.State(*(jnp.zeros_like(a) for a in init))
+    d_x: list[Any] = [None] * len(xs)
+    d_state = d_final
+    for w in reversed(range(-(-len(xs) // every))):
+        win = range(w * every, min((w + 1) * every, len(xs)))
+        states = [cs.State(*(a[w] for a in starts))]
+        for i in win[:-1]:
+            states.append(cs.chunk_forward(cfg, states[-1], xs[i], rs[i], init)[1])
+        for j, i in reversed(list(enumerate(win))):
+            dy = d_y[firsts[i] : firsts[i] + xs[i].k.shape[0]]
+            d_state, d_x[i], d_reset = cs.chunk_backward(
+                cfg, states[j], xs[i], dy, d_state, rs[i], init
+            )
+            if d_reset is not None:
+                d_init = cs.State(*(a + b for a, b in zip(d_init, d_reset, strict=True)))
+        # A cut passes the window-start weights' gradient to the initial weights and stops the
+        # momentum's; the first window starts from `init` itself.
+        keep = 1.0 if w == 0 else 0.0
+        d_init = cs.State(
+            d_init.w1 + d_state.w1, d_init.w2 + d_state.w2,
+            d_init.s1 + keep * d_state.s1, d_init.s2 + keep * d_state.s2,
+        )  # fmt: skip
+        d_state = cs.State(*(jnp.zeros_like(a) for a in d_state))
+    return d_init, cs.Inputs(*(jnp.concatenate(parts) for parts in zip(*d_x, strict=True)))
+
+
+def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets):
+    run = interpret_params() if interpret else None
+    y, final, starts = walk_forward(
+        cfg, init, x, chunk, step=memory_step, interpret=run, operands=operands,
+        resets=resets, every=every,
+    )  # fmt: skip
+    return (y, final), (init, x, resets, starts)
+
+
+def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
+    del interpret, operands
+    init, x, resets, starts = res
+    d_y, d_final = cot
+    grads = jax.vmap(
+        lambda i, xs, s, dy, df, r: windows_backward(cfg, i, xs, chunk, every, s, dy, df, r),
+        in_axes=(0, 0, 0, 0, 0, None if resets is None else 0),
+    )
+    d_init, d_x = grads(init, x, starts, d_y, d_final, resets)
+    return d_init, d_x, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets):
+    return _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets)[0]
+
+
+_walk_memory.defvjp(_walk_forward_saving, _walk_backward)
+
+
+def walk_memory(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int,
+    resets: jax.Array | None = None, *, every: int = 0, interpret: bool = False,
+    operands: Any = jnp.bfloat16,
+) -> tuple[jax.Array, cs.State]:  # fmt: skip
+    """`M_memory`'s chunk walk as a differentiable op: `(y [N, seq, d], final State)`.
+
+    The forward is `walk_forward` with `memory_step` (compiled on a GPU, in the Mosaic GPU
+    interpreter with `interpret=True`), which also writes the state at each cut window's start
+    (`every` chunks, 0: one window, `memory.backprop_chunks`); the backward is
+    `windows_backward` (the written-out `chunk_step` backward in XLA) from those states. Its
+    gradient is `chunk_step.window_backward`'s: the curvature a constant, a cut's window-start
+    weights' gradient sent to the initial weights and its momentum's dropped.
+
+    Args:
+      init: leaves `[N, ...]`, the start state and the weights a document reset returns to.
+      x: k, v, q `[N, seq, d]`, eta, alpha, beta `[N, seq]`; any seq (a trailing partial
+        chunk is padded in the kernel).
+      resets: `bool [N, seq]` document starts, or None.
+      operands: the kernel's operand dtype (bf16 compiled; float32 in the interpreter checks
+        the math exactly).
+    """
+    return _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets)
 
 
 def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step) -> str:
