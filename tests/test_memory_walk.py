@@ -146,10 +146,10 @@ def bf16_inputs(x: cs.Inputs) -> cs.Inputs:
     return x._replace(**{f: getattr(x, f).astype(jnp.bfloat16) for f in ("k", "v", "q")})
 
 
-def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h=16):
+def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h=16, resets=None):
     """`memory_step` walked over three chunks in the interpreter, and the float64 reference of
-    `chunk_step.sequence_forward` on the same (rounded) inputs: `(y, final, y_ref, final_ref,
-    init, q)`; float64 enabled (the `x64` fixture)."""
+    `chunk_step.sequence_forward` on the same (rounded) inputs and `resets`: `(y, final, y_ref,
+    final_ref, init, q)`; float64 enabled (the `x64` fixture)."""
     init, x = make(n, 3 * chunk, d, h)
     # Retention near 1: the chunk-start state must still matter after three chunks.
     x = x._replace(alpha=0.97 + 0.03 * x.alpha)
@@ -157,13 +157,13 @@ def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h
         x = bf16_inputs(x)
     walk = functools.partial(
         mw.walk_forward, cfg, chunk=chunk, step=mw.memory_step,
-        interpret=mw.interpret_params(), operands=operands,
+        interpret=mw.interpret_params(), operands=operands, resets=resets,
     )  # fmt: skip
     y, final = jax.jit(walk)(init, x)
     up = cs.Inputs(*(a.astype(jnp.float64) for a in x))
     init64 = cs.State(*(a.astype(jnp.float64) for a in init))
-    ref = jax.jit(jax.vmap(lambda i, xs: cs.sequence_forward(cfg, i, xs, chunk)))
-    y_ref, final_ref = ref(init64, up)
+    ref = jax.jit(jax.vmap(lambda i, xs, r: cs.sequence_forward(cfg, i, xs, chunk, r)))
+    y_ref, final_ref = ref(init64, up, resets)
     return y, final, y_ref, final_ref, init64, up.q
 
 
@@ -184,11 +184,15 @@ def test_memory_step_walk_is_exact_with_float32_operands(x64, chunk, name):
         assert rel_err(a - i, b - i) < 1e-5
 
 
-def test_memory_step_walk_with_bf16_operands(x64):
+# Resets inside the first chunk and at the third's start.
+@pytest.mark.parametrize("resets", [None, jnp.zeros((1, 192), bool).at[0, [40, 128]].set(True)])
+def test_memory_step_walk_with_bf16_operands(x64, resets):
     """bf16 operands (the compiled form) at hope_340m's C = d = h = 64: the read `y - q` and the
     state's change over three chunks within 5e-3 of the float64 reference (measured: 2.8e-3
-    and 9e-6 to 9.5e-4)."""
-    y, final, y_ref, final_ref, init, q = memory_step_case(64, jnp.bfloat16, n=1, d=64, h=64)
+    and 9e-6 to 9.5e-4; with resets 2.5e-3 and 9e-6 to 1.8e-3)."""
+    y, final, y_ref, final_ref, init, q = memory_step_case(
+        64, jnp.bfloat16, n=1, d=64, h=64, resets=resets
+    )
     errs = [rel_err(y - q, y_ref - q)]
     errs += [rel_err(a - i, b - i) for a, b, i in zip(final, final_ref, init, strict=True)]
     assert max(errs) < 5e-3
@@ -216,19 +220,28 @@ def test_walk_with_resets_and_partial_chunk_in_interpreter(step):
         assert rel_err(a, b) < 1e-5
 
 
-def test_memory_step_walk_with_resets_lowers_for_cuda_and_fits_shared_memory():
-    """With document resets the walk adds the chunk's flags (1 KiB) and a barrier: 228,376 B,
-    4,072 under an H100 or H200 CTA's 232,448; the reset weights stay in HBM."""
+def test_walk_memory_gradient_with_resets_lowers_for_cuda_and_fits_shared_memory():
+    """The gradient of `walk_memory` at C = d = h = 64 with document resets and a cut per chunk
+    lowers for CUDA: the kernel forward (with the window-start copies) and the XLA backward.
+    The kernel adds the chunk's flags (1 KiB) and a barrier: 228,376 B, 4,072 under an H100 or
+    H200 CTA's 232,448; the reset weights stay in HBM. The products at the reset weights add 8
+    `wgmma` per chunk, each a dependent step."""
     init, x = make(2, 128, 64, 64)
     resets = jnp.zeros((2, 128), bool).at[:, 70].set(True)
 
-    def lower():
-        fn = jax.jit(
-            lambda i, xs, r: mw.walk_forward(CFG, i, xs, 64, step=mw.memory_step, resets=r)
-        )
-        return fn.trace(init, x, resets).lower(lowering_platforms=("cuda",)).as_text()
+    def loss(init, x):
+        y, final = mw.walk_memory(CFG, init, x, 64, resets, every=1)
+        return jnp.sum(y) + sum(jnp.sum(a) for a in final)
 
-    assert mw.smem_bytes_at_lowering(lower) == [228376]
+    texts = []
+    sizes = mw.smem_bytes_at_lowering(
+        lambda: texts.append(
+            jax.jit(jax.grad(loss, (0, 1))).trace(init, x).lower(lowering_platforms=("cuda",))
+        )
+    )
+    assert "mosaic_gpu" in texts[0].as_text()
+    assert sizes == [228376]
+    assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step, resets) == (58, 56)
 
 
 def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():

@@ -263,7 +263,7 @@ def segments_stage(flags: Any, ops: Ops) -> Segments:
     seg_t = jnp.sum(jnp.where(t >= s, ops.cols(flags[...], c), 0.0), 1)
     seg_s = jnp.sum(jnp.where(t <= s, ops.rows(flags[...], c), 0.0), 0)
     same = ops.rows(seg_t, c) == ops.cols(seg_s, c)
-    return Segments(same, jnp.where(seg_t > 0.5, 1.0, 0.0))
+    return Segments(same, jnp.where(seg_t > 0.5, 1.0, 0.0).astype(jnp.float32))
 
 
 def decays_stage(
@@ -1181,11 +1181,13 @@ def smem_bytes_at_lowering(lower: Callable[[], Any]) -> list[int]:
 
 
 def wgmma_per_chunk(
-    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step
-) -> tuple[int, int]:
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step,
+    resets: jax.Array | None = None,
+) -> tuple[int, int]:  # fmt: skip
     """`(wgmma issued, accumulator reads)` per chunk of `walk_forward` (inside its chunk
-    loop), counted in the compiled form's jaxpr without a GPU; every read waits for the
-    products before it, so the reads are the step's dependent tensor-core steps."""
+    loop; x's seq a multiple of `chunk`), counted in the compiled form's jaxpr without a GPU;
+    every read waits for the products before it, so the reads are the step's dependent
+    tensor-core steps. `resets`: the walk with document resets (`bool [N, seq]`)."""
 
     def count(jaxpr: Any, in_loop: bool) -> tuple[int, int]:
         n = [0, 0]
@@ -1203,5 +1205,5 @@ def wgmma_per_chunk(
                         n[0], n[1] = n[0] + products, n[1] + reads
         return n[0], n[1]
 
-    fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
+    fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step, resets=resets))
     return count(fn(init, x).jaxpr, False)
