@@ -16,9 +16,16 @@ tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1),
 `factors_stage` (stage 2) and `solve_stage` (stage 4); `decays_kernel`, `factors_kernel` and
 `solve_kernel` run stages alone. `memory_step` is the whole chunk step with bf16 operand tiles
 (`Ops.mm`), scratch scoped per stage so that it fits one CTA's shared memory at `C = d = h =
-64`. `lower_for_cuda` lowers a walk for a GPU on any host, so a stage that Mosaic GPU cannot
-lower fails on CPU; `smem_bytes_at_lowering` and `wgmma_per_chunk` count a walk's shared memory
-and tensor-core products there.
+64`, with document resets (`ResetRefs`: per-token flags; the weights a reset returns to stay
+in HBM and are copied into a product's tile where a stage multiplies by them) and a trailing
+partial chunk (padded; its state taken after its last real token). `lower_for_cuda` lowers a
+walk for a GPU on any host, so a stage that Mosaic GPU cannot lower fails on CPU;
+`smem_bytes_at_lowering` and `wgmma_per_chunk` count a walk's shared memory and tensor-core
+products there.
+
+`walk_memory` is the walk as a differentiable op (`jax.custom_vjp`): the kernel forward also
+writes the state at each cut window's start, and the backward (`windows_backward`) runs
+`chunk_step`'s written-out backward in XLA from those states.
 """
 
 from __future__ import annotations
