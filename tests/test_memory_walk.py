@@ -146,10 +146,10 @@ def bf16_inputs(x: cs.Inputs) -> cs.Inputs:
     return x._replace(**{f: getattr(x, f).astype(jnp.bfloat16) for f in ("k", "v", "q")})
 
 
-def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h=16):
+def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h=16, resets=None):
     """`memory_step` walked over three chunks in the interpreter, and the float64 reference of
-    `chunk_step.sequence_forward` on the same (rounded) inputs: `(y, final, y_ref, final_ref,
-    init, q)`; float64 enabled (the `x64` fixture)."""
+    `chunk_step.sequence_forward` on the same (rounded) inputs and `resets`: `(y, final, y_ref,
+    final_ref, init, q)`; float64 enabled (the `x64` fixture)."""
     init, x = make(n, 3 * chunk, d, h)
     # Retention near 1: the chunk-start state must still matter after three chunks.
     x = x._replace(alpha=0.97 + 0.03 * x.alpha)
@@ -157,13 +157,13 @@ def memory_step_case(chunk: int, operands, cfg: cs.StepConfig = CFG, n=2, d=8, h
         x = bf16_inputs(x)
     walk = functools.partial(
         mw.walk_forward, cfg, chunk=chunk, step=mw.memory_step,
-        interpret=mw.interpret_params(), operands=operands,
+        interpret=mw.interpret_params(), operands=operands, resets=resets,
     )  # fmt: skip
     y, final = jax.jit(walk)(init, x)
     up = cs.Inputs(*(a.astype(jnp.float64) for a in x))
     init64 = cs.State(*(a.astype(jnp.float64) for a in init))
-    ref = jax.jit(jax.vmap(lambda i, xs: cs.sequence_forward(cfg, i, xs, chunk)))
-    y_ref, final_ref = ref(init64, up)
+    ref = jax.jit(jax.vmap(lambda i, xs, r: cs.sequence_forward(cfg, i, xs, chunk, r)))
+    y_ref, final_ref = ref(init64, up, resets)
     return y, final, y_ref, final_ref, init64, up.q
 
 
@@ -184,14 +184,64 @@ def test_memory_step_walk_is_exact_with_float32_operands(x64, chunk, name):
         assert rel_err(a - i, b - i) < 1e-5
 
 
-def test_memory_step_walk_with_bf16_operands(x64):
+# Resets inside the first chunk and at the third's start.
+@pytest.mark.parametrize("resets", [None, jnp.zeros((1, 192), bool).at[0, [40, 128]].set(True)])
+def test_memory_step_walk_with_bf16_operands(x64, resets):
     """bf16 operands (the compiled form) at hope_340m's C = d = h = 64: the read `y - q` and the
     state's change over three chunks within 5e-3 of the float64 reference (measured: 2.8e-3
-    and 9e-6 to 9.5e-4)."""
-    y, final, y_ref, final_ref, init, q = memory_step_case(64, jnp.bfloat16, n=1, d=64, h=64)
+    and 9e-6 to 9.5e-4; with resets 2.5e-3 and 9e-6 to 1.8e-3)."""
+    y, final, y_ref, final_ref, init, q = memory_step_case(
+        64, jnp.bfloat16, n=1, d=64, h=64, resets=resets
+    )
     errs = [rel_err(y - q, y_ref - q)]
     errs += [rel_err(a - i, b - i) for a, b, i in zip(final, final_ref, init, strict=True)]
     assert max(errs) < 5e-3
+
+
+# Stream 0: a reset inside a chunk and one inside the trailing partial chunk; stream 1: one at a
+# chunk start and one inside a chunk.
+RESETS = jnp.zeros((2, 14), bool).at[0, [5, 13]].set(True).at[1, [4, 10]].set(True)
+
+
+@pytest.mark.parametrize("step", [mw.reference_step, mw.memory_step])
+def test_walk_with_resets_and_partial_chunk_in_interpreter(step):
+    """14 tokens in chunks of 4 (a trailing chunk of 2) with document resets: the walk equals
+    `chunk_step.sequence_forward` with the same resets (float32 operand tiles)."""
+    init, x = make(2, 14, 8, 16)
+    walk = functools.partial(
+        mw.walk_forward, CFG, chunk=4, step=step, interpret=mw.interpret_params(),
+        operands=jnp.float32, resets=RESETS,
+    )  # fmt: skip
+    y, final = jax.jit(walk)(init, x)
+    ref = jax.jit(jax.vmap(lambda i, xs, r: cs.sequence_forward(CFG, i, xs, 4, r)))
+    y_ref, final_ref = ref(init, x, RESETS)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(final, final_ref, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_walk_memory_gradient_with_resets_lowers_for_cuda_and_fits_shared_memory():
+    """The gradient of `walk_memory` at C = d = h = 64 with document resets and a cut per chunk
+    lowers for CUDA: the kernel forward (with the window-start copies) and the XLA backward.
+    The kernel adds the chunk's flags (1 KiB) and a barrier: 228,376 B, 4,072 under an H100 or
+    H200 CTA's 232,448; the reset weights stay in HBM. The products at the reset weights add 8
+    `wgmma` per chunk, each a dependent step."""
+    init, x = make(2, 128, 64, 64)
+    resets = jnp.zeros((2, 128), bool).at[:, 70].set(True)
+
+    def loss(init, x):
+        y, final = mw.walk_memory(CFG, init, x, 64, resets, every=1)
+        return jnp.sum(y) + sum(jnp.sum(a) for a in final)
+
+    texts = []
+    sizes = mw.smem_bytes_at_lowering(
+        lambda: texts.append(
+            jax.jit(jax.grad(loss, (0, 1))).trace(init, x).lower(lowering_platforms=("cuda",))
+        )
+    )
+    assert "mosaic_gpu" in texts[0].as_text()
+    assert sizes == [228376]
+    assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step, resets) == (58, 56)
 
 
 def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
@@ -207,3 +257,72 @@ def test_memory_step_walk_lowers_for_cuda_and_fits_shared_memory():
     assert sizes == [227344]
     assert sizes[0] <= 227 * 1024
     assert mw.wgmma_per_chunk(CFG, init, x, 64, mw.memory_step) == (50, 48)
+
+
+def fast_jit(fn, *args):
+    """`jax.jit(fn)` compiled for `args` without XLA's expensive CPU passes: compiling the
+    unrolled chunk loops dominates these tests."""
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return jax.jit(fn).lower(*args).compile(options)
+
+
+def with_vjp(fn, cot):
+    """`(init, x) -> (fn's outputs, gradients of <outputs, cot> for init and x)`."""
+
+    def run(init, x):
+        out, vjp = jax.vjp(fn, init, x)
+        return out, vjp(cot)
+
+    return run
+
+
+# 6 tokens in chunks of 4: stream 0 resets inside the first chunk and inside the trailing
+# partial one, stream 1 at the second chunk's start.
+GRAD_RESETS = jnp.zeros((2, 6), bool).at[0, [2, 5]].set(True).at[1, 4].set(True)
+
+
+@pytest.mark.parametrize("every", [0, 1])  # one window: the full gradient; a cut per chunk
+def test_walk_memory_gradients_in_interpreter(every):
+    """`walk_memory` (the interpreted kernel forward, `windows_backward` from its window-start
+    states) against `chunk_step.sequence_forward` and its `jax.vjp` (one window) or
+    `chunk_step.window_backward` (a cut per chunk), with document resets and a trailing
+    partial chunk, float32 operands: outputs, final state and the gradients of the initial
+    state and of every input within 1e-5."""
+    init, x = make(2, 6, 8, 16)
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    cot = (
+        jax.random.normal(ks[0], x.k.shape),
+        cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True))),
+    )
+
+    def walk(init, x):
+        return mw.walk_memory(
+            CFG, init, x, 4, GRAD_RESETS, every=every, interpret=True, operands=jnp.float32
+        )
+
+    def reference(init, x):
+        seq = functools.partial(cs.sequence_forward, CFG, chunk=4)
+        return jax.vmap(lambda i, xs, r: seq(i, xs, resets=r))(init, x, GRAD_RESETS)
+
+    (y, final), grads = fast_jit(with_vjp(walk, cot), init, x)(init, x)
+    if every == 0:
+        (y_ref, final_ref), grads_ref = fast_jit(with_vjp(reference, cot), init, x)(init, x)
+    else:
+        y_ref, final_ref = fast_jit(reference, init, x)(init, x)
+
+        def cut(init, x, d_y, d_final):
+            bwd = functools.partial(cs.window_backward, CFG, chunk=4, every=every)
+            return jax.vmap(lambda i, xs, dy, df, r: bwd(i, xs, d_y=dy, d_final=df, resets=r))(
+                init, x, d_y, d_final, GRAD_RESETS
+            )
+
+        grads_ref = fast_jit(cut, init, x, *cot)(init, x, *cot)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(final, final_ref, strict=True):
+        assert rel_err(a, b) < 1e-5
+    for name, a, b in zip(
+        [f"init.{f}" for f in cs.State._fields] + [f"x.{f}" for f in cs.Inputs._fields],
+        jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True,
+    ):  # fmt: skip
+        assert rel_err(a, b) < 1e-5, name
+    assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads))

@@ -16,13 +16,21 @@ tf32 `wgmma`s whose operands stay in shared memory, `decays_stage` (stage 1),
 `factors_stage` (stage 2) and `solve_stage` (stage 4); `decays_kernel`, `factors_kernel` and
 `solve_kernel` run stages alone. `memory_step` is the whole chunk step with bf16 operand tiles
 (`Ops.mm`), scratch scoped per stage so that it fits one CTA's shared memory at `C = d = h =
-64`. `lower_for_cuda` lowers a walk for a GPU on any host, so a stage that Mosaic GPU cannot
-lower fails on CPU; `smem_bytes_at_lowering` and `wgmma_per_chunk` count a walk's shared memory
-and tensor-core products there.
+64`, with document resets (`ResetRefs`: per-token flags; the weights a reset returns to stay
+in HBM and are copied into a product's tile where a stage multiplies by them) and a trailing
+partial chunk (padded; its state taken after its last real token). `lower_for_cuda` lowers a
+walk for a GPU on any host, so a stage that Mosaic GPU cannot lower fails on CPU;
+`smem_bytes_at_lowering` and `wgmma_per_chunk` count a walk's shared memory and tensor-core
+products there.
+
+`walk_memory` is the walk as a differentiable op (`jax.custom_vjp`): the kernel forward also
+writes the state at each cut window's start, and the backward (`windows_backward`) runs
+`chunk_step`'s written-out backward in XLA from those states.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -164,30 +172,74 @@ INTERPRETED = Ops(
     lambda v, m: lax.broadcast_in_dim(v, (m, v.shape[0]), [1]),
     lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim),
 )  # fmt: skip
-# `step(cfg, state_refs, input_refs, y_ref, ops)`: one chunk, in place on the state refs.
-Step = Callable[[cs.StepConfig, cs.State, cs.Inputs, Any, Ops], None]
 
 
-def reference_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
+class ResetRefs(NamedTuple):
+    """What a chunk step with document resets reads: the chunk's flags and the weights a reset
+    returns to, left in HBM and copied in where a stage multiplies by them."""
+
+    flags: Any  # [C] float32 shared-memory ref, 1.0 where a document starts
+    w1: Any  # [d, h] float32 HBM ref (this stream's)
+    w2: Any  # [h, d] float32 HBM ref
+    w1_op: Any  # [d, h] HBM ref in the operand dtype (the products' copy)
+    w2_op: Any  # [h, d] HBM ref in the operand dtype
+    bar: Any  # a barrier of one arrival for those copies
+
+
+def fetch(src: Any, dst: Any, bar: Any) -> None:
+    """Copy the HBM ref `src` into the shared-memory ref `dst` and wait for it."""
+    plgpu.copy_gmem_to_smem(src, dst, bar)
+    plgpu.barrier_wait(bar)
+
+
+# `step(cfg, state_refs, input_refs, y_ref, ops, resets=None, last=None)`: one chunk, in place
+# on the state refs; `resets` a `ResetRefs`, `last` the chunk's last real token (static; the
+# tokens after it are padding, and the state after the chunk is the state after `last`).
+Step = Callable[..., None]
+
+
+def reference_step(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops,
+    resets: ResetRefs | None = None, last: int | None = None,
+) -> None:  # fmt: skip
     """Stage 2 on the refs: the chunk step of `chunk_step.chunk_forward` (interpreter only)."""
-    del ops
-    y, new = cs.chunk_forward(
-        cfg, cs.State(*(r[...] for r in state)), cs.Inputs(*(r[...] for r in x))
+    n = x.k.shape[0] if last is None else last + 1
+    xs = cs.Inputs(*(r[...][:n] for r in x))
+
+    def run(w1i, w2i):
+        flags = init = None
+        if resets is not None:
+            fetch(resets.w1, w1i, resets.bar)
+            fetch(resets.w2, w2i, resets.bar)
+            flags = resets.flags[...][:n] > 0.5
+            init = cs.State(w1i[...], w2i[...], None, None)
+        y, new = cs.chunk_forward(cfg, cs.State(*(r[...] for r in state)), xs, flags, init)
+        for ref, val in zip(state, new, strict=True):
+            ref[...] = val
+        y_ref[...] = jnp.zeros(y_ref.shape, y_ref.dtype)
+        y_ref[pl.ds(0, n)] = y
+
+    f32 = jnp.float32
+    pl.run_scoped(
+        run,
+        _scratch(state.w1.shape, f32, ops.compiled),
+        _scratch(state.w2.shape, f32, ops.compiled),
     )
-    for ref, val in zip(state, new, strict=True):
-        ref[...] = val
-    y_ref[...] = y
 
 
 def boundary_read_step(
-    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops
-) -> None:
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops,
+    resets: ResetRefs | None = None, last: int | None = None,
+) -> None:  # fmt: skip
     """`y = q + gelu(q W2^T) W1^T` at the chunk-start state, state unchanged (compiled form).
 
     Both products are `ops.mm_nt`s of shared-memory operands; the hidden activations are
-    staged through a shared-memory scratch between them.
+    staged through a shared-memory scratch between them. No state changes, so `last` does not
+    matter; resets are not taken.
     """
-    del cfg
+    del cfg, last
+    if resets is not None:
+        raise ValueError("boundary_read_step takes no document resets")
     c = x.q.shape[0]
     hidden = cs.gelu(ops.mm_nt(x.q, state.w2))
 
@@ -199,21 +251,47 @@ def boundary_read_step(
     pl.run_scoped(read, _scratch((c, state.w2.shape[0]), jnp.float32, ops.compiled))
 
 
+class Segments(NamedTuple):
+    """Document resets of one chunk in registers (`chunk_step.Segments`): `same [C, C]` (t and s
+    in one document) and `fresh [C]` along rows (1.0: a reset at or before t in the chunk)."""
+
+    same: jax.Array
+    fresh: jax.Array
+
+
+def segments_stage(flags: Any, ops: Ops) -> Segments:
+    """`Segments` of the reset flags ref `flags [C]` (1.0: a document starts at that token).
+
+    A token's document is the count of resets up to it, taken as a masked row sum and again as
+    a column sum, so that it is compared in both orientations without a transpose.
+    """
+    c = flags.shape[0]
+    t, s = ops.iota((c, c), 0), ops.iota((c, c), 1)
+    seg_t = jnp.sum(jnp.where(t >= s, ops.cols(flags[...], c), 0.0), 1)
+    seg_s = jnp.sum(jnp.where(t <= s, ops.rows(flags[...], c), 0.0), 0)
+    same = ops.rows(seg_t, c) == ops.cols(seg_s, c)
+    return Segments(same, jnp.where(seg_t > 0.5, 1.0, 0.0).astype(jnp.float32))
+
+
 def decays_stage(
     alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, ops: Ops,
-    g_prior_t: Any = None,
+    g_prior_t: Any = None, seg: Segments | None = None,
 ) -> None:  # fmt: skip
-    """Stage 1 (`chunk_step.decays`, no resets) from `alpha, beta [C]` refs into `out`'s refs.
+    """Stage 1 (`chunk_step.decays`) from `alpha, beta [C]` refs into `out`'s refs.
 
     Cumulative sums are masked `C x C` row or column sums, so each comes out along the axis it
     is broadcast on; `K = G P` are two `ops.mm_nt` with `P^T` built in `scratch [C, C]`.
-    `out.pi_end` is not written (it is `out.pi[C - 1]`); `g_prior_t`, if given, receives
-    `G_prior^T` (the DGD solve's transposed operand).
+    `out.pi_end` is not written (it is `out.pi[C - 1]`, 0 after a reset); `g_prior_t`, if
+    given, receives `G_prior^T` (the DGD solve's transposed operand). With `seg`, every mask
+    keeps one document: its cumulative sums then start at the document's first token, which
+    is `chunk_step.decays`' offset, and `ri, rp` are 0 after a reset.
     """
     c = alpha_ref.shape[0]
     shape = (c, c)
     t, s = ops.iota(shape, 0), ops.iota(shape, 1)
     lower, strict, upper = t >= s, t > s, t <= s
+    if seg is not None:
+        lower, strict, upper = lower & seg.same, strict & seg.same, upper & seg.same
 
     def cumulative(ref):
         """`(x_t, X_t along rows, X_s along columns)`, X the inclusive cumulative sum of log x."""
@@ -235,15 +313,20 @@ def decays_stage(
     _store(out.g_incl, g_incl)
     _store(out.g_prior, g_prior)
     if g_prior_t is not None:
-        _store(g_prior_t, jnp.where(t < s, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0))
+        upper_strict = (t < s) if seg is None else (t < s) & seg.same
+        _store(
+            g_prior_t,
+            jnp.where(upper_strict, jnp.exp(ops.cols(cp_t, c) - ops.rows(ci_s, c)), 0.0),
+        )
     _store(out.p_incl, jnp.where(lower, jnp.exp(diff_b), 0.0))
     _store(scratch, jnp.where(upper, jnp.exp(-diff_b), 0.0))  # P^T
     out.gi[...] = jnp.exp(ci_t)
     out.gp[...] = jnp.exp(cp_t)
     out.pi[...] = jnp.exp(cb_t)
     pi_s = ops.cols(jnp.exp(cb_s), c)
-    out.ri[...] = jnp.sum(g_incl * pi_s, 1)
-    out.rp[...] = jnp.sum(g_prior * pi_s, 1)
+    carried = 1.0 if seg is None else 1.0 - seg.fresh  # the carried momentum ends at a reset
+    out.ri[...] = jnp.sum(g_incl * pi_s, 1) * carried
+    out.rp[...] = jnp.sum(g_prior * pi_s, 1) * carried
     plgpu.commit_smem()
     _store(out.k_incl, ops.mm_nt(out.g_incl, scratch))
     _store(out.k_prior, ops.mm_nt(out.g_prior, scratch))
@@ -542,21 +625,25 @@ def _tile(shape: tuple[int, ...], ops: Ops) -> plgpu.SMEM:
 _VECTORS = ("gi", "gp", "pi", "ri", "rp", "b1", "b2", "cur1", "cur2", "k_last", "g_last", "p_last")
 
 
-def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops) -> jax.Array:
-    """`vec [C]` (along rows) -> `[o, i]` filled with `vec[C - 1]`, by a masked column sum:
+def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops, last: int) -> jax.Array:
+    """`vec [C]` (along rows) -> `[o, i]` filled with `vec[last]`, by a masked column sum:
     the WGMMA layout has no scalar extraction."""
     c = vec.shape[0]
     by_t = ops.rows(vec, shape[1])
-    at_end = ops.iota((c, shape[1]), 0) == c - 1
+    at_end = ops.iota((c, shape[1]), 0) == last
     return ops.cols(jnp.sum(jnp.where(at_end, by_t, 0.0), 0), shape[0])
 
 
-def _step_sizes(cfg: cs.StepConfig, eta: Any, cur: Any, ops: Ops) -> jax.Array:
-    """Stage 3 (`chunk_step._step_size`, no resets): `eta' [C]` along rows from the refs
-    `eta [C]` and the curvature `cur [C]` (read along columns for the chunk's running sum)."""
+def _step_sizes(
+    cfg: cs.StepConfig, eta: Any, cur: Any, ops: Ops, seg: Segments | None = None
+) -> jax.Array:
+    """Stage 3 (`chunk_step._step_size`): `eta' [C]` along rows from the refs `eta [C]` and the
+    curvature `cur [C]` (read along columns for the running sum over the token's document)."""
     c = eta.shape[0]
     if cfg.normalize_chunk:
         lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
+        if seg is not None:
+            lower = lower & seg.same
         by_s = ops.cols(_along(eta, ops, 0), c) * ops.cols(_along(cur, ops, 0), c)
         return _along(eta, ops) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
     if cfg.normalize_memory or cfg.normalize_lr:
@@ -580,11 +667,36 @@ def _inverse_rounds(low: jax.Array, order: int, power: Any, inv: Any, ops: Ops) 
         plgpu.commit_smem()
 
 
+class Reset(NamedTuple):
+    """One layer's document resets: the chunk's `Segments`, the HBM copy of the weights a reset
+    returns to in the operand dtype (`wi_op`) and float32 (`wi`), and the copies' barrier."""
+
+    seg: Segments
+    wi_op: Any
+    wi: Any
+    bar: Any
+
+
+def _base(x: Any, wt: Any, w0: Any, reset: Reset | None, ops: Ops) -> jax.Array:
+    """`x W^T` (`chunk_step._base`) for the operand tile `x [C, i]`, through the tile `wt
+    [o, i]`: W the float32 state `w0`, or after a reset the weights a reset returns to, copied
+    into `wt` once the first product has read it."""
+    _store(wt, _load(w0, ops))
+    plgpu.commit_smem()
+    out = ops.mm(x, wt, False, True)
+    if reset is None:
+        return out
+    fetch(reset.wi_op, wt, reset.bar)
+    fresh = ops.rows(reset.seg.fresh, wt.shape[0]) > 0.5
+    return jnp.where(fresh, ops.mm(x, wt, False, True), out)
+
+
 def _solve_layer(
-    a: Any, g: Any, b: Any, w0: Any, s0: Any, dec: cs.Decays, be_out: Any, ops: Ops
-) -> None:
-    """Stage 4 for one layer (`chunk_step.layer_solve`, no resets): operand tiles `a [C, i]`,
-    `g [C, o]`, `b [C]`, the float32 state `w0, s0 [o, i]` -> the tile `be_out = b e [C, o]`.
+    a: Any, g: Any, b: Any, w0: Any, s0: Any, dec: cs.Decays, be_out: Any, ops: Ops,
+    reset: Reset | None = None,
+) -> None:  # fmt: skip
+    """Stage 4 for one layer (`chunk_step.layer_solve`): operand tiles `a [C, i]`, `g [C, o]`,
+    `b [C]`, the float32 state `w0, s0 [o, i]` -> the tile `be_out = b e [C, o]`.
 
     `e = (I + L)^-1 rhs` is applied as `(I + M)^-1 ((I + D)^-1 rhs)` (`chunked.
     unit_lower_inverse`'s split), so the full inverse is never formed; at most 3 `[C, C]`
@@ -599,10 +711,8 @@ def _solve_layer(
 
     def solve(rhs, p1):
         def right_side(wt):
-            _store(wt, _load(w0, ops))
             _store(p1, _load(dec.k_prior, ops) * aa)
-            plgpu.commit_smem()
-            out = ops.rows(dec.gp[...], o) * ops.mm(a, wt, False, True) + ops.mm(p1, g)
+            out = ops.rows(dec.gp[...], o) * _base(a, wt, w0, reset, ops) + ops.mm(p1, g)
             _store(wt, _load(s0, ops))
             plgpu.commit_smem()
             _store(rhs, out + ops.rows(dec.rp[...], o) * ops.mm(a, wt, False, True))
@@ -632,9 +742,10 @@ def _solve_layer(
 
 
 def _read_layer(
-    q: Any, a: Any, g: Any, be: Any, w0: Any, s0: Any, dec: cs.Decays, ops: Ops
-) -> jax.Array:
-    """Stage 5 for one layer (`chunk_step.layer_read`, no resets): `W_t q_t` for the query tile
+    q: Any, a: Any, g: Any, be: Any, w0: Any, s0: Any, dec: cs.Decays, ops: Ops,
+    reset: Reset | None = None,
+) -> jax.Array:  # fmt: skip
+    """Stage 5 for one layer (`chunk_step.layer_read`): `W_t q_t` for the query tile
     `q [C, i]` -> `[C, o]` float32."""
     c, o = q.shape[0], w0.shape[0]
     ca = ops.mm(q, a, False, True)
@@ -642,9 +753,7 @@ def _read_layer(
     def read(wt, m_k, m_g):
         _store(m_k, _load(dec.k_incl, ops) * ca)
         _store(m_g, -_load(dec.g_incl, ops) * ca)  # negated: one accumulator for both
-        _store(wt, _load(w0, ops))
-        plgpu.commit_smem()
-        out = ops.rows(dec.gi[...], o) * ops.mm(q, wt, False, True)
+        out = ops.rows(dec.gi[...], o) * _base(q, wt, w0, reset, ops)
         out = out + ops.mm(m_k, g, plus=((m_g, be, False, False),))
         _store(wt, _load(s0, ops))
         plgpu.commit_smem()
@@ -655,31 +764,43 @@ def _read_layer(
 
 
 def _end_layer(
-    a: Any, g: Any, be: Any, w: Any, s: Any, dec: cs.Decays, last: tuple, ops: Ops
-) -> None:
-    """Stage 6 for one layer (`chunk_step.layer_end`, no resets): the float32 refs `w, s [o, i]`
-    become `(W_C, S_C)`; `last = (k_incl[C-1], g_incl[C-1], p_incl[C-1])` as `[C]` refs."""
+    a: Any, g: Any, be: Any, w: Any, s: Any, dec: cs.Decays, rows: tuple, ops: Ops,
+    last: int, reset: Reset | None = None,
+) -> None:  # fmt: skip
+    """Stage 6 for one layer (`chunk_step.layer_end`): the float32 refs `w, s [o, i]` become
+    the state after token `last`; `rows = (k_incl[last], g_incl[last], p_incl[last])` as `[C]`
+    refs. After a reset in the chunk the weights restart from `reset.wi` (float32, copied into
+    a scratch) and the carried momentum is dropped."""
     c, o = a.shape[0], w.shape[0]
-    k_last, g_last, p_last = (ops.rows(ref[...], o) for ref in last)
+    k_last, g_last, p_last = (ops.rows(ref[...], o) for ref in rows)
     g32, be32 = _load(g, ops), _load(be, ops)
+    shape = w.shape
 
-    def end(steps, pg):
+    def end(steps, pg, *wi):
         _store(steps, k_last * g32 - g_last * be32)
         _store(pg, p_last * g32)
         plgpu.commit_smem()
         dw, ds = ops.mm(steps, a, True, False), ops.mm(pg, a, True, False)
         w0, s0 = _load(w, ops), _load(s, ops)
-        shape = w.shape
-        new_w = _last(dec.gi[...], shape, ops) * w0 + dw + _last(dec.ri[...], shape, ops) * s0
-        new_s = _last(dec.pi[...], shape, ops) * s0 + ds
-        w[...] = new_w
-        s[...] = new_s
+        base, carried = w0, _last(dec.pi[...], shape, ops, last)
+        if reset is not None:
+            fetch(reset.wi, wi[0], reset.bar)
+            fresh = _last(reset.seg.fresh, shape, ops, last)
+            base = jnp.where(fresh > 0.5, _load(wi[0], ops), w0)
+            carried = carried * (1.0 - fresh)
+        gi, ri = _last(dec.gi[...], shape, ops, last), _last(dec.ri[...], shape, ops, last)
+        w[...] = gi * base + dw + ri * s0
+        s[...] = carried * s0 + ds
 
-    pl.run_scoped(end, _tile((c, o), ops), _tile((c, o), ops))
+    extra = () if reset is None else (_scratch(shape, jnp.float32, ops.compiled),)
+    pl.run_scoped(end, _tile((c, o), ops), _tile((c, o), ops), *extra)
 
 
-def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops) -> None:
-    """The whole chunk step (`chunk_step.chunk_forward`, no resets) in compiled form.
+def memory_step(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, ops: Ops,
+    resets: ResetRefs | None = None, last: int | None = None,
+) -> None:  # fmt: skip
+    """The whole chunk step (`chunk_step.chunk_forward`) in compiled form.
 
     `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` refs in
     `ops.operands` (read by the products as they arrive; `walk_forward` casts them), gates
@@ -688,30 +809,54 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
     the decays' vectors, step sizes and all elementwise math stay float32. Scratch is scoped
     per stage so that stages reuse it; live across stages are the layer inputs, steps and
     `b e` (`[C, d]` and `[C, h]` tiles) and `G`, `K` incl. and prior.
+
+    With `resets` (document starts, `chunk_step.chunk_forward`'s `resets` and `init`) the
+    factors and every product with the chunk-start weights are taken a second time at the
+    weights a reset returns to, each copied from HBM into the tile the first one used, and
+    picked per token; masks and cumulative sums keep to one document. `last`: the state is
+    taken after that token (the later ones pad a trailing partial chunk).
     """
     c, d = x.k.shape
     h = state.w2.shape[0]
     f32 = jnp.float32
     ones = jnp.ones((c,), f32)
+    last = c - 1 if last is None else last
+    seg = None if resets is None else segments_stage(resets.flags, ops)
+    reset1 = reset2 = None
+    if resets is not None:
+        reset1 = Reset(seg, resets.w1_op, resets.w1, resets.bar)
+        reset2 = Reset(seg, resets.w2_op, resets.w2, resets.bar)
 
     def factors(hk_out, b1, b2, g1, g2, cur1, cur2):
         """Stage 2 and 3: W1's input, both layers' step sizes and gradient steps."""
 
         def body(w1b, w2b, gzv, err_b):
+            def at_weights():
+                """`(gelu(z), err, delta2)` at the weights in the tiles `w1b, w2b`."""
+                zv = ops.mm(x.v, w2b, False, True)
+                z = ops.mm(x.k, w2b, False, True)
+                hk = cs.gelu(z)
+                # err = k - v + (gelu(z) - gelu(zv)) W1^T: one product of the difference.
+                _store(gzv, hk - cs.gelu(zv))
+                plgpu.commit_smem()
+                err = _load(x.k, ops) - _load(x.v, ops) + ops.mm(gzv, w1b, False, True)
+                _store(err_b, err)
+                plgpu.commit_smem()
+                return hk, err, ops.mm(err_b, w1b) * cs.gelu_grad(z)
+
             _store(w1b, _load(state.w1, ops))
             _store(w2b, _load(state.w2, ops))
             plgpu.commit_smem()
-            zv = ops.mm(x.v, w2b, False, True)
-            z = ops.mm(x.k, w2b, False, True)
-            hk = cs.gelu(z)
+            hk, err, delta2 = at_weights()
+            if resets is not None:
+                fetch(resets.w1_op, w1b, resets.bar)
+                fetch(resets.w2_op, w2b, resets.bar)
+                at_init = at_weights()
+                fresh_d, fresh_h = (ops.rows(seg.fresh, n) > 0.5 for n in (d, h))
+                hk = jnp.where(fresh_h, at_init[0], hk)
+                err = jnp.where(fresh_d, at_init[1], err)
+                delta2 = jnp.where(fresh_h, at_init[2], delta2)
             _store(hk_out, hk)
-            # err = k - v + (gelu(z) - gelu(zv)) W1^T: one product of the difference.
-            _store(gzv, hk - cs.gelu(zv))
-            plgpu.commit_smem()
-            err = _load(x.k, ops) - _load(x.v, ops) + ops.mm(gzv, w1b, False, True)
-            _store(err_b, err)
-            plgpu.commit_smem()
-            delta2 = ops.mm(err_b, w1b) * cs.gelu_grad(z)
             x1 = jnp.sum(hk * hk, 1)
             x2 = jnp.sum(_load(x.k, ops) ** 2, 1)
             if cfg.normalize_memory:
@@ -723,8 +868,8 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
             cur1[...] = x1
             cur2[...] = x2
             plgpu.commit_smem()
-            b1[...] = _step_sizes(cfg, x.eta, cur1, ops)
-            b2[...] = _step_sizes(cfg, x.eta, cur2, ops)
+            b1[...] = _step_sizes(cfg, x.eta, cur1, ops, seg)
+            b2[...] = _step_sizes(cfg, x.eta, cur2, ops, seg)
             plgpu.commit_smem()
             gain = 1.0 - _along(x.beta, ops) if cfg.momentum_ema else ones
             _store(g1, -ops.rows(_along(b1, ops) * gain, d) * err)
@@ -745,33 +890,36 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
 
         def solves(g_prior, k_prior, p_t):
             dec = cs.Decays(gi, gp, g_incl, g_prior, p_t, pi, k_incl, k_prior, ri, rp, None)
-            decays_stage(x.alpha, x.beta, dec, p_t, ops)
+            decays_stage(x.alpha, x.beta, dec, p_t, ops, seg=seg)
             plgpu.commit_smem()
-            _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops)
-            _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops)
+            _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops, reset1)
+            _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops, reset2)
 
         square = _tile((c, c), ops)
         pl.run_scoped(solves, square, square, square)
         plgpu.commit_smem()
         dec = cs.Decays(gi, None, g_incl, None, None, pi, k_incl, None, ri, None, None)
-        at_end = ops.iota((c, c), 0) == c - 1
+        t, s = ops.iota((c, c), 0), ops.iota((c, c), 1)
+        at_end = t == last
         k_last[...] = jnp.sum(jnp.where(at_end, _load(k_incl, ops), 0.0), 0)
         g_last[...] = jnp.sum(jnp.where(at_end, _load(g_incl, ops), 0.0), 0)
+        # P's row `last`, rebuilt from pi (its tile held P^T): within the last token's document.
         p_ts = ops.rows(pi[...], c) / ops.cols(pi[...], c)
-        p_last[...] = jnp.sum(jnp.where(at_end, p_ts, 0.0), 0)
+        in_row = at_end & (s <= last) if seg is None else at_end & (s <= last) & seg.same
+        p_last[...] = jnp.sum(jnp.where(in_row, p_ts, 0.0), 0)
 
         def reads(hq):
-            r2 = _read_layer(x.q, x.k, g2, be2, state.w2, state.s2, dec, ops)
+            r2 = _read_layer(x.q, x.k, g2, be2, state.w2, state.s2, dec, ops, reset2)
             _store(hq, cs.gelu(r2))
             plgpu.commit_smem()
-            out = _read_layer(hq, hk, g1, be1, state.w1, state.s1, dec, ops)
+            out = _read_layer(hq, hk, g1, be1, state.w1, state.s1, dec, ops, reset1)
             y_ref[...] = _load(x.q, ops) + out
 
         pl.run_scoped(reads, _tile((c, h), ops))
         plgpu.commit_smem()
-        last = (k_last, g_last, p_last)
-        _end_layer(hk, g1, be1, state.w1, state.s1, dec, last, ops)
-        _end_layer(x.k, g2, be2, state.w2, state.s2, dec, last, ops)
+        rows = (k_last, g_last, p_last)
+        _end_layer(hk, g1, be1, state.w1, state.s1, dec, rows, ops, last, reset1)
+        _end_layer(x.k, g2, be2, state.w2, state.s2, dec, rows, ops, last, reset2)
 
     pl.run_scoped(
         walk, _tile((c, h), ops), _tile((c, d), ops), _tile((c, h), ops),
@@ -780,80 +928,237 @@ def memory_step(cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: Any, o
     )  # fmt: skip
 
 
+def pad_inputs(x: cs.Inputs, seq: int) -> cs.Inputs:
+    """`x` (`[N, seq0, ...]`) padded to `seq` tokens with ones that learn nothing and decay
+    nothing: zero keys, values, queries and learning rate, retention and momentum gates 1."""
+
+    def pad(a: jax.Array, value: float) -> jax.Array:
+        widths = [(0, 0)] * a.ndim
+        widths[1] = (0, seq - a.shape[1])
+        return jnp.pad(a, widths, constant_values=value)
+
+    return cs.Inputs(*(pad(a, v) for a, v in zip(x, (0.0, 0.0, 0.0, 0.0, 1.0, 1.0), strict=True)))
+
+
 def walk_forward(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, *,
     step: Step = reference_step, interpret: Any = None, operands: Any = jnp.bfloat16,
-) -> tuple[jax.Array, cs.State]:  # fmt: skip
-    """The persistent forward over N streams: `(y [N, seq, d], final State)`.
+    resets: jax.Array | None = None, reset_to: cs.State | None = None, every: int | None = None,
+) -> tuple:  # fmt: skip
+    """The persistent forward over N streams: `(y [N, seq, d], final State)`, and with `every`
+    the state at each cut window's start, `State` leaves `[N, windows, ...]`.
 
     Args:
       init: leaves `[N, ...]` (one per sequence and head). x: k, v, q `[N, seq, d]`, eta,
-        alpha, beta `[N, seq]`; seq a multiple of `chunk` (a trailing partial chunk runs
-        through `chunk_step` outside the kernel).
-      step: the per-chunk stage (`reference_step`, `boundary_read_step`).
+        alpha, beta `[N, seq]`; a trailing partial chunk is padded (`pad_inputs`) and its
+        state taken after its last real token.
+      step: the per-chunk stage (`reference_step`, `boundary_read_step`, `memory_step`).
       interpret: `interpret_params()` to run in the Mosaic GPU interpreter on CPU.
       operands: `memory_step`'s operand dtype (`Ops.operands`); its k, v, q are cast to it.
+      resets: `bool [N, seq]` document starts (`chunk_step.sequence_forward`'s), returning to
+        `reset_to`'s weights (default `init`'s) with zero momentum.
+      every: cut windows of `every` chunks (0: one window); the kernel writes the state at each
+        window's first chunk start, which the backward restarts from.
     """
     if not cfg.read:
         raise ValueError("walk_forward is the read-out memory's walk (StepConfig.read=True)")
     n, seq, d = x.k.shape
-    if seq % chunk:
-        raise ValueError(f"seq {seq} must be a multiple of the chunk size {chunk}")
-    n_chunks = seq // chunk
+    n_full, rem = divmod(seq, chunk)
+    n_chunks = n_full + (rem > 0)
+    padded = n_chunks * chunk
+    x = pad_inputs(x, padded)
     if step is memory_step:
         # Its products read k, v, q straight from the copied tiles.
         x = x._replace(k=x.k.astype(operands), v=x.v.astype(operands), q=x.q.astype(operands))
     f32 = jnp.float32
     compiled = interpret is None
     ops = (COMPILED if compiled else INTERPRETED)._replace(operands=operands)
+    extra_in: list[jax.Array] = []
+    if resets is not None:
+        reset_to = init if reset_to is None else reset_to
+        flags = jnp.pad(resets.astype(f32), ((0, 0), (0, padded - seq)))
+        w1, w2 = reset_to.w1.astype(f32), reset_to.w2.astype(f32)
+        extra_in = [flags, w1, w2, w1.astype(operands), w2.astype(operands)]
+    every_n = None if every is None else (every or n_chunks)
+    n_windows = 0 if every_n is None else -(-n_chunks // every_n)
     state_scratch = [_scratch(a.shape[1:], a.dtype, compiled) for a in init]
     chunk_scratch = [_scratch((chunk, d), x.k.dtype, compiled) for _ in range(3)]
     gate_scratch = [_scratch((chunk,), x.eta.dtype, compiled) for _ in range(3)]
+    flag_scratch = [] if resets is None else [_scratch((chunk,), f32, compiled)]
     y_scratch = _scratch((chunk, d), f32, compiled)
+    barriers = [plgpu.Barrier(num_arrivals=len(init)),
+                plgpu.Barrier(num_arrivals=len(x) + len(flag_scratch))]  # fmt: skip
+    if resets is not None:
+        barriers.append(plgpu.Barrier(num_arrivals=1))
 
     def body(*refs):
-        ins, outs, scratch = refs[:10], refs[10:15], refs[15:]
-        init_g, x_g = cs.State(*ins[:4]), cs.Inputs(*ins[4:])
-        y_g, final_g = outs[0], cs.State(*outs[1:])
-        state_s, x_s = cs.State(*scratch[:4]), cs.Inputs(*scratch[4:10])
-        y_s, state_bar, bar = scratch[10:]
+        it = iter(refs)
+        init_g = cs.State(*(next(it) for _ in range(4)))
+        x_g = cs.Inputs(*(next(it) for _ in range(6)))
+        reset_g = [next(it) for _ in extra_in]
+        y_g = next(it)
+        final_g = cs.State(*(next(it) for _ in range(4)))
+        starts_g = [next(it) for _ in range(4 if n_windows else 0)]
+        state_s = cs.State(*(next(it) for _ in range(4)))
+        x_s = cs.Inputs(*(next(it) for _ in range(6)))
+        flags_s = [next(it) for _ in flag_scratch]
+        y_s, state_bar, bar = next(it), next(it), next(it)
         i = lax.axis_index("stream")
+        resets_s = None
+        if reset_g:
+            reset_bar = next(it)
+            resets_s = ResetRefs(flags_s[0], *(r.at[i] for r in reset_g[1:]), reset_bar)
         # Each barrier counts one arrival per copy, so the copies fly together.
         for src, dst in zip(init_g, state_s, strict=True):
             plgpu.copy_gmem_to_smem(src.at[i], dst, state_bar)
         plgpu.barrier_wait(state_bar)
 
-        def chunk_body(c, carry):
+        def save_start(c):
+            for src, dst in zip(state_s, starts_g, strict=True):
+                plgpu.copy_smem_to_gmem(src, dst.at[i, c // every_n])
+
+        def chunk_body(c, last=None):
             rows = pl.ds(c * chunk, chunk)
-            for src, dst in zip(x_g, x_s, strict=True):
+            for src, dst in zip([*x_g, *reset_g[:1]], [*x_s, *flags_s], strict=True):
                 plgpu.copy_gmem_to_smem(src.at[i, rows], dst, bar)
             plgpu.barrier_wait(bar)
-            # The previous chunk's output copy reads y_s: wait before overwriting it.
+            if n_windows and isinstance(c, int):
+                if c % every_n == 0:
+                    save_start(c)
+            elif n_windows:
+                pl.when(c % every_n == 0)(lambda: save_start(c))
+            # The previous chunk's output copy reads y_s, a window start's copy the state: wait
+            # before overwriting them.
             plgpu.wait_smem_to_gmem(0)
-            step(cfg, state_s, x_s, y_s, ops)
+            step(cfg, state_s, x_s, y_s, ops, resets=resets_s, last=last)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(y_s, y_g.at[i, rows])
+
+        def loop_body(c, carry):
+            chunk_body(c)
             return carry
 
-        lax.fori_loop(0, n_chunks, chunk_body, 0)
+        lax.fori_loop(0, n_full, loop_body, 0)
+        if rem:
+            # Statically its own step: the state is taken after the last real token.
+            chunk_body(n_full, last=rem - 1)
         plgpu.commit_smem()
         for src, dst in zip(state_s, final_g, strict=True):
             plgpu.copy_smem_to_gmem(src, dst.at[i])
         plgpu.wait_smem_to_gmem(0)
 
-    out_type = (
-        jax.ShapeDtypeStruct((n, seq, d), f32),
+    out_type = [
+        jax.ShapeDtypeStruct((n, padded, d), f32),
         *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in init),
-    )
+        *(jax.ShapeDtypeStruct((n, n_windows, *a.shape[1:]), a.dtype)
+          for a in (init if n_windows else ())),
+    ]  # fmt: skip
     kernel = plgpu.kernel(
         body, out_type=out_type, grid=(n,), grid_names=("stream",),
-        scratch_types=[*state_scratch, *chunk_scratch, *gate_scratch, y_scratch,
-                       plgpu.Barrier(num_arrivals=len(init)),
-                       plgpu.Barrier(num_arrivals=len(x))],
+        scratch_types=[*state_scratch, *chunk_scratch, *gate_scratch, *flag_scratch, y_scratch,
+                       *barriers],
         compiler_params=_COMPILER, interpret=interpret,
     )  # fmt: skip
-    y, *final = kernel(*init, *x)
-    return y, cs.State(*final)
+    y, *states = kernel(*init, *x, *extra_in)
+    y, final = y[:, :seq], cs.State(*states[:4])
+    return (y, final) if every is None else (y, final, cs.State(*states[4:]))
+
+
+def windows_backward(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
+    d_y: jax.Array, d_final: cs.State, resets: jax.Array | None = None,
+) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
+    """`chunk_step.window_backward` of one stream from stored window-start states: `(d init,
+    d inputs [seq, ...])`.
+
+    `starts`: leaves `[windows, ...]`, the state at each cut window's first chunk (what
+    `walk_forward(..., every=every)` writes); within a window the chunk-start states are
+    recomputed by `chunk_step.chunk_forward` and the chunks reversed by `chunk_backward`. A
+    reset returns to `init`'s weights, whatever window it falls in.
+    """
+    seq = x.k.shape[0]
+    firsts = list(range(0, seq, chunk))
+    xs = [cs.Inputs(*(a[s : s + chunk] for a in x)) for s in firsts]
+    rs = [None if resets is None else resets[s : s + chunk] for s in firsts]
+    every = every or len(xs)
+    d_init = cs.State(*(jnp.zeros_like(a) for a in init))
+    d_x: list[Any] = [None] * len(xs)
+    d_state = d_final
+    for w in reversed(range(-(-len(xs) // every))):
+        win = range(w * every, min((w + 1) * every, len(xs)))
+        states = [cs.State(*(a[w] for a in starts))]
+        for i in win[:-1]:
+            states.append(cs.chunk_forward(cfg, states[-1], xs[i], rs[i], init)[1])
+        for j, i in reversed(list(enumerate(win))):
+            dy = d_y[firsts[i] : firsts[i] + xs[i].k.shape[0]]
+            d_state, d_x[i], d_reset = cs.chunk_backward(
+                cfg, states[j], xs[i], dy, d_state, rs[i], init
+            )
+            if d_reset is not None:
+                d_init = cs.State(*(a + b for a, b in zip(d_init, d_reset, strict=True)))
+        # A cut passes the window-start weights' gradient to the initial weights and stops the
+        # momentum's; the first window starts from `init` itself.
+        keep = 1.0 if w == 0 else 0.0
+        d_init = cs.State(
+            d_init.w1 + d_state.w1, d_init.w2 + d_state.w2,
+            d_init.s1 + keep * d_state.s1, d_init.s2 + keep * d_state.s2,
+        )  # fmt: skip
+        d_state = cs.State(*(jnp.zeros_like(a) for a in d_state))
+    return d_init, cs.Inputs(*(jnp.concatenate(parts) for parts in zip(*d_x, strict=True)))
+
+
+def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets):
+    run = interpret_params() if interpret else None
+    y, final, starts = walk_forward(
+        cfg, init, x, chunk, step=memory_step, interpret=run, operands=operands,
+        resets=resets, every=every,
+    )  # fmt: skip
+    return (y, final), (init, x, resets, starts)
+
+
+def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
+    del interpret, operands
+    init, x, resets, starts = res
+    d_y, d_final = cot
+    grads = jax.vmap(
+        lambda i, xs, s, dy, df, r: windows_backward(cfg, i, xs, chunk, every, s, dy, df, r),
+        in_axes=(0, 0, 0, 0, 0, None if resets is None else 0),
+    )
+    d_init, d_x = grads(init, x, starts, d_y, d_final, resets)
+    return d_init, d_x, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets):
+    return _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets)[0]
+
+
+_walk_memory.defvjp(_walk_forward_saving, _walk_backward)
+
+
+def walk_memory(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int,
+    resets: jax.Array | None = None, *, every: int = 0, interpret: bool = False,
+    operands: Any = jnp.bfloat16,
+) -> tuple[jax.Array, cs.State]:  # fmt: skip
+    """`M_memory`'s chunk walk as a differentiable op: `(y [N, seq, d], final State)`.
+
+    The forward is `walk_forward` with `memory_step` (compiled on a GPU, in the Mosaic GPU
+    interpreter with `interpret=True`), which also writes the state at each cut window's start
+    (`every` chunks, 0: one window, `memory.backprop_chunks`); the backward is
+    `windows_backward` (the written-out `chunk_step` backward in XLA) from those states. Its
+    gradient is `chunk_step.window_backward`'s: the curvature a constant, a cut's window-start
+    weights' gradient sent to the initial weights and its momentum's dropped.
+
+    Args:
+      init: leaves `[N, ...]`, the start state and the weights a document reset returns to.
+      x: k, v, q `[N, seq, d]`, eta, alpha, beta `[N, seq]`; any seq (a trailing partial
+        chunk is padded in the kernel).
+      resets: `bool [N, seq]` document starts, or None.
+      operands: the kernel's operand dtype (bf16 compiled; float32 in the interpreter checks
+        the math exactly).
+    """
+    return _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets)
 
 
 def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step) -> str:
@@ -883,11 +1188,13 @@ def smem_bytes_at_lowering(lower: Callable[[], Any]) -> list[int]:
 
 
 def wgmma_per_chunk(
-    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step
-) -> tuple[int, int]:
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step,
+    resets: jax.Array | None = None,
+) -> tuple[int, int]:  # fmt: skip
     """`(wgmma issued, accumulator reads)` per chunk of `walk_forward` (inside its chunk
-    loop), counted in the compiled form's jaxpr without a GPU; every read waits for the
-    products before it, so the reads are the step's dependent tensor-core steps."""
+    loop; x's seq a multiple of `chunk`), counted in the compiled form's jaxpr without a GPU;
+    every read waits for the products before it, so the reads are the step's dependent
+    tensor-core steps. `resets`: the walk with document resets (`bool [N, seq]`)."""
 
     def count(jaxpr: Any, in_loop: bool) -> tuple[int, int]:
         n = [0, 0]
@@ -905,5 +1212,5 @@ def wgmma_per_chunk(
                         n[0], n[1] = n[0] + products, n[1] + reads
         return n[0], n[1]
 
-    fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step))
+    fn = jax.make_jaxpr(lambda init, x: walk_forward(cfg, init, x, chunk, step=step, resets=resets))
     return count(fn(init, x).jaxpr, False)
