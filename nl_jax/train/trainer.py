@@ -17,6 +17,7 @@ at once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -191,6 +192,7 @@ def _build_program(config: ml_collections.ConfigDict, model_cfg: ml_collections.
         compiled = None
         if compile_train:
             t0 = time.time()
+            echo("[compile] compiling the train step ahead of time (often a minute or more)")
             compiled = train_jit.lower(abstract_state, abstract_batch).compile()
             echo(f"[compile] train step compiled ahead of time in {time.time() - t0:.1f}s")
             _print_memory(compiled, "train step", mesh.size)
@@ -447,14 +449,25 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: fl
         f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es); "
         f"seq_len {d.seq_len}, global batch {d.global_batch_size}, {num_steps} steps"
     )
-    program = build_program(config, mesh)
-    echo(
-        f"[setup] {program.num_params / 1e6:.2f}M params; training FLOPs/token: model "
-        f"{program.flops_per_token['model']:.3g}, inner {program.flops_per_token['inner']:.3g}"
-    )
-
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    done = finished_step(ckpt, num_steps)
+    if done is not None:
+        ckpt.close()
+        echo(
+            f"[resume] step {done} of {num_steps} is trained and checkpointed: nothing to do "
+            "(raise --config.num_steps to train further)"
+        )
+        return Summary(
+            workdir=str(workdir), step=done, num_steps=num_steps,
+            eval=last_evaluation(workdir / "metrics.jsonl", done),
+            checkpoint=str(ckpt.step_dir(done)), preempted=False, seconds=time.time() - t_start,
+        )  # fmt: skip
     try:
+        program = build_program(config, mesh)
+        echo(
+            f"[setup] {program.num_params / 1e6:.2f}M params; training FLOPs/token: model "
+            f"{program.flops_per_token['model']:.3g}, inner {program.flops_per_token['inner']:.3g}"
+        )
         return _run(config, workdir, t_start, program, ckpt, train_iter, byte_level)
     finally:
         # On an error, one already propagating wins over a failed flush of an earlier save.
@@ -463,6 +476,50 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: fl
         except ckpt_lib.CheckpointSaveError:
             if sys.exc_info()[0] is None:
                 raise
+
+
+def finished_step(ckpt: ckpt_lib.Checkpointer, num_steps: int) -> int | None:
+    """The newest checkpoint's step when it is intact and at or past `num_steps`, else None."""
+    latest = ckpt.latest_step()
+    if latest is None or latest < num_steps or ckpt.damage(latest) is not None:
+        return None
+    return latest
+
+
+def last_evaluation(metrics_path: pathlib.Path, step: int) -> dict[str, float] | None:
+    """The evaluation row `metrics.jsonl` holds for `step`, or None."""
+    found = None
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if row.get("split") == "eval" and row.get("step") == step and "loss" in row:
+            found = {k: v for k, v in row.items() if isinstance(v, int | float)}
+    return found
+
+
+def schedule_change(
+    config: ml_collections.ConfigDict, saved: dict[str, Any] | None, step_no: int
+) -> str | None:
+    """A warning when a resume changes `num_steps` and with it the learning rate at `step_no`."""
+    if not saved or "num_steps" not in saved or int(saved["num_steps"]) == config.num_steps:
+        return None
+    old_steps, opt = int(saved["num_steps"]), config.optimizer
+    peak = float(opt.learning_rate)
+    old_lr = float(step.learning_rate_schedule(opt, peak, old_steps)(step_no))
+    new_lr = float(step.learning_rate_schedule(opt, peak, config.num_steps)(step_no))
+    if math.isclose(old_lr, new_lr, rel_tol=1e-6):
+        return None  # an explicit decay_steps keeps the schedule
+    return (
+        f"[resume] warning: num_steps {old_steps} -> {config.num_steps} stretches the learning-"
+        f"rate schedule: the rate at step {step_no} moves from {old_lr:.3g} to {new_lr:.3g} "
+        f"(--config.optimizer.decay_steps={old_steps} keeps the old schedule)"
+    )
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: float,
@@ -482,6 +539,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: floa
                 f"[resume] warning: the model config differs from the one that wrote step "
                 f"{latest}; continuing with the new values: {'; '.join(changed[:8])}{more}"
             )
+        warning = schedule_change(config, saved, latest)
+        if warning:
+            echo(warning)
     else:
         state = initial_state(program, config.init_on)
     start = int(jax.device_get(state["step"]))
