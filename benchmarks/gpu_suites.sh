@@ -13,15 +13,18 @@
 #               transformer_340m and hope_340m (needs the `jla` package)   -> "One GPU"
 #   scaling     2 GPUs of one host: transformer_1.3b and hope_1.3b on 1 GPU, then FSDP on 2,
 #               and the 2-GPU checkpoint restored on 1                     -> "Several GPUs"
+#   walk        one GPU: benchmarks/memory_walk.py, Hope's M_memory as the persistent Mosaic GPU
+#               kernel against XLA's chunk scan at hope_340m's shape (batch 4 x 16 heads, seq
+#               4096, chunk 64): us per chunk step, forward and backward  -> "Kernels"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
 #               learning-rate sweep and Hope's paper form, side by side: the first non-finite
 #               step or "finite", and validation bits/byte at steps 250, 500, 1000;
 #               resumable (run it again)                -> "Training stability and quality"
 #
-# Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every tool times the
-# trainer's own train step (nl_jax.train.step) and reports MFU in one convention
-# (nl_jax/train/metrics.py). Environment: OUT, TMO (seconds per command, default 280).
+# Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every model-level tool
+# times the trainer's own train step (nl_jax.train.step) and reports MFU in one convention
+# (nl_jax/train/metrics.py); memory_walk.py times one memory's kernel alone. Environment: OUT, TMO (seconds per command, default 280).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -81,6 +84,11 @@ suite_scaling() {
     --out="$OUT/scaling.json"
 }
 
+suite_walk() {
+  timeout "$TMO" $PY benchmarks/memory_walk.py --n=64 --seq=4096 --chunk=64 --dim=64 \
+    --out="$OUT/memory_walk.json" 2>&1 | quiet
+}
+
 suite_stability() {
   # 4 layers, seq 2048 x 8: 1,000 steps of two seeds per family, the learning-rate sweep
   # (250 steps at 3e-4 and 3e-3; 1e-3 is the long runs' step 250) and Hope's paper form (the
@@ -113,12 +121,12 @@ suite_stability() {
   done
 }
 
-[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
 for suite in "$@"; do
   if ! declare -f "suite_$suite" >/dev/null; then
-    echo "unknown suite '$suite' (throughput long profile gdn scaling stability)" >&2
+    echo "unknown suite '$suite' (throughput long profile gdn scaling walk stability)" >&2
     exit 2
   fi
   echo "== $suite"

@@ -1,0 +1,143 @@
+"""Hope's M_memory chunk walk: the persistent Mosaic GPU kernel against the same math in XLA.
+
+    python benchmarks/memory_walk.py --n=64 --seq=4096 --chunk=64 --dim=64 --out=walk.json
+
+Times, per call over N streams (one per sequence and head; hope_340m at batch 4 is N = 64)
+of `--seq` tokens: the kernel's forward (`memory_walk.walk_memory`, bf16 operands) and its
+forward plus backward (the written-out backward in XLA over cut windows of `--every` chunks),
+beside `chunk_step.chunk_forward` scanned over the chunks by XLA, forward and forward plus
+`jax.vjp` (uncut). Prints milliseconds, microseconds per chunk step (all N streams at once,
+the number the kernel design predicts) and tokens/s for this one memory. `--interpret` runs
+the kernel in the Mosaic GPU interpreter with float32 operands on any machine (a check, not
+a timing) and prints the largest difference between the kernel's and XLA's outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nl_jax.core import ResidualMLPMemory
+from nl_jax.kernels import chunk_step as cs
+from nl_jax.kernels import memory_walk as mw
+
+
+def inputs(n: int, seq: int, d: int) -> tuple[cs.State, cs.Inputs]:
+    """N streams `[n, seq, d]` of unit-norm keys, values and queries, gates in the presets'
+    ranges, and initial states as the memory initialises them (momenta zero)."""
+    ks = jax.random.split(jax.random.PRNGKey(0), 8)
+    p = jax.vmap(lambda k: ResidualMLPMemory(d, d).init(k, jnp.float32))(jax.random.split(ks[0], n))
+    init = cs.State(p["W1"], p["W2"], jnp.zeros_like(p["W1"]), jnp.zeros_like(p["W2"]))
+
+    def unit(k: jax.Array) -> jax.Array:
+        x = jax.random.normal(k, (n, seq, d))
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+    def gate(k: jax.Array, lo: float, hi: float) -> jax.Array:
+        return jax.random.uniform(k, (n, seq), jnp.float32, lo, hi)
+
+    x = cs.Inputs(unit(ks[1]), unit(ks[2]), unit(ks[3]), gate(ks[4], 0.01, 0.1),
+                  gate(ks[5], 0.97, 1.0), gate(ks[6], 0.3, 0.9))  # fmt: skip
+    return init, x
+
+
+def xla_walk(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int) -> tuple:
+    """`chunk_step.chunk_forward` over the chunks under `lax.scan`, vmapped over the N streams:
+    `(y [N, seq, d], final State)`."""
+
+    def one(state: cs.State, xs: cs.Inputs) -> tuple:
+        n_chunks = xs.k.shape[0] // chunk
+        split = jax.tree.map(lambda a: a.reshape(n_chunks, chunk, *a.shape[1:]), xs)
+
+        def body(s: cs.State, xc: cs.Inputs) -> tuple:
+            y, s = cs.chunk_forward(cfg, s, xc)
+            return s, y
+
+        final, ys = jax.lax.scan(body, state, split)
+        return ys.reshape(-1, ys.shape[-1]), final
+
+    return jax.vmap(one)(init, x)
+
+
+def _time(fn, args: tuple, steps: int) -> tuple[float, object]:
+    """Median seconds of `steps` calls after one warm-up, and the last output."""
+    out = jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the walk and XLA's scan; print a table and write `--out` JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="streams: batch x heads")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=64, help="head dim = the memory's hidden width")
+    ap.add_argument("--every", type=int, default=4, help="cut windows (memory.backprop_chunks)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--interpret", action="store_true", help="Mosaic GPU interpreter, float32")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    if min(args.n, args.seq, args.chunk, args.dim, args.steps) < 1 or args.seq % args.chunk:
+        print("error: sizes must be >= 1 and --seq a multiple of --chunk", file=sys.stderr)
+        return 2
+    if not args.interpret and jax.default_backend() != "gpu":
+        print("error: the compiled kernel needs a GPU; --interpret checks it on this machine",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    cfg = cs.StepConfig()
+    operands = jnp.float32 if args.interpret else jnp.bfloat16
+    init, x = inputs(args.n, args.seq, args.dim)
+
+    def walk(init: cs.State, x: cs.Inputs) -> tuple:
+        return mw.walk_memory(cfg, init, x, args.chunk, every=args.every,
+                              interpret=args.interpret, operands=operands)  # fmt: skip
+
+    def xla(init: cs.State, x: cs.Inputs) -> tuple:
+        return xla_walk(cfg, init, x, args.chunk)
+
+    def with_grad(fn):
+        def run(init: cs.State, x: cs.Inputs) -> tuple:
+            (y, final), vjp = jax.vjp(fn, init, x)
+            return y, vjp((jnp.ones_like(y), jax.tree.map(jnp.zeros_like, final)))
+
+        return jax.jit(run)
+
+    n_chunks = args.seq // args.chunk
+    rows, outputs = {}, {}
+    for name, fn in (("walk forward", jax.jit(walk)), ("xla forward", jax.jit(xla)),
+                     ("walk forward+backward", with_grad(walk)),
+                     ("xla forward+backward", with_grad(xla))):  # fmt: skip
+        seconds, out = _time(fn, (init, x), args.steps)
+        outputs[name] = out
+        rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds / n_chunks,
+                      "tokens_per_s": args.n * args.seq / seconds}  # fmt: skip
+    diff = float(jnp.max(jnp.abs(outputs["walk forward"][0] - outputs["xla forward"][0])))
+    device = jax.devices()[0].device_kind
+    print(f"M_memory walk on {device}: N={args.n} streams x {args.seq} tokens, chunk "
+          f"{args.chunk}, dim {args.dim}, cut every {args.every} chunks"
+          f"{' (interpreter: not a timing)' if args.interpret else ''}")  # fmt: skip
+    print("| path | ms | us per chunk step | tokens/s |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['ms']:.3f} | {r['us_per_chunk_step']:.2f} | {r['tokens_per_s']:,.0f} |"
+        )
+    print(f"max |walk - xla| over the outputs: {diff:.2e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device, "args": vars(args), "rows": rows,
+                       "max_output_difference": diff}, f, indent=1)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""benchmarks/memory_walk.py: the M_memory walk's timing tool, checked in the interpreter."""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import memory_walk as bench  # noqa: E402
+
+
+def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
+    out = tmp_path / "walk.json"
+    argv = ["--interpret", "--n=2", "--seq=8", "--chunk=4", "--dim=8", "--steps=1", f"--out={out}"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {
+        "walk forward", "xla forward", "walk forward+backward", "xla forward+backward"
+    }  # fmt: skip
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"].values())
+    # The interpreted kernel (float32 operands) and XLA's scan compute the same outputs.
+    assert result["max_output_difference"] < 1e-5
+    assert "| walk forward |" in capsys.readouterr().out
+
+
+def test_bad_sizes_and_a_compiled_run_without_a_gpu_are_errors(capsys):
+    assert bench.main(["--interpret", "--seq=10", "--chunk=4"]) == 2
+    assert bench.main(["--n=1", "--seq=8", "--chunk=4", "--dim=8"]) == 2  # this CPU host
+    assert "needs a GPU" in capsys.readouterr().err
