@@ -132,24 +132,6 @@ def read_checkpoint(step_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict
     return flat, config
 
 
-def last_metrics(workdir: pathlib.Path, up_to_step: int) -> dict[str, dict[str, Any]]:
-    """The last `train` and `eval` records of `metrics.jsonl` at or before `up_to_step`."""
-    path = workdir / "metrics.jsonl"
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash: the other records still count
-        split = record.get("split")
-        if split in ("train", "eval") and int(record.get("step", -1)) <= up_to_step:
-            if split not in out or record["step"] >= out[split]["step"]:
-                out[split] = record
-    return out
-
-
 def _cast(weights: dict[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
     if dtype is None:
         return weights
@@ -346,6 +328,7 @@ def export(
     out = pathlib.Path(out).absolute()
     check_out(out, overwrite, workdir=workdir)
     from nl_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415 - only export needs it
+    from nl_jax.train import metrics as metrics_lib  # noqa: PLC0415
 
     problem = ckpt_lib.damage(workdir / "checkpoints" / str(step))
     if problem is not None:
@@ -367,7 +350,11 @@ def export(
         dtype=dtype,
         weights_format=weights_format,
         overwrite=overwrite,
-        info={"step": step, "source_workdir": str(workdir), "metrics": last_metrics(workdir, step)},
+        info={
+            "step": step,
+            "source_workdir": str(workdir),
+            "metrics": metrics_lib.last_metrics(workdir, step),
+        },
     )
 
 

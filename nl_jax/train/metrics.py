@@ -184,6 +184,24 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
+def last_metrics(workdir: pathlib.Path, up_to_step: int) -> dict[str, dict[str, Any]]:
+    """The last `train` and `eval` records of `metrics.jsonl` at or before `up_to_step`."""
+    path = workdir / "metrics.jsonl"
+    out: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash: the other records still count
+        split = record.get("split")
+        if split in ("train", "eval") and int(record.get("step", -1)) <= up_to_step:
+            if split not in out or record["step"] >= out[split]["step"]:
+                out[split] = record
+    return out
+
+
 def format_duration(seconds: float) -> str:
     """`1h02m`, `3m20s`, `42s`."""
     seconds = max(0, int(round(seconds)))

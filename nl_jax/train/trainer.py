@@ -17,7 +17,6 @@ at once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -459,7 +458,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, t_start: fl
         )
         return Summary(
             workdir=str(workdir), step=done, num_steps=num_steps,
-            eval=last_evaluation(workdir / "metrics.jsonl", done),
+            eval=final_evaluation(workdir, done),
             checkpoint=str(ckpt.step_dir(done)), preempted=False, seconds=time.time() - t_start,
         )  # fmt: skip
     try:
@@ -486,21 +485,12 @@ def finished_step(ckpt: ckpt_lib.Checkpointer, num_steps: int) -> int | None:
     return latest
 
 
-def last_evaluation(metrics_path: pathlib.Path, step: int) -> dict[str, float] | None:
-    """The evaluation row `metrics.jsonl` holds for `step`, or None."""
-    found = None
-    try:
-        lines = metrics_path.read_text().splitlines()
-    except OSError:
+def final_evaluation(workdir: pathlib.Path, step: int) -> dict[str, float] | None:
+    """The numbers of the evaluation `metrics.jsonl` holds for exactly `step`, or None."""
+    record = metrics_lib.last_metrics(workdir, step).get("eval")
+    if record is None or record.get("step") != step:
         return None
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if row.get("split") == "eval" and row.get("step") == step and "loss" in row:
-            found = {k: v for k, v in row.items() if isinstance(v, int | float)}
-    return found
+    return {k: v for k, v in record.items() if isinstance(v, int | float)}
 
 
 def schedule_change(
