@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -184,6 +184,14 @@ class ResetRefs(NamedTuple):
     w1_op: Any  # [d, h] HBM ref in the operand dtype (the products' copy)
     w2_op: Any  # [h, d] HBM ref in the operand dtype
     bar: Any  # a barrier of one arrival for those copies
+
+
+def write_out(outs_s: Sequence[Any], outs_g: Sequence[Any], index: Any) -> None:
+    """A stage kernel's results from shared memory to row `index` of its outputs, then wait."""
+    plgpu.commit_smem()
+    for src, dst in zip(outs_s, outs_g, strict=True):
+        plgpu.copy_smem_to_gmem(src, dst.at[index])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def fetch(src: Any, dst: Any, bar: Any) -> None:
@@ -407,10 +415,7 @@ def factors_kernel(
         plgpu.commit_smem()
         out = cs.Factors(*outs_s)
         factors_stage(cfg, ins_s[0], ins_s[1], w1t, ins_s[2], ins_s[3], out, scratch, ops)
-        plgpu.commit_smem()
-        for src, dst in zip(outs_s, outs_g, strict=True):
-            plgpu.copy_smem_to_gmem(src, dst.at[i])
-        plgpu.wait_smem_to_gmem(0)
+        write_out(outs_s, outs_g, i)
 
     kernel = plgpu.kernel(
         body, out_type=[jax.ShapeDtypeStruct((n, *shapes[f]), f32) for f in names],
@@ -546,10 +551,7 @@ def solve_kernel(
         lay = cs.Layer(w0_s, s0_s, None, None, a_s, g_s, b_s, None, None, None, None)
         out = cs.Layer(None, None, None, None, None, None, None, *outs_s)
         solve_stage(lay, g_t, dec_s, g_prior_t, out, ops)
-        plgpu.commit_smem()
-        for src, dst in zip(outs_s, outs_g, strict=True):
-            plgpu.copy_smem_to_gmem(src, dst.at[idx])
-        plgpu.wait_smem_to_gmem(0)
+        write_out(outs_s, outs_g, idx)
 
     ins = (a, w0, s0, g, b, alpha, beta)
     kernel = plgpu.kernel(
@@ -587,10 +589,7 @@ def decays_kernel(alpha: jax.Array, beta: jax.Array, *, interpret: Any = None) -
             plgpu.barrier_wait(bar)
         out = dict(zip(names, outs_s, strict=True))
         decays_stage(a_s, b_s, cs.Decays(**out, pi_end=None), scratch, ops)
-        plgpu.commit_smem()
-        for src, dst in zip(outs_s, outs_g, strict=True):
-            plgpu.copy_smem_to_gmem(src, dst.at[i])
-        plgpu.wait_smem_to_gmem(0)
+        write_out(outs_s, outs_g, i)
 
     kernel = plgpu.kernel(
         body, out_type=[jax.ShapeDtypeStruct((n, *shapes[f]), f32) for f in names],
