@@ -20,7 +20,8 @@
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
 #               learning-rate sweep and Hope's paper form, side by side: the first non-finite
 #               step or "finite", and validation bits/byte at steps 250, 500, 1000;
-#               resumable (run it again)                -> "Training stability and quality"
+#               resumable (run it again); PARTS= picks among "long sweep paper", RUNS= and
+#               SWEEP= narrow them                      -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every model-level tool
 # times the trainer's own train step (nl_jax.train.step) and reports MFU in one convention
@@ -105,23 +106,33 @@ suite_stability() {
   # them beside the others ran an H100 out of memory.
   local sweep=${SWEEP:-titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3,transformer_340m:0:3e-4}
   [ -n "${SWEEP:-}" ] || sweep=$sweep,transformer_340m:0:3e-3,hope_340m:0:3e-4,hope_340m:0:3e-3
+  local parts=" ${PARTS:-long sweep paper} " names=""
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the trainers share the GPU
-  $dc --root="$OUT/stability" --parallel=6 --steps=1000 --eval_every=250 --runs="$long" -- $c \
-    >"$OUT/stability.log" 2>&1 &
-  $dc --root="$OUT/lr_sweep" --parallel=2 --steps=250 --eval_every=250 --runs="$sweep" -- $c \
-    >"$OUT/lr_sweep.log" 2>&1 &
-  $dc --root="$OUT/paper_form" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c $paper \
-    >"$OUT/paper_form.log" 2>&1 &
-  $dc --root="$OUT/paper_form_uncut" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c $paper \
-    $m.backprop_chunks=0 $m.parallel_windows=False >"$OUT/paper_form_uncut.log" 2>&1 &
+  if [[ $parts == *" long "* ]]; then
+    names="$names stability"
+    $dc --root="$OUT/stability" --parallel=6 --steps=1000 --eval_every=250 --runs="$long" -- $c \
+      >"$OUT/stability.log" 2>&1 &
+  fi
+  if [[ $parts == *" sweep "* ]]; then
+    names="$names lr_sweep"
+    $dc --root="$OUT/lr_sweep" --parallel=2 --steps=250 --eval_every=250 --runs="$sweep" -- $c \
+      >"$OUT/lr_sweep.log" 2>&1 &
+  fi
+  if [[ $parts == *" paper "* ]]; then
+    names="$names paper_form paper_form_uncut"
+    $dc --root="$OUT/paper_form" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c $paper \
+      >"$OUT/paper_form.log" 2>&1 &
+    $dc --root="$OUT/paper_form_uncut" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c \
+      $paper $m.backprop_chunks=0 $m.parallel_windows=False >"$OUT/paper_form_uncut.log" 2>&1 &
+  fi
   wait
-  for name in stability lr_sweep paper_form paper_form_uncut; do
+  for name in $names; do
     echo "-- $name"
     grep -v '^W0000\|^I0000' "$OUT/$name.log" | tail -14
   done
 }
 
-[ $# -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
 for suite in "$@"; do
