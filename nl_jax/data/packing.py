@@ -15,18 +15,39 @@ Row format, each `[seq_len]` int32:
   loss_mask    1 on real pairs, 0 on padding
 
 Documents with fewer than 2 ids give no pair and are skipped.
+
+The packing itself is grain's `ConcatThenSplitIterDataset` over per-document features
+`{"tokens": d[:-1], "targets": d[1:]}` (equal lengths, so both split at the same points). With its
+defaults it is exactly the packer above: tokens, targets, segment ids, positions, padding and the
+last partial row are identical. Its `*_positions` restart at 0 at every piece, a continued
+document included (grain's docstring reads "position within the unpacked sequence"; the code, and
+`tests/test_packing_grain.py`, say per piece). `split_full_length_features=True` (the default) is
+required: False sends documents of exactly `seq_len` pairs ahead of the row being filled, out of
+stream order. Three thin steps around it make the contract:
+  * documents with fewer than 2 ids are filtered out first: grain keeps an empty element as a
+    segment of zero width, which skips a segment id (1, 3 instead of 1, 2);
+  * `tokens_segment_ids` / `tokens_positions` become `segment_ids` / `positions` (the `targets_*`
+    copies are equal and dropped) and `loss_mask` is `segment_ids > 0`;
+  * the iterator state is made JSON-stable. grain keeps `remainder_slices` as tuples and tests
+    them with `!= (-1, -1)`; after a JSON round trip (the trainer's checkpoint) they are lists, a
+    list never equals that tuple, so a state taken before the first row or at a row boundary
+    between documents restores the next document as an empty "remainder" and drops its pairs.
+    `get_state` writes lists and `set_state` turns them back into tuples.
+A restore sets the parent back to the document the last returned row starts in and replays that
+row, so it re-reads (and re-tokenizes) the documents of one row.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+_REMAINDER = "remainder_slices"  # the key of grain's ConcatThenSplit state holding tuples
 
 
 def empty_row(seq_len: int) -> dict[str, np.ndarray]:
@@ -40,102 +61,75 @@ def check_seq_len(seq_len: int) -> None:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
 
 
-class _Packer:
-    """Mutable cursor over a document stream; `fill` writes one row. Shared by both APIs."""
+def _has_pair(doc: Any) -> bool:
+    """True when a document of ids has at least one (input, target) pair."""
+    return np.size(doc) >= 2
 
-    def __init__(self, seq_len: int) -> None:
-        check_seq_len(seq_len)
-        self.seq_len = int(seq_len)
-        self.doc: np.ndarray | None = None
-        self.offset = 0  # pairs of `doc` already emitted
 
-    def fill(self, next_doc: Any) -> dict[str, np.ndarray] | None:
-        """Builds one row, calling `next_doc()` (None at the end) for more; None if no pairs."""
-        row = empty_row(self.seq_len)
-        fill, segment = 0, 0
-        while fill < self.seq_len:
-            if self.doc is None or self.offset >= len(self.doc) - 1:
-                doc = next_doc()
-                if doc is None:
-                    self.doc = None
-                    break
-                self.doc, self.offset = np.asarray(doc, np.int32).reshape(-1), 0
-                continue
-            take = min(self.seq_len - fill, len(self.doc) - 1 - self.offset)
-            segment += 1
-            sl = slice(fill, fill + take)
-            row["tokens"][sl] = self.doc[self.offset : self.offset + take]
-            row["targets"][sl] = self.doc[self.offset + 1 : self.offset + take + 1]
-            row["segment_ids"][sl] = segment
-            row["positions"][sl] = np.arange(take, dtype=np.int32)
-            row["loss_mask"][sl] = 1
-            fill += take
-            self.offset += take
-        return row if fill else None
+def _pair_features(doc: Any) -> dict[str, np.ndarray]:
+    """Document `[n]` -> the sequence features grain packs: inputs and targets, `[n - 1]` each."""
+    ids = np.asarray(doc, np.int32).reshape(-1)
+    return {"tokens": ids[:-1], "targets": ids[1:]}
+
+
+def _row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed element -> a row with `ROW_KEYS`."""
+    segment_ids = packed["tokens_segment_ids"]
+    return {
+        "tokens": packed["tokens"],
+        "targets": packed["targets"],
+        "segment_ids": segment_ids,
+        "positions": packed["tokens_positions"],
+        "loss_mask": (segment_ids > 0).astype(np.int32),
+    }
 
 
 def pack_documents(docs: Iterable[np.ndarray], seq_len: int) -> Iterator[dict[str, np.ndarray]]:
     """Packs id documents `[n_i]` into rows `[seq_len]` (plain-Python form, no state saving)."""
-    it = iter(docs)
-    packer = _Packer(seq_len)
-    while (row := packer.fill(lambda: next(it, None))) is not None:
-        yield row
+    docs = docs if isinstance(docs, Sequence) else list(docs)
+    # Reads in the calling thread: a list needs no prefetch threads, which would cost more.
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(read), seq_len))
 
 
 class PackIterDataset(grain.IterDataset):
     """grain IterDataset: documents of ids `[n_i]` -> packed rows (see module docstring)."""
 
     def __init__(self, parent: grain.IterDataset, seq_len: int) -> None:
-        super().__init__(parent)
         check_seq_len(seq_len)
+        features = parent.filter(_has_pair).map(_pair_features)
+        length = {"tokens": int(seq_len), "targets": int(seq_len)}
+        super().__init__(
+            grain.experimental.ConcatThenSplitIterDataset(features, length_struct=length)
+        )
         self._seq_len = int(seq_len)
 
     def __iter__(self) -> _PackDatasetIterator:
-        return _PackDatasetIterator(self._parent.__iter__(), self._seq_len)
+        return _PackDatasetIterator(self._parent.__iter__())
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._seq_len})"
 
 
 class _PackDatasetIterator(grain.DatasetIterator):
-    """State = parent state *before* the current document + pairs of it already emitted."""
-
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int) -> None:
-        super().__init__(parent)
-        self._packer = _Packer(seq_len)
-        self._doc_state = copy.deepcopy(self._parent.get_state())
-
-    def _next_doc(self) -> np.ndarray | None:
-        state = copy.deepcopy(self._parent.get_state())
-        try:
-            doc = next(self._parent)
-        except StopIteration:
-            self._doc_state = state  # so a restore at the end does not re-read the last doc
-            return None
-        self._doc_state = state
-        return doc
+    """Rows from grain's packed elements; the state is grain's, with JSON-stable slices."""
 
     def __next__(self) -> dict[str, np.ndarray]:
-        row = self._packer.fill(self._next_doc)
-        if row is None:
-            raise StopIteration
-        return row
+        return _row(next(self._parent))
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-able: {"parent": parent state before the current doc, "offset": pairs done}."""
-        offset = self._packer.offset if self._packer.doc is not None else -1
-        return {"parent": copy.deepcopy(self._doc_state), "offset": int(offset)}
+        """grain's ConcatThenSplit state with its slices as lists (equal to its JSON round trip)."""
+        state = dict(self._parent.get_state())
+        if _REMAINDER in state:
+            state[_REMAINDER] = {k: [int(i) for i in v] for k, v in state[_REMAINDER].items()}
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a `get_state()` result; re-reads only the current document."""
-        self._parent.set_state(copy.deepcopy(state["parent"]))
-        self._doc_state = copy.deepcopy(state["parent"])
-        self._packer.doc, self._packer.offset = None, 0
-        if state["offset"] >= 0:
-            doc = next(self._parent, None)
-            if doc is not None:
-                self._packer.doc = np.asarray(doc, np.int32).reshape(-1)
-                self._packer.offset = int(state["offset"])
+        """Restores a `get_state()` result, also after a JSON round trip."""
+        state = dict(state)
+        if _REMAINDER in state:
+            state[_REMAINDER] = {k: tuple(int(i) for i in v) for k, v in state[_REMAINDER].items()}
+        self._parent.set_state(state)
 
     def __str__(self) -> str:
-        return f"PackDatasetIterator(seq_len={self._packer.seq_len})"
+        return "PackDatasetIterator"
