@@ -326,3 +326,36 @@ def test_walk_memory_gradients_in_interpreter(every):
     ):  # fmt: skip
         assert rel_err(a, b) < 1e-5, name
     assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads))
+
+
+# (seq, every): whole windows only; a shorter last window; a trailing partial chunk; one window.
+@pytest.mark.parametrize(("seq", "every"), [(24, 2), (28, 3), (26, 2), (16, 0), (18, 0)])
+def test_windows_backward_matches_the_staged_window_walk_float64(x64, seq, every):
+    """`windows_backward` (whole windows under `lax.scan`, a ragged last one unrolled) from the
+    window-start states of the staged walk equals `chunk_step.window_backward`, with document
+    resets in the first, a middle and the last window, float64: every gradient within 1e-10."""
+    chunk, dtype = 4, jnp.float64
+    init, x = make(1, seq, 8, 16, dtype)
+    init, x = jax.tree.map(lambda a: a[0], (init, x))
+    resets = jnp.zeros(seq, bool).at[jnp.array([2, 13, seq - 3])].set(True)
+    ks = jax.random.split(jax.random.PRNGKey(8), 5)
+    d_y = jax.random.normal(ks[0], x.k.shape, dtype)
+    d_final = cs.State(
+        *(jax.random.normal(k, a.shape, dtype) for k, a in zip(ks[1:], init, strict=True))
+    )
+    n_chunks = -(-seq // chunk)
+    step = every or n_chunks
+    starts, state = [], init
+    for i in range(n_chunks):  # the staged forward's state at each window's first chunk
+        if i % step == 0:
+            starts.append(state)
+        sl = slice(i * chunk, (i + 1) * chunk)
+        xc = cs.Inputs(*(a[sl] for a in x))
+        state = cs.chunk_forward(CFG, state, xc, resets[sl], init)[1]
+    starts = cs.State(*(jnp.stack(a) for a in zip(*starts, strict=True)))
+    got = mw.windows_backward(CFG, init, x, chunk, every, starts, d_y, d_final, resets)
+    want = cs.window_backward(CFG, init, x, chunk, every, d_y, d_final, resets)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape
+        assert rel_err(a, b) < 1e-10
+    assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(got))

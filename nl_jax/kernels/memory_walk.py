@@ -1063,9 +1063,47 @@ def walk_forward(
     return (y, final) if every is None else (y, final, cs.State(*states[4:]))
 
 
+def _window_reverse(
+    cfg: cs.StepConfig, init: cs.State, start: cs.State, xw: cs.Inputs, rw: jax.Array | None,
+    d_yw: jax.Array | None, d_state: cs.State, d_init: cs.State,
+) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
+    """One cut window of equal chunks under `lax.scan`: leaves of `xw` `[chunks, C, ...]`,
+    `rw: [chunks, C]` or None, `d_yw: [chunks, C, d]` or None. Recomputes the chunk-start
+    states from `start`, then walks the chunks in reverse: `(d start state, d_init, d xw)`."""
+
+    def forward(state: cs.State, xr: tuple) -> tuple:
+        return cs.chunk_forward(cfg, state, xr[0], xr[1], init)[1], state
+
+    head = jax.tree.map(lambda a: a[:-1], (xw, rw))
+    last, states = lax.scan(forward, start, head)
+    states = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), states, last)
+
+    def backward(carry: tuple, inp: tuple) -> tuple:
+        d_state, d_init = carry
+        state, xc, rc, dy = inp
+        d_state, d_x, d_reset = cs.chunk_backward(cfg, state, xc, dy, d_state, rc, init)
+        if d_reset is not None:
+            d_init = cs.State(*(a + b for a, b in zip(d_init, d_reset, strict=True)))
+        return (d_state, d_init), d_x
+
+    (d_state, d_init), d_x = lax.scan(
+        backward, (d_state, d_init), (states, xw, rw, d_yw), reverse=True
+    )
+    return d_state, d_init, d_x
+
+
+def _cut(d_init: cs.State, d_state: cs.State, keep: jax.Array | float) -> cs.State:
+    """A window start: its weights' gradient passes to the initial weights, its momentum's
+    only where `keep` is 1 (the first window starts from `init` itself)."""
+    return cs.State(
+        d_init.w1 + d_state.w1, d_init.w2 + d_state.w2,
+        d_init.s1 + keep * d_state.s1, d_init.s2 + keep * d_state.s2,
+    )  # fmt: skip
+
+
 def windows_backward(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
-    d_y: jax.Array, d_final: cs.State, resets: jax.Array | None = None,
+    d_y: jax.Array | None, d_final: cs.State, resets: jax.Array | None = None,
 ) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
     """`chunk_step.window_backward` of one stream from stored window-start states: `(d init,
     d inputs [seq, ...])`.
@@ -1073,37 +1111,61 @@ def windows_backward(
     `starts`: leaves `[windows, ...]`, the state at each cut window's first chunk (what
     `walk_forward(..., every=every)` writes); within a window the chunk-start states are
     recomputed by `chunk_step.chunk_forward` and the chunks reversed by `chunk_backward`. A
-    reset returns to `init`'s weights, whatever window it falls in.
+    reset returns to `init`'s weights, whatever window it falls in. The windows of `every`
+    whole chunks run under `lax.scan` (a graph of one window, whatever the length); a last
+    window that is shorter or ends in a partial chunk is unrolled.
     """
     seq = x.k.shape[0]
-    firsts = list(range(0, seq, chunk))
-    xs = [cs.Inputs(*(a[s : s + chunk] for a in x)) for s in firsts]
-    rs = [None if resets is None else resets[s : s + chunk] for s in firsts]
-    every = every or len(xs)
+    n_chunks = -(-seq // chunk)
+    every = every or n_chunks
+    n_windows = -(-n_chunks // every)
+    regular = seq // (every * chunk)  # windows of `every` whole chunks
     d_init = cs.State(*(jnp.zeros_like(a) for a in init))
-    d_x: list[Any] = [None] * len(xs)
     d_state = d_final
-    for w in reversed(range(-(-len(xs) // every))):
-        win = range(w * every, min((w + 1) * every, len(xs)))
-        states = [cs.State(*(a[w] for a in starts))]
-        for i in win[:-1]:
+    tail_parts: list[cs.Inputs] = []
+    if regular < n_windows:  # the ragged last window, unrolled
+        first = regular * every * chunk
+        firsts = list(range(first, seq, chunk))
+        xs = [cs.Inputs(*(a[s : s + chunk] for a in x)) for s in firsts]
+        rs = [None if resets is None else resets[s : s + chunk] for s in firsts]
+        states = [cs.State(*(a[regular] for a in starts))]
+        for i in range(len(xs) - 1):
             states.append(cs.chunk_forward(cfg, states[-1], xs[i], rs[i], init)[1])
-        for j, i in reversed(list(enumerate(win))):
-            dy = d_y[firsts[i] : firsts[i] + xs[i].k.shape[0]]
-            d_state, d_x[i], d_reset = cs.chunk_backward(
-                cfg, states[j], xs[i], dy, d_state, rs[i], init
+        tail_parts = [None] * len(xs)
+        for i in reversed(range(len(xs))):
+            dy = None if d_y is None else d_y[firsts[i] : firsts[i] + xs[i].k.shape[0]]
+            d_state, tail_parts[i], d_reset = cs.chunk_backward(
+                cfg, states[i], xs[i], dy, d_state, rs[i], init
             )
             if d_reset is not None:
                 d_init = cs.State(*(a + b for a, b in zip(d_init, d_reset, strict=True)))
-        # A cut passes the window-start weights' gradient to the initial weights and stops the
-        # momentum's; the first window starts from `init` itself.
-        keep = 1.0 if w == 0 else 0.0
-        d_init = cs.State(
-            d_init.w1 + d_state.w1, d_init.w2 + d_state.w2,
-            d_init.s1 + keep * d_state.s1, d_init.s2 + keep * d_state.s2,
-        )  # fmt: skip
+        d_init = _cut(d_init, d_state, 1.0 if regular == 0 else 0.0)
         d_state = cs.State(*(jnp.zeros_like(a) for a in d_state))
-    return d_init, cs.Inputs(*(jnp.concatenate(parts) for parts in zip(*d_x, strict=True)))
+    d_x = None
+    if regular:
+        size = regular * every * chunk
+
+        def windows(a: jax.Array | None) -> jax.Array | None:
+            return None if a is None else a[:size].reshape(regular, every, chunk, *a.shape[1:])
+
+        xw = cs.Inputs(*(windows(a) for a in x))
+        rw, d_yw = windows(resets), windows(d_y)
+        window_starts = cs.State(*(a[:regular] for a in starts))
+
+        def one(carry: tuple, inp: tuple) -> tuple:
+            d_state, d_init = carry
+            w, start, xs, rs, dys = inp
+            d_state, d_init, d_xs = _window_reverse(cfg, init, start, xs, rs, dys, d_state, d_init)
+            d_init = _cut(d_init, d_state, (w == 0).astype(d_state.s1.dtype))
+            return (jax.tree.map(jnp.zeros_like, d_state), d_init), d_xs
+
+        index = jnp.arange(regular)
+        (_, d_init), d_x = lax.scan(
+            one, (d_state, d_init), (index, window_starts, xw, rw, d_yw), reverse=True
+        )
+        d_x = cs.Inputs(*(a.reshape(size, *a.shape[3:]) for a in d_x))
+    parts = ([d_x] if d_x is not None else []) + tail_parts
+    return d_init, cs.Inputs(*(jnp.concatenate(p) for p in zip(*parts, strict=True)))
 
 
 def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets):
