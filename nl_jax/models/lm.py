@@ -538,8 +538,9 @@ def _check_rule(memory: ml_collections.ConfigDict, mixer_name: str) -> None:
     if {"normalize_lr", "normalize_chunk"} <= set(on) and "dgd" not in on:
         raise ValueError(
             "model.memory.rule.normalize_lr and rule.normalize_chunk are two forms of plain GD's "
-            "step normalisation (rule.dgd = False): set at most one (the Titans presets turn the "
-            "chunk form on: add --config.model.memory.rule.normalize_chunk=False)"
+            "step normalisation (rule.dgd = False): set at most one "
+            "(--config.model.memory.rule.normalize_lr=False keeps the presets' chunk form, "
+            "--config.model.memory.rule.normalize_chunk=False the per-token step)"
         )
     try:
         DeltaRule.from_config(rule, solve=memory.get("solve", "auto"))
