@@ -111,3 +111,13 @@ def test_command_line_override_of_an_old_key_names_the_new_one():
     assert "\n" not in message
     assert message.endswith("pass --config.model.memory.rule.retention=False")
     assert unknown_override_message(base, ["--config.model.memory.rule.retention=False"]) is None
+
+
+def test_building_a_config_with_an_old_key_names_the_new_one():
+    """A saved config (nl_jax.load, export, eval build without the trainer's validation)."""
+    from nl_jax import models
+
+    cfg = lm.get_config("hope_tiny").model
+    cfg.memory.titans_normalize_chunk = True
+    with pytest.raises(ValueError, match=r"--config.model.memory.rule.normalize_chunk$"):
+        models.build(cfg, nnx.Rngs(0))

@@ -505,24 +505,29 @@ def rule_key(key: str) -> str | None:
     return None
 
 
-def _check_rule(memory: ml_collections.ConfigDict, mixer_name: str) -> None:
-    """The `memory.rule` section against `DeltaRule` and the mixer that runs it."""
+def _check_rule_names(memory: ml_collections.ConfigDict) -> None:
+    """No inner-rule setting beside `memory.rule` or under another name in it."""
     for key in memory.keys():
         moved = rule_key(f"model.memory.{key}")
         if moved:
             raise ValueError(f"model.memory.{key} is not a field: the inner rule's settings are "
                              f"DeltaRule's fields in model.memory.rule; set --config.{moved}")  # fmt: skip
+    for key in memory.get("rule", {}).keys():
+        moved = rule_key(f"model.memory.rule.{key}")
+        if moved or key not in RULE_FIELDS:
+            where = f"set --config.{moved}" if moved else f"fields: {list(RULE_FIELDS)}"
+            raise ValueError(f"model.memory.rule.{key} is not a DeltaRule field; {where}")
+
+
+def _check_rule(memory: ml_collections.ConfigDict, mixer_name: str) -> None:
+    """The `memory.rule` section against `DeltaRule` and the mixer that runs it."""
+    _check_rule_names(memory)
     if "rule" not in memory:
         if mixer_name in RULE_MIXERS:
             raise ValueError(f"model.memory.rule is missing: the {mixer_name!r} mixer builds its "
                              f"inner update from it (DeltaRule fields {list(RULE_FIELDS)})")  # fmt: skip
         return
     rule = memory.rule
-    for key in rule.keys():
-        moved = rule_key(f"model.memory.rule.{key}")
-        if moved or key not in RULE_FIELDS:
-            where = f"set --config.{moved}" if moved else f"fields: {list(RULE_FIELDS)}"
-            raise ValueError(f"model.memory.rule.{key} is not a DeltaRule field; {where}")
     on = [k for k in RULE_FIELDS if rule.get(k, False)]
     if mixer_name.startswith("titans_") and "dgd" in on:
         raise ValueError(
@@ -628,6 +633,9 @@ def build(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
     from nl_jax.models import registry  # noqa: F401  (registers the built-in mixers and MLPs)
     from nl_jax.models.tracing import quiet_tracer_sharding
 
+    if "memory" in cfg:
+        # A saved config may name the inner rule's settings otherwise: say which field they are.
+        _check_rule_names(cfg.memory)
     with quiet_tracer_sharding():  # builds under eval_shape/jit: see tracing.py
         return DecoderLM(cfg, rngs)
 
