@@ -492,8 +492,7 @@ RULE_MIXERS = ("self_modifying_titans", "titans_lmm", "titans_mac", "titans_mag"
 
 
 def rule_key(key: str) -> str | None:
-    """`memory.rule.<field>` for a config key that names an inner-rule setting elsewhere or by
-    another name (`model.memory.weight_decay` -> `model.memory.rule.retention`), else None."""
+    """The `memory.rule.<field>` key a config key names elsewhere or otherwise, else None."""
     head, _, name = key.rpartition(".")
     field = RULE_ALIASES.get(name, name)
     if field not in RULE_FIELDS or (field == name and head.endswith("memory.rule")):
