@@ -99,7 +99,7 @@ suite_stability() {
   local c="--config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8"
   c="$c --config.model.dtype=bfloat16 --config.data.eval_batches=4 --config.logging.tensorboard=False"
   local m=--config.model.memory
-  local paper="$m.normalize_memory=False $m.momentum_ema=False $m.normalize_chunk=False"
+  local paper="$m.rule.normalize_memory=False $m.rule.momentum_ema=False $m.rule.normalize_chunk=False"
   local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500} --checkpoint_every=250"
   local long=${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0,transformer_340m:1}
   # The short runs first: a hope_340m trainer at this size peaks at about 10 GiB, and six of

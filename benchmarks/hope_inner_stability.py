@@ -14,6 +14,7 @@ CPU is enough (float32, `memory.kernel=xla`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,9 @@ def streams() -> dict[str, jax.Array]:
 
 def stress(c_mem: int, c_other: int, beta_max: float, scale: float, form: str) -> dict[str, str]:
     """`{stream: "bounded (max |state|)" | "DIVERGES (...)"}` for one layer configuration."""
+    rule = dataclasses.replace(SelfModSpec.rule, **FORMS[form])
     spec = SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=c_mem, chunk_other=c_other,
-                       eta_max=0.5, beta_max=beta_max, kernel="xla", **FORMS[form])  # fmt: skip
+                       eta_max=0.5, beta_max=beta_max, kernel="xla", rule=rule)  # fmt: skip
     layer = SelfModifyingTitans(D_MODEL, spec, rngs=nnx.Rngs(0))
     # Gates at their bounds: sigmoid(10) ~ 1 - 5e-5, sigmoid(8) ~ 1 - 3e-4.
     layer.b_alpha[...] = jnp.full_like(layer.b_alpha[...], 10.0)

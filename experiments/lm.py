@@ -120,16 +120,24 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # gives sum(eta k k^T) an eigenvalue above 1 and the in-context updates diverge. At 0.1
     # every Titans preset (LMM, MAC, MAG, MAL; 340M width, 2 layers, seq 1024, text) went NaN
     # within 3 trainer steps on CPU, and titans_mag_340m at its first step on an H200; the
-    # normalised step (titans_normalize_lr) only delayed it; 0.02 trained all four finite.
+    # normalised step (memory.rule.normalize_lr) only delayed it; 0.02 trained all four finite.
     # 0.5 had diverged at init already.
     if family.startswith("titans"):
         m.memory.eta_max = 0.02
     m.memory.beta_max = 0.9  # momentum beta = beta_max * sigmoid(.) (bounded: see self_modifying)
     m.memory.alpha_bias = 4.0  # alpha = sigmoid(. + bias) starts near 1 (row 5)
-    m.memory.dgd = True  # Table 6 ablation "w/o DGD": False = plain GD
-    m.memory.momentum = True  # row 7; ablation "w/o momentum"
-    m.memory.weight_decay = True  # retention alpha; ablation "w/o weight decay"
-    m.memory.normalize_lr = True  # eta' = eta / (1 + eta ||a||^2) (row 16)
+    # The inner update rule: `nl_jax.core.rules.DeltaRule`'s fields by the same names, built by
+    # `DeltaRule.from_config` in Hope's and Titans' layers and taken as it is by the float64
+    # reference (`nl_jax.core.reference`).
+    hope, titans = family == "hope", family.startswith("titans")
+    r = m.memory.rule = ml_collections.ConfigDict()
+    r.dgd = not titans  # Table 6 ablation "w/o DGD": False = plain GD (Titans' memory: GD)
+    r.momentum = True  # row 7; ablation "w/o momentum"
+    r.retention = True  # the retention gate alpha; ablation "w/o weight decay"
+    # eta' = eta / (1 + eta ||a||^2) per layer and token: DGD's step (row 16). For Titans' GD
+    # (normalised LMS; ours, not in the paper, so off) it kept titans_mag_340m finite on random
+    # tokens at outer lr 1e-3, but on text it only delayed the divergence.
+    r.normalize_lr = not titans
     # The stable inner loop: three switches, ours, not in the papers, on in every Hope and
     # Titans preset (off: the papers' form). In the paper's form hope_340m (4 layers, seq
     # 2048 x 8, bf16) went non-finite in the trainer at every outer lr and gate bound tried,
@@ -138,41 +146,33 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     #   error, eta / (1 + eta max(kappa, ||a||^2)) (rules.memory_curvature, a constant for the
     #   outer gradient): per-layer ||a||^2 ignores that an MLP memory's output layer scales
     #   its input layer's step by its own squared norm. The same step as normalize_lr for a
-    #   linear memory; for Titans it enters the chunk-normalised step below.
-    hope, titans = family == "hope", family.startswith("titans")
-    m.memory.normalize_memory = hope or titans
+    #   linear memory; it enters the chunk-normalised step below.
+    r.normalize_memory = hope or titans
     # - momentum as an average, S = beta S - (1 - beta) eta' g: a repeated gradient's steps sum
     #   to its normalised step, not 1 / (1 - beta) (10 at beta 0.9) times it. With the summed
     #   momentum a run of identical keys at saturated gates drove a Titans MLP memory to inf in
     #   context (titans_lmm_340m's loss went NaN at trainer step 161).
-    m.memory.momentum_ema = hope or titans
+    r.momentum_ema = hope or titans
     # - each step divided by 1 + the running sum of eta max(kappa, ||a||^2) over the chunk's
-    #   earlier tokens (Hope: memory.normalize_chunk; Titans: memory.titans_normalize_chunk).
-    #   Every token's gradient in a chunk is taken at the chunk-start weights: per-token
-    #   normalisation bounds each step, but a chunk of near-identical keys sums C of them along
-    #   one direction and leaves the inner loop at the edge of stability. The forward stays
-    #   bounded while the backward through the window grows exponentially: hope_340m's
-    #   gradient (not its loss) went NaN at trainer step 89 (H100, seed 0, with the fused
-    #   kernel and with XLA's ops). One layer at its gate bounds on runs of identical keys:
-    #   max |gradient| 8.6e3 -> 0.4 with the cut every 4 chunks, 3e15 -> 576 without
-    #   (tests/test_inner_stability.py).
-    m.memory.normalize_chunk = hope
-    # The same normalisation for Titans' plain-GD inner step (ours, not in the paper, so off):
-    # it kept titans_mag_340m finite on random tokens at outer lr 1e-3, but on text it only
-    # delayed the divergence.
-    m.memory.titans_normalize_lr = False
+    #   earlier tokens (causal), in place of normalize_lr's per-token step. Every token's
+    #   gradient in a chunk is taken at the chunk-start weights: per-token normalisation bounds
+    #   each step, but a chunk of near-identical keys (a run of indentation in code) sums C of
+    #   them along one direction and leaves the inner loop at the edge of stability. The
+    #   forward stays bounded while the backward through the window grows exponentially:
+    #   hope_340m's gradient (not its loss) went NaN at trainer step 89 (H100, seed 0, with the
+    #   fused kernel and with XLA's ops). One layer at its gate bounds on runs of identical
+    #   keys: max |gradient| 8.6e3 -> 0.4 with the cut every 4 chunks, 3e15 -> 576 without
+    #   (tests/test_inner_stability.py). Plain GD takes one of normalize_lr and this.
+    r.normalize_chunk = hope or titans
     # Titans' stable inner loop on text: three switches, none in the paper, on together in the
-    # Titans presets. In the paper's form (all three off), on text at 340M width on an H200
-    # (4 layers, seq 4096 x 8, bf16), LMM, MAG and MAL went non-finite within 21 trainer steps
-    # at the paper's outer lr 4e-4 (LMM and MAG at 3e-3 too). With all three they trained 200
-    # steps finite at 3e-3; without the value normalisation LMM failed at step 93, without the
-    # chunk normalisation at step 194; chunk-normalised without the cut (values raw) its
-    # gradient norm went infinite at step 10. They cost
-    # titans_lmm_340m 8.6% tokens/s (35,356 -> 32,306 at batch 32).
-    titans = family.startswith("titans")
-    # - GD's step divided by 1 + the running sum of eta ||a||^2 over the chunk so far (causal):
-    #   bounds a chunk's summed step where a run of near-identical keys adds up.
-    m.memory.titans_normalize_chunk = titans
+    # Titans presets: rule.normalize_chunk above (for Titans' GD, the step divided by 1 + the
+    # running sum of eta ||a||^2 over the chunk so far) and the two below. In the paper's form
+    # (all three off), on text at 340M width on an H200 (4 layers, seq 4096 x 8, bf16), LMM,
+    # MAG and MAL went non-finite within 21 trainer steps at the paper's outer lr 4e-4 (LMM and
+    # MAG at 3e-3 too). With all three they trained 200 steps finite at 3e-3; without the value
+    # normalisation LMM failed at step 93, without the chunk normalisation at step 194;
+    # chunk-normalised without the cut (values raw) its gradient norm went infinite at step 10.
+    # They cost titans_lmm_340m 8.6% tokens/s (35,356 -> 32,306 at batch 32).
     # - l2-normalised values, as the paper's keys and queries: bounds the inner error.
     m.memory.titans_normalize_v = titans
     # - the outer gradient flows through the inner updates of at most K chunks (cut every K

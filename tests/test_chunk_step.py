@@ -198,9 +198,7 @@ def ref_stream(cfg, every, resets, w1, w2, k, v, q, eta, alpha, beta):
     cuts = gradient_cuts(k.shape[0], CHUNK, every) if every else None
     y, p, _ = reference_level(
         ResidualMLPMemory(D, H), objectives.l2, {"W1": w1, "W2": w2}, k, v, q, eta, alpha, beta,
-        chunk_size=CHUNK, momentum=True, retention=True, dgd=True, normalize_lr=cfg.normalize_lr,
-        normalize_chunk=cfg.normalize_chunk, normalize_memory=cfg.normalize_memory,
-        momentum_ema=cfg.momentum_ema, cuts=cuts, resets=resets, self_target=True,
+        chunk_size=CHUNK, rule=rule_of(cfg), cuts=cuts, resets=resets, self_target=True,
     )  # fmt: skip
     return y, p["W1"], p["W2"]
 

@@ -16,15 +16,24 @@ SEQ = 10
 RULES = {
     "gd": DeltaRule(),
     "titans": DeltaRule(momentum=True, retention=True),
-    # Titans with the normalised-LMS step (memory.titans_normalize_lr): per layer and token.
-    "titans_normalized": DeltaRule(momentum=True, retention=True, normalize_gd=True),
-    "dgd": DeltaRule(dgd=True, retention=True),
+    # Titans with the normalised-LMS step (memory.rule.normalize_lr): per layer and token.
+    "titans_normalized": DeltaRule(momentum=True, retention=True, normalize_lr=True),
+    "dgd": DeltaRule(dgd=True, retention=True, normalize_lr=True),
     # The DGD system by trsm, and by the explicit blocked inverse (matmuls; `auto` on CPU).
-    "dgd_momentum": DeltaRule(dgd=True, momentum=True, retention=True, solve="triangular"),
-    "dgd_inverse": DeltaRule(dgd=True, momentum=True, retention=True, solve="inverse"),
-    # Hope's stable inner loop (memory.normalize_memory, memory.momentum_ema); and both on GD.
+    "dgd_momentum": DeltaRule(
+        dgd=True, momentum=True, retention=True, normalize_lr=True, solve="triangular"
+    ),
+    "dgd_inverse": DeltaRule(
+        dgd=True, momentum=True, retention=True, normalize_lr=True, solve="inverse"
+    ),
+    # Hope's stable inner loop (memory.rule.normalize_memory, momentum_ema); and both on GD.
     "dgd_stable": DeltaRule(
-        dgd=True, momentum=True, retention=True, normalize_memory=True, momentum_ema=True
+        dgd=True,
+        momentum=True,
+        retention=True,
+        normalize_lr=True,
+        normalize_memory=True,
+        momentum_ema=True,
     ),  # fmt: skip
     "gd_stable": DeltaRule(momentum=True, retention=True, normalize_memory=True, momentum_ema=True),
 }
@@ -67,14 +76,10 @@ def run_fast(level, inp, path="fast"):
 
 
 def run_ref(level, inp):
-    r = level.rule
     return reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
-        inp["eta"], inp["alpha"], inp["beta"], chunk_size=level.chunk_size, momentum=r.momentum,
-        retention=r.retention, dgd=r.dgd, normalize_lr=r.normalize_lr,
-        normalize_gd=r.normalize_gd, normalize_memory=r.normalize_memory,
-        momentum_ema=r.momentum_ema, read=level.read,
-        update_on_partial=level.update_on_partial,
+        inp["eta"], inp["alpha"], inp["beta"], chunk_size=level.chunk_size, rule=level.rule,
+        read=level.read, update_on_partial=level.update_on_partial,
     )  # fmt: skip
 
 
@@ -173,7 +178,9 @@ def online_numpy(w, keys, values, queries, eta, alpha, dgd):
 
 @pytest.mark.parametrize("dgd", [False, True])
 def test_chunk_size_one_is_online_learning(x64, dgd):
-    level = Level(MEMORIES["linear"], objectives.l2, DeltaRule(dgd=dgd, retention=True), 1)
+    level = Level(
+        MEMORIES["linear"], objectives.l2, DeltaRule(dgd=dgd, retention=True, normalize_lr=dgd), 1
+    )
     inp = make_inputs(level.memory, 4)
     out, (params, _) = run_fast(level, inp)
     names = ("keys", "values", "queries", "eta", "alpha")
@@ -192,12 +199,9 @@ def outer_loss(level, path, params, eta, alpha, beta, inp):
 
 
 def ref_outer_loss(level, params, eta, alpha, beta, inp):
-    r = level.rule
     out, final, _ = reference_level(
         level.memory, level.objective, params, inp["keys"], inp["values"], inp["queries"],
-        eta, alpha, beta, chunk_size=level.chunk_size, momentum=r.momentum, retention=r.retention,
-        dgd=r.dgd, normalize_lr=r.normalize_lr, normalize_memory=r.normalize_memory,
-        momentum_ema=r.momentum_ema, read=level.read,
+        eta, alpha, beta, chunk_size=level.chunk_size, rule=level.rule, read=level.read,
     )  # fmt: skip
     weights = jnp.sin(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
     return jnp.sum(out * weights) + sum(jnp.sum(jnp.cos(w)) for w in final.values())
@@ -258,7 +262,8 @@ def test_vmap_over_batch_and_heads(x64):
 def test_rules_compose_with_optax_chain_under_jit(x64):
     inp = make_inputs(MEMORIES["linear"], 6)
     clipped = optax.chain(
-        optax.clip_by_global_norm(0.05), DeltaRule(dgd=True, retention=True).transformation()
+        optax.clip_by_global_norm(0.05),
+        DeltaRule(dgd=True, retention=True, normalize_lr=True).transformation(),
     )
     level = Level(MEMORIES["linear"], objectives.l2, clipped, 3)
     out, (params, _) = jax.jit(functools.partial(run_fast, level, path="generic"))(inp)
@@ -320,11 +325,10 @@ def test_document_resets_match_reference(x64, memory, read, path):
         )
     )  # fmt: skip
     out, (params, _) = run(inp)
-    r = level.rule
     ref_out, ref_params, _ = reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
-        inp["eta"], inp["alpha"], inp["beta"], chunk_size=4, momentum=r.momentum,
-        retention=r.retention, dgd=r.dgd, read=read, resets=resets,
+        inp["eta"], inp["alpha"], inp["beta"], chunk_size=4, rule=level.rule, read=read,
+        resets=resets,
     )  # fmt: skip
     assert rel_err(out, ref_out) < 1e-10
     for name in ref_params:
@@ -355,11 +359,9 @@ def test_self_generated_targets_match_reference(x64, path):
     level = Level(MEMORIES["mlp"], objectives.l2, RULES["dgd_momentum"], 3, self_target=True)
     inp = make_inputs(level.memory, 14)
     out, (params, _) = jax.jit(functools.partial(run_fast, level, path=path))(inp)
-    r = level.rule
     ref_out, ref_params, _ = reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
-        inp["eta"], inp["alpha"], inp["beta"], chunk_size=3, momentum=r.momentum,
-        retention=r.retention, dgd=r.dgd, self_target=True,
+        inp["eta"], inp["alpha"], inp["beta"], chunk_size=3, rule=level.rule, self_target=True,
     )  # fmt: skip
     assert rel_err(out, ref_out) < 1e-10
     for name in ref_params:
@@ -418,21 +420,18 @@ def test_auto_solve_is_the_inverse_on_cpu():
 
 
 def test_normalized_gd_step_changes_the_update(x64):
-    """`DeltaRule(normalize_gd=True)` really scales each layer's step by 1 / (1 + eta ||a||^2)
+    """`DeltaRule(normalize_lr=True)` on GD really scales each layer's step by 1 / (1 + eta ||a||^2)
     (else the reference comparison above would pass with the flag ignored on both sides)."""
     inp = make_inputs(MEMORIES["mlp"], 3)
     outs = {
         flag: run_fast(Level(MEMORIES["mlp"], objectives.l2, DeltaRule(
-            momentum=True, retention=True, normalize_gd=flag), 4), inp)[0]
+            momentum=True, retention=True, normalize_lr=flag), 4), inp)[0]
         for flag in (False, True)
     }  # fmt: skip
     assert rel_err(outs[True], outs[False]) > 1e-3
-    # DGD keeps its own switch: normalize_gd does not touch it.
-    dgd = DeltaRule(dgd=True, normalize_lr=False, normalize_gd=True)
-    assert not dgd.normalized and DeltaRule(normalize_gd=True).normalized
 
 
-# Titans with the chunk-normalised step (memory.titans_normalize_chunk): fast path only.
+# Titans with the chunk-normalised step (memory.rule.normalize_chunk): fast path only.
 CHUNK_NORMALIZED = DeltaRule(momentum=True, retention=True, normalize_chunk=True)
 
 
@@ -456,8 +455,8 @@ def test_chunk_normalized_step_matches_reference(x64, memory, chunk, with_resets
     )(inp)  # fmt: skip
     ref_out, ref_params, ref_mom = reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
-        inp["eta"], inp["alpha"], inp["beta"], chunk_size=chunk, momentum=True, retention=True,
-        normalize_chunk=True, resets=resets if with_resets else None,
+        inp["eta"], inp["alpha"], inp["beta"], chunk_size=chunk, rule=CHUNK_NORMALIZED,
+        resets=resets if with_resets else None,
     )  # fmt: skip
     assert rel_err(out, ref_out) < 1e-10
     mom = level.rule.get_momentum(state)
@@ -471,8 +470,10 @@ def test_chunk_normalized_step_matches_reference(x64, memory, chunk, with_resets
         assert rel_err(other, out) > 1e-6
     with pytest.raises(ValueError, match="no token-by-token optax form"):
         run_fast(level, inp, path="generic")
-    with pytest.raises(ValueError, match="normalize_chunk and normalize_gd are two forms"):
-        DeltaRule(normalize_chunk=True, normalize_gd=True)
+    with pytest.raises(ValueError, match="normalize_lr and normalize_chunk are two forms"):
+        DeltaRule(normalize_chunk=True, normalize_lr=True)
+    # DGD keeps its normalised step beneath the chunk form (the paper's step with it off).
+    DeltaRule(dgd=True, normalize_chunk=True, normalize_lr=True)
 
 
 def test_chunk_normalized_step_bounds_a_coherent_chunk(x64):
@@ -486,7 +487,7 @@ def test_chunk_normalized_step_bounds_a_coherent_chunk(x64):
     v = jnp.ones((seq, 3))
     params = {"W": jnp.zeros((3, 4))}
     errs = {}
-    for name, rule in {"gd": DeltaRule(), "token": DeltaRule(normalize_gd=True),
+    for name, rule in {"gd": DeltaRule(), "token": DeltaRule(normalize_lr=True),
                        "chunk": DeltaRule(normalize_chunk=True)}.items():  # fmt: skip
         level = Level(memory, objectives.l2, rule, chunk)
         _, (w, _) = run_level(level, params, rule.init(params), k, v, k,
@@ -531,8 +532,10 @@ def test_memory_curvature_is_the_tangent_kernel_along_the_error(x64):
 
 def test_memory_normalised_step_is_layerwise_dgd_for_a_linear_memory(x64):
     """For `M(x) = W x` the memory-wide step is DGD's own; for the MLP memory it differs."""
-    plain = DeltaRule(dgd=True, momentum=True, retention=True)
-    wide = DeltaRule(dgd=True, momentum=True, retention=True, normalize_memory=True)
+    plain = DeltaRule(dgd=True, momentum=True, retention=True, normalize_lr=True)
+    wide = DeltaRule(
+        dgd=True, momentum=True, retention=True, normalize_lr=True, normalize_memory=True
+    )
     for memory, same in (("linear", True), ("mlp", False)):
         inp = make_inputs(MEMORIES[memory], 33)
         a = run_fast(Level(MEMORIES[memory], objectives.l2, plain, 3), inp)[0]
@@ -577,7 +580,7 @@ def test_stable_inner_loop_bounds_an_mlp_memory_where_the_paper_form_diverges(x6
         "paper": {},
         "stable": {"normalize_memory": True, "momentum_ema": True},
     }.items():
-        rule = DeltaRule(dgd=True, momentum=True, retention=True, **extra)
+        rule = DeltaRule(dgd=True, momentum=True, retention=True, normalize_lr=True, **extra)
         out, _ = run_level(Level(memory, objectives.l2, rule, chunk), params, rule.init(params),
                            k, v, k, eta=0.5, alpha=1.0, beta=0.9)  # fmt: skip
         worst[name] = float(jnp.max(jnp.linalg.norm(out - v, axis=-1)))

@@ -104,11 +104,10 @@ def test_memory_presets_take_the_stable_inner_loop():
 
     for family in lm.FAMILIES:
         for size in lm.SIZES:
-            memory = lm.get_config(f"{family}_{size}").model.memory
+            rule = lm.get_config(f"{family}_{size}").model.memory.rule
             on = family == "hope" or family.startswith("titans")
-            assert memory.momentum_ema == on and memory.normalize_memory == on, (family, size)
-            assert memory.normalize_chunk == (family == "hope"), (family, size)
-            assert memory.titans_normalize_chunk == family.startswith("titans"), (family, size)
+            assert rule.momentum_ema == on and rule.normalize_memory == on, (family, size)
+            assert rule.normalize_chunk == on, (family, size)
     rule = titans._memory_from_config(lm.get_config("titans_mag_tiny").model, nnx.Rngs(0))
     rule = rule.level.rule
     assert rule.momentum_ema and rule.normalize_memory and rule.normalize_chunk
@@ -120,8 +119,12 @@ MEMORIES = {"linear": LinearMemory(4, 3), "mlp": ResidualMLPMemory(4, 6)}
 STABLE = {"momentum": True, "retention": True, "normalize_chunk": True, "momentum_ema": True}
 RULES = {
     "titans": DeltaRule(**STABLE, normalize_memory=True),
-    "hope": DeltaRule(**STABLE, normalize_memory=True, dgd=True, solve="inverse"),
-    "hope_trsm": DeltaRule(**STABLE, normalize_memory=True, dgd=True, solve="triangular"),
+    "hope": DeltaRule(
+        **STABLE, normalize_memory=True, dgd=True, normalize_lr=True, solve="inverse"
+    ),
+    "hope_trsm": DeltaRule(
+        **STABLE, normalize_memory=True, dgd=True, normalize_lr=True, solve="triangular"
+    ),
 }
 
 
@@ -136,7 +139,6 @@ def test_stable_inner_loop_matches_reference(x64, memory, rule, documents):
     and the outer gradient cut at two chunk starts."""
     chunk, seq = 4, 14
     level = Level(MEMORIES[memory], objectives.l2, RULES[rule], chunk)
-    r = level.rule
     with_resets = cut = documents
     cuts = np.zeros(seq, bool)
     if cut:
@@ -159,8 +161,7 @@ def test_stable_inner_loop_matches_reference(x64, memory, rule, documents):
     def ref(params, keys, eta, beta):
         return reference_level(
             level.memory, level.objective, params, keys, inp["values"], inp["queries"], eta,
-            inp["alpha"], beta, chunk_size=chunk, momentum=True, retention=True, dgd=r.dgd,
-            normalize_chunk=True, normalize_memory=r.normalize_memory, momentum_ema=True,
+            inp["alpha"], beta, chunk_size=chunk, rule=level.rule,
             resets=resets if with_resets else None, cuts=cuts if cut else None,
         )  # fmt: skip
 

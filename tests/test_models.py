@@ -1,6 +1,7 @@
 """Model families: causality, documents, ablation flags, preset sizes, fitting real text."""
 
 import json
+import operator
 import pathlib
 import sys
 
@@ -79,9 +80,10 @@ def test_packed_document_equals_document_alone(family):
 
 
 ABLATIONS = {
-    "w/o DGD": {"memory.dgd": False},
-    "w/o momentum": {"memory.momentum": False},
-    "w/o weight decay": {"memory.weight_decay": False},
+    # Plain GD: its per-token normalised step is off (the presets' chunk form takes its place).
+    "w/o DGD": {"memory.rule.dgd": False, "memory.rule.normalize_lr": False},
+    "w/o momentum": {"memory.rule.momentum": False},
+    "w/o weight decay": {"memory.rule.retention": False},
     "w/o CMS": {"cms.enabled": False},
     "w/o adaptive k": {"memory.adaptive_k": False},
     "w/o adaptive v": {"memory.adaptive_v": False},
@@ -89,9 +91,9 @@ ABLATIONS = {
 }
 
 
-SPEC_FIELDS = {"memory.dgd": "dgd", "memory.momentum": "momentum",
-               "memory.weight_decay": "weight_decay", "memory.adaptive_k": "adaptive_k",
-               "memory.adaptive_v": "adaptive_v", "memory.adaptive_q": "adaptive_q"}  # fmt: skip
+# The layer spec's attribute each config key sets: `memory.X` -> `X`, `memory.rule.X` -> `rule.X`.
+SPEC_FIELDS = ("memory.rule.dgd", "memory.rule.momentum", "memory.rule.retention",
+               "memory.adaptive_k", "memory.adaptive_v", "memory.adaptive_q")  # fmt: skip
 
 
 def test_table6_ablation_flags():
@@ -104,7 +106,8 @@ def test_table6_ablation_flags():
         (key, value), *_ = changes.items()
         if key in SPEC_FIELDS:
             spec = spec_from_config(tiny("hope", **changes))
-            assert getattr(spec, SPEC_FIELDS[key]) is value != getattr(base_spec, key[7:]), name
+            attr = operator.attrgetter(key.removeprefix("memory."))
+            assert attr(spec) is value != attr(base_spec), name
     tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 0, 257)
     base = models.build(tiny("hope", num_layers=1), nnx.Rngs(0))
     no_cms = models.build(tiny("hope", num_layers=1, **ABLATIONS["w/o CMS"]), nnx.Rngs(0))
@@ -262,11 +265,22 @@ REJECTED = [
     ("transformer_tiny", {"memory.kernel": "pallas_forward"},
      r"memory.kernel = 'pallas_forward'.*'attention'"),
     ("titans_lmm_tiny", {"memory.remat_layer": True}, r"memory.remat_layer = True.*titans_lmm"),
-    ("hope_tiny", {"memory.titans_normalize_lr": True},
-     r"titans_normalize_lr = True.*'self_modifying_titans'"),
-    # The presets' chunk normalisation is the other form of the same step.
+    ("hope_tiny", {"memory.titans_normalize_v": True},
+     r"titans_normalize_v = True.*'self_modifying_titans'"),
+    # The presets' chunk normalisation is the other form of plain GD's normalised step.
+    ("titans_mag_tiny", {"memory.rule.normalize_lr": True},
+     r"set at most one.*--config.model.memory.rule.normalize_chunk=False"),
+    ("hope_tiny", {"memory.rule.dgd": False}, r"rule.normalize_lr and rule.normalize_chunk"),
+    ("titans_lmm_tiny", {"memory.rule.dgd": True}, r"rule.dgd = True: Titans' memory .*'titans_lmm'"),
+    # The inner rule's settings have one place and one name each.
+    ("hope_tiny", {"memory.weight_decay": False},
+     r"^model.memory.weight_decay is not a field.*--config.model.memory.rule.retention$"),
     ("titans_mag_tiny", {"memory.titans_normalize_lr": True},
-     r"set at most one.*titans_normalize_chunk=False"),
+     r"memory.titans_normalize_lr is not a field.*--config.model.memory.rule.normalize_lr$"),
+    ("hope_tiny", {"memory.momentum_ema": False}, r"--config.model.memory.rule.momentum_ema$"),
+    ("hope_tiny", {"memory.rule.weight_decay": True},
+     r"memory.rule.weight_decay is not a DeltaRule field.*--config.model.memory.rule.retention$"),
+    ("hope_tiny", {"memory.rule.solve": "inverse"}, r"memory.rule.solve is not a DeltaRule field"),
     ("transformer_tiny", {"memory.backprop_chunks": 4}, r"backprop_chunks = 4: only the memory mixers.*'attention'"),
     ("hope_tiny", {"memory.backprop_chunks": 1, "memory.chunk_size_other": 12},
      r"memory.backprop_chunks = 1 cuts every 16 tokens.*multiple of chunk_size_other 12"),
@@ -274,11 +288,12 @@ REJECTED = [
     ("hope_tiny", {"memory.backprop_chunks": 0, "memory.parallel_windows": True},
      r"parallel_windows = True walks.*set memory.backprop_chunks > 0"),
     ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),
-    ("titans_lmm_tiny", {"memory.normalize_chunk": True},
-     r"memory.normalize_chunk = True: only Hope's self_modifying_titans.*'titans_lmm'"),
-    ("transformer_tiny", {"memory.normalize_memory": True},
-     r"memory.normalize_memory = True: only Hope's and Titans' memories"),
-    ("hope_attention_tiny", {"memory.momentum_ema": True}, r"memory.momentum_ema = True: only Hope's"),
+    ("transformer_tiny", {"memory.rule.normalize_memory": True},
+     r"memory.rule.normalize_memory = True: only Hope's and Titans' memories"),
+    ("hope_attention_tiny", {"memory.rule.momentum_ema": True},
+     r"memory.rule.momentum_ema = True: only Hope's"),
+    ("transformer_tiny", {"memory.rule.normalize_chunk": True},
+     r"memory.rule.normalize_chunk = True: only Hope's and Titans' memories"),
     ("transformer_tiny", {"xla_options.xla_gpu_enable_triton_gemmm": False},
      r"model.xla_options = .*triton_gemmm.*XLA rejected"),
 ]  # fmt: skip
@@ -287,7 +302,8 @@ ACCEPTED = [
     ("titans_mac_tiny", {"memory.kernel": "pallas_forward"}),
     ("titans_mac_tiny", {"memory.kernel": "pallas"}),
     ("hope_tiny", {"memory.kernel": "pallas", "memory.remat_layer": True}),
-    ("titans_mag_tiny", {"memory.titans_normalize_lr": True, "memory.titans_normalize_chunk": False}),
+    ("titans_mag_tiny", {"memory.rule.normalize_lr": True, "memory.rule.normalize_chunk": False}),
+    ("hope_tiny", {"memory.rule.dgd": False, "memory.rule.normalize_lr": False}),
     ("titans_lmm_tiny", {"memory.backprop_chunks": 4}),
     ("titans_lmm_tiny", {"memory.parallel_windows": True}),
     ("hope_tiny", {"memory.backprop_chunks": 2, "memory.parallel_windows": True}),
@@ -324,8 +340,8 @@ def test_hope_presets_take_the_stable_inner_loop():
                           for m in layers)  # fmt: skip
     for family in lm.FAMILIES:
         if family != "hope" and not family.startswith("titans"):
-            memory = lm.get_config(f"{family}_tiny").model.memory
-            assert not (memory.normalize_memory or memory.momentum_ema), family
+            rule = lm.get_config(f"{family}_tiny").model.memory.rule
+            assert not (rule.normalize_memory or rule.momentum_ema), family
 
 
 @pytest.mark.parametrize("family", ["titans_lmm", "titans_mac", "titans_mag", "titans_mal"])

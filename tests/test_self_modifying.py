@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from nl_jax.core.rules import RULE_FIELDS
 from nl_jax.layers.self_modifying import SelfModSpec, self_modifying_head
 
 SPEC = SelfModSpec(heads=1, head_dim=4, hidden=5, chunk_mem=3, chunk_other=2, eta_max=0.5)
+
+
+def changed(spec, **changes):
+    """`spec` with `changes` to its own fields and to its rule's (`dgd`, `solve`, ...)."""
+    rule = {k: changes.pop(k) for k in list(changes) if k in RULE_FIELDS + ("solve",)}
+    return dataclasses.replace(spec, rule=dataclasses.replace(spec.rule, **rule), **changes)
 
 
 def mlp(p, x):
@@ -31,6 +38,7 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
     """
     names = tuple(init)
     proj = [n for n in names if n != "memory"]
+    r = spec.rule
     state = {n: dict(init[n]) for n in names}
     mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
     outs, bnd, running = [], {}, {}
@@ -66,17 +74,17 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
             err = mlp(b, k) - target
             kappa = jax.lax.stop_gradient(sum(jnp.sum(g * g) for g in grads.values()) / (err @ err))
             for w, a in inputs.items():
-                lr = eta / (1 + eta * a @ a) if spec.dgd else eta
+                lr = eta / (1 + eta * a @ a) if r.normalize_lr else eta
                 curv = a @ a
-                if spec.normalize_memory:
+                if r.normalize_memory:
                     curv = curv + jax.lax.stop_gradient(jnp.maximum(kappa - curv, 0.0))
                     lr = eta / (1 + eta * curv)
-                if spec.normalize_chunk:
+                if r.normalize_chunk:
                     running[n][w] = running[n][w] + eta * curv
                     lr = eta / (1 + running[n][w])
-                gain = 1 - beta[t] if spec.momentum_ema else 1.0
+                gain = 1 - beta[t] if r.momentum_ema else 1.0
                 mom[n][w] = beta[t] * mom[n][w] - gain * lr * grads[w]
-                decay = alpha * jnp.eye(a.shape[0]) - (lr * jnp.outer(a, a) if spec.dgd else 0)
+                decay = alpha * jnp.eye(a.shape[0]) - (lr * jnp.outer(a, a) if r.dgd else 0)
                 state[n][w] = state[n][w] @ decay + mom[n][w]
         read = before if spec.read == "per_token_prior" else state["memory"]
         outs.append(mlp(read, q[t]))
@@ -113,7 +121,7 @@ def rel_err(a, b):
         {},
         {"chunk_mem": 4, "chunk_other": 3},
         {"read": "per_token_prior"},
-        {"dgd": False},
+        {"dgd": False, "normalize_lr": False},
         {"adaptive_k": False, "adaptive_v": False},
         {"normalize_v": False},
         {"solve": "triangular", "chunk_mem": 4, "chunk_other": 3},
@@ -135,7 +143,7 @@ def rel_err(a, b):
     ],  # fmt: skip
 )
 def test_chunked_equals_token_reference(x64, changes):
-    spec = dataclasses.replace(SPEC, **changes)
+    spec = changed(SPEC, **changes)
     init, static, u, q, beta = make(spec, 0)
     out = jax.jit(functools.partial(self_modifying_head, spec))(init, static, u, q, beta)
     assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
@@ -151,9 +159,9 @@ def test_table6_ablations_change_the_layer():
         return jax.jit(functools.partial(self_modifying_head, spec))(mine, static, u, q, beta)
 
     base = run(SPEC)
-    for changes in [{"dgd": False}, {"momentum": False}, {"weight_decay": False},
+    for changes in [{"dgd": False, "normalize_lr": False}, {"momentum": False}, {"retention": False},
                     {"adaptive_k": False}, {"adaptive_v": False}, {"adaptive_q": True}]:  # fmt: skip
-        out = run(dataclasses.replace(SPEC, **changes))
+        out = run(changed(SPEC, **changes))
         assert bool(jnp.all(jnp.isfinite(out))) and rel_err(out, base) > 1e-4, changes
 
 
@@ -233,8 +241,8 @@ def test_stable_inner_loop_gradients_match_the_token_reference(x64, chunk_normal
     over the chunk): the token loop's outer gradient for every input, the meta-learned initial
     states included, with documents; and a different gradient from the paper's form (so the
     comparison can fail)."""
-    spec = dataclasses.replace(SPEC, normalize_memory=True, momentum_ema=True,
-                               normalize_chunk=chunk_normalized, chunk_mem=4, chunk_other=3)  # fmt: skip
+    spec = changed(SPEC, normalize_memory=True, momentum_ema=True,
+                   normalize_chunk=chunk_normalized, chunk_mem=4, chunk_other=3)  # fmt: skip
     args, resets, grad, paper_grads = _stable_case()
     got = jax.tree.leaves(
         grad(lambda *a: self_modifying_head(spec, *a, jnp.asarray(resets)))(*args)

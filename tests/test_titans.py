@@ -97,7 +97,7 @@ def test_lmm_matches_token_loop(read, docs):
             def one_head(params, k, v, q, eta, alpha, beta, kw=kw):
                 return reference_level(
                     mem.memory, objectives.l2, params, k, v, q, eta, alpha, beta, chunk_size=3,
-                    momentum=True, retention=True, dgd=False, read=read, **kw,
+                    rule=mem.level.rule, read=read, **kw,
                 )[0]  # fmt: skip
 
             # vmap over heads only batches the loop's operations: each head's loop is separate.
@@ -297,26 +297,28 @@ def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
     assert 2 not in {int(n) for n in re.findall(walk, jaxprs[False])}
 
 
-@pytest.mark.parametrize("key,attr,preset", [("titans_normalize_lr", "normalized", False),
-                                             ("titans_normalize_chunk", "normalize_chunk", True),
+@pytest.mark.parametrize("key,attr,preset", [("rule.normalize_lr", "normalize_lr", False),
+                                             ("rule.normalize_chunk", "normalize_chunk", True),
                                              ("titans_normalize_v", "normalize_values", True)])  # fmt: skip
 def test_titans_normalisations_reach_the_memory(key, attr, preset):
-    """`memory.titans_normalize_lr` (per token), `titans_normalize_chunk` (over the chunk so
-    far) and `titans_normalize_v` build their memory (the presets turn on the last two, with
-    `backprop_chunks`), change what the memory reads, and exist only in Titans' memory; the two
-    step normalisations exclude each other."""
+    """`memory.rule.normalize_lr` (per token), `rule.normalize_chunk` (over the chunk so far)
+    and `titans_normalize_v` build their memory (the presets turn on the last two, with
+    `backprop_chunks`) and change what the memory reads; the two step normalisations of GD
+    exclude each other, and the value normalisation exists only in Titans' memory."""
     from nl_jax.models.lm import validate_config
 
     cfg = small_config("titans_lmm")
-    assert cfg.memory[key] is preset
+    section, _, name = key.rpartition(".")
+    node = cfg.memory.rule if section else cfg.memory
+    assert node[name] is preset
     assert cfg.memory.backprop_chunks == 4
     x = jax.random.normal(jax.random.PRNGKey(4), (2, SEQ, D), jnp.float32)
     outs = {}
     for flag in (False, True):
-        cfg.memory[key] = flag
-        if key == "titans_normalize_lr":
+        node[name] = flag
+        if key == "rule.normalize_lr":
             # The per-token step by ||a||^2 alone: normalize_memory would take its place.
-            cfg.memory.titans_normalize_chunk = cfg.memory.normalize_memory = False
+            cfg.memory.rule.normalize_chunk = cfg.memory.rule.normalize_memory = False
         mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
         built = mem if key == "titans_normalize_v" else mem.level.rule
         assert getattr(built, attr) is flag
@@ -325,12 +327,12 @@ def test_titans_normalisations_reach_the_memory(key, attr, preset):
             norms = jnp.linalg.norm(mem.features(x)[0].values, axis=-1)
             assert bool(jnp.all(jnp.abs(norms - 1) < 1e-4)) is flag
     assert float(jnp.max(jnp.abs(outs[True] - outs[False]))) > 1e-6
-    cfg.memory.titans_normalize_lr = cfg.memory.titans_normalize_chunk = True
+    cfg.memory.rule.normalize_lr = cfg.memory.rule.normalize_chunk = True
     with pytest.raises(ValueError, match="set at most one"):
         validate_config(cfg, SEQ)
     hope = _experiments_lm().get_config("hope_tiny").model
-    hope.memory[key] = True
-    with pytest.raises(ValueError, match=f"{key} = True: only Titans"):
+    hope.memory.titans_normalize_v = True
+    with pytest.raises(ValueError, match="titans_normalize_v = True: only Titans"):
         validate_config(hope, 64)
 
 

@@ -128,7 +128,7 @@ def _fast_chunk(
                 xs["eta"], inputs[name], None if init is None else xs["resets"], curvature
             )
         else:
-            eta = inner_lr(xs["eta"], inputs[name], rule.normalized, curvature)  # [C]
+            eta = inner_lr(xs["eta"], inputs[name], rule.normalize_lr, curvature)  # [C]
         layers[name] = chunked.layer_chunk(
             params[name],
             None if momentum is None else momentum[name],

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from nl_jax.core import memories
 from nl_jax.core.memories import Memory, Params
+from nl_jax.core.rules import DeltaRule
 
 
 def reference_level(
@@ -31,14 +32,7 @@ def reference_level(
     beta: jax.Array,
     *,
     chunk_size: int,
-    momentum: bool = False,
-    retention: bool = False,
-    dgd: bool = False,
-    normalize_lr: bool = True,
-    normalize_gd: bool = False,
-    normalize_chunk: bool = False,
-    normalize_memory: bool = False,
-    momentum_ema: bool = False,
+    rule: DeltaRule,
     read: str = "per_token",
     update_on_partial: bool = True,
     momentum_state: Params | None = None,
@@ -48,15 +42,17 @@ def reference_level(
 ) -> tuple[jax.Array, Params, Params]:
     """Plain loop over tokens. Returns `(outputs [seq, d_out], final params, final momentum)`.
 
-    `eta, alpha, beta` are `[seq]` arrays; `alpha` is used only with `retention`, `beta` only with
-    `momentum`. With `self_target` the target of token t is `M_boundary(values[t])`, held fixed
+    `rule`: the same `DeltaRule` the fast path runs (its `solve` does not matter here).
+    `eta, alpha, beta` are `[seq]` arrays; `alpha` is used only with `rule.retention`, `beta` only
+    with `rule.momentum`. With `self_target` the target of token t is `M_boundary(values[t])`, held fixed
     in the inner gradient. `resets[t]` puts the initial `params` (and zero momentum) back before token t.
-    `normalize_chunk`: GD's step is `eta_t / (1 + running)`, `running` the sum of
+    `rule.normalize_lr`: the step is `eta_t / (1 + eta_t ||a||^2)`.
+    `rule.normalize_chunk`: the step is `eta_t / (1 + running)`, `running` the sum of
     `eta_s ||a_s||^2` over the chunk's tokens s <= t since the chunk start or the last reset.
-    `normalize_memory`: every layer's step is `eta_t / (1 + eta_t max(kappa_t, ||a||^2))`,
+    `rule.normalize_memory`: every layer's step is `eta_t / (1 + eta_t max(kappa_t, ||a||^2))`,
     `kappa_t = sum_l ||grad_l||_F^2 / ||dL_t/dM(k_t)||^2` at the chunk-start weights, a
     constant for the outer gradient.
-    `momentum_ema`: `S_t = beta_t S_{t-1} - (1 - beta_t) eta'_t grad_t`.
+    `rule.momentum_ema`: `S_t = beta_t S_{t-1} - (1 - beta_t) eta'_t grad_t`.
     `cuts`: a chunk holding a True starts from `stop_gradient(W) + params - stop_gradient(params)`
     and a stopped momentum (truncated outer gradient).
     """
@@ -91,7 +87,7 @@ def reference_level(
 
             grads = jax.grad(loss)(boundary)
             acts = memories.layer_inputs(memory, boundary, keys[t])
-            if normalize_memory:
+            if rule.normalize_memory:
                 pred = memories.apply(memory, boundary, keys[t])
                 err = jax.grad(objective)(pred, target)
                 ee = jnp.dot(err, err)
@@ -99,25 +95,24 @@ def reference_level(
                 kappa = jax.lax.stop_gradient(kappa)
             for name in w:
                 a = acts[name]
-                normalized = (dgd and normalize_lr) or (not dgd and normalize_gd)
-                lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if normalized else eta[t]
+                lr = eta[t] / (1.0 + eta[t] * jnp.dot(a, a)) if rule.normalize_lr else eta[t]
                 curv = jnp.dot(a, a)
-                if normalize_memory:
+                if rule.normalize_memory:
                     # The outer gradient flows through ||a||^2 alone (rules.curvature_at_least).
                     curv = curv + jax.lax.stop_gradient(jnp.maximum(kappa - curv, 0.0))
                     lr = eta[t] / (1.0 + eta[t] * curv)
-                if normalize_chunk:
+                if rule.normalize_chunk:
                     running[name] = running[name] + eta[t] * curv
                     lr = eta[t] / (1.0 + running[name])
-                if momentum:
-                    gain = 1.0 - beta[t] if momentum_ema else 1.0
+                if rule.momentum:
+                    gain = 1.0 - beta[t] if rule.momentum_ema else 1.0
                     s[name] = beta[t] * s[name] - gain * lr * grads[name]
                     step = s[name]
                 else:
                     step = -lr * grads[name]
                 eye = jnp.eye(a.shape[0], dtype=a.dtype)
-                transition = (alpha[t] if retention else 1.0) * eye
-                if dgd:
+                transition = (alpha[t] if rule.retention else 1.0) * eye
+                if rule.dgd:
                     transition = transition - lr * jnp.outer(a, a)
                 w[name] = w[name] @ transition + step
         read_w = {"per_token": w, "per_token_prior": before, "boundary": boundary}[read]

@@ -9,12 +9,14 @@ matching `params`). Pieces ignore extra arguments they do not use, so they compo
     S_t = beta_t S_{t-1} - eta'_t g_t                    (Titans surprise, if momentum)
     W_t = W_{t-1} (alpha_t I - eta'_t a_t a_t^T) + S_t   (DGD decay if dgd; retention if retention)
 
-with `eta' = eta / (1 + eta ||a||^2)` when DGD normalises its step (spec section 3.7, row 16).
+with `eta' = eta / (1 + eta ||a||^2)` when the rule normalises its step (`normalize_lr`; DGD's
+normalised step is spec section 3.7, row 16).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -196,22 +198,25 @@ class DeltaRule:
     """The rule family with a chunked closed form: GD, momentum, retention and DGD.
 
     `DeltaRule()` is online GD; `DeltaRule(momentum=True, retention=True)` is Titans;
-    `DeltaRule(dgd=True, retention=True)` is Hope's DGD with weight decay.
+    `DeltaRule(dgd=True, retention=True, normalize_lr=True)` is Hope's DGD with weight decay.
+    A model config's `memory.rule` section holds these fields by the same names
+    (`DeltaRule.from_config`, `RULE_FIELDS`).
     """
 
     momentum: bool = False
+    # The retention gate `alpha_t` (Hope's "weight decay"; Titans' forgetting gate).
     retention: bool = False
     dgd: bool = False
-    normalize_lr: bool = True
-    # The same step normalisation for plain GD (normalised LMS, per layer and token): a
-    # stabiliser the Titans paper does not have, so off by default.
-    normalize_gd: bool = False
-    # Plain GD's step normalised over the chunk so far (`chunk_inner_lr`): bounds the summed
-    # step of a chunk of near-identical keys. Not in the Titans paper; fast path only.
+    # The step per layer and token is `eta / (1 + eta ||a||^2)`: DGD's normalised step (spec
+    # row 16), and for GD the normalised-LMS step, a stabiliser the Titans paper does not have.
+    normalize_lr: bool = False
+    # The step normalised over the chunk so far (`chunk_inner_lr`): bounds the summed step of a
+    # chunk of near-identical keys. It takes the place of `normalize_lr`'s per-token step. Not
+    # in the papers; fast path only.
     normalize_chunk: bool = False
     # Every layer's step normalised by the whole memory's curvature along the token's error
     # (`memory_curvature`): `eta / (1 + eta max(kappa, ||a||^2))`. Not in the papers; the same as
-    # `normalize_lr`/`normalize_gd` for a linear memory. Callers pass `curvature=` per token.
+    # `normalize_lr` for a linear memory. Callers pass `curvature=` per token.
     normalize_memory: bool = False
     # Momentum as an average, `S = beta S - (1 - beta) eta' g`: a gradient's steps sum to
     # `eta' g` (Titans' form sums them to `eta' g / (1 - beta)`). Not in the papers.
@@ -222,21 +227,26 @@ class DeltaRule:
     def __post_init__(self):
         if self.solve not in chunked.SOLVES:
             raise ValueError(f"unknown solve {self.solve!r}; allowed: {chunked.SOLVES}")
-        if self.normalize_chunk and self.normalize_gd:
+        if self.normalize_chunk and self.normalize_lr and not self.dgd:
+            # DGD keeps `normalize_lr` beneath the chunk form, so that turning the chunk form
+            # off leaves the paper's normalised DGD step; GD's paper step is the plain one.
             raise ValueError(
-                "normalize_chunk and normalize_gd are two forms of one step normalisation "
-                "(over the chunk so far, per token): set at most one"
+                "normalize_lr and normalize_chunk are two forms of plain GD's step "
+                "normalisation (per token, over the chunk so far): set at most one"
             )
 
-    @property
-    def normalized(self) -> bool:
-        """Whether the step size is `eta / (1 + eta ||a||^2)` (DGD's, or GD's if asked); with
-        `normalize_memory` it is `eta / (1 + eta max(kappa, ||a||^2))` either way."""
-        return (self.dgd and self.normalize_lr) or (not self.dgd and self.normalize_gd)
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], solve: str = "auto") -> DeltaRule:
+        """The rule of a `memory.rule` config section (keys: `RULE_FIELDS`) and `solve`."""
+        given = {k: cfg[k] for k in cfg.keys()}
+        unknown = sorted(set(given) - set(RULE_FIELDS))
+        if unknown:
+            raise ValueError(f"rule.{unknown[0]} is not a rule field; fields: {list(RULE_FIELDS)}")
+        return cls(**given, solve=solve)
 
     def transformation(self) -> optax.GradientTransformationExtraArgs:
         """The same rule as an `optax.chain` of the pieces above."""
-        pieces = [scale_by_inner_lr(self.normalized)]
+        pieces = [scale_by_inner_lr(self.normalize_lr)]
         if self.momentum:
             pieces.append(trace_surprise(self.momentum_ema))
         if self.dgd:
@@ -262,3 +272,8 @@ class DeltaRule:
         if not self.momentum:
             return state
         return (state[0], SurpriseState(momentum), *state[2:])
+
+
+# The fields of a model config's `memory.rule` section: every `DeltaRule` field but `solve`, which
+# is `memory.solve` (how, not what, the fast path computes).
+RULE_FIELDS = tuple(f.name for f in dataclasses.fields(DeltaRule) if f.name != "solve")

@@ -14,7 +14,8 @@ read too). v is l2-normalised as well (`normalize_v`, our choice: the self-gener
 otherwise diverge). `u` is the block input after an input projection, SiLU and a short causal conv.
 
 The scalar readouts of eta/alpha, the input projection and the output norm + gate are our choices
-where the paper is silent (rows 5, 20); ablations of Table 6 are flags of `SelfModSpec`.
+where the paper is silent (rows 5, 20); ablations of Table 6 are fields of `SelfModSpec`
+and of its `rule`.
 """
 
 from __future__ import annotations
@@ -68,13 +69,9 @@ class SelfModSpec:
     chunk_other: int = 8
     eta_max: float = 0.5
     beta_max: float = 0.9
-    dgd: bool = True
-    momentum: bool = True
-    weight_decay: bool = True
-    normalize_lr: bool = True
-    normalize_memory: bool = False
-    momentum_ema: bool = False
-    normalize_chunk: bool = False
+    # Every memory's inner update (`memory.rule`, with `memory.solve`): DGD with weight decay
+    # and momentum, or the GD / no-momentum / no-decay ablations of Table 6.
+    rule: DeltaRule = DeltaRule(momentum=True, retention=True, dgd=True, normalize_lr=True)
     adaptive_k: bool = True
     adaptive_v: bool = True
     adaptive_q: bool = False
@@ -83,7 +80,6 @@ class SelfModSpec:
     remat: bool = True
     remat_layer: bool = False
     scan_unroll: int = 1
-    solve: str = "auto"
     kernel: str = "auto"
     kernel_warps: int = 8
     backprop_chunks: int = 0
@@ -119,14 +115,6 @@ class SelfModSpec:
     def memory(self) -> ResidualMLPMemory:
         """The memory architecture shared by every memory of the layer (Eq. 89)."""
         return ResidualMLPMemory(self.head_dim, self.hidden, self.activation)
-
-    @property
-    def rule(self) -> DeltaRule:
-        """DGD with weight decay (or the GD / no-momentum / no-decay ablations)."""
-        return DeltaRule(momentum=self.momentum, retention=self.weight_decay, dgd=self.dgd,
-                         normalize_lr=self.normalize_lr, normalize_memory=self.normalize_memory,
-                         momentum_ema=self.momentum_ema, normalize_chunk=self.normalize_chunk,
-                         solve=self.solve)  # fmt: skip
 
     @property
     def projection_memories(self) -> tuple[str, ...]:
@@ -447,8 +435,10 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if spec.kernel == "pallas_forward_all" or spec.parallel_windows:
         main_forward = "kernel" if spec.kernel == "pallas_forward_all" else "xla"
         # Triton has no triangular solve: M_memory's DGD system takes the explicit inverse.
-        solve = "inverse" if main_forward == "kernel" else spec.solve
-        level = _main_level(dataclasses.replace(spec, solve=solve))
+        solve = "inverse" if main_forward == "kernel" else spec.rule.solve
+        level = _main_level(
+            dataclasses.replace(spec, rule=dataclasses.replace(spec.rule, solve=solve))
+        )
         y, main_end = run_level_fused(
             level, *main, gen["k"], gen["v"], gen["q"] if spec.adaptive_q else q_n,
             eta=gen["eta"], alpha=gen["alpha"], beta=xs["beta"], resets=resets_n,
@@ -506,14 +496,12 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
     return SelfModSpec(
         heads=m.heads, head_dim=m.head_dim, hidden=m.hidden_mult * m.head_dim,
         activation=m.activation, chunk_mem=m.chunk_size, chunk_other=m.chunk_size_other,
-        eta_max=m.eta_max, beta_max=m.beta_max, dgd=m.dgd, momentum=m.momentum, weight_decay=m.weight_decay,
-        normalize_lr=m.normalize_lr, normalize_memory=m.get("normalize_memory", False),
-        momentum_ema=m.get("momentum_ema", False), normalize_chunk=m.get("normalize_chunk", False),
+        eta_max=m.eta_max, beta_max=m.beta_max,
+        rule=DeltaRule.from_config(m.rule, solve=m.get("solve", "auto")),
         adaptive_k=m.adaptive_k, adaptive_v=m.adaptive_v,
         adaptive_q=m.adaptive_q, normalize_v=m.normalize_v, read=m.read, remat=m.remat,
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
-        solve=m.get("solve", "auto"), kernel=m.get("kernel", "auto"),
-        kernel_warps=m.get("kernel_warps", 8), backprop_chunks=m.get("backprop_chunks", 0),
+        kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8), backprop_chunks=m.get("backprop_chunks", 0),
         parallel_windows=m.get("parallel_windows", False),
     )  # fmt: skip
 

@@ -134,6 +134,10 @@ def _conv_with_tail(
     return y, full[:, full.shape[1] - lag :]
 
 
+# The Titans paper's inner update: GD with momentum and the retention gate.
+TITANS_RULE = DeltaRule(momentum=True, retention=True)
+
+
 class NeuralMemory(nnx.Module):
     """Titans long-term memory (LMM) as a sequence mixer: x [b, s, d] -> [b, s, d]."""
 
@@ -151,12 +155,7 @@ class NeuralMemory(nnx.Module):
         eta_max: float = 0.5,
         beta_max: float = 0.9,
         alpha_bias: float = 4.0,
-        momentum: bool = True,
-        weight_decay: bool = True,
-        normalize_lr: bool = False,
-        normalize_chunk: bool = False,
-        momentum_ema: bool = False,
-        normalize_memory: bool = False,
+        rule: DeltaRule = TITANS_RULE,
         output_gate: bool = True,
         remat: bool = True,
         scan_unroll: int = 1,
@@ -172,18 +171,15 @@ class NeuralMemory(nnx.Module):
     ) -> None:
         """Create projections, gates, convs (conv_window 0: none), norm and initial fast weights.
 
-        `normalize_lr`: the inner step per layer and token is `eta / (1 + eta ||a||^2)`, `a`
-        that layer's input (normalised LMS; not in the Titans paper, which diverged for
-        titans_mag_340m at outer lr 1e-3 without it, BENCHMARKS.md). `normalize_chunk`: the
-        step `eta_t / (1 + sum eta_s ||a_s||^2)` over the chunk's tokens s <= t of t's document
-        (`rules.chunk_inner_lr`; not in the paper either), which bounds a chunk's summed step.
-        `momentum_ema`: momentum as an average, `S = beta S - (1 - beta) eta' g`, so a run of
-        repeated gradients sums to the normalised step rather than `1 / (1 - beta)` times it
-        (not in the paper; without it a long run of identical keys diverges in context).
-        `normalize_memory`: the chunk-normalised step (or the per-token one) counts each token
-        by the whole memory's curvature along its error, `max(kappa, ||a||^2)`
-        (`rules.memory_curvature`), so an output layer of large norm cannot multiply the input
-        layer's step past the bound (not in the paper).
+        `rule`: the inner update (`DeltaRule`, a model config's `memory.rule`), plain GD with
+        the paper's momentum and retention gates; its stabilisers, none in the Titans paper:
+        `normalize_lr` (normalised LMS, per layer and token; titans_mag_340m diverged at outer
+        lr 1e-3 without it, BENCHMARKS.md), `normalize_chunk` (the step over the chunk's tokens
+        s <= t of t's document, which bounds a chunk's summed step), `momentum_ema` (a run of
+        repeated gradients sums to the normalised step rather than `1 / (1 - beta)` times it;
+        without it a long run of identical keys diverges in context) and `normalize_memory`
+        (each token counted by the whole memory's curvature along its error, so an output layer
+        of large norm cannot multiply the input layer's step past the bound).
         `scan_unroll`: chunks per loop iteration of the chunk scan (speed only). `kernel`: the
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
         fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
@@ -220,9 +216,6 @@ class NeuralMemory(nnx.Module):
         # The inner loop accumulates many small steps: never run it below float32.
         self.inner_dtype = jnp.promote_types(dtype, jnp.float32)
         self.memory = ResidualMLPMemory(head_dim, hidden_mult * head_dim, activation)
-        rule = DeltaRule(momentum=momentum, retention=weight_decay, dgd=False,
-                         normalize_gd=normalize_lr, normalize_chunk=normalize_chunk,
-                         momentum_ema=momentum_ema, normalize_memory=normalize_memory)  # fmt: skip
         self.level = Level(self.memory, objectives.l2, rule, chunk_size, read=read)
 
         def proj(shape: tuple[int, ...], fan_in: int, names: tuple) -> nnx.Param:
@@ -754,11 +747,7 @@ def _memory_from_config(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Neura
     return NeuralMemory(
         cfg.d_model, m.heads, m.head_dim, hidden_mult=m.hidden_mult, activation=m.activation,
         chunk_size=m.chunk_size, read=m.read, conv_window=m.conv_window, eta_max=m.eta_max, beta_max=m.beta_max,
-        alpha_bias=m.alpha_bias, momentum=m.momentum, weight_decay=m.weight_decay,
-        normalize_lr=m.get("titans_normalize_lr", False),
-        normalize_chunk=m.get("titans_normalize_chunk", False),
-        momentum_ema=m.get("momentum_ema", False),
-        normalize_memory=m.get("normalize_memory", False), output_gate=m.output_gate,
+        alpha_bias=m.alpha_bias, rule=DeltaRule.from_config(m.rule), output_gate=m.output_gate,
         remat=m.remat, scan_unroll=m.get("scan_unroll", 1),
         kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8),
         backprop_chunks=m.get("backprop_chunks", 0), parallel_windows=m.get("parallel_windows", False),

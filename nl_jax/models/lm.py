@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from nl_jax.core.rules import RULE_FIELDS, DeltaRule
 from nl_jax.layers import axes
 from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.norms import RMSNorm, logical_param
@@ -478,6 +479,79 @@ def _check_compiler_options(cfg: ml_collections.ConfigDict) -> None:
         ) from e
 
 
+# Names a config may give the inner rule's settings outside `memory.rule`'s `DeltaRule` field
+# names: the retention gate is Hope's "weight decay", and Titans' forms of the step
+# normalisations are the same fields.
+RULE_ALIASES = {
+    "weight_decay": "retention",
+    "titans_normalize_lr": "normalize_lr",
+    "titans_normalize_chunk": "normalize_chunk",
+}
+# The mixers whose inner loop runs a `memory.rule` (`DeltaRule.from_config`).
+RULE_MIXERS = ("self_modifying_titans", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")
+
+
+def rule_key(key: str) -> str | None:
+    """The `memory.rule.<field>` key a config key names elsewhere or otherwise, else None."""
+    head, _, name = key.rpartition(".")
+    field = RULE_ALIASES.get(name, name)
+    if field not in RULE_FIELDS or (field == name and head.endswith("memory.rule")):
+        return None
+    if head.endswith("memory.rule"):
+        return f"{head}.{field}"
+    if head == "memory" or head.endswith(".memory"):
+        return f"{head}.rule.{field}"
+    return None
+
+
+def _check_rule_names(memory: ml_collections.ConfigDict) -> None:
+    """No inner-rule setting beside `memory.rule` or under another name in it."""
+    for key in memory.keys():
+        moved = rule_key(f"model.memory.{key}")
+        if moved:
+            raise ValueError(f"model.memory.{key} is not a field: the inner rule's settings are "
+                             f"DeltaRule's fields in model.memory.rule; set --config.{moved}")  # fmt: skip
+    for key in memory.get("rule", {}).keys():
+        moved = rule_key(f"model.memory.rule.{key}")
+        if moved or key not in RULE_FIELDS:
+            where = f"set --config.{moved}" if moved else f"fields: {list(RULE_FIELDS)}"
+            raise ValueError(f"model.memory.rule.{key} is not a DeltaRule field; {where}")
+
+
+def _check_rule(memory: ml_collections.ConfigDict, mixer_name: str) -> None:
+    """The `memory.rule` section against `DeltaRule` and the mixer that runs it."""
+    _check_rule_names(memory)
+    if "rule" not in memory:
+        if mixer_name in RULE_MIXERS:
+            raise ValueError(f"model.memory.rule is missing: the {mixer_name!r} mixer builds its "
+                             f"inner update from it (DeltaRule fields {list(RULE_FIELDS)})")  # fmt: skip
+        return
+    rule = memory.rule
+    on = [k for k in RULE_FIELDS if rule.get(k, False)]
+    if mixer_name.startswith("titans_") and "dgd" in on:
+        raise ValueError(
+            f"model.memory.rule.dgd = True: Titans' memory ({mixer_name!r}) steps by plain GD; "
+            "DGD is Hope's (self_modifying_titans): set --config.model.memory.rule.dgd=False"
+        )
+    stabilisers = [k for k in ("normalize_memory", "momentum_ema", "normalize_chunk") if k in on]
+    if stabilisers and mixer_name not in RULE_MIXERS:
+        raise ValueError(
+            f"model.memory.rule.{stabilisers[0]} = True: only Hope's and Titans' memories have "
+            f"it, not {mixer_name!r}"
+        )
+    if {"normalize_lr", "normalize_chunk"} <= set(on) and "dgd" not in on:
+        raise ValueError(
+            "model.memory.rule.normalize_lr and rule.normalize_chunk are two forms of plain GD's "
+            "step normalisation (rule.dgd = False): set at most one "
+            "(--config.model.memory.rule.normalize_lr=False keeps the presets' chunk form, "
+            "--config.model.memory.rule.normalize_chunk=False the per-token step)"
+        )
+    try:
+        DeltaRule.from_config(rule, solve=memory.get("solve", "auto"))
+    except ValueError as e:
+        raise ValueError(f"model.memory.rule: {e}") from None
+
+
 def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
     """Raise ValueError naming the field when the model config cannot serve `seq_len` tokens.
 
@@ -502,30 +576,11 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                     f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
                     f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
                 )
-        titans_only = [k for k in ("titans_normalize_lr", "titans_normalize_chunk",
-                                   "titans_normalize_v") if cfg.memory.get(k, False)]  # fmt: skip
-        if titans_only and not titans:
+        _check_rule(cfg.memory, mixer_name)
+        if cfg.memory.get("titans_normalize_v", False) and not titans:
             raise ValueError(
-                f"model.memory.{titans_only[0]} = True: only Titans' memory (titans_* mixers) "
-                f"has it, not {mixer_name!r} (Hope's DGD step uses memory.normalize_lr, its "
-                "values memory.normalize_v)"
-            )
-        if cfg.memory.get("normalize_chunk", False) and mixer_name != "self_modifying_titans":
-            raise ValueError(
-                f"model.memory.normalize_chunk = True: only Hope's self_modifying_titans mixer "
-                f"has it, not {mixer_name!r} (Titans' memory: memory.titans_normalize_chunk)"
-            )
-        stabilisers = [k for k in ("normalize_memory", "momentum_ema") if cfg.memory.get(k, False)]
-        if stabilisers and not (titans or mixer_name == "self_modifying_titans"):
-            raise ValueError(
-                f"model.memory.{stabilisers[0]} = True: only Hope's and Titans' memories have "
-                f"it, not {mixer_name!r}"
-            )
-        if {"titans_normalize_lr", "titans_normalize_chunk"} <= set(titans_only):
-            raise ValueError(
-                "model.memory.titans_normalize_chunk and titans_normalize_lr are two forms of "
-                "one step normalisation: set at most one (the Titans presets turn the chunk "
-                "form on: add memory.titans_normalize_chunk=False)"
+                f"model.memory.titans_normalize_v = True: only Titans' memory (titans_* mixers) "
+                f"has it, not {mixer_name!r} (Hope's values: memory.normalize_v)"
             )
         cut = cfg.memory.get("backprop_chunks", 0)
         if not isinstance(cut, int) or cut < 0:
@@ -577,6 +632,9 @@ def build(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
     from nl_jax.models import registry  # noqa: F401  (registers the built-in mixers and MLPs)
     from nl_jax.models.tracing import quiet_tracer_sharding
 
+    if "memory" in cfg:
+        # A saved config may name the inner rule's settings otherwise: say which field they are.
+        _check_rule_names(cfg.memory)
     with quiet_tracer_sharding():  # builds under eval_shape/jit: see tracing.py
         return DecoderLM(cfg, rngs)
 

@@ -232,14 +232,22 @@ def unknown_override_message(
     config: ml_collections.ConfigDict, argv: Sequence[str], flag: str = "config"
 ) -> str | None:
     """A one-paragraph message for the first `--config.key=value` naming no key, else None."""
+    from nl_jax.models import lm  # noqa: PLC0415
+
     known = set(_keys(config))
     prefix = f"--{flag}."
     for arg in argv:
         if not arg.startswith(prefix):
             continue
-        key = arg[len(prefix) :].split("=", 1)[0]
+        key, _, value = arg[len(prefix) :].partition("=")
         if key in known:
             continue
+        moved = lm.rule_key(key)
+        if moved:
+            return (
+                f"config key `{key}` in {arg!r} is not a field: the inner rule's settings are "
+                f"DeltaRule's fields in model.memory.rule; pass --{flag}.{moved}={value or 'VALUE'}"
+            )
         parent = key.rpartition(".")[0]
         siblings = sorted(
             k for k in known if k.rpartition(".")[0] == parent and k.count(".") == key.count(".")
