@@ -76,7 +76,7 @@ def main() -> None:
     rules = [
         ("Hebbian", objectives.dot_product, DeltaRule(), 1.0),
         ("delta (GD)", objectives.l2, DeltaRule(), args.eta),
-        ("DGD", objectives.l2, DeltaRule(dgd=True), args.eta),
+        ("DGD", objectives.l2, DeltaRule(dgd=True, normalize_lr=True), args.eta),
     ]
     for name, objective, rule, eta in rules:
         for chunk in (1, 8, args.pairs):

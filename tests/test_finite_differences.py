@@ -16,7 +16,9 @@ RULES = {
     "titans": DeltaRule(momentum=True, retention=True),
     # The stable loop's memory-wide step normaliser is a constant for the outer gradient
     # (stop_gradient), which finite differences cannot see; its averaged momentum they can.
-    "dgd_momentum_ema": DeltaRule(dgd=True, momentum=True, retention=True, momentum_ema=True),
+    "dgd_momentum_ema": DeltaRule(
+        dgd=True, momentum=True, retention=True, normalize_lr=True, momentum_ema=True
+    ),
 }
 
 
@@ -69,7 +71,7 @@ def test_gradient_inside_the_last_cut_window_matches_finite_differences(x64):
     only after the last cut, so their gradient is the true one; the first window's inputs also
     reach later windows through the state, which the cut hides, so theirs is not."""
     level = Level(MEMORIES["mlp"], objectives.l2, DeltaRule(dgd=True, momentum=True,
-                                                              retention=True), 2)  # fmt: skip
+                                                              retention=True, normalize_lr=True), 2)  # fmt: skip
     inp = inputs(level.memory, 10, seed=3)
     cuts = gradient_cuts(10, 2, 2)
     names = ("keys", "values", "eta")

@@ -186,7 +186,7 @@ def test_chunk_normalized_titans_step_lowers_to_triton_for_cuda():
 def test_hope_main_memory_chunk_step_lowers_to_triton_for_cuda():
     """Hope 340M's M_memory (C 64, DGD by the explicit inverse, self-generated targets): its
     64 x 64 solve needs the masked block inverse, the one without slices."""
-    rule = DeltaRule(dgd=True, momentum=True, retention=True, solve="inverse")
+    rule = DeltaRule(dgd=True, momentum=True, retention=True, normalize_lr=True, solve="inverse")
     level = Level(ResidualMLPMemory(64, 64), objectives.l2, rule, 64, self_target=True)
     params, state, inputs = make(level, 2, 128, jax.random.PRNGKey(4), jnp.float32)
     xs = jax.tree.map(lambda a: a.reshape((2, 2, 64) + a.shape[2:]), inputs)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_self_modifying import SPEC, make, reference, rel_err
+from test_self_modifying import SPEC, changed, make, reference, rel_err
 
 from nl_jax.core import memories
 from nl_jax.kernels import fused_scan as fs
@@ -207,7 +207,7 @@ def _pallas_heads(spec, init, static, u, q, beta, heads=None):
     ids=["chunks_3_2_partial", "chunks_4_4", "static_kv", "stable"],
 )
 def test_pallas_heads_match_token_reference(x64, changes):
-    spec = dataclasses.replace(SPEC, **changes)
+    spec = changed(SPEC, **changes)
     init, static, u, q, beta = make(spec, 0)  # seq 9: a trailing partial chunk for C_other 2, 4
     out, _ = _pallas_heads(spec, init, static, u, q, beta)
     assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
@@ -241,8 +241,8 @@ def _heads_inputs(spec, b, s):
 def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, stable):
     """Every fused kernel against the XLA path, with documents and with the Hope presets'
     stable inner loop (memory-wide step normalised over the chunk, averaged momentum)."""
-    spec = dataclasses.replace(SPEC, heads=2, chunk_other=2, chunk_mem=4, normalize_memory=stable,
-                               momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
+    spec = changed(SPEC, heads=2, chunk_other=2, chunk_mem=4, normalize_memory=stable,
+                   momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
     b, s = 2, 8
     init, static, u, q, beta = _heads_inputs(spec, b, s)
     head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
@@ -356,9 +356,8 @@ def test_projection_step_lowers_to_triton_for_cuda(resets, cuts, stable):
     with documents or gradient cuts (their initial states as consts), and with the stable
     inner loop (the memory-wide step's output tap normalised over the chunk, the averaged
     momentum)."""
-    spec = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
-                          normalize_memory=stable, momentum_ema=stable,
-                          normalize_chunk=stable)  # fmt: skip
+    spec = changed(sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16),
+                   normalize_memory=stable, momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
                              *_projection_inputs(spec, resets=resets, cuts=cuts))  # fmt: skip
     assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
@@ -370,8 +369,8 @@ def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas", documents: bo
 
     With `documents` the kernel also holds the initial states (consts) to reset to: loaded once
     before its loop they would overflow an H200's shared memory."""
-    spec = sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
-                          solve="inverse")  # fmt: skip
+    spec = changed(sm.SelfModSpec(heads=4, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16),
+                   solve="inverse")  # fmt: skip
     b, s, h, dh = 2, 256, spec.heads, spec.head_dim
     key = jax.random.PRNGKey(0)
     init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h)

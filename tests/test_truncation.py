@@ -16,7 +16,7 @@ from nl_jax.kernels import fused_scan as fs
 SEQ, CHUNK = 14, 3
 RULES = {
     "titans": DeltaRule(momentum=True, retention=True),
-    "dgd": DeltaRule(dgd=True, momentum=True, retention=True),
+    "dgd": DeltaRule(dgd=True, momentum=True, retention=True, normalize_lr=True),
 }
 MEMORIES = {"linear": LinearMemory(4, 4), "mlp": ResidualMLPMemory(4, 6)}
 
@@ -79,8 +79,7 @@ def test_truncated_gradients_match_the_token_loop(x64, memory, rule, with_resets
     def ref(p, x):
         out, w, _ = reference_level(
             level.memory, level.objective, p, x["keys"], x["values"], x["queries"], x["eta"],
-            x["alpha"], x["beta"], chunk_size=CHUNK, momentum=r.momentum,
-            retention=r.retention, dgd=r.dgd, resets=resets, cuts=cuts,
+            x["alpha"], x["beta"], chunk_size=CHUNK, rule=level.rule, resets=resets, cuts=cuts,
         )  # fmt: skip
         return weighted(out, w)
 
