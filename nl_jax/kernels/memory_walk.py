@@ -270,13 +270,13 @@ class Segments(NamedTuple):
 def segments_stage(flags: Any, ops: Ops) -> Segments:
     """`Segments` of the reset flags ref `flags [C]` (1.0: a document starts at that token).
 
-    A token's document is the count of resets up to it, taken as a masked row sum and again as
-    a column sum, so that it is compared in both orientations without a transpose.
+    A token's document is the count of resets up to it, a masked column sum turned to lie
+    along rows too (`_turn`), so that it is compared in both orientations.
     """
     c = flags.shape[0]
     t, s = ops.iota((c, c), 0), ops.iota((c, c), 1)
-    seg_t = jnp.sum(jnp.where(t >= s, ops.cols(flags[...], c), 0.0), 1)
     seg_s = jnp.sum(jnp.where(t <= s, ops.rows(flags[...], c), 0.0), 0)
+    seg_t = _turn(seg_s, ops, 1)  # the same count, along rows
     same = ops.rows(seg_t, c) == ops.cols(seg_s, c)
     return Segments(same, jnp.where(seg_t > 0.5, 1.0, 0.0).astype(jnp.float32))
 
@@ -287,8 +287,8 @@ def decays_stage(
 ) -> None:  # fmt: skip
     """Stage 1 (`chunk_step.decays`) from `alpha, beta [C]` refs into `out`'s refs.
 
-    Cumulative sums are masked `C x C` row or column sums, so each comes out along the axis it
-    is broadcast on; `K = G P` are two `ops.mm_nt` with `P^T` built in `scratch [C, C]`.
+    Cumulative sums are masked `C x C` column sums, turned to lie along rows too (`_turn`);
+    `K = G P` are two `ops.mm_nt` with `P^T` built in `scratch [C, C]`.
     `out.pi_end` is not written (it is `out.pi[C - 1]`, 0 after a reset); `g_prior_t`, if
     given, receives `G_prior^T` (the DGD solve's transposed operand). With `seg`, every mask
     keeps one document: its cumulative sums then start at the document's first token, which
@@ -304,13 +304,8 @@ def decays_stage(
     def cumulative(ref):
         """`(x_t, X_t along rows, X_s along columns)`, X the inclusive cumulative sum of log x."""
         along_t = _log(ref[...])
-        x_by_t = ops.rows(along_t, c)
-        x_by_s = ops.cols(_log(ref[...]), c)
-        return (
-            along_t,
-            jnp.sum(jnp.where(lower, x_by_s, 0.0), 1),
-            jnp.sum(jnp.where(upper, x_by_t, 0.0), 0),
-        )
+        along_s = jnp.sum(jnp.where(upper, ops.rows(along_t, c), 0.0), 0)
+        return along_t, _turn(along_s, ops, 1), along_s
 
     la, ci_t, ci_s = cumulative(alpha_ref)
     _, cb_t, cb_s = cumulative(beta_ref)
@@ -492,8 +487,9 @@ def solve_stage(
     c = lay.a.shape[0]
     aa = ops.mm_nt(lay.a, lay.a)
     out.aa[...] = aa
-    low = dec.g_prior[...] * aa * ops.cols(lay.b[...], c)
-    low_t = g_prior_t[...] * aa * ops.rows(lay.b[...], c)
+    b_t = _along(lay.b, ops)
+    low = dec.g_prior[...] * aa * ops.cols(_turn(b_t, ops, 0), c)
+    low_t = g_prior_t[...] * aa * ops.rows(b_t, c)
     # rhs^T = gp * (W0 a^T) + g^T (K' * aa)^T + rp * (S0 a^T), columns scaled per token.
     k_aa = dec.k_prior[...] * aa
     rhs_t = ops.cols(dec.gp[...], lay.w0.shape[0]) * ops.mm_nt(lay.w0, lay.a)
@@ -507,7 +503,7 @@ def solve_stage(
         plgpu.commit_smem()
         e = ops.mm_nt(out.inv, rhs_ref)
         out.e[...] = e
-        out.be[...] = ops.rows(lay.b[...], e.shape[1]) * e
+        out.be[...] = ops.rows(b_t, e.shape[1]) * e
 
     o = lay.w0.shape[0]
     pl.run_scoped(
@@ -615,6 +611,23 @@ def _along(ref: Any, ops: Ops, dim: int = 1) -> jax.Array:
     return plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(dim)) if ops.compiled else v
 
 
+def _turn(v: jax.Array, ops: Ops, dim: int) -> jax.Array:
+    """`v [C]` laid out along the other axis -> laid out as a sum over `dim` (1: along rows,
+    0: along columns), as the sum over `dim` of its broadcast's diagonal (over 1, a row sum, stays
+    within a warp; over 0 it crosses warps).
+
+    Mosaic GPU has no relayout between the two vector layouts, and its lowering may merge two
+    loads of one ref into one value, which then cannot take both: every load of a `[C]` ref
+    takes one orientation, and a vector wanted in the other is turned.
+    """
+    if not ops.compiled:
+        return v
+    c = v.shape[0]
+    diagonal = ops.iota((c, c), 0) == ops.iota((c, c), 1)
+    spread = ops.cols(v, c) if dim == 1 else ops.rows(v, c)
+    return jnp.sum(jnp.where(diagonal, spread, 0.0), dim)
+
+
 def _tile(shape: tuple[int, ...], ops: Ops) -> plgpu.SMEM:
     """A product operand's shared-memory tile, in `ops.operands`."""
     return _scratch(shape, ops.operands, ops.compiled)
@@ -643,8 +656,9 @@ def _step_sizes(
         lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
         if seg is not None:
             lower = lower & seg.same
-        by_s = ops.cols(_along(eta, ops, 0), c) * ops.cols(_along(cur, ops, 0), c)
-        return _along(eta, ops) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
+        eta_s = _along(eta, ops, 0)
+        by_s = ops.cols(eta_s, c) * ops.cols(_along(cur, ops, 0), c)
+        return _turn(eta_s, ops, 1) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
     if cfg.normalize_memory or cfg.normalize_lr:
         return _along(eta, ops) / (1.0 + _along(eta, ops) * _along(cur, ops))
     return _along(eta, ops)
@@ -706,7 +720,8 @@ def _solve_layer(
     if c > block and c % block:
         raise ValueError(f"the compiled solve takes C <= {block} or a multiple of it, got {c}")
     aa = ops.mm(a, a, False, True)
-    low = _load(dec.g_prior, ops) * aa * ops.cols(b[...], c)
+    b_t = _along(b, ops)  # along rows, as every load of `b` (the factors' too)
+    low = _load(dec.g_prior, ops) * aa * ops.cols(_turn(b_t, ops, 0), c)
 
     def solve(rhs, p1):
         def right_side(wt):
@@ -734,7 +749,7 @@ def _solve_layer(
         # The state's copy and the inverse's tiles are never live together.
         pl.run_scoped(right_side, _tile(w0.shape, ops))
         e = pl.run_scoped(inverse, square, square)
-        _store(be_out, ops.rows(b[...], o) * e)
+        _store(be_out, ops.rows(b_t, o) * e)
 
     square = _tile((c, c), ops)
     pl.run_scoped(solve, _tile((c, o), ops), square)
@@ -903,7 +918,8 @@ def memory_step(
         k_last[...] = jnp.sum(jnp.where(at_end, _load(k_incl, ops), 0.0), 0)
         g_last[...] = jnp.sum(jnp.where(at_end, _load(g_incl, ops), 0.0), 0)
         # P's row `last`, rebuilt from pi (its tile held P^T): within the last token's document.
-        p_ts = ops.rows(pi[...], c) / ops.cols(pi[...], c)
+        pi_t = _along(pi, ops)  # along rows, as `_end_layer` reads it
+        p_ts = ops.rows(pi_t, c) / ops.cols(_turn(pi_t, ops, 0), c)
         in_row = at_end & (s <= last) if seg is None else at_end & (s <= last) & seg.same
         p_last[...] = jnp.sum(jnp.where(in_row, p_ts, 0.0), 0)
 
