@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import fcntl
+import gc
 import os
 import pathlib
 import shutil
@@ -51,6 +52,16 @@ def pytest_collection_modifyitems(config, items):
         order += dealt[w] + fast[:take]
         fast, remaining = fast[take:], remaining - len(dealt[w]) - take
     items[:] = order + fast
+
+
+def pytest_collection_finish(session):
+    """Tracing allocates millions of short-lived objects: at Python's default thresholds the
+    cyclic collector runs every 700 allocations and its older generations walk every object of
+    the imported modules (JAX, Flax, the tests). With those frozen out of it and young
+    collections 70x rarer, tracing-heavy tests take about a tenth less CPU time; reference
+    counting still frees all acyclic garbage at once."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 50)
 
 
 def pytest_sessionfinish(session, exitstatus):
