@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import fcntl
+import gc
 import os
 import pathlib
 import shutil
@@ -20,9 +21,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 # Most of this suite's time is XLA compiling small programs for the CPU. LLVM at -O0 and the
 # classic (non-MLIR) fusion emitters compile the Hope train steps about 5x faster, and the tiny
-# programs run about as fast. Set before JAX initialises its backend; subprocesses inherit it.
-# Flags already in XLA_FLAGS come later, so they win.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# programs run about as fast. One LLVM module per program (not split for parallel codegen, which
+# two test workers on two cores cannot use) without re-verifying the emitted IR compiles them
+# another ~15% faster, to bit-identical losses. Set before JAX initialises its backend;
+# subprocesses inherit it. Flags already in XLA_FLAGS come later, so they win.
+FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+    "--xla_cpu_parallel_codegen_split_count=1 --xla_cpu_emitter_verification_level=0"
+)
 os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 import jax  # noqa: E402
@@ -51,6 +57,16 @@ def pytest_collection_modifyitems(config, items):
         order += dealt[w] + fast[:take]
         fast, remaining = fast[take:], remaining - len(dealt[w]) - take
     items[:] = order + fast
+
+
+def pytest_collection_finish(session):
+    """Tracing allocates millions of short-lived objects: at Python's default thresholds the
+    cyclic collector runs every 700 allocations and its older generations walk every object of
+    the imported modules (JAX, Flax, the tests). With those frozen out of it and young
+    collections 70x rarer, tracing-heavy tests take about a tenth less CPU time; reference
+    counting still frees all acyclic garbage at once."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 50)
 
 
 def pytest_sessionfinish(session, exitstatus):

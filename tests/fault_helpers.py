@@ -58,9 +58,10 @@ def tiny_config(preset: str = "transformer_tiny", **changes) -> ml_collections.C
 
 
 # One-block hope_tiny for 4 steps (tests/conftest.py: `hope_tiny_run` trains it once per test
-# run): the probe replays it, the Hope resume test continues it.
+# run): the probe replays it, the Hope resume test continues it, the 2-process Hope run
+# (tests/test_multiprocess.py) compares with it. A batch of 8 splits over 8 devices.
 HOPE_RUN = {
-    "seq_len": 64, "global_batch_size": 2, "model.num_layers": 1, "num_steps": 4,
+    "seq_len": 64, "global_batch_size": 8, "model.num_layers": 1, "num_steps": 4,
     "data.default_max_bytes": 60_000, "data.eval_batches": 1, "data.num_threads": 1,
     "logging.every_steps": 1, "logging.tensorboard": False, "logging.progress": False,
     "eval.every_steps": 0, "checkpoint.every_steps": 2, "checkpoint.async_save": False,

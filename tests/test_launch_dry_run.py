@@ -197,9 +197,11 @@ def test_tpu_pod_deletes_the_slice_when_training_ends(tmp_path):
 
 def test_tpu_pod_ctrl_c_while_following_keeps_the_slice(tmp_path):
     env, calls = _fake_gcloud(tmp_path, "exec sleep 60")
+    # A terminal's foreground job takes Ctrl-C; a test run started in the background (`&`
+    # without job control) ignores SIGINT, and bash cannot trap a signal ignored at its start.
     proc = subprocess.Popen(
         TPU_RUN, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 90  # generous: a loaded machine starts bash slowly

@@ -70,11 +70,14 @@ SCRIPT = textwrap.dedent(
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(sys.argv[1])
-    config.seq_len, config.global_batch_size, config.num_steps = 64, 8, 5
-    config.model.num_layers = 1  # sharding, not depth, is under test; keeps compiles short
-    config.data.default_max_bytes, config.data.num_threads = 300_000, 1
+    for key, value in json.loads(sys.argv[3]).items():  # dotted config keys
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = value
     it = nl_data.from_config(config.data, "train")
-    batches = [next(it) for _ in range(5)]
+    batches = [next(it) for _ in range(config.num_steps)]
 
     # Record the shardings q, k and v reach the attention kernel with (cuDNN needs them equal).
     qkv_specs, attention = [], jax.nn.dot_product_attention
@@ -92,6 +95,10 @@ SCRIPT = textwrap.dedent(
         mesh = sharding.make_mesh(mesh_cfg, devices)
         program = trainer.build_program(config, mesh, compile_train=train)
         state = program.init()
+        if len(devices) > 1:  # init_on=host gives the same sharded state as the jitted init
+            on_host = trainer.initial_state(program, "host")
+            for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(on_host), strict=True):
+                assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
         losses = []
         for b in batches:
             b = trainer.global_batch(b, program.batch_shardings)
@@ -108,14 +115,9 @@ SCRIPT = textwrap.dedent(
         return losses, specs
 
     assert jax.device_count() == 8
-    # init_on=host gives the same sharded state as the jitted on-device init.
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    program = trainer.build_program(config, mesh, compile_train=False)
-    on_device, on_host = program.init(), trainer.initial_state(program, "host")
-    for a, b in zip(jax.tree.leaves(on_device), jax.tree.leaves(on_host), strict=True):
-        assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
-
-    one, _ = run(jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
+    one = None
+    if sys.argv[4] == "one":  # else the test has the one-device losses already
+        one, _ = run(jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
     qkv_specs.clear()
     eight, specs = run(jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2})
     result = {"one": one, "eight": eight, "specs": specs, "qkv": qkv_specs}
@@ -124,26 +126,45 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# Sharding, not depth, is under test: one layer keeps the compiles short.
+TRANSFORMER_RUN = {"seq_len": 64, "global_batch_size": 8, "num_steps": 5, "model.num_layers": 1,
+                   "data.default_max_bytes": 300_000, "data.num_threads": 1}  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,mode", [("transformer_tiny", "train"), ("hope_tiny", "train")])
-def test_eight_devices_train_like_one(preset, mode):
-    """Training Transformer++ and Hope (one layer each) on 8 fake devices equals one device."""
+def test_eight_devices_train_like_one(preset, mode, request):
+    """Training Transformer++ and Hope (one layer each) on 8 fake devices equals one device.
+    Hope's one-device losses are those of conftest.py's shared run, trained with the same
+    config (fault_helpers.HOPE_RUN)."""
+    one = None
+    if preset == "hope_tiny":
+        from fault_helpers import HOPE_RUN  # noqa: PLC0415
+
+        changes, workdir = HOPE_RUN, request.getfixturevalue("hope_tiny_run")
+        records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        one = [r["loss"] for r in records if r["split"] == "train"]
+        assert len(one) == HOPE_RUN["num_steps"]
+    else:
+        changes = TRANSFORMER_RUN
     # Keep the fast-compile flags of conftest.py (they are in XLA_FLAGS) and add 8 fake devices.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    args = [preset, mode, json.dumps(changes), "one" if one is None else "eight"]
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, preset, mode], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=600,
+        [sys.executable, "-c", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     out = json.loads(line.removeprefix("RESULT "))
+    out["one"] = out["one"] or one
     # The params really are sharded on the 8-device mesh (not silently replicated).
     assert any("fsdp" in s for s in out["specs"].values())
     assert any("tensor" in s for s in out["specs"].values())
-    if mode == "train":
+    if mode == "train" and preset.startswith("transformer"):
         assert out["one"][-1] < out["one"][0]
-    else:  # five different batches: the losses are real forward passes, not one constant
+    else:  # different batches (Hope's 4 steps need not descend yet): real steps, not a constant
         assert len(set(out["one"])) == len(out["one"]), out["one"]
     if preset.startswith("transformer"):
         # q, k and v meet the attention kernel sharded alike, over the batch axes (cuDNN's
