@@ -247,8 +247,10 @@ def test_a_disk_full_async_save_fails_at_its_step_and_leaves_no_temporary_direct
 def _start(workdir: pathlib.Path) -> subprocess.Popen:
     args = [*TINY_FLAGS, "--config.num_steps=100000", "--config.checkpoint.every_steps=100000",
             f"--workdir={workdir}"]  # fmt: skip
+    # A suite started in the background inherits SIGINT ignored; the trainer must see Ctrl-C.
     return subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _wait_for_steps(proc: subprocess.Popen, workdir: pathlib.Path, n: int) -> None:
