@@ -2,28 +2,17 @@
 layers build the rule pinned here (values written out by hand, not computed by the code)."""
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import pytest
 from flax import nnx
 
 from nl_jax.core.rules import RULE_FIELDS, DeltaRule
+from nl_jax.experiments import lm
 from nl_jax.layers import titans
 from nl_jax.layers.self_modifying import spec_from_config
 from nl_jax.models.lm import rule_key, validate_config
 from nl_jax.train.config import unknown_override_message
 
-
-def _lm():
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "lm.py"
-    spec = importlib.util.spec_from_file_location("nl_jax_experiments_lm_rule", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lm = _lm()
 SIZES = ("tiny", "340m", "760m", "1.3b")
 TITANS = ("titans_lmm", "titans_mac", "titans_mag", "titans_mal")
 # Hope: DGD (its normalised step, row 16) with momentum and weight decay, and the stable inner

@@ -1,8 +1,6 @@
 """Titans LMM / MAC / MAG / MAL: token-loop reference, outer gradient, causality, documents."""
 
 import functools
-import importlib.util
-import pathlib
 import re
 
 import jax
@@ -13,6 +11,7 @@ from flax import nnx
 
 from nl_jax.core import objectives
 from nl_jax.core.reference import reference_level
+from nl_jax.experiments import lm as experiments_lm
 from nl_jax.kernels import fused_scan
 from nl_jax.layers import axes, titans
 from nl_jax.models import build, register_mixer
@@ -25,21 +24,13 @@ FACTORIES = {
 }
 
 
-def _experiments_lm():
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "lm.py"
-    spec = importlib.util.spec_from_file_location("nl_jax_experiments_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # One set of sizes everywhere: parameter init compiles once per shape, which dominates CPU time.
 D, HEADS, HEAD_DIM = 16, 2, 8
 
 
 def small_config(family: str):
     """The tiny preset shrunk further: 2 heads of 8, segment 4, memory chunk 2, window 4."""
-    cfg = _experiments_lm().get_config(f"{family}_tiny").model
+    cfg = experiments_lm.get_config(f"{family}_tiny").model
     cfg.d_model, cfg.num_heads, cfg.head_dim = D, HEADS, HEAD_DIM
     cfg.memory.heads, cfg.memory.head_dim, cfg.memory.hidden_mult = HEADS, HEAD_DIM, 2
     cfg.memory.segment, cfg.memory.chunk_size, cfg.memory.window = 4, 2, 4
@@ -177,7 +168,7 @@ def test_kernel_warps_reach_the_fused_kernel(monkeypatch, family):
 
     monkeypatch.setattr(fused_scan, "_call", recording_call)
     cfg = small_config("titans_lmm") if family == "titans_lmm" else (
-        _experiments_lm().get_config("hope_tiny").model)  # fmt: skip
+        experiments_lm.get_config("hope_tiny").model)  # fmt: skip
     cfg.memory.kernel, cfg.memory.kernel_warps = "pallas_forward", 4
     x = jax.random.normal(jax.random.PRNGKey(4), (1, 16, cfg.d_model), jnp.float32)
     if family == "titans_lmm":
@@ -330,7 +321,7 @@ def test_titans_normalisations_reach_the_memory(key, attr, preset):
     cfg.memory.rule.normalize_lr = cfg.memory.rule.normalize_chunk = True
     with pytest.raises(ValueError, match="set at most one"):
         validate_config(cfg, SEQ)
-    hope = _experiments_lm().get_config("hope_tiny").model
+    hope = experiments_lm.get_config("hope_tiny").model
     hope.memory.titans_normalize_v = True
     with pytest.raises(ValueError, match="titans_normalize_v = True: only Titans"):
         validate_config(hope, 64)
