@@ -20,7 +20,6 @@ Arguments after `--` go to every trainer. Exit code 0 whatever the runs did; 2 b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -30,6 +29,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from nl_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Seconds a run needs at least (compile and a few steps): with less left before --time_budget
@@ -80,11 +81,7 @@ def status(metrics_path: pathlib.Path, steps: int, eval_steps: list[int]) -> dic
            "loss_finite_there": None, "bpb": {}}  # fmt: skip
     if not metrics_path.exists():
         return out
-    for line in metrics_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
+    for row in metrics.read_records(metrics_path):
         step = int(row.get("step", 0))
         if row.get("split") == "train":
             out["last_step"] = max(out["last_step"], step)

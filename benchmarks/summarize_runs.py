@@ -13,13 +13,15 @@ import pathlib
 import statistics
 import sys
 
+from nl_jax.train import metrics
+
 
 def summarize(workdir: str, gpus: int) -> dict:
     """One run's numbers from `<workdir>/metrics.jsonl`."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return {"error": f"no {path}"}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = metrics.read_records(path)
     train = [r for r in records if r.get("split") == "train" and "tokens_per_sec" in r]
     saves = [r["save_blocking_s"] for r in records if r.get("split") == "checkpoint"]
     losses = {

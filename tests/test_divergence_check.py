@@ -98,3 +98,20 @@ def test_parallel_runs_overlap_and_the_deadline_stops_them(tmp_path, monkeypatch
     assert dc.main(["--runs=p:9", "--steps=5", f"--root={tmp_path}", "--time_budget=3"]) == 0
     assert time.time() - t0 < 20
     assert not (tmp_path / "p_s9" / "metrics.jsonl").exists()
+
+
+def test_a_line_cut_by_a_kill_is_skipped_by_every_reader(tmp_path):
+    """A killed trainer can leave half a record at the end of `metrics.jsonl`: the stability
+    table and the run summary both read the whole records before it."""
+    import summarize_runs  # noqa: PLC0415
+
+    _write(tmp_path / "metrics.jsonl", [
+        {"step": 1, "split": "train", "loss": 2.0, "tokens_per_sec": 10.0},
+        {"step": 2, "split": "train", "loss": 1.5, "tokens_per_sec": 30.0},
+    ])  # fmt: skip
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "split": "tra')
+    st = dc.status(tmp_path / "metrics.jsonl", 2, [])
+    assert st["state"] == "finite" and st["last_step"] == 2
+    out = summarize_runs.summarize(str(tmp_path), 1)
+    assert out["losses"] == {1: 2.0, 2: 1.5} and out["tokens_per_sec"] == 30.0

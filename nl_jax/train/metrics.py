@@ -184,17 +184,26 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def last_metrics(workdir: pathlib.Path, up_to_step: int) -> dict[str, dict[str, Any]]:
-    """The last `train` and `eval` records of `metrics.jsonl` at or before `up_to_step`."""
-    path = workdir / "metrics.jsonl"
-    out: dict[str, dict[str, Any]] = {}
+def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` in file order (none if it is absent); a line cut by a
+    crash or a kill is skipped, the other records still count."""
     if not path.is_file():
-        return out
+        return []
+    records = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # a line cut by a crash: the other records still count
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def last_metrics(workdir: pathlib.Path, up_to_step: int) -> dict[str, dict[str, Any]]:
+    """The last `train` and `eval` records of `metrics.jsonl` at or before `up_to_step`."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in read_records(workdir / "metrics.jsonl"):
         split = record.get("split")
         if split in ("train", "eval") and int(record.get("step", -1)) <= up_to_step:
             if split not in out or record["step"] >= out[split]["step"]:
