@@ -31,12 +31,15 @@ the window-start weights' gradient straight to the initial weights and drops the
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from nl_jax.core.chunked import unit_lower_inverse
+
+if TYPE_CHECKING:
+    from nl_jax.core.rules import DeltaRule
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
@@ -50,6 +53,23 @@ class StepConfig(NamedTuple):
     normalize_lr: bool = True
     momentum_ema: bool = True
     read: bool = True  # per-token reads of `q` (M_memory); False: a write-only update
+
+    @classmethod
+    def from_rule(cls, rule: DeltaRule, read: bool = True) -> StepConfig:
+        """The step of a model's inner rule; ValueError for a rule the step does not implement.
+
+        The step is DGD with momentum and retention: the Table 6 ablations without one of them
+        have no step here. `rule.solve` does not matter (the step applies the explicit inverse).
+        """
+        missing = [name for name in ("dgd", "momentum", "retention") if not getattr(rule, name)]
+        if missing:
+            raise ValueError(
+                "the chunk step is DGD with momentum and retention; the rule has no "
+                + ", ".join(missing)
+            )
+        return cls(
+            rule.normalize_chunk, rule.normalize_memory, rule.normalize_lr, rule.momentum_ema, read
+        )
 
 
 class State(NamedTuple):
