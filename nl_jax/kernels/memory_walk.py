@@ -1108,13 +1108,18 @@ def _window_reverse(
     return d_state, d_init, d_x
 
 
-def _cut(d_init: cs.State, d_state: cs.State, keep: jax.Array | float) -> cs.State:
-    """A window start: its weights' gradient passes to the initial weights, its momentum's
-    only where `keep` is 1 (the first window starts from `init` itself)."""
-    return cs.State(
-        d_init.w1 + d_state.w1, d_init.w2 + d_state.w2,
-        d_init.s1 + keep * d_state.s1, d_init.s2 + keep * d_state.s2,
-    )  # fmt: skip
+def _cut(
+    d_init: cs.State, d_state: cs.State, first: jax.Array | float
+) -> tuple[cs.State, cs.State]:
+    """A window start: `(d_init, d_state)` after it. A cut (`first` 0) passes its weights'
+    gradient to the initial weights, stops its momentum's and zeroes the cotangent carried into
+    the earlier window; the first window (`first` 1) starts from the stream's start state, which
+    keeps the whole cotangent."""
+    # `where`, not a product: a non-finite cotangent stays out of the other branch.
+    keep = lambda a: jnp.where(first > 0, a, 0.0)  # noqa: E731
+    cut = lambda a: jnp.where(first > 0, 0.0, a)  # noqa: E731
+    d_init = d_init._replace(w1=d_init.w1 + cut(d_state.w1), w2=d_init.w2 + cut(d_state.w2))
+    return d_init, cs.State(*(keep(a) for a in d_state))
 
 
 def windows_backward(
@@ -1122,7 +1127,21 @@ def windows_backward(
     d_y: jax.Array | None, d_final: cs.State, resets: jax.Array | None = None,
 ) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
     """`chunk_step.window_backward` of one stream from stored window-start states: `(d init,
-    d inputs [seq, ...])`.
+    d inputs [seq, ...])`, `init` both the start state and the weights a reset returns to
+    (`windows_backward_split`'s two gradients summed)."""
+    d_start, d_init, d_x = windows_backward_split(
+        cfg, init, x, chunk, every, starts, d_y, d_final, resets
+    )
+    return cs.State(*(a + b for a, b in zip(d_start, d_init, strict=True))), d_x
+
+
+def windows_backward_split(
+    cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
+    d_y: jax.Array | None, d_final: cs.State, resets: jax.Array | None = None,
+) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
+    """The backward of one stream whose start state (`starts`' first) need not be `init`:
+    `(d start state, d init, d inputs [seq, ...])`; `init`'s weights are where a reset returns
+    and a cut passes its gradient (its momentum fields are not read; their gradient is 0).
 
     `starts`: leaves `[windows, ...]`, the state at each cut window's first chunk (what
     `walk_forward(..., every=every)` writes); within a window the chunk-start states are
@@ -1155,8 +1174,7 @@ def windows_backward(
             )
             if d_reset is not None:
                 d_init = cs.State(*(a + b for a, b in zip(d_init, d_reset, strict=True)))
-        d_init = _cut(d_init, d_state, 1.0 if regular == 0 else 0.0)
-        d_state = cs.State(*(jnp.zeros_like(a) for a in d_state))
+        d_init, d_state = _cut(d_init, d_state, 1.0 if regular == 0 else 0.0)
     d_x = None
     if regular:
         size = regular * every * chunk
@@ -1172,42 +1190,46 @@ def windows_backward(
             d_state, d_init = carry
             w, start, xs, rs, dys = inp
             d_state, d_init, d_xs = _window_reverse(cfg, init, start, xs, rs, dys, d_state, d_init)
-            d_init = _cut(d_init, d_state, (w == 0).astype(d_state.s1.dtype))
-            return (jax.tree.map(jnp.zeros_like, d_state), d_init), d_xs
+            return _cut(d_init, d_state, (w == 0).astype(d_state.s1.dtype))[::-1], d_xs
 
         index = jnp.arange(regular)
-        (_, d_init), d_x = lax.scan(
+        (d_state, d_init), d_x = lax.scan(
             one, (d_state, d_init), (index, window_starts, xw, rw, d_yw), reverse=True
         )
         d_x = cs.Inputs(*(a.reshape(size, *a.shape[3:]) for a in d_x))
     parts = ([d_x] if d_x is not None else []) + tail_parts
-    return d_init, cs.Inputs(*(jnp.concatenate(p) for p in zip(*parts, strict=True)))
+    # The first window is walked last: the cotangent left is the start state's.
+    return d_state, d_init, cs.Inputs(*(jnp.concatenate(p) for p in zip(*parts, strict=True)))
 
 
-def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets):
+def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets, reset_to):
     run = interpret_params() if interpret else None
     y, final, starts = walk_forward(
         cfg, init, x, chunk, step=memory_step, interpret=run, operands=operands,
-        resets=resets, every=every,
+        resets=resets, reset_to=reset_to, every=every,
     )  # fmt: skip
-    return (y, final), (init, x, resets, starts)
+    return (y, final), (init, x, resets, reset_to, starts)
 
 
 def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
     del interpret, operands
-    init, x, resets, starts = res
+    init, x, resets, reset_to, starts = res
     d_y, d_final = cot
     grads = jax.vmap(
-        lambda i, xs, s, dy, df, r: windows_backward(cfg, i, xs, chunk, every, s, dy, df, r),
+        lambda i, xs, s, dy, df, r: windows_backward_split(cfg, i, xs, chunk, every, s, dy, df, r),
         in_axes=(0, 0, 0, 0, 0, None if resets is None else 0),
     )
-    d_init, d_x = grads(init, x, starts, d_y, d_final, resets)
-    return d_init, d_x, None
+    d_start, d_to, d_x = grads(init if reset_to is None else reset_to, x, starts, d_y, d_final,
+                               resets)  # fmt: skip
+    if reset_to is None:
+        return cs.State(*(a + b for a, b in zip(d_start, d_to, strict=True))), d_x, None, None
+    return d_start, d_x, None, d_to
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets):
-    return _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets)[0]
+def _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets, reset_to):
+    out, _ = _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets, reset_to)
+    return out
 
 
 _walk_memory.defvjp(_walk_forward_saving, _walk_backward)
@@ -1216,7 +1238,7 @@ _walk_memory.defvjp(_walk_forward_saving, _walk_backward)
 def walk_memory(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int,
     resets: jax.Array | None = None, *, every: int = 0, interpret: bool = False,
-    operands: Any = jnp.bfloat16,
+    operands: Any = jnp.bfloat16, reset_to: cs.State | None = None,
 ) -> tuple[jax.Array, cs.State]:  # fmt: skip
     """`M_memory`'s chunk walk as a differentiable op: `(y [N, seq, d], final State)`.
 
@@ -1228,14 +1250,17 @@ def walk_memory(
     weights' gradient sent to the initial weights and its momentum's dropped.
 
     Args:
-      init: leaves `[N, ...]`, the start state and the weights a document reset returns to.
+      init: leaves `[N, ...]`, the start state and, without `reset_to`, the weights a document
+        reset returns to and a cut passes its gradient to.
+      reset_to: leaves `[N, ...]` (momenta unread), those weights where they are not `init`'s
+        (a stream continued from an earlier state), or None.
       x: k, v, q `[N, seq, d]`, eta, alpha, beta `[N, seq]`; any seq (a trailing partial
         chunk is padded in the kernel).
       resets: `bool [N, seq]` document starts, or None.
       operands: the kernel's operand dtype (bf16 compiled; float32 in the interpreter checks
         the math exactly).
     """
-    return _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets)
+    return _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets, reset_to)
 
 
 def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step) -> str:
