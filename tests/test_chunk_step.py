@@ -93,6 +93,17 @@ def cotangents(state: cs.State, x: cs.Inputs, seed: int = 7):
     return dy, ds
 
 
+@pytest.mark.parametrize("read", [True, False])
+def test_step_config_from_rule_inverts_rule_of(read):
+    """`StepConfig.from_rule` of each config's rule (the one these tests check the step against)
+    gives the config back; a rule without DGD, momentum or retention has no step."""
+    for cfg in CONFIGS.values():
+        cfg = cfg._replace(read=read)
+        assert cs.StepConfig.from_rule(rule_of(cfg), read=read) == cfg
+    with pytest.raises(ValueError, match="has no retention"):
+        cs.StepConfig.from_rule(DeltaRule(momentum=True, dgd=True))
+
+
 def test_gelu_derivatives_match_autodiff(x64):
     x = jnp.linspace(-6.0, 6.0, 97, dtype=jnp.float64)
     assert rel_err(cs.gelu(x), jax.nn.gelu(x)) < 1e-14

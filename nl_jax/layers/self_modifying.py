@@ -41,6 +41,7 @@ from nl_jax.core import (
 )
 from nl_jax.core.level import chunk_update
 from nl_jax.core.truncation import cut_carry, gradient_cuts
+from nl_jax.kernels import chunk_step, memory_walk
 from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
@@ -53,8 +54,12 @@ Params = dict[str, jax.Array]
 # How the projection-memory chunk scan runs: XLA ops; one fused Pallas (Triton) kernel per
 # layer for the forward and one for the backward (GPU; the Pallas interpreter on CPU); or the
 # fused forward kernel with the backward as XLA ops over its saved chunk-start carries.
-# `pallas_forward_all` runs M_memory's chunk scan through the fused forward as well.
-KERNELS = ("auto", "xla", "pallas", "pallas_forward", "pallas_forward_all")
+# `pallas_forward_all` runs M_memory's chunk scan through the fused forward as well; `walk` runs
+# the projection memories as `pallas_forward` does and M_memory as one persistent Mosaic GPU
+# kernel (`memory_walk.walk_memory`; its interpreter on CPU).
+KERNELS = ("auto", "xla", "pallas", "pallas_forward", "pallas_forward_all", "walk")
+# The only size at which the compiled walk's chunk step fits one CTA's shared memory.
+WALK_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,8 @@ class SelfModSpec:
             )
         if self.parallel_windows and not k:
             raise ValueError("memory.parallel_windows needs memory.backprop_chunks > 0")
+        if self.kernel == "walk":
+            walk_step_config(self, compiled=False)
 
     @property
     def cut_every(self) -> int:
@@ -304,6 +311,64 @@ def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: 
     )  # fmt: skip
 
 
+def walk_step_config(spec: SelfModSpec, compiled: bool) -> chunk_step.StepConfig:
+    """M_memory's `chunk_step.StepConfig` for `memory.kernel="walk"`; a one-line ValueError where
+    the walk does not apply (`compiled`: the Mosaic GPU kernel, not its interpreter)."""
+    why = []
+    if spec.activation != "gelu":
+        why.append(f"activation {spec.activation!r} (the walk's memory is gelu)")
+    if spec.read != "per_token":
+        why.append(f"read {spec.read!r} (the walk reads per token)")
+    if compiled and target.backend() != "gpu":
+        why.append(f"backend {target.backend()!r} (the kernel is Mosaic GPU's, for Hopper)")
+    sizes = (spec.chunk_mem, spec.head_dim, spec.hidden)
+    if compiled and sizes != (WALK_SIZE,) * 3:
+        why.append(
+            f"chunk_size, head_dim, hidden {sizes} (compiled, one CTA's shared memory holds "
+            f"the step at {WALK_SIZE} each)"
+        )
+    try:
+        cfg = chunk_step.StepConfig.from_rule(spec.rule, read=True)
+    except ValueError as err:
+        why.append(str(err))
+    if why:
+        raise ValueError("memory.kernel='walk' does not apply: " + "; ".join(why))
+    return cfg
+
+
+def _walk_main(spec: SelfModSpec, reset_to: Params, main: tuple, gen: dict, q: jax.Array,
+               beta: jax.Array, resets: jax.Array | None,
+               interpret: bool) -> tuple[jax.Array, tuple]:  # fmt: skip
+    """M_memory of N streams as `memory_walk.walk_memory`: reads `[N, seq, dh]` and the end
+    state `(params, inner optimizer state)`.
+
+    `main`: leaves `[N, ...]` `(params, optimizer state)` at the stream start; `reset_to`: the
+    meta-learned weights `{"W1" [N, dh, hidden], "W2" [N, hidden, dh]}` a document start
+    returns to and a cut passes its gradient to; gen: k, v (q), eta, alpha; q `[N, seq, dh]`,
+    beta `[N, seq]`, resets `bool[N, seq]` or None.
+    """
+    cfg = walk_step_config(spec, compiled=not interpret)
+    rule = spec.rule
+    params, opt = main
+    momentum = rule.get_momentum(opt)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731 the kernel's state and gates
+    # Both layouts agree: W1 [dh, hidden] the output layer, W2 [hidden, dh] the input layer.
+    start = chunk_step.State(*map(f32, (params["W1"], params["W2"], momentum["W1"],
+                                        momentum["W2"])))  # fmt: skip
+    to = start._replace(w1=f32(reset_to["W1"]), w2=f32(reset_to["W2"]))
+    queries = gen["q"] if spec.adaptive_q else q
+    x = chunk_step.Inputs(*map(f32, (gen["k"], gen["v"], queries, gen["eta"], gen["alpha"],
+                                     beta)))  # fmt: skip
+    y, end = memory_walk.walk_memory(
+        cfg, start, x, spec.chunk_mem, resets, every=spec.backprop_chunks, interpret=interpret,
+        operands=jnp.float32 if interpret else jnp.bfloat16, reset_to=to,
+    )  # fmt: skip
+    new_params = {"W1": end.w1.astype(params["W1"].dtype), "W2": end.w2.astype(params["W2"].dtype)}
+    new_momentum = {"W1": end.s1.astype(momentum["W1"].dtype),
+                    "W2": end.s2.astype(momentum["W2"].dtype)}  # fmt: skip
+    return y.astype(queries.dtype), (new_params, rule.set_momentum(opt, new_momentum))
+
+
 def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
                         q: jax.Array, beta: jax.Array, resets: jax.Array | None = None,
                         state: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:  # fmt: skip
@@ -371,6 +436,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     `parallel_windows` the backward walks the windows of the gradient cuts side by side, for
     the projection memories (`fused_scan(window=...)`) and M_memory (`run_level_fused`);
     `kernel="xla"` then runs the same scans as XLA ops (`forward="xla"`: no Pallas).
+    `kernel="walk"` runs M_memory as `memory_walk.walk_memory` (`_walk_main`).
     """
     b, s, h, dh = u.shape
     n, c = b * h, spec.chunk_other
@@ -432,7 +498,10 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
     main = jax.tree.map(flat, heads["main"])
-    if spec.kernel == "pallas_forward_all" or spec.parallel_windows:
+    if spec.kernel == "walk":
+        y, main_end = _walk_main(spec, init_n["memory"], main, gen, q_n, xs["beta"], resets_n,
+                                 interpret)  # fmt: skip
+    elif spec.kernel == "pallas_forward_all" or spec.parallel_windows:
         main_forward = "kernel" if spec.kernel == "pallas_forward_all" else "xla"
         # Triton has no triangular solve: M_memory's DGD system takes the explicit inverse.
         solve = "inverse" if main_forward == "kernel" else spec.rule.solve

@@ -1,0 +1,140 @@
+"""Hope's layer with `memory.kernel="walk"` (M_memory as `memory_walk.walk_memory`, in the Mosaic
+GPU interpreter here) against the XLA path (`kernel="xla"`, `core.level.run_level`)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nl_jax.core import DeltaRule, memories
+from nl_jax.kernels import chunk_step as cs
+from nl_jax.kernels import memory_walk as mw
+from nl_jax.layers import self_modifying as sm
+
+# The Hope presets' rule: DGD, momentum, retention and the three stabilisers.
+HOPE_RULE = DeltaRule(
+    momentum=True, retention=True, dgd=True, normalize_lr=True, normalize_chunk=True,
+    normalize_memory=True, momentum_ema=True,
+)  # fmt: skip
+# C_mem 4 with a cut every 2 chunks (8 tokens); 13 tokens end in a partial chunk of both sizes.
+SPEC = sm.SelfModSpec(heads=2, head_dim=8, hidden=16, chunk_mem=4, chunk_other=2, rule=HOPE_RULE,
+                      backprop_chunks=2)  # fmt: skip
+B, S = 2, 13
+# Sequence 0: documents start mid-chunk, at the cut (8) and inside the trailing partial chunk;
+# sequence 1 is one document.
+RESETS = jnp.zeros((B, S), bool).at[:, 0].set(True).at[0, jnp.array([5, 8, 12])].set(True)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def inputs(spec, seed=0):
+    """float32 `run_heads` inputs `(init, static, u, q, beta)`."""
+    h, dh = spec.heads, spec.head_dim
+    key = jax.random.PRNGKey(seed)
+    init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h, jnp.float32)
+            for i, n in enumerate(spec.all_memories)}  # fmt: skip
+    ks = jax.random.split(key, 6)
+    static = {"w_eta": jax.random.normal(ks[0], (h, dh)), "b_eta": jnp.full((h,), 0.3),
+              "w_alpha": jax.random.normal(ks[1], (h, dh)), "b_alpha": jnp.full((h,), 2.0)}  # fmt: skip
+    u = jax.random.normal(ks[2], (B, S, h, dh))
+    q = jax.random.normal(ks[3], (B, S, h, dh))
+    q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    beta = jax.random.uniform(ks[4], (B, S, h), minval=0.2, maxval=0.8)
+    return init, static, u, q, beta
+
+
+def fast_jit(fn, *args):
+    """`jax.jit(fn)` compiled without XLA's expensive CPU passes (compiles dominate here)."""
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return jax.jit(fn).lower(*args).compile(options)
+
+
+def run(kernel, heads):
+    """`(init, static, u, q, beta, heads) -> ((y, new heads), gradients)` of a loss of both, for
+    every input and the incoming head states."""
+    spec = dataclasses.replace(SPEC, kernel=kernel)
+
+    def loss(init, static, u, q, beta, heads):
+        y, new = sm.run_heads(spec, init, static, u, q, beta, RESETS, heads)
+        out = jnp.sum(jnp.sin(3 * y))
+        if new is not None:
+            out = out + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(new["main"]))
+        return out, (y, new)
+
+    def both(*args):
+        grads, aux = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+        return aux, grads
+
+    return lambda *args: fast_jit(both, *args)(*args)
+
+
+def check(kernel_out, xla_out, tol):
+    """Largest relative difference of every leaf (asserting each within `tol`)."""
+    worst = 0.0
+    leaves = jax.tree_util.tree_leaves_with_path(xla_out)
+    for (path, want), got in zip(leaves, jax.tree.leaves(kernel_out), strict=True):
+        err = rel_err(got, want)
+        assert err < tol, (jax.tree_util.keystr(path), err)
+        worst = max(worst, err)
+    return worst
+
+
+def test_walk_layer_matches_xla_with_resets_cuts_and_a_partial_chunk(monkeypatch):
+    """Outputs and the gradients of every input, the meta-learned initial states of M_memory
+    included, with document resets, cut windows and a trailing partial chunk: within 1e-5 of
+    the XLA path (float32; measured 6e-8 outputs, 5e-7 gradients)."""
+    args = inputs(SPEC)
+    walks = []
+    forward = mw.walk_forward
+    monkeypatch.setattr(mw, "walk_forward", lambda *a, **k: walks.append(k) or forward(*a, **k))
+    (y, _), grads = run("walk", None)(*args, None)
+    assert len(walks) == 1 and walks[0]["every"] == SPEC.backprop_chunks
+    (y_x, _), grads_x = run("xla", None)(*args, None)
+    assert check(y, y_x, 1e-5) < 1e-5
+    assert check(grads, grads_x, 1e-5) < 1e-5
+    assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
+
+
+def test_walk_continues_a_state_as_xla_does():
+    """A stream continued from head states that are not the initial ones (so the walk's start
+    state and the weights a reset returns to differ): outputs, new states and the gradients
+    of the inputs and of the incoming states within 1e-5 of the XLA path."""
+    args = inputs(SPEC)
+    head = jax.vmap(lambda i: sm.initial_head_state(SPEC, i))(args[0])
+    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
+    # A state away from the initial one: moved weights and nonzero momenta.
+    key = iter(jax.random.split(jax.random.PRNGKey(3), 64))
+    heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
+    (y, new), grads = run("walk", heads)(*args, heads)
+    (y_x, new_x), grads_x = run("xla", heads)(*args, heads)
+    assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
+    assert check(grads, grads_x, 1e-5) < 1e-5
+
+
+def test_the_walk_takes_the_layer_rule_step():
+    """The walk's step is the layer rule's (`StepConfig.from_rule`): the presets' stabilisers."""
+    spec = dataclasses.replace(SPEC, kernel="walk")
+    assert sm.walk_step_config(spec, compiled=False) == cs.StepConfig()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"read": "boundary"}, {"activation": "silu"}, {"rule": DeltaRule(momentum=True)}],
+    ids=["boundary_read", "silu", "gd_rule"],
+)
+def test_walk_refuses_what_it_does_not_implement(changes):
+    with pytest.raises(ValueError, match="memory.kernel='walk' does not apply") as err:
+        dataclasses.replace(SPEC, kernel="walk", **changes)
+    assert "\n" not in str(err.value)
+
+
+def test_compiled_walk_needs_a_gpu_and_its_size():
+    spec = dataclasses.replace(SPEC, kernel="walk")
+    with pytest.raises(ValueError, match=r"chunk_size, head_dim, hidden \(4, 8, 16\)") as err:
+        sm.walk_step_config(spec, compiled=True)
+    assert "\n" not in str(err.value) and "backend 'cpu'" in str(err.value)
