@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nl_jax.core import DeltaRule, memories
+from nl_jax.core import DeltaRule, memories, target
 from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels import memory_walk as mw
 from nl_jax.layers import self_modifying as sm
@@ -117,6 +117,39 @@ def test_walk_continues_a_state_as_xla_does():
     assert check(grads, grads_x, 1e-5) < 1e-5
     # The incoming M_memory state reaches the loss (sequence 1 carries it).
     assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads[5]["main"]))
+
+
+def test_compiled_walk_layer_gradient_lowers_for_cuda():
+    """At C = d = h = 64, traced for one GPU: the layer's gradient with document resets and a
+    cut per chunk lowers for CUDA, the walk as the Mosaic GPU kernel (bf16 operands) in the
+    shared memory `test_memory_walk.py` counts for it, the projection memories as Triton."""
+    spec = sm.SelfModSpec(heads=1, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
+                          rule=HOPE_RULE, backprop_chunks=1, kernel="walk")  # fmt: skip
+    b, s, h, dh = 1, 128, 1, 64
+    key = jax.random.PRNGKey(0)
+    init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h, jnp.float32)
+            for i, n in enumerate(spec.all_memories)}  # fmt: skip
+    static = {"w_eta": jnp.ones((h, dh)), "b_eta": jnp.zeros(h), "w_alpha": jnp.ones((h, dh)),
+              "b_alpha": jnp.zeros(h)}  # fmt: skip
+    u = jnp.ones((b, s, h, dh))
+    beta = jnp.full((b, s, h), 0.5)
+    resets = jnp.zeros((b, s), bool).at[:, 70].set(True)
+
+    def loss(*args):
+        return jnp.sum(sm.run_heads(spec, *args, resets, None)[0])
+
+    args = (init, static, u, u, beta)
+    texts = []
+    with target.compiling_for("gpu", 1):
+        sizes = mw.smem_bytes_at_lowering(
+            lambda: texts.append(
+                jax.jit(jax.grad(loss, tuple(range(5)))).trace(*args).lower(
+                    lowering_platforms=("cuda",)
+                ).as_text()
+            )
+        )  # fmt: skip
+    assert "mosaic_gpu" in texts[0] and "triton" in texts[0].lower()
+    assert sizes == [228376]
 
 
 def test_the_walk_takes_the_layer_rule_step():
