@@ -175,6 +175,16 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
+def failure(run: Run, root: pathlib.Path, code: int) -> str:
+    """One line for a trainer that exited unfinished with `code`: the last line of its log that
+    is not a runtime notice, so that a run which never reached its first step says why."""
+    log = root / f"{run.name}.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    said = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(("W0000", "I0000"))]
+    why = said[-1] if said else "no output"
+    return f"[stability] {run.name}: trainer exited with code {code}: {why} (log: {log})"
+
+
 def train_all(
     runs: list[Run],
     args: argparse.Namespace,
@@ -213,6 +223,8 @@ def train_all(
                 del running[run]
                 st = status(root / run.name / "metrics.jsonl", args.steps, eval_steps)
                 print(f"[stability] {run.name}: {describe(st)}", flush=True)
+                if proc.returncode and st["state"] not in ("finite", "nonfinite"):
+                    print(failure(run, root, proc.returncode), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

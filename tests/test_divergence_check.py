@@ -115,3 +115,18 @@ def test_a_line_cut_by_a_kill_is_skipped_by_every_reader(tmp_path):
     assert st["state"] == "finite" and st["last_step"] == 2
     out = summarize_runs.summarize(str(tmp_path), 1)
     assert out["losses"] == {1: 2.0, 2: 1.5} and out["tokens_per_sec"] == 30.0
+
+
+def test_a_trainer_that_fails_before_its_first_step_says_why(tmp_path, monkeypatch, capsys):
+    def fake(run, args, extra):
+        code = "import sys; print('W0000 a notice'); print('RuntimeError: no GPU memory left'); "
+        return [sys.executable, "-c", code + "print('W0000 notice'); sys.exit(3)"]
+
+    monkeypatch.setattr(dc, "trainer_command", fake)
+    monkeypatch.setattr(dc, "MIN_RUN_S", 0)
+    assert dc.main(["--runs=p:0", "--steps=5", "--eval_every=5", f"--root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"[stability] p_s0: trainer exited with code 3: RuntimeError: no GPU memory left "
+        f"(log: {tmp_path / 'p_s0.log'})" in out
+    )
