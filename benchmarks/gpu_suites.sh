@@ -86,7 +86,7 @@ suite_scaling() {
 }
 
 suite_walk() {
-  timeout "$TMO" $PY benchmarks/memory_walk.py --n=64 --seq=4096 --chunk=64 --dim=64 \
+  timeout "$TMO" $PY benchmarks/memory_walk.py --n=64 --seq=4096 --chunk=64 --dim=64 --parts \
     --out="$OUT/memory_walk.json" 2>&1 | quiet
 }
 

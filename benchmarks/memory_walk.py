@@ -10,6 +10,11 @@ beside `chunk_step.chunk_forward` scanned over the chunks by XLA, forward and fo
 the number the kernel design predicts) and tokens/s for this one memory. `--interpret` runs
 the kernel in the Mosaic GPU interpreter with float32 operands on any machine (a check, not
 a timing) and prints the largest difference between the kernel's and XLA's outputs.
+
+`--parts` also times the walk's forward with less inside each chunk, to place its time: the
+inputs copied in and `q` copied out (`copy_step`: the walk's own loop and copies), the read
+alone at the chunk-start state (`boundary_read_step`), and the whole chunk step without and
+with the presets' stabilisers (`memory_step`). A part that does not compile prints why.
 """
 
 from __future__ import annotations
@@ -64,6 +69,27 @@ def xla_walk(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int) -> tu
     return jax.vmap(one)(init, x)
 
 
+def copy_step(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, y_ref: object, ops: mw.Ops,
+    resets: object = None, last: int | None = None,
+) -> None:  # fmt: skip
+    """A walk step that only writes `y = q`: what the walk costs without its chunk step."""
+    del cfg, state, ops, resets, last
+    y_ref[...] = x.q[...].astype(jnp.float32)
+
+
+def parts() -> dict[str, tuple[cs.StepConfig, mw.Step]]:
+    """The `--parts` variants of the walk: name -> (step config, step)."""
+    plain = cs.StepConfig(normalize_chunk=False, normalize_memory=False, normalize_lr=False,
+                          momentum_ema=False)  # fmt: skip
+    return {
+        "walk part: copies only": (cs.StepConfig(), copy_step),
+        "walk part: read only": (cs.StepConfig(), mw.boundary_read_step),
+        "walk part: step, no stabilisers": (plain, mw.memory_step),
+        "walk part: step, presets": (cs.StepConfig(), mw.memory_step),
+    }
+
+
 def _time(fn, args: tuple, steps: int) -> tuple[float, object]:
     """Median seconds of `steps` calls after one warm-up, and the last output."""
     out = jax.block_until_ready(fn(*args))
@@ -85,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=4, help="cut windows (memory.backprop_chunks)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="Mosaic GPU interpreter, float32")
+    ap.add_argument("--parts", action="store_true", help="also time the walk's parts")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     if min(args.n, args.seq, args.chunk, args.dim, args.steps) < 1 or args.seq % args.chunk:
@@ -121,6 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         outputs[name] = out
         rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds / n_chunks,
                       "tokens_per_s": args.n * args.seq / seconds}  # fmt: skip
+    if args.parts:
+        run = mw.interpret_params() if args.interpret else None
+        for name, (part_cfg, step) in parts().items():
+
+            def part(init: cs.State, x: cs.Inputs, part_cfg=part_cfg, step=step) -> jax.Array:
+                return mw.walk_forward(part_cfg, init, x, args.chunk, step=step,
+                                       interpret=run, operands=operands)[0]  # fmt: skip
+
+            try:
+                seconds, _ = _time(jax.jit(part), (init, x), args.steps)
+            except Exception as err:  # a part that Mosaic GPU cannot compile is reported
+                print(f"{name}: failed, {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                continue
+            rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds / n_chunks,
+                          "tokens_per_s": args.n * args.seq / seconds}  # fmt: skip
     y_walk, y_xla = outputs["walk forward"][0], outputs["xla forward"][0]
     diff = float(jnp.max(jnp.abs(y_walk - y_xla)))
     # The read minus its residual `q` is what the memory contributes.

@@ -23,6 +23,15 @@ def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
     assert "| walk forward |" in capsys.readouterr().out
 
 
+def test_parts_time_every_part_of_the_walk(tmp_path):
+    out = tmp_path / "walk.json"
+    argv = ["--interpret", "--parts", "--n=1", "--seq=8", "--chunk=4", "--dim=8", "--steps=1",
+            f"--out={out}"]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {name for name in rows if name.startswith("walk part")} == set(bench.parts())
+
+
 def test_bad_sizes_and_a_compiled_run_without_a_gpu_are_errors(capsys):
     assert bench.main(["--interpret", "--seq=10", "--chunk=4"]) == 2
     assert bench.main(["--n=1", "--seq=8", "--chunk=4", "--dim=8"]) == 2  # this CPU host
