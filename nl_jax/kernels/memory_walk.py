@@ -1147,7 +1147,7 @@ def windows_backward_split(
     `walk_forward(..., every=every)` writes); within a window the chunk-start states are
     recomputed by `chunk_step.chunk_forward` and the chunks reversed by `chunk_backward`. A
     reset returns to `init`'s weights, whatever window it falls in. The windows of `every`
-    whole chunks run under `lax.scan` (a graph of one window, whatever the length); a last
+    whole chunks run side by side (`vmap`; each under `lax.scan` over its chunks); a last
     window that is shorter or ends in a partial chunk is unrolled.
     """
     seq = x.k.shape[0]
@@ -1186,16 +1186,26 @@ def windows_backward_split(
         rw, d_yw = windows(resets), windows(d_y)
         window_starts = cs.State(*(a[:regular] for a in starts))
 
-        def one(carry: tuple, inp: tuple) -> tuple:
-            d_state, d_init = carry
-            w, start, xs, rs, dys = inp
-            d_state, d_init, d_xs = _window_reverse(cfg, init, start, xs, rs, dys, d_state, d_init)
-            return _cut(d_init, d_state, (w == 0).astype(d_state.s1.dtype))[::-1], d_xs
-
-        index = jnp.arange(regular)
-        (d_state, d_init), d_x = lax.scan(
-            one, (d_state, d_init), (index, window_starts, xw, rw, d_yw), reverse=True
+        # A cut zeroes the cotangent carried into the window before it, so every window's
+        # reverse starts from zero but the last's (which takes what the tail left): the windows
+        # run side by side, a graph of `every` chunks whatever the stream's length.
+        last = jnp.arange(regular) == regular - 1
+        d_in = cs.State(*(jnp.where(last.reshape((-1,) + (1,) * a.ndim), a, 0.0)
+                          for a in d_state))  # fmt: skip
+        zero_init = cs.State(*(jnp.zeros_like(a) for a in init))
+        reverse = jax.vmap(
+            lambda start, xs, rs, dys, d_s: _window_reverse(
+                cfg, init, start, xs, rs, dys, d_s, zero_init
+            ),
+            in_axes=(0, 0, None if rw is None else 0, None if d_yw is None else 0, 0),
         )
+        d_out, d_inits, d_x = reverse(window_starts, xw, rw, d_yw, d_in)
+        # Each window start after the first is a cut: its weights' gradient goes to the
+        # initial weights and its momentum's stops; the first window's is the start state's.
+        d_init = cs.State(*(a + b.sum(0) for a, b in zip(d_init, d_inits, strict=True)))
+        d_init = d_init._replace(w1=d_init.w1 + d_out.w1[1:].sum(0),
+                                 w2=d_init.w2 + d_out.w2[1:].sum(0))  # fmt: skip
+        d_state = cs.State(*(a[0] for a in d_out))
         d_x = cs.Inputs(*(a.reshape(size, *a.shape[3:]) for a in d_x))
     parts = ([d_x] if d_x is not None else []) + tail_parts
     # The first window is walked last: the cotangent left is the start state's.
