@@ -11,25 +11,18 @@ import memory_walk as bench  # noqa: E402
 
 def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
     out = tmp_path / "walk.json"
-    argv = ["--interpret", "--n=2", "--seq=8", "--chunk=4", "--dim=8", "--steps=1", f"--out={out}"]
+    argv = ["--interpret", "--parts", "--n=2", "--seq=8", "--chunk=4", "--dim=8", "--steps=1",
+            f"--out={out}"]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["rows"]) == {
-        "walk forward", "xla forward", "walk forward+backward", "xla forward+backward"
+        "walk forward", "xla forward", "walk forward+backward", "xla forward+backward",
+        *bench.parts(),
     }  # fmt: skip
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"].values())
     # The interpreted kernel (float32 operands) and XLA's scan compute the same outputs.
     assert result["max_output_difference"] < 1e-5
     assert "| walk forward |" in capsys.readouterr().out
-
-
-def test_parts_time_every_part_of_the_walk(tmp_path):
-    out = tmp_path / "walk.json"
-    argv = ["--interpret", "--parts", "--n=1", "--seq=8", "--chunk=4", "--dim=8", "--steps=1",
-            f"--out={out}"]  # fmt: skip
-    assert bench.main(argv) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert {name for name in rows if name.startswith("walk part")} == set(bench.parts())
 
 
 def test_bad_sizes_and_a_compiled_run_without_a_gpu_are_errors(capsys):

@@ -84,37 +84,28 @@ def check(kernel_out, xla_out, tol):
     return worst
 
 
-def test_walk_layer_matches_xla_with_resets_cuts_and_a_partial_chunk(monkeypatch):
-    """Outputs and the gradients of every input, the meta-learned initial states of M_memory
-    included, with document resets, cut windows and a trailing partial chunk: within 1e-5 of
-    the XLA path (float32; measured 6e-8 outputs, 5e-7 gradients)."""
+def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypatch):
+    """Outputs, new states and the gradients of every input (M_memory's meta-learned initial
+    states included) and of the incoming head states, within 1e-5 of the XLA path (measured
+    2e-7 states, 7e-7 gradients), with document resets, cut windows and a trailing partial
+    chunk. Sequence 0 starts a document at its first token (the walk starts from the initial
+    weights); sequence 1 continues from head states that are not the initial ones, so the
+    walk's start state and the weights a reset returns to differ."""
     args = inputs(SPEC)
     walks = []
     forward = mw.walk_forward
     monkeypatch.setattr(mw, "walk_forward", lambda *a, **k: walks.append(k) or forward(*a, **k))
-    (y, _), grads = run("walk", None)(*args, None)
-    assert len(walks) == 1 and walks[0]["every"] == SPEC.backprop_chunks
-    (y_x, _), grads_x = run("xla", None)(*args, None)
-    assert check(y, y_x, 1e-5) < 1e-5
-    assert check(grads, grads_x, 1e-5) < 1e-5
-    assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
-
-
-def test_walk_continues_a_state_as_xla_does():
-    """A stream continued from head states that are not the initial ones (so the walk's start
-    state and the weights a reset returns to differ): outputs, new states and the gradients
-    of the inputs and of the incoming states within 1e-5 of the XLA path (measured 2e-7
-    states, 7e-7 gradients)."""
-    args = inputs(SPEC)
     head = jax.vmap(lambda i: sm.initial_head_state(SPEC, i))(args[0])
     heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
     # A state away from the initial one: moved weights and nonzero momenta.
     key = iter(jax.random.split(jax.random.PRNGKey(3), 64))
     heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
     (y, new), grads = run("walk", heads)(*args, heads)
+    assert len(walks) == 1 and walks[0]["every"] == SPEC.backprop_chunks
     (y_x, new_x), grads_x = run("xla", heads)(*args, heads)
     assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
     assert check(grads, grads_x, 1e-5) < 1e-5
+    assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
     # The incoming M_memory state reaches the loss (sequence 1 carries it).
     assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads[5]["main"]))
 
