@@ -296,18 +296,18 @@ def test_a_damaged_checkpoint_is_set_aside_and_resume_falls_back(straight, tmp_p
 
 @pytest.mark.slow
 def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here):
-    """titans_mag_tiny's first 30 steps of its 200-step schedule on the default corpus stay
+    """titans_mag_tiny's first 15 steps of its 200-step schedule on the default corpus stay
     finite. (Its paper form, the three stabilisers off, stays finite here too: the NaN at step
     41 of BENCHMARKS.md is hope_340m's paper form on a GPU.)"""
     args = ["--config=experiments/lm.py:titans_mag_tiny", f"--workdir={tmp_path}",
-            "--config.num_steps=30", "--config.optimizer.decay_steps=200",
+            "--config.num_steps=15", "--config.optimizer.decay_steps=200",
             "--config.eval.every_steps=0", "--config.data.eval_batches=1",
             "--config.checkpoint.every_steps=1000", "--config.logging.every_steps=5",
             "--config.logging.tensorboard=False"]  # fmt: skip
     result = train_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["loss"] for r in records(tmp_path).values()]
-    assert len(losses) >= 6 and all(math.isfinite(x) for x in losses), losses
+    assert len(losses) >= 4 and all(math.isfinite(x) for x in losses), losses
 
 
 def test_compile_only_local_devices(train_here):
