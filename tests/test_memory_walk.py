@@ -316,7 +316,7 @@ def test_walk_memory_gradients_in_interpreter(every):
 # (seq, every): whole windows only; a shorter last window; a trailing partial chunk; one window.
 @pytest.mark.parametrize(("seq", "every"), [(24, 2), (28, 3), (26, 2), (16, 0), (18, 0)])
 def test_windows_backward_matches_the_staged_window_walk_float64(x64, seq, every):
-    """`windows_backward` (whole windows under `lax.scan`, a ragged last one unrolled) from the
+    """`windows_backward` (whole windows side by side, a ragged last one unrolled) from the
     window-start states of the staged walk equals `chunk_step.window_backward`, with document
     resets in the first, a middle and the last window, float64: every gradient within 1e-10."""
     chunk, dtype = 4, jnp.float64

@@ -1108,20 +1108,6 @@ def _window_reverse(
     return d_state, d_init, d_x
 
 
-def _cut(
-    d_init: cs.State, d_state: cs.State, first: jax.Array | float
-) -> tuple[cs.State, cs.State]:
-    """A window start: `(d_init, d_state)` after it. A cut (`first` 0) passes its weights'
-    gradient to the initial weights, stops its momentum's and zeroes the cotangent carried into
-    the earlier window; the first window (`first` 1) starts from the stream's start state, which
-    keeps the whole cotangent."""
-    # `where`, not a product: a non-finite cotangent stays out of the other branch.
-    keep = lambda a: jnp.where(first > 0, a, 0.0)  # noqa: E731
-    cut = lambda a: jnp.where(first > 0, 0.0, a)  # noqa: E731
-    d_init = d_init._replace(w1=d_init.w1 + cut(d_state.w1), w2=d_init.w2 + cut(d_state.w2))
-    return d_init, cs.State(*(keep(a) for a in d_state))
-
-
 def windows_backward(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
     d_y: jax.Array | None, d_final: cs.State, resets: jax.Array | None = None,
@@ -1174,7 +1160,10 @@ def windows_backward_split(
             )
             if d_reset is not None:
                 d_init = cs.State(*(a + b for a, b in zip(d_init, d_reset, strict=True)))
-        d_init, d_state = _cut(d_init, d_state, 1.0 if regular == 0 else 0.0)
+        if regular:  # the tail starts at a cut: its weights' gradient goes to the initial
+            # weights, its momentum's stops, and nothing flows into the window before it
+            d_init = d_init._replace(w1=d_init.w1 + d_state.w1, w2=d_init.w2 + d_state.w2)
+            d_state = cs.State(*(jnp.zeros_like(a) for a in d_state))
     d_x = None
     if regular:
         size = regular * every * chunk
@@ -1225,14 +1214,16 @@ def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
     del interpret, operands
     init, x, resets, reset_to, starts = res
     d_y, d_final = cot
+    backward = windows_backward if reset_to is None else windows_backward_split
     grads = jax.vmap(
-        lambda i, xs, s, dy, df, r: windows_backward_split(cfg, i, xs, chunk, every, s, dy, df, r),
+        lambda i, xs, s, dy, df, r: backward(cfg, i, xs, chunk, every, s, dy, df, r),
         in_axes=(0, 0, 0, 0, 0, None if resets is None else 0),
     )
-    d_start, d_to, d_x = grads(init if reset_to is None else reset_to, x, starts, d_y, d_final,
-                               resets)  # fmt: skip
+    out = grads(init if reset_to is None else reset_to, x, starts, d_y, d_final, resets)
     if reset_to is None:
-        return cs.State(*(a + b for a, b in zip(d_start, d_to, strict=True))), d_x, None, None
+        d_init, d_x = out
+        return d_init, d_x, None, None
+    d_start, d_to, d_x = out
     return d_start, d_x, None, d_to
 
 
