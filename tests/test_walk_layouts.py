@@ -73,5 +73,10 @@ def test_memory_step_layouts_survive_merged_loads(monkeypatch, with_resets):
     def walk(init, x):
         return mw.walk_forward(cs.StepConfig(), init, x, 64, step=mw.memory_step, resets=resets)
 
-    jax.jit(walk).trace(init, x).lower(lowering_platforms=("cuda",))
+    sizes = mw.smem_bytes_at_lowering(
+        lambda: jax.jit(walk).trace(init, x).lower(lowering_platforms=("cuda",))
+    )
     assert merged and merged[0] > 0  # the check saw the kernel, with loads to merge
+    # One CTA's shared memory (an H100's or H200's limit is 232,448 B): the resets add the
+    # chunk's flags (1 KiB) and a barrier.
+    assert sizes == [228376 if with_resets else 227344]

@@ -84,6 +84,7 @@ def check(kernel_out, xla_out, tol):
     return worst
 
 
+@pytest.mark.slow
 def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypatch):
     """Outputs, new states and the gradients of every input (M_memory's meta-learned initial
     states included) and of the incoming head states, within 1e-5 of the XLA path (measured
@@ -110,6 +111,7 @@ def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypat
     assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads[5]["main"]))
 
 
+@pytest.mark.slow
 def test_compiled_walk_layer_gradient_lowers_for_cuda():
     """At C = d = h = 64, traced for one GPU: the layer's gradient with document resets and a
     cut per chunk lowers for CUDA, the walk as the Mosaic GPU kernel (bf16 operands) in the
