@@ -13,13 +13,16 @@ a timing) and prints the largest difference between the kernel's and XLA's outpu
 
 `--parts` also times the walk's forward with less inside each chunk, to place its time: the
 inputs copied in and `q` copied out (`copy_step`: the walk's own loop and copies), the read
-alone at the chunk-start state (`boundary_read_step`), and the whole chunk step without and
-with the presets' stabilisers (`memory_step`). A part that does not compile prints why.
+alone at the chunk-start state (`boundary_read_step`), the chunk step traced up to its
+factors, its solves and its reads (the later stages left out, `skipping`), and the whole
+chunk step without and with the presets' stabilisers (`memory_step`). A part that does not
+compile prints why.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -78,16 +81,54 @@ def copy_step(
     y_ref[...] = x.q[...].astype(jnp.float32)
 
 
-def parts() -> dict[str, tuple[cs.StepConfig, mw.Step]]:
-    """The `--parts` variants of the walk: name -> (step config, step)."""
+def _skip_solve(a, g, b, w0, s0, dec, be_out, ops, reset=None) -> None:
+    """A `_solve_layer` that leaves `be_out` as it is (timing only)."""
+
+
+def _skip_read(q, a, g, be, w0, s0, dec, ops, reset=None) -> jax.Array:
+    """A `_read_layer` that returns its query (timing only)."""
+    return mw._load(q, ops)
+
+
+def _skip_end(a, g, be, w, s, dec, rows, ops, last, reset=None) -> None:
+    """An `_end_layer` that leaves the state as it is (timing only)."""
+
+
+# The chunk step's later stages, left out from the end: what the stages before them cost.
+_SKIPS = {"solve": ("_solve_layer", _skip_solve), "read": ("_read_layer", _skip_read),
+          "end": ("_end_layer", _skip_end)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def skipping(stages: tuple[str, ...]):
+    """`memory_walk.memory_step` traced without `stages` (`_SKIPS` keys): its outputs are then
+    meaningless; only the time of what remains counts."""
+    saved = {name: getattr(mw, name) for name, _ in _SKIPS.values()}
+    try:
+        for stage in stages:
+            name, fn = _SKIPS[stage]
+            setattr(mw, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(mw, name, fn)
+
+
+def parts() -> dict[str, tuple[cs.StepConfig, mw.Step, tuple[str, ...]]]:
+    """The `--parts` variants of the walk: name -> (step config, step, stages left out)."""
     plain = cs.StepConfig(normalize_chunk=False, normalize_memory=False, normalize_lr=False,
                           momentum_ema=False)  # fmt: skip
+    presets = cs.StepConfig()
     return {
-        "walk part: copies only": (cs.StepConfig(), copy_step),
-        "walk part: read only": (cs.StepConfig(), mw.boundary_read_step),
-        "walk part: step, no stabilisers": (plain, mw.memory_step),
-        "walk part: step, presets": (cs.StepConfig(), mw.memory_step),
-    }
+        "walk part: copies only": (presets, copy_step, ()),
+        "walk part: read only": (presets, mw.boundary_read_step, ()),
+        "walk part: step to the factors (decays, factors, step sizes)":
+            (presets, mw.memory_step, ("solve", "read", "end")),
+        "walk part: step to the solves": (presets, mw.memory_step, ("read", "end")),
+        "walk part: step to the reads": (presets, mw.memory_step, ("end",)),
+        "walk part: step, no stabilisers": (plain, mw.memory_step, ()),
+        "walk part: step, presets": (presets, mw.memory_step, ()),
+    }  # fmt: skip
 
 
 def _time(fn, args: tuple, steps: int) -> tuple[float, object]:
@@ -150,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                       "tokens_per_s": args.n * args.seq / seconds}  # fmt: skip
     if args.parts:
         run = mw.interpret_params() if args.interpret else None
-        for name, (part_cfg, step) in parts().items():
+        for name, (part_cfg, step, skip) in parts().items():
 
             def part(init: cs.State, x: cs.Inputs, part_cfg=part_cfg, step=step) -> jax.Array:
                 return mw.walk_forward(part_cfg, init, x, args.chunk, step=step,
                                        interpret=run, operands=operands)[0]  # fmt: skip
 
             try:
-                seconds, _ = _time(jax.jit(part), (init, x), args.steps)
+                with skipping(skip):  # traced (and compiled) on the first call
+                    seconds, _ = _time(jax.jit(part), (init, x), args.steps)
             except Exception as err:  # a part that Mosaic GPU cannot compile is reported
                 print(f"{name}: failed, {type(err).__name__}: {str(err).splitlines()[0][:200]}")
                 continue
