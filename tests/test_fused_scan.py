@@ -128,22 +128,38 @@ def cutting_step(c, x, k):
     return toy_step(c, {"u": x["u"], "b": x["b"]}, k)
 
 
+def _swapped(c, lead):
+    """A carry layout that depends on `lead`: `w`'s two matrix axes swapped."""
+    return {"w": jnp.swapaxes(c["w"], lead, lead + 1), "s": c["s"]}
+
+
+def _swapped_step(c, x, k):
+    """`cutting_step` over N instances, on `_swapped` carries."""
+    new, y = jax.vmap(cutting_step)(_swapped(c, 1), x, k)
+    return _swapped(new, 1), y
+
+
 @pytest.mark.parametrize(
-    "t,window,backward,forward",
-    [(9, 3, "xla", "kernel"), (7, 3, "xla", "kernel"), (7, 2, "kernel", "kernel"),
-     (8, 4, "kernel", "kernel"), (7, 2, "xla", "xla")],
+    "t,window,backward,forward,batched",
+    [(9, 3, "xla", "kernel", False), (7, 3, "xla", "kernel", False),
+     (7, 2, "kernel", "kernel", False), (8, 4, "kernel", "kernel", False),
+     (7, 2, "xla", "xla", False), (7, 3, "xla", "xla", True)],
     ids=["xla_whole_windows", "xla_tail_step", "kernel_tail_step", "kernel_whole_windows",
-         "no_kernel_tail_step"],
+         "no_kernel_tail_step", "no_kernel_batched_step"],
 )  # fmt: skip
-def test_fused_scan_gradient_windows_match_the_sequential_walk(x64, t, window, backward, forward):
+def test_fused_scan_gradient_windows_match_the_sequential_walk(
+    x64, t, window, backward, forward, batched
+):
     # Cuts at every multiple of the window and one more inside a window (step 1 of instance
-    # 1): the windows' side-by-side walk must give lax.scan's autodiff gradient exactly.
+    # 1): the windows' side-by-side walk must give lax.scan's autodiff gradient exactly, also
+    # through a caller's batched step in its own carry layout (forward and backward).
     carry, xs, consts = toy_inputs(n=3, t=t, dtype=jnp.float64)
     cut = (jnp.arange(t) % window == 0) & (jnp.arange(t) > 0)
     xs["cut"] = jnp.broadcast_to(cut, (3, t)).at[1, 1].set(True).astype(jnp.float64)
     consts["w0"] = carry["w"] * 0.5 + 0.1
+    kw = {"xla_step": _swapped_step, "xla_layout": (_swapped, _swapped)} if batched else {}
     fused = functools.partial(fs.fused_scan, cutting_step, interpret=True, backward=backward,
-                              unroll=2, window=window, forward=forward)  # fmt: skip
+                              unroll=2, window=window, forward=forward, **kw)  # fmt: skip
     g_got, g_want = outputs_match_lax(cutting_step, fused, carry, xs, consts)
     for g in (g_got, g_want):
         g[1].pop("cut")  # zero: the mask only selects
@@ -178,9 +194,6 @@ def test_fused_scan_rejects_bad_inputs():
         fs.fused_scan(toy_step, carry, xs, consts, forward="xla")
     with pytest.raises(ValueError, match="window must be an int"):
         fs.fused_scan(toy_step, carry, xs, consts, interpret=True, window=-1)
-    with pytest.raises(ValueError, match="take no xla_step or xla_layout"):
-        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="xla", window=2,
-                      xla_step=jax.vmap(toy_step), xla_layout=(lambda c, n: c, lambda c, n: c))  # fmt: skip
     with pytest.raises(TypeError, match="floating"):
         fs.fused_scan(toy_step, carry, dict(xs, b=xs["b"] > 0), consts, interpret=True)
 

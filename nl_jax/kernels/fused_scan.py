@@ -183,6 +183,29 @@ def _forward_xla(step: Step, carry, xs, consts, save: bool, unroll: int):
     return final, ys, jax.tree.leaves(saved) if save else []
 
 
+def _forward_xla_batched(xla_step: Step, layout: Layout | None, carry, xs, consts, save: bool,
+                         unroll: int):  # fmt: skip
+    """`_forward_xla` with the caller's batched step: one `lax.scan` over the steps for all N
+    instances at once, the carry in `layout` inside the loop (packed and unpacked once)."""
+    t = jax.tree.leaves(xs)[0].shape[1]
+    pack, unpack = layout if layout is not None else (lambda c, lead: c, lambda c, lead: c)
+
+    def body(c, i):
+        x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False), xs)
+        new, y = xla_step(c, x, consts)
+        new = jax.tree.map(lambda v, a: v.astype(a.dtype), new, c)
+        return new, (y, c if save else None)
+
+    final, (ys, saved) = jax.lax.scan(
+        body, pack(carry, 1), jnp.arange(t), unroll=max(1, min(unroll, t))
+    )
+    ys = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys)
+    if not save:
+        return unpack(final, 1), ys, []
+    saved = unpack(jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), saved), 2)
+    return unpack(final, 1), ys, jax.tree.leaves(saved)
+
+
 def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int,
               per: int = 1):  # fmt: skip
     """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`.
@@ -257,7 +280,7 @@ def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_fi
     c_tree = jax.tree.structure(d_final)
     saved = jax.tree.unflatten(c_tree, saved)
     if layout is not None:
-        saved, d_final = layout[0](saved, 2), layout[0](d_final, 1)
+        saved, d_final = layout[0](saved, time_axis + 1), layout[0](d_final, time_axis)
     at = lambda tree, i: jax.tree.map(  # noqa: E731
         lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=time_axis, keepdims=False), tree
     )
@@ -279,7 +302,7 @@ def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_fi
     d_xs = jax.tree.map(lambda d, a: jnp.moveaxis(d, 0, time_axis).astype(a.dtype), dxs, xs)
     d_consts = jax.tree.map(lambda d, a: d.astype(a.dtype), d_consts, consts)
     if layout is not None:
-        d_carry = layout[1](d_carry, 1)
+        d_carry = layout[1](d_carry, time_axis)
     return d_carry, d_xs, d_consts
 
 
@@ -310,10 +333,14 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
         d_last,
     )
     if backward == "xla":
-        # N instances of W windows; consts are per instance.
-        win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
-        d_w, d_xs, d_k = _backward_xla(win_step, None, saved_w, xs_w, consts, d_start, d_ys_w,
-                                       unroll, time_axis=2)  # fmt: skip
+        # N instances of W windows; consts are per instance. A caller's batched step takes
+        # the N instances of one window, so the windows are mapped around it.
+        if how.xla_step is None:
+            win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
+        else:
+            win_step = jax.vmap(how.xla_step, in_axes=(1, 1, None), out_axes=1)
+        d_w, d_xs, d_k = _backward_xla(win_step, how.layout, saved_w, xs_w, consts, d_start,
+                                       d_ys_w, unroll, time_axis=2)  # fmt: skip
         d_carry = jax.tree.map(lambda a: a[:, 0], d_w)
     else:
         flat = lambda a: a.reshape((n * w,) + a.shape[2:])  # noqa: E731
@@ -340,6 +367,8 @@ def _backward_seq(step: Step, how: _Plan, saved, xs, consts, d_final, d_ys):
 
 
 def _run_forward(step: Step, carry, xs, consts, save: bool, how: _Plan):
+    if how.forward == "xla" and how.xla_step is not None:
+        return _forward_xla_batched(how.xla_step, how.layout, carry, xs, consts, save, how.unroll)
     if how.forward == "xla":
         return _forward_xla(step, carry, xs, consts, save, how.unroll)
     return _forward(step, carry, xs, consts, save, how.interpret, how.num_warps)
@@ -389,7 +418,8 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         (`[N, ...]` carry, x and consts; default `jax.vmap(step)`). It must compute the same
         function as `step`: a caller may batch it differently (Hope stacks its memories).
       xla_layout: `(pack, unpack)` for `backward="xla"`: `pack(carry, lead)` rearranges a carry
-        whose leaves have `lead` leading axes (N, or N and T) into the layout `xla_step` takes
+        whose leaves have `lead` leading axes (N, N and T, or with gradient windows N and W, or
+        N, W and K) into the layout `xla_step` takes
         and returns, `unpack(packed, lead)` undoes it; the saved carries are packed once
         instead of on every step. Default: `xla_step` takes `step`'s carry layout.
       unroll: steps per loop iteration of the XLA backward.
@@ -398,8 +428,9 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         `core.truncation.cut_carry` does. The windows of K steps are then independent in the
         backward, which walks them side by side (K sequential steps instead of T). A broken
         promise gives wrong gradients: callers derive both from one setting (`run_level_fused`).
-      forward: `"kernel"` or `"xla"`: the forward as a vmapped `lax.scan` of XLA ops, saving
-        the same carries (no Pallas: any backend); needs `backward="xla"`.
+      forward: `"kernel"` or `"xla"`: the forward as a `lax.scan` of XLA ops (of `xla_step`
+        where given, else of `step` vmapped), saving the same carries (no Pallas: any
+        backend); needs `backward="xla"`.
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -425,10 +456,6 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"fused_scan: window must be an int >= 0 (0: none), got {window!r}")
-    if window and (xla_step is not None or xla_layout is not None):
-        raise ValueError(
-            "fused_scan: gradient windows take no xla_step or xla_layout (not implemented)"
-        )
     if forward not in FORWARDS:
         raise ValueError(f"fused_scan: unknown forward {forward!r}; allowed: {FORWARDS}")
     if forward == "xla" and backward != "xla":

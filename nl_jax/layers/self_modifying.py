@@ -479,13 +479,11 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         kw = {"interpret": interpret, "num_warps": spec.kernel_warps, "window": window}
         if spec.kernel == "pallas":
             carry, gen = fused_scan(step, carry, full, consts, **kw)
-        elif window:
-            # The windows batch the step over N x W instances: no stacked xla_step needed.
-            carry, gen = fused_scan(step, carry, full, consts, backward="xla", forward=forward,
-                                    unroll=spec.scan_unroll, **kw)  # fmt: skip
         else:
+            # The XLA backward takes the memories stacked: one batched op per op of the step
+            # for all of them, not one per memory (a quarter of the backward's kernels).
             carry, gen = fused_scan(
-                step, carry, full, consts, backward="xla",
+                step, carry, full, consts, backward="xla", forward=forward,
                 xla_step=functools.partial(projection_step_batched, spec),
                 xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll, **kw,
             )  # fmt: skip
