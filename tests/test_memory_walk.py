@@ -220,6 +220,22 @@ def test_walk_with_resets_and_partial_chunk_in_interpreter(step):
         assert rel_err(a, b) < 1e-5
 
 
+def test_walk_stays_exact_where_the_momentum_gates_product_underflows():
+    """Momentum gates of 1e-6 over 8-token chunks: their running product (1e-48) underflows in
+    float32 within a chunk, where a ratio of two running products is 0 / 0. The walk (the
+    chunk-end momentum factor taken as a masked exponential of a log difference, as
+    `chunk_step.decays` takes it) equals `chunk_step.sequence_forward`, finite."""
+    init, x = make(1, 16, 8, 16)
+    x = x._replace(beta=jnp.full_like(x.beta, 1e-6))
+    walk = functools.partial(mw.walk_forward, CFG, chunk=8, step=mw.memory_step,
+                             interpret=mw.interpret_params(), operands=jnp.float32)  # fmt: skip
+    y, final = jax.jit(walk)(init, x)
+    y_ref, final_ref = jax.jit(jax.vmap(lambda i, xs: cs.sequence_forward(CFG, i, xs, 8)))(init, x)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(final, final_ref, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_resets_add_eight_dependent_products_per_chunk():
     """With document resets the chunk step also multiplies at the reset weights: 58 `wgmma` per
     chunk in 56 dependent steps, against 50 in 48 without (the layer's gradient with resets

@@ -906,6 +906,11 @@ def memory_step(
             dec = cs.Decays(gi, gp, g_incl, g_prior, p_t, pi, k_incl, k_prior, ri, rp, None)
             decays_stage(x.alpha, x.beta, dec, p_t, ops, seg=seg)
             plgpu.commit_smem()
+            # P's row `last` is P^T's column: masked exponentials of log differences, finite
+            # where the momentum gates' running product underflows (a ratio of two such
+            # products is 0 / 0 there).
+            at_last = ops.iota((c, c), 1) == last
+            p_last[...] = jnp.sum(jnp.where(at_last, _load(p_t, ops), 0.0), 1)
             _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops, reset1)
             _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops, reset2)
 
@@ -913,15 +918,9 @@ def memory_step(
         pl.run_scoped(solves, square, square, square)
         plgpu.commit_smem()
         dec = cs.Decays(gi, None, g_incl, None, None, pi, k_incl, None, ri, None, None)
-        t, s = ops.iota((c, c), 0), ops.iota((c, c), 1)
-        at_end = t == last
+        at_end = ops.iota((c, c), 0) == last
         k_last[...] = jnp.sum(jnp.where(at_end, _load(k_incl, ops), 0.0), 0)
         g_last[...] = jnp.sum(jnp.where(at_end, _load(g_incl, ops), 0.0), 0)
-        # P's row `last`, rebuilt from pi (its tile held P^T): within the last token's document.
-        pi_t = _along(pi, ops)  # along rows, as `_end_layer` reads it
-        p_ts = ops.rows(pi_t, c) / ops.cols(_turn(pi_t, ops, 0), c)
-        in_row = at_end & (s <= last) if seg is None else at_end & (s <= last) & seg.same
-        p_last[...] = jnp.sum(jnp.where(in_row, p_ts, 0.0), 0)
 
         def reads(hq):
             r2 = _read_layer(x.q, x.k, g2, be2, state.w2, state.s2, dec, ops, reset2)
