@@ -637,6 +637,12 @@ def _tile(shape: tuple[int, ...], ops: Ops) -> plgpu.SMEM:
 _VECTORS = ("gi", "gp", "pi", "ri", "rp", "b1", "b2", "cur1", "cur2", "k_last", "g_last", "p_last")
 
 
+def _at(ref: Any, shape: tuple[int, int], ops: Ops, last: int) -> jax.Array:
+    """`ref [C]` in shared memory -> `[o, i]` filled with `ref[last]`: one scalar load."""
+    full = jnp.full(shape, ref[last], jnp.float32)
+    return plgpu.layout_cast(full, plgpu.Layout.WGMMA) if ops.compiled else full
+
+
 def _last(vec: jax.Array, shape: tuple[int, int], ops: Ops, last: int) -> jax.Array:
     """`vec [C]` (along rows) -> `[o, i]` filled with `vec[last]`, by a masked column sum:
     the WGMMA layout has no scalar extraction."""
@@ -796,13 +802,13 @@ def _end_layer(
         plgpu.commit_smem()
         dw, ds = ops.mm(steps, a, True, False), ops.mm(pg, a, True, False)
         w0, s0 = _load(w, ops), _load(s, ops)
-        base, carried = w0, _last(dec.pi[...], shape, ops, last)
+        base, carried = w0, _at(dec.pi, shape, ops, last)
         if reset is not None:
             fetch(reset.wi, wi[0], reset.bar)
             fresh = _last(reset.seg.fresh, shape, ops, last)
             base = jnp.where(fresh > 0.5, _load(wi[0], ops), w0)
             carried = carried * (1.0 - fresh)
-        gi, ri = _last(dec.gi[...], shape, ops, last), _last(dec.ri[...], shape, ops, last)
+        gi, ri = _at(dec.gi, shape, ops, last), _at(dec.ri, shape, ops, last)
         w[...] = gi * base + dw + ri * s0
         s[...] = carried * s0 + ds
 
