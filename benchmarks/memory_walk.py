@@ -81,7 +81,7 @@ def copy_step(
     y_ref[...] = x.q[...].astype(jnp.float32)
 
 
-def _skip_solve(a, g, b, w0, s0, dec, be_out, ops, reset=None) -> None:
+def _skip_solve(a, g, b, w0, s0, dec, be_out, ops, reset=None, b_cols=None) -> None:
     """A `_solve_layer` that leaves `be_out` as it is (timing only)."""
 
 

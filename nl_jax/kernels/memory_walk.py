@@ -712,10 +712,11 @@ def _base(x: Any, wt: Any, w0: Any, reset: Reset | None, ops: Ops) -> jax.Array:
 
 def _solve_layer(
     a: Any, g: Any, b: Any, w0: Any, s0: Any, dec: cs.Decays, be_out: Any, ops: Ops,
-    reset: Reset | None = None,
+    reset: Reset | None = None, b_cols: Any = None,
 ) -> None:  # fmt: skip
     """Stage 4 for one layer (`chunk_step.layer_solve`): operand tiles `a [C, i]`, `g [C, o]`,
-    `b [C]`, the float32 state `w0, s0 [o, i]` -> the tile `be_out = b e [C, o]`.
+    `b [C]`, the float32 state `w0, s0 [o, i]` -> the tile `be_out = b e [C, o]`. `b_cols`,
+    if given, is a second `[C]` ref holding `b`, read along columns (no turn of `b`).
 
     `e = (I + L)^-1 rhs` is applied as `(I + M)^-1 ((I + D)^-1 rhs)` (`chunked.
     unit_lower_inverse`'s split), so the full inverse is never formed; at most 3 `[C, C]`
@@ -727,7 +728,8 @@ def _solve_layer(
         raise ValueError(f"the compiled solve takes C <= {block} or a multiple of it, got {c}")
     aa = ops.mm(a, a, False, True)
     b_t = _along(b, ops)  # along rows, as every load of `b` (the factors' too)
-    low = _load(dec.g_prior, ops) * aa * ops.cols(_turn(b_t, ops, 0), c)
+    b_s = _turn(b_t, ops, 0) if b_cols is None else _along(b_cols, ops, 0)
+    low = _load(dec.g_prior, ops) * aa * ops.cols(b_s, c)
 
     def solve(rhs, p1):
         def right_side(wt):
@@ -888,8 +890,12 @@ def memory_step(
             cur1[...] = x1
             cur2[...] = x2
             plgpu.commit_smem()
-            b1[...] = _step_sizes(cfg, x.eta, cur1, ops, seg)
-            b2[...] = _step_sizes(cfg, x.eta, cur2, ops, seg)
+            step1 = _step_sizes(cfg, x.eta, cur1, ops, seg)
+            step2 = _step_sizes(cfg, x.eta, cur2, ops, seg)
+            # The curvatures are spent: their rows take second copies of the step sizes, which
+            # the solves read along columns (a ref is read in one orientation).
+            b1[...], cur1[...] = step1, step1
+            b2[...], cur2[...] = step2, step2
             plgpu.commit_smem()
             gain = 1.0 - _along(x.beta, ops) if cfg.momentum_ema else ones
             _store(g1, -ops.rows(_along(b1, ops) * gain, d) * err)
@@ -917,8 +923,8 @@ def memory_step(
             # products is 0 / 0 there).
             at_last = ops.iota((c, c), 1) == last
             p_last[...] = jnp.sum(jnp.where(at_last, _load(p_t, ops), 0.0), 1)
-            _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops, reset1)
-            _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops, reset2)
+            _solve_layer(hk, g1, b1, state.w1, state.s1, dec, be1, ops, reset1, v["cur1"])
+            _solve_layer(x.k, g2, b2, state.w2, state.s2, dec, be2, ops, reset2, v["cur2"])
 
         square = _tile((c, c), ops)
         pl.run_scoped(solves, square, square, square)
