@@ -664,7 +664,7 @@ def _step_sizes(
             lower = lower & seg.same
         eta_s = _along(eta, ops, 0)
         by_s = ops.cols(eta_s, c) * ops.cols(_along(cur, ops, 0), c)
-        return _turn(eta_s, ops, 1) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
+        return _along(eta, ops, 1) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
     if cfg.normalize_memory or cfg.normalize_lr:
         return _along(eta, ops) / (1.0 + _along(eta, ops) * _along(cur, ops))
     return _along(eta, ops)
