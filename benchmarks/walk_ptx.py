@@ -1,6 +1,6 @@
 """What one chunk step of the M_memory walk asks of each GPU thread, read from its PTX.
 
-    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/walk_ptx.py [--approx_math] [--out=F]
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/walk_ptx.py [--exact_math] [--out=F]
 
 Needs the CUDA plugin (`pip install "jax[cuda12]==<jax version>"`), not a GPU: every
 `memory_walk.py --parts` variant of the walk is compiled for an H200 by XLA's deviceless
@@ -12,8 +12,8 @@ hides their latency. Columns: instructions, tensor-core `wgmma` instructions (fo
 64 x 64 x 64 bf16 product), barriers (`bar`, warpgroup syncs), shuffles (`shfl`, row and
 column sums), `ex2` (exponentials), `cvt` (conversions, mostly float32 to bf16 operand tiles),
 `selp` (masks), shared and local memory loads and stores, registers per thread (255 is the
-limit) and spilled bytes. `--approx_math` compiles with Mosaic GPU's approximate `tanh`,
-`exp` and division (`CompilerParams(approx_math=True)`).
+limit) and spilled bytes. The walk compiles with Mosaic GPU's approximate `tanh`, `exp`, `log`
+and division (`CompilerParams(approx_math=True)`); `--exact_math` compiles it without them.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _compile_parts(bench, mw, args, init, x, spec, dump: str) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     """Compile every walk part for an H200 without a GPU and print its PTX counts."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--approx_math", action="store_true", help="approximate tanh, exp, division")
+    ap.add_argument("--exact_math", action="store_true", help="no approximate tanh, exp, log")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--out", default="")
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(dump, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.approx_math:
-        mw._COMPILER = dataclasses.replace(mw._COMPILER, approx_math=True)
+    if args.exact_math:
+        mw._COMPILER = dataclasses.replace(mw._COMPILER, approx_math=False)
     mesh = jax.sharding.Mesh(np.array(devices), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     init, x = bench.inputs(1, 4 * args.chunk, args.dim)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows is None:
         return 1
     print(f"M_memory walk, one chunk step per thread (PTX for an H200; chunk {args.chunk}, dim "
-          f"{args.dim}{', approx_math' if args.approx_math else ''})")  # fmt: skip
+          f"{args.dim}{', exact math' if args.exact_math else ''})")  # fmt: skip
     fields = [f.name for f in dataclasses.fields(PtxStats)]
     print("| part | " + " | ".join(fields) + " |\n|---|" + "---|" * len(fields))
     for name, s in rows.items():

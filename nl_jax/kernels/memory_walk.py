@@ -45,8 +45,13 @@ from nl_jax.core import chunked
 from nl_jax.kernels import chunk_step as cs
 
 # Mosaic GPU's layout inference runs per warpgroup; the lane form cannot load an untiled
-# float32 ref into registers for a store into a swizzled one.
-_COMPILER = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+# float32 ref into registers for a store into a swizzled one. The step is bound by the
+# instructions one warpgroup issues (BENCHMARKS.md, "Kernels"): approximate `tanh`, `exp`, `log`
+# and division (`tanh.approx`: ~5e-4 absolute, an eighth of a bf16 operand's rounding) cut a
+# chunk step's ~15k instructions by ~2,300. The interpreter computes them exactly.
+_COMPILER = plgpu.CompilerParams(
+    lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True
+)
 
 
 def interpret_params() -> Any:
@@ -664,7 +669,7 @@ def _step_sizes(
             lower = lower & seg.same
         eta_s = _along(eta, ops, 0)
         by_s = ops.cols(eta_s, c) * ops.cols(_along(cur, ops, 0), c)
-        return _along(eta, ops, 1) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
+        return _turn(eta_s, ops, 1) / (1.0 + jnp.sum(jnp.where(lower, by_s, 0.0), 1))
     if cfg.normalize_memory or cfg.normalize_lr:
         return _along(eta, ops) / (1.0 + _along(eta, ops) * _along(cur, ops))
     return _along(eta, ops)
