@@ -480,8 +480,8 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         if spec.kernel == "pallas":
             carry, gen = fused_scan(step, carry, full, consts, **kw)
         else:
-            # The XLA backward takes the memories stacked: one batched op per op of the step
-            # for all of them, not one per memory (a quarter of the backward's kernels).
+            # The XLA backward (and forward) take the memories stacked: one batched op per op
+            # of the step for all four, not one per memory (the step is launch-bound).
             carry, gen = fused_scan(
                 step, carry, full, consts, backward="xla", forward=forward,
                 xla_step=functools.partial(projection_step_batched, spec),
