@@ -40,24 +40,33 @@ def lax_reference(step, carry, xs, consts):
     return jax.vmap(one)(carry, xs, consts)
 
 
-def toy_loss(fn):
-    def loss(c, x, k):
-        f, y = fn(c, x, k)
-        return jnp.sum(f["w"] ** 2) + jnp.sum(f["s"]) + jnp.sum(jnp.sin(y["y"])) + jnp.sum(y["z"])
+def toy_loss_of(outputs):
+    f, y = outputs
+    return jnp.sum(f["w"] ** 2) + jnp.sum(f["s"]) + jnp.sum(jnp.sin(y["y"])) + jnp.sum(y["z"])
 
-    return loss
+
+def toy_loss(fn):
+    return lambda c, x, k: toy_loss_of(fn(c, x, k))
+
+
+def outputs_and_gradient(fn):
+    """`(fn(c, x, k), the gradient of toy_loss(fn) at (c, x, k))` from one forward pass: one
+    program to compile instead of the forward and the gradient's forward again."""
+
+    def run(c, x, k):
+        outputs, pullback = jax.vjp(fn, c, x, k)
+        return outputs, pullback(jax.grad(toy_loss_of)(outputs))
+
+    return run
 
 
 def outputs_match_lax(step, fused, carry, xs, consts):
     """Assert `fused` gives `lax.scan(step)`'s outputs; returns both gradients of `toy_loss`."""
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
-    got, want = jax.jit(fused)(carry, xs, consts), lax_reference(step, carry, xs, consts)
+    got, g_got = jax.jit(outputs_and_gradient(fused))(carry, xs, consts)
+    want, g_want = outputs_and_gradient(functools.partial(lax_reference, step))(carry, xs, consts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
-    g_got = jax.jit(jax.grad(toy_loss(fused), argnums=(0, 1, 2)))(carry, xs, consts)
-    g_want = jax.grad(toy_loss(functools.partial(lax_reference, step)), argnums=(0, 1, 2))(
-        carry, xs, consts
-    )
     return g_got, g_want
 
 
