@@ -132,8 +132,17 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, D), jnp.float64)
     ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11])
     resets = titans.document_resets(ids)
-    # Jitted: eager dispatch of the chunk scans costs more than compiling them once.
-    outs = {k: nnx.jit(lambda m, x: m(x, segment_ids=ids))(m, x) for k, m in mems.items()}
+
+    # Jitted: eager dispatch of the chunk scans costs more than compiling them once. One
+    # program per kernel for the outputs and the gradient of sum(sin(3 y)) for every parameter.
+    def outputs_and_grad(m, x):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        y, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p, rest)(x, segment_ids=ids), params)
+        return y, pullback(3 * jnp.cos(3 * y))[0]
+
+    outs, grads = {}, {}
+    for k, m in mems.items():
+        outs[k], grads[k] = nnx.jit(outputs_and_grad)(m, x)
     assert float(jnp.max(jnp.abs(outs[fused] - outs["xla"]))) < 1e-10
     # The fused path really runs (else this test would compare the XLA scan with itself).
     calls = {k: str(jax.make_jaxpr(lambda x, m=m: m(x))(x)).count("pallas_call") for k, m in
@@ -145,10 +154,6 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
     for a, c in zip(jax.tree.leaves(ends[fused]), jax.tree.leaves(ends["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.max(jnp.abs(a - c))) < 1e-10
-    grads = {
-        k: nnx.jit(nnx.grad(lambda m, x: jnp.sum(jnp.sin(3 * m(x, segment_ids=ids)))))(m, x)
-        for k, m in mems.items()
-    }
     for a, c in zip(jax.tree.leaves(grads[fused]), jax.tree.leaves(grads["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.linalg.norm(a - c)) <= 1e-9 * float(jnp.linalg.norm(c)) + 1e-12
@@ -259,11 +264,17 @@ def test_backprop_chunks_reach_every_titans_variant():
         assert cut.memory.backprop_chunks == 2
         cfg.memory.backprop_chunks = 0
         full = build_fn(cfg, nnx.Rngs(0))
-        # Jitted: eager dispatch of the chunk scans costs more than compiling them once.
-        run = nnx.jit(lambda m, x: m(x))
-        np.testing.assert_allclose(run(cut, x), run(full, x), rtol=1e-5, atol=1e-6)
-        g = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=1))(cut, x)
+        # Jitted: eager dispatch of the chunk scans costs more than compiling them once. The
+        # cut layer's outputs and its input gradient of sum(y ** 2) come from one program.
+        y, g = nnx.jit(_outputs_and_input_grad)(cut, x)
+        np.testing.assert_allclose(y, nnx.jit(lambda m, x: m(x))(full, x), rtol=1e-5, atol=1e-6)
         assert bool(jnp.isfinite(g).all()), family
+
+
+def _outputs_and_input_grad(m, x):
+    """`(m(x), d sum(m(x) ** 2) / dx)` from one forward pass."""
+    y, pullback = jax.vjp(lambda x: m(x), x)
+    return y, pullback(2 * y)[0]
 
 
 def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
