@@ -198,8 +198,9 @@ def _pallas_heads(spec, init, static, u, q, beta, heads=None):
     """One head's arrays from `make` as `run_heads` inputs with batch 1 and heads 1."""
     spec = dataclasses.replace(spec, kernel="pallas")
     add = lambda a: a[None]  # noqa: E731
-    y, new = sm.run_heads(
-        spec, jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
+    # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
+    y, new = jax.jit(functools.partial(sm.run_heads, spec))(
+        jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
         q[None, :, None], beta[None, :, None], None, heads,
     )  # fmt: skip
     return y[0, :, 0], new
@@ -441,7 +442,9 @@ def test_pallas_heads_with_document_resets_match_token_reference(x64):
     resets[[0, 3, 6, 7]] = True  # one inside a chunk, one at a chunk start, two in a row
     spec = dataclasses.replace(SPEC, kernel="pallas")
     add = lambda a: a[None]  # noqa: E731
-    y, _ = sm.run_heads(spec, jax.tree.map(add, init), jax.tree.map(add, static),
-                        u[None, :, None], q[None, :, None], beta[None, :, None],
-                        jnp.asarray(resets)[None], None)  # fmt: skip
+    # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
+    y, _ = jax.jit(functools.partial(sm.run_heads, spec))(
+        jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None], q[None, :, None],
+        beta[None, :, None], jnp.asarray(resets)[None], None,
+    )  # fmt: skip
     assert rel_err(y[0, :, 0], reference(SPEC, init, static, u, q, beta, resets)) < 1e-10
