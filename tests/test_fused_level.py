@@ -72,24 +72,27 @@ def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read, 
     if with_resets:  # inside a chunk, at a chunk start, and in the trailing partial chunk
         resets = jnp.zeros((3, seq), bool).at[:, 0].set(True).at[1, jnp.array([3, 8, 13])].set(True)
     fused_fn = functools.partial(fused, backward=backward)
+
+    def loss_of(outputs):
+        out, (p_end, st_end) = outputs
+        return jnp.sum(jnp.sin(3 * out)) + sum(jnp.sum(a**2) for a in jax.tree.leaves(st_end))
+
+    def outputs_and_grad(fn):
+        """The outputs and the gradient of `loss_of` for (params, inputs), from one forward
+        pass: one program to compile per path."""
+
+        def run(p, x):
+            outputs, pullback = jax.vjp(lambda p, x: fn(level, p, state, x, resets), p, x)
+            return outputs, pullback(jax.grad(loss_of, allow_int=True)(outputs))
+
+        return run
+
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
-    got, want = (
-        jax.jit(lambda p, x: fused_fn(level, p, state, x, resets))(params, inputs),
-        jax.jit(lambda p, x: reference(level, p, state, x, resets))(params, inputs),
-    )
+    traced = jax.jit(outputs_and_grad(fused_fn)).trace(params, inputs)
+    got, g_got = traced.lower().compile()(params, inputs)  # traced once: run, then inspected
+    want, g_want = jax.jit(outputs_and_grad(reference))(params, inputs)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
-
-    def loss(fn):
-        def f(p, x):
-            out, (p_end, st_end) = fn(level, p, state, x, resets)
-            return jnp.sum(jnp.sin(3 * out)) + sum(jnp.sum(a**2) for a in jax.tree.leaves(st_end))
-
-        return f
-
-    traced = jax.jit(jax.grad(loss(fused_fn), argnums=(0, 1))).trace(params, inputs)
-    g_got = traced.lower().compile()(params, inputs)  # traced once: run, then inspected
-    g_want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(params, inputs)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         assert rel_err(a, b) < 1e-10
     # The chosen backward really runs: one kernel (forward) or two (forward and backward).

@@ -40,24 +40,33 @@ def lax_reference(step, carry, xs, consts):
     return jax.vmap(one)(carry, xs, consts)
 
 
-def toy_loss(fn):
-    def loss(c, x, k):
-        f, y = fn(c, x, k)
-        return jnp.sum(f["w"] ** 2) + jnp.sum(f["s"]) + jnp.sum(jnp.sin(y["y"])) + jnp.sum(y["z"])
+def toy_loss_of(outputs):
+    f, y = outputs
+    return jnp.sum(f["w"] ** 2) + jnp.sum(f["s"]) + jnp.sum(jnp.sin(y["y"])) + jnp.sum(y["z"])
 
-    return loss
+
+def toy_loss(fn):
+    return lambda c, x, k: toy_loss_of(fn(c, x, k))
+
+
+def outputs_and_gradient(fn):
+    """`(fn(c, x, k), the gradient of toy_loss(fn) at (c, x, k))` from one forward pass: one
+    program to compile instead of the forward and the gradient's forward again."""
+
+    def run(c, x, k):
+        outputs, pullback = jax.vjp(fn, c, x, k)
+        return outputs, pullback(jax.grad(toy_loss_of)(outputs))
+
+    return run
 
 
 def outputs_match_lax(step, fused, carry, xs, consts):
     """Assert `fused` gives `lax.scan(step)`'s outputs; returns both gradients of `toy_loss`."""
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
-    got, want = jax.jit(fused)(carry, xs, consts), lax_reference(step, carry, xs, consts)
+    got, g_got = jax.jit(outputs_and_gradient(fused))(carry, xs, consts)
+    want, g_want = outputs_and_gradient(functools.partial(lax_reference, step))(carry, xs, consts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
-    g_got = jax.jit(jax.grad(toy_loss(fused), argnums=(0, 1, 2)))(carry, xs, consts)
-    g_want = jax.grad(toy_loss(functools.partial(lax_reference, step)), argnums=(0, 1, 2))(
-        carry, xs, consts
-    )
     return g_got, g_want
 
 
@@ -202,8 +211,9 @@ def _pallas_heads(spec, init, static, u, q, beta, heads=None):
     """One head's arrays from `make` as `run_heads` inputs with batch 1 and heads 1."""
     spec = dataclasses.replace(spec, kernel="pallas")
     add = lambda a: a[None]  # noqa: E731
-    y, new = sm.run_heads(
-        spec, jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
+    # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
+    y, new = jax.jit(functools.partial(sm.run_heads, spec))(
+        jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
         q[None, :, None], beta[None, :, None], None, heads,
     )  # fmt: skip
     return y[0, :, 0], new
@@ -445,7 +455,9 @@ def test_pallas_heads_with_document_resets_match_token_reference(x64):
     resets[[0, 3, 6, 7]] = True  # one inside a chunk, one at a chunk start, two in a row
     spec = dataclasses.replace(SPEC, kernel="pallas")
     add = lambda a: a[None]  # noqa: E731
-    y, _ = sm.run_heads(spec, jax.tree.map(add, init), jax.tree.map(add, static),
-                        u[None, :, None], q[None, :, None], beta[None, :, None],
-                        jnp.asarray(resets)[None], None)  # fmt: skip
+    # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
+    y, _ = jax.jit(functools.partial(sm.run_heads, spec))(
+        jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None], q[None, :, None],
+        beta[None, :, None], jnp.asarray(resets)[None], None,
+    )  # fmt: skip
     assert rel_err(y[0, :, 0], reference(SPEC, init, static, u, q, beta, resets)) < 1e-10

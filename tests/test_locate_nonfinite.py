@@ -50,7 +50,8 @@ def test_a_poisoned_mixer_is_named_and_its_case_replays(tmp_path):
     assert not bool(jnp.all(jnp.isfinite(cot_u)))
     # The saved input is block 1's mixer input for that sequence, recomputed here directly.
     x = jnp.take(model.embed[...], batch["tokens"], axis=0)
-    kw = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
-    x = model.blocks[0](x, **kw)
+    # Jitted: eager dispatch of the block's ops costs more than compiling it.
+    block = nnx.jit(lambda b, x, s, p: b(x, segment_ids=s, positions=p))
+    x = block(model.blocks[0], x, batch["segment_ids"], batch["positions"])
     want = model.blocks[1].mixer_norm(x)[:1]  # row 0: the first sequence named
     np.testing.assert_allclose(np.asarray(case["u"]), np.asarray(want), rtol=1e-5, atol=1e-6)

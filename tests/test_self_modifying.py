@@ -194,11 +194,14 @@ def test_outer_gradient_reaches_meta_learned_initial_states(x64):
     def loss(init):
         return jnp.sum(self_modifying_head(spec, init, static, u, q, beta) * weights)
 
-    grads = jax.jit(jax.grad(loss))(init)
+    # One jitted loss for both: check_grads differentiates it as jax.grad does here, so the
+    # gradient's programs compile once.
+    loss = jax.jit(loss)
+    grads = jax.grad(loss)(init)
     for name in spec.all_memories:
         # Every memory's initial state moves the loss (the projection memories only indirectly).
         assert float(jnp.max(jnp.abs(grads[name]["W2"]))) > 1e-8, name
-    check_grads(jax.jit(loss), (init,), order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-5)
+    check_grads(loss, (init,), order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-5)
 
 
 def test_cut_gradients_match_the_token_reference(x64):
@@ -212,22 +215,34 @@ def test_cut_gradients_match_the_token_reference(x64):
     resets[[0, 3, 8]] = True  # numpy: the token loop branches on it in Python
     weights = jax.random.normal(jax.random.PRNGKey(11), (10, spec.head_dim))
 
-    def grad(fn, jit=True):
-        g = jax.grad(lambda *a: jnp.sum(jnp.sin(3 * fn(*a)) * weights), argnums=(0, 1, 2, 3, 4))
-        return jax.jit(g) if jit else g
+    def loss_of(out):
+        return jnp.sum(jnp.sin(3 * out) * weights)
+
+    def outputs_and_grad(fn):
+        """`(fn(*a), the gradient of loss_of(fn(*a)) for every input)` from one forward pass."""
+
+        def run(*a):
+            out, pullback = jax.vjp(fn, *a)
+            return out, pullback(jax.grad(loss_of)(out))
+
+        return run
 
     args = (init, static, u, q, beta)
-    uncut_spec = dataclasses.replace(spec, backprop_chunks=0)
     fast = lambda *a: self_modifying_head(spec, *a, jnp.asarray(resets))  # noqa: E731
-    assert rel_err(jax.jit(fast)(*args), reference(uncut_spec, *args, resets)) < 1e-10
-    got = jax.tree.leaves(grad(fast)(*args))
+    out, got = jax.jit(outputs_and_grad(fast))(*args)
     # Eagerly: compiling the token loop's unrolled graph costs more than running it.
     ref = lambda *a: reference(spec, *a, resets, cut_every=4)  # noqa: E731
-    want = jax.tree.leaves(grad(ref, jit=False)(*args))
+    ref_out, want = outputs_and_grad(ref)(*args)
+    assert rel_err(out, ref_out) < 1e-10
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
     for a, c in zip(got, want, strict=True):  # w_k, w_v: unused (adaptive k, v), zero
         assert float(jnp.max(jnp.abs(a - c))) <= 1e-9 * float(jnp.max(jnp.abs(c))) + 1e-15
+    # Without the cut: the same outputs (the cut only stops gradients), another gradient.
+    uncut_spec = dataclasses.replace(spec, backprop_chunks=0)
     uncut_fn = lambda *a: self_modifying_head(uncut_spec, *a, jnp.asarray(resets))  # noqa: E731
-    uncut = jax.tree.leaves(grad(uncut_fn)(*args))
+    uncut_out, uncut = jax.jit(outputs_and_grad(uncut_fn))(*args)
+    assert rel_err(out, uncut_out) < 1e-12
+    uncut = jax.tree.leaves(uncut)
     assert max(float(jnp.max(jnp.abs(a - c))) for a, c in zip(got, uncut, strict=True)) > 1e-4
     with pytest.raises(ValueError, match="must be a multiple of chunk_size_other"):
         dataclasses.replace(SPEC, chunk_other=4, backprop_chunks=1)

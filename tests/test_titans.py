@@ -54,6 +54,8 @@ def make_memory(dtype=jnp.float64, **kw) -> titans.NeuralMemory:
 
 SEQ = 18  # every float32 mixer call has this length, so each family compiles once
 _call = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))
+# Jitted: eager dispatch of the chunk scans costs more than compiling them once.
+_forward = nnx.jit(lambda m, x: m(x))
 
 
 # --------------------------------------------------------------------------- LMM vs token loop
@@ -115,7 +117,7 @@ def test_scan_unroll_reaches_the_chunk_scan_and_changes_no_number():
         for u, m in mems.items()
     }
     assert unrolls == {1: {"1"}, 3: {"3"}}
-    np.testing.assert_allclose(mems[3](x), mems[1](x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_forward(mems[3], x), _forward(mems[1], x), rtol=1e-6, atol=1e-6)
     cfg = small_config("titans_lmm")
     cfg.memory.scan_unroll = 3
     assert titans.lmm_from_config(cfg, nnx.Rngs(0)).scan_unroll == 3
@@ -132,8 +134,17 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, D), jnp.float64)
     ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11])
     resets = titans.document_resets(ids)
-    # Jitted: eager dispatch of the chunk scans costs more than compiling them once.
-    outs = {k: nnx.jit(lambda m, x: m(x, segment_ids=ids))(m, x) for k, m in mems.items()}
+
+    # Jitted: eager dispatch of the chunk scans costs more than compiling them once. One
+    # program per kernel for the outputs and the gradient of sum(sin(3 y)) for every parameter.
+    def outputs_and_grad(m, x):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        y, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p, rest)(x, segment_ids=ids), params)
+        return y, pullback(3 * jnp.cos(3 * y))[0]
+
+    outs, grads = {}, {}
+    for k, m in mems.items():
+        outs[k], grads[k] = nnx.jit(outputs_and_grad)(m, x)
     assert float(jnp.max(jnp.abs(outs[fused] - outs["xla"]))) < 1e-10
     # The fused path really runs (else this test would compare the XLA scan with itself).
     calls = {k: str(jax.make_jaxpr(lambda x, m=m: m(x))(x)).count("pallas_call") for k, m in
@@ -145,10 +156,6 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64, fused):
     for a, c in zip(jax.tree.leaves(ends[fused]), jax.tree.leaves(ends["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.max(jnp.abs(a - c))) < 1e-10
-    grads = {
-        k: nnx.jit(nnx.grad(lambda m, x: jnp.sum(jnp.sin(3 * m(x, segment_ids=ids)))))(m, x)
-        for k, m in mems.items()
-    }
     for a, c in zip(jax.tree.leaves(grads[fused]), jax.tree.leaves(grads["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.linalg.norm(a - c)) <= 1e-9 * float(jnp.linalg.norm(c)) + 1e-12
@@ -171,10 +178,13 @@ def test_kernel_warps_reach_the_fused_kernel(monkeypatch, family):
         experiments_lm.get_config("hope_tiny").model)  # fmt: skip
     cfg.memory.kernel, cfg.memory.kernel_warps = "pallas_forward", 4
     x = jax.random.normal(jax.random.PRNGKey(4), (1, 16, cfg.d_model), jnp.float32)
+    # Tracing alone reaches the kernel calls: nothing needs to compile or run.
     if family == "titans_lmm":
-        titans.lmm_from_config(cfg, nnx.Rngs(0))(x)
+        module, inputs = titans.lmm_from_config(cfg, nnx.Rngs(0)), x
     else:
-        build(cfg, nnx.Rngs(0))(jnp.zeros((1, 16), jnp.int32))
+        module, inputs = build(cfg, nnx.Rngs(0)), jnp.zeros((1, 16), jnp.int32)
+    graphdef, state = nnx.split(module)
+    jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, inputs)
     assert seen and set(seen) == {4}
 
 
@@ -193,7 +203,7 @@ def test_backprop_chunks_truncate_the_memory_gradient(x64, kernel):
     # Chunks of 3, cut before token 12; the conv (window 4) reaches back to token 9.
     assert float(jnp.abs(grads[2][:, :9]).max()) == 0.0
     assert float(jnp.abs(grads[0][:, :9]).max()) > 1e-8
-    np.testing.assert_allclose(mems[2](x), mems[0](x), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(_forward(mems[2], x), _forward(mems[0], x), rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="backprop_chunks must be an int >= 0"):
         make_memory(backprop_chunks=-1)
 
@@ -259,11 +269,17 @@ def test_backprop_chunks_reach_every_titans_variant():
         assert cut.memory.backprop_chunks == 2
         cfg.memory.backprop_chunks = 0
         full = build_fn(cfg, nnx.Rngs(0))
-        # Jitted: eager dispatch of the chunk scans costs more than compiling them once.
-        run = nnx.jit(lambda m, x: m(x))
-        np.testing.assert_allclose(run(cut, x), run(full, x), rtol=1e-5, atol=1e-6)
-        g = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=1))(cut, x)
+        # Jitted: eager dispatch of the chunk scans costs more than compiling them once. The
+        # cut layer's outputs and its input gradient of sum(y ** 2) come from one program.
+        y, g = nnx.jit(_outputs_and_input_grad)(cut, x)
+        np.testing.assert_allclose(y, nnx.jit(lambda m, x: m(x))(full, x), rtol=1e-5, atol=1e-6)
         assert bool(jnp.isfinite(g).all()), family
+
+
+def _outputs_and_input_grad(m, x):
+    """`(m(x), d sum(m(x) ** 2) / dx)` from one forward pass."""
+    y, pullback = jax.vjp(lambda x: m(x), x)
+    return y, pullback(2 * y)[0]
 
 
 def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
@@ -313,7 +329,7 @@ def test_titans_normalisations_reach_the_memory(key, attr, preset):
         mem = titans.lmm_from_config(cfg, nnx.Rngs(0))
         built = mem if key == "titans_normalize_v" else mem.level.rule
         assert getattr(built, attr) is flag
-        outs[flag] = mem(x)
+        outs[flag] = _forward(mem, x)
         if key == "titans_normalize_v":
             norms = jnp.linalg.norm(mem.features(x)[0].values, axis=-1)
             assert bool(jnp.all(jnp.abs(norms - 1) < 1e-4)) is flag
@@ -354,7 +370,7 @@ def test_fused_forward_kernel_in_mac_and_mag(family):
     cfg = small_config(family)
     cfg.memory.kernel = "pallas_forward"
     fused = FACTORIES[family](cfg, nnx.Rngs(0))
-    np.testing.assert_allclose(fused(x), mixer(family)(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_forward(fused, x), _forward(mixer(family), x), rtol=1e-5, atol=1e-5)
 
 
 def test_outer_gradient_reaches_initial_state():
