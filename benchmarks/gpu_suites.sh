@@ -134,7 +134,9 @@ suite_stability() {
 
 [ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+# "-dirty": the tree that ran differs from that commit (a copied working tree, uncommitted edits).
+git update-index -q --refresh 2>/dev/null
+echo "commit $(git describe --always --dirty 2>/dev/null || echo unknown), $(date -u +%F)"
 for suite in "$@"; do
   if ! declare -f "suite_$suite" >/dev/null; then
     echo "unknown suite '$suite' (throughput long profile gdn scaling walk stability)" >&2
