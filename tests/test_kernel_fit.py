@@ -103,6 +103,23 @@ def test_other_compile_errors_are_not_taken_for_shared_memory():
         kernel_fit.build_or_fall_back(_preset("hope_tiny").model, build, "step")
 
 
+def test_a_triton_kernel_xla_cannot_compile_is_refused_like_shared_memory(capsys):
+    # What XLA raises for memory.kernel='pallas' at hope_340m's shape (jax 0.10.2, for an H200).
+    failed = "INTERNAL: Failed to compile Triton kernel. Context: []"
+
+    def build(model_cfg):
+        if model_cfg.memory.kernel != "xla":
+            raise jax.errors.JaxRuntimeError(failed)
+        return model_cfg.memory.kernel
+
+    model = _preset("hope_tiny").model
+    assert kernel_fit.build_or_fall_back(model, build, "step") == ("xla", True)
+    assert "does not compile for this GPU (INTERNAL: Failed" in capsys.readouterr().out
+    model.memory.kernel = "pallas"
+    with pytest.raises(config_lib.ConfigError, match=r"memory.kernel='pallas'.*not compile"):
+        kernel_fit.build_or_fall_back(model, build, "step")
+
+
 def test_trainer_builds_the_fallback_program_under_auto(monkeypatch, capsys):
     """`build_program` hands the refusal to `kernel_fit` (its compile is faked: see below for
     real ones) and keeps the user's config as it was (it is what checkpoints record)."""

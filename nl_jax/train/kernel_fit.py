@@ -10,7 +10,9 @@ documents, but with the trainer's document resets it asks 278,528 of the 232,448
 
 So a compile that fails this way is retried on the XLA path where the config left the choice
 to `memory.kernel="auto"` (the same function; the tests pin the two paths together), and is a
-config error that says what to change where the config named a kernel.
+config error that says what to change where the config named a kernel. A Triton kernel that
+XLA cannot compile at all ("Failed to compile Triton kernel": `memory.kernel="pallas"`'s
+backward at hope_340m's shape, jax 0.10.2 deviceless) is taken the same way.
 """
 
 from __future__ import annotations
@@ -26,12 +28,24 @@ from nl_jax.models import lm
 from nl_jax.train import config as config_lib
 
 SHARED_MEMORY = "Shared memory size limit exceeded"
+TRITON_FAILED = "Failed to compile Triton kernel"
 T = TypeVar("T")
 
 
 def exceeds_shared_memory(error: BaseException) -> bool:
     """Whether `error` is XLA refusing a kernel for its shared memory (not device memory)."""
     return SHARED_MEMORY in str(error)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether `error` is XLA refusing a fused kernel: its shared memory, or no Triton compile."""
+    return exceeds_shared_memory(error) or TRITON_FAILED in str(error)
+
+
+def _why(error: BaseException) -> str:
+    if exceeds_shared_memory(error):
+        return f"does not fit this GPU's shared memory ({requested(error)})"
+    return f"does not compile for this GPU ({str(error).strip().splitlines()[0][:200]})"
 
 
 def requested(error: BaseException) -> str:
@@ -61,9 +75,8 @@ def xla_fallback(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def fell_back(error: BaseException, where: str) -> str:
     """The warning printed when `auto` falls back to the XLA path."""
     return (
-        f"[kernel] {where}: the fused Pallas kernel does not fit this GPU's shared memory "
-        f"({requested(error)}); memory.kernel='auto' falls back to 'xla' (same function, "
-        "slower). Smaller chunk sizes keep the kernel."
+        f"[kernel] {where}: the fused Pallas kernel {_why(error)}; memory.kernel='auto' falls "
+        "back to 'xla' (same function, slower). Smaller chunk sizes may keep the kernel."
     )
 
 
@@ -74,21 +87,22 @@ def explain(error: BaseException, model_cfg: ml_collections.ConfigDict) -> str:
         f"memory.{k}={memory[k]}" for k in ("chunk_size", "chunk_size_other") if k in memory
     )
     return (
-        f"memory.kernel={memory.get('kernel')!r}: a fused Pallas kernel of this model does not "
-        f"fit the GPU's shared memory ({requested(error)}; {sizes}). Use memory.kernel='auto' "
-        "(falls back to 'xla' here) or 'xla', or smaller chunk sizes."
+        f"memory.kernel={memory.get('kernel')!r}: a fused Pallas kernel of this model "
+        f"{_why(error)}; {sizes}. Use memory.kernel='auto' (falls back to 'xla' here) or 'xla', "
+        "or smaller chunk sizes."
     )
 
 
 def build_or_fall_back(model_cfg: ml_collections.ConfigDict,
                        build: Callable[[ml_collections.ConfigDict], T], where: str,
                        say: Callable[[str], None] = print) -> tuple[T, bool]:  # fmt: skip
-    """`(build(model_cfg), False)`; on a shared-memory refusal `(build(xla_fallback), True)`
-    under `auto`, a `ConfigError` naming the kernel otherwise. Other errors pass through."""
+    """`(build(model_cfg), False)`; where XLA refuses a fused kernel (`refused`)
+    `(build(xla_fallback), True)` under `auto`, a `ConfigError` naming the kernel otherwise.
+    Other errors pass through."""
     try:
         return build(model_cfg), False
     except jax.errors.JaxRuntimeError as e:
-        if not exceeds_shared_memory(e):
+        if not refused(e):
             raise
         fallback = xla_fallback(model_cfg)
         if fallback is None:
