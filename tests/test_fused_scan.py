@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_self_modifying import SPEC, changed, make, reference, rel_err
+from test_self_modifying import SPEC, changed, heads_inputs, make, reference, rel_err
 
 from nl_jax.core import memories
 from nl_jax.kernels import fused_scan as fs
@@ -238,17 +238,7 @@ def test_pallas_heads_match_token_reference(x64, changes):
 
 def _heads_inputs(spec, b, s):
     """float64 `run_heads` inputs `(init, static, u, q, beta)` for `spec.heads` heads."""
-    h, dh = spec.heads, spec.head_dim
-    key = jax.random.PRNGKey(5)
-    init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h, jnp.float64)
-            for i, n in enumerate(spec.all_memories)}  # fmt: skip
-    ks = jax.random.split(key, 6)
-    static = {"w_eta": jax.random.normal(ks[0], (h, dh)), "b_eta": jnp.full((h,), 0.3),
-              "w_alpha": jax.random.normal(ks[1], (h, dh)), "b_alpha": jnp.full((h,), 2.0)}  # fmt: skip
-    u = jax.random.normal(ks[2], (b, s, h, dh))
-    q = jax.random.normal(ks[3], (b, s, h, dh))
-    beta = jax.random.uniform(ks[4], (b, s, h), minval=0.2, maxval=0.8)
-    return init, static, u, q, beta
+    return heads_inputs(spec, b, s, seed=5, init_dtype=jnp.float64)
 
 
 # {(with_resets, stable): (XLA head states, XLA gradients)} of the test below.

@@ -79,12 +79,19 @@ def test_fallback_config_only_for_auto_and_leaves_the_original_alone():
     assert kernel_fit.xla_fallback(_preset("transformer_tiny").model) is None  # no memory
 
 
-def test_build_or_fall_back_retries_auto_and_names_an_explicit_kernel(capsys):
+def refusing_all_but_xla(message: str):
+    """A build that fails with XLA's `message` for every kernel but `xla`, whose name it returns."""
+
     def build(model_cfg):
         if model_cfg.memory.kernel != "xla":
-            raise jax.errors.JaxRuntimeError(H200)
+            raise jax.errors.JaxRuntimeError(message)
         return model_cfg.memory.kernel
 
+    return build
+
+
+def test_build_or_fall_back_retries_auto_and_names_an_explicit_kernel(capsys):
+    build = refusing_all_but_xla(H200)
     model = _preset("hope_tiny").model
     assert kernel_fit.build_or_fall_back(model, build, "step") == ("xla", True)
     assert "[kernel] step:" in capsys.readouterr().out and model.memory.kernel == "auto"
@@ -105,13 +112,7 @@ def test_other_compile_errors_are_not_taken_for_shared_memory():
 
 def test_a_triton_kernel_xla_cannot_compile_is_refused_like_shared_memory(capsys):
     # What XLA raises for memory.kernel='pallas' at hope_340m's shape (jax 0.10.2, for an H200).
-    failed = "INTERNAL: Failed to compile Triton kernel. Context: []"
-
-    def build(model_cfg):
-        if model_cfg.memory.kernel != "xla":
-            raise jax.errors.JaxRuntimeError(failed)
-        return model_cfg.memory.kernel
-
+    build = refusing_all_but_xla("INTERNAL: Failed to compile Triton kernel. Context: []")
     model = _preset("hope_tiny").model
     assert kernel_fit.build_or_fall_back(model, build, "step") == ("xla", True)
     assert "does not compile for this GPU (INTERNAL: Failed" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from nl_jax.core import memories
 from nl_jax.core.rules import RULE_FIELDS
 from nl_jax.layers.self_modifying import SelfModSpec, self_modifying_head
 
@@ -107,6 +108,25 @@ def make(spec, seed, seq=9):
     u = jax.random.normal(next(ks), (seq, dh))
     q = jax.vmap(l2n)(jax.random.normal(next(ks), (seq, dh)))
     beta = jax.random.uniform(next(ks), (seq,), minval=0.2, maxval=0.8)
+    return init, static, u, q, beta
+
+
+def heads_inputs(spec, b, s, seed, init_dtype, unit_q=False):
+    """`run_heads` inputs `(init, static, u, q, beta)` for `spec.heads` heads, `[b, s, ...]`:
+    every memory's meta-learned initial weights in `init_dtype`, the rest in the default
+    float dtype; `unit_q` gives unit-norm queries."""
+    h, dh = spec.heads, spec.head_dim
+    key = jax.random.PRNGKey(seed)
+    init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h, init_dtype)
+            for i, n in enumerate(spec.all_memories)}  # fmt: skip
+    ks = jax.random.split(key, 6)
+    static = {"w_eta": jax.random.normal(ks[0], (h, dh)), "b_eta": jnp.full((h,), 0.3),
+              "w_alpha": jax.random.normal(ks[1], (h, dh)), "b_alpha": jnp.full((h,), 2.0)}  # fmt: skip
+    u = jax.random.normal(ks[2], (b, s, h, dh))
+    q = jax.random.normal(ks[3], (b, s, h, dh))
+    if unit_q:
+        q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    beta = jax.random.uniform(ks[4], (b, s, h), minval=0.2, maxval=0.8)
     return init, static, u, q, beta
 
 

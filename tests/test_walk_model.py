@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_self_modifying import heads_inputs
 
 from nl_jax.core import DeltaRule, memories, target
 from nl_jax.kernels import chunk_step as cs
@@ -34,18 +35,7 @@ def rel_err(a, b):
 
 def inputs(spec, seed=0):
     """float32 `run_heads` inputs `(init, static, u, q, beta)`."""
-    h, dh = spec.heads, spec.head_dim
-    key = jax.random.PRNGKey(seed)
-    init = {n: memories.init_multihead(spec.memory, jax.random.fold_in(key, i), h, jnp.float32)
-            for i, n in enumerate(spec.all_memories)}  # fmt: skip
-    ks = jax.random.split(key, 6)
-    static = {"w_eta": jax.random.normal(ks[0], (h, dh)), "b_eta": jnp.full((h,), 0.3),
-              "w_alpha": jax.random.normal(ks[1], (h, dh)), "b_alpha": jnp.full((h,), 2.0)}  # fmt: skip
-    u = jax.random.normal(ks[2], (B, S, h, dh))
-    q = jax.random.normal(ks[3], (B, S, h, dh))
-    q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-    beta = jax.random.uniform(ks[4], (B, S, h), minval=0.2, maxval=0.8)
-    return init, static, u, q, beta
+    return heads_inputs(spec, B, S, seed=seed, init_dtype=jnp.float32, unit_q=True)
 
 
 def fast_jit(fn, *args):

@@ -45,14 +45,15 @@ def refused(error: BaseException) -> bool:
 def _why(error: BaseException) -> str:
     if exceeds_shared_memory(error):
         return f"does not fit this GPU's shared memory ({requested(error)})"
-    return f"does not compile for this GPU ({str(error).strip().splitlines()[0][:200]})"
+    return f"does not compile for this GPU ({requested(error)})"
 
 
 def requested(error: BaseException) -> str:
-    """`requested N of M bytes` from XLA's message, or its first 200 characters."""
+    """`requested N of M bytes` from XLA's message, or the first 200 characters of its first
+    line."""
     found = re.search(r"requested (\d+), available:? (\d+)", str(error))
     if found is None:
-        return str(error).strip()[:200]
+        return (str(error).strip().splitlines() or [""])[0][:200]
     return f"requested {int(found.group(1)):,} of {int(found.group(2)):,} bytes per block"
 
 
