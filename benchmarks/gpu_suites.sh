@@ -92,8 +92,9 @@ suite_walk() {
 
 suite_stability() {
   # 4 layers, seq 2048 x 8: 1,000 steps of two seeds per family, the learning-rate sweep
-  # (250 steps at 3e-4 and 3e-3; 1e-3 is the long runs' step 250) and Hope's paper form (the
-  # stable inner loop's switches off; cut and uncut meta-gradient), all at once on one GPU.
+  # (250-step runs at 3e-4, 1e-3 and 3e-3: a 250-step run's cosine schedule has decayed by its
+  # step 250, a long run's has not, so the long runs' step 250 is no sweep point) and Hope's
+  # paper form (the stable inner loop's switches off; cut and uncut meta-gradient), on one GPU.
   # Longer than one 10-minute call: run the suite again on the same machine and every
   # unfinished run continues from its checkpoint. JAX_COMPILATION_CACHE_DIR saves recompiles.
   local c="--config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8"
@@ -104,8 +105,12 @@ suite_stability() {
   local long=${RUNS:-hope_340m:0,hope_340m:1,titans_lmm_340m:0,titans_lmm_340m:1,transformer_340m:0,transformer_340m:1}
   # The short runs first: a hope_340m trainer at this size peaks at about 10 GiB, and six of
   # them beside the others ran an H100 out of memory.
-  local sweep=${SWEEP:-titans_lmm_340m:0:3e-4,titans_lmm_340m:0:3e-3,transformer_340m:0:3e-4}
-  [ -n "${SWEEP:-}" ] || sweep=$sweep,transformer_340m:0:3e-3,hope_340m:0:3e-4,hope_340m:0:3e-3
+  local sweep=${SWEEP:-}
+  if [ -z "$sweep" ]; then
+    for p in titans_lmm_340m transformer_340m hope_340m; do
+      sweep=$sweep${sweep:+,}$p:0:3e-4,$p:0:1e-3,$p:0:3e-3
+    done
+  fi
   local parts=" ${PARTS:-long sweep paper} " names=""
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the trainers share the GPU
   if [[ $parts == *" long "* ]]; then
