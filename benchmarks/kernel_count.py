@@ -1,15 +1,17 @@
-"""GPU kernel launches per train step, counted in the compiled program, with or without a GPU.
+"""GPU kernel launches and HBM traffic per train step, from the compiled program, with or without
+a GPU.
 
     python benchmarks/kernel_count.py --presets=hope_340m --set=num_layers=4 --seq_len=4096 \\
         --batch=8 [--target=h200] [--variants="a:k=v|b:k=v"] [--by=6]
 
-Hope's step on an H200 is bound by how many kernels it launches, not by FLOPs or bytes
-(BENCHMARKS.md, "Where Hope's step goes"). This compiles one
-preset's train step (`throughput.train_step`: the trainer's step, random tokens) for a GPU and counts the
-kernels one step launches: every fusion, custom call (cuBLAS, cuDNN, Triton) and unfused op,
-times the trip count of each while loop around it (XLA's `known_trip_count`). The count is a
-static property of the compiled program, so a change that fuses the chunk step can be measured
-here before a GPU is spent on it; what each kernel costs is the GPU's business.
+This compiles one preset's train step (`throughput.train_step`: the trainer's step, random
+tokens) for a GPU and counts the kernels one step launches: every fusion, custom call (cuBLAS,
+cuDNN, Triton, Mosaic GPU) and unfused op, times the trip count of each while loop around it
+(XLA's `known_trip_count`). Beside the count it estimates the bytes those launches read and
+write in HBM (`kernel_bytes`: operand and output shapes, slices of stacked arrays counted as
+slices, caches ignored), so a step's floor at the GPU's memory bandwidth can be set against its
+measured time (BENCHMARKS.md, "Where Hope's step goes"). Both are static properties of the
+compiled program: a change to the chunk step can be weighed here before a GPU is spent on it.
 
 `--target=h200` (default) compiles without a GPU, from the device description in
 `nl_jax/train/gpu_targets.py`, with XLA's deviceless compiler: needs the CUDA plugin
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gzip
 import json
 import pathlib
@@ -129,6 +132,120 @@ def count_kernels(text: str) -> tuple[int, collections.Counter, list[str]]:
     return total, launches, list(dict.fromkeys(warnings))  # a branch is walked twice
 
 
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+def _array_bytes(text: str) -> int:
+    """Bytes of every array shape written in `text` (a tuple's elements summed)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(text):
+        bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype) or 8)
+        if dtype.startswith("c"):
+            bits = int(dtype[1:])
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size * max(bits // 8, 1)
+    return total
+
+
+def _operands(line: str, opcode: str) -> list[str]:
+    """Names of an instruction's operands (the parenthesised list after its opcode)."""
+    start = line.index(f" {opcode}(") + len(opcode) + 2
+    depth, end = 1, start
+    while depth and end < len(line):
+        depth += {"(": 1, ")": -1}.get(line[end], 0)
+        end += 1
+    return _OPERAND.findall(line[start : end - 1])
+
+
+def kernel_bytes(text: str) -> dict[str, int]:
+    """`{instruction: bytes}`: HBM bytes each kernel-launching instruction reads and writes per
+    launch, estimated from the shapes of its operands and outputs.
+
+    A fusion parameter read only through `dynamic-slice` counts the slices, and a fusion whose
+    root updates a buffer in place (`dynamic-update-slice`) counts the update, not the buffer:
+    a scan's step reads and writes one step of its stacked arrays. Caches are ignored, so this
+    is traffic at most, not time.
+    """
+    _, comps = parse_hlo(text)
+    shapes = {
+        comp: {inst: line.split("=", 1)[1].split(f" {opcode}(")[0] for inst, opcode, line in rows}
+        for comp, rows in comps.items()
+    }
+
+    @functools.cache
+    def fused(comp: str) -> tuple[dict[int, int], int | None]:
+        """Per parameter number, the bytes read where it is only sliced (0 where it is only
+        the buffer an in-place root updates); the bytes the root writes where it updates in
+        place (else None)."""
+        rows = comps.get(comp, [])
+        operands = {inst: _operands(line, opcode) for inst, opcode, line in rows}
+        params = {inst: int(re.search(r"parameter\((\d+)\)", line).group(1))
+                  for inst, opcode, line in rows if opcode == "parameter"}  # fmt: skip
+        root = next((r for r in rows if r[2].lstrip().startswith("ROOT")), None)
+        parts = [] if root is None else [root] if root[1] != "tuple" else [
+            r for r in rows if r[0] in operands[root[0]]]  # fmt: skip
+        written = None
+        if parts and all(op == "dynamic-update-slice" for _, op, _ in parts):
+            written = sum(_array_bytes(shapes[comp].get(operands[i][1], "")) for i, _, _ in parts)
+        updated = {operands[i][0] for i, _, _ in parts} if written is not None else set()
+        users: dict[str, list[tuple[str, str]]] = {}
+        for i, op, _ in rows:
+            for name in operands[i]:
+                users.setdefault(name, []).append((i, op))
+
+        def sliced(name: str) -> int | None:
+            """Bytes read from `name` if it (or a bitcast of it) is only sliced, else None."""
+            total = 0
+            for i, op in users.get(name, []):
+                if op == "bitcast":
+                    inner = sliced(i)
+                    if inner is None:
+                        return None
+                    total += inner
+                elif op == "dynamic-slice" and operands[i][0] == name:
+                    total += _array_bytes(shapes[comp][i])
+                else:
+                    return None
+            return total if name in users else None
+
+        in_place = {r[0] for r in parts}
+        reads: dict[int, int] = {}
+        for name, number in params.items():
+            if name in updated and all(i in in_place for i, _ in users.get(name, [])):
+                reads[number] = 0
+            elif (n := sliced(name)) is not None:
+                reads[number] = n
+        return reads, written
+
+    fusions = {m.group(1) for rows in comps.values() for _, op, line in rows
+               if op == "fusion" and (m := re.search(r"calls=%?([^\s,{}%]+)", line))}  # fmt: skip
+    out: dict[str, int] = {}
+    for comp, rows in comps.items():
+        if comp in fusions:  # a fused computation's instructions run inside its kernel
+            continue
+        for inst, opcode, line in rows:
+            if opcode in _NO_KERNEL or opcode.endswith("-done") or opcode in (
+                "while", "call", "conditional"):  # fmt: skip
+                continue
+            names = _operands(line, opcode)
+            reads = [_array_bytes(shapes[comp].get(n, "")) for n in names]
+            write = _array_bytes(shapes[comp][inst])
+            callee = re.search(r"calls=%?([^\s,{}%]+)", line)
+            if opcode == "fusion" and callee:
+                sliced, written = fused(callee.group(1))
+                reads = [sliced.get(j, b) for j, b in enumerate(reads)]
+                write = write if written is None else written
+            elif opcode == "dynamic-update-slice":
+                reads, write = reads[1:2], reads[1] if len(reads) > 1 else 0
+            elif opcode == "dynamic-slice":
+                reads = [write]
+            out[inst] = sum(reads) + write
+    return out
+
+
 def group_by_name(launches: collections.Counter, op_names: dict[str, str], parts: int) -> list:
     """`[(name stack prefix, launches), ...]`, largest first: where the kernels come from."""
     groups: collections.Counter = collections.Counter()
@@ -177,12 +294,16 @@ def measure(preset: str, seq_len: int, batch: int, dtype: str, overrides: dict, 
         with gzip.open(hlo_out, "wt") as f:
             f.write(text)
     total, launches, warnings = count_kernels(text)
+    per_launch = kernel_bytes(text)
+    traffic = collections.Counter({i: n * per_launch.get(i, 0) for i, n in launches.items()})
     _, op_names = throughput.hlo_op_names(text)
     return {
         "preset": preset, "overrides": overrides, "seq": seq_len, "batch": batch,
         "kernels_per_step": total, "kernels_per_token": total / (batch * seq_len),
+        "gb_per_step": sum(traffic.values()) / 1e9,
         "compile_s": compile_s, "warnings": warnings,
         "groups": group_by_name(launches, op_names, by)[:20] if by else [],
+        "traffic_groups": group_by_name(traffic, op_names, by)[:10] if by else [],
     }  # fmt: skip
 
 
@@ -208,19 +329,23 @@ def main() -> None:
         runs = [(f"{runs[0][0]}[{label}]", runs[0][0], {**common, **sets})
                 for label, sets in throughput.parse_variants(args.variants)]  # fmt: skip
     rows = []
-    print(f"| preset | seq | batch | kernels / step | kernels / token | compile s |  ({where})")
-    print("|---|---|---|---|---|---|")
+    print(f"| preset | seq | batch | kernels / step | kernels / token | HBM GB / step | compile s "
+          f"|  ({where})")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for i, (label, preset, overrides) in enumerate(runs):
         row = measure(preset, args.seq_len, args.batch, args.dtype, overrides, sharding,
                       args.by, args.doc_len, args.hlo_out if i == len(runs) - 1 else "")  # fmt: skip
         row["label"] = label
         rows.append(row)
         print(f"| {label} | {row['seq']} | {row['batch']} | {row['kernels_per_step']:,} | "
-              f"{row['kernels_per_token']:.1f} | {row['compile_s']:.0f} |", flush=True)  # fmt: skip
+              f"{row['kernels_per_token']:.1f} | {row['gb_per_step']:,.1f} | "
+              f"{row['compile_s']:.0f} |", flush=True)  # fmt: skip
         for w in row["warnings"]:
             print(f"  warning: {w}")
         for name, n in row["groups"]:
             print(f"  {n:>10,}  {name}")
+        for name, n in row["traffic_groups"]:
+            print(f"  {n / 1e9:>9,.1f} GB  {name}")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"target": where, "rows": rows}, indent=1))
 

@@ -349,6 +349,60 @@ def test_kernel_count_walks_nested_loops_calls_and_conditionals():
     assert launches["cc"] == 3 and launches["f1"] == 3 * 5 + 1
 
 
+def test_kernel_bytes_counts_slices_of_stacked_arrays_and_in_place_updates_as_slices():
+    """A scan step's fusions read one step of a stacked array and update one step in place:
+    their traffic is the step's bytes, not the whole buffer's."""
+    import kernel_count  # noqa: PLC0415
+
+    text = "\n".join([
+        "HloModule m",
+        "%fused_neg (p: f32[4]) -> f32[4] {",
+        "  %p = f32[4]{0} parameter(0)",
+        "  ROOT %n = f32[4]{0} negate(%p)",
+        "}",
+        "%fused_slice (a: f32[100,4], i: s32[]) -> f32[4] {",
+        "  %a = f32[100,4]{1,0} parameter(0)",
+        "  %i = s32[] parameter(1)",
+        "  %b = f32[400]{0} bitcast(%a)",
+        "  %z = s32[] constant(0)",
+        "  %s = f32[4]{0} dynamic-slice(%b, %i), dynamic_slice_sizes={4}",
+        "  ROOT %e = f32[4]{0} exponential(%s)",
+        "}",
+        "%fused_update (buf: f32[100,4], u: f32[1,4], i: s32[]) -> f32[100,4] {",
+        "  %buf = f32[100,4]{1,0} parameter(0)",
+        "  %u = f32[1,4]{1,0} parameter(1)",
+        "  %i = s32[] parameter(2)",
+        "  %z = s32[] constant(0)",
+        "  ROOT %d = f32[100,4]{1,0} dynamic-update-slice(%buf, %u, %i, %z)",
+        "}",
+        "%fused_whole (a: f32[100,4]) -> f32[100,4] {",
+        "  %a = f32[100,4]{1,0} parameter(0)",
+        "  ROOT %n = f32[100,4]{1,0} negate(%a)",
+        "}",
+        "ENTRY %main (x: f32[4], big: f32[100,4], j: s32[]) -> f32[4] {",
+        "  %x = f32[4]{0} parameter(0)",
+        "  %big = f32[100,4]{1,0} parameter(1)",
+        "  %j = s32[] parameter(2)",
+        "  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_neg",
+        "  %g = f32[4]{0} fusion(%big, %j), kind=kLoop, calls=%fused_slice",
+        "  %r = f32[1,4]{1,0} bitcast(%g)",
+        "  %h = f32[100,4]{1,0} fusion(%big, %r, %j), kind=kLoop, calls=%fused_update",
+        "  %w = f32[100,4]{1,0} fusion(%big), kind=kLoop, calls=%fused_whole",
+        "  %ds = f32[2,4]{1,0} dynamic-slice(%big, %j, %j), dynamic_slice_sizes={2,4}",
+        "  ROOT %cc = f32[4]{0} custom-call(%f, %g), custom_call_target=\"__cublas$gemm\"",
+        "}",
+    ])  # fmt: skip
+    got = kernel_count.kernel_bytes(text)
+    assert got == {
+        "f": 16 + 16,  # reads and writes 4 floats
+        "g": 16 + 4 + 16,  # one row of `big` (through a bitcast), the index, the result
+        "h": 16 + 4 + 16,  # the update's row in, the index, the row written in place
+        "w": 1600 + 1600,  # a whole-buffer pass
+        "ds": 32 + 32,
+        "cc": 16 + 16 + 16,
+    }, got
+
+
 def test_kernel_count_compiles_hope_for_an_h200_without_one():
     """Needs the CUDA plugin (jax[cuda12]); skipped without it, as in CI."""
     import kernel_count  # noqa: PLC0415

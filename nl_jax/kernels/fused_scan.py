@@ -1,8 +1,8 @@
 """A whole `lax.scan` in one Pallas (Triton) kernel per instance, forward and backward.
 
 XLA runs a chunk scan as a loop of small kernels: for Hope's projection memories that is ~290
-launches of a few KB each per chunk step, so the step is bound
-by launches, not FLOPs or bytes. `fused_scan` runs the same `step` for all chunks of one instance
+launches per chunk step, each passing over its arrays in HBM. `fused_scan` runs the same `step`
+for all chunks of one instance
 (one sequence and head) inside a single kernel program; the grid covers the instances.
 
 The backward pass is a second kernel that walks the chunks in reverse: it reloads the carry saved

@@ -481,7 +481,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
             carry, gen = fused_scan(step, carry, full, consts, **kw)
         else:
             # The XLA backward (and forward) take the memories stacked: one batched op per op
-            # of the step for all four, not one per memory (the step is launch-bound).
+            # of the step for all four, not one per memory (fewer, larger launches).
             carry, gen = fused_scan(
                 step, carry, full, consts, backward="xla", forward=forward,
                 xla_step=functools.partial(projection_step_batched, spec),
