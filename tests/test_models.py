@@ -425,3 +425,36 @@ def test_out_of_range_token_ids_are_an_error():
                      lambda t: generate.prefill(model, t, max_len=8)):  # fmt: skip
             with pytest.raises(ValueError, match=r"token ids must be in \[0, 257\)"):
                 call(bad)
+
+
+def test_token_nll_equals_float64_log_softmax_and_its_gradient_has_no_scatter():
+    """`-log p(target)` and its gradient against numpy's float64 log-softmax (logits up to
+    +-80, bf16 and float32 inputs), and the gradient takes no gather or scatter: the loss's
+    backward is one elementwise pass over the logits, not a scatter into a buffer of their size.
+    """
+    from nl_jax.models.loss import token_nll  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 20, (3, 5, 37)).clip(-80, 80)
+    targets = rng.integers(0, 37, (3, 5))
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    want_grad = np.exp(logp) - np.eye(37)[targets]  # d sum(nll) / d logits
+    for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-5)):
+        x = jnp.asarray(logits, dtype)
+        ref = want if dtype == jnp.float32 else None
+        if ref is None:  # the same float64 math on the bf16-rounded logits
+            xs = np.asarray(x, np.float64)
+            s = xs - xs.max(-1, keepdims=True)
+            lp = s - np.log(np.exp(s).sum(-1, keepdims=True))
+            ref = -np.take_along_axis(lp, targets[..., None], -1)[..., 0]
+        got = token_nll(x, jnp.asarray(targets))
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=tol, atol=tol * 10)
+    grad = jax.grad(lambda x: token_nll(x, jnp.asarray(targets)).sum())
+    np.testing.assert_allclose(
+        np.asarray(grad(jnp.asarray(logits, jnp.float32))), want_grad, atol=1e-5
+    )
+    jaxpr = str(jax.make_jaxpr(grad)(jnp.asarray(logits, jnp.float32)))
+    assert "scatter" not in jaxpr and "gather" not in jaxpr
