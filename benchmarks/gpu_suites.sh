@@ -16,6 +16,8 @@
 #   walk        one GPU: benchmarks/memory_walk.py, Hope's M_memory as the persistent Mosaic GPU
 #               kernel against XLA's chunk scan at hope_340m's shape (batch 4 x 16 heads, seq
 #               4096, chunk 64): us per chunk step, forward and backward  -> "Kernels"
+#   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk beside the
+#               preset                                                      -> "Kernels"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
 #               learning-rate sweep and Hope's paper form, side by side: the first non-finite
@@ -90,6 +92,13 @@ suite_walk() {
     --out="$OUT/memory_walk.json" 2>&1 | quiet
 }
 
+suite_walk_model() {
+  # Each 4-layer compile takes 2-3 minutes on a live GPU (autotuning): a longer limit.
+  timeout $((2 * TMO)) $PY benchmarks/throughput.py --steps=4 --seq_len=4096 --batch=8 \
+    --presets=hope_340m --set=num_layers=4 --variants="preset:memory.kernel=auto|walk:memory.kernel=walk" \
+    --out="$OUT/throughput_walk.json" 2>&1 | quiet
+}
+
 suite_stability() {
   # 4 layers, seq 2048 x 8: 1,000 steps of two seeds per family, the learning-rate sweep
   # (250-step runs at 3e-4, 1e-3 and 3e-3: a 250-step run's cosine schedule has decayed by its
@@ -144,7 +153,7 @@ git update-index -q --refresh 2>/dev/null
 echo "commit $(git describe --always --dirty 2>/dev/null || echo unknown), $(date -u +%F)"
 for suite in "$@"; do
   if ! declare -f "suite_$suite" >/dev/null; then
-    echo "unknown suite '$suite' (throughput long profile gdn scaling walk stability)" >&2
+    echo "unknown suite '$suite' (throughput long profile gdn scaling walk walk_model stability)" >&2
     exit 2
   fi
   echo "== $suite"
