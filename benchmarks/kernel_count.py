@@ -140,9 +140,8 @@ def _array_bytes(text: str) -> int:
     """Bytes of every array shape written in `text` (a tuple's elements summed)."""
     total = 0
     for dtype, dims in _ARRAY.findall(text):
-        bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype) or 8)
-        if dtype.startswith("c"):
-            bits = int(dtype[1:])
+        width = re.match(r"[a-z]+(\d+)", dtype)  # s32 32, bf16 16, f8e4m3fn 8, c64 64; pred 8
+        bits = int(width.group(1)) if width else 8
         size = 1
         for d in filter(None, dims.split(",")):
             size *= int(d)

@@ -389,6 +389,8 @@ def test_kernel_bytes_counts_slices_of_stacked_arrays_and_in_place_updates_as_sl
         "  %h = f32[100,4]{1,0} fusion(%big, %r, %j), kind=kLoop, calls=%fused_update",
         "  %w = f32[100,4]{1,0} fusion(%big), kind=kLoop, calls=%fused_whole",
         "  %ds = f32[2,4]{1,0} dynamic-slice(%big, %j, %j), dynamic_slice_sizes={2,4}",
+        "  %cv = bf16[4]{0} convert(%x)",
+        "  %f8 = f8e4m3fn[4]{0} convert(%x)",
         "  ROOT %cc = f32[4]{0} custom-call(%f, %g), custom_call_target=\"__cublas$gemm\"",
         "}",
     ])  # fmt: skip
@@ -399,6 +401,8 @@ def test_kernel_bytes_counts_slices_of_stacked_arrays_and_in_place_updates_as_sl
         "h": 16 + 4 + 16,  # the update's row in, the index, the row written in place
         "w": 1600 + 1600,  # a whole-buffer pass
         "ds": 32 + 32,
+        "cv": 16 + 8,
+        "f8": 16 + 4,
         "cc": 16 + 16 + 16,
     }, got
 
