@@ -2,8 +2,8 @@
 
 XLA runs a chunk scan as a loop of small kernels: for Hope's projection memories that is ~290
 launches per chunk step, each passing over its arrays in HBM. `fused_scan` runs the same `step`
-for all chunks of one instance
-(one sequence and head) inside a single kernel program; the grid covers the instances.
+for all chunks of one instance (one sequence and head) inside a single kernel program; the grid
+covers the instances.
 
 The backward pass is a second kernel that walks the chunks in reverse: it reloads the carry saved
 before each step, re-traces `step` and applies its `jax.vjp` in the kernel, so no backward is
