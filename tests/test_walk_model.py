@@ -92,7 +92,9 @@ def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypat
     key = iter(jax.random.split(jax.random.PRNGKey(3), 64))
     heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
     (y, new), grads = run("walk", heads)(*args, heads)
-    assert len(walks) == 1 and walks[0]["every"] == SPEC.backprop_chunks
+    # One kernel walk, saving every chunk's start state for the backward (the cut windows
+    # themselves are checked by the gradients against XLA's below).
+    assert len(walks) == 1 and walks[0]["every"] == 1
     (y_x, new_x), grads_x = run("xla", heads)(*args, heads)
     assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
     assert check(grads, grads_x, 1e-5) < 1e-5
