@@ -277,7 +277,7 @@ GRAD_RESETS = jnp.zeros((2, 6), bool).at[0, [2, 5]].set(True).at[1, 4].set(True)
 
 @pytest.mark.parametrize("every", [0, 1])  # one window: the full gradient; a cut per chunk
 def test_walk_memory_gradients_in_interpreter(every):
-    """`walk_memory` (the interpreted kernel forward, `windows_backward` from its window-start
+    """`walk_memory` (the interpreted kernel forward, `windows_backward` from its chunk-start
     states) against `chunk_step.sequence_forward` and its `jax.vjp` (one window) or
     `chunk_step.window_backward` (a cut per chunk), with document resets and a trailing
     partial chunk, float32 operands: outputs, final state and the gradients of the initial
@@ -326,7 +326,7 @@ def test_walk_memory_gradients_in_interpreter(every):
 @pytest.mark.parametrize(("seq", "every"), [(24, 2), (28, 3), (26, 2), (16, 0), (18, 0)])
 def test_windows_backward_matches_the_staged_window_walk_float64(x64, seq, every):
     """`windows_backward` (whole windows side by side, a ragged last one unrolled) from the
-    window-start states of the staged walk equals `chunk_step.window_backward`, with document
+    chunk-start states of the staged walk equals `chunk_step.window_backward`, with document
     resets in the first, a middle and the last window, float64: every gradient within 1e-10."""
     chunk, dtype = 4, jnp.float64
     init, x = make(1, seq, 8, 16, dtype)
@@ -337,12 +337,9 @@ def test_windows_backward_matches_the_staged_window_walk_float64(x64, seq, every
     d_final = cs.State(
         *(jax.random.normal(k, a.shape, dtype) for k, a in zip(ks[1:], init, strict=True))
     )
-    n_chunks = -(-seq // chunk)
-    step = every or n_chunks
     starts, state = [], init
-    for i in range(n_chunks):  # the staged forward's state at each window's first chunk
-        if i % step == 0:
-            starts.append(state)
+    for i in range(-(-seq // chunk)):  # the staged forward's state at each chunk's start
+        starts.append(state)
         sl = slice(i * chunk, (i + 1) * chunk)
         xc = cs.Inputs(*(a[sl] for a in x))
         state = cs.chunk_forward(CFG, state, xc, resets[sl], init)[1]

@@ -1096,22 +1096,12 @@ def walk_forward(
 
 
 def _window_reverse(
-    cfg: cs.StepConfig, init: cs.State, start: cs.State, xw: cs.Inputs, rw: jax.Array | None,
-    d_yw: jax.Array | None, d_state: cs.State, d_init: cs.State, per_chunk: bool = False,
+    cfg: cs.StepConfig, init: cs.State, states: cs.State, xw: cs.Inputs, rw: jax.Array | None,
+    d_yw: jax.Array | None, d_state: cs.State, d_init: cs.State,
 ) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
-    """One cut window of equal chunks under `lax.scan`: leaves of `xw` `[chunks, C, ...]`,
-    `rw: [chunks, C]` or None, `d_yw: [chunks, C, d]` or None. Recomputes the chunk-start
-    states from `start` (with `per_chunk`, `start`'s leaves are already all of them, `[chunks,
-    ...]`), then walks the chunks in reverse: `(d start state, d_init, d xw)`."""
-
-    def forward(state: cs.State, xr: tuple) -> tuple:
-        return cs.chunk_forward(cfg, state, xr[0], xr[1], init)[1], state
-
-    states = start
-    if not per_chunk:
-        head = jax.tree.map(lambda a: a[:-1], (xw, rw))
-        last, states = lax.scan(forward, start, head)
-        states = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), states, last)
+    """One cut window of equal chunks under `lax.scan`: its chunk-start states and leaves of
+    `xw` `[chunks, ...]`, `rw: [chunks, C]` or None, `d_yw: [chunks, C, d]` or None; walks the
+    chunks in reverse: `(d start state, d_init, d xw)`."""
 
     def backward(carry: tuple, inp: tuple) -> tuple:
         d_state, d_init = carry
@@ -1130,13 +1120,12 @@ def _window_reverse(
 def windows_backward(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
     d_y: jax.Array | None, d_final: cs.State, resets: jax.Array | None = None,
-    per_chunk: bool = False,
 ) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
-    """`chunk_step.window_backward` of one stream from stored window-start states: `(d init,
+    """`chunk_step.window_backward` of one stream from stored chunk-start states: `(d init,
     d inputs [seq, ...])`, `init` both the start state and the weights a reset returns to
     (`windows_backward_split`'s two gradients summed)."""
     d_start, d_init, d_x = windows_backward_split(
-        cfg, init, x, chunk, every, starts, d_y, d_final, resets, per_chunk
+        cfg, init, x, chunk, every, starts, d_y, d_final, resets
     )
     return cs.State(*(a + b for a, b in zip(d_start, d_init, strict=True))), d_x
 
@@ -1144,17 +1133,13 @@ def windows_backward(
 def windows_backward_split(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
     d_y: jax.Array | None, d_final: cs.State, resets: jax.Array | None = None,
-    per_chunk: bool = False,
 ) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
     """The backward of one stream whose start state (`starts`' first) need not be `init`:
     `(d start state, d init, d inputs [seq, ...])`; `init`'s weights are where a reset returns
     and a cut passes its gradient (its momentum fields are not read; their gradient is 0).
 
-    `starts`: leaves `[windows, ...]`, the state at each cut window's first chunk (what
-    `walk_forward(..., every=every)` writes); within a window the chunk-start states are
-    recomputed by `chunk_step.chunk_forward` and the chunks reversed by `chunk_backward`. With
-    `per_chunk`, `starts` holds every chunk's start state (`[chunks, ...]`, what
-    `walk_forward(..., every=1)` writes) and nothing is recomputed. A
+    `starts`: leaves `[chunks, ...]`, the state at each chunk's start (what `walk_forward(...,
+    every=1)` writes); the chunks are reversed by `chunk_backward`, cut every `every`. A
     reset returns to `init`'s weights, whatever window it falls in. The windows of `every`
     whole chunks run side by side (`vmap`; each under `lax.scan` over its chunks); a last
     window that is shorter or ends in a partial chunk is unrolled.
@@ -1172,12 +1157,7 @@ def windows_backward_split(
         firsts = list(range(first, seq, chunk))
         xs = [cs.Inputs(*(a[s : s + chunk] for a in x)) for s in firsts]
         rs = [None if resets is None else resets[s : s + chunk] for s in firsts]
-        if per_chunk:
-            states = [cs.State(*(a[regular * every + i] for a in starts)) for i in range(len(xs))]
-        else:
-            states = [cs.State(*(a[regular] for a in starts))]
-            for i in range(len(xs) - 1):
-                states.append(cs.chunk_forward(cfg, states[-1], xs[i], rs[i], init)[1])
+        states = [cs.State(*(a[regular * every + i] for a in starts)) for i in range(len(xs))]
         tail_parts = [None] * len(xs)
         for i in reversed(range(len(xs))):
             dy = None if d_y is None else d_y[firsts[i] : firsts[i] + xs[i].k.shape[0]]
@@ -1199,11 +1179,9 @@ def windows_backward_split(
 
         xw = cs.Inputs(*(windows(a) for a in x))
         rw, d_yw = windows(resets), windows(d_y)
-        if per_chunk:  # [regular, every, ...]: each window's chunk-start states
-            window_starts = cs.State(*(a[: regular * every].reshape(regular, every, *a.shape[1:])
-                                       for a in starts))  # fmt: skip
-        else:
-            window_starts = cs.State(*(a[:regular] for a in starts))
+        # [regular, every, ...]: each window's chunk-start states.
+        window_states = cs.State(*(a[: regular * every].reshape(regular, every, *a.shape[1:])
+                                   for a in starts))  # fmt: skip
 
         # A cut zeroes the cotangent carried into the window before it, so every window's
         # reverse starts from zero but the last's (which takes what the tail left): the windows
@@ -1213,12 +1191,12 @@ def windows_backward_split(
                           for a in d_state))  # fmt: skip
         zero_init = cs.State(*(jnp.zeros_like(a) for a in init))
         reverse = jax.vmap(
-            lambda start, xs, rs, dys, d_s: _window_reverse(
-                cfg, init, start, xs, rs, dys, d_s, zero_init, per_chunk
+            lambda states, xs, rs, dys, d_s: _window_reverse(
+                cfg, init, states, xs, rs, dys, d_s, zero_init
             ),
             in_axes=(0, 0, None if rw is None else 0, None if d_yw is None else 0, 0),
         )
-        d_out, d_inits, d_x = reverse(window_starts, xw, rw, d_yw, d_in)
+        d_out, d_inits, d_x = reverse(window_states, xw, rw, d_yw, d_in)
         # Each window start after the first is a cut: its weights' gradient goes to the
         # initial weights and its momentum's stops; the first window's is the start state's.
         d_init = cs.State(*(a + b.sum(0) for a, b in zip(d_init, d_inits, strict=True)))
@@ -1232,9 +1210,8 @@ def windows_backward_split(
 
 
 def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets, reset_to):
-    # Every chunk's start state (64 KB a stream and chunk at hope_340m's shape), so that the
-    # backward recomputes none of them: recomputing a window's states in XLA moved ~27 GB a
-    # layer at seq 4096 x 8 (BENCHMARKS.md, "Where Hope's step goes").
+    # Every chunk's start state (64 KB a stream and chunk at hope_340m's shape): recomputing a
+    # window's states in XLA from its first moved ~27 GB a layer at seq 4096 x 8.
     run = interpret_params() if interpret else None
     y, final, starts = walk_forward(
         cfg, init, x, chunk, step=memory_step, interpret=run, operands=operands,
@@ -1249,7 +1226,7 @@ def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
     d_y, d_final = cot
     backward = windows_backward if reset_to is None else windows_backward_split
     grads = jax.vmap(
-        lambda i, xs, s, dy, df, r: backward(cfg, i, xs, chunk, every, s, dy, df, r, True),
+        lambda i, xs, s, dy, df, r: backward(cfg, i, xs, chunk, every, s, dy, df, r),
         in_axes=(0, 0, 0, 0, 0, None if resets is None else 0),
     )
     out = grads(init if reset_to is None else reset_to, x, starts, d_y, d_final, resets)
