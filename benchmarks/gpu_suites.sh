@@ -20,10 +20,11 @@
 #               preset                                                      -> "Kernels"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
-#               learning-rate sweep and Hope's paper form, side by side: the first non-finite
-#               step or "finite", and validation bits/byte at steps 250, 500, 1000;
-#               resumable (run it again); PARTS= picks among "long sweep paper", RUNS= and
-#               SWEEP= narrow them                      -> "Training stability and quality"
+#               learning-rate sweep, Hope's paper form and Hope with the walk (its quality
+#               guard: the sweep's 1e-3 run is the preset beside it), side by side: the first
+#               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
+#               resumable (run it again); PARTS= picks among "long sweep paper walk", RUNS=
+#               and SWEEP= narrow them                  -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every model-level tool
 # times the trainer's own train step (nl_jax.train.step) and reports MFU in one convention
@@ -102,8 +103,9 @@ suite_walk_model() {
 suite_stability() {
   # 4 layers, seq 2048 x 8: 1,000 steps of two seeds per family, the learning-rate sweep
   # (250-step runs at 3e-4, 1e-3 and 3e-3: a 250-step run's cosine schedule has decayed by its
-  # step 250, a long run's has not, so the long runs' step 250 is no sweep point) and Hope's
-  # paper form (the stable inner loop's switches off; cut and uncut meta-gradient), on one GPU.
+  # step 250, a long run's has not, so the long runs' step 250 is no sweep point), Hope's
+  # paper form (the stable inner loop's switches off; cut and uncut meta-gradient) and Hope's
+  # 250-step run with the walk, on one GPU.
   # Longer than one 10-minute call: run the suite again on the same machine and every
   # unfinished run continues from its checkpoint. JAX_COMPILATION_CACHE_DIR saves recompiles.
   local c="--config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8"
@@ -120,7 +122,7 @@ suite_stability() {
       sweep=$sweep${sweep:+,}$p:0:3e-4,$p:0:1e-3,$p:0:3e-3
     done
   fi
-  local parts=" ${PARTS:-long sweep paper} " names=""
+  local parts=" ${PARTS:-long sweep paper walk} " names=""
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the trainers share the GPU
   if [[ $parts == *" long "* ]]; then
     names="$names stability"
@@ -138,6 +140,12 @@ suite_stability() {
       >"$OUT/paper_form.log" 2>&1 &
     $dc --root="$OUT/paper_form_uncut" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c \
       $paper $m.backprop_chunks=0 $m.parallel_windows=False >"$OUT/paper_form_uncut.log" 2>&1 &
+  fi
+  if [[ $parts == *" walk "* ]]; then
+    # M_memory as the persistent Mosaic GPU walk (Hopper), against the sweep's preset run.
+    names="$names walk_guard"
+    $dc --root="$OUT/walk_guard" --steps=250 --eval_every=250 --runs=hope_340m:0:1e-3 -- $c \
+      $m.kernel=walk >"$OUT/walk_guard.log" 2>&1 &
   fi
   wait
   for name in $names; do
