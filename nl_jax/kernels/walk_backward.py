@@ -1,0 +1,131 @@
+"""The chunk step's backward in Mosaic GPU form: the stages a persistent reverse walk runs.
+
+The reverse walk keeps the cotangent of the memory's state in shared memory and, per chunk in
+reverse order, applies `chunk_step.chunk_backward`'s written-out sequence of products to the
+chunk's inputs and its start state (saved by the forward walk). Each stage here is the
+reverse of one forward stage, written once against `memory_walk.Ops` (tensor-core products on
+operand tiles compiled, the same math interpreted) and checked against its `chunk_step`
+counterpart through a one-stage kernel, the way `memory_walk`'s forward stages are:
+
+- `factors_backward_stage` (stage 2's reverse, `chunk_step.factors_backward`): the
+  gradients of the self-generated target, the error and W2's delta with respect to both
+  layers' weights, the keys and the values; nine products, four of them accumulated in pairs.
+  `factors_backward_kernel` runs it alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from nl_jax.kernels import chunk_step as cs
+from nl_jax.kernels import memory_walk as mw
+
+
+class FactorGrads(NamedTuple):
+    """`factors_backward_stage`'s results: float32 refs (or, from the kernel, arrays)."""
+
+    w1: Any  # [d, h]
+    w2: Any  # [h, d]
+    k: Any  # [C, d]
+    v: Any  # [C, d]
+
+
+def factors_backward_stage(
+    w1: Any, w2: Any, k: Any, v: Any, f: cs.Factors, d_hk: Any, d_err: Any, d_delta2: Any,
+    out: FactorGrads, ops: mw.Ops,
+) -> None:  # fmt: skip
+    """Stage 2's reverse (`chunk_step.factors_backward`) from refs.
+
+    Operand tiles (`ops.operands`): `w1 [d, h]`, `w2 [h, d]`, `k, v [C, d]`. Float32 refs: the
+    forward's factors `f.zv, f.z, f.hk [C, h]` and `f.err [C, d]` (its curvature a constant),
+    the cotangents `d_hk [C, h]`, `d_err [C, d]`, `d_delta2 [C, h]`. Writes `out`'s float32
+    refs, which may be float32 input refs of the same shape: every input is read before the
+    first result is written. The intermediates that feed a product pass through four operand
+    tiles scoped to the stage; the rest stay in registers.
+    """
+    c, d = k.shape
+    h = w2.shape[0]
+
+    def body(err_t, dew_t, derr_t, diff_t):
+        mw._store(err_t, mw._load(f.err, ops))
+        plgpu.commit_smem()
+        z = mw._load(f.z, ops)
+        gz = cs.gelu_grad(z)
+        dd2 = mw._load(d_delta2, ops)
+        ew = ops.mm(err_t, w1)  # err W1: [C, h]
+        mw._store(dew_t, dd2 * gz)
+        plgpu.commit_smem()
+        d_z = dd2 * ew * cs.gelu_grad2(z)
+        d_err_all = mw._load(d_err, ops) + ops.mm(dew_t, w1, False, True)
+        mw._store(derr_t, d_err_all)
+        zv = mw._load(f.zv, ops)
+        # err = k - v + (gelu(z) - gelu(zv)) W1^T: W1's gradient takes the difference.
+        mw._store(diff_t, mw._load(f.hk, ops) - cs.gelu(zv))
+        plgpu.commit_smem()
+        ew_back = ops.mm(derr_t, w1)  # d_err W1: [C, h]
+        d_z = d_z + (mw._load(d_hk, ops) + ew_back) * gz
+        d_zv = -ew_back * cs.gelu_grad(zv)
+        d_w1 = ops.mm(err_t, dew_t, True, False, plus=((derr_t, diff_t, True, False),))
+        # The products have completed: their tiles take W2's side.
+        mw._store(err_t, d_z)
+        mw._store(dew_t, d_zv)
+        plgpu.commit_smem()
+        out.w1[...] = d_w1
+        out.w2[...] = ops.mm(err_t, k, True, False, plus=((dew_t, v, True, False),))
+        out.k[...] = d_err_all + ops.mm(err_t, w2)
+        out.v[...] = ops.mm(dew_t, w2) - d_err_all
+
+    if d != h:
+        raise ValueError(f"the stage shares tiles between [C, d] and [C, h]: d {d} != h {h}")
+    pl.run_scoped(body, *(mw._tile((c, d), ops) for _ in range(4)))
+
+
+def factors_backward_kernel(
+    w1: jax.Array, w2: jax.Array, k: jax.Array, v: jax.Array, f: cs.Factors, d_hk: jax.Array,
+    d_err: jax.Array, d_delta2: jax.Array, *, interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> FactorGrads:  # fmt: skip
+    """`factors_backward_stage` for N chunks as a kernel (the stage's test harness).
+
+    `w1 [N, d, h]`, `w2 [N, h, d]`, `k, v [N, C, d]`, `f`'s `zv, z, hk [N, C, h]` and `err
+    [N, C, d]` (its other fields unread), `d_hk, d_delta2 [N, C, h]`, `d_err [N, C, d]` ->
+    `FactorGrads` of `[N, ...]` float32 arrays. `operands`: the products' tile dtype (bf16
+    compiled; float32 in the interpreter checks the math exactly); the weights, keys and values
+    are rounded to it before the kernel, as the walk's tiles hold them.
+    """
+    n, c, d = k.shape
+    h = w2.shape[1]
+    compiled = interpret is None
+    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    f32 = jnp.float32
+    tiles = tuple(a.astype(operands) for a in (w1, w2, k, v))
+    floats = tuple(a.astype(f32) for a in (f.zv, f.z, f.hk, f.err, d_hk, d_err, d_delta2))
+    shapes = [(d, h), (h, d), (c, d), (c, d)]
+
+    def body(*refs):
+        ins_g, outs_g = refs[:11], refs[11:15]
+        tiles_s, floats_s, bar, w_out = refs[15:19], refs[19:26], refs[26], refs[27:]
+        i = lax.axis_index("chunk")
+        for src, dst in zip(ins_g, (*tiles_s, *floats_s), strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        # The keys' and values' gradients take the error's and its cotangent's refs.
+        outs_s = FactorGrads(*w_out, floats_s[3], floats_s[5])
+        fs = cs.Factors(*floats_s[:4], None, None, None)
+        factors_backward_stage(*tiles_s, fs, *floats_s[4:], outs_s, ops)
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._tile(s, ops) for s in shapes),
+                       *(mw._scratch(a.shape[1:], f32, compiled) for a in floats),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(mw._scratch(s, f32, compiled) for s in shapes[:2])],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    return FactorGrads(*kernel(*tiles, *floats))

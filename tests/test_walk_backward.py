@@ -1,0 +1,58 @@
+"""The reverse walk's stages (`kernels.walk_backward`) against `chunk_step`'s backward.
+
+On CPU each stage runs in the Mosaic GPU interpreter; lowering it for CUDA here checks that
+Mosaic GPU takes it at hope_340m's shape without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from test_memory_walk import CFG, make, rel_err
+
+from nl_jax.kernels import chunk_step as cs
+from nl_jax.kernels import memory_walk as mw
+from nl_jax.kernels import walk_backward as wb
+
+
+def factors_case(n: int, c: int, dim: int):
+    """Weights, keys, values, their factors and random cotangents of the factors."""
+    init, x = make(n, c, dim, dim)
+    f = jax.vmap(functools.partial(cs.factors, CFG))(init.w1, init.w2, x.k, x.v)
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    cots = tuple(jax.random.normal(key, (n, c, dim)) for key in ks)  # d_hk, d_err, d_delta2
+    return (init.w1, init.w2, x.k, x.v, f, *cots)
+
+
+@pytest.mark.parametrize(("operands", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_factors_backward_stage_in_interpreter(operands, tol):
+    args = factors_case(2, 16, 16)
+    stage = functools.partial(
+        wb.factors_backward_kernel, interpret=mw.interpret_params(), operands=operands
+    )
+    got = jax.jit(stage)(*args)
+    want = jax.vmap(cs.factors_backward)(*args)
+    for field, a, b in zip(wb.FactorGrads._fields, got, want, strict=True):
+        assert rel_err(a, b) < tol, field
+
+
+def test_factors_backward_stage_lowers_for_cuda_within_shared_memory():
+    args = factors_case(2, 64, 64)
+
+    def lower():
+        return jax.jit(wb.factors_backward_kernel).trace(*args).lower(lowering_platforms=("cuda",))
+
+    (smem,) = mw.smem_bytes_at_lowering(lower)
+    assert smem <= 232_448  # an H100's or H200's shared memory per CTA
+    assert "mosaic_gpu" in lower().as_text()
+
+
+def test_factors_backward_stage_needs_equal_widths():
+    _, _, k, v, f, _, d_err, _ = factors_case(1, 16, 16)
+    wide = jnp.zeros((1, 16, 32))
+    with pytest.raises(ValueError, match="d 16 != h 32"):
+        wb.factors_backward_kernel(
+            wide, wide.transpose(0, 2, 1), k, v, f._replace(zv=wide, z=wide, hk=wide),
+            wide, d_err, wide, interpret=mw.interpret_params(),
+        )  # fmt: skip
