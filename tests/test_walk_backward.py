@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-from test_memory_walk import CFG, make, rel_err
+from test_memory_walk import CFG, decay_gates, make, rel_err
 
 from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels import memory_walk as mw
@@ -56,3 +56,39 @@ def test_factors_backward_stage_needs_equal_widths():
             wide, wide.transpose(0, 2, 1), k, v, f._replace(zv=wide, z=wide, hk=wide),
             wide, d_err, wide, interpret=mw.interpret_params(),
         )  # fmt: skip
+
+
+def decays_case(n: int, c: int):
+    """Gates, their decays and random cotangents of every decay field."""
+    alpha, beta = decay_gates(n, c)
+    dec = jax.vmap(cs.decays)(alpha, beta)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(cs.Decays._fields))
+    cot = cs.Decays(*(jax.random.normal(k, a.shape) for k, a in zip(keys, dec, strict=True)))
+    return alpha, beta, dec, cot
+
+
+@pytest.mark.parametrize(("operands", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_decays_backward_stage_in_interpreter(operands, tol):
+    alpha, beta, dec, cot = decays_case(2, 16)
+    stage = functools.partial(
+        wb.decays_backward_kernel, interpret=mw.interpret_params(), operands=operands
+    )
+    got = jax.jit(stage)(alpha, beta, cot)
+    want = jax.vmap(cs.decays_backward)(alpha, beta, dec, cot)
+    for name, a, b in zip(("alpha", "beta"), got, want, strict=True):
+        assert rel_err(a, b) < tol, name
+
+
+def test_decays_backward_stage_lowers_for_cuda_within_shared_memory():
+    alpha, beta, _, cot = decays_case(2, 64)
+
+    def lower():
+        return (
+            jax.jit(wb.decays_backward_kernel)
+            .trace(alpha, beta, cot)
+            .lower(lowering_platforms=("cuda",))
+        )
+
+    (smem,) = mw.smem_bytes_at_lowering(lower)
+    assert smem <= 232_448
+    assert "mosaic_gpu" in lower().as_text()

@@ -11,6 +11,10 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   gradients of the self-generated target, the error and W2's delta with respect to both
   layers' weights, the keys and the values; nine products, four of them accumulated in pairs.
   `factors_backward_kernel` runs it alone.
+- `decays_backward_stage` (stage 1's reverse, `chunk_step.decays_backward`, without document
+  resets): the retention and momentum gates' gradients from the cotangents of every decay
+  field, recomputing the decays from the gates; four products, the cumulative sums' reverses
+  as masked column sums. `decays_backward_kernel` runs it alone.
 """
 
 from __future__ import annotations
@@ -129,3 +133,119 @@ def factors_backward_kernel(
         compiler_params=mw._COMPILER, interpret=interpret,
     )  # fmt: skip
     return FactorGrads(*kernel(*tiles, *floats))
+
+
+def _cumulative(ref: Any, upper: jax.Array, ops: mw.Ops) -> tuple[jax.Array, ...]:
+    """`(x, log x, X along rows, X along columns)` of a gate ref `x [C]`, X the inclusive
+    cumulative sum of `log x` (`memory_walk.decays_stage`'s form)."""
+    c = ref.shape[0]
+    x = ref[...]
+    along_t = mw._log(x)
+    along_s = jnp.sum(jnp.where(upper, ops.rows(along_t, c), 0.0), 0)
+    return x, along_t, mw._turn(along_s, ops, 1), along_s
+
+
+def decays_backward_stage(
+    alpha: Any, beta: Any, cot: cs.Decays, d_alpha: Any, d_beta: Any, ops: mw.Ops
+) -> None:
+    """Stage 1's reverse (`chunk_step.decays_backward`, no document resets) from refs.
+
+    `alpha, beta [C]` float32 gate refs; `cot`: float32 refs of the cotangents of the decays'
+    fields (`[C, C]` or `[C]`; `pi_end`'s added into `pi`'s last entry, so `cot.pi_end` is not
+    read) -> `d_alpha, d_beta [C]`. The decays are recomputed from the gates; the cumulative
+    sums' reverses are masked column sums turned to lie along rows (`memory_walk._turn`).
+    """
+    c = alpha.shape[0]
+    shape = (c, c)
+    t, s = ops.iota(shape, 0), ops.iota(shape, 1)
+    lower, strict, upper = t >= s, t > s, t <= s
+    a, la, ci_t, ci_s = _cumulative(alpha, upper, ops)
+    b, _, cb_t, cb_s = _cumulative(beta, upper, ops)
+    cp_t = ci_t - la
+    g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
+    g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)
+    p_incl = jnp.where(lower, jnp.exp(ops.rows(cb_t, c) - ops.cols(cb_s, c)), 0.0)
+
+    def reverse_cumsum(v: jax.Array) -> jax.Array:
+        """`tri^T v`, `v [C]` along rows: `sum_{t >= s} v_t` at s, along rows."""
+        return mw._turn(jnp.sum(jnp.where(lower, ops.rows(v, c), 0.0), 0), ops, 1)
+
+    def body(g_incl_t, g_prior_t, p_incl_t, k_incl_t, k_prior_t):
+        mw._store(g_incl_t, g_incl)
+        mw._store(g_prior_t, g_prior)
+        mw._store(p_incl_t, p_incl)
+        mw._store(k_incl_t, mw._load(cot.k_incl, ops))
+        mw._store(k_prior_t, mw._load(cot.k_prior, ops))
+        plgpu.commit_smem()
+        c_ri, c_rp = mw._along(cot.ri, ops), mw._along(cot.rp, ops)
+        pi_s = ops.cols(jnp.exp(cb_s), c)
+        # K = G P: the cotangents of G through K^T's products with P, of P through G^T's.
+        d_gi = mw._load(cot.g_incl, ops) + ops.mm(k_incl_t, p_incl_t, False, True)
+        d_gi = d_gi + ops.rows(c_ri, c) * pi_s
+        d_gp = mw._load(cot.g_prior, ops) + ops.mm(k_prior_t, p_incl_t, False, True)
+        d_gp = d_gp + ops.rows(c_rp, c) * pi_s
+        d_p = mw._load(cot.p_incl, ops) + ops.mm(
+            g_incl_t, k_incl_t, True, False, plus=((g_prior_t, k_prior_t, True, False),)
+        )
+        # r = G pi: pi's cotangent is G^T's product with r's, a column sum.
+        spread = jnp.sum(g_incl * ops.rows(c_ri, c) + g_prior * ops.rows(c_rp, c), 0)
+        d_pi = mw._along(cot.pi, ops) + mw._turn(spread, ops, 1)
+        e_gi, e_gp, e_p = d_gi * g_incl, d_gp * g_prior, d_p * p_incl
+        # exp(ci_t - ci_s), exp(cp_t - ci_s), exp(cb_t - cb_s): row sums to t, column sums
+        # from s.
+        d_ci = mw._along(cot.gi, ops) * jnp.exp(ci_t) + jnp.sum(e_gi, 1)
+        d_ci = d_ci - mw._turn(jnp.sum(e_gi + e_gp, 0), ops, 1)
+        d_cp = mw._along(cot.gp, ops) * jnp.exp(cp_t) + jnp.sum(e_gp, 1)
+        d_cb = d_pi * jnp.exp(cb_t) + jnp.sum(e_p, 1) - mw._turn(jnp.sum(e_p, 0), ops, 1)
+        tiny = jnp.finfo(jnp.float32).tiny
+        # ci = cumsum(log alpha), cp = ci - log alpha, cb = cumsum(log beta).
+        d_la = reverse_cumsum(d_ci + d_cp) - d_cp
+        d_alpha[...] = jnp.where(a > tiny, d_la / a, 0.0)
+        d_beta[...] = jnp.where(b > tiny, reverse_cumsum(d_cb) / b, 0.0)
+
+    pl.run_scoped(body, *(mw._tile(shape, ops) for _ in range(5)))
+
+
+def decays_backward_kernel(
+    alpha: jax.Array, beta: jax.Array, cot: cs.Decays, *, interpret: Any = None,
+    operands: Any = jnp.bfloat16,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """`decays_backward_stage` for N chunks as a kernel (the stage's test harness).
+
+    `alpha, beta [N, C]`; `cot`: the cotangents of `chunk_step.decays`' fields, `[N, ...]`
+    (`pi_end [N]`) -> `(d_alpha, d_beta)`, `[N, C]` float32. `operands`: the products' tile
+    dtype (bf16 compiled; float32 in the interpreter checks the math exactly).
+    """
+    n, c = alpha.shape
+    compiled = interpret is None
+    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    f32 = jnp.float32
+    cot = cot._replace(pi=cot.pi.at[:, -1].add(cot.pi_end))
+    names = [f for f in cs.Decays._fields if f != "pi_end"]
+    ins = [alpha, beta, *(getattr(cot, f) for f in names)]
+    ins = [a.astype(f32) for a in ins]
+
+    def body(*refs):
+        ins_g, outs_g = refs[: len(ins)], refs[len(ins) : len(ins) + 2]
+        ins_s, bar, outs_s = (
+            refs[len(ins) + 2 : 2 * len(ins) + 2],
+            refs[2 * len(ins) + 2],
+            refs[-2:],
+        )
+        i = lax.axis_index("chunk")
+        for src, dst in zip(ins_g, ins_s, strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        cots = cs.Decays(**dict(zip(names, ins_s[2:], strict=True)), pi_end=None)
+        decays_backward_stage(ins_s[0], ins_s[1], cots, *outs_s, ops)
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, c), f32)] * 2,
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._scratch(a.shape[1:], f32, compiled) for a in ins),
+                       plgpu.Barrier(num_arrivals=1), mw._scratch((c,), f32, compiled),
+                       mw._scratch((c,), f32, compiled)],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    d_alpha, d_beta = kernel(*ins)
+    return d_alpha, d_beta
