@@ -92,3 +92,33 @@ def test_decays_backward_stage_lowers_for_cuda_within_shared_memory():
     (smem,) = mw.smem_bytes_at_lowering(lower)
     assert smem <= 232_448
     assert "mosaic_gpu" in lower().as_text()
+
+
+STEP_CONFIGS = [
+    CFG,
+    CFG._replace(normalize_chunk=False),
+    CFG._replace(normalize_chunk=False, normalize_memory=False, normalize_lr=False),
+]
+
+
+@pytest.mark.parametrize("cfg", STEP_CONFIGS, ids=["chunk", "token", "plain"])
+def test_step_sizes_backward_stage_in_interpreter(cfg):
+    ks = jax.random.split(jax.random.PRNGKey(8), 3)
+    eta = jax.random.uniform(ks[0], (2, 16), minval=0.05, maxval=0.9)
+    cur = jax.random.uniform(ks[1], (2, 16), minval=0.5, maxval=4.0)
+    d_b = jax.random.normal(ks[2], (2, 16))
+    stage = functools.partial(wb.step_sizes_backward_kernel, cfg, interpret=mw.interpret_params())
+    got = jax.jit(stage)(eta, cur, d_b)
+    want = jax.vmap(lambda e, c, d: cs._step_size_backward(cfg, e, c, None, d))(eta, cur, d_b)
+    for name, a, b in zip(("eta", "cur"), got, want, strict=True):
+        if cfg.normalize_memory:
+            assert rel_err(a, b) < 1e-6, name
+        else:
+            assert float(jnp.max(jnp.abs(a - b))) == 0.0, name
+
+
+def test_step_sizes_backward_stage_lowers_for_cuda():
+    eta = jnp.full((2, 64), 0.1)
+    stage = jax.jit(functools.partial(wb.step_sizes_backward_kernel, CFG))
+    text = stage.trace(eta, eta, eta).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()

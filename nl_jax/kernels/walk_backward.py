@@ -15,6 +15,9 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   resets): the retention and momentum gates' gradients from the cotangents of every decay
   field, recomputing the decays from the gates; four products, the cumulative sums' reverses
   as masked column sums. `decays_backward_kernel` runs it alone.
+- `step_sizes_backward_stage` (stage 3's reverse, `chunk_step._step_size_backward`, without
+  document resets): the learning rate's and the curvature's gradients from the step size's;
+  no products. `step_sizes_backward_kernel` runs it alone.
 """
 
 from __future__ import annotations
@@ -249,3 +252,63 @@ def decays_backward_kernel(
     )  # fmt: skip
     d_alpha, d_beta = kernel(*ins)
     return d_alpha, d_beta
+
+
+def step_sizes_backward_stage(
+    cfg: cs.StepConfig, eta: Any, cur: Any, d_b: Any, d_eta: Any, d_cur: Any, ops: mw.Ops
+) -> None:
+    """Stage 3's reverse (`chunk_step._step_size_backward`, no document resets) from `[C]`
+    float32 refs: the learning rate `eta`, the curvature `cur` and the step size's cotangent
+    `d_b` -> `d_eta`, `d_cur`.
+
+    With `cfg.normalize_chunk` the step is `eta_t / (1 + sum_{s <= t} eta_s cur_s)`: its
+    running sum is a masked row sum of `eta` and `cur` read along columns, and its reverse a
+    masked column sum, turned to lie along rows.
+    """
+    c = eta.shape[0]
+    db = mw._along(d_b, ops)
+    if cfg.normalize_chunk:
+        lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
+        eta_s, cur_s = mw._along(eta, ops, 0), mw._along(cur, ops, 0)
+        den = 1.0 + jnp.sum(jnp.where(lower, ops.cols(eta_s * cur_s, c), 0.0), 1)
+        eta_t = mw._turn(eta_s, ops, 1)
+        weight = -db * eta_t / (den * den)
+        du = mw._turn(jnp.sum(jnp.where(lower, ops.rows(weight, c), 0.0), 0), ops, 1)
+        d_eta[...] = db / den + du * mw._turn(cur_s, ops, 1)
+        d_cur[...] = du * eta_t
+    elif cfg.normalize_memory or cfg.normalize_lr:
+        eta_t, cur_t = mw._along(eta, ops), mw._along(cur, ops)
+        den = 1.0 + eta_t * cur_t
+        d_eta[...] = db / (den * den)
+        d_cur[...] = -db * (eta_t / den) ** 2
+    else:
+        d_eta[...] = db
+        d_cur[...] = jnp.zeros_like(db)
+
+
+def step_sizes_backward_kernel(
+    cfg: cs.StepConfig, eta: jax.Array, cur: jax.Array, d_b: jax.Array, *, interpret: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """`step_sizes_backward_stage` for N chunks as a kernel (the stage's test harness):
+    `eta, cur, d_b [N, C]` -> `(d_eta, d_cur)`, `[N, C]` float32."""
+    n, c = eta.shape
+    compiled = interpret is None
+    ops = mw.COMPILED if compiled else mw.INTERPRETED
+    f32 = jnp.float32
+
+    def body(eta_g, cur_g, db_g, d_eta_g, d_cur_g, eta_s, cur_s, db_s, bar, d_eta_s, d_cur_s):
+        i = lax.axis_index("chunk")
+        for src, dst in ((eta_g, eta_s), (cur_g, cur_s), (db_g, db_s)):
+            mw.fetch(src.at[i], dst, bar)
+        step_sizes_backward_stage(cfg, eta_s, cur_s, db_s, d_eta_s, d_cur_s, ops)
+        mw.write_out((d_eta_s, d_cur_s), (d_eta_g, d_cur_g), i)
+
+    vec = mw._scratch((c,), f32, compiled)
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, c), f32)] * 2,
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[vec, vec, vec, plgpu.Barrier(num_arrivals=1), vec, vec],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    d_eta, d_cur = kernel(*(a.astype(f32) for a in (eta, cur, d_b)))
+    return d_eta, d_cur
