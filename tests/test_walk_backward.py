@@ -122,3 +122,61 @@ def test_step_sizes_backward_stage_lowers_for_cuda():
     stage = jax.jit(functools.partial(wb.step_sizes_backward_kernel, CFG))
     text = stage.trace(eta, eta, eta).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in text.as_text()
+
+
+def layer_case(n: int, c: int, dim: int):
+    """Gates and their decays, one layer's inputs, steps, `b e` and start state, and random
+    cotangents of its end state."""
+    alpha, beta = decay_gates(n, c)
+    dec = jax.vmap(cs.decays)(alpha, beta)
+    ks = jax.random.split(jax.random.PRNGKey(9), 7)
+    a = jax.random.normal(ks[0], (n, c, dim)) / 4
+    g, be = (0.1 * jax.random.normal(k, (n, c, dim)) for k in ks[1:3])
+    w0 = jax.random.normal(ks[3], (n, dim, dim)) / 4
+    s0 = 0.05 * jax.random.normal(ks[4], (n, dim, dim))
+    d_w, d_s = (jax.random.normal(k, (n, dim, dim)) for k in ks[5:7])
+    return dec, a, g, be, w0, s0, d_w, d_s
+
+
+def end_vjp(dec, a, g, be, w0, s0, d_w, d_s):
+    """`jax.vjp` of `chunk_step.layer_end` for one chunk: the gradients of `<(W_C, S_C),
+    (d_w, d_s)>` for `(w0, s0, a, g, be, dec)`."""
+
+    def end(w0, s0, a, g, be, dec):
+        return cs.layer_end(cs.Layer(w0, s0, None, None, a, g, None, None, None, None, be), dec)
+
+    _, vjp = jax.vjp(end, w0, s0, a, g, be, dec)
+    return vjp((d_w, d_s))
+
+
+@pytest.mark.parametrize(("operands", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_end_backward_stage_against_vjp_of_layer_end(operands, tol):
+    dec, a, g, be, w0, s0, d_w, d_s = layer_case(2, 16, 16)
+    stage = functools.partial(
+        wb.end_backward_kernel, interpret=mw.interpret_params(), operands=operands
+    )
+    grads, cots = jax.jit(stage)(a, g, be, w0, s0, dec, d_w, d_s)
+    d_w0, d_s0, d_a, d_g, d_be, d_dec = jax.vmap(end_vjp)(dec, a, g, be, w0, s0, d_w, d_s)
+    for name, got, want in [
+        ("w0", grads.w0, d_w0), ("s0", grads.s0, d_s0), ("a", grads.a, d_a),
+        ("g", grads.g, d_g), ("be", grads.be, d_be), ("gi", cots.gi, d_dec.gi),
+        ("ri", cots.ri, d_dec.ri), ("pi", cots.pi, d_dec.pi.at[:, -1].add(d_dec.pi_end)),
+        ("k_last", cots.k_last, d_dec.k_incl[:, -1]), ("g_last", cots.g_last, d_dec.g_incl[:, -1]),
+        ("p_last", cots.p_last, d_dec.p_incl[:, -1]),
+    ]:  # fmt: skip
+        assert rel_err(got, want) < tol, name
+    # The end state reaches the decays only through these entries.
+    for rest in (d_dec.k_incl[:, :-1], d_dec.g_incl[:, :-1], d_dec.gp, d_dec.g_prior):
+        assert float(jnp.max(jnp.abs(rest))) == 0.0
+
+
+def test_end_backward_stage_lowers_for_cuda_within_shared_memory():
+    dec, a, g, be, w0, s0, d_w, d_s = layer_case(2, 64, 64)
+
+    def lower():
+        stage = jax.jit(wb.end_backward_kernel)
+        return stage.trace(a, g, be, w0, s0, dec, d_w, d_s).lower(lowering_platforms=("cuda",))
+
+    (smem,) = mw.smem_bytes_at_lowering(lower)
+    assert smem <= 232_448
+    assert "mosaic_gpu" in lower().as_text()

@@ -18,6 +18,13 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
 - `step_sizes_backward_stage` (stage 3's reverse, `chunk_step._step_size_backward`, without
   document resets): the learning rate's and the curvature's gradients from the step size's;
   no products. `step_sizes_backward_kernel` runs it alone.
+- `end_backward_stage` (stage 6's reverse, the reverse of `chunk_step.layer_end` for one
+  layer, without document resets): the end state's cotangent into the layer's start state,
+  inputs, steps and `b e`, and into the decays' chunk-end entries; four products.
+  `end_backward_kernel` runs it alone.
+
+The stages of the layers' reverse add into their float32 result refs (the composed walk sums
+both layers' and every stage's contributions there); their harnesses start them at zero.
 """
 
 from __future__ import annotations
@@ -312,3 +319,145 @@ def step_sizes_backward_kernel(
     )  # fmt: skip
     d_eta, d_cur = kernel(*(a.astype(f32) for a in (eta, cur, d_b)))
     return d_eta, d_cur
+
+
+def _accumulate(ref: Any, value: jax.Array, ops: mw.Ops) -> None:
+    """`ref += value` for a float32 `[m, n]` ref."""
+    ref[...] = mw._load(ref, ops) + value
+
+
+def _accumulate_vec(ref: Any, value: jax.Array, ops: mw.Ops) -> None:
+    """`ref += value` for a float32 `[C]` ref and a value along rows."""
+    ref[...] = mw._along(ref, ops) + value
+
+
+def _total_at(x: jax.Array, c: int, last: int, ops: mw.Ops) -> jax.Array:
+    """`sum(x)` of `x [o, i]` at entry `last` of a `[C]` vector along rows, 0 elsewhere: the
+    row sums turned to lie along columns, summed again within row `last` of a `[C, o]` mask
+    (the WGMMA layout has no scalars)."""
+    o = x.shape[0]
+    along_o = mw._turn(jnp.sum(x, 1), ops, 0)
+    at_last = ops.iota((c, o), 0) == last
+    return jnp.sum(jnp.where(at_last, ops.cols(along_o, c), 0.0), 1)
+
+
+class LayerGrads(NamedTuple):
+    """Float32 refs a layer's reverse stages add into."""
+
+    w0: Any  # [o, i] the start weights
+    s0: Any  # [o, i] the start momentum
+    a: Any  # [C, i] the layer's inputs
+    g: Any  # [C, o] its gradient steps
+    be: Any  # [C, o] its `b e`
+
+
+class EndCots(NamedTuple):
+    """Float32 `[C]` refs of the decays' cotangents the end stage adds into: `gi`, `ri` and
+    `pi` at the chunk's last token (`pi_end`'s into `pi`'s), and the rows `last` of `K`
+    inclusive, `G` inclusive and `P` inclusive (`k_last`, `g_last`, `p_last`)."""
+
+    gi: Any
+    ri: Any
+    pi: Any
+    k_last: Any
+    g_last: Any
+    p_last: Any
+
+
+def end_backward_stage(
+    a: Any, g: Any, be: Any, w0: Any, s0: Any, dec: cs.Decays, rows: tuple, d_w: Any, d_s: Any,
+    out: LayerGrads, cot: EndCots, ops: mw.Ops, last: int,
+) -> None:  # fmt: skip
+    """Stage 6's reverse for one layer (`chunk_step.layer_end`, no document resets).
+
+    Operand tiles: the layer's inputs `a [C, i]`, steps `g [C, o]` and `be [C, o]`, the end
+    state's cotangents `d_w, d_s [o, i]`. Float32 refs: the start state `w0, s0 [o, i]`, the
+    decays' `dec.gi, dec.ri, dec.pi [C]` (read at `last`) and `rows = (k_incl[last],
+    g_incl[last], p_incl[last])` as `[C]` refs. Adds into `out` and `cot`.
+    """
+    c, o = a.shape[0], w0.shape[0]
+    shape = w0.shape
+    k_last, g_last, p_last = (ops.rows(ref[...], o) for ref in rows)
+    g32, be32 = mw._load(g, ops), mw._load(be, ops)
+
+    def body(steps, pg):
+        mw._store(steps, k_last * g32 - g_last * be32)
+        mw._store(pg, p_last * g32)
+        plgpu.commit_smem()
+        aw_end = ops.mm(a, d_w, False, True)  # a d_W^T: [C, o]
+        as_end = ops.mm(a, d_s, False, True)
+        _accumulate(out.a, ops.mm(steps, d_w, plus=((pg, d_s, False, False),)), ops)
+        _accumulate(out.g, k_last * aw_end + p_last * as_end, ops)
+        _accumulate(out.be, -g_last * aw_end, ops)
+        _accumulate_vec(cot.k_last, jnp.sum(g32 * aw_end, 1), ops)
+        _accumulate_vec(cot.g_last, -jnp.sum(be32 * aw_end, 1), ops)
+        _accumulate_vec(cot.p_last, jnp.sum(g32 * as_end, 1), ops)
+
+    pl.run_scoped(body, mw._tile((c, o), ops), mw._tile((c, o), ops))
+    dw, ds = mw._load(d_w, ops), mw._load(d_s, ops)
+    w, s = mw._load(w0, ops), mw._load(s0, ops)
+    gi, ri = mw._at(dec.gi, shape, ops, last), mw._at(dec.ri, shape, ops, last)
+    _accumulate(out.w0, gi * dw, ops)
+    _accumulate(out.s0, ri * dw + mw._at(dec.pi, shape, ops, last) * ds, ops)
+    _accumulate_vec(cot.gi, _total_at(dw * w, c, last, ops), ops)
+    _accumulate_vec(cot.ri, _total_at(dw * s, c, last, ops), ops)
+    _accumulate_vec(cot.pi, _total_at(ds * s, c, last, ops), ops)
+
+
+def end_backward_kernel(
+    a: jax.Array, g: jax.Array, be: jax.Array, w0: jax.Array, s0: jax.Array, dec: cs.Decays,
+    d_w: jax.Array, d_s: jax.Array, *, interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[LayerGrads, EndCots]:  # fmt: skip
+    """`end_backward_stage` for N chunks as a kernel (the stage's test harness), the state taken
+    after the chunk's last token.
+
+    `a [N, C, i]`, `g, be [N, C, o]`, `w0, s0, d_w, d_s [N, o, i]`, `dec`: `chunk_step.decays`'
+    fields `[N, ...]` (`gi`, `ri`, `pi` and the three inclusive matrices read) -> the
+    gradients' contributions (`LayerGrads` of `w0, s0, a, g, be`, `[N, ...]` float32) and the
+    decays' (`EndCots`, `[N, C]`: entries `C - 1` of `gi, ri, pi` and the matrices' last rows).
+    """
+    n, c, i = a.shape
+    o = w0.shape[1]
+    compiled = interpret is None
+    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    f32 = jnp.float32
+    tiles = tuple(x.astype(operands) for x in (a, g, be, d_w, d_s))
+    rows = tuple(m[:, -1, :] for m in (dec.k_incl, dec.g_incl, dec.p_incl))
+    floats = tuple(x.astype(f32) for x in (w0, s0, dec.gi, dec.ri, dec.pi, *rows))
+    grad_shapes = [(o, i), (o, i), (c, i), (c, o), (c, o)]
+    out_shapes = [*grad_shapes, *[(c,)] * 6]
+    n_in, n_out = len(tiles) + len(floats), len(out_shapes)
+
+    def body(*refs):
+        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out]
+        outs_g = refs[n_in + n_out : n_in + 2 * n_out]
+        ins_s, bar, outs_s = (
+            refs[n_in + 2 * n_out : 2 * n_in + 2 * n_out],
+            refs[-n_out - 1],
+            refs[-n_out:],
+        )
+        i = lax.axis_index("chunk")
+        # The results start at zero, copied in (a warpgroup stores no splat of C values).
+        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *outs_s), strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        a_t, g_t, be_t, dw_t, ds_t = ins_s[:5]
+        w0_s, s0_s, gi, ri, pi, *row_refs = ins_s[5:]
+        dec_s = cs.Decays(gi, None, None, None, None, pi, None, None, ri, None, None)
+        grads, cots = LayerGrads(*outs_s[:5]), EndCots(*outs_s[5:])
+        end_backward_stage(
+            a_t, g_t, be_t, w0_s, s0_s, dec_s, tuple(row_refs), dw_t, ds_t, grads, cots, ops, c - 1
+        )
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._tile(x.shape[1:], ops) for x in tiles),
+                       *(mw._scratch(x.shape[1:], f32, compiled) for x in floats),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(mw._scratch(s, f32, compiled) for s in out_shapes)],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
+    outs = kernel(*tiles, *floats, *zeros)
+    return LayerGrads(*outs[:5]), EndCots(*outs[5:])
