@@ -180,3 +180,47 @@ def test_end_backward_stage_lowers_for_cuda_within_shared_memory():
     (smem,) = mw.smem_bytes_at_lowering(lower)
     assert smem <= 232_448
     assert "mosaic_gpu" in lower().as_text()
+
+
+def read_vjp(dec, q, a, g, be, w0, s0, d_out):
+    """`jax.vjp` of `chunk_step.layer_read` for one chunk: the gradients of `<W_t q_t, d_out>`
+    for `(w0, s0, a, g, be, dec, q)`."""
+
+    def read(w0, s0, a, g, be, dec, q):
+        lay = cs.Layer(w0, s0, None, None, a, g, None, None, None, None, be)
+        return cs.layer_read(lay, dec, q)
+
+    _, vjp = jax.vjp(read, w0, s0, a, g, be, dec, q)
+    return vjp(d_out)
+
+
+@pytest.mark.parametrize(("operands", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_read_backward_stage_against_vjp_of_layer_read(operands, tol):
+    dec, a, g, be, w0, s0, d_out, _ = layer_case(2, 16, 16)
+    q = jax.random.normal(jax.random.PRNGKey(3), a.shape) / 4
+    stage = functools.partial(
+        wb.read_backward_kernel, interpret=mw.interpret_params(), operands=operands
+    )
+    grads, d_q, cots = jax.jit(stage)(q, a, g, be, w0, s0, dec, d_out)
+    d_w0, d_s0, d_a, d_g, d_be, d_dec, d_q_want = jax.vmap(read_vjp)(
+        dec, q, a, g, be, w0, s0, d_out
+    )
+    for name, got, want in [
+        ("w0", grads.w0, d_w0), ("s0", grads.s0, d_s0), ("a", grads.a, d_a),
+        ("g", grads.g, d_g), ("be", grads.be, d_be), ("q", d_q, d_q_want),
+        ("gi", cots.gi, d_dec.gi), ("ri", cots.ri, d_dec.ri),
+        ("k_incl", cots.k_incl, d_dec.k_incl), ("g_incl", cots.g_incl, d_dec.g_incl),
+    ]:  # fmt: skip
+        assert rel_err(got, want) < tol, name
+
+
+def test_read_backward_stage_lowers_for_cuda_within_shared_memory():
+    dec, a, g, be, w0, s0, d_out, _ = layer_case(2, 64, 64)
+
+    def lower():
+        stage = jax.jit(wb.read_backward_kernel)
+        return stage.trace(a, a, g, be, w0, s0, dec, d_out).lower(lowering_platforms=("cuda",))
+
+    (smem,) = mw.smem_bytes_at_lowering(lower)
+    assert smem <= 232_448
+    assert "mosaic_gpu" in lower().as_text()

@@ -22,6 +22,10 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   layer, without document resets): the end state's cotangent into the layer's start state,
   inputs, steps and `b e`, and into the decays' chunk-end entries; four products.
   `end_backward_kernel` runs it alone.
+- `read_backward_stage` (stage 5's reverse, the reverse of `chunk_step.layer_read` for one
+  layer, without document resets): the reads' cotangent into the layer's start state, inputs,
+  steps, `b e` and queries, and into the decays; eleven products on two scoped tiles.
+  `read_backward_kernel` runs it alone.
 
 The stages of the layers' reverse add into their float32 result refs (the composed walk sums
 both layers' and every stage's contributions there); their harnesses start them at zero.
@@ -461,3 +465,111 @@ def end_backward_kernel(
     zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
     outs = kernel(*tiles, *floats, *zeros)
     return LayerGrads(*outs[:5]), EndCots(*outs[5:])
+
+
+class ReadCots(NamedTuple):
+    """Float32 refs of the decays' cotangents the read stage adds into: `gi, ri [C]`, `k_incl,
+    g_incl [C, C]`."""
+
+    gi: Any
+    ri: Any
+    k_incl: Any
+    g_incl: Any
+
+
+def read_backward_stage(
+    q: Any, a: Any, g: Any, be: Any, w0: Any, s0: Any, k_incl: Any, g_incl: Any, gi: Any,
+    ri: Any, d_out: Any, out: LayerGrads, d_q: Any, cot: ReadCots, ops: mw.Ops,
+) -> None:  # fmt: skip
+    """Stage 5's reverse for one layer (`chunk_step.layer_read`, no document resets).
+
+    Operand tiles: the queries `q [C, i]`, the layer's inputs `a [C, i]`, steps `g [C, o]`,
+    `be [C, o]`, start state `w0, s0 [o, i]`, the decays' `k_incl, g_incl [C, C]` and the
+    reads' cotangent `d_out [C, o]`; float32 refs `gi, ri [C]`. Adds into `out`, the float32
+    ref `d_q [C, i]` and `cot`.
+    """
+    c, o = q.shape[0], w0.shape[0]
+    qa = ops.mm(q, a, False, True)  # q a^T: [C, C]
+    d_out32 = mw._load(d_out, ops)
+
+    def steps(k_qa, g_qa):
+        mw._store(k_qa, mw._load(k_incl, ops) * qa)
+        mw._store(g_qa, mw._load(g_incl, ops) * qa)
+        plgpu.commit_smem()
+        _accumulate(out.g, ops.mm(k_qa, d_out, True, False), ops)
+        _accumulate(out.be, -ops.mm(g_qa, d_out, True, False), ops)
+
+    pl.run_scoped(steps, mw._tile((c, c), ops), mw._tile((c, c), ops))
+    dx = ops.mm(d_out, g, False, True)  # of (K * qa) g
+    dy = -ops.mm(d_out, be, False, True)  # of -(G * qa) be
+    _accumulate(cot.k_incl, dx * qa, ops)
+    _accumulate(cot.g_incl, dy * qa, ops)
+    d_qa = dx * mw._load(k_incl, ops) + dy * mw._load(g_incl, ops)
+    _accumulate_vec(cot.gi, jnp.sum(d_out32 * ops.mm(q, w0, False, True), 1), ops)
+    _accumulate_vec(cot.ri, jnp.sum(d_out32 * ops.mm(q, s0, False, True), 1), ops)
+
+    def state(g_out, r_out):
+        mw._store(g_out, ops.rows(mw._along(gi, ops), o) * d_out32)
+        mw._store(r_out, ops.rows(mw._along(ri, ops), o) * d_out32)
+        plgpu.commit_smem()
+        _accumulate(out.w0, ops.mm(g_out, q, True, False), ops)
+        _accumulate(out.s0, ops.mm(r_out, q, True, False), ops)
+        _accumulate(d_q, ops.mm(g_out, w0, plus=((r_out, s0, False, False),)), ops)
+
+    pl.run_scoped(state, mw._tile((c, o), ops), mw._tile((c, o), ops))
+
+    def inputs(d_qa_t):
+        mw._store(d_qa_t, d_qa)
+        plgpu.commit_smem()
+        _accumulate(d_q, ops.mm(d_qa_t, a), ops)
+        _accumulate(out.a, ops.mm(d_qa_t, q, True, False), ops)
+
+    pl.run_scoped(inputs, mw._tile((c, c), ops))
+
+
+def read_backward_kernel(
+    q: jax.Array, a: jax.Array, g: jax.Array, be: jax.Array, w0: jax.Array, s0: jax.Array,
+    dec: cs.Decays, d_out: jax.Array, *, interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[LayerGrads, jax.Array, ReadCots]:  # fmt: skip
+    """`read_backward_stage` for N chunks as a kernel (the stage's test harness).
+
+    `q, a [N, C, i]`, `g, be, d_out [N, C, o]`, `w0, s0 [N, o, i]`, `dec`: `chunk_step.decays`'
+    fields `[N, ...]` (`gi`, `ri`, `k_incl`, `g_incl` read) -> the contributions to the
+    layer's gradients (`LayerGrads`), the queries' (`[N, C, i]`) and the decays' (`ReadCots`),
+    float32. The operands are rounded to `operands` before the kernel.
+    """
+    n, c, i = q.shape
+    o = w0.shape[1]
+    compiled = interpret is None
+    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    f32 = jnp.float32
+    tiles = tuple(x.astype(operands) for x in (q, a, g, be, w0, s0, dec.k_incl, dec.g_incl, d_out))
+    floats = (dec.gi.astype(f32), dec.ri.astype(f32))
+    out_shapes = [(o, i), (o, i), (c, i), (c, o), (c, o), (c, i), (c,), (c,), (c, c), (c, c)]
+    n_in, n_out = len(tiles) + len(floats), len(out_shapes)
+
+    def body(*refs):
+        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out]
+        outs_g = refs[n_in + n_out : n_in + 2 * n_out]
+        ins_s = refs[n_in + 2 * n_out : 2 * n_in + 2 * n_out]
+        bar, outs_s = refs[-n_out - 1], refs[-n_out:]
+        i = lax.axis_index("chunk")
+        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *outs_s), strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        grads, d_q, cots = LayerGrads(*outs_s[:5]), outs_s[5], ReadCots(*outs_s[6:])
+        *operand_refs, d_out_t, gi, ri = ins_s
+        read_backward_stage(*operand_refs, gi, ri, d_out_t, grads, d_q, cots, ops)
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._tile(x.shape[1:], ops) for x in tiles),
+                       *(mw._scratch(x.shape[1:], f32, compiled) for x in floats),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(mw._scratch(s, f32, compiled) for s in out_shapes)],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
+    outs = kernel(*tiles, *floats, *zeros)
+    return LayerGrads(*outs[:5]), outs[5], ReadCots(*outs[6:])
