@@ -224,3 +224,54 @@ def test_read_backward_stage_lowers_for_cuda_within_shared_memory():
     (smem,) = mw.smem_bytes_at_lowering(lower)
     assert smem <= 232_448
     assert "mosaic_gpu" in lower().as_text()
+
+
+def solve_vjp(dec, a, g, b, w0, s0, d_be):
+    """`jax.vjp` of `chunk_step.layer_solve`'s `b e` for one chunk: the gradients of `<b e,
+    d_be>` for `(w0, s0, a, g, b, dec)`."""
+
+    def solve(w0, s0, a, g, b, dec):
+        return cs.layer_solve(w0, s0, None, None, a, g, b, dec).be
+
+    _, vjp = jax.vjp(solve, w0, s0, a, g, b, dec)
+    return vjp(d_be)
+
+
+@pytest.mark.parametrize("chunk", [16, 32])  # one product block; the block split
+@pytest.mark.parametrize(("operands", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_solve_backward_stage_against_vjp_of_layer_solve(chunk, operands, tol):
+    dec, a, g, _, w0, s0, _, _ = layer_case(2, chunk, 16)
+    a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    b = jax.random.uniform(jax.random.PRNGKey(4), (2, chunk), minval=0.05, maxval=0.3)
+    d_be = jax.random.normal(jax.random.PRNGKey(6), (2, chunk, 16))
+    e = jax.vmap(lambda *args: cs.layer_solve(*args[:2], None, None, *args[2:]).e)(
+        w0, s0, a, g, b, dec
+    )
+    stage = functools.partial(
+        wb.solve_backward_kernel, interpret=mw.interpret_params(), operands=operands
+    )
+    grads, d_b, cots = jax.jit(stage)(a, g, e, w0, s0, b, dec, d_be)
+    d_w0, d_s0, d_a, d_g, d_b_want, d_dec = jax.vmap(solve_vjp)(dec, a, g, b, w0, s0, d_be)
+    # Only G_prior's strictly lower entries are its values; above them its cotangent depends
+    # on how the inverse is differentiated, and the decays' reverse masks it.
+    below = functools.partial(jnp.tril, k=-1)
+    for name, got, want in [
+        ("w0", grads.w0, d_w0), ("s0", grads.s0, d_s0), ("a", grads.a, d_a),
+        ("g", grads.g, d_g), ("b", d_b, d_b_want), ("gp", cots.gp, d_dec.gp),
+        ("rp", cots.rp, d_dec.rp), ("g_prior", below(cots.g_prior), below(d_dec.g_prior)),
+        ("k_prior", cots.k_prior, d_dec.k_prior),
+    ]:  # fmt: skip
+        assert rel_err(got, want) < tol, name
+
+
+def test_solve_backward_stage_lowers_for_cuda_within_shared_memory():
+    dec, a, g, e, w0, s0, d_be, _ = layer_case(2, 64, 64)
+    b = jnp.full((2, 64), 0.1)
+
+    def lower():
+        stage = jax.jit(wb.solve_backward_kernel)
+        return stage.trace(a, g, e, w0, s0, b, dec, d_be).lower(lowering_platforms=("cuda",))
+
+    (smem,) = mw.smem_bytes_at_lowering(lower)
+    assert smem <= 232_448
+    assert "mosaic_gpu" in lower().as_text()

@@ -26,6 +26,11 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   layer, without document resets): the reads' cotangent into the layer's start state, inputs,
   steps, `b e` and queries, and into the decays; eleven products on two scoped tiles.
   `read_backward_kernel` runs it alone.
+- `solve_backward_stage` (stage 4's reverse, the reverse of `chunk_step.layer_solve` for one
+  layer through `b e`, without document resets): the transposed DGD system `(I + L)^-T` solved
+  by the forward's block-split product on `L^T` (from `G_prior^T`), then the cotangents of the
+  right side and of `L` into the layer's start state, inputs, steps, step sizes and the decays.
+  `solve_backward_kernel` runs it alone.
 
 The stages of the layers' reverse add into their float32 result refs (the composed walk sums
 both layers' and every stage's contributions there); their harnesses start them at zero.
@@ -41,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nl_jax.core import chunked
 from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels import memory_walk as mw
 
@@ -573,3 +579,156 @@ def read_backward_kernel(
     zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
     outs = kernel(*tiles, *floats, *zeros)
     return LayerGrads(*outs[:5]), outs[5], ReadCots(*outs[6:])
+
+
+class SolveCots(NamedTuple):
+    """Float32 refs of the decays' cotangents the solve stage adds into: `gp, rp [C]`,
+    `g_prior, k_prior [C, C]`."""
+
+    gp: Any
+    rp: Any
+    g_prior: Any
+    k_prior: Any
+
+
+def _transposed_solve(low_t: jax.Array, x: Any, ops: mw.Ops) -> jax.Array:
+    """`(I + L)^-T x` for `x [C, o]` in an operand tile (overwritten), given `L^T` (`low_t [C,
+    C]`, strictly upper): `chunked.unit_lower_inverse`'s split transposed, `(I + D)^-T (I +
+    M)^-T` with `M^T = O^T (I + D)^-T`, each factor by `memory_walk`'s product rounds."""
+    c = low_t.shape[0]
+    block = chunked._PRODUCT_BLOCK
+    if c > block and c % block:
+        raise ValueError(f"the compiled solve takes C <= {block} or a multiple of it, got {c}")
+
+    def solve(p1, p2, p3):
+        if c <= block:
+            mw._inverse_rounds(low_t, c, p1, p2, ops)
+            plgpu.commit_smem()
+            return ops.mm(p2, x)
+        blocks = (ops.iota((c, c), 0) // block) == (ops.iota((c, c), 1) // block)
+        mw._inverse_rounds(jnp.where(blocks, low_t, 0.0), block, p1, p2, ops)  # (I + D)^-T
+        mw._store(p3, jnp.where(blocks, 0.0, low_t))
+        plgpu.commit_smem()
+        rest = ops.mm(p3, p2)  # M^T
+        mw._inverse_rounds(rest, c // block, p1, p3, ops)
+        plgpu.commit_smem()
+        mw._store(x, ops.mm(p3, x))
+        plgpu.commit_smem()
+        return ops.mm(p2, x)
+
+    square = mw._tile((c, c), ops)
+    return pl.run_scoped(solve, square, square, square)
+
+
+def solve_backward_stage(
+    a: Any, g: Any, e: Any, w0: Any, s0: Any, g_prior: Any, g_prior_t: Any, k_prior: Any,
+    b: Any, b_cols: Any, gp: Any, rp: Any, d_be: Any, out: LayerGrads, d_b: Any,
+    cot: SolveCots, ops: mw.Ops,
+) -> None:  # fmt: skip
+    """Stage 4's reverse for one layer (`chunk_step.layer_solve` through `b e`, no document
+    resets).
+
+    Operand tiles: the layer's inputs `a [C, i]`, steps `g [C, o]`, solved `e [C, o]`, start
+    state `w0, s0 [o, i]`, the decays' `g_prior`, its transpose `g_prior_t` and `k_prior`
+    (`[C, C]`). Float32 refs: the step sizes `b` and `b_cols` (the same `[C]`, read along rows
+    and along columns), the decays' `gp, rp [C]`, the cotangent `d_be [C, o]`. Adds into
+    `out.w0`, `out.s0`, `out.a`, `out.g`, the step sizes' float32 `d_b [C]` and `cot`.
+    """
+    c, o = a.shape[0], w0.shape[0]
+    b_t, b_s = mw._along(b, ops), mw._along(b_cols, ops, 0)
+    d_be32 = mw._load(d_be, ops)
+    d_b_val = jnp.sum(d_be32 * mw._load(e, ops), 1)
+    aa = ops.mm(a, a, False, True)
+
+    def body(d_rhs_t):
+        mw._store(d_rhs_t, ops.rows(b_t, o) * d_be32)
+        plgpu.commit_smem()
+        low_t = mw._load(g_prior_t, ops) * aa * ops.rows(b_t, c)  # L^T
+        d_rhs = _transposed_solve(low_t, d_rhs_t, ops)
+        mw._store(d_rhs_t, d_rhs)
+        plgpu.commit_smem()
+        # L = G_prior * aa * b_s: its cotangent -d_rhs e^T.
+        d_l = -ops.mm(d_rhs_t, e, False, True)
+        gpr = mw._load(g_prior, ops)
+        _accumulate(cot.g_prior, d_l * aa * ops.cols(b_s, c), ops)
+        d_aa = d_l * gpr * ops.cols(b_s, c)
+        _accumulate_vec(d_b, d_b_val + mw._turn(jnp.sum(d_l * gpr * aa, 0), ops, 1), ops)
+        # rhs = gp * (a W0^T) + (K_prior * aa) g + rp * (a S0^T).
+        _accumulate_vec(cot.gp, jnp.sum(d_rhs * ops.mm(a, w0, False, True), 1), ops)
+        _accumulate_vec(cot.rp, jnp.sum(d_rhs * ops.mm(a, s0, False, True), 1), ops)
+
+        def state(g_rhs, r_rhs):
+            mw._store(g_rhs, ops.rows(mw._along(gp, ops), o) * d_rhs)
+            mw._store(r_rhs, ops.rows(mw._along(rp, ops), o) * d_rhs)
+            plgpu.commit_smem()
+            _accumulate(out.w0, ops.mm(g_rhs, a, True, False), ops)
+            _accumulate(out.s0, ops.mm(r_rhs, a, True, False), ops)
+            _accumulate(out.a, ops.mm(g_rhs, w0, plus=((r_rhs, s0, False, False),)), ops)
+
+        pl.run_scoped(state, mw._tile((c, o), ops), mw._tile((c, o), ops))
+        d_z = ops.mm(d_rhs_t, g, False, True)
+        kpr = mw._load(k_prior, ops)
+        _accumulate(cot.k_prior, d_z * aa, ops)
+
+        def steps(sq):
+            mw._store(sq, kpr * aa)
+            plgpu.commit_smem()
+            _accumulate(out.g, ops.mm(sq, d_rhs_t, True, False), ops)
+            # aa = a a^T: both of its sides take the cotangent.
+            mw._store(sq, d_aa + d_z * kpr)
+            plgpu.commit_smem()
+            _accumulate(out.a, ops.mm(sq, a, plus=((sq, a, True, False),)), ops)
+
+        pl.run_scoped(steps, mw._tile((c, c), ops))
+
+    pl.run_scoped(body, mw._tile((c, o), ops))
+
+
+def solve_backward_kernel(
+    a: jax.Array, g: jax.Array, e: jax.Array, w0: jax.Array, s0: jax.Array, b: jax.Array,
+    dec: cs.Decays, d_be: jax.Array, *, interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[LayerGrads, jax.Array, SolveCots]:  # fmt: skip
+    """`solve_backward_stage` for N chunks as a kernel (the stage's test harness).
+
+    `a [N, C, i]`, `g, e, d_be [N, C, o]`, `w0, s0 [N, o, i]`, `b [N, C]`, `dec`:
+    `chunk_step.decays`' fields `[N, ...]` (`gp`, `rp`, `g_prior`, `k_prior` read) -> the
+    contributions to the layer's gradients (`LayerGrads`, `be` None), the step sizes'
+    (`[N, C]`) and the decays' (`SolveCots`), float32. The operands are rounded to `operands`
+    before the kernel.
+    """
+    n, c, i = a.shape
+    o = w0.shape[1]
+    compiled = interpret is None
+    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    f32 = jnp.float32
+    g_prior_t = dec.g_prior.transpose(0, 2, 1)
+    tiles = (a, g, e, w0, s0, dec.g_prior, g_prior_t, dec.k_prior)
+    tiles = tuple(x.astype(operands) for x in tiles)
+    floats = tuple(x.astype(f32) for x in (b, b, dec.gp, dec.rp, d_be))
+    out_shapes = [(o, i), (o, i), (c, i), (c, o), (c,), (c,), (c,), (c, c), (c, c)]
+    n_in, n_out = len(tiles) + len(floats), len(out_shapes)
+
+    def body(*refs):
+        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out]
+        outs_g = refs[n_in + n_out : n_in + 2 * n_out]
+        ins_s = refs[n_in + 2 * n_out : 2 * n_in + 2 * n_out]
+        bar, outs_s = refs[-n_out - 1], refs[-n_out:]
+        i = lax.axis_index("chunk")
+        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *outs_s), strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        grads, d_b, cots = LayerGrads(*outs_s[:4], None), outs_s[4], SolveCots(*outs_s[5:])
+        solve_backward_stage(*ins_s, grads, d_b, cots, ops)
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._tile(x.shape[1:], ops) for x in tiles),
+                       *(mw._scratch(x.shape[1:], f32, compiled) for x in floats),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(mw._scratch(s, f32, compiled) for s in out_shapes)],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
+    outs = kernel(*tiles, *floats, *zeros)
+    return LayerGrads(*outs[:4], None), outs[4], SolveCots(*outs[5:])
