@@ -23,8 +23,10 @@
 #               learning-rate sweep, Hope's paper form and Hope with the walk (its quality
 #               guard: the sweep's 1e-3 run is the preset beside it), side by side: the first
 #               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
-#               resumable (run it again); PARTS= picks among "long sweep paper walk", RUNS=
-#               and SWEEP= narrow them                  -> "Training stability and quality"
+#               PARTS=deep: hope_340m at full depth, 300 steps (alone: ~16 minutes on an
+#               H200); resumable (run it again); PARTS= picks among "long sweep paper walk
+#               deep" (default all but deep), RUNS= and SWEEP= narrow them
+#                                                       -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every model-level tool
 # times the trainer's own train step (nl_jax.train.step) and reports MFU in one convention
@@ -105,11 +107,12 @@ suite_stability() {
   # (250-step runs at 3e-4, 1e-3 and 3e-3: a 250-step run's cosine schedule has decayed by its
   # step 250, a long run's has not, so the long runs' step 250 is no sweep point), Hope's
   # paper form (the stable inner loop's switches off; cut and uncut meta-gradient) and Hope's
-  # 250-step run with the walk, on one GPU.
+  # 250-step run with the walk, on one GPU; PARTS=deep: hope_340m at full depth, 300 steps.
   # Longer than one 10-minute call: run the suite again on the same machine and every
   # unfinished run continues from its checkpoint. JAX_COMPILATION_CACHE_DIR saves recompiles.
-  local c="--config.model.num_layers=4 --config.seq_len=2048 --config.global_batch_size=8"
-  c="$c --config.model.dtype=bfloat16 --config.data.eval_batches=4 --config.logging.tensorboard=False"
+  local full="--config.seq_len=2048 --config.global_batch_size=8 --config.model.dtype=bfloat16"
+  full="$full --config.data.eval_batches=4 --config.logging.tensorboard=False"
+  local c="--config.model.num_layers=4 $full"
   local m=--config.model.memory
   local paper="$m.rule.normalize_memory=False $m.rule.momentum_ema=False $m.rule.normalize_chunk=False"
   local dc="$PY benchmarks/divergence_check.py --time_budget=${BUDGET:-500} --checkpoint_every=250"
@@ -140,6 +143,11 @@ suite_stability() {
       >"$OUT/paper_form.log" 2>&1 &
     $dc --root="$OUT/paper_form_uncut" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $c \
       $paper $m.backprop_chunks=0 $m.parallel_windows=False >"$OUT/paper_form_uncut.log" 2>&1 &
+  fi
+  if [[ $parts == *" deep "* ]]; then
+    names="$names full_depth"
+    $dc --root="$OUT/full_depth" --steps=300 --eval_every=100 --runs=hope_340m:0 -- $full \
+      >"$OUT/full_depth.log" 2>&1 &
   fi
   if [[ $parts == *" walk "* ]]; then
     # M_memory as the persistent Mosaic GPU walk (Hopper), against the sweep's preset run.
