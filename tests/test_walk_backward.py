@@ -275,3 +275,32 @@ def test_solve_backward_stage_lowers_for_cuda_within_shared_memory():
     (smem,) = mw.smem_bytes_at_lowering(lower)
     assert smem <= 232_448
     assert "mosaic_gpu" in lower().as_text()
+
+
+REVERSE_CASES = [
+    (CFG, 16, jnp.float32, 1e-5),
+    (CFG, 32, jnp.float32, 1e-5),  # the solves' block split
+    (CFG, 16, jnp.bfloat16, 2e-2),
+    (CFG._replace(normalize_chunk=False), 16, jnp.float32, 1e-5),
+    (CFG._replace(normalize_chunk=False, normalize_memory=False, normalize_lr=False,
+                  momentum_ema=False), 16, jnp.float32, 1e-5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cfg", "chunk", "operands", "tol"), REVERSE_CASES)
+def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, operands, tol):
+    init, x = make(2, chunk, 16, 16)
+    ks = jax.random.split(jax.random.PRNGKey(11), 5)
+    d_y = jax.random.normal(ks[0], (2, chunk, 16))
+    d_state = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True)))
+    reverse = functools.partial(
+        wb.chunk_reverse_kernel, cfg, interpret=mw.interpret_params(), operands=operands
+    )
+    got_state, got_x = jax.jit(reverse)(init, x, d_y, d_state)
+    want_state, want_x, _ = jax.vmap(lambda s, xs, dy, ds: cs.chunk_backward(cfg, s, xs, dy, ds))(
+        init, x, d_y, d_state
+    )
+    for name, a, b in zip(cs.State._fields, got_state, want_state, strict=True):
+        assert rel_err(a, b) < tol, name
+    for name, a, b in zip(cs.Inputs._fields, got_x, want_x, strict=True):
+        assert rel_err(a, b) < tol, name

@@ -32,6 +32,10 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   right side and of `L` into the layer's start state, inputs, steps, step sizes and the decays.
   `solve_backward_kernel` runs it alone.
 
+`chunk_reverse_stage` composes them into `chunk_step.chunk_backward` (a read-out memory, no
+document resets) from the forward's intermediates; `chunk_reverse_kernel` runs it alone, the
+intermediates computed by `chunk_step`'s forward in XLA.
+
 The stages of the layers' reverse add into their float32 result refs (the composed walk sums
 both layers' and every stage's contributions there); their harnesses start them at zero.
 """
@@ -732,3 +736,249 @@ def solve_backward_kernel(
     zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
     outs = kernel(*tiles, *floats, *zeros)
     return LayerGrads(*outs[:4], None), outs[4], SolveCots(*outs[5:])
+
+
+class ForwardRefs(NamedTuple):
+    """What a chunk's reverse reads of its forward: operand tiles (`t`) and float32 refs."""
+
+    w1_t: Any  # [d, h] the start state's products, W1, W2, S1, S2
+    w2_t: Any
+    s1_t: Any
+    s2_t: Any
+    w1: Any  # [d, h] float32 start weights and momenta (the end stage's sums)
+    w2: Any
+    s1: Any
+    s2: Any
+    k_t: Any  # [C, d] the chunk's keys, values and queries
+    v_t: Any
+    q_t: Any
+    hk_t: Any  # [C, h] gelu(k W2^T): W1's input
+    hq_t: Any  # [C, h] gelu(r2): W1's query
+    g1_t: Any  # [C, d] layer steps, solved errors and their `b e`
+    g2_t: Any
+    e1_t: Any
+    e2_t: Any
+    be1_t: Any
+    be2_t: Any
+    g_incl_t: Any  # [C, C] the decays' matrices
+    g_prior_t: Any
+    g_prior_trans_t: Any  # G prior transposed
+    k_incl_t: Any
+    k_prior_t: Any
+    zv: Any  # [C, h] float32 factors at the start state
+    z: Any
+    hk: Any
+    err: Any  # [C, d]
+    delta2: Any  # [C, h]
+    r2: Any  # [C, h] W2's read of q
+    eta: Any  # [C] float32 gates, step sizes, curvatures and decays' vectors
+    alpha: Any
+    beta: Any
+    b1: Any
+    b1_cols: Any
+    b2: Any
+    b2_cols: Any
+    cur1: Any
+    cur2: Any
+    gi: Any
+    gp: Any
+    pi: Any
+    ri: Any
+    rp: Any
+    k_last: Any  # [C] rows `last` of K, G and P inclusive
+    g_last: Any
+    p_last: Any
+
+
+class ReverseScratch(NamedTuple):
+    """Float32 accumulators of `chunk_reverse_stage` (zero at its start but `d_q`, which
+    starts as the reads' cotangent)."""
+
+    acc1: LayerGrads
+    acc2: LayerGrads
+    d_b1: Any  # [C]
+    d_b2: Any
+    d_hq: Any  # [C, h]
+    d_q: Any  # [C, d]
+    cot: cs.Decays  # the decays' cotangents (`pi_end` folded into `pi`)
+    ends: tuple  # [C] cotangents of K, G, P inclusive's rows `last`
+    vec: tuple  # four [C] work refs
+
+
+def chunk_reverse_stage(
+    cfg: cs.StepConfig, f: ForwardRefs, d_y_t: Any, d_w1_t: Any, d_w2_t: Any, d_s1_t: Any,
+    d_s2_t: Any, acc: ReverseScratch, out_state: cs.State, out_x: cs.Inputs, ops: mw.Ops,
+) -> None:  # fmt: skip
+    """`chunk_step.chunk_backward` (read-out memory, no document resets) from the forward's
+    intermediates `f`, the reads' cotangent `d_y_t [C, d]` and the end state's (`d_*_t`, operand
+    tiles) -> float32 refs `out_state` (the start state's cotangent) and `out_x` (the inputs').
+
+    The layers' reverses run W1's first (its reads' query cotangent is W2's reads'), then the
+    step sizes', the factors' and the decays' reverse, every contribution added in `acc`.
+    """
+    c, d = f.k_t.shape
+    h = f.w2_t.shape[0]
+    last = c - 1
+    cot = acc.cot
+    dec = cs.Decays(f.gi, f.gp, None, None, None, f.pi, None, None, f.ri, None, None)
+    rows = (f.k_last, f.g_last, f.p_last)
+    read_cots = ReadCots(cot.gi, cot.ri, cot.k_incl, cot.g_incl)
+    end_cots = EndCots(cot.gi, cot.ri, cot.pi, *acc.ends)
+    solve_cots = SolveCots(cot.gp, cot.rp, cot.g_prior, cot.k_prior)
+    decays = (f.g_prior_t, f.g_prior_trans_t, f.k_prior_t)
+    # W1: read at gelu(r2), end state, solve.
+    read_backward_stage(
+        f.hq_t, f.hk_t, f.g1_t, f.be1_t, f.w1_t, f.s1_t, f.k_incl_t, f.g_incl_t, f.gi, f.ri,
+        d_y_t, acc.acc1, acc.d_hq, read_cots, ops,
+    )  # fmt: skip
+    end_backward_stage(
+        f.hk_t, f.g1_t, f.be1_t, f.w1, f.s1, dec, rows, d_w1_t, d_s1_t, acc.acc1, end_cots, ops,
+        last,
+    )  # fmt: skip
+    solve_backward_stage(
+        f.hk_t, f.g1_t, f.e1_t, f.w1_t, f.s1_t, *decays, f.b1, f.b1_cols, f.gp, f.rp,
+        acc.acc1.be, acc.acc1, acc.d_b1, solve_cots, ops,
+    )  # fmt: skip
+
+    # W2: read at q with the cotangent through gelu(r2), end state, solve.
+    def layer2(d_out_t):
+        mw._store(d_out_t, mw._load(acc.d_hq, ops) * cs.gelu_grad(mw._load(f.r2, ops)))
+        plgpu.commit_smem()
+        read_backward_stage(
+            f.q_t, f.k_t, f.g2_t, f.be2_t, f.w2_t, f.s2_t, f.k_incl_t, f.g_incl_t, f.gi, f.ri,
+            d_out_t, acc.acc2, acc.d_q, read_cots, ops,
+        )  # fmt: skip
+
+    pl.run_scoped(layer2, mw._tile((c, h), ops))
+    end_backward_stage(
+        f.k_t, f.g2_t, f.be2_t, f.w2, f.s2, dec, rows, d_w2_t, d_s2_t, acc.acc2, end_cots, ops,
+        last,
+    )  # fmt: skip
+    solve_backward_stage(
+        f.k_t, f.g2_t, f.e2_t, f.w2_t, f.s2_t, *decays, f.b2, f.b2_cols, f.gp, f.rp,
+        acc.acc2.be, acc.acc2, acc.d_b2, solve_cots, ops,
+    )  # fmt: skip
+    # g_l = -(b_l gain) delta_l: the deltas', the step sizes' and the momentum gate's share.
+    beta = mw._along(f.beta, ops)
+    gain = 1.0 - beta if cfg.momentum_ema else jnp.ones_like(beta)
+    b1, b2 = mw._along(f.b1, ops), mw._along(f.b2, ops)
+    g1g, g2g = mw._load(acc.acc1.g, ops), mw._load(acc.acc2.g, ops)
+    gd1 = jnp.sum(g1g * mw._load(f.err, ops), 1)
+    gd2 = jnp.sum(g2g * mw._load(f.delta2, ops), 1)
+    d_gain = -(b1 * gd1 + b2 * gd2)
+    db1, db2, d_cur1, d_cur2 = acc.vec
+    db1[...] = mw._along(acc.d_b1, ops) - gain * gd1
+    db2[...] = mw._along(acc.d_b2, ops) - gain * gd2
+    plgpu.commit_smem()
+    step_sizes_backward_stage(cfg, f.eta, f.cur1, db1, out_x.eta, d_cur1, ops)
+    step_sizes_backward_stage(cfg, f.eta, f.cur2, db2, db1, d_cur2, ops)
+    # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
+    d_hk = mw._load(acc.acc1.a, ops) + 2.0 * ops.rows(mw._along(d_cur1, ops), h) * mw._load(
+        f.hk, ops
+    )
+    d_k = mw._load(acc.acc2.a, ops) + 2.0 * ops.rows(mw._along(d_cur2, ops), d) * mw._load(
+        f.k_t, ops
+    )
+    out_x.eta[...] = mw._along(out_x.eta, ops) + mw._along(db1, ops)
+    # The factors' cotangents take the accumulators' refs they are made of.
+    acc.acc1.g[...] = -ops.rows(b1 * gain, d) * g1g
+    acc.acc2.g[...] = -ops.rows(b2 * gain, h) * g2g
+    acc.acc1.a[...] = d_hk
+    plgpu.commit_smem()
+    factors = cs.Factors(f.zv, f.z, f.hk, f.err, None, None, None)
+    grads = FactorGrads(out_state.w1, out_state.w2, out_x.k, out_x.v)
+    factors_backward_stage(
+        f.w1_t, f.w2_t, f.k_t, f.v_t, factors, acc.acc1.a, acc.acc1.g, acc.acc2.g, grads, ops
+    )
+    # The end stages' rows of K, G and P inclusive join the decays' cotangents.
+    at_last = ops.iota((c, c), 0) == last
+    for matrix, row in zip((cot.k_incl, cot.g_incl, cot.p_incl), acc.ends, strict=True):
+        _accumulate(matrix, jnp.where(at_last, ops.cols(mw._along(row, ops, 0), c), 0.0), ops)
+    plgpu.commit_smem()
+    decays_backward_stage(f.alpha, f.beta, cot, out_x.alpha, out_x.beta, ops)
+    d_beta_gain = -d_gain if cfg.momentum_ema else jnp.zeros_like(d_gain)
+    out_x.beta[...] = mw._along(out_x.beta, ops) + d_beta_gain
+    out_x.k[...] = mw._load(out_x.k, ops) + d_k
+    out_x.q[...] = mw._load(acc.d_q, ops)
+    out_state.w1[...] = mw._load(out_state.w1, ops) + mw._load(acc.acc1.w0, ops)
+    out_state.w2[...] = mw._load(out_state.w2, ops) + mw._load(acc.acc2.w0, ops)
+    out_state.s1[...] = mw._load(acc.acc1.s0, ops)
+    out_state.s2[...] = mw._load(acc.acc2.s0, ops)
+
+
+def chunk_reverse_kernel(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array, d_state: cs.State, *,
+    interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
+    """`chunk_reverse_stage` for N chunks as a kernel (the composition's test harness): state
+    leaves `[N, ...]`, inputs `[N, C, ...]`, `d_y [N, C, d]`, the end state's cotangent ->
+    `(start state's cotangent, inputs')`, float32, as `chunk_step.chunk_backward` (read-out
+    memory, no resets). The forward's intermediates come from `chunk_step`'s forward in XLA.
+    """
+    if not cfg.read:
+        raise ValueError("chunk_reverse_kernel is the read-out memory's reverse (cfg.read=True)")
+    n, c, d = x.k.shape
+    h = state.w2.shape[1]
+    compiled = interpret is None
+    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    f32 = jnp.float32
+    fw = jax.vmap(lambda s, xs: cs._forward(cfg, s, xs, None, None)[2])(state, x)
+    dec, p = fw.dec, fw.picked
+    arrays = dict(
+        w1_t=state.w1, w2_t=state.w2, s1_t=state.s1, s2_t=state.s2,
+        w1=state.w1, w2=state.w2, s1=state.s1, s2=state.s2, k_t=x.k, v_t=x.v, q_t=x.q,
+        hk_t=p.hk, hq_t=fw.hq, g1_t=fw.lay1.g, g2_t=fw.lay2.g, e1_t=fw.lay1.e, e2_t=fw.lay2.e,
+        be1_t=fw.lay1.be, be2_t=fw.lay2.be, g_incl_t=dec.g_incl, g_prior_t=dec.g_prior,
+        g_prior_trans_t=dec.g_prior.transpose(0, 2, 1), k_incl_t=dec.k_incl, k_prior_t=dec.k_prior,
+        zv=p.zv, z=p.z, hk=p.hk, err=p.err, delta2=p.delta2, r2=fw.r2, eta=x.eta,
+        alpha=x.alpha, beta=x.beta, b1=fw.b1, b1_cols=fw.b1, b2=fw.b2, b2_cols=fw.b2,
+        cur1=p.cur1, cur2=p.cur2, gi=dec.gi, gp=dec.gp, pi=dec.pi, ri=dec.ri, rp=dec.rp,
+        k_last=dec.k_incl[:, -1], g_last=dec.g_incl[:, -1], p_last=dec.p_incl[:, -1],
+    )  # fmt: skip
+    fields = ForwardRefs(**arrays)._asdict()  # in the fields' order
+    ins = [a.astype(operands if name.endswith("_t") else f32) for name, a in fields.items()]
+    ins += [a.astype(operands) for a in (d_y, *d_state)] + [d_y.astype(f32)]
+    state_shapes = [(d, h), (h, d), (d, h), (h, d)]
+    x_shapes = [(c, d), (c, d), (c, d), (c,), (c,), (c,)]
+    layer1 = [(d, h), (d, h), (c, h), (c, d), (c, d)]
+    layer2 = [(h, d), (h, d), (c, d), (c, h), (c, h)]
+    cot_shapes = [(c,) if cs.Decays._fields[j] in ("gi", "gp", "pi", "ri", "rp") else (c, c)
+                  for j in range(10)]  # fmt: skip
+    acc_shapes = [*layer1, *layer2, (c,), (c,), (c, h), *cot_shapes, *[(c,)] * 7]
+    out_shapes = [*state_shapes, *x_shapes]
+    n_in, n_out, n_acc = len(ins), len(out_shapes), len(acc_shapes)
+
+    def body(*refs):
+        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out + n_acc]
+        outs_g = refs[n_in + n_out + n_acc : n_in + 2 * n_out + n_acc]
+        scratch = refs[n_in + 2 * n_out + n_acc :]
+        ins_s, bar = scratch[:n_in], scratch[n_in]
+        outs_s, acc_s = scratch[n_in + 1 : n_in + 1 + n_out], scratch[n_in + 1 + n_out :]
+        i = lax.axis_index("chunk")
+        targets = (*ins_s, *outs_s, *acc_s)
+        for src, dst in zip((*ins_g, *zeros_g), targets, strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        f = ForwardRefs(*ins_s[: len(arrays)])
+        d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, d_y32 = ins_s[len(arrays) :]
+        cot = cs.Decays(*acc_s[13:23], pi_end=None)
+        acc = ReverseScratch(
+            LayerGrads(*acc_s[:5]), LayerGrads(*acc_s[5:10]), acc_s[10], acc_s[11], acc_s[12],
+            d_y32, cot, tuple(acc_s[23:26]), tuple(acc_s[26:30]),
+        )  # fmt: skip
+        out_state, out_x = cs.State(*outs_s[:4]), cs.Inputs(*outs_s[4:])
+        chunk_reverse_stage(
+            cfg, f, d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, acc, out_state, out_x, ops
+        )
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._scratch(a.shape[1:], a.dtype, compiled) for a in ins),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(mw._scratch(s, f32, compiled) for s in (*out_shapes, *acc_shapes))],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    zeros = [jnp.zeros((n, *s), f32) for s in (*out_shapes, *acc_shapes)]
+    outs = kernel(*ins, *zeros)
+    return cs.State(*outs[:4]), cs.Inputs(*outs[4:])
