@@ -24,8 +24,9 @@
 #               guard: the sweep's 1e-3 run is the preset beside it), side by side: the first
 #               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
 #               PARTS=deep: hope_340m at full depth, 300 steps (alone: ~16 minutes on an
-#               H200); resumable (run it again); PARTS= picks among "long sweep paper walk
-#               deep" (default all but deep), RUNS= and SWEEP= narrow them
+#               H200, estimated from its tokens/s); resumable (run it again); PARTS= picks
+#               among "long sweep paper walk deep" (default all but deep), RUNS= and SWEEP=
+#               narrow them
 #                                                       -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every model-level tool

@@ -1,9 +1,10 @@
-"""The chunk step's backward in Mosaic GPU form: the stages a persistent reverse walk runs.
+"""The chunk step's backward in Mosaic GPU form: the stages a persistent reverse walk is
+built from.
 
-The reverse walk keeps the cotangent of the memory's state in shared memory and, per chunk in
-reverse order, applies `chunk_step.chunk_backward`'s written-out sequence of products to the
-chunk's inputs and its start state (saved by the forward walk). Each stage here is the
-reverse of one forward stage, written once against `memory_walk.Ops` (tensor-core products on
+A reverse walk applies, chunk by chunk in reverse order, `chunk_step.chunk_backward`'s
+written-out sequence of products to the chunk's inputs, its start state (which the forward walk
+saves) and the cotangent of the state after it. Each stage here is the reverse of one forward
+stage, written once against `memory_walk.Ops` (tensor-core products on
 operand tiles compiled, the same math interpreted) and checked against its `chunk_step`
 counterpart through a one-stage kernel, the way `memory_walk`'s forward stages are:
 
@@ -36,7 +37,7 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
 document resets) from the forward's intermediates; `chunk_reverse_kernel` runs it alone, the
 intermediates computed by `chunk_step`'s forward in XLA.
 
-The stages of the layers' reverse add into their float32 result refs (the composed walk sums
+The stages of the layers' reverse add into their float32 result refs (a composed reverse sums
 both layers' and every stage's contributions there); their harnesses start them at zero.
 """
 
