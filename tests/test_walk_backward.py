@@ -15,6 +15,20 @@ from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels import memory_walk as mw
 from nl_jax.kernels import walk_backward as wb
 
+# Shared memory an H100 or H200 CTA may take.
+SMEM_LIMIT = 232_448
+
+
+def assert_lowers_within_shared_memory(kernel, *args) -> None:
+    """`kernel(*args)` lowers for CUDA here, as Mosaic GPU, within a CTA's shared memory."""
+
+    def lower():
+        return jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
+
+    (smem,) = mw.smem_bytes_at_lowering(lower)
+    assert smem <= SMEM_LIMIT
+    assert "mosaic_gpu" in lower().as_text()
+
 
 def factors_case(n: int, c: int, dim: int):
     """Weights, keys, values, their factors and random cotangents of the factors."""
@@ -39,13 +53,7 @@ def test_factors_backward_stage_in_interpreter(operands, tol):
 
 def test_factors_backward_stage_lowers_for_cuda_within_shared_memory():
     args = factors_case(2, 64, 64)
-
-    def lower():
-        return jax.jit(wb.factors_backward_kernel).trace(*args).lower(lowering_platforms=("cuda",))
-
-    (smem,) = mw.smem_bytes_at_lowering(lower)
-    assert smem <= 232_448  # an H100's or H200's shared memory per CTA
-    assert "mosaic_gpu" in lower().as_text()
+    assert_lowers_within_shared_memory(wb.factors_backward_kernel, *args)
 
 
 def test_factors_backward_stage_needs_equal_widths():
@@ -81,17 +89,7 @@ def test_decays_backward_stage_in_interpreter(operands, tol):
 
 def test_decays_backward_stage_lowers_for_cuda_within_shared_memory():
     alpha, beta, _, cot = decays_case(2, 64)
-
-    def lower():
-        return (
-            jax.jit(wb.decays_backward_kernel)
-            .trace(alpha, beta, cot)
-            .lower(lowering_platforms=("cuda",))
-        )
-
-    (smem,) = mw.smem_bytes_at_lowering(lower)
-    assert smem <= 232_448
-    assert "mosaic_gpu" in lower().as_text()
+    assert_lowers_within_shared_memory(wb.decays_backward_kernel, alpha, beta, cot)
 
 
 STEP_CONFIGS = [
@@ -172,14 +170,7 @@ def test_end_backward_stage_against_vjp_of_layer_end(operands, tol):
 
 def test_end_backward_stage_lowers_for_cuda_within_shared_memory():
     dec, a, g, be, w0, s0, d_w, d_s = layer_case(2, 64, 64)
-
-    def lower():
-        stage = jax.jit(wb.end_backward_kernel)
-        return stage.trace(a, g, be, w0, s0, dec, d_w, d_s).lower(lowering_platforms=("cuda",))
-
-    (smem,) = mw.smem_bytes_at_lowering(lower)
-    assert smem <= 232_448
-    assert "mosaic_gpu" in lower().as_text()
+    assert_lowers_within_shared_memory(wb.end_backward_kernel, a, g, be, w0, s0, dec, d_w, d_s)
 
 
 def read_vjp(dec, q, a, g, be, w0, s0, d_out):
@@ -216,14 +207,7 @@ def test_read_backward_stage_against_vjp_of_layer_read(operands, tol):
 
 def test_read_backward_stage_lowers_for_cuda_within_shared_memory():
     dec, a, g, be, w0, s0, d_out, _ = layer_case(2, 64, 64)
-
-    def lower():
-        stage = jax.jit(wb.read_backward_kernel)
-        return stage.trace(a, a, g, be, w0, s0, dec, d_out).lower(lowering_platforms=("cuda",))
-
-    (smem,) = mw.smem_bytes_at_lowering(lower)
-    assert smem <= 232_448
-    assert "mosaic_gpu" in lower().as_text()
+    assert_lowers_within_shared_memory(wb.read_backward_kernel, a, a, g, be, w0, s0, dec, d_out)
 
 
 def solve_vjp(dec, a, g, b, w0, s0, d_be):
@@ -267,14 +251,7 @@ def test_solve_backward_stage_against_vjp_of_layer_solve(chunk, operands, tol):
 def test_solve_backward_stage_lowers_for_cuda_within_shared_memory():
     dec, a, g, e, w0, s0, d_be, _ = layer_case(2, 64, 64)
     b = jnp.full((2, 64), 0.1)
-
-    def lower():
-        stage = jax.jit(wb.solve_backward_kernel)
-        return stage.trace(a, g, e, w0, s0, b, dec, d_be).lower(lowering_platforms=("cuda",))
-
-    (smem,) = mw.smem_bytes_at_lowering(lower)
-    assert smem <= 232_448
-    assert "mosaic_gpu" in lower().as_text()
+    assert_lowers_within_shared_memory(wb.solve_backward_kernel, a, g, e, w0, s0, b, dec, d_be)
 
 
 REVERSE_CASES = [

@@ -356,6 +356,45 @@ def _total_at(x: jax.Array, c: int, last: int, ops: mw.Ops) -> jax.Array:
     return jnp.sum(jnp.where(at_last, ops.cols(along_o, c), 0.0), 1)
 
 
+def _harness(
+    run: Any, inputs: list, out_shapes: list, ops: mw.Ops, interpret: Any,
+    work_shapes: tuple = (),
+) -> list:  # fmt: skip
+    """A one-stage kernel over N chunks, the stages' test harness: row `i` of every input
+    (`[N, ...]`; 2-D bf16 ones become operand tiles) is copied into shared memory, and float32
+    refs of `out_shapes` and `work_shapes` start at zero, copied in (a warpgroup stores no splat
+    of C values); `run(input_refs, out_refs, work_refs)` applies the stage; the results are
+    `[N, *shape]` float32."""
+    n = inputs[0].shape[0]
+    compiled = interpret is None
+    f32 = jnp.float32
+    n_in, n_out, n_work = len(inputs), len(out_shapes), len(work_shapes)
+    zero_shapes = (*out_shapes, *work_shapes)
+
+    def body(*refs):
+        ins_g = refs[:n_in]
+        zeros_g = refs[n_in : n_in + n_out + n_work]
+        outs_g = refs[n_in + n_out + n_work : n_in + 2 * n_out + n_work]
+        scratch = refs[n_in + 2 * n_out + n_work :]
+        ins_s, bar, zeros_s = scratch[:n_in], scratch[n_in], scratch[n_in + 1 :]
+        i = lax.axis_index("chunk")
+        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *zeros_s), strict=True):
+            mw.fetch(src.at[i], dst, bar)
+        outs_s = zeros_s[:n_out]
+        run(ins_s, outs_s, zeros_s[n_out:])
+        mw.write_out(outs_s, outs_g, i)
+
+    kernel = plgpu.kernel(
+        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
+        grid=(n,), grid_names=("chunk",),
+        scratch_types=[*(mw._scratch(a.shape[1:], a.dtype, compiled) for a in inputs),
+                       plgpu.Barrier(num_arrivals=1),
+                       *(mw._scratch(s, f32, compiled) for s in zero_shapes)],
+        compiler_params=mw._COMPILER, interpret=interpret,
+    )  # fmt: skip
+    return kernel(*inputs, *(jnp.zeros((n, *s), f32) for s in zero_shapes))
+
+
 class LayerGrads(NamedTuple):
     """Float32 refs a layer's reverse stages add into."""
 
@@ -431,50 +470,23 @@ def end_backward_kernel(
     gradients' contributions (`LayerGrads` of `w0, s0, a, g, be`, `[N, ...]` float32) and the
     decays' (`EndCots`, `[N, C]`: entries `C - 1` of `gi, ri, pi` and the matrices' last rows).
     """
-    n, c, i = a.shape
+    c, i = a.shape[1:]
     o = w0.shape[1]
-    compiled = interpret is None
-    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
-    f32 = jnp.float32
-    tiles = tuple(x.astype(operands) for x in (a, g, be, d_w, d_s))
-    rows = tuple(m[:, -1, :] for m in (dec.k_incl, dec.g_incl, dec.p_incl))
-    floats = tuple(x.astype(f32) for x in (w0, s0, dec.gi, dec.ri, dec.pi, *rows))
-    grad_shapes = [(o, i), (o, i), (c, i), (c, o), (c, o)]
-    out_shapes = [*grad_shapes, *[(c,)] * 6]
-    n_in, n_out = len(tiles) + len(floats), len(out_shapes)
+    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
+    tiles = [x.astype(operands) for x in (a, g, be, d_w, d_s)]
+    rows = [m[:, -1, :] for m in (dec.k_incl, dec.g_incl, dec.p_incl)]
+    floats = [x.astype(jnp.float32) for x in (w0, s0, dec.gi, dec.ri, dec.pi, *rows)]
 
-    def body(*refs):
-        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out]
-        outs_g = refs[n_in + n_out : n_in + 2 * n_out]
-        ins_s, bar, outs_s = (
-            refs[n_in + 2 * n_out : 2 * n_in + 2 * n_out],
-            refs[-n_out - 1],
-            refs[-n_out:],
-        )
-        i = lax.axis_index("chunk")
-        # The results start at zero, copied in (a warpgroup stores no splat of C values).
-        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *outs_s), strict=True):
-            mw.fetch(src.at[i], dst, bar)
-        a_t, g_t, be_t, dw_t, ds_t = ins_s[:5]
-        w0_s, s0_s, gi, ri, pi, *row_refs = ins_s[5:]
+    def run(ins, outs, _):
+        a_t, g_t, be_t, dw_t, ds_t, w0_s, s0_s, gi, ri, pi, *row_refs = ins
         dec_s = cs.Decays(gi, None, None, None, None, pi, None, None, ri, None, None)
-        grads, cots = LayerGrads(*outs_s[:5]), EndCots(*outs_s[5:])
+        grads, cots = LayerGrads(*outs[:5]), EndCots(*outs[5:])
         end_backward_stage(
             a_t, g_t, be_t, w0_s, s0_s, dec_s, tuple(row_refs), dw_t, ds_t, grads, cots, ops, c - 1
         )
-        mw.write_out(outs_s, outs_g, i)
 
-    kernel = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
-        grid=(n,), grid_names=("chunk",),
-        scratch_types=[*(mw._tile(x.shape[1:], ops) for x in tiles),
-                       *(mw._scratch(x.shape[1:], f32, compiled) for x in floats),
-                       plgpu.Barrier(num_arrivals=1),
-                       *(mw._scratch(s, f32, compiled) for s in out_shapes)],
-        compiler_params=mw._COMPILER, interpret=interpret,
-    )  # fmt: skip
-    zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
-    outs = kernel(*tiles, *floats, *zeros)
+    shapes = [(o, i), (o, i), (c, i), (c, o), (c, o), *[(c,)] * 6]
+    outs = _harness(run, tiles + floats, shapes, ops, interpret)
     return LayerGrads(*outs[:5]), EndCots(*outs[5:])
 
 
@@ -549,40 +561,19 @@ def read_backward_kernel(
     layer's gradients (`LayerGrads`), the queries' (`[N, C, i]`) and the decays' (`ReadCots`),
     float32. The operands are rounded to `operands` before the kernel.
     """
-    n, c, i = q.shape
+    c, i = q.shape[1:]
     o = w0.shape[1]
-    compiled = interpret is None
-    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
-    f32 = jnp.float32
-    tiles = tuple(x.astype(operands) for x in (q, a, g, be, w0, s0, dec.k_incl, dec.g_incl, d_out))
-    floats = (dec.gi.astype(f32), dec.ri.astype(f32))
-    out_shapes = [(o, i), (o, i), (c, i), (c, o), (c, o), (c, i), (c,), (c,), (c, c), (c, c)]
-    n_in, n_out = len(tiles) + len(floats), len(out_shapes)
+    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
+    tiles = [x.astype(operands) for x in (q, a, g, be, w0, s0, dec.k_incl, dec.g_incl, d_out)]
+    floats = [dec.gi.astype(jnp.float32), dec.ri.astype(jnp.float32)]
 
-    def body(*refs):
-        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out]
-        outs_g = refs[n_in + n_out : n_in + 2 * n_out]
-        ins_s = refs[n_in + 2 * n_out : 2 * n_in + 2 * n_out]
-        bar, outs_s = refs[-n_out - 1], refs[-n_out:]
-        i = lax.axis_index("chunk")
-        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *outs_s), strict=True):
-            mw.fetch(src.at[i], dst, bar)
-        grads, d_q, cots = LayerGrads(*outs_s[:5]), outs_s[5], ReadCots(*outs_s[6:])
-        *operand_refs, d_out_t, gi, ri = ins_s
+    def run(ins, outs, _):
+        *operand_refs, d_out_t, gi, ri = ins
+        grads, d_q, cots = LayerGrads(*outs[:5]), outs[5], ReadCots(*outs[6:])
         read_backward_stage(*operand_refs, gi, ri, d_out_t, grads, d_q, cots, ops)
-        mw.write_out(outs_s, outs_g, i)
 
-    kernel = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
-        grid=(n,), grid_names=("chunk",),
-        scratch_types=[*(mw._tile(x.shape[1:], ops) for x in tiles),
-                       *(mw._scratch(x.shape[1:], f32, compiled) for x in floats),
-                       plgpu.Barrier(num_arrivals=1),
-                       *(mw._scratch(s, f32, compiled) for s in out_shapes)],
-        compiler_params=mw._COMPILER, interpret=interpret,
-    )  # fmt: skip
-    zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
-    outs = kernel(*tiles, *floats, *zeros)
+    shapes = [(o, i), (o, i), (c, i), (c, o), (c, o), (c, i), (c,), (c,), (c, c), (c, c)]
+    outs = _harness(run, tiles + floats, shapes, ops, interpret)
     return LayerGrads(*outs[:5]), outs[5], ReadCots(*outs[6:])
 
 
@@ -701,41 +692,19 @@ def solve_backward_kernel(
     (`[N, C]`) and the decays' (`SolveCots`), float32. The operands are rounded to `operands`
     before the kernel.
     """
-    n, c, i = a.shape
+    c, i = a.shape[1:]
     o = w0.shape[1]
-    compiled = interpret is None
-    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
-    f32 = jnp.float32
+    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
     g_prior_t = dec.g_prior.transpose(0, 2, 1)
-    tiles = (a, g, e, w0, s0, dec.g_prior, g_prior_t, dec.k_prior)
-    tiles = tuple(x.astype(operands) for x in tiles)
-    floats = tuple(x.astype(f32) for x in (b, b, dec.gp, dec.rp, d_be))
-    out_shapes = [(o, i), (o, i), (c, i), (c, o), (c,), (c,), (c,), (c, c), (c, c)]
-    n_in, n_out = len(tiles) + len(floats), len(out_shapes)
+    tiles = [x.astype(operands) for x in (a, g, e, w0, s0, dec.g_prior, g_prior_t, dec.k_prior)]
+    floats = [x.astype(jnp.float32) for x in (b, b, dec.gp, dec.rp, d_be)]
 
-    def body(*refs):
-        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out]
-        outs_g = refs[n_in + n_out : n_in + 2 * n_out]
-        ins_s = refs[n_in + 2 * n_out : 2 * n_in + 2 * n_out]
-        bar, outs_s = refs[-n_out - 1], refs[-n_out:]
-        i = lax.axis_index("chunk")
-        for src, dst in zip((*ins_g, *zeros_g), (*ins_s, *outs_s), strict=True):
-            mw.fetch(src.at[i], dst, bar)
-        grads, d_b, cots = LayerGrads(*outs_s[:4], None), outs_s[4], SolveCots(*outs_s[5:])
-        solve_backward_stage(*ins_s, grads, d_b, cots, ops)
-        mw.write_out(outs_s, outs_g, i)
+    def run(ins, outs, _):
+        grads, d_b, cots = LayerGrads(*outs[:4], None), outs[4], SolveCots(*outs[5:])
+        solve_backward_stage(*ins, grads, d_b, cots, ops)
 
-    kernel = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
-        grid=(n,), grid_names=("chunk",),
-        scratch_types=[*(mw._tile(x.shape[1:], ops) for x in tiles),
-                       *(mw._scratch(x.shape[1:], f32, compiled) for x in floats),
-                       plgpu.Barrier(num_arrivals=1),
-                       *(mw._scratch(s, f32, compiled) for s in out_shapes)],
-        compiler_params=mw._COMPILER, interpret=interpret,
-    )  # fmt: skip
-    zeros = [jnp.zeros((n, *s), f32) for s in out_shapes]
-    outs = kernel(*tiles, *floats, *zeros)
+    shapes = [(o, i), (o, i), (c, i), (c, o), (c,), (c,), (c,), (c, c), (c, c)]
+    outs = _harness(run, tiles + floats, shapes, ops, interpret)
     return LayerGrads(*outs[:4], None), outs[4], SolveCots(*outs[5:])
 
 
@@ -918,10 +887,9 @@ def chunk_reverse_kernel(
     """
     if not cfg.read:
         raise ValueError("chunk_reverse_kernel is the read-out memory's reverse (cfg.read=True)")
-    n, c, d = x.k.shape
+    c, d = x.k.shape[1:]
     h = state.w2.shape[1]
-    compiled = interpret is None
-    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
+    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
     f32 = jnp.float32
     fw = jax.vmap(lambda s, xs: cs._forward(cfg, s, xs, None, None)[2])(state, x)
     dec, p = fw.dec, fw.picked
@@ -939,47 +907,25 @@ def chunk_reverse_kernel(
     fields = ForwardRefs(**arrays)._asdict()  # in the fields' order
     ins = [a.astype(operands if name.endswith("_t") else f32) for name, a in fields.items()]
     ins += [a.astype(operands) for a in (d_y, *d_state)] + [d_y.astype(f32)]
-    state_shapes = [(d, h), (h, d), (d, h), (h, d)]
-    x_shapes = [(c, d), (c, d), (c, d), (c,), (c,), (c,)]
     layer1 = [(d, h), (d, h), (c, h), (c, d), (c, d)]
     layer2 = [(h, d), (h, d), (c, d), (c, h), (c, h)]
     cot_shapes = [(c,) if cs.Decays._fields[j] in ("gi", "gp", "pi", "ri", "rp") else (c, c)
                   for j in range(10)]  # fmt: skip
-    acc_shapes = [*layer1, *layer2, (c,), (c,), (c, h), *cot_shapes, *[(c,)] * 7]
-    out_shapes = [*state_shapes, *x_shapes]
-    n_in, n_out, n_acc = len(ins), len(out_shapes), len(acc_shapes)
+    work_shapes = (*layer1, *layer2, (c,), (c,), (c, h), *cot_shapes, *[(c,)] * 7)
 
-    def body(*refs):
-        ins_g, zeros_g = refs[:n_in], refs[n_in : n_in + n_out + n_acc]
-        outs_g = refs[n_in + n_out + n_acc : n_in + 2 * n_out + n_acc]
-        scratch = refs[n_in + 2 * n_out + n_acc :]
-        ins_s, bar = scratch[:n_in], scratch[n_in]
-        outs_s, acc_s = scratch[n_in + 1 : n_in + 1 + n_out], scratch[n_in + 1 + n_out :]
-        i = lax.axis_index("chunk")
-        targets = (*ins_s, *outs_s, *acc_s)
-        for src, dst in zip((*ins_g, *zeros_g), targets, strict=True):
-            mw.fetch(src.at[i], dst, bar)
-        f = ForwardRefs(*ins_s[: len(arrays)])
-        d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, d_y32 = ins_s[len(arrays) :]
-        cot = cs.Decays(*acc_s[13:23], pi_end=None)
+    def run(ins_s, outs, work):
+        f = ForwardRefs(*ins_s[: len(fields)])
+        d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, d_y32 = ins_s[len(fields) :]
+        cot = cs.Decays(*work[13:23], pi_end=None)
         acc = ReverseScratch(
-            LayerGrads(*acc_s[:5]), LayerGrads(*acc_s[5:10]), acc_s[10], acc_s[11], acc_s[12],
-            d_y32, cot, tuple(acc_s[23:26]), tuple(acc_s[26:30]),
+            LayerGrads(*work[:5]), LayerGrads(*work[5:10]), work[10], work[11], work[12],
+            d_y32, cot, tuple(work[23:26]), tuple(work[26:30]),
         )  # fmt: skip
-        out_state, out_x = cs.State(*outs_s[:4]), cs.Inputs(*outs_s[4:])
+        out_state, out_x = cs.State(*outs[:4]), cs.Inputs(*outs[4:])
         chunk_reverse_stage(
             cfg, f, d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, acc, out_state, out_x, ops
         )
-        mw.write_out(outs_s, outs_g, i)
 
-    kernel = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((n, *s), f32) for s in out_shapes],
-        grid=(n,), grid_names=("chunk",),
-        scratch_types=[*(mw._scratch(a.shape[1:], a.dtype, compiled) for a in ins),
-                       plgpu.Barrier(num_arrivals=1),
-                       *(mw._scratch(s, f32, compiled) for s in (*out_shapes, *acc_shapes))],
-        compiler_params=mw._COMPILER, interpret=interpret,
-    )  # fmt: skip
-    zeros = [jnp.zeros((n, *s), f32) for s in (*out_shapes, *acc_shapes)]
-    outs = kernel(*ins, *zeros)
+    shapes = [(d, h), (h, d), (d, h), (h, d), (c, d), (c, d), (c, d), (c,), (c,), (c,)]
+    outs = _harness(run, ins, shapes, ops, interpret, work_shapes)
     return cs.State(*outs[:4]), cs.Inputs(*outs[4:])
