@@ -405,6 +405,29 @@ class LayerGrads(NamedTuple):
     be: Any  # [C, o] its `b e`
 
 
+def _base_backward(
+    x: Any, w0: Any, s0: Any, scale_w: Any, scale_s: Any, d: jax.Array, d_x: Any,
+    out: LayerGrads, cot_w: Any, cot_s: Any, ops: mw.Ops,
+) -> None:  # fmt: skip
+    """Reverse of `scale_w * (x W0^T) + scale_s * (x S0^T)` (the reads' and the solve's terms in
+    the start state) for the float32 cotangent `d [C, o]`: operand tiles `x [C, i]`, `w0, s0
+    [o, i]`; float32 `[C]` refs `scale_w, scale_s`. Adds W0's and S0's gradients into `out`,
+    x's into the float32 ref `d_x`, the scales' into `cot_w, cot_s`."""
+    c, o = x.shape[0], w0.shape[0]
+    _accumulate_vec(cot_w, jnp.sum(d * ops.mm(x, w0, False, True), 1), ops)
+    _accumulate_vec(cot_s, jnp.sum(d * ops.mm(x, s0, False, True), 1), ops)
+
+    def state(d_w, d_s):
+        mw._store(d_w, ops.rows(mw._along(scale_w, ops), o) * d)
+        mw._store(d_s, ops.rows(mw._along(scale_s, ops), o) * d)
+        plgpu.commit_smem()
+        _accumulate(out.w0, ops.mm(d_w, x, True, False), ops)
+        _accumulate(out.s0, ops.mm(d_s, x, True, False), ops)
+        _accumulate(d_x, ops.mm(d_w, w0, plus=((d_s, s0, False, False),)), ops)
+
+    pl.run_scoped(state, mw._tile((c, o), ops), mw._tile((c, o), ops))
+
+
 class EndCots(NamedTuple):
     """Float32 `[C]` refs of the decays' cotangents the end stage adds into: `gi`, `ri` and
     `pi` at the chunk's last token (`pi_end`'s into `pi`'s), and the rows `last` of `K`
@@ -511,7 +534,7 @@ def read_backward_stage(
     reads' cotangent `d_out [C, o]`; float32 refs `gi, ri [C]`. Adds into `out`, the float32
     ref `d_q [C, i]` and `cot`.
     """
-    c, o = q.shape[0], w0.shape[0]
+    c = q.shape[0]
     qa = ops.mm(q, a, False, True)  # q a^T: [C, C]
     d_out32 = mw._load(d_out, ops)
 
@@ -528,18 +551,7 @@ def read_backward_stage(
     _accumulate(cot.k_incl, dx * qa, ops)
     _accumulate(cot.g_incl, dy * qa, ops)
     d_qa = dx * mw._load(k_incl, ops) + dy * mw._load(g_incl, ops)
-    _accumulate_vec(cot.gi, jnp.sum(d_out32 * ops.mm(q, w0, False, True), 1), ops)
-    _accumulate_vec(cot.ri, jnp.sum(d_out32 * ops.mm(q, s0, False, True), 1), ops)
-
-    def state(g_out, r_out):
-        mw._store(g_out, ops.rows(mw._along(gi, ops), o) * d_out32)
-        mw._store(r_out, ops.rows(mw._along(ri, ops), o) * d_out32)
-        plgpu.commit_smem()
-        _accumulate(out.w0, ops.mm(g_out, q, True, False), ops)
-        _accumulate(out.s0, ops.mm(r_out, q, True, False), ops)
-        _accumulate(d_q, ops.mm(g_out, w0, plus=((r_out, s0, False, False),)), ops)
-
-    pl.run_scoped(state, mw._tile((c, o), ops), mw._tile((c, o), ops))
+    _base_backward(q, w0, s0, gi, ri, d_out32, d_q, out, cot.gi, cot.ri, ops)
 
     def inputs(d_qa_t):
         mw._store(d_qa_t, d_qa)
@@ -650,18 +662,7 @@ def solve_backward_stage(
         d_aa = d_l * gpr * ops.cols(b_s, c)
         _accumulate_vec(d_b, d_b_val + mw._turn(jnp.sum(d_l * gpr * aa, 0), ops, 1), ops)
         # rhs = gp * (a W0^T) + (K_prior * aa) g + rp * (a S0^T).
-        _accumulate_vec(cot.gp, jnp.sum(d_rhs * ops.mm(a, w0, False, True), 1), ops)
-        _accumulate_vec(cot.rp, jnp.sum(d_rhs * ops.mm(a, s0, False, True), 1), ops)
-
-        def state(g_rhs, r_rhs):
-            mw._store(g_rhs, ops.rows(mw._along(gp, ops), o) * d_rhs)
-            mw._store(r_rhs, ops.rows(mw._along(rp, ops), o) * d_rhs)
-            plgpu.commit_smem()
-            _accumulate(out.w0, ops.mm(g_rhs, a, True, False), ops)
-            _accumulate(out.s0, ops.mm(r_rhs, a, True, False), ops)
-            _accumulate(out.a, ops.mm(g_rhs, w0, plus=((r_rhs, s0, False, False),)), ops)
-
-        pl.run_scoped(state, mw._tile((c, o), ops), mw._tile((c, o), ops))
+        _base_backward(a, w0, s0, gp, rp, d_rhs, out.a, out, cot.gp, cot.rp, ops)
         d_z = ops.mm(d_rhs_t, g, False, True)
         kpr = mw._load(k_prior, ops)
         _accumulate(cot.k_prior, d_z * aa, ops)
@@ -796,38 +797,34 @@ def chunk_reverse_stage(
     end_cots = EndCots(cot.gi, cot.ri, cot.pi, *acc.ends)
     solve_cots = SolveCots(cot.gp, cot.rp, cot.g_prior, cot.k_prior)
     decays = (f.g_prior_t, f.g_prior_trans_t, f.k_prior_t)
-    # W1: read at gelu(r2), end state, solve.
-    read_backward_stage(
-        f.hq_t, f.hk_t, f.g1_t, f.be1_t, f.w1_t, f.s1_t, f.k_incl_t, f.g_incl_t, f.gi, f.ri,
-        d_y_t, acc.acc1, acc.d_hq, read_cots, ops,
-    )  # fmt: skip
-    end_backward_stage(
-        f.hk_t, f.g1_t, f.be1_t, f.w1, f.s1, dec, rows, d_w1_t, d_s1_t, acc.acc1, end_cots, ops,
-        last,
-    )  # fmt: skip
-    solve_backward_stage(
-        f.hk_t, f.g1_t, f.e1_t, f.w1_t, f.s1_t, *decays, f.b1, f.b1_cols, f.gp, f.rp,
-        acc.acc1.be, acc.acc1, acc.d_b1, solve_cots, ops,
+
+    def layer(query, a, g, be, e, w_t, s_t, w, s, b, b_cols, d_out, d_w, d_s, grads, d_b, d_query):
+        """One layer's reverse: its reads at `query`, its end state, its solve."""
+        read_backward_stage(
+            query, a, g, be, w_t, s_t, f.k_incl_t, f.g_incl_t, f.gi, f.ri, d_out, grads,
+            d_query, read_cots, ops,
+        )  # fmt: skip
+        end_backward_stage(a, g, be, w, s, dec, rows, d_w, d_s, grads, end_cots, ops, last)
+        solve_backward_stage(
+            a, g, e, w_t, s_t, *decays, b, b_cols, f.gp, f.rp, grads.be, grads, d_b,
+            solve_cots, ops,
+        )  # fmt: skip
+
+    # W1 reads at gelu(r2); its reads' query cotangent, through gelu', is W2's reads'.
+    layer(
+        f.hq_t, f.hk_t, f.g1_t, f.be1_t, f.e1_t, f.w1_t, f.s1_t, f.w1, f.s1, f.b1, f.b1_cols,
+        d_y_t, d_w1_t, d_s1_t, acc.acc1, acc.d_b1, acc.d_hq,
     )  # fmt: skip
 
-    # W2: read at q with the cotangent through gelu(r2), end state, solve.
     def layer2(d_out_t):
         mw._store(d_out_t, mw._load(acc.d_hq, ops) * cs.gelu_grad(mw._load(f.r2, ops)))
         plgpu.commit_smem()
-        read_backward_stage(
-            f.q_t, f.k_t, f.g2_t, f.be2_t, f.w2_t, f.s2_t, f.k_incl_t, f.g_incl_t, f.gi, f.ri,
-            d_out_t, acc.acc2, acc.d_q, read_cots, ops,
+        layer(
+            f.q_t, f.k_t, f.g2_t, f.be2_t, f.e2_t, f.w2_t, f.s2_t, f.w2, f.s2, f.b2, f.b2_cols,
+            d_out_t, d_w2_t, d_s2_t, acc.acc2, acc.d_b2, acc.d_q,
         )  # fmt: skip
 
     pl.run_scoped(layer2, mw._tile((c, h), ops))
-    end_backward_stage(
-        f.k_t, f.g2_t, f.be2_t, f.w2, f.s2, dec, rows, d_w2_t, d_s2_t, acc.acc2, end_cots, ops,
-        last,
-    )  # fmt: skip
-    solve_backward_stage(
-        f.k_t, f.g2_t, f.e2_t, f.w2_t, f.s2_t, *decays, f.b2, f.b2_cols, f.gp, f.rp,
-        acc.acc2.be, acc.acc2, acc.d_b2, solve_cots, ops,
-    )  # fmt: skip
     # g_l = -(b_l gain) delta_l: the deltas', the step sizes' and the momentum gate's share.
     beta = mw._along(f.beta, ops)
     gain = 1.0 - beta if cfg.momentum_ema else jnp.ones_like(beta)
