@@ -92,6 +92,34 @@ def test_decays_backward_stage_lowers_for_cuda_within_shared_memory():
     assert_lowers_within_shared_memory(wb.decays_backward_kernel, alpha, beta, cot)
 
 
+def chunk_resets(n: int, c: int) -> jax.Array:
+    """Document starts `bool [n, c]` (n >= 3): two inside the first chunk, one at the second's
+    first token, none in the third."""
+    return jnp.zeros((n, c), bool).at[0, 5].set(True).at[0, 11].set(True).at[1, 0].set(True)
+
+
+def test_decays_backward_stage_with_resets_in_interpreter():
+    alpha, beta = decay_gates(3, 16)
+    resets = chunk_resets(3, 16)
+    segs = jax.vmap(lambda r: cs.segments(r, jnp.float32))(resets)
+    dec = jax.vmap(cs.decays)(alpha, beta, segs)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(cs.Decays._fields))
+    cot = cs.Decays(*(jax.random.normal(k, a.shape) for k, a in zip(keys, dec, strict=True)))
+    stage = functools.partial(
+        wb.decays_backward_kernel, interpret=mw.interpret_params(), operands=jnp.float32
+    )
+    got = jax.jit(stage)(alpha, beta, cot, resets)
+    want = jax.vmap(cs.decays_backward)(alpha, beta, dec, cot, segs)
+    for name, a, b in zip(("alpha", "beta"), got, want, strict=True):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_decays_backward_stage_with_resets_lowers_for_cuda_within_shared_memory():
+    alpha, beta, _, cot = decays_case(3, 64)
+    resets = chunk_resets(3, 64)
+    assert_lowers_within_shared_memory(wb.decays_backward_kernel, alpha, beta, cot, resets)
+
+
 STEP_CONFIGS = [
     CFG,
     CFG._replace(normalize_chunk=False),
@@ -113,6 +141,20 @@ def test_step_sizes_backward_stage_in_interpreter(cfg):
             assert rel_err(a, b) < 1e-6, name
         else:
             assert float(jnp.max(jnp.abs(a - b))) == 0.0, name
+
+
+def test_step_sizes_backward_stage_with_resets_in_interpreter():
+    ks = jax.random.split(jax.random.PRNGKey(8), 3)
+    eta = jax.random.uniform(ks[0], (3, 16), minval=0.05, maxval=0.9)
+    cur = jax.random.uniform(ks[1], (3, 16), minval=0.5, maxval=4.0)
+    d_b = jax.random.normal(ks[2], (3, 16))
+    resets = chunk_resets(3, 16)
+    segs = jax.vmap(lambda r: cs.segments(r, jnp.float32))(resets)
+    stage = functools.partial(wb.step_sizes_backward_kernel, CFG, interpret=mw.interpret_params())
+    got = jax.jit(stage)(eta, cur, d_b, resets)
+    want = jax.vmap(lambda e, c, s, d: cs._step_size_backward(CFG, e, c, s, d))(eta, cur, segs, d_b)
+    for name, a, b in zip(("eta", "cur"), got, want, strict=True):
+        assert rel_err(a, b) < 1e-6, name
 
 
 def test_step_sizes_backward_stage_lowers_for_cuda():

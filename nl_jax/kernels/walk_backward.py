@@ -171,19 +171,25 @@ def _cumulative(ref: Any, upper: jax.Array, ops: mw.Ops) -> tuple[jax.Array, ...
 
 
 def decays_backward_stage(
-    alpha: Any, beta: Any, cot: cs.Decays, d_alpha: Any, d_beta: Any, ops: mw.Ops
-) -> None:
-    """Stage 1's reverse (`chunk_step.decays_backward`, no document resets) from refs.
+    alpha: Any, beta: Any, cot: cs.Decays, d_alpha: Any, d_beta: Any, ops: mw.Ops,
+    seg: mw.Segments | None = None,
+) -> None:  # fmt: skip
+    """Stage 1's reverse (`chunk_step.decays_backward`) from refs.
 
     `alpha, beta [C]` float32 gate refs; `cot`: float32 refs of the cotangents of the decays'
     fields (`[C, C]` or `[C]`; `pi_end`'s added into `pi`'s last entry, so `cot.pi_end` is not
     read) -> `d_alpha, d_beta [C]`. The decays are recomputed from the gates; the cumulative
-    sums' reverses are masked column sums turned to lie along rows (`memory_walk._turn`).
+    sums' reverses are masked column sums turned to lie along rows (`memory_walk._turn`). With
+    document resets (`seg`) every mask keeps one document, as `memory_walk.decays_stage`'s do,
+    so the cumulative sums and their reverses restart at a document's first token, and `ri, rp`
+    take no cotangent after a reset (they are 0 there).
     """
     c = alpha.shape[0]
     shape = (c, c)
     t, s = ops.iota(shape, 0), ops.iota(shape, 1)
     lower, strict, upper = t >= s, t > s, t <= s
+    if seg is not None:
+        lower, strict, upper = lower & seg.same, strict & seg.same, upper & seg.same
     a, la, ci_t, ci_s = _cumulative(alpha, upper, ops)
     b, _, cb_t, cb_s = _cumulative(beta, upper, ops)
     cp_t = ci_t - la
@@ -203,6 +209,8 @@ def decays_backward_stage(
         mw._store(k_prior_t, mw._load(cot.k_prior, ops))
         plgpu.commit_smem()
         c_ri, c_rp = mw._along(cot.ri, ops), mw._along(cot.rp, ops)
+        if seg is not None:
+            c_ri, c_rp = c_ri * (1.0 - seg.fresh), c_rp * (1.0 - seg.fresh)
         pi_s = ops.cols(jnp.exp(cb_s), c)
         # K = G P: the cotangents of G through K^T's products with P, of P through G^T's.
         d_gi = mw._load(cot.g_incl, ops) + ops.mm(k_incl_t, p_incl_t, False, True)
@@ -232,22 +240,26 @@ def decays_backward_stage(
 
 
 def decays_backward_kernel(
-    alpha: jax.Array, beta: jax.Array, cot: cs.Decays, *, interpret: Any = None,
-    operands: Any = jnp.bfloat16,
+    alpha: jax.Array, beta: jax.Array, cot: cs.Decays, resets: jax.Array | None = None, *,
+    interpret: Any = None, operands: Any = jnp.bfloat16,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """`decays_backward_stage` for N chunks as a kernel (the stage's test harness).
 
     `alpha, beta [N, C]`; `cot`: the cotangents of `chunk_step.decays`' fields, `[N, ...]`
-    (`pi_end [N]`) -> `(d_alpha, d_beta)`, `[N, C]` float32. `operands`: the products' tile
-    dtype (bf16 compiled; float32 in the interpreter checks the math exactly).
+    (`pi_end [N]`, which takes no part after a reset in the chunk, where `pi_end` is 0);
+    `resets: bool [N, C]` document starts or None -> `(d_alpha, d_beta)`, `[N, C]` float32.
+    `operands`: the products' tile dtype (bf16 compiled; float32 in the interpreter checks the
+    math exactly).
     """
     n, c = alpha.shape
     compiled = interpret is None
     ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
     f32 = jnp.float32
-    cot = cot._replace(pi=cot.pi.at[:, -1].add(cot.pi_end))
+    end = cot.pi_end if resets is None else jnp.where(jnp.any(resets, -1), 0.0, cot.pi_end)
+    cot = cot._replace(pi=cot.pi.at[:, -1].add(end))
     names = [f for f in cs.Decays._fields if f != "pi_end"]
-    ins = [alpha, beta, *(getattr(cot, f) for f in names)]
+    flags = [] if resets is None else [resets]
+    ins = [alpha, beta, *(getattr(cot, f) for f in names), *flags]
     ins = [a.astype(f32) for a in ins]
 
     def body(*refs):
@@ -260,8 +272,10 @@ def decays_backward_kernel(
         i = lax.axis_index("chunk")
         for src, dst in zip(ins_g, ins_s, strict=True):
             mw.fetch(src.at[i], dst, bar)
-        cots = cs.Decays(**dict(zip(names, ins_s[2:], strict=True)), pi_end=None)
-        decays_backward_stage(ins_s[0], ins_s[1], cots, *outs_s, ops)
+        cot_refs = ins_s[2 : 2 + len(names)]
+        cots = cs.Decays(**dict(zip(names, cot_refs, strict=True)), pi_end=None)
+        seg = None if resets is None else mw.segments_stage(ins_s[-1], ops)
+        decays_backward_stage(ins_s[0], ins_s[1], cots, *outs_s, ops, seg)
         mw.write_out(outs_s, outs_g, i)
 
     kernel = plgpu.kernel(
@@ -277,20 +291,23 @@ def decays_backward_kernel(
 
 
 def step_sizes_backward_stage(
-    cfg: cs.StepConfig, eta: Any, cur: Any, d_b: Any, d_eta: Any, d_cur: Any, ops: mw.Ops
-) -> None:
-    """Stage 3's reverse (`chunk_step._step_size_backward`, no document resets) from `[C]`
-    float32 refs: the learning rate `eta`, the curvature `cur` and the step size's cotangent
-    `d_b` -> `d_eta`, `d_cur`.
+    cfg: cs.StepConfig, eta: Any, cur: Any, d_b: Any, d_eta: Any, d_cur: Any, ops: mw.Ops,
+    seg: mw.Segments | None = None,
+) -> None:  # fmt: skip
+    """Stage 3's reverse (`chunk_step._step_size_backward`) from `[C]` float32 refs: the
+    learning rate `eta`, the curvature `cur` and the step size's cotangent `d_b` -> `d_eta`,
+    `d_cur`.
 
-    With `cfg.normalize_chunk` the step is `eta_t / (1 + sum_{s <= t} eta_s cur_s)`: its
-    running sum is a masked row sum of `eta` and `cur` read along columns, and its reverse a
-    masked column sum, turned to lie along rows.
+    With `cfg.normalize_chunk` the step is `eta_t / (1 + sum_{s <= t} eta_s cur_s)`, the sum
+    within t's document (`seg`): its running sum is a masked row sum of `eta` and `cur` read
+    along columns, and its reverse a masked column sum, turned to lie along rows.
     """
     c = eta.shape[0]
     db = mw._along(d_b, ops)
     if cfg.normalize_chunk:
         lower = ops.iota((c, c), 0) >= ops.iota((c, c), 1)
+        if seg is not None:
+            lower = lower & seg.same
         eta_s, cur_s = mw._along(eta, ops, 0), mw._along(cur, ops, 0)
         den = 1.0 + jnp.sum(jnp.where(lower, ops.cols(eta_s * cur_s, c), 0.0), 1)
         eta_t = mw._turn(eta_s, ops, 1)
@@ -309,30 +326,23 @@ def step_sizes_backward_stage(
 
 
 def step_sizes_backward_kernel(
-    cfg: cs.StepConfig, eta: jax.Array, cur: jax.Array, d_b: jax.Array, *, interpret: Any = None
-) -> tuple[jax.Array, jax.Array]:
+    cfg: cs.StepConfig, eta: jax.Array, cur: jax.Array, d_b: jax.Array,
+    resets: jax.Array | None = None, *, interpret: Any = None,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """`step_sizes_backward_stage` for N chunks as a kernel (the stage's test harness):
-    `eta, cur, d_b [N, C]` -> `(d_eta, d_cur)`, `[N, C]` float32."""
-    n, c = eta.shape
-    compiled = interpret is None
-    ops = mw.COMPILED if compiled else mw.INTERPRETED
+    `eta, cur, d_b [N, C]`, `resets: bool [N, C]` document starts or None -> `(d_eta, d_cur)`,
+    `[N, C]` float32."""
+    ops = mw.COMPILED if interpret is None else mw.INTERPRETED
     f32 = jnp.float32
+    flags = [] if resets is None else [resets.astype(f32)]
 
-    def body(eta_g, cur_g, db_g, d_eta_g, d_cur_g, eta_s, cur_s, db_s, bar, d_eta_s, d_cur_s):
-        i = lax.axis_index("chunk")
-        for src, dst in ((eta_g, eta_s), (cur_g, cur_s), (db_g, db_s)):
-            mw.fetch(src.at[i], dst, bar)
-        step_sizes_backward_stage(cfg, eta_s, cur_s, db_s, d_eta_s, d_cur_s, ops)
-        mw.write_out((d_eta_s, d_cur_s), (d_eta_g, d_cur_g), i)
+    def run(ins, outs, _):
+        seg = None if resets is None else mw.segments_stage(ins[3], ops)
+        step_sizes_backward_stage(cfg, *ins[:3], *outs, ops, seg)
 
-    vec = mw._scratch((c,), f32, compiled)
-    kernel = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((n, c), f32)] * 2,
-        grid=(n,), grid_names=("chunk",),
-        scratch_types=[vec, vec, vec, plgpu.Barrier(num_arrivals=1), vec, vec],
-        compiler_params=mw._COMPILER, interpret=interpret,
-    )  # fmt: skip
-    d_eta, d_cur = kernel(*(a.astype(f32) for a in (eta, cur, d_b)))
+    c = eta.shape[1]
+    inputs = [a.astype(f32) for a in (eta, cur, d_b)] + flags
+    d_eta, d_cur = _harness(run, inputs, [(c,), (c,)], ops, interpret)
     return d_eta, d_cur
 
 
