@@ -12,12 +12,12 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   gradients of the self-generated target, the error and W2's delta with respect to both
   layers' weights, the keys and the values; nine products, four of them accumulated in pairs.
   `factors_backward_kernel` runs it alone.
-- `decays_backward_stage` (stage 1's reverse, `chunk_step.decays_backward`, without document
-  resets): the retention and momentum gates' gradients from the cotangents of every decay
-  field, recomputing the decays from the gates; four products, the cumulative sums' reverses
+- `decays_backward_stage` (stage 1's reverse, `chunk_step.decays_backward`, with or without
+  document resets): the retention and momentum gates' gradients from the cotangents of every
+  decay field, recomputing the decays from the gates; four products, the cumulative sums' reverses
   as masked column sums. `decays_backward_kernel` runs it alone.
-- `step_sizes_backward_stage` (stage 3's reverse, `chunk_step._step_size_backward`, without
-  document resets): the learning rate's and the curvature's gradients from the step size's;
+- `step_sizes_backward_stage` (stage 3's reverse, `chunk_step._step_size_backward`, with or
+  without document resets): the learning rate's and the curvature's gradients from the step size's;
   no products. `step_sizes_backward_kernel` runs it alone.
 - `end_backward_stage` (stage 6's reverse, the reverse of `chunk_step.layer_end` for one
   layer, without document resets): the end state's cotangent into the layer's start state,
