@@ -286,6 +286,27 @@ def segments_stage(flags: Any, ops: Ops) -> Segments:
     return Segments(same, jnp.where(seg_t > 0.5, 1.0, 0.0).astype(jnp.float32))
 
 
+def decay_masks(c: int, ops: Ops, seg: Segments | None = None) -> tuple[jax.Array, ...]:
+    """`(s <= t, s < t, s >= t)` as `[C, C]` masks (row t, column s), within t's document
+    where `seg` is given."""
+    t, s = ops.iota((c, c), 0), ops.iota((c, c), 1)
+    lower, strict, upper = t >= s, t > s, t <= s
+    if seg is None:
+        return lower, strict, upper
+    return lower & seg.same, strict & seg.same, upper & seg.same
+
+
+def cumulative_log(ref: Any, upper: jax.Array, ops: Ops) -> tuple[jax.Array, ...]:
+    """`(x, log x, X along rows, X along columns)` of a gate ref `x [C]`, X the inclusive
+    cumulative sum of `log x` over `upper` (`decay_masks`' third): a masked column sum, turned
+    to lie along rows too."""
+    c = ref.shape[0]
+    x = ref[...]
+    along_t = _log(x)
+    along_s = jnp.sum(jnp.where(upper, ops.rows(along_t, c), 0.0), 0)
+    return x, along_t, _turn(along_s, ops, 1), along_s
+
+
 def decays_stage(
     alpha_ref: Any, beta_ref: Any, out: cs.Decays, scratch: Any, ops: Ops,
     g_prior_t: Any = None, seg: Segments | None = None,
@@ -302,18 +323,9 @@ def decays_stage(
     c = alpha_ref.shape[0]
     shape = (c, c)
     t, s = ops.iota(shape, 0), ops.iota(shape, 1)
-    lower, strict, upper = t >= s, t > s, t <= s
-    if seg is not None:
-        lower, strict, upper = lower & seg.same, strict & seg.same, upper & seg.same
-
-    def cumulative(ref):
-        """`(x_t, X_t along rows, X_s along columns)`, X the inclusive cumulative sum of log x."""
-        along_t = _log(ref[...])
-        along_s = jnp.sum(jnp.where(upper, ops.rows(along_t, c), 0.0), 0)
-        return along_t, _turn(along_s, ops, 1), along_s
-
-    la, ci_t, ci_s = cumulative(alpha_ref)
-    _, cb_t, cb_s = cumulative(beta_ref)
+    lower, strict, upper = decay_masks(c, ops, seg)
+    _, la, ci_t, ci_s = cumulative_log(alpha_ref, upper, ops)
+    _, _, cb_t, cb_s = cumulative_log(beta_ref, upper, ops)
     cp_t = ci_t - la
     g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
     g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)

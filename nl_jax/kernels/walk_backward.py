@@ -160,16 +160,6 @@ def factors_backward_kernel(
     return FactorGrads(*kernel(*tiles, *floats))
 
 
-def _cumulative(ref: Any, upper: jax.Array, ops: mw.Ops) -> tuple[jax.Array, ...]:
-    """`(x, log x, X along rows, X along columns)` of a gate ref `x [C]`, X the inclusive
-    cumulative sum of `log x` (`memory_walk.decays_stage`'s form)."""
-    c = ref.shape[0]
-    x = ref[...]
-    along_t = mw._log(x)
-    along_s = jnp.sum(jnp.where(upper, ops.rows(along_t, c), 0.0), 0)
-    return x, along_t, mw._turn(along_s, ops, 1), along_s
-
-
 def decays_backward_stage(
     alpha: Any, beta: Any, cot: cs.Decays, d_alpha: Any, d_beta: Any, ops: mw.Ops,
     seg: mw.Segments | None = None,
@@ -186,12 +176,9 @@ def decays_backward_stage(
     """
     c = alpha.shape[0]
     shape = (c, c)
-    t, s = ops.iota(shape, 0), ops.iota(shape, 1)
-    lower, strict, upper = t >= s, t > s, t <= s
-    if seg is not None:
-        lower, strict, upper = lower & seg.same, strict & seg.same, upper & seg.same
-    a, la, ci_t, ci_s = _cumulative(alpha, upper, ops)
-    b, _, cb_t, cb_s = _cumulative(beta, upper, ops)
+    lower, strict, upper = mw.decay_masks(c, ops, seg)
+    a, la, ci_t, ci_s = mw.cumulative_log(alpha, upper, ops)
+    b, _, cb_t, cb_s = mw.cumulative_log(beta, upper, ops)
     cp_t = ci_t - la
     g_incl = jnp.where(lower, jnp.exp(ops.rows(ci_t, c) - ops.cols(ci_s, c)), 0.0)
     g_prior = jnp.where(strict, jnp.exp(ops.rows(cp_t, c) - ops.cols(ci_s, c)), 0.0)
