@@ -238,42 +238,20 @@ def decays_backward_kernel(
     `operands`: the products' tile dtype (bf16 compiled; float32 in the interpreter checks the
     math exactly).
     """
-    n, c = alpha.shape
-    compiled = interpret is None
-    ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
-    f32 = jnp.float32
+    c = alpha.shape[1]
+    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
     end = cot.pi_end if resets is None else jnp.where(jnp.any(resets, -1), 0.0, cot.pi_end)
     cot = cot._replace(pi=cot.pi.at[:, -1].add(end))
     names = [f for f in cs.Decays._fields if f != "pi_end"]
     flags = [] if resets is None else [resets]
-    ins = [alpha, beta, *(getattr(cot, f) for f in names), *flags]
-    ins = [a.astype(f32) for a in ins]
+    ins = [a.astype(jnp.float32) for a in (alpha, beta, *(getattr(cot, f) for f in names), *flags)]
 
-    def body(*refs):
-        ins_g, outs_g = refs[: len(ins)], refs[len(ins) : len(ins) + 2]
-        ins_s, bar, outs_s = (
-            refs[len(ins) + 2 : 2 * len(ins) + 2],
-            refs[2 * len(ins) + 2],
-            refs[-2:],
-        )
-        i = lax.axis_index("chunk")
-        for src, dst in zip(ins_g, ins_s, strict=True):
-            mw.fetch(src.at[i], dst, bar)
-        cot_refs = ins_s[2 : 2 + len(names)]
-        cots = cs.Decays(**dict(zip(names, cot_refs, strict=True)), pi_end=None)
+    def run(ins_s, outs, _):
+        cots = cs.Decays(**dict(zip(names, ins_s[2 : 2 + len(names)], strict=True)), pi_end=None)
         seg = None if resets is None else mw.segments_stage(ins_s[-1], ops)
-        decays_backward_stage(ins_s[0], ins_s[1], cots, *outs_s, ops, seg)
-        mw.write_out(outs_s, outs_g, i)
+        decays_backward_stage(ins_s[0], ins_s[1], cots, *outs, ops, seg)
 
-    kernel = plgpu.kernel(
-        body, out_type=[jax.ShapeDtypeStruct((n, c), f32)] * 2,
-        grid=(n,), grid_names=("chunk",),
-        scratch_types=[*(mw._scratch(a.shape[1:], f32, compiled) for a in ins),
-                       plgpu.Barrier(num_arrivals=1), mw._scratch((c,), f32, compiled),
-                       mw._scratch((c,), f32, compiled)],
-        compiler_params=mw._COMPILER, interpret=interpret,
-    )  # fmt: skip
-    d_alpha, d_beta = kernel(*ins)
+    d_alpha, d_beta = _harness(run, ins, [(c,), (c,)], ops, interpret)
     return d_alpha, d_beta
 
 
@@ -835,6 +813,7 @@ def chunk_reverse_stage(
     db2[...] = mw._along(acc.d_b2, ops) - gain * gd2
     plgpu.commit_smem()
     step_sizes_backward_stage(cfg, f.eta, f.cur1, db1, out_x.eta, d_cur1, ops)
+    # db1, read by the call above, takes W2's share of the learning rate's gradient.
     step_sizes_backward_stage(cfg, f.eta, f.cur2, db2, db1, d_cur2, ops)
     # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
     d_hk = mw._load(acc.acc1.a, ops) + 2.0 * ops.rows(mw._along(d_cur1, ops), h) * mw._load(
