@@ -60,6 +60,8 @@ _INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([^\s=]+)\s*=\s.*?[\]})]\s+([a-z][
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
+# One parse serves both `count_kernels` and `kernel_bytes` of a module (read, never mutated).
+@functools.lru_cache(maxsize=2)
 def parse_hlo(text: str) -> tuple[str, dict[str, list[tuple[str, str, str]]]]:
     """`(entry name, {computation: [(instruction, opcode, line), ...]})` of an HLO module."""
     computations: dict[str, list[tuple[str, str, str]]] = {}
