@@ -17,11 +17,11 @@
 #               kernel against XLA's chunk scan at hope_340m's shape (batch 4 x 16 heads, seq
 #               4096, chunk 64): us per chunk step, forward and backward  -> "Kernels"
 #   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk beside the
-#               preset                                                      -> "Kernels"
+#               fused forward (pallas_forward, XLA's M_memory)             -> "Kernels"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
-#               learning-rate sweep, Hope's paper form and Hope with the walk (its quality
-#               guard: the sweep's 1e-3 run is the preset beside it), side by side: the first
+#               learning-rate sweep, Hope's paper form and Hope without the walk (the walk's
+#               quality guard: beside the sweep's 1e-3 run, the walk on Hopper), side by side: the first
 #               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
 #               PARTS=deep: hope_340m at full depth, 300 steps (alone: ~16 minutes on an
 #               H200, estimated from its tokens/s); resumable (run it again); PARTS= picks
@@ -99,7 +99,7 @@ suite_walk() {
 suite_walk_model() {
   # Each 4-layer compile takes 2-3 minutes on a live GPU (autotuning): a longer limit.
   timeout $((2 * TMO)) $PY benchmarks/throughput.py --steps=4 --seq_len=4096 --batch=8 \
-    --presets=hope_340m --set=num_layers=4 --variants="preset:memory.kernel=auto|walk:memory.kernel=walk" \
+    --presets=hope_340m --set=num_layers=4 --variants="fused_forward:memory.kernel=pallas_forward|walk:memory.kernel=walk" \
     --out="$OUT/throughput_walk.json" 2>&1 | quiet
 }
 
@@ -108,7 +108,7 @@ suite_stability() {
   # (250-step runs at 3e-4, 1e-3 and 3e-3: a 250-step run's cosine schedule has decayed by its
   # step 250, a long run's has not, so the long runs' step 250 is no sweep point), Hope's
   # paper form (the stable inner loop's switches off; cut and uncut meta-gradient) and Hope's
-  # 250-step run with the walk, on one GPU; PARTS=deep: hope_340m at full depth, 300 steps.
+  # 250-step run without the walk, on one GPU; PARTS=deep: hope_340m at full depth, 300 steps.
   # Longer than one 10-minute call: run the suite again on the same machine and every
   # unfinished run continues from its checkpoint. JAX_COMPILATION_CACHE_DIR saves recompiles.
   local full="--config.seq_len=2048 --config.global_batch_size=8 --config.model.dtype=bfloat16"
@@ -151,10 +151,10 @@ suite_stability() {
       >"$OUT/full_depth.log" 2>&1 &
   fi
   if [[ $parts == *" walk "* ]]; then
-    # M_memory as the persistent Mosaic GPU walk (Hopper), against the sweep's preset run.
+    # M_memory as XLA ops, against the sweep's preset run (on Hopper, the Mosaic GPU walk).
     names="$names walk_guard"
     $dc --root="$OUT/walk_guard" --steps=250 --eval_every=250 --runs=hope_340m:0:1e-3 -- $c \
-      $m.kernel=walk >"$OUT/walk_guard.log" 2>&1 &
+      $m.kernel=pallas_forward >"$OUT/walk_guard.log" 2>&1 &
   fi
   wait
   for name in $names; do

@@ -217,14 +217,16 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     m.memory.solve = "auto"
     # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
     # layer, forward and backward) | "pallas_forward" (the fused forward kernel, the backward as
-    # XLA ops: +13% tokens/s at full hope_340m depth on an H200) | "auto": pallas_forward on a
-    # single GPU where Triton's 16-wide matmuls fit, xla elsewhere (CPU, TPU, several devices) |
+    # XLA ops: +13% tokens/s at full hope_340m depth on an H200) |
     # "pallas_forward_all": M_memory's chunk scan fused as well (+1.9% at 4 layers: not the default)
     # | "walk": the projection memories as pallas_forward, M_memory as one persistent Mosaic GPU
     # kernel per layer (Hopper; nl_jax/kernels/memory_walk.py, its backward XLA ops from the
-    # saved window starts), compiled at chunk_size = head_dim = hidden = 64 only and in the
+    # saved chunk starts), compiled at chunk_size = head_dim = hidden = 64 only and in the
     # Mosaic GPU interpreter on CPU; DGD with momentum and retention, gelu, per-token reads
-    # (else a ValueError); not timed on a GPU, so "auto" does not pick it.
+    # (else a ValueError); +7% tokens/s at 4 hope_340m layers on an H100, the same validation
+    # bits/byte (1.4244 against 1.4226 at step 250) | "auto": on a single GPU where Triton's
+    # 16-wide matmuls fit, walk where it applies (Hopper, hope_340m's sizes), else
+    # pallas_forward (one printed line says why); xla elsewhere (CPU, TPU, several devices).
     # Titans' memory: "xla" | "pallas_forward" (+43% tokens/s for titans_lmm_340m at seq 4096 x
     # 32 on an H200) | "pallas" (the backward as a kernel too: no faster on an H200) |
     # "auto": pallas_forward on a single GPU where Triton fits, as for Hope.

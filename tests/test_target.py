@@ -65,3 +65,21 @@ def test_hope_takes_the_fused_kernel_when_compiled_for_one_gpu():
     with target.compiling_for("gpu", 1):
         expected = "pallas_forward" if fused_scan.pl_triton is not None else "xla"
         assert self_modifying.resolve_kernel(spec) == expected
+
+
+def test_hopper_is_the_targets_or_the_local_gpus(monkeypatch):
+    """Mosaic GPU's kernels need sm_90: every ahead-of-time GPU target is one; locally the
+    device's compute capability decides, and no CPU or TPU is one."""
+    with target.compiling_for("gpu", 1):
+        assert target.hopper()
+    with target.compiling_for("tpu", 4):
+        assert not target.hopper()
+
+    class Device:
+        def __init__(self, cc):
+            self.compute_capability = cc
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for cc, want in (("9.0", True), ("8.0", False), ("10.0", False)):
+        monkeypatch.setattr(jax, "devices", lambda cc=cc: [Device(cc)])
+        assert target.hopper() == want, cc

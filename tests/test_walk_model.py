@@ -11,6 +11,7 @@ from test_self_modifying import heads_inputs
 
 from nl_jax.core import DeltaRule, memories, target
 from nl_jax.kernels import chunk_step as cs
+from nl_jax.kernels import fused_scan
 from nl_jax.kernels import memory_walk as mw
 from nl_jax.layers import self_modifying as sm
 
@@ -159,3 +160,34 @@ def test_compiled_walk_needs_a_gpu_and_its_size():
     with pytest.raises(ValueError, match=r"chunk_size, head_dim, hidden \(4, 8, 16\)") as err:
         sm.walk_step_config(spec, compiled=True)
     assert "\n" not in str(err.value) and "backend 'cpu'" in str(err.value)
+
+
+@pytest.mark.skipif(
+    fused_scan.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering"
+)
+def test_auto_takes_the_walk_on_one_hopper_gpu_only(capsys, monkeypatch):
+    """`memory.kernel="auto"` resolves to the walk where it applies (one Hopper GPU at
+    hope_340m's sizes), else to the fused forward with one printed line saying why."""
+    monkeypatch.setattr(sm, "_SAID", set())
+    big = sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
+                         rule=HOPE_RULE, backprop_chunks=4, parallel_windows=True)  # fmt: skip
+    assert sm.resolve_kernel(big) == "xla"  # this CPU host
+    fused = "pallas_forward"
+    with target.compiling_for("gpu", 1):
+        assert sm.resolve_kernel(big) == "walk"
+        assert capsys.readouterr().out == ""
+        smaller = dataclasses.replace(big, chunk_mem=32)
+        assert sm.resolve_kernel(smaller) == fused
+        assert sm.resolve_kernel(smaller) == fused
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 1 and "takes 'pallas_forward'" in lines[0]
+        assert "(32, 64, 64)" in lines[0]
+        assert sm.resolve_kernel(dataclasses.replace(big, kernel="pallas_forward")) == fused
+    with target.compiling_for("gpu", 2):  # GSPMD cannot partition the Pallas call
+        assert sm.resolve_kernel(big) == "xla"
+    # A local GPU that is not a Hopper keeps the fused forward.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert not target.hopper()
+    assert sm.resolve_kernel(big) == fused
+    assert "a GPU other than Hopper" in capsys.readouterr().out

@@ -33,6 +33,17 @@ def device_count() -> int:
     return jax.device_count() if target is None else target[1]
 
 
+def hopper() -> bool:
+    """Whether the program is compiled for a Hopper GPU (sm_90: `wgmma`, TMA), which Mosaic GPU's
+    kernels need: every ahead-of-time GPU target (`nl_jax.train.gpu_targets` describes H200s)
+    is; locally, the first device's compute capability says."""
+    if backend() != "gpu":
+        return False
+    if _TARGET.get() is not None:
+        return True
+    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+
+
 @contextlib.contextmanager
 def compiling_for(platform: str, num_devices: int) -> Iterator[None]:
     """Trace for `num_devices` devices of `platform` (`PLATFORMS`) inside this block."""

@@ -321,6 +321,8 @@ def walk_step_config(spec: SelfModSpec, compiled: bool) -> chunk_step.StepConfig
         why.append(f"read {spec.read!r} (the walk reads per token)")
     if compiled and target.backend() != "gpu":
         why.append(f"backend {target.backend()!r} (the kernel is Mosaic GPU's, for Hopper)")
+    elif compiled and not target.hopper():
+        why.append("a GPU other than Hopper (the kernel's wgmma and TMA are sm_90's)")
     sizes = (spec.chunk_mem, spec.head_dim, spec.hidden)
     if compiled and sizes != (WALK_SIZE,) * 3:
         why.append(
@@ -416,13 +418,30 @@ def self_modifying_head(spec: SelfModSpec, init: dict[str, Params], static: Para
 
 
 def resolve_kernel(spec: SelfModSpec) -> str:
-    """`spec.kernel`, with `auto` resolved: `pallas_forward` where `fused_fits` the chunk, head
-    and hidden sizes (+13% tokens/s at full hope_340m depth on an H200, BENCHMARKS.md; not
-    hope_760m's heads of 96), else `xla`."""
+    """`spec.kernel`, with `auto` resolved where `fused_fits` the chunk, head and hidden sizes
+    (one GPU): `walk` where M_memory's walk applies (Hopper, `walk_step_config`; +7% tokens/s
+    at 4 hope_340m layers on an H100, BENCHMARKS.md), else `pallas_forward`, saying why once;
+    `xla` elsewhere."""
     if spec.kernel != "auto":
         return spec.kernel
-    fits = fused_fits(spec.chunk_other, spec.head_dim, spec.hidden)
-    return "pallas_forward" if fits else "xla"
+    if not fused_fits(spec.chunk_other, spec.head_dim, spec.hidden):
+        return "xla"
+    try:
+        walk_step_config(spec, compiled=True)
+    except ValueError as err:
+        _say_once(f"[kernel] memory.kernel='auto' takes 'pallas_forward': {err}")
+        return "pallas_forward"
+    return "walk"
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    # Every layer (and every retrace) resolves the kernel; the reason is worth one line a run.
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, flush=True)
 
 
 def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params, u: jax.Array,
