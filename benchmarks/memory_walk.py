@@ -17,13 +17,22 @@ alone at the chunk-start state (`boundary_read_step`), the chunk step traced up 
 factors, its solves and its reads (the later stages left out, `skipping`), and the whole
 chunk step without and with the presets' stabilisers (`memory_step`). A part that does not
 compile prints why.
+
+`--reverse` times one chunk step's reverse over every (stream, window) pair at once, as the
+windows-side-by-side backward takes it: XLA's `chunk_step.chunk_backward` against
+`walk_backward.chunk_reverse_staged` (a Mosaic GPU kernel per reverse stage and layer, XLA's
+glue, the forward recomputed in XLA). With `--target=h200` it runs on any machine with the CUDA
+plugin: both are compiled by XLA's deviceless compiler and counted instead of timed (kernels
+and HBM bytes, as `kernel_count.py` counts them).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import pathlib
 import sys
 import time
 
@@ -33,6 +42,7 @@ import jax.numpy as jnp
 from nl_jax.core import ResidualMLPMemory
 from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels import memory_walk as mw
+from nl_jax.kernels import walk_backward as wb
 
 
 def inputs(n: int, seq: int, d: int) -> tuple[cs.State, cs.Inputs]:
@@ -142,6 +152,55 @@ def _time(fn, args: tuple, steps: int) -> tuple[float, object]:
     return sorted(times)[len(times) // 2], out
 
 
+def reverse_paths(cfg: cs.StepConfig, operands) -> dict:
+    """`--reverse`'s paths: name -> jitted `(state, inputs, d_y, d_state) -> (d_state0,
+    d_inputs)` over N chunks (leaves `[N, ...]`)."""
+
+    def xla(state, x, d_y, d_state):
+        return jax.vmap(lambda s, xs, dy, ds: cs.chunk_backward(cfg, s, xs, dy, ds)[:2])(
+            state, x, d_y, d_state
+        )
+
+    staged = functools.partial(wb.chunk_reverse_staged, cfg, operands=operands)
+    return {"reverse of a chunk step: xla": jax.jit(xla),
+            "reverse of a chunk step: staged kernels": jax.jit(staged)}  # fmt: skip
+
+
+def reverse_case(n: int, chunk: int, d: int) -> tuple:
+    """N chunks' start states and inputs (`inputs`) with random cotangents of the reads and
+    the end state."""
+    state, x = inputs(n, chunk, d)
+    ks = jax.random.split(jax.random.PRNGKey(1), 5)
+    d_y = jax.random.normal(ks[0], (n, chunk, d))
+    d_state = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], state, strict=True)))
+    return state, x, d_y, d_state
+
+
+def count_reverse(args: argparse.Namespace) -> int:
+    """`--reverse --target=...`: compile both reverses for that GPU without one and print their
+    kernels and HBM bytes per call."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import kernel_count  # noqa: PLC0415 (its imports need the CUDA plugin only here)
+
+    from nl_jax.core import target  # noqa: PLC0415
+
+    sharding, name = kernel_count.compile_for(args.target)
+    n = args.n * (args.seq // (args.chunk * args.every))
+    case = reverse_case(n, args.chunk, args.dim)
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
+    print(f"one chunk step's reverse over {n:,} (stream, window) pairs, chunk {args.chunk}, dim "
+          f"{args.dim}, compiled for {name} (deviceless: counted, not timed)")  # fmt: skip
+    print("| path | kernels | HBM GB per call |\n|---|---|---|")
+    with target.compiling_for("gpu", 1):
+        for label, fn in reverse_paths(cs.StepConfig(), jnp.bfloat16).items():
+            text = fn.lower(*jax.tree.map(spec, case)).compile().as_text()
+            total, launches, _ = kernel_count.count_kernels(text)
+            per_launch = kernel_count.kernel_bytes(text)
+            gb = sum(k * per_launch.get(i, 0) for i, k in launches.items()) / 1e9
+            print(f"| {label} | {total:,} | {gb:.2f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time the walk and XLA's scan; print a table and write `--out` JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -153,11 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="Mosaic GPU interpreter, float32")
     ap.add_argument("--parts", action="store_true", help="also time the walk's parts")
+    ap.add_argument("--reverse", action="store_true", help="also one chunk step's reverse")
+    ap.add_argument("--target", default="", help="with --reverse: count for this GPU (h200)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     if min(args.n, args.seq, args.chunk, args.dim, args.steps) < 1 or args.seq % args.chunk:
         print("error: sizes must be >= 1 and --seq a multiple of --chunk", file=sys.stderr)
         return 2
+    if args.target:
+        if not args.reverse:
+            print("error: --target counts --reverse's kernels; add --reverse", file=sys.stderr)
+            return 2
+        return count_reverse(args)
     if not args.interpret and jax.default_backend() != "gpu":
         print("error: the compiled kernel needs a GPU; --interpret checks it on this machine",
               file=sys.stderr)  # fmt: skip
@@ -205,6 +271,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds / n_chunks,
                           "tokens_per_s": args.n * args.seq / seconds}  # fmt: skip
+    if args.reverse:
+        n = args.n * (n_chunks // args.every)
+        case = reverse_case(n, args.chunk, args.dim)
+        for name, fn in reverse_paths(cfg, operands).items():
+            if args.interpret and "staged" in name:
+                fn = jax.jit(functools.partial(wb.chunk_reverse_staged, cfg, operands=operands,
+                                               interpret=mw.interpret_params()))  # fmt: skip
+            seconds, _ = _time(fn, case, args.steps)
+            rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds,
+                          "tokens_per_s": n * args.chunk / seconds}  # fmt: skip
     y_walk, y_xla = outputs["walk forward"][0], outputs["xla forward"][0]
     diff = float(jnp.max(jnp.abs(y_walk - y_xla)))
     # The read minus its residual `q` is what the memory contributes.

@@ -306,15 +306,17 @@ REVERSE_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("composed", ["one_kernel", "staged"])
 @pytest.mark.parametrize(("cfg", "chunk", "operands", "tol"), REVERSE_CASES)
-def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, operands, tol):
+def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, operands, tol, composed):
+    """The stages composed in one kernel (`chunk_reverse_kernel`) and as one kernel per stage
+    with XLA's glue (`chunk_reverse_staged`) equal `chunk_step.chunk_backward`."""
     init, x = make(2, chunk, 16, 16)
     ks = jax.random.split(jax.random.PRNGKey(11), 5)
     d_y = jax.random.normal(ks[0], (2, chunk, 16))
     d_state = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True)))
-    reverse = functools.partial(
-        wb.chunk_reverse_kernel, cfg, interpret=mw.interpret_params(), operands=operands
-    )
+    fn = wb.chunk_reverse_kernel if composed == "one_kernel" else wb.chunk_reverse_staged
+    reverse = functools.partial(fn, cfg, interpret=mw.interpret_params(), operands=operands)
     got_state, got_x = jax.jit(reverse)(init, x, d_y, d_state)
     want_state, want_x, _ = jax.vmap(lambda s, xs, dy, ds: cs.chunk_backward(cfg, s, xs, dy, ds))(
         init, x, d_y, d_state

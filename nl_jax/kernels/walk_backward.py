@@ -902,3 +902,74 @@ def chunk_reverse_kernel(
     shapes = [(d, h), (h, d), (d, h), (h, d), (c, d), (c, d), (c, d), (c,), (c,), (c,)]
     outs = _harness(run, ins, shapes, ops, interpret, work_shapes)
     return cs.State(*outs[:4]), cs.Inputs(*outs[4:])
+
+
+def chunk_reverse_staged(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array, d_state: cs.State, *,
+    interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
+    """`chunk_step.chunk_backward` (read-out memory, no resets) for N chunks as the reverse
+    stages' kernels, one launch per stage and layer, with XLA's glue between them: state
+    leaves `[N, ...]`, inputs `[N, C, ...]`, `d_y [N, C, d]`, the end state's cotangent ->
+    `(start state's cotangent, inputs')`, float32.
+
+    Each stage's kernel fits a CTA's shared memory where the composed one (`chunk_reverse_kernel`)
+    does not; the stages' contributions meet in HBM. The forward's intermediates come from
+    `chunk_step`'s forward in XLA.
+    """
+    if not cfg.read:
+        raise ValueError("chunk_reverse_staged is the read-out memory's reverse (cfg.read=True)")
+    kw = {"interpret": interpret, "operands": operands}
+    fw = jax.vmap(lambda s, xs: cs._forward(cfg, s, xs, None, None)[2])(state, x)
+    dec, p = fw.dec, fw.picked
+
+    def layer(lay: cs.Layer, query: jax.Array, d_out: jax.Array, d_w: jax.Array, d_s: jax.Array):
+        """One layer's reads, end state and solve reversed: its gradients, the step sizes'
+        and the query's cotangents, and its share of the decays'."""
+        read, d_query, rc = read_backward_kernel(
+            query, lay.a, lay.g, lay.be, lay.w0, lay.s0, dec, d_out, **kw
+        )
+        end, ec = end_backward_kernel(lay.a, lay.g, lay.be, lay.w0, lay.s0, dec, d_w, d_s, **kw)
+        # The solve's `b e` cotangent is what the reads and the end state send it.
+        solve, d_b, sc = solve_backward_kernel(
+            lay.a, lay.g, lay.e, lay.w0, lay.s0, lay.b, dec, read.be + end.be, **kw
+        )
+        grads = LayerGrads(
+            *(r + e + s for r, e, s in zip(read[:4], end[:4], solve[:4], strict=True)), None
+        )
+        # The end stage's rows `last` of the inclusive matrices.
+        at_last = lambda row: jnp.zeros_like(dec.k_incl).at[:, -1, :].set(row)  # noqa: E731
+        cot = cs.Decays(
+            gi=rc.gi + ec.gi, gp=sc.gp, g_incl=rc.g_incl + at_last(ec.g_last),
+            g_prior=sc.g_prior, p_incl=at_last(ec.p_last), pi=ec.pi,
+            k_incl=rc.k_incl + at_last(ec.k_last), k_prior=sc.k_prior, ri=rc.ri + ec.ri,
+            rp=sc.rp, pi_end=jnp.zeros_like(dec.pi_end),
+        )  # fmt: skip
+        return grads, d_b, d_query, cot
+
+    g1, db1, d_hq, cot1 = layer(fw.lay1, fw.hq, d_y, d_state.w1, d_state.s1)
+    g2, db2, d_q_read, cot2 = layer(
+        fw.lay2, x.q, d_hq * cs.gelu_grad(fw.r2), d_state.w2, d_state.s2
+    )
+    cot = cs.Decays(*(a + b for a, b in zip(cot1, cot2, strict=True)))
+    # g_l = -(b_l gain) delta_l: the deltas', the step sizes' and the momentum gate's share.
+    gain = fw.gain[..., None]
+    gd1, gd2 = jnp.sum(g1.g * p.err, -1), jnp.sum(g2.g * p.delta2, -1)
+    d_gain = -(fw.b1 * gd1 + fw.b2 * gd2)
+    de1, dc1 = step_sizes_backward_kernel(
+        cfg, x.eta, p.cur1, db1 - fw.gain * gd1, interpret=interpret
+    )
+    de2, dc2 = step_sizes_backward_kernel(
+        cfg, x.eta, p.cur2, db2 - fw.gain * gd2, interpret=interpret
+    )
+    # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
+    d_hk = g1.a + 2.0 * dc1[..., None] * p.hk
+    d_k = g2.a + 2.0 * dc2[..., None] * x.k
+    d_err = -(fw.b1[..., None] * gain) * g1.g
+    d_delta2 = -(fw.b2[..., None] * gain) * g2.g
+    fg = factors_backward_kernel(state.w1, state.w2, x.k, x.v, p, d_hk, d_err, d_delta2, **kw)
+    d_alpha, d_beta_dec = decays_backward_kernel(x.alpha, x.beta, cot, **kw)
+    d_beta = -d_gain if cfg.momentum_ema else jnp.zeros_like(x.beta)
+    d_state0 = cs.State(fg.w1 + g1.w0, fg.w2 + g2.w0, g1.s0, g2.s0)
+    d_x = cs.Inputs(d_k + fg.k, fg.v, d_y + d_q_read, de1 + de2, d_alpha, d_beta + d_beta_dec)
+    return d_state0, d_x
