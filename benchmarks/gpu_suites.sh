@@ -10,19 +10,22 @@
 #   profile     one GPU: hope_340m's full-depth step, profiled, split into the memory layers'
 #               inner recurrences and the rest                             -> "Where Hope's step goes"
 #   gdn         one GPU: jax-linear-attention's Gated DeltaNet at the 340M shape beside
-#               transformer_340m and hope_340m (needs the `jla` package)   -> "One GPU"
+#               transformer_340m and hope_340m, batch 8 on an H200 and 4 on an H100 (BATCH=
+#               sets it; needs the `jla` package)                           -> "One GPU"
 #   scaling     2 GPUs of one host: transformer_1.3b and hope_1.3b on 1 GPU, then FSDP on 2,
 #               and the 2-GPU checkpoint restored on 1                     -> "Several GPUs"
 #   walk        one GPU: benchmarks/memory_walk.py, Hope's M_memory as the persistent Mosaic GPU
 #               kernel against XLA's chunk scan at hope_340m's shape (batch 4 x 16 heads, seq
-#               4096, chunk 64): us per chunk step, forward and backward  -> "Kernels"
+#               4096, chunk 64): us per chunk step, forward and backward, and one chunk
+#               step's reverse, XLA's against the staged kernels           -> "Kernels"
 #   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk beside the
 #               fused forward (pallas_forward, XLA's M_memory)             -> "Kernels"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
-#               learning-rate sweep, Hope's paper form and Hope without the walk (the walk's
-#               quality guard: beside the sweep's 1e-3 run, the walk on Hopper), side by side: the first
-#               non-finite step or "finite", and validation bits/byte at steps 250, 500, 1000;
+#               learning-rate sweep, Hope's paper form and Hope without the walk (the
+#               walk's quality guard: beside the sweep's 1e-3 run, the walk on Hopper), side
+#               by side: the first non-finite step or "finite", and validation bits/byte at
+#               steps 250, 500, 1000;
 #               PARTS=deep: hope_340m at full depth, 300 steps (alone: ~16 minutes on an
 #               H200, estimated from its tokens/s); resumable (run it again); PARTS= picks
 #               among "long sweep paper walk deep" (default all but deep), RUNS= and SWEEP=
@@ -73,8 +76,12 @@ suite_profile() {
 }
 
 suite_gdn() {
-  timeout "$TMO" $PY benchmarks/gdn_baseline.py --seq_len=4096 --batch=8 --steps=3 --out="$OUT/gdn.json" | quiet
-  $T --batch=8 --presets=transformer_340m,hope_340m --out="$OUT/gdn_side.json" | quiet
+  # Batch 8 on an H200; 4 on an H100, where jla's Gated DeltaNet runs out of memory at 8.
+  local mib b
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  b=${BATCH:-$([ "${mib:-0}" -gt 100000 ] && echo 8 || echo 4)}
+  timeout "$TMO" $PY benchmarks/gdn_baseline.py --seq_len=4096 --batch="$b" --steps=3 --out="$OUT/gdn.json" | quiet
+  $T --batch="$b" --presets=transformer_340m,hope_340m --out="$OUT/gdn_side.json" | quiet
 }
 
 suite_scaling() {
@@ -93,7 +100,7 @@ suite_scaling() {
 
 suite_walk() {
   timeout "$TMO" $PY benchmarks/memory_walk.py --n=64 --seq=4096 --chunk=64 --dim=64 --parts \
-    --out="$OUT/memory_walk.json" 2>&1 | quiet
+    --reverse --out="$OUT/memory_walk.json" 2>&1 | quiet
 }
 
 suite_walk_model() {
@@ -163,7 +170,7 @@ suite_stability() {
   done
 }
 
-[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^# Rows/p' "$0" | sed '$d'; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 # "-dirty": the tree that ran differs from that commit (a copied working tree, uncommitted edits).
 git update-index -q --refresh 2>/dev/null

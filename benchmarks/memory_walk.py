@@ -21,7 +21,8 @@ compile prints why.
 `--reverse` times one chunk step's reverse over every (stream, window) pair at once, as the
 windows-side-by-side backward takes it: XLA's `chunk_step.chunk_backward` against
 `walk_backward.chunk_reverse_staged` (a Mosaic GPU kernel per reverse stage and layer, XLA's
-glue, the forward recomputed in XLA). With `--target=h200` it runs on any machine with the CUDA
+glue) and `chunk_reverse_streamed` (the stages in turn in one kernel), the forward recomputed
+in XLA for both. With `--target=h200` it runs on any machine with the CUDA
 plugin: both are compiled by XLA's deviceless compiler and counted instead of timed (kernels
 and HBM bytes, as `kernel_count.py` counts them).
 """
@@ -162,8 +163,10 @@ def reverse_paths(cfg: cs.StepConfig, operands) -> dict:
         )
 
     staged = functools.partial(wb.chunk_reverse_staged, cfg, operands=operands)
+    streamed = functools.partial(wb.chunk_reverse_streamed, cfg, operands=operands)
     return {"reverse of a chunk step: xla": jax.jit(xla),
-            "reverse of a chunk step: staged kernels": jax.jit(staged)}  # fmt: skip
+            "reverse of a chunk step: staged kernels": jax.jit(staged),
+            "reverse of a chunk step: one streamed kernel": jax.jit(streamed)}  # fmt: skip
 
 
 def reverse_case(n: int, chunk: int, d: int) -> tuple:
@@ -275,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         n = args.n * (n_chunks // args.every)
         case = reverse_case(n, args.chunk, args.dim)
         for name, fn in reverse_paths(cfg, operands).items():
-            if args.interpret and "staged" in name:
-                fn = jax.jit(functools.partial(wb.chunk_reverse_staged, cfg, operands=operands,
+            if args.interpret and "xla" not in name:
+                composed = (
+                    wb.chunk_reverse_staged if "staged" in name else wb.chunk_reverse_streamed
+                )
+                fn = jax.jit(functools.partial(composed, cfg, operands=operands,
                                                interpret=mw.interpret_params()))  # fmt: skip
             seconds, _ = _time(fn, case, args.steps)
             rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds,

@@ -1,6 +1,6 @@
 """What one chunk step of the M_memory walk asks of each GPU thread, read from its PTX.
 
-    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/walk_ptx.py [--exact_math] [--out=F]
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/walk_ptx.py [--exact_math] [--reverse] [--out=F]
 
 Needs the CUDA plugin (`pip install "jax[cuda12]==<jax version>"`), not a GPU: every
 `memory_walk.py --parts` variant of the walk is compiled for an H200 by XLA's deviceless
@@ -14,12 +14,15 @@ column sums), `ex2` (exponentials), `cvt` (conversions, mostly float32 to bf16 o
 `selp` (masks), shared and local memory loads and stores, registers per thread (255 is the
 limit) and spilled bytes. The walk compiles with Mosaic GPU's approximate `tanh`, `exp`, `log`
 and division (`CompilerParams(approx_math=True)`); `--exact_math` compiles it without them.
+`--reverse` counts one chunk's reverse instead (`walk_backward.chunk_reverse_streamed`, its
+stages in turn, one kernel).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -110,12 +113,39 @@ def _compile_parts(bench, mw, args, init, x, spec, dump: str) -> dict | None:
     return rows
 
 
+def _compile_reverse(args, init, x, spec, dump: str) -> dict | None:
+    """`{name: PtxStats}` of one chunk's reverse as one kernel, its stages streamed through HBM
+    (`walk_backward.chunk_reverse_streamed`), compiled for the target behind `spec`."""
+    import functools
+
+    import jax
+
+    from nl_jax.kernels import chunk_step as cs
+    from nl_jax.kernels import walk_backward as wb
+
+    state = jax.tree.map(lambda a: a[:1], init)
+    chunk = cs.Inputs(*(a[:1, : args.chunk] for a in x))
+    d_y = chunk.q
+    for old in glob.glob(os.path.join(dump, "*")):
+        os.remove(old)
+    reverse = functools.partial(wb.chunk_reverse_streamed, cs.StepConfig())
+    args_ = jax.tree.map(spec, (state, chunk, d_y, state))
+    jax.jit(reverse).lower(*args_).compile()
+    ptx, ptxas = glob.glob(os.path.join(dump, "*.ptx")), glob.glob(os.path.join(dump, "*.ptxas"))
+    if len(ptx) != 1 or len(ptxas) != 1:
+        print(f"error: no single PTX dump for the reverse in {dump}", file=sys.stderr)
+        return None
+    with open(ptx[0]) as f, open(ptxas[0]) as g:
+        return {"reverse: one chunk, stages streamed": ptx_stats(f.read(), g.read())}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile every walk part for an H200 without a GPU and print its PTX counts."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exact_math", action="store_true", help="no approximate tanh, exp, log")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--reverse", action="store_true", help="the streamed chunk reverse instead")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     dump = tempfile.mkdtemp(prefix="walk_ptx_")
@@ -142,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     init, x = bench.inputs(1, 4 * args.chunk, args.dim)
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
     try:
-        rows = _compile_parts(bench, mw, args, init, x, spec, dump)
+        compile_rows = (
+            _compile_reverse if args.reverse else functools.partial(_compile_parts, bench, mw)
+        )
+        rows = compile_rows(args, init, x, spec, dump)
     finally:
         shutil.rmtree(dump, ignore_errors=True)
     if rows is None:

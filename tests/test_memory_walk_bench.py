@@ -11,13 +11,13 @@ import memory_walk as bench  # noqa: E402
 
 def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
     out = tmp_path / "walk.json"
-    argv = ["--interpret", "--parts", "--n=2", "--seq=8", "--chunk=4", "--dim=8", "--steps=1",
-            f"--out={out}"]  # fmt: skip
+    argv = ["--interpret", "--parts", "--reverse", "--n=2", "--seq=8", "--chunk=4", "--dim=8",
+            "--every=1", "--steps=1", f"--out={out}"]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["rows"]) == {
         "walk forward", "xla forward", "walk forward+backward", "xla forward+backward",
-        *bench.parts(),
+        *bench.parts(), *bench.reverse_paths(bench.cs.StepConfig(), None),
     }  # fmt: skip
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"].values())
     # The interpreted kernel (float32 operands) and XLA's scan compute the same outputs.
@@ -29,3 +29,5 @@ def test_bad_sizes_and_a_compiled_run_without_a_gpu_are_errors(capsys):
     assert bench.main(["--interpret", "--seq=10", "--chunk=4"]) == 2
     assert bench.main(["--n=1", "--seq=8", "--chunk=4", "--dim=8"]) == 2  # this CPU host
     assert "needs a GPU" in capsys.readouterr().err
+    assert bench.main(["--interpret", "--target=h200"]) == 2  # counting needs --reverse
+    assert "add --reverse" in capsys.readouterr().err

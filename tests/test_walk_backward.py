@@ -306,16 +306,18 @@ REVERSE_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("composed", ["one_kernel", "staged"])
+@pytest.mark.parametrize("composed", ["one_kernel", "staged", "streamed"])
 @pytest.mark.parametrize(("cfg", "chunk", "operands", "tol"), REVERSE_CASES)
 def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, operands, tol, composed):
-    """The stages composed in one kernel (`chunk_reverse_kernel`) and as one kernel per stage
-    with XLA's glue (`chunk_reverse_staged`) equal `chunk_step.chunk_backward`."""
+    """The stages composed in one kernel, all resident (`chunk_reverse_kernel`) or streamed
+    through HBM (`chunk_reverse_streamed`), and as one kernel per stage with XLA's glue
+    (`chunk_reverse_staged`) equal `chunk_step.chunk_backward`."""
     init, x = make(2, chunk, 16, 16)
     ks = jax.random.split(jax.random.PRNGKey(11), 5)
     d_y = jax.random.normal(ks[0], (2, chunk, 16))
     d_state = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True)))
-    fn = wb.chunk_reverse_kernel if composed == "one_kernel" else wb.chunk_reverse_staged
+    fn = {"one_kernel": wb.chunk_reverse_kernel, "staged": wb.chunk_reverse_staged,
+          "streamed": wb.chunk_reverse_streamed}[composed]  # fmt: skip
     reverse = functools.partial(fn, cfg, interpret=mw.interpret_params(), operands=operands)
     got_state, got_x = jax.jit(reverse)(init, x, d_y, d_state)
     want_state, want_x, _ = jax.vmap(lambda s, xs, dy, ds: cs.chunk_backward(cfg, s, xs, dy, ds))(
@@ -325,3 +327,13 @@ def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, opera
         assert rel_err(a, b) < tol, name
     for name, a, b in zip(cs.Inputs._fields, got_x, want_x, strict=True):
         assert rel_err(a, b) < tol, name
+
+
+def test_streamed_chunk_reverse_lowers_for_cuda_within_shared_memory():
+    """At hope_340m's `C = d = h = 64` the streamed composition fits one CTA (the resident one
+    asks 3.6 times a CTA's shared memory): its stages' scopes follow each other."""
+    init, x = make(2, 64, 64, 64)
+    d_y = jnp.ones((2, 64, 64))
+    assert_lowers_within_shared_memory(
+        functools.partial(wb.chunk_reverse_streamed, CFG), init, x, d_y, init
+    )

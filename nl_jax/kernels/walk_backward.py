@@ -973,3 +973,263 @@ def chunk_reverse_staged(
     d_state0 = cs.State(fg.w1 + g1.w0, fg.w2 + g2.w0, g1.s0, g2.s0)
     d_x = cs.Inputs(d_k + fg.k, fg.v, d_y + d_q_read, de1 + de2, d_alpha, d_beta + d_beta_dec)
     return d_state0, d_x
+
+
+def _forward_arrays(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, operands: Any
+) -> dict[str, jax.Array]:
+    """`ForwardRefs`' fields for N chunks (`[N, ...]`), from `chunk_step`'s forward in XLA:
+    operand tiles (`*_t`) in `operands`, the rest float32."""
+    fw = jax.vmap(lambda s, xs: cs._forward(cfg, s, xs, None, None)[2])(state, x)
+    dec, p = fw.dec, fw.picked
+    arrays = dict(
+        w1_t=state.w1, w2_t=state.w2, s1_t=state.s1, s2_t=state.s2,
+        w1=state.w1, w2=state.w2, s1=state.s1, s2=state.s2, k_t=x.k, v_t=x.v, q_t=x.q,
+        hk_t=p.hk, hq_t=fw.hq, g1_t=fw.lay1.g, g2_t=fw.lay2.g, e1_t=fw.lay1.e, e2_t=fw.lay2.e,
+        be1_t=fw.lay1.be, be2_t=fw.lay2.be, g_incl_t=dec.g_incl, g_prior_t=dec.g_prior,
+        g_prior_trans_t=dec.g_prior.transpose(0, 2, 1), k_incl_t=dec.k_incl, k_prior_t=dec.k_prior,
+        zv=p.zv, z=p.z, hk=p.hk, err=p.err, delta2=p.delta2, r2=fw.r2, eta=x.eta,
+        alpha=x.alpha, beta=x.beta, b1=fw.b1, b1_cols=fw.b1, b2=fw.b2, b2_cols=fw.b2,
+        cur1=p.cur1, cur2=p.cur2, gi=dec.gi, gp=dec.gp, pi=dec.pi, ri=dec.ri, rp=dec.rp,
+        k_last=dec.k_incl[:, -1], g_last=dec.g_incl[:, -1], p_last=dec.p_incl[:, -1],
+    )  # fmt: skip
+    fields = ForwardRefs(**arrays)._asdict()  # in the fields' order
+    return {
+        name: a.astype(operands if name.endswith("_t") else jnp.float32)
+        for name, a in fields.items()
+    }
+
+
+class _Streamed:
+    """One chunk's named arrays in HBM, moved through scoped shared memory one phase at a time.
+
+    `src`: every HBM ref by name (`[N, ...]`: inputs, the zeros accumulators start from, and the
+    outputs a phase writes, which later phases read back); `starts`: accumulator -> the input
+    it starts from. Each `phase` copies what it reads into fresh shared-memory refs, runs, and
+    copies what it changed out to row `i` of its HBM output.
+    """
+
+    def __init__(self, src: dict, starts: dict, bar: Any, i: Any, ops: mw.Ops):
+        self.src, self.starts, self.bar, self.i, self.ops = src, dict(starts), bar, i, ops
+
+    def phase(self, reads: list[str], writes: list[str], fn: Any, store: dict | None = None):
+        """`fn(refs)` on refs of `reads` (loaded) and `writes` (loaded where already started,
+        else fresh); then each `writes` name (or `store`'s `{output: ref name}`) goes to HBM."""
+        store = store if store is not None else {w: w for w in writes}
+        names = list(dict.fromkeys(reads + writes))
+        specs = [self.src[n].shape[1:] for n in names]
+        dtypes = [self.src[n].dtype for n in names]
+
+        def scoped(*refs):
+            local = dict(zip(names, refs, strict=True))
+            for name in names:
+                start = self.starts.get(name, name if name in reads else None)
+                if start is not None:
+                    mw.fetch(self.src[start].at[self.i], local[name], self.bar)
+            fn(local)
+            plgpu.commit_smem()
+            for out, name in store.items():
+                plgpu.copy_smem_to_gmem(local[name], self.src[out].at[self.i])
+            plgpu.wait_smem_to_gmem(0)
+
+        compiled = self.ops.compiled
+        pl.run_scoped(scoped, *(mw._scratch(s, d, compiled) for s, d in zip(specs, dtypes,
+                                                                             strict=True)))  # fmt: skip
+        for out in store:
+            self.starts[out] = out
+
+
+def chunk_reverse_streamed(
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array, d_state: cs.State, *,
+    interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
+    """`chunk_step.chunk_backward` (read-out memory, no resets) for N chunks as one kernel that
+    fits a CTA's shared memory: the stages run in turn, each on scoped refs of what it reads
+    and adds into, the accumulators passed between them through HBM (one chunk's ~0.5 MB,
+    L2-resident at the walk's sizes). The forward's intermediates come from XLA.
+
+    Same arguments and results as `chunk_reverse_kernel`, which keeps everything resident.
+    """
+    if not cfg.read:
+        raise ValueError("chunk_reverse_streamed is the read-out memory's reverse (cfg.read=True)")
+    n, c, d = x.k.shape
+    h = state.w2.shape[1]
+    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
+    f32 = jnp.float32
+    ins = _forward_arrays(cfg, state, x, operands)
+    ins.update(
+        d_y_t=d_y.astype(operands), d_w1_t=d_state.w1.astype(operands),
+        d_w2_t=d_state.w2.astype(operands), d_s1_t=d_state.s1.astype(operands),
+        d_s2_t=d_state.s2.astype(operands), d_y32=d_y.astype(f32),
+    )  # fmt: skip
+    vec, cc = (c,), (c, c)
+    accs = {
+        "a1_w0": (d, h), "a1_s0": (d, h), "a1_a": (c, h), "a1_g": (c, d), "a1_be": (c, d),
+        "a2_w0": (h, d), "a2_s0": (h, d), "a2_a": (c, d), "a2_g": (c, h), "a2_be": (c, h),
+        "d_b1": vec, "d_b2": vec, "d_hq": (c, h), "d_q": (c, d),
+        "c_gi": vec, "c_gp": vec, "c_pi": vec, "c_ri": vec, "c_rp": vec, "c_g_incl": cc,
+        "c_g_prior": cc, "c_p_incl": cc, "c_k_incl": cc, "c_k_prior": cc,
+        "e_k_last": vec, "e_g_last": vec, "e_p_last": vec,
+    }  # fmt: skip
+    results = {"o_w1": (d, h), "o_w2": (h, d), "o_s1": (d, h), "o_s2": (h, d), "o_k": (c, d),
+               "o_v": (c, d), "o_q": (c, d), "o_eta": vec, "o_alpha": vec, "o_beta": vec}  # fmt: skip
+    work = {"d_gain": vec, "d_k": (c, d), "f_k": (c, d), "f_w1": (d, h), "f_w2": (h, d)}
+    outs = {**results, **{k: s for k, s in accs.items() if k != "d_q"}, **work}
+    out_types = {k: jax.ShapeDtypeStruct((n, *s), f32) for k, s in outs.items()}
+    out_types["d_out2_t"] = jax.ShapeDtypeStruct((n, c, h), operands)
+    zeros = {f"z_{k}": jnp.zeros((n, *s), f32) for k, s in accs.items() if k != "d_q"}
+    in_names, out_names = [*ins, *zeros], list(out_types)
+    starts = {k: f"z_{k}" for k in accs if k != "d_q"}
+    starts["d_q"] = "d_y32"  # the reads' cotangent reaches q directly
+    out_types["d_q"] = jax.ShapeDtypeStruct((n, c, d), f32)
+    out_names.append("d_q")
+
+    def body(*refs):
+        src = dict(zip(in_names + out_names, refs[:-1], strict=True))
+        io = _Streamed(src, starts, refs[-1], lax.axis_index("chunk"), ops)
+        layer_phases(io, 1, "hq_t", "hk_t", "d_y_t")
+
+        def d_out2(r):
+            mw._store(
+                r["d_out2_t"], mw._load(r["d_hq"], ops) * cs.gelu_grad(mw._load(r["r2"], ops))
+            )
+
+        io.phase(["d_hq", "r2"], ["d_out2_t"], d_out2)
+        layer_phases(io, 2, "q_t", "k_t", "d_out2_t")
+        io.phase(
+            ["beta", "b1", "b2", "eta", "cur1", "cur2", "err", "delta2", "hk", "k_t"],
+            ["a1_g", "a2_g", "d_b1", "d_b2", "a1_a", "a2_a", "o_eta", "d_k", "d_gain"],
+            lambda r: _glue_phase(cfg, r, c, d, h, ops),
+            store={"a1_g": "a1_g", "a2_g": "a2_g", "a1_a": "a1_a", "o_eta": "o_eta",
+                   "d_k": "d_k", "d_gain": "d_gain"},
+        )  # fmt: skip
+
+        def factors(r):
+            grads = FactorGrads(r["f_w1"], r["f_w2"], r["err"], r["a1_g"])
+            fs = cs.Factors(r["zv"], r["z"], r["hk"], r["err"], None, None, None)
+            factors_backward_stage(
+                r["w1_t"], r["w2_t"], r["k_t"], r["v_t"], fs, r["a1_a"], r["a1_g"], r["a2_g"],
+                grads, ops,
+            )  # fmt: skip
+
+        # The keys' and values' gradients take the error's and its cotangent's refs.
+        io.phase(
+            ["w1_t", "w2_t", "k_t", "v_t", "zv", "z", "hk", "err", "a1_a", "a1_g", "a2_g"],
+            ["f_w1", "f_w2"], factors,
+            store={"f_w1": "f_w1", "f_w2": "f_w2", "f_k": "err", "o_v": "a1_g"},
+        )  # fmt: skip
+        cot_names = ["c_gi", "c_gp", "c_g_incl", "c_g_prior", "c_p_incl", "c_pi", "c_k_incl",
+                     "c_k_prior", "c_ri", "c_rp"]  # fmt: skip
+
+        def decays(r):
+            cot = cs.Decays(*(r[k] for k in cot_names), pi_end=None)
+            # The end stages' rows of K, G and P inclusive join the decays' cotangents.
+            at_last = ops.iota((c, c), 0) == c - 1
+            for matrix, row in zip(("c_k_incl", "c_g_incl", "c_p_incl"),
+                                   ("e_k_last", "e_g_last", "e_p_last"), strict=True):  # fmt: skip
+                value = jnp.where(at_last, ops.cols(mw._along(r[row], ops, 0), c), 0.0)
+                _accumulate(r[matrix], value, ops)
+            plgpu.commit_smem()
+            decays_backward_stage(r["alpha"], r["beta"], cot, r["o_alpha"], r["o_beta"], ops)
+            if cfg.momentum_ema:
+                r["o_beta"][...] = mw._along(r["o_beta"], ops) - mw._along(r["d_gain"], ops)
+
+        io.phase(["alpha", "beta", "d_gain", "e_k_last", "e_g_last", "e_p_last", *cot_names],
+                 ["o_alpha", "o_beta"], decays)  # fmt: skip
+
+        def finals(r):
+            # In place: each result takes a ref it is made of (fifteen refs would not fit).
+            r["f_k"][...] = mw._load(r["f_k"], ops) + mw._load(r["d_k"], ops)
+            r["f_w1"][...] = mw._load(r["f_w1"], ops) + mw._load(r["a1_w0"], ops)
+            r["f_w2"][...] = mw._load(r["f_w2"], ops) + mw._load(r["a2_w0"], ops)
+
+        io.phase(
+            ["f_k", "d_k", "d_q", "f_w1", "a1_w0", "f_w2", "a2_w0", "a1_s0", "a2_s0"], [], finals,
+            store={"o_k": "f_k", "o_q": "d_q", "o_w1": "f_w1", "o_w2": "f_w2", "o_s1": "a1_s0",
+                   "o_s2": "a2_s0"},
+        )  # fmt: skip
+
+    def layer_phases(io: _Streamed, lay: int, query: str, a: str, d_out: str) -> None:
+        """One layer's reads, end state and solve reversed, each a phase."""
+        p = f"a{lay}_"
+        grads = [p + f for f in LayerGrads._fields]
+        d_query = "d_hq" if lay == 1 else "d_q"
+        tiles = [f"g{lay}_t", f"be{lay}_t", f"w{lay}_t", f"s{lay}_t"]
+
+        def read(r):
+            read_backward_stage(
+                r[query], r[a], *(r[t] for t in tiles), r["k_incl_t"], r["g_incl_t"], r["gi"],
+                r["ri"], r[d_out], LayerGrads(*(r[g] for g in grads)), r[d_query],
+                ReadCots(r["c_gi"], r["c_ri"], r["c_k_incl"], r["c_g_incl"]), ops,
+            )  # fmt: skip
+
+        io.phase([query, a, *tiles, "k_incl_t", "g_incl_t", "gi", "ri", d_out],
+                 [*grads, d_query, "c_gi", "c_ri", "c_k_incl", "c_g_incl"], read)  # fmt: skip
+        rows = ["k_last", "g_last", "p_last"]
+        ends = ["e_k_last", "e_g_last", "e_p_last"]
+
+        def end(r):
+            dec = cs.Decays(r["gi"], None, None, None, None, r["pi"], None, None, r["ri"],
+                            None, None)  # fmt: skip
+            cot = EndCots(r["c_gi"], r["c_ri"], r["c_pi"], *(r[e] for e in ends))
+            end_backward_stage(
+                r[a], r[tiles[0]], r[tiles[1]], r[f"w{lay}"], r[f"s{lay}"], dec,
+                tuple(r[w] for w in rows), r[f"d_w{lay}_t"], r[f"d_s{lay}_t"],
+                LayerGrads(*(r[g] for g in grads)), cot, ops, c - 1,
+            )  # fmt: skip
+
+        io.phase([a, *tiles[:2], f"w{lay}", f"s{lay}", "gi", "pi", "ri", *rows, f"d_w{lay}_t",
+                  f"d_s{lay}_t"], [*grads, "c_gi", "c_ri", "c_pi", *ends], end)  # fmt: skip
+        solve_cots = ["c_gp", "c_rp", "c_g_prior", "c_k_prior"]
+
+        def solve(r):
+            solve_backward_stage(
+                r[a], r[tiles[0]], r[f"e{lay}_t"], r[tiles[2]], r[tiles[3]], r["g_prior_t"],
+                r["g_prior_trans_t"], r["k_prior_t"], r[f"b{lay}"], r[f"b{lay}_cols"], r["gp"],
+                r["rp"], r[grads[4]], LayerGrads(*(r[g] for g in grads[:4]), None),
+                r[f"d_b{lay}"], SolveCots(*(r[s] for s in solve_cots)), ops,
+            )  # fmt: skip
+
+        io.phase([a, tiles[0], f"e{lay}_t", *tiles[2:], "g_prior_t", "g_prior_trans_t",
+                  "k_prior_t", f"b{lay}", f"b{lay}_cols", "gp", "rp", grads[4]],
+                 [*grads[:4], f"d_b{lay}", *solve_cots], solve)  # fmt: skip
+
+    kernel = plgpu.kernel(
+        body, out_type=[out_types[k] for k in out_names], grid=(n,), grid_names=("chunk",),
+        scratch_types=[plgpu.Barrier(num_arrivals=1)], compiler_params=mw._COMPILER,
+        interpret=interpret,
+    )  # fmt: skip
+    got = dict(zip(out_names, kernel(*ins.values(), *zeros.values()), strict=True))
+    state_grads = cs.State(got["o_w1"], got["o_w2"], got["o_s1"], got["o_s2"])
+    return state_grads, cs.Inputs(*(got[f"o_{k}"] for k in ("k", "v", "q", "eta", "alpha", "beta")))
+
+
+def _glue_phase(cfg: cs.StepConfig, r: dict, c: int, d: int, h: int, ops: mw.Ops) -> None:
+    """Between the layers' and the factors' reverses: the deltas', the step sizes' and the
+    momentum gate's share of the steps `g_l = -(b_l gain) delta_l`, the curvatures' `||a||^2`."""
+    beta = mw._along(r["beta"], ops)
+    gain = 1.0 - beta if cfg.momentum_ema else jnp.ones_like(beta)
+    b1, b2 = mw._along(r["b1"], ops), mw._along(r["b2"], ops)
+    g1g, g2g = mw._load(r["a1_g"], ops), mw._load(r["a2_g"], ops)
+    gd1 = jnp.sum(g1g * mw._load(r["err"], ops), 1)
+    gd2 = jnp.sum(g2g * mw._load(r["delta2"], ops), 1)
+    r["d_gain"][...] = -(b1 * gd1 + b2 * gd2)
+    db1, db2 = r["d_b1"], r["d_b2"]
+    db1[...] = mw._along(db1, ops) - gain * gd1
+    db2[...] = mw._along(db2, ops) - gain * gd2
+    plgpu.commit_smem()
+
+    def curvatures(d_cur1, d_cur2):
+        step_sizes_backward_stage(cfg, r["eta"], r["cur1"], db1, r["o_eta"], d_cur1, ops)
+        # db1, read by the call above, takes W2's share of the learning rate's gradient.
+        step_sizes_backward_stage(cfg, r["eta"], r["cur2"], db2, db1, d_cur2, ops)
+        # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
+        hk = mw._load(r["hk"], ops)
+        r["a1_a"][...] = mw._load(r["a1_a"], ops) + 2.0 * ops.rows(mw._along(d_cur1, ops), h) * hk
+        k = mw._load(r["k_t"], ops)
+        r["d_k"][...] = mw._load(r["a2_a"], ops) + 2.0 * ops.rows(mw._along(d_cur2, ops), d) * k
+        r["o_eta"][...] = mw._along(r["o_eta"], ops) + mw._along(db1, ops)
+
+    pl.run_scoped(curvatures, plgpu.SMEM((c,), jnp.float32), plgpu.SMEM((c,), jnp.float32))
+    r["a1_g"][...] = -ops.rows(b1 * gain, d) * g1g
+    r["a2_g"][...] = -ops.rows(b2 * gain, h) * g2g
