@@ -337,3 +337,42 @@ def test_streamed_chunk_reverse_lowers_for_cuda_within_shared_memory():
     assert_lowers_within_shared_memory(
         functools.partial(wb.chunk_reverse_streamed, CFG), init, x, d_y, init
     )
+
+
+@pytest.mark.parametrize("every", [2, 0], ids=["cut_every_2", "uncut"])
+def test_streamed_windows_backward_equals_the_xla_windows(every):
+    """Every chunk of every cut window reversed by the streamed kernel, the windows side by
+    side, equals `memory_walk.windows_backward_split` (XLA's `chunk_backward`) per stream: the
+    start state's, the cut weights' and the inputs' gradients."""
+    n, chunk, seq = 2, 4, 16
+    init, x = make(n, seq, 8, 8)  # the factors' reverse shares tiles: d = h
+    starts = jax.vmap(lambda i, xs: _chunk_starts(i, xs, chunk))(init, x)
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    d_y = jax.random.normal(ks[0], (n, seq, 8))
+    d_final = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True)))
+    got = jax.jit(
+        functools.partial(
+            wb.windows_backward_streamed,
+            CFG,
+            chunk=chunk,
+            every=every,
+            interpret=mw.interpret_params(),
+            operands=jnp.float32,
+        )  # fmt: skip
+    )(x, starts=starts, d_y=d_y, d_final=d_final)
+    want = jax.vmap(
+        lambda i, xs, s, dy, df: mw.windows_backward_split(CFG, i, xs, chunk, every, s, dy, df)
+    )(init, x, starts, d_y, d_final)
+    for part, (a_tree, b_tree) in enumerate(zip(got, want, strict=True)):
+        for a, b in zip(a_tree, b_tree, strict=True):
+            assert rel_err(a, b) < 1e-5, part
+    assert float(jnp.max(jnp.abs(got[1].w1))) > 0 if every else True
+
+
+def _chunk_starts(init: cs.State, x: cs.Inputs, chunk: int) -> cs.State:
+    """One stream's state at each chunk's start (leaves `[chunks, ...]`), by `chunk_step`."""
+    states, state = [], init
+    for s in range(0, x.k.shape[0], chunk):
+        states.append(state)
+        _, state = cs.chunk_forward(CFG, state, cs.Inputs(*(a[s : s + chunk] for a in x)))
+    return cs.State(*(jnp.stack(parts) for parts in zip(*states, strict=True)))

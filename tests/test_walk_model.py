@@ -34,9 +34,9 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def inputs(spec, seed=0):
+def inputs(spec, seed=0, s=S):
     """float32 `run_heads` inputs `(init, static, u, q, beta)`."""
-    return heads_inputs(spec, B, S, seed=seed, init_dtype=jnp.float32, unit_q=True)
+    return heads_inputs(spec, B, s, seed=seed, init_dtype=jnp.float32, unit_q=True)
 
 
 def fast_jit(fn, *args):
@@ -45,13 +45,13 @@ def fast_jit(fn, *args):
     return jax.jit(fn).lower(*args).compile(options)
 
 
-def run(kernel, heads):
+def run(kernel, heads, spec=SPEC, resets=RESETS):
     """`(init, static, u, q, beta, heads) -> ((y, new heads), gradients)` of a loss of both, for
     every input and the incoming head states."""
-    spec = dataclasses.replace(SPEC, kernel=kernel)
+    spec = dataclasses.replace(spec, kernel=kernel)
 
     def loss(init, static, u, q, beta, heads):
-        y, new = sm.run_heads(spec, init, static, u, q, beta, RESETS, heads)
+        y, new = sm.run_heads(spec, init, static, u, q, beta, resets, heads)
         out = jnp.sum(jnp.sin(3 * y))
         if new is not None:
             out = out + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(new["main"]))
@@ -191,3 +191,29 @@ def test_auto_takes_the_walk_on_one_hopper_gpu_only(capsys, monkeypatch):
     assert not target.hopper()
     assert sm.resolve_kernel(big) == fused
     assert "a GPU other than Hopper" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch):
+    """`memory.walk_backward="kernel"`: M_memory's chunks reversed by the streamed kernel
+    (interpreted, float32) give the layer's XLA gradients within 1e-5, cut windows and a
+    continued state included (rows without document resets: the kernel's case)."""
+    from nl_jax.kernels import walk_backward as wb
+
+    spec = dataclasses.replace(SPEC, hidden=8, walk_backward="kernel")  # the kernel: d = h
+    args = inputs(spec, s=16)
+    calls = []
+    streamed = wb.windows_backward_streamed
+    monkeypatch.setattr(
+        wb, "windows_backward_streamed", lambda *a, **k: calls.append(1) or streamed(*a, **k)
+    )
+    head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(args[0])
+    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
+    key = iter(jax.random.split(jax.random.PRNGKey(4), 64))
+    heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
+    (y, new), grads = run("walk", heads, spec, None)(*args, heads)
+    assert calls, "the kernel backward was not taken"
+    (y_x, new_x), grads_x = run("xla", heads, spec, None)(*args, heads)
+    assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
+    assert check(grads, grads_x, 1e-5) < 1e-5
+    assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0

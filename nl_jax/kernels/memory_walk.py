@@ -1221,7 +1221,9 @@ def windows_backward_split(
     return d_state, d_init, cs.Inputs(*(jnp.concatenate(p) for p in zip(*parts, strict=True)))
 
 
-def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets, reset_to):
+def _walk_forward_saving(cfg, chunk, every, interpret, operands, backward_kind, init, x, resets,
+                         reset_to):  # fmt: skip
+    del backward_kind
     # Every chunk's start state (64 KB a stream and chunk at hope_340m's shape): recomputing a
     # window's states in XLA from its first moved ~27 GB a layer at seq 4096 x 8.
     run = interpret_params() if interpret else None
@@ -1232,10 +1234,21 @@ def _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets
     return (y, final), (init, x, resets, reset_to, starts)
 
 
-def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
-    del interpret, operands
+def _walk_backward(cfg, chunk, every, interpret, operands, backward_kind, res, cot):
     init, x, resets, reset_to, starts = res
     d_y, d_final = cot
+    seq = x.k.shape[1]
+    whole = seq % ((every or seq // chunk or 1) * chunk) == 0
+    if backward_kind == "kernel" and resets is None and cfg.read and whole:
+        from nl_jax.kernels import walk_backward  # it builds on this module's stages
+
+        d_start, d_cut, d_x = walk_backward.windows_backward_streamed(
+            cfg, x, chunk, every, starts, d_y, d_final,
+            interpret=interpret_params() if interpret else None, operands=operands,
+        )  # fmt: skip
+        if reset_to is None:
+            return cs.State(*(a + b for a, b in zip(d_start, d_cut, strict=True))), d_x, None, None
+        return d_start, d_x, None, d_cut
     backward = windows_backward if reset_to is None else windows_backward_split
     grads = jax.vmap(
         lambda i, xs, s, dy, df, r: backward(cfg, i, xs, chunk, every, s, dy, df, r),
@@ -1249,9 +1262,11 @@ def _walk_backward(cfg, chunk, every, interpret, operands, res, cot):
     return d_start, d_x, None, d_to
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets, reset_to):
-    out, _ = _walk_forward_saving(cfg, chunk, every, interpret, operands, init, x, resets, reset_to)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _walk_memory(cfg, chunk, every, interpret, operands, backward_kind, init, x, resets, reset_to):
+    out, _ = _walk_forward_saving(
+        cfg, chunk, every, interpret, operands, backward_kind, init, x, resets, reset_to
+    )
     return out
 
 
@@ -1261,7 +1276,7 @@ _walk_memory.defvjp(_walk_forward_saving, _walk_backward)
 def walk_memory(
     cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int,
     resets: jax.Array | None = None, *, every: int = 0, interpret: bool = False,
-    operands: Any = jnp.bfloat16, reset_to: cs.State | None = None,
+    operands: Any = jnp.bfloat16, reset_to: cs.State | None = None, backward: str = "xla",
 ) -> tuple[jax.Array, cs.State]:  # fmt: skip
     """`M_memory`'s chunk walk as a differentiable op: `(y [N, seq, d], final State)`.
 
@@ -1282,8 +1297,13 @@ def walk_memory(
       resets: `bool [N, seq]` document starts, or None.
       operands: the kernel's operand dtype (bf16 compiled; float32 in the interpreter checks
         the math exactly).
+      backward: "xla", or "kernel": each chunk's reverse as one Mosaic GPU kernel
+        (`walk_backward.windows_backward_streamed`, the chunk's forward recomputed in XLA)
+        where there are no document resets and the windows are whole; XLA elsewhere.
     """
-    return _walk_memory(cfg, chunk, every, interpret, operands, init, x, resets, reset_to)
+    if backward not in ("xla", "kernel"):
+        raise ValueError(f"walk_memory: backward must be 'xla' or 'kernel', got {backward!r}")
+    return _walk_memory(cfg, chunk, every, interpret, operands, backward, init, x, resets, reset_to)
 
 
 def lower_for_cuda(cfg: cs.StepConfig, init: cs.State, x: cs.Inputs, chunk: int, step: Step) -> str:

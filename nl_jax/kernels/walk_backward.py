@@ -1233,3 +1233,63 @@ def _glue_phase(cfg: cs.StepConfig, r: dict, c: int, d: int, h: int, ops: mw.Ops
     pl.run_scoped(curvatures, plgpu.SMEM((c,), jnp.float32), plgpu.SMEM((c,), jnp.float32))
     r["a1_g"][...] = -ops.rows(b1 * gain, d) * g1g
     r["a2_g"][...] = -ops.rows(b2 * gain, h) * g2g
+
+
+def windows_backward_streamed(
+    cfg: cs.StepConfig, x: cs.Inputs, chunk: int, every: int, starts: cs.State, d_y: jax.Array,
+    d_final: cs.State, *, interpret: Any = None, operands: Any = jnp.bfloat16,
+) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
+    """`memory_walk.windows_backward_split` of N streams without document resets, each chunk
+    reversed by `chunk_reverse_streamed`: `(d start state, d cut weights, d inputs)`, leaves
+    `[N, ...]` (the cut weights' momenta take no gradient: zeros).
+
+    `x`: `[N, seq, ...]` with seq a multiple of `every * chunk`; `starts`: leaves `[N, chunks,
+    ...]`, each chunk's start state (`walk_forward(..., every=1)`); `d_y [N, seq, d]`. The
+    windows of all streams are reversed side by side, one kernel launch per chunk step.
+    """
+    n, seq = x.k.shape[:2]
+    n_chunks = seq // chunk
+    every = every or n_chunks
+    windows = n_chunks // every
+    if seq != windows * every * chunk:
+        raise ValueError(f"windows_backward_streamed needs whole windows: seq {seq}, chunk "
+                         f"{chunk}, every {every}")  # fmt: skip
+    pairs = n * windows
+
+    def by_step(a: jax.Array, per_chunk: int) -> jax.Array:
+        """`[N, chunks * per_chunk, ...]` -> `[every, N * windows, per_chunk, ...]`."""
+        a = a.reshape(n, windows, every, per_chunk, *a.shape[2:])
+        return jnp.moveaxis(a, 2, 0).reshape(every, pairs, per_chunk, *a.shape[4:])
+
+    xs = cs.Inputs(*(by_step(a, chunk) for a in x))
+    states = cs.State(*(by_step(a, 1)[:, :, 0] for a in starts))
+    d_ys = by_step(d_y, chunk)
+    # A cut zeroes the cotangent carried into the window before it: every window's reverse
+    # starts from zero but the last's, which takes the end state's.
+    last = (jnp.arange(windows) == windows - 1)[None, :]
+
+    def window_ends(a: jax.Array) -> jax.Array:
+        ends = jnp.where(last.reshape(1, windows, *(1,) * (a.ndim - 1)), a[:, None], 0.0)
+        return ends.reshape(pairs, *a.shape[1:]).astype(jnp.float32)
+
+    def step(d_state: cs.State, inp: tuple) -> tuple:
+        state, xc, dy = inp
+        d_state, d_x = chunk_reverse_streamed(
+            cfg, state, xc, dy, d_state, interpret=interpret, operands=operands
+        )
+        return d_state, d_x
+
+    d_out, d_x = lax.scan(step, cs.State(*map(window_ends, d_final)), (states, xs, d_ys),
+                          reverse=True)  # fmt: skip
+    d_out = cs.State(*(a.reshape(n, windows, *a.shape[1:]) for a in d_out))
+    # Each window start after the first is a cut: its weights' gradient goes to the cut
+    # weights and its momentum's stops; the first window's is the start state's.
+    d_start = cs.State(*(a[:, 0] for a in d_out))
+    d_cut = cs.State(d_out.w1[:, 1:].sum(1), d_out.w2[:, 1:].sum(1),
+                     jnp.zeros_like(d_start.s1), jnp.zeros_like(d_start.s2))  # fmt: skip
+
+    def by_stream(a: jax.Array) -> jax.Array:
+        a = a.reshape(every, n, windows, chunk, *a.shape[3:])
+        return jnp.moveaxis(a, 0, 2).reshape(n, seq, *a.shape[4:])
+
+    return d_start, d_cut, cs.Inputs(*(by_stream(a) for a in d_x))

@@ -89,6 +89,7 @@ class SelfModSpec:
     kernel_warps: int = 8
     backprop_chunks: int = 0
     parallel_windows: bool = False
+    walk_backward: str = "xla"
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -106,6 +107,10 @@ class SelfModSpec:
             raise ValueError("memory.parallel_windows needs memory.backprop_chunks > 0")
         if self.kernel == "walk":
             walk_step_config(self, compiled=False)
+        if self.walk_backward not in ("xla", "kernel"):
+            raise ValueError(
+                f"memory.walk_backward must be 'xla' or 'kernel', got {self.walk_backward!r}"
+            )
 
     @property
     def cut_every(self) -> int:
@@ -364,6 +369,7 @@ def _walk_main(spec: SelfModSpec, reset_to: Params, main: tuple, gen: dict, q: j
     y, end = memory_walk.walk_memory(
         cfg, start, x, spec.chunk_mem, resets, every=spec.backprop_chunks, interpret=interpret,
         operands=jnp.float32 if interpret else jnp.bfloat16, reset_to=to,
+        backward=spec.walk_backward,
     )  # fmt: skip
     new_params = {"W1": end.w1.astype(params["W1"].dtype), "W2": end.w2.astype(params["W2"].dtype)}
     new_momentum = {"W1": end.s1.astype(momentum["W1"].dtype),
@@ -589,6 +595,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         remat_layer=m.get("remat_layer", False), scan_unroll=m.get("scan_unroll", 1),
         kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8), backprop_chunks=m.get("backprop_chunks", 0),
         parallel_windows=m.get("parallel_windows", False),
+        walk_backward=m.get("walk_backward", "xla"),
     )  # fmt: skip
 
 
