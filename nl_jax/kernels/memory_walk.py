@@ -1239,16 +1239,54 @@ def _walk_backward(cfg, chunk, every, interpret, operands, backward_kind, res, c
     d_y, d_final = cot
     seq = x.k.shape[1]
     whole = seq % ((every or seq // chunk or 1) * chunk) == 0
-    if backward_kind == "kernel" and resets is None and cfg.read and whole:
-        from nl_jax.kernels import walk_backward  # it builds on this module's stages
-
-        d_start, d_cut, d_x = walk_backward.windows_backward_streamed(
-            cfg, x, chunk, every, starts, d_y, d_final,
-            interpret=interpret_params() if interpret else None, operands=operands,
+    if backward_kind == "kernel" and cfg.read and whole:
+        kernel = functools.partial(
+            _kernel_backward, cfg, chunk, every, interpret, operands, init, x, resets, reset_to,
+            starts, d_y, d_final,
         )  # fmt: skip
-        if reset_to is None:
-            return cs.State(*(a + b for a, b in zip(d_start, d_cut, strict=True))), d_x, None, None
-        return d_start, d_x, None, d_cut
+        if resets is None:
+            return kernel()
+        # Rows whose only document start is their first token (a trainer's rows of one
+        # document) take the kernel; a start inside a row takes XLA's reverse.
+        xla = functools.partial(_xla_backward, cfg, chunk, every, res, cot)
+        return lax.cond(jnp.any(resets[:, 1:]), xla, kernel)
+    return _xla_backward(cfg, chunk, every, res, cot)
+
+
+def _kernel_backward(cfg, chunk, every, interpret, operands, init, x, resets, reset_to, starts,
+                     d_y, d_final):  # fmt: skip
+    """`_walk_backward` by `walk_backward.windows_backward_streamed`, for rows whose document
+    starts (if any) are at their first token only: such a row runs as a row without resets
+    from the weights a reset returns to, momentum zero."""
+    from nl_jax.kernels import walk_backward  # it builds on this module's stages
+
+    to = init if reset_to is None else reset_to
+    fresh = jnp.zeros(x.k.shape[0], bool) if resets is None else resets[:, 0]
+
+    def pick(a, b):
+        rank = max(jnp.ndim(a), jnp.ndim(b))
+        return jnp.where(fresh.reshape(-1, *(1,) * (rank - 1)), a, b)
+
+    zero = cs.State(*(jnp.zeros_like(a) for a in to))
+    first = cs.State(to.w1, to.w2, zero.s1, zero.s2)
+    starts = cs.State(*(a.at[:, 0].set(pick(f, a[:, 0])) for a, f in zip(starts, first,
+                                                                          strict=True)))  # fmt: skip
+    d_start, d_cut, d_x = walk_backward.windows_backward_streamed(
+        cfg, x, chunk, every, starts, d_y, d_final,
+        interpret=interpret_params() if interpret else None, operands=operands,
+    )  # fmt: skip
+    # A fresh row's start weights are the reset target's; its start momentum takes none.
+    d_to = cs.State(d_cut.w1 + pick(d_start.w1, 0.0), d_cut.w2 + pick(d_start.w2, 0.0),
+                    zero.s1, zero.s2)  # fmt: skip
+    d_start = cs.State(*(pick(0.0, a) for a in d_start))
+    if reset_to is None:
+        return cs.State(*(a + b for a, b in zip(d_start, d_to, strict=True))), d_x, None, None
+    return d_start, d_x, None, d_to
+
+
+def _xla_backward(cfg, chunk, every, res, cot):
+    init, x, resets, reset_to, starts = res
+    d_y, d_final = cot
     backward = windows_backward if reset_to is None else windows_backward_split
     grads = jax.vmap(
         lambda i, xs, s, dy, df, r: backward(cfg, i, xs, chunk, every, s, dy, df, r),
