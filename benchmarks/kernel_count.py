@@ -85,13 +85,15 @@ def parse_hlo(text: str) -> tuple[str, dict[str, list[tuple[str, str, str]]]]:
     return entry, computations
 
 
-def count_kernels(text: str) -> tuple[int, collections.Counter, list[str]]:
+def count_kernels(text: str, branch: str = "largest") -> tuple[int, collections.Counter, list[str]]:
     """`(kernels per run, {instruction: launches}, warnings)` of an optimized GPU HLO module.
 
     Each kernel-launching instruction counts once per execution of its computation; a while
     loop multiplies its body and condition by its known trip count (a loop without one counts
-    once, with a warning); a conditional counts its largest branch.
+    once, with a warning); a conditional counts its `branch`: the one with the most kernels
+    (`largest`) or the fewest (`smallest`: e.g. a kernel path its XLA fallback sits beside).
     """
+    choose = {"largest": max, "smallest": min}[branch]
     entry, comps = parse_hlo(text)
     launches: collections.Counter = collections.Counter()
     warnings: list[str] = []
@@ -120,8 +122,10 @@ def count_kernels(text: str) -> tuple[int, collections.Counter, list[str]]:
                     if listed
                     else [callees[k] for k in ("true_computation", "false_computation")]
                 )
-                largest = max(names, key=lambda b: walk(b, times, depth + 1, collections.Counter()))
-                total += walk(largest, times, depth + 1, sink) + times  # + the predicate's read
+                taken = choose(
+                    names, key=lambda b: walk(b, times, depth + 1, collections.Counter())
+                )
+                total += walk(taken, times, depth + 1, sink) + times  # + the predicate's read
                 sink[inst] += times
             elif opcode in _NO_KERNEL or opcode.endswith("-done"):
                 continue
@@ -276,7 +280,8 @@ def compile_for(target_name: str):
 
 
 def measure(preset: str, seq_len: int, batch: int, dtype: str, overrides: dict, sharding,
-            by: int, doc_len: int = 0, hlo_out: str = "") -> dict:  # fmt: skip
+            by: int, doc_len: int = 0, hlo_out: str = "",
+            branch: str = "largest") -> dict:  # fmt: skip
     """Compile one preset's train step for the GPU behind `sharding` and count its kernels
     (the optimized HLO gzipped to `hlo_out` if given)."""
     with target.compiling_for("gpu", 1):
@@ -294,7 +299,7 @@ def measure(preset: str, seq_len: int, batch: int, dtype: str, overrides: dict, 
     if hlo_out:
         with gzip.open(hlo_out, "wt") as f:
             f.write(text)
-    total, launches, warnings = count_kernels(text)
+    total, launches, warnings = count_kernels(text, branch)
     per_launch = kernel_bytes(text)
     traffic = collections.Counter({i: n * per_launch.get(i, 0) for i, n in launches.items()})
     _, op_names = throughput.hlo_op_names(text)
@@ -322,6 +327,8 @@ def main() -> None:
     ap.add_argument("--by", type=int, default=0, help="group kernels by N name-stack parts")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     ap.add_argument("--hlo_out", default="", help="gzip the last run's optimized HLO here")
+    ap.add_argument("--branch", default="largest", choices=["largest", "smallest"],
+                    help="which branch of a conditional counts")  # fmt: skip
     args = ap.parse_args()
     sharding, where = compile_for(args.target)
     common = throughput.parse_overrides(args.set)
@@ -335,7 +342,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for i, (label, preset, overrides) in enumerate(runs):
         row = measure(preset, args.seq_len, args.batch, args.dtype, overrides, sharding,
-                      args.by, args.doc_len, args.hlo_out if i == len(runs) - 1 else "")  # fmt: skip
+                      args.by, args.doc_len, args.hlo_out if i == len(runs) - 1 else "",
+                      args.branch)  # fmt: skip
         row["label"] = label
         rows.append(row)
         print(f"| {label} | {row['seq']} | {row['batch']} | {row['kernels_per_step']:,} | "

@@ -347,6 +347,9 @@ def test_kernel_count_walks_nested_loops_calls_and_conditionals():
     assert total == 3 * 17 + 3 + 3 + 1, (total, launches)
     assert len(warnings) == 1 and "u has no known trip count" in warnings[0]
     assert launches["cc"] == 3 and launches["f1"] == 3 * 5 + 1
+    # The smaller branch instead (1 kernel): a kernel path beside its XLA fallback.
+    smallest, _, _ = kernel_count.count_kernels(text, branch="smallest")
+    assert smallest == total - 1
 
 
 def test_kernel_bytes_counts_slices_of_stacked_arrays_and_in_place_updates_as_slices():
