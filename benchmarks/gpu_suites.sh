@@ -18,8 +18,9 @@
 #               kernel against XLA's chunk scan at hope_340m's shape (batch 4 x 16 heads, seq
 #               4096, chunk 64): us per chunk step, forward and backward, and one chunk
 #               step's reverse, XLA's against the staged kernels           -> "Kernels"
-#   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk beside the
-#               fused forward (pallas_forward, XLA's M_memory)             -> "Kernels"
+#   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk, and with
+#               its kernel backward, beside the fused forward (pallas_forward, XLA's
+#               M_memory)                                                   -> "Kernels"
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
 #               learning-rate sweep, Hope's paper form and Hope without the walk (the
@@ -106,7 +107,7 @@ suite_walk() {
 suite_walk_model() {
   # Each 4-layer compile takes 2-3 minutes on a live GPU (autotuning): a longer limit.
   timeout $((2 * TMO)) $PY benchmarks/throughput.py --steps=4 --seq_len=4096 --batch=8 \
-    --presets=hope_340m --set=num_layers=4 --variants="fused_forward:memory.kernel=pallas_forward|walk:memory.kernel=walk" \
+    --presets=hope_340m --set=num_layers=4 --variants="fused_forward:memory.kernel=pallas_forward|walk:memory.kernel=walk|walk_kernel_backward:memory.kernel=walk;memory.walk_backward=kernel" \
     --out="$OUT/throughput_walk.json" 2>&1 | quiet
 }
 

@@ -284,9 +284,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 fn = jax.jit(functools.partial(composed, cfg, operands=operands,
                                                interpret=mw.interpret_params()))  # fmt: skip
-            seconds, _ = _time(fn, case, args.steps)
+            seconds, out = _time(fn, case, args.steps)
             rows[name] = {"ms": 1e3 * seconds, "us_per_chunk_step": 1e6 * seconds,
                           "tokens_per_s": n * args.chunk / seconds}  # fmt: skip
+            outputs[name] = out
+        # The kernels against XLA's reverse: bf16 operand tiles cost ~1e-2 relative.
+        want = jax.tree.leaves(outputs["reverse of a chunk step: xla"])
+        for name in rows:
+            if name.startswith("reverse") and "xla" not in name:
+                got = jax.tree.leaves(outputs[name])
+                rows[name]["max_relative_difference"] = max(
+                    float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+                    for a, b in zip(got, want, strict=True)
+                )
     y_walk, y_xla = outputs["walk forward"][0], outputs["xla forward"][0]
     diff = float(jnp.max(jnp.abs(y_walk - y_xla)))
     # The read minus its residual `q` is what the memory contributes.
@@ -300,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {r['ms']:.3f} | {r['us_per_chunk_step']:.2f} | {r['tokens_per_s']:,.0f} |"
         )
+    for name, r in rows.items():
+        if "max_relative_difference" in r:
+            print(
+                f"{name}: largest relative difference from xla {r['max_relative_difference']:.2e}"
+            )
     print(f"max |walk - xla| over the outputs: {diff:.2e}; ||walk - xla|| / ||xla - q||: {rel:.2e}")
     if args.out:
         with open(args.out, "w") as f:

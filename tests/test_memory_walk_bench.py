@@ -23,6 +23,10 @@ def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
     # The interpreted kernel (float32 operands) and XLA's scan compute the same outputs.
     assert result["max_output_difference"] < 1e-5
     assert "| walk forward |" in capsys.readouterr().out
+    # The interpreted reverse kernels (float32 operands) and XLA's reverse agree.
+    kernels = [r for name, r in result["rows"].items() if name.startswith("reverse")]
+    assert sum("max_relative_difference" in r for r in kernels) == 2
+    assert all(r.get("max_relative_difference", 0.0) < 1e-5 for r in kernels)
 
 
 def test_bad_sizes_and_a_compiled_run_without_a_gpu_are_errors(capsys):
