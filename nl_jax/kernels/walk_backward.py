@@ -864,21 +864,8 @@ def chunk_reverse_kernel(
     h = state.w2.shape[1]
     ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
     f32 = jnp.float32
-    fw = jax.vmap(lambda s, xs: cs._forward(cfg, s, xs, None, None)[2])(state, x)
-    dec, p = fw.dec, fw.picked
-    arrays = dict(
-        w1_t=state.w1, w2_t=state.w2, s1_t=state.s1, s2_t=state.s2,
-        w1=state.w1, w2=state.w2, s1=state.s1, s2=state.s2, k_t=x.k, v_t=x.v, q_t=x.q,
-        hk_t=p.hk, hq_t=fw.hq, g1_t=fw.lay1.g, g2_t=fw.lay2.g, e1_t=fw.lay1.e, e2_t=fw.lay2.e,
-        be1_t=fw.lay1.be, be2_t=fw.lay2.be, g_incl_t=dec.g_incl, g_prior_t=dec.g_prior,
-        g_prior_trans_t=dec.g_prior.transpose(0, 2, 1), k_incl_t=dec.k_incl, k_prior_t=dec.k_prior,
-        zv=p.zv, z=p.z, hk=p.hk, err=p.err, delta2=p.delta2, r2=fw.r2, eta=x.eta,
-        alpha=x.alpha, beta=x.beta, b1=fw.b1, b1_cols=fw.b1, b2=fw.b2, b2_cols=fw.b2,
-        cur1=p.cur1, cur2=p.cur2, gi=dec.gi, gp=dec.gp, pi=dec.pi, ri=dec.ri, rp=dec.rp,
-        k_last=dec.k_incl[:, -1], g_last=dec.g_incl[:, -1], p_last=dec.p_incl[:, -1],
-    )  # fmt: skip
-    fields = ForwardRefs(**arrays)._asdict()  # in the fields' order
-    ins = [a.astype(operands if name.endswith("_t") else f32) for name, a in fields.items()]
+    fields = _forward_arrays(cfg, state, x, operands)
+    ins = list(fields.values())
     ins += [a.astype(operands) for a in (d_y, *d_state)] + [d_y.astype(f32)]
     layer1 = [(d, h), (d, h), (c, h), (c, d), (c, d)]
     layer2 = [(h, d), (h, d), (c, d), (c, h), (c, h)]
