@@ -194,13 +194,13 @@ def test_auto_takes_the_walk_on_one_hopper_gpu_only(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resets", ["first_token", "none", "inside"])
+@pytest.mark.parametrize("resets", ["first_token", "inside"])
 def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch, resets):
     """`memory.walk_backward="kernel"`: M_memory's chunks reversed by the streamed kernel
     (interpreted, float32) give the layer's XLA gradients within 1e-5, cut windows and a
-    continued state included: rows whose only document start is their first token (row 0;
-    row 1 continues its state) or without any take the kernel; a start inside a row sends the
-    batch to XLA's reverse."""
+    continued state included: rows whose only document start is their first token (row 0)
+    or without any (row 1 continues its state) take the kernel; a start inside a row sends
+    the batch to XLA's reverse."""
     from nl_jax.kernels import walk_backward as wb
 
     spec = dataclasses.replace(SPEC, hidden=8, walk_backward="kernel")  # the kernel: d = h
@@ -214,7 +214,7 @@ def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch, resets):
     heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
     key = iter(jax.random.split(jax.random.PRNGKey(4), 64))
     heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
-    flags = {"first_token": jnp.zeros((B, 16), bool).at[0, 0].set(True), "none": None,
+    flags = {"first_token": jnp.zeros((B, 16), bool).at[0, 0].set(True),
              "inside": jnp.zeros((B, 16), bool).at[0, jnp.array([0, 6])].set(True)}[resets]  # fmt: skip
     (y, new), grads = run("walk", heads, spec, flags)(*args, heads)
     assert calls, "the kernel backward was not traced"
