@@ -306,8 +306,17 @@ REVERSE_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("composed", ["one_kernel", "staged", "streamed"])
-@pytest.mark.parametrize(("cfg", "chunk", "operands", "tol"), REVERSE_CASES)
+# The staged form's glue is XLA's and its stages are the resident form's: the presets' step in
+# float32 and bf16 covers it; the kernels' compositions take every case.
+COMPOSITIONS = [
+    (*case, composed)
+    for composed in ("one_kernel", "staged", "streamed")
+    for i, case in enumerate(REVERSE_CASES)
+    if composed != "staged" or i in (0, 2)
+]
+
+
+@pytest.mark.parametrize(("cfg", "chunk", "operands", "tol", "composed"), COMPOSITIONS)
 def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, operands, tol, composed):
     """The stages composed in one kernel, all resident (`chunk_reverse_kernel`) or streamed
     through HBM (`chunk_reverse_streamed`), and as one kernel per stage with XLA's glue
