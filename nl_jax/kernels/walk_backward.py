@@ -990,11 +990,14 @@ def _forward_arrays(
 class _Streamed:
     """One chunk's named arrays in HBM, moved through scoped shared memory one phase at a time.
 
-    `src`: every HBM ref by name (`[N, ...]`: inputs, the zeros accumulators start from, and the
-    outputs a phase writes, which later phases read back); `starts`: accumulator -> the input
-    it starts from. Each `phase` copies what it reads into fresh shared-memory refs, runs, and
-    copies what it changed out to row `i` of its HBM output.
+    `src`: every HBM ref by name (`[N, ...]`: inputs, the zeros `[C]` accumulators start from,
+    and the outputs a phase writes, which later phases read back); `starts`: accumulator -> the
+    input it starts from, or `ZERO` (a matrix set to zero in the kernel: no HBM read). Each
+    `phase` copies what it reads into fresh shared-memory refs, runs, and copies what it changed
+    out to row `i` of its HBM output.
     """
+
+    ZERO = ""
 
     def __init__(self, src: dict, starts: dict, bar: Any, i: Any, ops: mw.Ops):
         self.src, self.starts, self.bar, self.i, self.ops = src, dict(starts), bar, i, ops
@@ -1011,7 +1014,12 @@ class _Streamed:
             local = dict(zip(names, refs, strict=True))
             for name in names:
                 start = self.starts.get(name, name if name in reads else None)
-                if start is not None:
+                if start == self.ZERO:
+                    zero = jnp.zeros(local[name].shape, jnp.float32)
+                    if self.ops.compiled:
+                        zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+                    mw._store(local[name], zero)
+                elif start is not None:
                     mw.fetch(self.src[start].at[self.i], local[name], self.bar)
             fn(local)
             plgpu.commit_smem()
@@ -1064,9 +1072,11 @@ def chunk_reverse_streamed(
     outs = {**results, **{k: s for k, s in accs.items() if k != "d_q"}, **work}
     out_types = {k: jax.ShapeDtypeStruct((n, *s), f32) for k, s in outs.items()}
     out_types["d_out2_t"] = jax.ShapeDtypeStruct((n, c, h), operands)
-    zeros = {f"z_{k}": jnp.zeros((n, *s), f32) for k, s in accs.items() if k != "d_q"}
+    # Matrices start at zero in the kernel; a warpgroup stores no splat of C values, so the
+    # vectors start from zeros in HBM.
+    zeros = {f"z_{k}": jnp.zeros((n, *s), f32) for k, s in accs.items() if len(s) == 1}
     in_names, out_names = [*ins, *zeros], list(out_types)
-    starts = {k: f"z_{k}" for k in accs if k != "d_q"}
+    starts = {k: f"z_{k}" if len(s) == 1 else _Streamed.ZERO for k, s in accs.items()}
     starts["d_q"] = "d_y32"  # the reads' cotangent reaches q directly
     out_types["d_q"] = jax.ShapeDtypeStruct((n, c, d), f32)
     out_names.append("d_q")
