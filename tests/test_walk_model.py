@@ -194,13 +194,12 @@ def test_auto_takes_the_walk_on_one_hopper_gpu_only(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resets", ["first_token", "inside"])
-def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch, resets):
+def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch):
     """`memory.walk_backward="kernel"`: M_memory's chunks reversed by the streamed kernel
     (interpreted, float32) give the layer's XLA gradients within 1e-5, cut windows and a
     continued state included: rows whose only document start is their first token (row 0)
     or without any (row 1 continues its state) take the kernel; a start inside a row sends
-    the batch to XLA's reverse."""
+    the batch to XLA's reverse. One compile each serves both: the resets are an argument."""
     from nl_jax.kernels import walk_backward as wb
 
     spec = dataclasses.replace(SPEC, hidden=8, walk_backward="kernel")  # the kernel: d = h
@@ -214,11 +213,28 @@ def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch, resets):
     heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
     key = iter(jax.random.split(jax.random.PRNGKey(4), 64))
     heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
-    flags = {"first_token": jnp.zeros((B, 16), bool).at[0, 0].set(True),
-             "inside": jnp.zeros((B, 16), bool).at[0, jnp.array([0, 6])].set(True)}[resets]  # fmt: skip
-    (y, new), grads = run("walk", heads, spec, flags)(*args, heads)
+    first_token = jnp.zeros((B, 16), bool).at[0, 0].set(True)
+    inside = first_token.at[0, 6].set(True)
+
+    def compiled(kernel):
+        layer = dataclasses.replace(spec, kernel=kernel)
+
+        def loss(init, static, u, q, beta, heads, resets):
+            y, new = sm.run_heads(layer, init, static, u, q, beta, resets, heads)
+            out = jnp.sum(jnp.sin(3 * y))
+            return out + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(new["main"])), (y, new)
+
+        def both(*a):
+            grads, aux = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*a)
+            return aux, grads
+
+        return fast_jit(both, *args, heads, first_token)
+
+    walk, xla = compiled("walk"), compiled("xla")
     assert calls, "the kernel backward was not traced"
-    (y_x, new_x), grads_x = run("xla", heads, spec, flags)(*args, heads)
-    assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
-    assert check(grads, grads_x, 1e-5) < 1e-5
-    assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
+    for flags in (first_token, inside):
+        (y, new), grads = walk(*args, heads, flags)
+        (y_x, new_x), grads_x = xla(*args, heads, flags)
+        assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
+        assert check(grads, grads_x, 1e-5) < 1e-5
+        assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
