@@ -11,7 +11,7 @@ import memory_walk as bench  # noqa: E402
 
 def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
     out = tmp_path / "walk.json"
-    argv = ["--interpret", "--parts", "--reverse", "--n=2", "--seq=8", "--chunk=4", "--dim=8",
+    argv = ["--interpret", "--parts", "--reverse", "--n=1", "--seq=4", "--chunk=4", "--dim=8",
             "--every=1", "--steps=1", f"--out={out}"]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
