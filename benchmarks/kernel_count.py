@@ -251,6 +251,13 @@ def kernel_bytes(text: str) -> dict[str, int]:
     return out
 
 
+def launch_traffic(text: str, launches: collections.Counter) -> collections.Counter:
+    """`{instruction: HBM bytes}` over a run: `kernel_bytes` per launch times the launches
+    `count_kernels` counted."""
+    per_launch = kernel_bytes(text)
+    return collections.Counter({i: n * per_launch.get(i, 0) for i, n in launches.items()})
+
+
 def group_by_name(launches: collections.Counter, op_names: dict[str, str], parts: int) -> list:
     """`[(name stack prefix, launches), ...]`, largest first: where the kernels come from."""
     groups: collections.Counter = collections.Counter()
@@ -300,8 +307,7 @@ def measure(preset: str, seq_len: int, batch: int, dtype: str, overrides: dict, 
         with gzip.open(hlo_out, "wt") as f:
             f.write(text)
     total, launches, warnings = count_kernels(text, branch)
-    per_launch = kernel_bytes(text)
-    traffic = collections.Counter({i: n * per_launch.get(i, 0) for i, n in launches.items()})
+    traffic = launch_traffic(text, launches)
     _, op_names = throughput.hlo_op_names(text)
     return {
         "preset": preset, "overrides": overrides, "seq": seq_len, "batch": batch,

@@ -198,8 +198,7 @@ def count_reverse(args: argparse.Namespace) -> int:
         for label, fn in reverse_paths(cs.StepConfig(), jnp.bfloat16).items():
             text = fn.lower(*jax.tree.map(spec, case)).compile().as_text()
             total, launches, _ = kernel_count.count_kernels(text)
-            per_launch = kernel_count.kernel_bytes(text)
-            gb = sum(k * per_launch.get(i, 0) for i, k in launches.items()) / 1e9
+            gb = sum(kernel_count.launch_traffic(text, launches).values()) / 1e9
             print(f"| {label} | {total:,} | {gb:.2f} |")
     return 0
 

@@ -540,6 +540,23 @@ def chunk_forward(
     return y, new
 
 
+def steps_backward(
+    cfg: StepConfig, f: _Forward, dg1: jax.Array, dg2: jax.Array, db1: jax.Array, db2: jax.Array
+) -> tuple[jax.Array, ...]:  # fmt: skip
+    """Reverse of the layers' steps `g_l = -(b_l gain) delta_l` (`[..., C, o]`, any leading
+    axes): their cotangents `dg_l` and the solves' step-size cotangents `db_l` -> the deltas'
+    (`d_err`, `d_delta2`), the step sizes' in full (`db_l` plus the steps' share) and the
+    momentum gate's (`d_beta`, through `gain = 1 - beta`; zeros without `momentum_ema`)."""
+    picked = f.picked
+    gd1 = jnp.sum(dg1 * picked.err, -1)
+    gd2 = jnp.sum(dg2 * picked.delta2, -1)
+    d_gain = -(f.b1 * gd1 + f.b2 * gd2)
+    d_beta = -d_gain if cfg.momentum_ema else jnp.zeros_like(d_gain)
+    d_err = -(f.b1 * f.gain)[..., None] * dg1
+    d_delta2 = -(f.b2 * f.gain)[..., None] * dg2
+    return d_err, d_delta2, db1 - f.gain * gd1, db2 - f.gain * gd2, d_beta
+
+
 def chunk_backward(
     cfg: StepConfig, state: State, x: Inputs, d_y: jax.Array | None, d_state: State,
     resets: jax.Array | None = None, init: State | None = None,
@@ -560,14 +577,9 @@ def chunk_backward(
     else:
         g1, _ = _layer_backward(f.lay1, dec, cot, None, None, d_state.w1, d_state.s1)
         g2, _ = _layer_backward(f.lay2, dec, cot, None, None, d_state.w2, d_state.s2)
-    # g_l = -(b_l gain) delta_l.
-    d_err = -(f.b1 * f.gain)[:, None] * g1.g
-    d_delta2 = -(f.b2 * f.gain)[:, None] * g2.g
-    gd1, gd2 = jnp.sum(g1.g * p.err, 1), jnp.sum(g2.g * p.delta2, 1)
-    d_gain = -(f.b1 * gd1 + f.b2 * gd2)
-    d_beta = -d_gain if cfg.momentum_ema else jnp.zeros_like(x.beta)
-    de1, dc1 = _step_size_backward(cfg, x.eta, p.cur1, seg, g1.b - f.gain * gd1)
-    de2, dc2 = _step_size_backward(cfg, x.eta, p.cur2, seg, g2.b - f.gain * gd2)
+    d_err, d_delta2, db1, db2, d_beta = steps_backward(cfg, f, g1.g, g2.g, g1.b, g2.b)
+    de1, dc1 = _step_size_backward(cfg, x.eta, p.cur1, seg, db1)
+    de2, dc2 = _step_size_backward(cfg, x.eta, p.cur2, seg, db2)
     # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
     d_hk = g1.a + 2.0 * dc1[:, None] * p.hk
     d_k = g2.a + 2.0 * dc2[:, None] * x.k

@@ -1238,7 +1238,7 @@ def _walk_backward(cfg, chunk, every, interpret, operands, backward_kind, res, c
     init, x, resets, reset_to, starts = res
     d_y, d_final = cot
     seq = x.k.shape[1]
-    whole = seq % ((every or seq // chunk or 1) * chunk) == 0
+    whole = seq % chunk == 0 and (seq // chunk) % (every or 1) == 0  # no ragged last window
     if backward_kind == "kernel" and cfg.read and whole:
         kernel = functools.partial(
             _kernel_backward, cfg, chunk, every, interpret, operands, init, x, resets, reset_to,

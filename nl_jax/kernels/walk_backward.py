@@ -748,7 +748,8 @@ class ReverseScratch(NamedTuple):
     d_q: Any  # [C, d]
     cot: cs.Decays  # the decays' cotangents (`pi_end` folded into `pi`)
     ends: tuple  # [C] cotangents of K, G, P inclusive's rows `last`
-    vec: tuple  # four [C] work refs
+    d_gain: Any  # [C] the momentum gate's share of the steps
+    d_k: Any  # [C, d] the keys' cotangent from the curvature and W2's input
 
 
 def chunk_reverse_stage(
@@ -800,48 +801,24 @@ def chunk_reverse_stage(
         )  # fmt: skip
 
     pl.run_scoped(layer2, mw._tile((c, h), ops))
-    # g_l = -(b_l gain) delta_l: the deltas', the step sizes' and the momentum gate's share.
-    beta = mw._along(f.beta, ops)
-    gain = 1.0 - beta if cfg.momentum_ema else jnp.ones_like(beta)
-    b1, b2 = mw._along(f.b1, ops), mw._along(f.b2, ops)
-    g1g, g2g = mw._load(acc.acc1.g, ops), mw._load(acc.acc2.g, ops)
-    gd1 = jnp.sum(g1g * mw._load(f.err, ops), 1)
-    gd2 = jnp.sum(g2g * mw._load(f.delta2, ops), 1)
-    d_gain = -(b1 * gd1 + b2 * gd2)
-    db1, db2, d_cur1, d_cur2 = acc.vec
-    db1[...] = mw._along(acc.d_b1, ops) - gain * gd1
-    db2[...] = mw._along(acc.d_b2, ops) - gain * gd2
-    plgpu.commit_smem()
-    step_sizes_backward_stage(cfg, f.eta, f.cur1, db1, out_x.eta, d_cur1, ops)
-    # db1, read by the call above, takes W2's share of the learning rate's gradient.
-    step_sizes_backward_stage(cfg, f.eta, f.cur2, db2, db1, d_cur2, ops)
-    # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
-    d_hk = mw._load(acc.acc1.a, ops) + 2.0 * ops.rows(mw._along(d_cur1, ops), h) * mw._load(
-        f.hk, ops
-    )
-    d_k = mw._load(acc.acc2.a, ops) + 2.0 * ops.rows(mw._along(d_cur2, ops), d) * mw._load(
-        f.k_t, ops
-    )
-    out_x.eta[...] = mw._along(out_x.eta, ops) + mw._along(db1, ops)
-    # The factors' cotangents take the accumulators' refs they are made of.
-    acc.acc1.g[...] = -ops.rows(b1 * gain, d) * g1g
-    acc.acc2.g[...] = -ops.rows(b2 * gain, h) * g2g
-    acc.acc1.a[...] = d_hk
+    refs = {
+        "beta": f.beta, "b1": f.b1, "b2": f.b2, "eta": f.eta, "cur1": f.cur1, "cur2": f.cur2,
+        "err": f.err, "delta2": f.delta2, "hk": f.hk, "k_t": f.k_t, "a1_g": acc.acc1.g,
+        "a2_g": acc.acc2.g, "d_b1": acc.d_b1, "d_b2": acc.d_b2, "a1_a": acc.acc1.a,
+        "a2_a": acc.acc2.a, "o_eta": out_x.eta, "d_k": acc.d_k, "d_gain": acc.d_gain,
+        "alpha": f.alpha, "o_alpha": out_x.alpha, "o_beta": out_x.beta,
+        **dict(zip(_COT_NAMES, cot[:10], strict=True)),
+        **dict(zip(_END_NAMES, acc.ends, strict=True)),
+    }  # fmt: skip
+    _glue_phase(cfg, refs, c, d, h, ops)
     plgpu.commit_smem()
     factors = cs.Factors(f.zv, f.z, f.hk, f.err, None, None, None)
     grads = FactorGrads(out_state.w1, out_state.w2, out_x.k, out_x.v)
     factors_backward_stage(
         f.w1_t, f.w2_t, f.k_t, f.v_t, factors, acc.acc1.a, acc.acc1.g, acc.acc2.g, grads, ops
     )
-    # The end stages' rows of K, G and P inclusive join the decays' cotangents.
-    at_last = ops.iota((c, c), 0) == last
-    for matrix, row in zip((cot.k_incl, cot.g_incl, cot.p_incl), acc.ends, strict=True):
-        _accumulate(matrix, jnp.where(at_last, ops.cols(mw._along(row, ops, 0), c), 0.0), ops)
-    plgpu.commit_smem()
-    decays_backward_stage(f.alpha, f.beta, cot, out_x.alpha, out_x.beta, ops)
-    d_beta_gain = -d_gain if cfg.momentum_ema else jnp.zeros_like(d_gain)
-    out_x.beta[...] = mw._along(out_x.beta, ops) + d_beta_gain
-    out_x.k[...] = mw._load(out_x.k, ops) + d_k
+    _decays_phase(cfg, refs, c, ops)
+    out_x.k[...] = mw._load(out_x.k, ops) + mw._load(acc.d_k, ops)
     out_x.q[...] = mw._load(acc.d_q, ops)
     out_state.w1[...] = mw._load(out_state.w1, ops) + mw._load(acc.acc1.w0, ops)
     out_state.w2[...] = mw._load(out_state.w2, ops) + mw._load(acc.acc2.w0, ops)
@@ -871,7 +848,7 @@ def chunk_reverse_kernel(
     layer2 = [(h, d), (h, d), (c, d), (c, h), (c, h)]
     cot_shapes = [(c,) if cs.Decays._fields[j] in ("gi", "gp", "pi", "ri", "rp") else (c, c)
                   for j in range(10)]  # fmt: skip
-    work_shapes = (*layer1, *layer2, (c,), (c,), (c, h), *cot_shapes, *[(c,)] * 7)
+    work_shapes = (*layer1, *layer2, (c,), (c,), (c, h), *cot_shapes, *[(c,)] * 4, (c, d))
 
     def run(ins_s, outs, work):
         f = ForwardRefs(*ins_s[: len(fields)])
@@ -879,7 +856,7 @@ def chunk_reverse_kernel(
         cot = cs.Decays(*work[13:23], pi_end=None)
         acc = ReverseScratch(
             LayerGrads(*work[:5]), LayerGrads(*work[5:10]), work[10], work[11], work[12],
-            d_y32, cot, tuple(work[23:26]), tuple(work[26:30]),
+            d_y32, cot, tuple(work[23:26]), work[26], work[27],
         )  # fmt: skip
         out_state, out_x = cs.State(*outs[:4]), cs.Inputs(*outs[4:])
         chunk_reverse_stage(
@@ -939,24 +916,14 @@ def chunk_reverse_staged(
         fw.lay2, x.q, d_hq * cs.gelu_grad(fw.r2), d_state.w2, d_state.s2
     )
     cot = cs.Decays(*(a + b for a, b in zip(cot1, cot2, strict=True)))
-    # g_l = -(b_l gain) delta_l: the deltas', the step sizes' and the momentum gate's share.
-    gain = fw.gain[..., None]
-    gd1, gd2 = jnp.sum(g1.g * p.err, -1), jnp.sum(g2.g * p.delta2, -1)
-    d_gain = -(fw.b1 * gd1 + fw.b2 * gd2)
-    de1, dc1 = step_sizes_backward_kernel(
-        cfg, x.eta, p.cur1, db1 - fw.gain * gd1, interpret=interpret
-    )
-    de2, dc2 = step_sizes_backward_kernel(
-        cfg, x.eta, p.cur2, db2 - fw.gain * gd2, interpret=interpret
-    )
+    d_err, d_delta2, db1, db2, d_beta = cs.steps_backward(cfg, fw, g1.g, g2.g, db1, db2)
+    de1, dc1 = step_sizes_backward_kernel(cfg, x.eta, p.cur1, db1, interpret=interpret)
+    de2, dc2 = step_sizes_backward_kernel(cfg, x.eta, p.cur2, db2, interpret=interpret)
     # cur_l = ||a_l||^2 + (a constant): W1's input is gelu(k W2^T), W2's is k.
     d_hk = g1.a + 2.0 * dc1[..., None] * p.hk
     d_k = g2.a + 2.0 * dc2[..., None] * x.k
-    d_err = -(fw.b1[..., None] * gain) * g1.g
-    d_delta2 = -(fw.b2[..., None] * gain) * g2.g
     fg = factors_backward_kernel(state.w1, state.w2, x.k, x.v, p, d_hk, d_err, d_delta2, **kw)
     d_alpha, d_beta_dec = decays_backward_kernel(x.alpha, x.beta, cot, **kw)
-    d_beta = -d_gain if cfg.momentum_ema else jnp.zeros_like(x.beta)
     d_state0 = cs.State(fg.w1 + g1.w0, fg.w2 + g2.w0, g1.s0, g2.s0)
     d_x = cs.Inputs(d_k + fg.k, fg.v, d_y + d_q_read, de1 + de2, d_alpha, d_beta + d_beta_dec)
     return d_state0, d_x
@@ -1115,24 +1082,8 @@ def chunk_reverse_streamed(
             ["f_w1", "f_w2"], factors,
             store={"f_w1": "f_w1", "f_w2": "f_w2", "f_k": "err", "o_v": "a1_g"},
         )  # fmt: skip
-        cot_names = ["c_gi", "c_gp", "c_g_incl", "c_g_prior", "c_p_incl", "c_pi", "c_k_incl",
-                     "c_k_prior", "c_ri", "c_rp"]  # fmt: skip
-
-        def decays(r):
-            cot = cs.Decays(*(r[k] for k in cot_names), pi_end=None)
-            # The end stages' rows of K, G and P inclusive join the decays' cotangents.
-            at_last = ops.iota((c, c), 0) == c - 1
-            for matrix, row in zip(("c_k_incl", "c_g_incl", "c_p_incl"),
-                                   ("e_k_last", "e_g_last", "e_p_last"), strict=True):  # fmt: skip
-                value = jnp.where(at_last, ops.cols(mw._along(r[row], ops, 0), c), 0.0)
-                _accumulate(r[matrix], value, ops)
-            plgpu.commit_smem()
-            decays_backward_stage(r["alpha"], r["beta"], cot, r["o_alpha"], r["o_beta"], ops)
-            if cfg.momentum_ema:
-                r["o_beta"][...] = mw._along(r["o_beta"], ops) - mw._along(r["d_gain"], ops)
-
-        io.phase(["alpha", "beta", "d_gain", "e_k_last", "e_g_last", "e_p_last", *cot_names],
-                 ["o_alpha", "o_beta"], decays)  # fmt: skip
+        io.phase(["alpha", "beta", "d_gain", *_END_NAMES, *_COT_NAMES], ["o_alpha", "o_beta"],
+                 lambda r: _decays_phase(cfg, r, c, ops))  # fmt: skip
 
         def finals(r):
             # In place: each result takes a ref it is made of (fifteen refs would not fit).
@@ -1163,7 +1114,7 @@ def chunk_reverse_streamed(
         io.phase([query, a, *tiles, "k_incl_t", "g_incl_t", "gi", "ri", d_out],
                  [*grads, d_query, "c_gi", "c_ri", "c_k_incl", "c_g_incl"], read)  # fmt: skip
         rows = ["k_last", "g_last", "p_last"]
-        ends = ["e_k_last", "e_g_last", "e_p_last"]
+        ends = list(_END_NAMES)
 
         def end(r):
             dec = cs.Decays(r["gi"], None, None, None, None, r["pi"], None, None, r["ri"],
@@ -1199,6 +1150,26 @@ def chunk_reverse_streamed(
     got = dict(zip(out_names, kernel(*ins.values(), *zeros.values()), strict=True))
     state_grads = cs.State(got["o_w1"], got["o_w2"], got["o_s1"], got["o_s2"])
     return state_grads, cs.Inputs(*(got[f"o_{k}"] for k in ("k", "v", "q", "eta", "alpha", "beta")))
+
+
+# The decays' cotangent refs in `chunk_step.Decays`' order (without `pi_end`, folded into `pi`)
+# and the end stages' rows `last` of K, G and P inclusive, as the composed reverses name them.
+_COT_NAMES = ("c_gi", "c_gp", "c_g_incl", "c_g_prior", "c_p_incl", "c_pi", "c_k_incl",
+              "c_k_prior", "c_ri", "c_rp")  # fmt: skip
+_END_NAMES = ("e_k_last", "e_g_last", "e_p_last")
+
+
+def _decays_phase(cfg: cs.StepConfig, r: dict, c: int, ops: mw.Ops) -> None:
+    """After the factors' reverse: the end stages' rows join the decays' cotangents, the decays'
+    reverse gives the gates' gradients, and the momentum gate takes its share of the steps."""
+    cot = cs.Decays(*(r[k] for k in _COT_NAMES), pi_end=None)
+    at_last = ops.iota((c, c), 0) == c - 1
+    for matrix, row in zip(("c_k_incl", "c_g_incl", "c_p_incl"), _END_NAMES, strict=True):
+        _accumulate(r[matrix], jnp.where(at_last, ops.cols(mw._along(r[row], ops, 0), c), 0.0), ops)
+    plgpu.commit_smem()
+    decays_backward_stage(r["alpha"], r["beta"], cot, r["o_alpha"], r["o_beta"], ops)
+    if cfg.momentum_ema:
+        r["o_beta"][...] = mw._along(r["o_beta"], ops) - mw._along(r["d_gain"], ops)
 
 
 def _glue_phase(cfg: cs.StepConfig, r: dict, c: int, d: int, h: int, ops: mw.Ops) -> None:
