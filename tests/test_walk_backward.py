@@ -312,7 +312,7 @@ COMPOSITIONS = [
     (*case, composed)
     for composed in ("one_kernel", "staged", "streamed")
     for i, case in enumerate(REVERSE_CASES)
-    if {"one_kernel": i in (0, 4), "staged": i == 0, "streamed": i != 3}[composed]
+    if {"one_kernel": i == 0, "staged": i == 0, "streamed": i != 3}[composed]
 ]
 
 
