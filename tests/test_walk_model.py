@@ -45,23 +45,29 @@ def fast_jit(fn, *args):
     return jax.jit(fn).lower(*args).compile(options)
 
 
-def run(kernel, heads, spec=SPEC, resets=RESETS):
-    """`(init, static, u, q, beta, heads) -> ((y, new heads), gradients)` of a loss of both, for
-    every input and the incoming head states."""
+def compiled(kernel, spec, args, heads, resets):
+    """`(init, static, u, q, beta, heads, resets) -> ((y, new heads), gradients)` of a loss of
+    both, for every input and the incoming head states, compiled once for any resets."""
     spec = dataclasses.replace(spec, kernel=kernel)
 
-    def loss(init, static, u, q, beta, heads):
+    def loss(init, static, u, q, beta, heads, resets):
         y, new = sm.run_heads(spec, init, static, u, q, beta, resets, heads)
         out = jnp.sum(jnp.sin(3 * y))
-        if new is not None:
-            out = out + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(new["main"]))
-        return out, (y, new)
+        return out + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(new["main"])), (y, new)
 
-    def both(*args):
-        grads, aux = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+    def both(*a):
+        grads, aux = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*a)
         return aux, grads
 
-    return lambda *args: fast_jit(both, *args)(*args)
+    return fast_jit(both, *args, heads, resets)
+
+
+def moved_heads(spec, init, seed):
+    """Every sequence's head states away from the initial ones: moved weights, nonzero momenta."""
+    head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
+    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
+    key = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
+    return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
 
 
 def check(kernel_out, xla_out, tol):
@@ -87,16 +93,12 @@ def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypat
     walks = []
     forward = mw.walk_forward
     monkeypatch.setattr(mw, "walk_forward", lambda *a, **k: walks.append(k) or forward(*a, **k))
-    head = jax.vmap(lambda i: sm.initial_head_state(SPEC, i))(args[0])
-    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
-    # A state away from the initial one: moved weights and nonzero momenta.
-    key = iter(jax.random.split(jax.random.PRNGKey(3), 64))
-    heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
-    (y, new), grads = run("walk", heads)(*args, heads)
+    heads = moved_heads(SPEC, args[0], 3)
+    (y, new), grads = compiled("walk", SPEC, args, heads, RESETS)(*args, heads, RESETS)
     # One kernel walk, saving every chunk's start state for the backward (the cut windows
     # themselves are checked by the gradients against XLA's below).
     assert len(walks) == 1 and walks[0]["every"] == 1
-    (y_x, new_x), grads_x = run("xla", heads)(*args, heads)
+    (y_x, new_x), grads_x = compiled("xla", SPEC, args, heads, RESETS)(*args, heads, RESETS)
     assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
     assert check(grads, grads_x, 1e-5) < 1e-5
     assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
@@ -209,28 +211,10 @@ def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch):
     monkeypatch.setattr(
         wb, "windows_backward_streamed", lambda *a, **k: calls.append(1) or streamed(*a, **k)
     )
-    head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(args[0])
-    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), head)
-    key = iter(jax.random.split(jax.random.PRNGKey(4), 64))
-    heads = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
+    heads = moved_heads(spec, args[0], 4)
     first_token = jnp.zeros((B, 16), bool).at[0, 0].set(True)
     inside = first_token.at[0, 6].set(True)
-
-    def compiled(kernel):
-        layer = dataclasses.replace(spec, kernel=kernel)
-
-        def loss(init, static, u, q, beta, heads, resets):
-            y, new = sm.run_heads(layer, init, static, u, q, beta, resets, heads)
-            out = jnp.sum(jnp.sin(3 * y))
-            return out + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(new["main"])), (y, new)
-
-        def both(*a):
-            grads, aux = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*a)
-            return aux, grads
-
-        return fast_jit(both, *args, heads, first_token)
-
-    walk, xla = compiled("walk"), compiled("xla")
+    walk, xla = (compiled(k, spec, args, heads, first_token) for k in ("walk", "xla"))
     assert calls, "the kernel backward was not traced"
     for flags in (first_token, inside):
         (y, new), grads = walk(*args, heads, flags)
