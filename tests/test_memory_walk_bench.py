@@ -9,8 +9,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import memory_walk as bench  # noqa: E402
 
 
-def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys):
+def test_the_walk_and_xla_agree_and_every_row_is_written(tmp_path, capsys, monkeypatch):
     out = tmp_path / "walk.json"
+    # Two of the walk's parts: each is a whole interpreted walk, and their stages have tests
+    # of their own (test_memory_walk.py); here the tool's rows are what is checked.
+    names = list(bench.parts())[:1] + list(bench.parts())[-1:]
+    every_part = bench.parts
+    monkeypatch.setattr(bench, "parts", lambda: {k: every_part()[k] for k in names})
     argv = ["--interpret", "--parts", "--reverse", "--n=1", "--seq=4", "--chunk=4", "--dim=8",
             "--every=1", "--steps=1", f"--out={out}"]  # fmt: skip
     assert bench.main(argv) == 0

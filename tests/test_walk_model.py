@@ -20,13 +20,10 @@ HOPE_RULE = DeltaRule(
     momentum=True, retention=True, dgd=True, normalize_lr=True, normalize_chunk=True,
     normalize_memory=True, momentum_ema=True,
 )  # fmt: skip
-# C_mem 4 with a cut every 2 chunks (8 tokens); 13 tokens end in a partial chunk of both sizes.
+# C_mem 4 with a cut every 2 chunks (8 tokens).
 SPEC = sm.SelfModSpec(heads=2, head_dim=8, hidden=16, chunk_mem=4, chunk_other=2, rule=HOPE_RULE,
                       backprop_chunks=2)  # fmt: skip
-B, S = 2, 13
-# Sequence 0: documents start at its first token, mid-chunk, at the cut (8) and inside the
-# trailing partial chunk; sequence 1 has no document start (a continued stream carries its state).
-RESETS = jnp.zeros((B, S), bool).at[0, jnp.array([0, 5, 8, 12])].set(True)
+B, S = 2, 16
 
 
 def rel_err(a, b):
@@ -79,31 +76,6 @@ def check(kernel_out, xla_out, tol):
         assert err < tol, (jax.tree_util.keystr(path), err)
         worst = max(worst, err)
     return worst
-
-
-@pytest.mark.slow
-def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypatch):
-    """Outputs, new states and the gradients of every input (M_memory's meta-learned initial
-    states included) and of the incoming head states, within 1e-5 of the XLA path (measured
-    2e-7 states, 7e-7 gradients), with document resets, cut windows and a trailing partial
-    chunk. Sequence 0 starts a document at its first token (the walk starts from the initial
-    weights); sequence 1 continues from head states that are not the initial ones, so the
-    walk's start state and the weights a reset returns to differ."""
-    args = inputs(SPEC)
-    walks = []
-    forward = mw.walk_forward
-    monkeypatch.setattr(mw, "walk_forward", lambda *a, **k: walks.append(k) or forward(*a, **k))
-    heads = moved_heads(SPEC, args[0], 3)
-    (y, new), grads = compiled("walk", SPEC, args, heads, RESETS)(*args, heads, RESETS)
-    # One kernel walk, saving every chunk's start state for the backward (the cut windows
-    # themselves are checked by the gradients against XLA's below).
-    assert len(walks) == 1 and walks[0]["every"] == 1
-    (y_x, new_x), grads_x = compiled("xla", SPEC, args, heads, RESETS)(*args, heads, RESETS)
-    assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
-    assert check(grads, grads_x, 1e-5) < 1e-5
-    assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
-    # The incoming M_memory state reaches the loss (sequence 1 carries it).
-    assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads[5]["main"]))
 
 
 @pytest.mark.slow
@@ -196,29 +168,39 @@ def test_auto_takes_the_walk_on_one_hopper_gpu_only(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_walk_layer_with_the_kernel_backward_matches_xla(monkeypatch):
-    """`memory.walk_backward="kernel"`: M_memory's chunks reversed by the streamed kernel
-    (interpreted, float32) give the layer's XLA gradients within 1e-5, cut windows and a
-    continued state included: rows whose only document start is their first token (row 0)
-    or without any (row 1 continues its state) take the kernel; a start inside a row sends
-    the batch to XLA's reverse. One compile each serves both: the resets are an argument."""
+def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypatch):
+    """Outputs, new states and the gradients of every input (M_memory's meta-learned initial
+    states included) and of the incoming head states, within 1e-5 of the XLA path, with cut
+    windows, for both backwards of the walk. Row 1 continues from head states that are not
+    the initial ones, so the walk's start state and the weights a reset returns to differ.
+    With document starts only at row starts (row 0's first token) M_memory's chunks are
+    reversed by the streamed kernel (`memory.walk_backward="kernel"`, interpreted, float32);
+    starts inside a row (mid-chunk, at the cut, in the last chunk) send the batch to XLA's
+    reverse, the default backward. One compile serves both: the resets are an argument. (A
+    trailing partial chunk, which also takes XLA's reverse, is checked on `walk_memory` in
+    test_memory_walk.py.)"""
     from nl_jax.kernels import walk_backward as wb
 
     spec = dataclasses.replace(SPEC, hidden=8, walk_backward="kernel")  # the kernel: d = h
-    args = inputs(spec, s=16)
-    calls = []
-    streamed = wb.windows_backward_streamed
+    args = inputs(spec)
+    calls, walks = [], []
+    streamed, forward = wb.windows_backward_streamed, mw.walk_forward
     monkeypatch.setattr(
         wb, "windows_backward_streamed", lambda *a, **k: calls.append(1) or streamed(*a, **k)
     )
+    monkeypatch.setattr(mw, "walk_forward", lambda *a, **k: walks.append(k) or forward(*a, **k))
     heads = moved_heads(spec, args[0], 4)
-    first_token = jnp.zeros((B, 16), bool).at[0, 0].set(True)
-    inside = first_token.at[0, 6].set(True)
+    first_token = jnp.zeros((B, S), bool).at[0, 0].set(True)
+    inside = first_token.at[0, jnp.array([5, 8, 14])].set(True)
     walk, xla = (compiled(k, spec, args, heads, first_token) for k in ("walk", "xla"))
     assert calls, "the kernel backward was not traced"
+    # One kernel walk, saving every chunk's start state for the backward.
+    assert len(walks) == 1 and walks[0]["every"] == 1
     for flags in (first_token, inside):
         (y, new), grads = walk(*args, heads, flags)
         (y_x, new_x), grads_x = xla(*args, heads, flags)
         assert check((y, new["main"]), (y_x, new_x["main"]), 1e-5) < 1e-5
         assert check(grads, grads_x, 1e-5) < 1e-5
         assert float(jnp.max(jnp.abs(grads[0]["memory"]["W1"]))) > 0.0
+        # The incoming M_memory state reaches the loss (row 1 carries it).
+        assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(grads[5]["main"]))

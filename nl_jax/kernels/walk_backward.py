@@ -33,9 +33,10 @@ counterpart through a one-stage kernel, the way `memory_walk`'s forward stages a
   right side and of `L` into the layer's start state, inputs, steps, step sizes and the decays.
   `solve_backward_kernel` runs it alone.
 
-`chunk_reverse_stage` composes them into `chunk_step.chunk_backward` (a read-out memory, no
-document resets) from the forward's intermediates; `chunk_reverse_kernel` runs it alone, the
-intermediates computed by `chunk_step`'s forward in XLA.
+`chunk_reverse_staged` composes them into `chunk_step.chunk_backward` (a read-out memory, no
+document resets) as one kernel per stage with XLA's glue, `chunk_reverse_streamed` as one
+kernel that runs the stages in turn, streaming their operands through HBM; both take the
+forward's intermediates from `chunk_step`'s forward in XLA.
 
 The stages of the layers' reverse add into their float32 result refs (a composed reverse sums
 both layers' and every stage's contributions there); their harnesses start them at zero.
@@ -736,138 +737,6 @@ class ForwardRefs(NamedTuple):
     p_last: Any
 
 
-class ReverseScratch(NamedTuple):
-    """Float32 accumulators of `chunk_reverse_stage` (zero at its start but `d_q`, which
-    starts as the reads' cotangent)."""
-
-    acc1: LayerGrads
-    acc2: LayerGrads
-    d_b1: Any  # [C]
-    d_b2: Any
-    d_hq: Any  # [C, h]
-    d_q: Any  # [C, d]
-    cot: cs.Decays  # the decays' cotangents (`pi_end` folded into `pi`)
-    ends: tuple  # [C] cotangents of K, G, P inclusive's rows `last`
-    d_gain: Any  # [C] the momentum gate's share of the steps
-    d_k: Any  # [C, d] the keys' cotangent from the curvature and W2's input
-
-
-def chunk_reverse_stage(
-    cfg: cs.StepConfig, f: ForwardRefs, d_y_t: Any, d_w1_t: Any, d_w2_t: Any, d_s1_t: Any,
-    d_s2_t: Any, acc: ReverseScratch, out_state: cs.State, out_x: cs.Inputs, ops: mw.Ops,
-) -> None:  # fmt: skip
-    """`chunk_step.chunk_backward` (read-out memory, no document resets) from the forward's
-    intermediates `f`, the reads' cotangent `d_y_t [C, d]` and the end state's (`d_*_t`, operand
-    tiles) -> float32 refs `out_state` (the start state's cotangent) and `out_x` (the inputs').
-
-    The layers' reverses run W1's first (its reads' query cotangent is W2's reads'), then the
-    step sizes', the factors' and the decays' reverse, every contribution added in `acc`.
-    """
-    c, d = f.k_t.shape
-    h = f.w2_t.shape[0]
-    last = c - 1
-    cot = acc.cot
-    dec = cs.Decays(f.gi, f.gp, None, None, None, f.pi, None, None, f.ri, None, None)
-    rows = (f.k_last, f.g_last, f.p_last)
-    read_cots = ReadCots(cot.gi, cot.ri, cot.k_incl, cot.g_incl)
-    end_cots = EndCots(cot.gi, cot.ri, cot.pi, *acc.ends)
-    solve_cots = SolveCots(cot.gp, cot.rp, cot.g_prior, cot.k_prior)
-    decays = (f.g_prior_t, f.g_prior_trans_t, f.k_prior_t)
-
-    def layer(query, a, g, be, e, w_t, s_t, w, s, b, b_cols, d_out, d_w, d_s, grads, d_b, d_query):
-        """One layer's reverse: its reads at `query`, its end state, its solve."""
-        read_backward_stage(
-            query, a, g, be, w_t, s_t, f.k_incl_t, f.g_incl_t, f.gi, f.ri, d_out, grads,
-            d_query, read_cots, ops,
-        )  # fmt: skip
-        end_backward_stage(a, g, be, w, s, dec, rows, d_w, d_s, grads, end_cots, ops, last)
-        solve_backward_stage(
-            a, g, e, w_t, s_t, *decays, b, b_cols, f.gp, f.rp, grads.be, grads, d_b,
-            solve_cots, ops,
-        )  # fmt: skip
-
-    # W1 reads at gelu(r2); its reads' query cotangent, through gelu', is W2's reads'.
-    layer(
-        f.hq_t, f.hk_t, f.g1_t, f.be1_t, f.e1_t, f.w1_t, f.s1_t, f.w1, f.s1, f.b1, f.b1_cols,
-        d_y_t, d_w1_t, d_s1_t, acc.acc1, acc.d_b1, acc.d_hq,
-    )  # fmt: skip
-
-    def layer2(d_out_t):
-        mw._store(d_out_t, mw._load(acc.d_hq, ops) * cs.gelu_grad(mw._load(f.r2, ops)))
-        plgpu.commit_smem()
-        layer(
-            f.q_t, f.k_t, f.g2_t, f.be2_t, f.e2_t, f.w2_t, f.s2_t, f.w2, f.s2, f.b2, f.b2_cols,
-            d_out_t, d_w2_t, d_s2_t, acc.acc2, acc.d_b2, acc.d_q,
-        )  # fmt: skip
-
-    pl.run_scoped(layer2, mw._tile((c, h), ops))
-    refs = {
-        "beta": f.beta, "b1": f.b1, "b2": f.b2, "eta": f.eta, "cur1": f.cur1, "cur2": f.cur2,
-        "err": f.err, "delta2": f.delta2, "hk": f.hk, "k_t": f.k_t, "a1_g": acc.acc1.g,
-        "a2_g": acc.acc2.g, "d_b1": acc.d_b1, "d_b2": acc.d_b2, "a1_a": acc.acc1.a,
-        "a2_a": acc.acc2.a, "o_eta": out_x.eta, "d_k": acc.d_k, "d_gain": acc.d_gain,
-        "alpha": f.alpha, "o_alpha": out_x.alpha, "o_beta": out_x.beta,
-        **dict(zip(_COT_NAMES, cot[:10], strict=True)),
-        **dict(zip(_END_NAMES, acc.ends, strict=True)),
-    }  # fmt: skip
-    _glue_phase(cfg, refs, c, d, h, ops)
-    plgpu.commit_smem()
-    factors = cs.Factors(f.zv, f.z, f.hk, f.err, None, None, None)
-    grads = FactorGrads(out_state.w1, out_state.w2, out_x.k, out_x.v)
-    factors_backward_stage(
-        f.w1_t, f.w2_t, f.k_t, f.v_t, factors, acc.acc1.a, acc.acc1.g, acc.acc2.g, grads, ops
-    )
-    _decays_phase(cfg, refs, c, ops)
-    out_x.k[...] = mw._load(out_x.k, ops) + mw._load(acc.d_k, ops)
-    out_x.q[...] = mw._load(acc.d_q, ops)
-    out_state.w1[...] = mw._load(out_state.w1, ops) + mw._load(acc.acc1.w0, ops)
-    out_state.w2[...] = mw._load(out_state.w2, ops) + mw._load(acc.acc2.w0, ops)
-    out_state.s1[...] = mw._load(acc.acc1.s0, ops)
-    out_state.s2[...] = mw._load(acc.acc2.s0, ops)
-
-
-def chunk_reverse_kernel(
-    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array, d_state: cs.State, *,
-    interpret: Any = None, operands: Any = jnp.bfloat16,
-) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
-    """`chunk_reverse_stage` for N chunks as a kernel (the composition's test harness): state
-    leaves `[N, ...]`, inputs `[N, C, ...]`, `d_y [N, C, d]`, the end state's cotangent ->
-    `(start state's cotangent, inputs')`, float32, as `chunk_step.chunk_backward` (read-out
-    memory, no resets). The forward's intermediates come from `chunk_step`'s forward in XLA.
-    """
-    if not cfg.read:
-        raise ValueError("chunk_reverse_kernel is the read-out memory's reverse (cfg.read=True)")
-    c, d = x.k.shape[1:]
-    h = state.w2.shape[1]
-    ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
-    f32 = jnp.float32
-    fields = _forward_arrays(cfg, state, x, operands)
-    ins = list(fields.values())
-    ins += [a.astype(operands) for a in (d_y, *d_state)] + [d_y.astype(f32)]
-    layer1 = [(d, h), (d, h), (c, h), (c, d), (c, d)]
-    layer2 = [(h, d), (h, d), (c, d), (c, h), (c, h)]
-    cot_shapes = [(c,) if cs.Decays._fields[j] in ("gi", "gp", "pi", "ri", "rp") else (c, c)
-                  for j in range(10)]  # fmt: skip
-    work_shapes = (*layer1, *layer2, (c,), (c,), (c, h), *cot_shapes, *[(c,)] * 4, (c, d))
-
-    def run(ins_s, outs, work):
-        f = ForwardRefs(*ins_s[: len(fields)])
-        d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, d_y32 = ins_s[len(fields) :]
-        cot = cs.Decays(*work[13:23], pi_end=None)
-        acc = ReverseScratch(
-            LayerGrads(*work[:5]), LayerGrads(*work[5:10]), work[10], work[11], work[12],
-            d_y32, cot, tuple(work[23:26]), work[26], work[27],
-        )  # fmt: skip
-        out_state, out_x = cs.State(*outs[:4]), cs.Inputs(*outs[4:])
-        chunk_reverse_stage(
-            cfg, f, d_y_t, d_w1_t, d_w2_t, d_s1_t, d_s2_t, acc, out_state, out_x, ops
-        )
-
-    shapes = [(d, h), (h, d), (d, h), (h, d), (c, d), (c, d), (c, d), (c,), (c,), (c,)]
-    outs = _harness(run, ins, shapes, ops, interpret, work_shapes)
-    return cs.State(*outs[:4]), cs.Inputs(*outs[4:])
-
-
 def chunk_reverse_staged(
     cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array, d_state: cs.State, *,
     interpret: Any = None, operands: Any = jnp.bfloat16,
@@ -877,9 +746,9 @@ def chunk_reverse_staged(
     leaves `[N, ...]`, inputs `[N, C, ...]`, `d_y [N, C, d]`, the end state's cotangent ->
     `(start state's cotangent, inputs')`, float32.
 
-    Each stage's kernel fits a CTA's shared memory where the composed one (`chunk_reverse_kernel`)
-    does not; the stages' contributions meet in HBM. The forward's intermediates come from
-    `chunk_step`'s forward in XLA.
+    Each stage's kernel fits a CTA's shared memory (all stages' operands resident at once ask
+    3.6 times one); the stages' contributions meet in HBM. The forward's intermediates come
+    from `chunk_step`'s forward in XLA.
     """
     if not cfg.read:
         raise ValueError("chunk_reverse_staged is the read-out memory's reverse (cfg.read=True)")
@@ -1008,9 +877,8 @@ def chunk_reverse_streamed(
     """`chunk_step.chunk_backward` (read-out memory, no resets) for N chunks as one kernel that
     fits a CTA's shared memory: the stages run in turn, each on scoped refs of what it reads
     and adds into, the accumulators passed between them through HBM (one chunk's ~0.5 MB,
-    L2-resident at the walk's sizes). The forward's intermediates come from XLA.
-
-    Same arguments and results as `chunk_reverse_kernel`, which keeps everything resident.
+    L2-resident at the walk's sizes). The forward's intermediates come from XLA. Same
+    arguments and results as `chunk_reverse_staged`.
     """
     if not cfg.read:
         raise ValueError("chunk_reverse_streamed is the read-out memory's reverse (cfg.read=True)")
