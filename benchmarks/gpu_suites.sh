@@ -21,6 +21,8 @@
 #   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk, and with
 #               its kernel backward, beside the fused forward (pallas_forward, XLA's
 #               M_memory)                                                   -> "Kernels"
+#   kernels     one GPU: the compiled kernels' tests (Mosaic GPU and Triton, every test named
+#               "compiled ... gpu"), against XLA and chunk_step; rerun whenever a kernel changes
 #   stability   one GPU: benchmarks/divergence_check.py, 1000 trainer steps of hope_340m,
 #               titans_lmm_340m and transformer_340m (2 seeds each) at 4 layers, a 250-step
 #               learning-rate sweep, Hope's paper form and Hope without the walk (the
@@ -114,6 +116,13 @@ suite_walk_model() {
     --out="$OUT/throughput_walk.json" 2>&1 | quiet
 }
 
+suite_kernels() {
+  # Compiled on an H100 the staged and streamed reverse took 60 s and 127 s: twice the limit.
+  JAX_PLATFORMS=cuda timeout $((2 * TMO)) $PY -m pytest -q -p no:cacheprovider -rs \
+    -k "compiled and gpu" tests/test_walk_backward.py tests/test_fused_scan.py \
+    tests/test_fused_level.py 2>&1 | quiet | tail -15
+}
+
 suite_stability() {
   # 4 layers, seq 2048 x 8: 1,000 steps of two seeds per family, the learning-rate sweep
   # (250-step runs at 3e-4, 1e-3 and 3e-3: a 250-step run's cosine schedule has decayed by its
@@ -181,7 +190,7 @@ git update-index -q --refresh 2>/dev/null
 echo "commit $(git describe --always --dirty 2>/dev/null || echo unknown), $(date -u +%F)"
 for suite in "$@"; do
   if ! declare -f "suite_$suite" >/dev/null; then
-    echo "unknown suite '$suite' (throughput long profile gdn scaling walk walk_model stability)" >&2
+    echo "unknown suite '$suite' (throughput long profile gdn scaling walk walk_model kernels stability)" >&2
     exit 2
   fi
   echo "== $suite"
