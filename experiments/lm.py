@@ -218,9 +218,9 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # "auto" (triangular on GPU, 3.5% faster there; the inverse on CPU, where XLA's trsm can
     # hang, and on TPU, where trsm took hope_340m from 21.1 to 29.9 GiB per v5p chip).
     m.memory.solve = "auto"
-    # Hope's projection-memory chunk scan: "xla" (ops) | "pallas" (one fused Triton kernel per
-    # layer, forward and backward) | "pallas_forward" (the fused forward kernel, the backward as
-    # XLA ops: +13% tokens/s at full hope_340m depth on an H200) |
+    # Hope's projection-memory chunk scan: "xla" (ops) | "pallas_forward" (one fused Triton
+    # forward kernel per layer, the backward as XLA ops over its saved chunk starts: +13%
+    # tokens/s at full hope_340m depth on an H200) |
     # "pallas_forward_all": M_memory's chunk scan fused as well (+1.9% at 4 layers: not the default)
     # | "walk": the projection memories as pallas_forward, M_memory as one persistent Mosaic GPU
     # kernel per layer (Hopper; nl_jax/kernels/memory_walk.py, its backward XLA ops from the
@@ -231,8 +231,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # 16-wide matmuls fit, walk where it applies (Hopper, hope_340m's sizes), else
     # pallas_forward (one printed line says why); xla elsewhere (CPU, TPU, several devices).
     # Titans' memory: "xla" | "pallas_forward" (+43% tokens/s for titans_lmm_340m at seq 4096 x
-    # 32 on an H200) | "pallas" (the backward as a kernel too: no faster on an H200) |
-    # "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
+    # 32 on an H200) | "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
     m.memory.kernel = "auto"
     # With the walk, M_memory's backward: "xla" (chunk_step's written-out reverse as XLA ops) |
     # "kernel": each chunk's reverse as one Mosaic GPU kernel (walk_backward.py; its forward
@@ -240,9 +239,8 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # a GPU: deviceless, a chunk step of hope_340m's windows moves 5.3 GB against XLA's 12.6.
     m.memory.walk_backward = "xla"
     # Warps per program of the fused kernels (a power of two <= 32). 8 measured fastest on an
-    # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps
-    # (forward kernel) and its backward kernel 32,827 / 35,138 / 17,148 / 7,559 at 4 / 8 / 16 /
-    # 32; hope_340m (4 layers) 24,024 at 8 and 21,896 at 16.
+    # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps;
+    # hope_340m (4 layers) 24,024 at 8 and 21,896 at 16.
     m.memory.kernel_warps = 8
 
     # Continuum Memory System (spec section 4, rows 11-15).

@@ -52,26 +52,22 @@ def reference(level, params, state, inputs, resets=None):
     return jax.vmap(one)(params, state, inputs, resets)
 
 
-def fused(level, params, state, inputs, resets=None, backward="xla"):
-    return fused_level.run_level_fused(level, params, state, **inputs, resets=resets, unroll=2,
-                                       backward=backward)  # fmt: skip
+def fused(level, params, state, inputs, resets=None):
+    return fused_level.run_level_fused(level, params, state, **inputs, resets=resets, unroll=2)
 
 
 @pytest.mark.parametrize(
-    "seq,with_resets,read,backward",
-    [(12, False, "per_token", "xla"), (12, True, "per_token", "xla"),
-     (14, False, "per_token", "xla"), (14, True, "per_token", "xla"),
-     (14, True, "boundary", "xla"), (14, True, "per_token", "kernel")],
-    ids=["full", "full_resets", "partial", "partial_resets", "boundary_partial_resets",
-         "backward_kernel_partial_resets"],
+    "seq,with_resets,read",
+    [(12, False, "per_token"), (12, True, "per_token"), (14, False, "per_token"),
+     (14, True, "per_token"), (14, True, "boundary")],
+    ids=["full", "full_resets", "partial", "partial_resets", "boundary_partial_resets"],
 )  # fmt: skip
-def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read, backward):
+def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read):
     level = Level(ResidualMLPMemory(4, 8), objectives.l2, TITANS, 4, read=read)
     params, state, inputs = make(level, 3, seq, jax.random.PRNGKey(0))
     resets = None
     if with_resets:  # inside a chunk, at a chunk start, and in the trailing partial chunk
         resets = jnp.zeros((3, seq), bool).at[:, 0].set(True).at[1, jnp.array([3, 8, 13])].set(True)
-    fused_fn = functools.partial(fused, backward=backward)
 
     def loss_of(outputs):
         out, (p_end, st_end) = outputs
@@ -88,16 +84,15 @@ def test_run_level_fused_matches_vmapped_run_level(x64, seq, with_resets, read, 
         return run
 
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
-    traced = jax.jit(outputs_and_grad(fused_fn)).trace(params, inputs)
+    traced = jax.jit(outputs_and_grad(fused)).trace(params, inputs)
     got, g_got = traced.lower().compile()(params, inputs)  # traced once: run, then inspected
     want, g_want = jax.jit(outputs_and_grad(reference))(params, inputs)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, b) < 1e-12
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         assert rel_err(a, b) < 1e-10
-    # The chosen backward really runs: one kernel (forward) or two (forward and backward).
-    jaxpr = str(traced.jaxpr)
-    assert jaxpr.count("pallas_call") == (2 if backward == "kernel" else 1)
+    # One kernel, the forward: the backward is XLA ops.
+    assert str(traced.jaxpr).count("pallas_call") == 1
 
 
 def test_run_level_fused_window_cuts_at_every_window_start(x64):
@@ -136,8 +131,8 @@ def test_run_level_fused_rejects_misshaped_inputs():
     # Compiled (not interpreted), Triton's matmuls need 16-wide operands: a clear error first.
     with pytest.raises(ValueError, match=">= 16"):
         fused_level.run_level_fused(level, params, state, **inputs, interpret=False)
-    with pytest.raises(ValueError, match="unknown backward"):
-        fused_level.run_level_fused(level, params, state, **inputs, backward="triton")
+    with pytest.raises(ValueError, match="unknown forward"):
+        fused_level.run_level_fused(level, params, state, **inputs, forward="triton")
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
@@ -155,9 +150,9 @@ def test_titans_chunk_step_lowers_to_triton_for_cuda(resets):
     step = functools.partial(fused_level._step, level)
     text = fs.check_lowering(step, (params, state), xs, consts, grad=False)
     assert text.count("__gpu$xla.gpu.triton") == 1  # the forward kernel
-    # memory.kernel="pallas": the step's vjp lowers as the reverse-walk kernel too.
+    # The gradient lowers too, its backward as XLA ops: still the one kernel.
     text = fs.check_lowering(step, (params, state), xs, consts, grad=True)
-    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 def test_chunk_normalized_titans_fused_matches_vmapped_run_level(x64):
@@ -203,24 +198,17 @@ def test_hope_main_memory_chunk_step_lowers_to_triton_for_cuda():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
-def test_compiled_titans_kernel_matches_run_level_on_gpu(backward="xla"):
+def test_compiled_titans_kernel_matches_run_level_on_gpu():
     """The compiled forward kernel (and the XLA backward) at Titans 340M's shape, float32/TF32."""
     level = Level(ResidualMLPMemory(64, 64), objectives.l2, TITANS, 16)
     params, state, inputs = make(level, 32, 256, jax.random.PRNGKey(3), jnp.float32)
-    fused_fn = functools.partial(fused, backward=backward)
 
     def loss(fn):
         return jax.jit(lambda p, x: jnp.sum(jnp.sin(3 * fn(level, p, state, x)[0])))
 
-    got, want = loss(fused_fn)(params, inputs), loss(reference)(params, inputs)
+    got, want = loss(fused)(params, inputs), loss(reference)(params, inputs)
     assert abs(float(got) - float(want)) < 1e-3 * abs(float(want)) + 1e-2
-    g_got = jax.grad(loss(fused_fn), argnums=(0, 1))(params, inputs)
+    g_got = jax.grad(loss(fused), argnums=(0, 1))(params, inputs)
     g_want = jax.grad(loss(reference), argnums=(0, 1))(params, inputs)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         assert rel_err(a, b) < 2e-2
-
-
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
-def test_compiled_titans_backward_kernel_matches_run_level_on_gpu():
-    """The same with the backward as the reverse-walk kernel (`memory.kernel="pallas"`)."""
-    test_compiled_titans_kernel_matches_run_level_on_gpu(backward="kernel")

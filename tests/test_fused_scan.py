@@ -70,11 +70,9 @@ def outputs_match_lax(step, fused, carry, xs, consts):
     return g_got, g_want
 
 
-@pytest.mark.parametrize("backward", ["kernel", "xla"])
-def test_fused_scan_matches_lax_scan(x64, backward):
+def test_fused_scan_matches_lax_scan(x64):
     carry, xs, consts = toy_inputs(dtype=jnp.float64)
-    fused = functools.partial(fs.fused_scan, toy_step, interpret=True, backward=backward,
-                              unroll=2)  # fmt: skip
+    fused = functools.partial(fs.fused_scan, toy_step, interpret=True, unroll=2)
     g_got, g_want = outputs_match_lax(toy_step, fused, carry, xs, consts)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         assert rel_err(a, b) < 1e-12
@@ -95,7 +93,7 @@ def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
         new, y = jax.vmap(toy_step)(c, x, k)
         return new, jax.tree.map(lambda a: 2 * a, y)
 
-    same = functools.partial(fs.fused_scan, toy_step, interpret=True, backward="xla")
+    same = functools.partial(fs.fused_scan, toy_step, interpret=True)
     other = functools.partial(same, xla_step=doubled)
     for a, b in zip(jax.tree.leaves(other(carry, xs, consts)),
                     jax.tree.leaves(same(carry, xs, consts)), strict=True):  # fmt: skip
@@ -123,8 +121,7 @@ def test_fused_scan_xla_backward_differentiates_the_given_xla_step(x64):
     for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_want), strict=True):
         assert rel_err(a, b) < 1e-12
     with pytest.raises(ValueError, match="needs the xla_step"):
-        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="xla",
-                      xla_layout=(pack, unpack))  # fmt: skip
+        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, xla_layout=(pack, unpack))
 
 
 def cutting_step(c, x, k):
@@ -149,16 +146,11 @@ def _swapped_step(c, x, k):
 
 
 @pytest.mark.parametrize(
-    "t,window,backward,forward,batched",
-    [(9, 3, "xla", "kernel", False), (7, 3, "xla", "kernel", False),
-     (7, 2, "kernel", "kernel", False), (8, 4, "kernel", "kernel", False),
-     (7, 2, "xla", "xla", False), (7, 3, "xla", "xla", True)],
-    ids=["xla_whole_windows", "xla_tail_step", "kernel_tail_step", "kernel_whole_windows",
-         "no_kernel_tail_step", "no_kernel_batched_step"],
+    "t,window,forward,batched",
+    [(9, 3, "kernel", False), (7, 3, "kernel", False), (7, 2, "xla", False), (7, 3, "xla", True)],
+    ids=["whole_windows", "tail_step", "no_kernel_tail_step", "no_kernel_batched_step"],
 )  # fmt: skip
-def test_fused_scan_gradient_windows_match_the_sequential_walk(
-    x64, t, window, backward, forward, batched
-):
+def test_fused_scan_gradient_windows_match_the_sequential_walk(x64, t, window, forward, batched):
     # Cuts at every multiple of the window and one more inside a window (step 1 of instance
     # 1): the windows' side-by-side walk must give lax.scan's autodiff gradient exactly, also
     # through a caller's batched step in its own carry layout (forward and backward).
@@ -167,8 +159,8 @@ def test_fused_scan_gradient_windows_match_the_sequential_walk(
     xs["cut"] = jnp.broadcast_to(cut, (3, t)).at[1, 1].set(True).astype(jnp.float64)
     consts["w0"] = carry["w"] * 0.5 + 0.1
     kw = {"xla_step": _swapped_step, "xla_layout": (_swapped, _swapped)} if batched else {}
-    fused = functools.partial(fs.fused_scan, cutting_step, interpret=True, backward=backward,
-                              unroll=2, window=window, forward=forward, **kw)  # fmt: skip
+    fused = functools.partial(fs.fused_scan, cutting_step, interpret=True, unroll=2,
+                              window=window, forward=forward, **kw)  # fmt: skip
     g_got, g_want = outputs_match_lax(cutting_step, fused, carry, xs, consts)
     for g in (g_got, g_want):
         g[1].pop("cut")  # zero: the mask only selects
@@ -177,30 +169,20 @@ def test_fused_scan_gradient_windows_match_the_sequential_walk(
     assert float(jnp.abs(g_got[2]["w0"]).max()) > 0  # the anchor learns through the cuts
     # The windows really run side by side: the walk is `window` steps long, over N x W.
     jaxpr = str(jax.make_jaxpr(jax.grad(toy_loss(fused)))(carry, xs, consts))
-    kernels = 0 if forward == "xla" else 1 + (backward == "kernel") * (1 + (t % window > 0))
-    assert jaxpr.count("pallas_call") == kernels  # the forward, the windows' and the tail's walks
-    if backward == "xla":
-        walks = re.findall(r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)
-        assert {int(n) for n in walks} == {window, t % window} - {0}, walks  # windows, tail
-    else:
-        assert f"grid=({3 * (t // window)},)" in jaxpr.replace(" ", "")
+    assert jaxpr.count("pallas_call") == (0 if forward == "xla" else 1)  # the forward
+    walks = re.findall(r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)
+    assert {int(n) for n in walks} == {window, t % window} - {0}, walks  # windows, tail
 
 
 def test_fused_scan_rejects_bad_inputs():
     carry, xs, consts = toy_inputs()
-    with pytest.raises(ValueError, match="unknown backward"):
-        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, backward="cuda")
-    with pytest.raises(ValueError, match="only used with backward='xla'"):
-        fs.fused_scan(toy_step, carry, xs, consts, interpret=True, xla_step=toy_step)
     with pytest.raises(ValueError, match="power-of-two"):
         fs.fused_scan(toy_step, *toy_inputs(d=12), interpret=False)
     carry, xs, consts = toy_inputs()
     with pytest.raises(ValueError, match="leading axis"):
         fs.fused_scan(toy_step, carry, xs, {"a": consts["a"][:2]}, interpret=True)
     with pytest.raises(ValueError, match="unknown forward"):
-        fs.fused_scan(toy_step, carry, xs, consts, backward="xla", forward="cuda")
-    with pytest.raises(ValueError, match="needs backward='xla'"):
-        fs.fused_scan(toy_step, carry, xs, consts, forward="xla")
+        fs.fused_scan(toy_step, carry, xs, consts, forward="cuda")
     with pytest.raises(ValueError, match="window must be an int"):
         fs.fused_scan(toy_step, carry, xs, consts, interpret=True, window=-1)
     with pytest.raises(TypeError, match="floating"):
@@ -209,7 +191,7 @@ def test_fused_scan_rejects_bad_inputs():
 
 def _pallas_heads(spec, init, static, u, q, beta, heads=None):
     """One head's arrays from `make` as `run_heads` inputs with batch 1 and heads 1."""
-    spec = dataclasses.replace(spec, kernel="pallas")
+    spec = dataclasses.replace(spec, kernel="pallas_forward")
     add = lambda a: a[None]  # noqa: E731
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
     y, new = jax.jit(functools.partial(sm.run_heads, spec))(
@@ -245,14 +227,13 @@ def _heads_inputs(spec, b, s):
 _XLA_HEADS: dict = {}
 
 
-# The fused forward (shared by all three) without and with documents; each kernel with the
-# presets' stable inner loop and documents, the case with the most branches.
+# The fused forward (shared by both) without and with documents; M_memory fused as well with
+# the presets' stable inner loop and documents, the case with the most branches.
 @pytest.mark.parametrize(
     "fused,with_resets,stable",
     [
         ("pallas_forward", False, False),
         ("pallas_forward", True, False),
-        ("pallas", True, True),
         ("pallas_forward_all", True, True),
     ],
     ids=lambda v: str(v),
@@ -283,9 +264,8 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, sta
         _XLA_HEADS[key] = jax.jit(run("xla", True))(*args)[1], grad("xla")(*args)
     st_x, g_x = _XLA_HEADS[key]
     traced = jax.jit(run(fused, True)).trace(*args)  # traced once: inspected, then compiled
-    if fused != "pallas":  # one fused forward kernel per fused scan (else: XLA vs XLA below)
-        calls = str(traced.jaxpr).count("pallas_call")
-        assert calls == (2 if fused == "pallas_forward_all" else 1), calls
+    calls = str(traced.jaxpr).count("pallas_call")  # one fused forward kernel per fused scan
+    assert calls == (2 if fused == "pallas_forward_all" else 1), calls
     _, st_p = traced.lower().compile()(*args)
     for a, c in zip(jax.tree.leaves(st_p), jax.tree.leaves(st_x), strict=True):
         assert rel_err(a, c) < 1e-10
@@ -297,7 +277,7 @@ def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, sta
 _WALK_GRADIENT: dict = {}
 
 
-@pytest.mark.parametrize("kernel", ["xla", "pallas_forward", "pallas"])
+@pytest.mark.parametrize("kernel", ["xla", "pallas_forward"])
 def test_hope_parallel_windows_give_the_walks_gradient(x64, kernel):
     """`parallel_windows` walks Hope's cut windows side by side in the backward, for the
     projection memories (`fused_scan(window=)`) and M_memory (`run_level_fused(window=)`), with
@@ -326,16 +306,15 @@ def test_hope_parallel_windows_give_the_walks_gradient(x64, kernel):
     jaxpr = str(traced.jaxpr)
     walks = {int(n) for n in re.findall(
         r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)}  # fmt: skip
-    assert 2 in walks and 9 not in walks, (kernel, walks)
-    if kernel == "pallas":  # the projection windows are kernel programs: 2 instances x 2
-        assert "grid=(4,)" in jaxpr.replace(" ", "")
-    else:
-        assert 4 in walks, (kernel, walks)
+    assert 2 in walks and 4 in walks and 9 not in walks, (kernel, walks)
 
 
 def test_pallas_kernel_needs_a_known_name():
     with pytest.raises(ValueError, match="memory.kernel"):
         dataclasses.replace(SPEC, kernel="cuda")
+    # A config that still names "pallas" gets the same one-line error, naming the valid values.
+    with pytest.raises(ValueError, match=r"^unknown memory.kernel 'pallas'; allowed: \(.*\)$"):
+        dataclasses.replace(SPEC, kernel="pallas")
 
 
 def test_auto_kernel_is_the_fused_forward_on_one_gpu_only(monkeypatch):
@@ -376,19 +355,18 @@ def _projection_inputs(spec, n=2, t=2, resets=False, cuts=False):
                                                 (False, True, False), (True, False, True)],
                          ids=["plain", "resets", "cuts", "stable"])  # fmt: skip
 def test_projection_step_lowers_to_triton_for_cuda(resets, cuts, stable):
-    """Hope 340M's head shape (64 x 64 memories, C_other 16), forward and backward kernels,
-    with documents or gradient cuts (their initial states as consts), and with the stable
-    inner loop (the memory-wide step's output tap normalised over the chunk, the averaged
+    """Hope 340M's head shape (64 x 64 memories, C_other 16), the forward kernel and its XLA
+    backward, with documents or gradient cuts (their initial states as consts), and with the
+    stable inner loop (the memory-wide step's output tap normalised over the chunk, the averaged
     momentum)."""
     spec = changed(sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16),
                    normalize_memory=stable, momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
                              *_projection_inputs(spec, resets=resets, cuts=cuts))  # fmt: skip
-    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+    assert text.count("__gpu$xla.gpu.triton") == 1  # the forward kernel; the backward is XLA
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
-def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas", documents: bool = False):
+def _compiled_kernel_matches_xla(fused: str, documents: bool = False):
     """The compiled kernel at Hope 340M's head shape against the XLA path (both float32/TF32).
 
     With `documents` the kernel also holds the initial states (consts) to reset to: loaded once
@@ -426,26 +404,26 @@ def test_compiled_kernel_matches_xla_on_gpu(fused: str = "pallas", documents: bo
 def test_compiled_forward_kernel_matches_xla_on_gpu():
     """`pallas_forward` (the default on one GPU): the compiled forward kernel and the XLA
     backward over its saved carries, against the XLA path."""
-    test_compiled_kernel_matches_xla_on_gpu("pallas_forward")
+    _compiled_kernel_matches_xla("pallas_forward")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
 def test_compiled_forward_kernel_with_documents_matches_xla_on_gpu():
     """`pallas_forward` with document resets, as every trainer step runs it."""
-    test_compiled_kernel_matches_xla_on_gpu("pallas_forward", documents=True)
+    _compiled_kernel_matches_xla("pallas_forward", documents=True)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
 def test_compiled_forward_kernels_with_main_memory_match_xla_on_gpu():
     """`pallas_forward_all`: M_memory's chunk scan (C 64, explicit inverse) fused as well."""
-    test_compiled_kernel_matches_xla_on_gpu("pallas_forward_all")
+    _compiled_kernel_matches_xla("pallas_forward_all")
 
 
 def test_pallas_heads_with_document_resets_match_token_reference(x64):
     init, static, u, q, beta = make(SPEC, 3, seq=11)
     resets = np.zeros(11, bool)
     resets[[0, 3, 6, 7]] = True  # one inside a chunk, one at a chunk start, two in a row
-    spec = dataclasses.replace(SPEC, kernel="pallas")
+    spec = dataclasses.replace(SPEC, kernel="pallas_forward")
     add = lambda a: a[None]  # noqa: E731
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
     y, _ = jax.jit(functools.partial(sm.run_heads, spec))(

@@ -111,13 +111,13 @@ def test_other_compile_errors_are_not_taken_for_shared_memory():
 
 
 def test_a_triton_kernel_xla_cannot_compile_is_refused_like_shared_memory(capsys):
-    # What XLA raises for memory.kernel='pallas' at hope_340m's shape (jax 0.10.2, for an H200).
+    # What XLA raises for a Triton kernel it cannot compile (jax 0.10.2, for an H200).
     build = refusing_all_but_xla("INTERNAL: Failed to compile Triton kernel. Context: []")
     model = _preset("hope_tiny").model
     assert kernel_fit.build_or_fall_back(model, build, "step") == ("xla", True)
     assert "does not compile for this GPU (INTERNAL: Failed" in capsys.readouterr().out
-    model.memory.kernel = "pallas"
-    with pytest.raises(config_lib.ConfigError, match=r"memory.kernel='pallas'.*not compile"):
+    model.memory.kernel = "pallas_forward"
+    with pytest.raises(config_lib.ConfigError, match=r"kernel='pallas_forward'.*not compile"):
         kernel_fit.build_or_fall_back(model, build, "step")
 
 

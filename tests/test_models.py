@@ -244,7 +244,7 @@ def test_tiny_model_fits_real_text(family, shakespeare_path):
 
 
 def _override(preset: str, overrides: dict) -> ml_collections.ConfigDict:
-    """The preset's model config with dotted-key overrides (`{"memory.kernel": "pallas"}`)."""
+    """The preset's model config with dotted-key overrides (`{"memory.kernel": "xla"}`)."""
     cfg = lm.get_config(preset).model
     for key, value in overrides.items():
         *path, last = key.split(".")
@@ -256,9 +256,10 @@ def _override(preset: str, overrides: dict) -> ml_collections.ConfigDict:
 
 
 # (preset, overrides, the error it must raise, naming the field): a switch a mixer lacks must
-# not be silently ignored (only Hope fuses M_memory, Titans has the fused forward and backward
-# kernels, Transformer++ neither); Titans-only steps elsewhere are errors; XLA options are
-# checked by compiling with them, so a misspelt name fails before setup.
+# not be silently ignored (only Hope fuses M_memory, Titans has the fused forward kernel,
+# Transformer++ neither); a kernel no mixer has names the valid ones; Titans-only steps
+# elsewhere are errors; XLA options are checked by compiling with them, so a misspelt name
+# fails before setup.
 REJECTED = [
     ("hope_tiny", {"cms.chunk_sizes": (0, 128)}, r"cms.chunk_sizes.*seq_len 64"),
     ("titans_lmm_tiny", {"memory.chunk_size": 0}, "memory.chunk_size = 0"),
@@ -267,6 +268,11 @@ REJECTED = [
      r"memory.kernel = 'pallas_forward_all'.*titans_mac"),
     ("transformer_tiny", {"memory.kernel": "pallas_forward"},
      r"memory.kernel = 'pallas_forward'.*'attention'"),
+    ("hope_tiny", {"memory.kernel": "pallas"},
+     r"^model.memory.kernel = 'pallas': the 'self_modifying_titans' mixer does not have it "
+     r"\(allowed: \('auto', 'xla', 'pallas_forward', 'pallas_forward_all', 'walk'\)\)$"),
+    ("titans_mac_tiny", {"memory.kernel": "pallas"},
+     r"^model.memory.kernel = 'pallas': .*\(allowed: \('auto', 'xla', 'pallas_forward'\)\)$"),
     ("titans_lmm_tiny", {"memory.remat_layer": True}, r"memory.remat_layer = True.*titans_lmm"),
     ("hope_tiny", {"memory.titans_normalize_v": True},
      r"titans_normalize_v = True.*'self_modifying_titans'"),
@@ -304,8 +310,7 @@ REJECTED = [
 ACCEPTED = [
     ("hope_tiny", {}),
     ("titans_mac_tiny", {"memory.kernel": "pallas_forward"}),
-    ("titans_mac_tiny", {"memory.kernel": "pallas"}),
-    ("hope_tiny", {"memory.kernel": "pallas", "memory.remat_layer": True}),
+    ("hope_tiny", {"memory.kernel": "pallas_forward_all", "memory.remat_layer": True}),
     ("titans_mag_tiny", {"memory.rule.normalize_lr": True, "memory.rule.normalize_chunk": False}),
     ("hope_tiny", {"memory.rule.dgd": False, "memory.rule.normalize_lr": False}),
     ("titans_lmm_tiny", {"memory.backprop_chunks": 4}),

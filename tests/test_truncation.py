@@ -134,10 +134,9 @@ def test_misshaped_cuts_are_rejected():
                   eta=x["eta"], cuts=jnp.zeros(SEQ + 1, bool))  # fmt: skip
 
 
-@pytest.mark.parametrize("backward, with_resets", [("xla", True), ("kernel", False)])
-def test_fused_level_with_cuts_matches_run_level(x64, backward, with_resets):
-    """The fused kernel (Pallas interpreter) takes the cuts as the chunk scan does: values and
-    outer gradients, through both backwards."""
+def test_fused_level_with_cuts_matches_run_level(x64):
+    """The fused kernel (Pallas interpreter) takes the cuts as the chunk scan does, with
+    documents: values and outer gradients."""
     level = Level(ResidualMLPMemory(4, 8), objectives.l2, RULES["titans"], CHUNK)
     n = 2
     one = level.memory.init(jax.random.PRNGKey(6), jnp.float64)
@@ -145,20 +144,16 @@ def test_fused_level_with_cuts_matches_run_level(x64, backward, with_resets):
     state = jax.vmap(level.rule.init)(params)
     inp = make_inputs(7, n)
     cuts = jnp.broadcast_to(gradient_cuts(SEQ, CHUNK, 2), (n, SEQ))
-    resets = (
-        jnp.zeros((n, SEQ), bool).at[1, jnp.array([0, 5, 9])].set(True) if with_resets else None
-    )
+    resets = jnp.zeros((n, SEQ), bool).at[1, jnp.array([0, 5, 9])].set(True)
 
     def fused(p, x):
-        out, (w, _) = fused_level.run_level_fused(level, p, state, **x, resets=resets, cuts=cuts,
-                                                  backward=backward)  # fmt: skip
+        out, (w, _) = fused_level.run_level_fused(level, p, state, **x, resets=resets, cuts=cuts)
         return weighted(out, w)
 
     def scan(p, x):
         def one_instance(p, st, x, r, c):
-            extra = {} if r is None else {"resets": r}
             return run_level(level, p, st, x["keys"], x["values"], x["queries"], eta=x["eta"],
-                             alpha=x["alpha"], beta=x["beta"], cuts=c, path="fast", **extra)  # fmt: skip
+                             alpha=x["alpha"], beta=x["beta"], resets=r, cuts=c, path="fast")  # fmt: skip
 
         out, (w, _) = jax.vmap(one_instance)(p, state, x, resets, cuts)
         return weighted(out, w)
@@ -172,8 +167,8 @@ def test_fused_level_with_cuts_matches_run_level(x64, backward, with_resets):
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
 def test_cut_chunk_step_lowers_to_triton_for_cuda():
-    """The cut (a `where` on the carry with `stop_gradient`) lowers in the Triton forward and in
-    the reverse-walk kernel."""
+    """The cut (a `where` on the carry with `stop_gradient`) lowers in the Triton forward, its
+    gradient as XLA ops."""
     level = Level(ResidualMLPMemory(64, 64), objectives.l2, RULES["titans"], 16)
     one = level.memory.init(jax.random.PRNGKey(0), jnp.float32)
     params = jax.tree.map(lambda a: jnp.stack([a, a]), one)
@@ -184,4 +179,4 @@ def test_cut_chunk_step_lowers_to_triton_for_cuda():
           "cuts": jnp.zeros((2, 2, 16)).at[:, 1, 0].set(1.0)}  # fmt: skip
     step = functools.partial(fused_level._step, level)
     text = fs.check_lowering(step, (params, state), xs, {"init": params}, grad=True)
-    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("__gpu$xla.gpu.triton") == 1

@@ -60,8 +60,8 @@ class Kernels(NamedTuple):
 def _cumsum(x: jax.Array) -> jax.Array:
     """Inclusive cumulative sum of `x: [C]` as a masked row sum (no scan primitive).
 
-    The fused Pallas kernels differentiate this code in-kernel, and Triton lowers neither a
-    reverse cumsum (the transpose of cumsum) nor slices; for C <= 64 the C x C sum is free.
+    The fused Pallas forward kernel runs this code, and Triton lowers no slices; for C <= 64
+    the C x C sum is free.
     """
     c = x.shape[0]
     lower = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
@@ -132,8 +132,8 @@ def kernels(alpha: jax.Array, beta: jax.Array | None, resets: jax.Array | None =
     document resets `resets: bool[C]` (or None)."""
     same = start = fresh = None
     if resets is not None:
-        # Segment ids, segment starts and the fresh mask as masked C x C reductions (no cumsum,
-        # cummax or gather, which the fused Triton kernels cannot differentiate or lower).
+        # Segment ids, segment starts and the fresh mask as masked C x C reductions (no cummax
+        # or gather, which the fused Triton kernel cannot lower).
         seg = segment_index(resets)
         same = seg[:, None] == seg[None, :]
         idx = jnp.arange(resets.shape[0])

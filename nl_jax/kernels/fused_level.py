@@ -2,7 +2,7 @@
 
 The full chunks of every instance (one sequence and head) run as one `fused_scan` kernel
 program over `core.level.chunk_step`; the gradient runs as XLA ops over the chunk-start carries
-the kernel saves (`fused_scan(backward="xla")`), the form that ran Hope's projection memories
+the kernel saves (`fused_scan`'s backward), the form that ran Hope's projection memories
 13% faster on an H200 (`memory.kernel="pallas_forward"`, BENCHMARKS.md). A trailing partial
 chunk runs through `run_level` itself. The reference is `jax.vmap(run_level)` with the fast
 path, which this matches (tests/test_fused_level.py).
@@ -41,8 +41,7 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
                     values: jax.Array, queries: jax.Array, *, eta: jax.Array, alpha: jax.Array,
                     beta: jax.Array, resets: jax.Array | None = None,
                     reset_params: Params | None = None, cuts: jax.Array | None = None,
-                    unroll: int = 1, window: int = 0,
-                    backward: str = "xla", forward: str = "kernel", num_warps: int = 8,
+                    unroll: int = 1, window: int = 0, forward: str = "kernel", num_warps: int = 8,
                     interpret: bool | None = None) -> tuple[jax.Array, tuple[Params, Any]]:  # fmt: skip
     """`jax.vmap(run_level)` (path `fast`) over N instances, full chunks in one fused kernel.
 
@@ -56,10 +55,8 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
         (`gradient_cuts` with an offset that is a multiple of K chunks puts them there
         already), and the backward walks these windows of K chunks side by side
         (`fused_scan(window=K)`): K sequential chunk steps instead of seq / C.
-      backward: `"xla"` (XLA ops over the kernel's saved chunk-start carries) or `"kernel"`
-        (`fused_scan`'s reverse-walk kernel: the step's `jax.vjp` inside one Triton program).
       forward: `"kernel"`, or `"xla"`: no Pallas at all (a vmapped `lax.scan`), for the
-        windowed backward on any backend; needs `backward="xla"`.
+        windowed backward on any backend.
       num_warps: warps per kernel program (`memory.kernel_warps`).
       interpret: run the kernel in Pallas' interpreter (default: on CPU).
     Returns:
@@ -103,8 +100,8 @@ def run_level_fused(level: Level, params: Params, state: Any, keys: jax.Array,
     if n_full:
         full = jax.tree.map(lambda a: a[:, : n_full * c].reshape((n, n_full, c) + a.shape[2:]), xs)
         carry, out = fused_scan(functools.partial(_step, level), carry, full, consts,
-                                interpret=interpret, backward=backward, unroll=unroll,
-                                num_warps=num_warps, window=window, forward=forward)  # fmt: skip
+                                interpret=interpret, unroll=unroll, num_warps=num_warps,
+                                window=window, forward=forward)  # fmt: skip
         outs.append(out.reshape((n, n_full * c) + out.shape[3:]))
     if seq > n_full * c:
         tail = jax.tree.map(lambda a: a[:, n_full * c :], xs)

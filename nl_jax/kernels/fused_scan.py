@@ -1,21 +1,22 @@
-"""A whole `lax.scan` in one Pallas (Triton) kernel per instance, forward and backward.
+"""A whole `lax.scan`'s forward in one Pallas (Triton) kernel per instance.
 
 XLA runs a chunk scan as a loop of small kernels: for Hope's projection memories that is ~290
 launches per chunk step, each passing over its arrays in HBM. `fused_scan` runs the same `step`
 for all chunks of one instance (one sequence and head) inside a single kernel program; the grid
 covers the instances.
 
-The backward pass is a second kernel that walks the chunks in reverse: it reloads the carry saved
-before each step, re-traces `step` and applies its `jax.vjp` in the kernel, so no backward is
-written by hand and the kernel always differentiates the same function that runs forward. With
-`backward="xla"` the same reverse walk runs as a `lax.scan` of XLA ops over the saved carries
-instead (`xla_step`: the step batched over instances, possibly batched differently).
+The backward pass walks the chunks in reverse as a `lax.scan` of XLA ops: at the carry the
+kernel saved before each step it applies `jax.vjp` of the step batched over instances
+(`xla_step`, possibly batched differently), so no backward is written by hand and the gradient
+always differentiates the same function that runs forward. XLA ops rather than a second
+Triton kernel: the step's `jax.vjp` inside a kernel measures no faster on an H200 and fails to
+compile with Hope's document resets.
 
 `step` sees one instance and must use only ops the Triton lowering supports: 2-D matmuls (both
 sides at least 16), elementwise math, reductions, `where`, iota masks; no slicing, gathers,
-`cumsum` (its transpose is a reverse cumsum), batched matmuls or scans. Every array it loads or
-stores must have a power-of-two size. `check_lowering` verifies that on any host (it lowers for
-CUDA without a GPU); `interpret=True` runs the same kernels on CPU for tests.
+`cumsum`, batched matmuls or scans. Every array it loads or stores must have a power-of-two
+size. `check_lowering` verifies that on any host (it lowers for CUDA without a GPU);
+`interpret=True` runs the same kernel on CPU for tests.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
 from nl_jax.core import target  # noqa: E402 (after the optional Pallas import)
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
-# How the gradient runs: the reverse-walk kernel, or XLA ops over the kernel's saved carries.
-BACKWARDS = ("kernel", "xla")
 # How the forward runs: the kernel, or a `lax.scan` of XLA ops (for the windowed backward on
 # any backend: TPU, CPU, several GPUs).
 FORWARDS = ("kernel", "xla")
@@ -49,7 +48,6 @@ class _Plan(NamedTuple):
     """`fused_scan`'s static choices, passed whole to the custom VJP."""
 
     forward: str
-    backward: str
     xla_step: Step | None
     layout: Layout | None
     unroll: int
@@ -83,15 +81,9 @@ def _check_sizes(name: str, leaves: list[jax.ShapeDtypeStruct], skip: int) -> No
             )
 
 
-def _shared_block(shape: tuple[int, ...], per: int) -> pl.BlockSpec:
-    """Instance `i // per`'s slab: one instance's array read by `per` consecutive programs."""
-    return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i: (i // per,) + (0,) * (len(shape) - 1))
-
-
-def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_warps: int,
-          shared: frozenset = frozenset(), per: int = 1):  # fmt: skip
+def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_warps: int):
     """One program per instance (grid: the first arg's leading axis), each seeing its whole
-    slab of every array; the args at the indices in `shared` are read as `_shared_block`s."""
+    slab of every array."""
     params = None
     if not interpret and pl_triton is not None:
         params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
@@ -99,10 +91,7 @@ def _call(kernel, args: list, out_shape: list, name: str, interpret: bool, num_w
         kernel,
         out_shape=out_shape,
         grid=(args[0].shape[0],),
-        in_specs=[
-            _shared_block(a.shape, per) if j in shared else _block(a.shape)
-            for j, a in enumerate(args)
-        ],
+        in_specs=[_block(a.shape) for a in args],
         out_specs=[_block(o.shape) for o in out_shape],
         interpret=interpret,
         compiler_params=params,
@@ -206,68 +195,6 @@ def _forward_xla_batched(xla_step: Step, layout: Layout | None, carry, xs, const
     return unpack(final, 1), ys, jax.tree.leaves(saved)
 
 
-def _backward(step: Step, saved, xs, consts, d_final, d_ys, interpret: bool, num_warps: int,
-              per: int = 1):  # fmt: skip
-    """Reverse walk: cotangents of the initial carry, of `xs` and of `consts`.
-
-    With `per` > 1 the programs are gradient windows, `per` per instance of `consts`: each
-    program reads its instance's consts and returns its own (float32) const cotangent.
-    """
-    x_leaves, x_tree = jax.tree.flatten(xs)
-    k_leaves, k_tree = jax.tree.flatten(consts)
-    dc_leaves, c_tree = jax.tree.flatten(d_final)
-    dy_leaves, y_tree = jax.tree.flatten(d_ys)
-    n, t = x_leaves[0].shape[:2]
-    nc, nx, nk, ny = len(saved), len(x_leaves), len(k_leaves), len(dy_leaves)
-
-    def kernel(*refs):
-        s_in, x_in = refs[:nc], refs[nc : nc + nx]
-        k_in = refs[nc + nx : nc + nx + nk]
-        dc_in = refs[nc + nx + nk : 2 * nc + nx + nk]
-        dy_in = refs[2 * nc + nx + nk : 2 * nc + nx + nk + ny]
-        outs = refs[2 * nc + nx + nk + ny :]
-        dc_out, dx_out, dk_out = outs[:nc], outs[nc : nc + nx], outs[nc + nx :]
-        k = jax.tree.unflatten(k_tree, [r[...] for r in k_in])
-
-        def body(j, acc):
-            dc, dk = acc
-            i = t - 1 - j
-            c = jax.tree.unflatten(c_tree, [r[i] for r in s_in])
-            x = jax.tree.unflatten(x_tree, [r[i] for r in x_in])
-            _, vjp = jax.vjp(step, c, x, k)
-            dy = jax.tree.unflatten(y_tree, [r[i] for r in dy_in])
-            dc_prev, dx, dk_i = vjp((jax.tree.unflatten(c_tree, list(dc)), dy))
-            for ref, v in zip(dx_out, jax.tree.leaves(dx), strict=True):
-                ref[i] = v.astype(ref.dtype)
-            dk = tuple(
-                a + b.astype(a.dtype) for a, b in zip(dk, jax.tree.leaves(dk_i), strict=True)
-            )
-            dc_prev = [v.astype(a.dtype) for v, a in zip(jax.tree.leaves(dc_prev), dc, strict=True)]
-            return tuple(dc_prev), dk
-
-        # Const gradients sum over all steps: at least float32 whatever the consts' dtype.
-        zeros = tuple(jnp.zeros(r.shape, jnp.promote_types(r.dtype, jnp.float32)) for r in k_in)
-        dc, dk = jax.lax.fori_loop(0, t, body, (tuple(r[...] for r in dc_in), zeros))
-        for ref, v in zip(dc_out, dc, strict=True):
-            ref[...] = v.astype(ref.dtype)
-        for ref, v in zip(dk_out, dk, strict=True):
-            ref[...] = v.astype(ref.dtype)
-
-    out_shape = [_spec(a) for a in dc_leaves] + [_spec(a) for a in x_leaves]
-    if per == 1:
-        out_shape += [_spec(a) for a in k_leaves]
-    else:
-        f32 = lambda a: jnp.promote_types(a.dtype, jnp.float32)  # noqa: E731
-        out_shape += [jax.ShapeDtypeStruct((n,) + a.shape[1:], f32(a)) for a in k_leaves]
-    args = [*saved, *x_leaves, *k_leaves, *dc_leaves, *dy_leaves]
-    shared = frozenset(range(nc + nx, nc + nx + nk)) if per > 1 else frozenset()
-    outs = _call(kernel, args, out_shape, "fused_scan_bwd", interpret, num_warps, shared, per)
-    d_carry = jax.tree.unflatten(c_tree, outs[:nc])
-    d_xs = jax.tree.unflatten(x_tree, outs[nc : nc + nx])
-    d_consts = jax.tree.unflatten(k_tree, outs[nc + nx :])
-    return d_carry, d_xs, d_consts
-
-
 def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_final, d_ys,
                   unroll: int, time_axis: int = 1):  # fmt: skip
     """The reverse walk as XLA ops: a reverse `lax.scan` of `jax.vjp(xla_step)` over the steps,
@@ -313,7 +240,6 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
 
     `how`: the `_Plan`.
     """
-    backward, unroll, interpret, num_warps = how.backward, how.unroll, how.interpret, how.num_warps
     n, t = jax.tree.leaves(xs)[0].shape[:2]
     w = t // window
     head = w * window
@@ -332,25 +258,15 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
         lambda d: jnp.concatenate([jnp.zeros((n, w - 1) + d.shape[1:], d.dtype), d[:, None]], 1),
         d_last,
     )
-    if backward == "xla":
-        # N instances of W windows; consts are per instance. A caller's batched step takes
-        # the N instances of one window, so the windows are mapped around it.
-        if how.xla_step is None:
-            win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
-        else:
-            win_step = jax.vmap(how.xla_step, in_axes=(1, 1, None), out_axes=1)
-        d_w, d_xs, d_k = _backward_xla(win_step, how.layout, saved_w, xs_w, consts, d_start,
-                                       d_ys_w, unroll, time_axis=2)  # fmt: skip
-        d_carry = jax.tree.map(lambda a: a[:, 0], d_w)
+    # N instances of W windows; consts are per instance. A caller's batched step takes the N
+    # instances of one window, so the windows are mapped around it.
+    if how.xla_step is None:
+        win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
     else:
-        flat = lambda a: a.reshape((n * w,) + a.shape[2:])  # noqa: E731
-        d_w, d_xs, d_k = _backward(step, [flat(a) for a in saved_w], jax.tree.map(flat, xs_w),
-                                   consts, jax.tree.map(flat, d_start),
-                                   jax.tree.map(flat, d_ys_w), interpret, num_warps, per=w)  # fmt: skip
-        unflat = lambda a: a.reshape((n, w) + a.shape[1:])  # noqa: E731
-        d_carry = jax.tree.map(lambda a: unflat(a)[:, 0], d_w)
-        d_xs = jax.tree.map(unflat, d_xs)
-        d_k = jax.tree.map(lambda d, a: unflat(d).sum(1).astype(a.dtype), d_k, consts)
+        win_step = jax.vmap(how.xla_step, in_axes=(1, 1, None), out_axes=1)
+    d_w, d_xs, d_k = _backward_xla(win_step, how.layout, saved_w, xs_w, consts, d_start,
+                                   d_ys_w, how.unroll, time_axis=2)  # fmt: skip
+    d_carry = jax.tree.map(lambda a: a[:, 0], d_w)
     d_xs = jax.tree.map(lambda a: a.reshape((n, head) + a.shape[3:]), d_xs)
     if d_xs_tail is not None:
         d_xs = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), d_xs, d_xs_tail)
@@ -359,11 +275,9 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
 
 
 def _backward_seq(step: Step, how: _Plan, saved, xs, consts, d_final, d_ys):
-    """The plain reverse walk over all steps, by the kernel or by XLA (`how`: the `_Plan`)."""
-    if how.backward == "xla":
-        xla_step = jax.vmap(step) if how.xla_step is None else how.xla_step
-        return _backward_xla(xla_step, how.layout, saved, xs, consts, d_final, d_ys, how.unroll)
-    return _backward(step, saved, xs, consts, d_final, d_ys, how.interpret, how.num_warps)
+    """The plain reverse walk over all steps (`how`: the `_Plan`)."""
+    xla_step = jax.vmap(step) if how.xla_step is None else how.xla_step
+    return _backward_xla(xla_step, how.layout, saved, xs, consts, d_final, d_ys, how.unroll)
 
 
 def _run_forward(step: Step, carry, xs, consts, save: bool, how: _Plan):
@@ -398,7 +312,7 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
-               num_warps: int = 8, backward: str = "kernel", xla_step: Step | None = None,
+               num_warps: int = 8, xla_step: Step | None = None,
                xla_layout: Layout | None = None, unroll: int = 1, window: int = 0,
                forward: str = "kernel") -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
@@ -408,21 +322,18 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         the ops it may use); consts are read-only per-instance inputs (they get gradients too).
       carry: pytree of float arrays `[N, ...]`; xs: pytree of float arrays `[N, T, ...]`;
         consts: pytree of float arrays `[N, ...]`.
-      interpret: run the kernels in Pallas' interpreter (CPU tests).
+      interpret: run the kernel in Pallas' interpreter (CPU tests).
       num_warps: warps per program (8 measured fastest for Hope's projection scan on an H200;
         a carry kept in a global buffer instead of registers measured slower, commit 6f9bb8d).
-      backward: `"kernel"` (the reverse-walk kernel) or `"xla"`: a reverse `lax.scan` of XLA
-        ops applying `jax.vjp(xla_step)` at each saved carry (no Triton compile of the vjp,
-        which took 277 s at Hope 340M's shape; on an H200 the XLA backward also ran faster).
-      xla_step: with `backward="xla"`, the step batched over the N instances
-        (`[N, ...]` carry, x and consts; default `jax.vmap(step)`). It must compute the same
+      xla_step: the step batched over the N instances for the backward (and `forward="xla"`):
+        `[N, ...]` carry, x and consts; default `jax.vmap(step)`. It must compute the same
         function as `step`: a caller may batch it differently (Hope stacks its memories).
-      xla_layout: `(pack, unpack)` for `backward="xla"`: `pack(carry, lead)` rearranges a carry
-        whose leaves have `lead` leading axes (N, N and T, or with gradient windows N and W, or
-        N, W and K) into the layout `xla_step` takes
-        and returns, `unpack(packed, lead)` undoes it; the saved carries are packed once
-        instead of on every step. Default: `xla_step` takes `step`'s carry layout.
-      unroll: steps per loop iteration of the XLA backward.
+      xla_layout: `(pack, unpack)`: `pack(carry, lead)` rearranges a carry whose leaves have
+        `lead` leading axes (N, N and T, or with gradient windows N and W, or N, W and K) into
+        the layout `xla_step` takes and returns, `unpack(packed, lead)` undoes it; the saved
+        carries are packed once instead of on every step. Default: `xla_step` takes `step`'s
+        carry layout.
+      unroll: steps per loop iteration of the backward (and of `forward="xla"`).
       window: K > 0 promises that `step` cuts the carry's gradient at every step whose index
         is a positive multiple of K: its vjp there returns a zero carry cotangent, as
         `core.truncation.cut_carry` does. The windows of K steps are then independent in the
@@ -430,7 +341,7 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         promise gives wrong gradients: callers derive both from one setting (`run_level_fused`).
       forward: `"kernel"` or `"xla"`: the forward as a `lax.scan` of XLA ops (of `xla_step`
         where given, else of `step` vmapped), saving the same carries (no Pallas: any
-        backend); needs `backward="xla"`.
+        backend).
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -448,19 +359,13 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
     for a in x_leaves:
         if a.shape[:2] != (n, t):
             raise ValueError(f"fused_scan: xs must be [N={n}, T={t}, ...], got {a.shape}")
-    if backward not in BACKWARDS:
-        raise ValueError(f"fused_scan: unknown backward {backward!r}; allowed: {BACKWARDS}")
-    if backward == "kernel" and (xla_step is not None or xla_layout is not None):
-        raise ValueError("fused_scan: xla_step and xla_layout are only used with backward='xla'")
-    if backward == "xla" and xla_step is None and xla_layout is not None:
+    if xla_step is None and xla_layout is not None:
         raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"fused_scan: window must be an int >= 0 (0: none), got {window!r}")
     if forward not in FORWARDS:
         raise ValueError(f"fused_scan: unknown forward {forward!r}; allowed: {FORWARDS}")
-    if forward == "xla" and backward != "xla":
-        raise ValueError("fused_scan: forward='xla' needs backward='xla' (no kernel at all)")
-    how = _Plan(forward, backward, xla_step, xla_layout, unroll, interpret, num_warps)
+    how = _Plan(forward, xla_step, xla_layout, unroll, interpret, num_warps)
     return _scan(step, carry, xs, consts, how, window)
 
 

@@ -51,13 +51,13 @@ from nl_jax.layers.inner import INNER_SCOPE, level_flops, memory_read_flops
 from nl_jax.layers.norms import l2_normalize, logical_param
 
 Params = dict[str, jax.Array]
-# How the projection-memory chunk scan runs: XLA ops; one fused Pallas (Triton) kernel per
-# layer for the forward and one for the backward (GPU; the Pallas interpreter on CPU); or the
-# fused forward kernel with the backward as XLA ops over its saved chunk-start carries.
+# How the projection-memory chunk scan runs: XLA ops, or `pallas_forward`: one fused Pallas
+# (Triton) forward kernel per layer (GPU; the Pallas interpreter on CPU) with the backward as
+# XLA ops over its saved chunk-start carries.
 # `pallas_forward_all` runs M_memory's chunk scan through the fused forward as well; `walk` runs
 # the projection memories as `pallas_forward` does and M_memory as one persistent Mosaic GPU
 # kernel (`memory_walk.walk_memory`; its interpreter on CPU).
-KERNELS = ("auto", "xla", "pallas", "pallas_forward", "pallas_forward_all", "walk")
+KERNELS = ("auto", "xla", "pallas_forward", "pallas_forward_all", "walk")
 # The only size at which the compiled walk's chunk step fits one CTA's shared memory.
 WALK_SIZE = 64
 
@@ -470,8 +470,9 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     forward = "xla" if spec.kernel == "xla" else "kernel"
     if forward == "kernel" and not interpret and min(c, dh, spec.hidden) < 16:
         raise ValueError(
-            "memory.kernel='pallas' compiles Triton matmuls, which need chunk_size_other, "
-            f"head_dim and the memory hidden size >= 16; got {c}, {dh}, {spec.hidden}"
+            f"memory.kernel={spec.kernel!r} compiles Triton matmuls, which need "
+            f"chunk_size_other, head_dim and the memory hidden size >= 16; got {c}, {dh}, "
+            f"{spec.hidden}"
         )
     flat = lambda a: a.reshape((n,) + a.shape[2:])  # noqa: E731 [b, h, ...] -> [b * h, ...]
     per_batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape)  # noqa: E731
@@ -501,17 +502,14 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
-        kw = {"interpret": interpret, "num_warps": spec.kernel_warps, "window": window}
-        if spec.kernel == "pallas":
-            carry, gen = fused_scan(step, carry, full, consts, **kw)
-        else:
-            # The XLA backward (and forward) take the memories stacked: one batched op per op
-            # of the step for all four, not one per memory (fewer, larger launches).
-            carry, gen = fused_scan(
-                step, carry, full, consts, backward="xla", forward=forward,
-                xla_step=functools.partial(projection_step_batched, spec),
-                xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll, **kw,
-            )  # fmt: skip
+        # The XLA backward (and forward) take the memories stacked: one batched op per op of
+        # the step for all four, not one per memory (fewer, larger launches).
+        carry, gen = fused_scan(
+            step, carry, full, consts, forward=forward, interpret=interpret,
+            num_warps=spec.kernel_warps, window=window,
+            xla_step=functools.partial(projection_step_batched, spec),
+            xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll,
+        )  # fmt: skip
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = stack_memories(carry, 1)
     if s > n_full * c:  # a trailing partial chunk: the XLA step on the stacked carry

@@ -59,7 +59,7 @@ from nl_jax.layers.rope import segment_positions
 
 Carry = tuple[Params, Any]  # (fast params, inner optimizer state), leaves [batch, heads, ...]
 # How the memory's chunk scan runs (`memory.kernel`): see `NeuralMemory`.
-KERNELS = ("auto", "xla", "pallas_forward", "pallas")
+KERNELS = ("auto", "xla", "pallas_forward")
 
 
 def resolve_kernel(kernel: str, chunk_size: int, head_dim: int, hidden: int) -> str:
@@ -182,14 +182,13 @@ class NeuralMemory(nnx.Module):
         of large norm cannot multiply the input layer's step past the bound).
         `scan_unroll`: chunks per loop iteration of the chunk scan (speed only). `kernel`: the
         chunk scan as XLA ops (`xla`), or `pallas_forward` (`nl_jax.kernels.fused_level`: a
-        fused Pallas forward kernel over batch x heads, the backward as XLA ops), `pallas` (the
-        backward fused too: `fused_scan`'s reverse-walk kernel), or `auto`:
-        as `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernels.
+        fused Pallas forward kernel over batch x heads, the backward as XLA ops), or `auto`: as
+        `resolve_kernel` picks it. `kernel_warps`: warps per program of the fused kernel.
         `backprop_chunks` K > 0: the outer gradient flows through the inner updates of at most
         K chunks, straight through to the initial fast weights at each cut
         (`nl_jax.core.truncation`); 0: through all of them. `parallel_windows`: with
         K > 0, the backward walks all windows of K chunks side by side (the same gradient;
-        speed and memory only), with the fused kernels or, for `kernel="xla"`, through
+        speed and memory only), with the fused kernel or, for `kernel="xla"`, through
         `run_level_fused(forward="xla")`. `normalize_values`:
         l2-normalise the values as the keys (not in the paper, which normalises q and k only).
         """
@@ -402,9 +401,7 @@ class NeuralMemory(nnx.Module):
             reset_params=None if resets is None and cuts is None
             else jax.tree.map(lambda a: flat(per_batch(a)), init),
             cuts=None if cuts is None else jnp.broadcast_to(cuts, (n, s)),
-            unroll=self.scan_unroll, window=window, forward=forward,
-            backward="kernel" if self.kernel == "pallas" and forward == "kernel" else "xla",
-            num_warps=self.kernel_warps,
+            unroll=self.scan_unroll, window=window, forward=forward, num_warps=self.kernel_warps,
         )  # fmt: skip
         unflat = lambda a: a.reshape((b, h) + a.shape[1:])  # noqa: E731
         out = jnp.swapaxes(unflat(out), 1, 2)  # [b, s, h, d]

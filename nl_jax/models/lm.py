@@ -565,16 +565,24 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
         positive.update({f"memory.{k}": cfg.memory[k] for k in ("heads", "head_dim", "chunk_size",
                          "scan_unroll") if k in cfg.memory})  # fmt: skip
         # Switches a mixer lacks would be silently ignored: Hope has every kernel and
-        # remat_layer, Titans' memory the fused kernels, other mixers neither.
+        # remat_layer, Titans' memory the fused forward, other mixers neither.
+        from nl_jax.layers import self_modifying
+        from nl_jax.layers import titans as titans_layer
+
         titans = mixer_name.startswith("titans_")
-        allowed = {"kernel": ("auto", "xla") + ("pallas_forward", "pallas") * titans,
-                   "remat_layer": (False,)}  # fmt: skip
+        hope = mixer_name == "self_modifying_titans"
+        kernels = titans_layer.KERNELS if titans else ("auto", "xla")
+        allowed = {"kernel": self_modifying.KERNELS if hope else kernels}
+        if not hope:
+            allowed["remat_layer"] = (False,)
         for key, plain in allowed.items():
             value = cfg.memory.get(key, plain[0])
-            if value not in plain and mixer_name != "self_modifying_titans":
+            if value not in plain:
+                hope_has = not hope and (key != "kernel" or value in self_modifying.KERNELS)
                 raise ValueError(
                     f"model.memory.{key} = {value!r}: the {mixer_name!r} mixer does not have "
-                    f"it (allowed: {plain}); the self_modifying_titans mixer (Hope) has all"
+                    f"it (allowed: {plain})"
+                    + ("; the self_modifying_titans mixer (Hope) has it" if hope_has else "")
                 )
         _check_rule(cfg.memory, mixer_name)
         if cfg.memory.get("titans_normalize_v", False) and not titans:
@@ -587,7 +595,6 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
             raise ValueError(
                 f"model.memory.backprop_chunks = {cut!r}: an int >= 0 (0: no truncation)"
             )
-        hope = mixer_name == "self_modifying_titans"
         if cut and not (titans or hope):
             raise ValueError(
                 f"model.memory.backprop_chunks = {cut}: only the memory mixers (titans_* and "

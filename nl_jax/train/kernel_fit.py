@@ -11,8 +11,7 @@ documents, but with the trainer's document resets it asks 278,528 of the 232,448
 So a compile that fails this way is retried on the XLA path where the config left the choice
 to `memory.kernel="auto"` (the same function; the tests pin the two paths together), and is a
 config error that says what to change where the config named a kernel. A Triton kernel that
-XLA cannot compile at all ("Failed to compile Triton kernel": `memory.kernel="pallas"`'s
-backward at hope_340m's shape, jax 0.10.2 deviceless) is taken the same way.
+XLA cannot compile at all ("Failed to compile Triton kernel") is taken the same way.
 """
 
 from __future__ import annotations
