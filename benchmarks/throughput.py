@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import functools
 import gzip
 import json
 import math
@@ -51,7 +52,7 @@ import lm  # noqa: E402
 
 from nl_jax import models  # noqa: E402
 from nl_jax.layers.inner import INNER_SCOPE  # noqa: E402
-from nl_jax.train import kernel_fit, metrics  # noqa: E402
+from nl_jax.train import heartbeat, kernel_fit, metrics  # noqa: E402
 from nl_jax.train import step as step_lib  # noqa: E402
 
 
@@ -384,9 +385,11 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, dtype: str,
         return jitted.lower(state, tokens).compile(), state, model, cfg, tokens
 
     # `memory.kernel="auto"` falls back as the trainer does when a fused kernel does not fit.
-    (compiled, state, model, cfg, tokens), fell_back = kernel_fit.build_or_fall_back(
-        asked, compile_with, name or preset
-    )
+    say = functools.partial(print, flush=True)
+    with heartbeat.heartbeat(say, f"[throughput] {name or preset}: still compiling"):
+        (compiled, state, model, cfg, tokens), fell_back = kernel_fit.build_or_fall_back(
+            asked, compile_with, name or preset
+        )
     if fell_back:
         overrides, name = fallback, f"{name or preset} (kernel xla: fallback)"
     compile_s = time.perf_counter() - t0

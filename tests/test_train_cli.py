@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from nl_jax.train import cli, metrics
+from nl_jax.train import cli, metrics, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -295,7 +295,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_resume_falls_back(straight, tmp_p
 
 
 @pytest.mark.slow
-def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here):
+def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here, monkeypatch):
     """titans_mag_tiny's first 15 steps of its 200-step schedule on the default corpus stay
     finite. (Its paper form, the three stabilisers off, stays finite here too: the NaN at step
     41 of BENCHMARKS.md is hope_340m's paper form on a GPU.)"""
@@ -304,16 +304,21 @@ def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here):
             "--config.eval.every_steps=0", "--config.data.eval_batches=1",
             "--config.checkpoint.every_steps=1000", "--config.logging.every_steps=5",
             "--config.logging.tensorboard=False"]  # fmt: skip
+    monkeypatch.setattr(trainer, "COMPILE_HEARTBEAT_S", 0.5)
     result = train_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "[compile] still compiling (" in result.stdout  # a long compile says it is alive
     losses = [r["loss"] for r in records(tmp_path).values()]
     assert len(losses) >= 4 and all(math.isfinite(x) for x in losses), losses
 
 
-def test_compile_only_local_devices(train_here):
+def test_compile_only_local_devices(train_here, monkeypatch):
+    # A line every 10 ms while XLA compiles: the compile releases the GIL, so the lines come.
+    monkeypatch.setattr(trainer, "COMPILE_HEARTBEAT_S", 0.01)
     result = train_here(["--config=experiments/lm.py:transformer_tiny", "--compile_only"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[memory] train step on 1 local cpu device(s), per device" in result.stdout
+    assert "[compile-only] still compiling (" in result.stdout
 
 
 @pytest.mark.skipif(

@@ -40,12 +40,14 @@ from nl_jax import models
 from nl_jax.core import target
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import config as config_lib
-from nl_jax.train import gpu_targets, kernel_fit, sharding, step
+from nl_jax.train import gpu_targets, heartbeat, kernel_fit, sharding, step
 from nl_jax.train import metrics as metrics_lib
 from nl_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 echo = metrics_lib.print_main
+# Seconds between the "still compiling" lines of a long compile.
+COMPILE_HEARTBEAT_S = 60.0
 
 
 @dataclasses.dataclass
@@ -192,7 +194,8 @@ def _build_program(config: ml_collections.ConfigDict, model_cfg: ml_collections.
         if compile_train:
             t0 = time.time()
             echo("[compile] compiling the train step ahead of time (often a minute or more)")
-            compiled = train_jit.lower(abstract_state, abstract_batch).compile()
+            with heartbeat.heartbeat(echo, "[compile] still compiling", COMPILE_HEARTBEAT_S):
+                compiled = train_jit.lower(abstract_state, abstract_batch).compile()
             echo(f"[compile] train step compiled ahead of time in {time.time() - t0:.1f}s")
             _print_memory(compiled, "train step", mesh.size)
 
@@ -812,9 +815,10 @@ def _compile_only(config: ml_collections.ConfigDict, devices: Sequence[Any],
         return program, program.train_step.lower(program.abstract_state, abstract_batch).compile()
 
     try:
-        (program, compiled), fell_back = kernel_fit.build_or_fall_back(
-            config.model, compile_with, f"train step on {where}", echo
-        )
+        with heartbeat.heartbeat(echo, "[compile-only] still compiling", COMPILE_HEARTBEAT_S):
+            (program, compiled), fell_back = kernel_fit.build_or_fall_back(
+                config.model, compile_with, f"train step on {where}", echo
+            )
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
