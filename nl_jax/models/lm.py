@@ -23,7 +23,8 @@ import ml_collections
 from flax import nnx
 
 from nl_jax.core.rules import RULE_FIELDS, DeltaRule
-from nl_jax.layers import axes
+from nl_jax.layers import axes, self_modifying
+from nl_jax.layers import titans as titans_layer
 from nl_jax.layers.dtypes import dtype_of
 from nl_jax.layers.norms import RMSNorm, logical_param
 from nl_jax.models.loss import check_token_ids, token_nll
@@ -566,9 +567,6 @@ def validate_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
                          "scan_unroll") if k in cfg.memory})  # fmt: skip
         # Switches a mixer lacks would be silently ignored: Hope has every kernel and
         # remat_layer, Titans' memory the fused forward, other mixers neither.
-        from nl_jax.layers import self_modifying
-        from nl_jax.layers import titans as titans_layer
-
         titans = mixer_name.startswith("titans_")
         hope = mixer_name == "self_modifying_titans"
         kernels = titans_layer.KERNELS if titans else ("auto", "xla")
