@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import pathlib
@@ -29,25 +30,25 @@ import jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import kernel_count  # noqa: E402
 import throughput  # noqa: E402
 
 from nl_jax import models  # noqa: E402
+from nl_jax.core import target  # noqa: E402
 from nl_jax.train import heartbeat  # noqa: E402
-
-# The profiler's Python tracing (the "python" line, and "$file:line" frames on other threads)
-# records the calling threads' waits, not the compiler's work.
-_PYTHON_LINES = ("python",)
 
 
 def own_times(data) -> dict[str, tuple[float, float, int]]:
-    """`{span name: (own s, total s, count)}` over every host thread but Python's own frames."""
+    """`{span name: (own s, total s, count)}` of XLA's spans on every host thread.
+
+    Python's frames (named `$file:line function`) are left out: they only wrap the calls. A
+    compile that runs on the calling thread (XLA:GPU's) records its spans on the "python" line
+    among them."""
     own, total, count = collections.Counter(), collections.Counter(), collections.Counter()
     for plane in data.planes:
         if not plane.name.startswith("/host:"):
             continue
         for line in plane.lines:
-            if line.name in _PYTHON_LINES:
-                continue
             events = sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns))
             enclosing: list[tuple[float, str]] = []  # (end ns, name), innermost last
             for e in events:
@@ -84,24 +85,35 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="rows of the span table")
     ap.add_argument("--timeout", type=float, default=0.0,
                     help="stop the trace after this many seconds (0: when the compile ends)")  # fmt: skip
+    ap.add_argument("--target", default="",
+                    help="a GPU of nl_jax/train/gpu_targets.py (e.g. h200) to compile for without "
+                         "one (needs the CUDA plugin); default: this host's first device")  # fmt: skip
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a temp dir)")
     args = ap.parse_args()
     if args.timeout < 0:
         ap.error(f"--timeout must be >= 0, got {args.timeout}")
-    try:
-        overrides = throughput.parse_overrides(args.set)
-        step, state, _, cfg = throughput.train_step(
-            args.preset, args.seq_len, args.batch, args.dtype, overrides, abstract=True
-        )
-    except (KeyError, ValueError, AttributeError) as e:
-        sys.exit(f"compile_profile: {type(e).__name__}: {e}")
-    tokens = jax.ShapeDtypeStruct((args.batch, args.seq_len + 1), jax.numpy.int32)
-    jitted = jax.jit(step, donate_argnums=0, compiler_options=models.compiler_options(cfg) or None)
-    device = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
-    print(f"[compile_profile] {args.preset} seq {args.seq_len} x {args.batch} on {device}: "
-          f"lowering ...", flush=True)  # fmt: skip
+    if args.target:
+        sharding, device = kernel_count.compile_for(args.target)
+        platform = target.compiling_for("gpu", 1)
+    else:
+        sharding, device = None, jax.devices()[0].device_kind
+        platform = contextlib.nullcontext()
+    print(f"[compile_profile] {args.preset} seq {args.seq_len} x {args.batch} for {device} "
+          f"(jax {jax.__version__}): lowering ...", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, tokens)
+    with platform:
+        try:
+            overrides = throughput.parse_overrides(args.set)
+            step, state, _, cfg = throughput.train_step(
+                args.preset, args.seq_len, args.batch, args.dtype, overrides, abstract=True
+            )
+        except (KeyError, ValueError, AttributeError) as e:
+            sys.exit(f"compile_profile: {type(e).__name__}: {e}")
+        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+        tokens = spec(jax.ShapeDtypeStruct((args.batch, args.seq_len + 1), jax.numpy.int32))
+        options = models.compiler_options(cfg) or None
+        jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
+        lowered = jitted.lower(jax.tree.map(spec, state), tokens)
     lower_s = time.perf_counter() - t0
     print(f"[compile_profile] lowered in {lower_s:.1f} s; compiling ...", flush=True)
 
