@@ -22,12 +22,14 @@ SMEM_LIMIT = 232_448
 def assert_lowers_within_shared_memory(kernel, *args) -> None:
     """`kernel(*args)` lowers for CUDA here, as Mosaic GPU, within a CTA's shared memory."""
 
+    texts = []
+
     def lower():
-        return jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
+        texts.append(jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
     (smem,) = mw.smem_bytes_at_lowering(lower)
     assert smem <= SMEM_LIMIT
-    assert "mosaic_gpu" in lower().as_text()
+    assert "mosaic_gpu" in texts[0]
 
 
 def factors_case(n: int, c: int, dim: int):
@@ -318,10 +320,11 @@ COMPOSITIONS = [(*REVERSE_CASES[0], "staged")] + [
 def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, operands, tol, composed):
     """The stages composed in one kernel, streamed through HBM (`chunk_reverse_streamed`),
     and as one kernel per stage with XLA's glue (`chunk_reverse_staged`) equal
-    `chunk_step.chunk_backward`."""
-    init, x = make(2, chunk, 16, 16)
+    `chunk_step.chunk_backward`. One stream: the interpreter's time grows with the grid, whose
+    streams the windows' test below and the stages' tests (two or three streams) cover."""
+    init, x = make(1, chunk, 16, 16)
     ks = jax.random.split(jax.random.PRNGKey(11), 5)
-    d_y = jax.random.normal(ks[0], (2, chunk, 16))
+    d_y = jax.random.normal(ks[0], (1, chunk, 16))
     d_state = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True)))
     fn = {"staged": wb.chunk_reverse_staged, "streamed": wb.chunk_reverse_streamed}[composed]
     reverse = functools.partial(fn, cfg, interpret=mw.interpret_params(), operands=operands)
@@ -349,8 +352,9 @@ def test_streamed_chunk_reverse_lowers_for_cuda_within_shared_memory():
 def test_streamed_windows_backward_equals_the_xla_windows():
     """Every chunk of every cut window reversed by the streamed kernel, the windows side by
     side, equals `memory_walk.windows_backward_split` (XLA's `chunk_backward`) per stream: the
-    start state's, the cut weights' and the inputs' gradients."""
-    n, chunk, seq, every = 2, 4, 16, 2
+    start state's, the cut weights' and the inputs' gradients. One stream of two windows of two
+    chunks: a grid of two (stream, window) pairs, a carry between chunks and a cut."""
+    n, chunk, seq, every = 1, 4, 16, 2
     init, x = make(n, seq, 8, 8)  # the factors' reverse shares tiles: d = h
     starts = jax.vmap(lambda i, xs: _chunk_starts(i, xs, chunk))(init, x)
     ks = jax.random.split(jax.random.PRNGKey(3), 5)

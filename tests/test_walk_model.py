@@ -173,7 +173,8 @@ def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypat
     states included) and of the incoming head states, within 1e-5 of the XLA path, with cut
     windows, for both backwards of the walk. Row 1 continues from head states that are not
     the initial ones, so the walk's start state and the weights a reset returns to differ.
-    With document starts only at row starts (row 0's first token) M_memory's chunks are
+    Two chunks of 4 tokens a row, cut after each: the interpreted kernels' time grows with
+    (stream, chunk) steps. With document starts only at row starts (row 0's first token) M_memory's chunks are
     reversed by the streamed kernel (`memory.walk_backward="kernel"`, interpreted, float32);
     starts inside a row (mid-chunk, at the cut, in the last chunk) send the batch to XLA's
     reverse, the default backward. One compile serves both: the resets are an argument. (A
@@ -181,8 +182,10 @@ def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypat
     test_memory_walk.py.)"""
     from nl_jax.kernels import walk_backward as wb
 
-    spec = dataclasses.replace(SPEC, hidden=8, walk_backward="kernel")  # the kernel: d = h
-    args = inputs(spec)
+    # The kernel backward: d = h.
+    spec = dataclasses.replace(SPEC, hidden=8, walk_backward="kernel", backprop_chunks=1)
+    s = 8
+    args = inputs(spec, s=s)
     calls, walks = [], []
     streamed, forward = wb.windows_backward_streamed, mw.walk_forward
     monkeypatch.setattr(
@@ -190,8 +193,8 @@ def test_walk_layer_matches_xla_with_resets_cuts_and_a_continued_state(monkeypat
     )
     monkeypatch.setattr(mw, "walk_forward", lambda *a, **k: walks.append(k) or forward(*a, **k))
     heads = moved_heads(spec, args[0], 4)
-    first_token = jnp.zeros((B, S), bool).at[0, 0].set(True)
-    inside = first_token.at[0, jnp.array([5, 8, 14])].set(True)
+    first_token = jnp.zeros((B, s), bool).at[0, 0].set(True)
+    inside = first_token.at[0, jnp.array([2, 4, 6])].set(True)
     walk, xla = (compiled(k, spec, args, heads, first_token) for k in ("walk", "xla"))
     assert calls, "the kernel backward was not traced"
     # One kernel walk, saving every chunk's start state for the backward.
