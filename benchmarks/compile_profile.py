@@ -74,7 +74,7 @@ def table(times: dict[str, tuple[float, float, int]], top: int) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Compile one preset's train step under the profiler and print the compile's top spans."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="hope_tiny")
@@ -89,7 +89,7 @@ def main() -> None:
                     help="a GPU of nl_jax/train/gpu_targets.py (e.g. h200) to compile for without "
                          "one (needs the CUDA plugin); default: this host's first device")  # fmt: skip
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a temp dir)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.timeout < 0:
         ap.error(f"--timeout must be >= 0, got {args.timeout}")
     if args.target:
@@ -145,8 +145,10 @@ def main() -> None:
     times = own_times(jax.profiler.ProfileData.from_file(files[-1]))
     print(f"[compile_profile] lower {lower_s:.1f} s, compile {compile_s:.1f} s ({state_note})")
     print(table(times, args.top), flush=True)
-    # A compile left running past the timeout holds the process; nothing else is pending.
-    os._exit(0)
+    if worker.is_alive():
+        # XLA's compile cannot be cancelled and would hold the process; nothing else is pending.
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
