@@ -144,7 +144,19 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run(hope_tiny_run):
     """(workdir, {step: logged train record}): 4 steps of 1-layer hope_tiny, checkpoints at 2
-    and 4 (conftest.py's shared run, trained with the values of TINY)."""
+    and 4 (conftest.py's shared run, trained with the values of TINY). While the module's tests
+    run, `trainer.build_program` hands the probe the program it built before for the same
+    config and mesh: the replay and the analysis trace and compile the run's step once."""
+    from nl_jax.train import trainer  # noqa: PLC0415
+
+    built, build_program = {}, trainer.build_program
+
+    def build_once(config, mesh, **kwargs):
+        key = (config.to_json_best_effort(sort_keys=True), repr(mesh), repr(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build_program(config, mesh, **kwargs)
+        return built[key]
+
     overrides = {}
     for arg in TINY[1:]:
         key, _, value = arg.removeprefix("--config.").partition("=")
@@ -157,7 +169,9 @@ def run(hope_tiny_run):
         if record["split"] == "train":
             logged[record["step"]] = record
     assert (workdir / "checkpoints" / "2").is_dir()
-    return workdir, logged
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "build_program", build_once)
+        yield workdir, logged
 
 
 @pytest.mark.slow

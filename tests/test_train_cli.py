@@ -20,18 +20,24 @@ from nl_jax.train import cli, metrics, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
+# One block, 8 steps: the launcher, checkpoints and resumes are under test, not the model. The
+# warmup ends at the last step, as the default warmup of 20 does in a 20-step run.
+STEPS = 8
 TINY = [
     "--config=experiments/lm.py:transformer_tiny",
-    "--config.seq_len=64",
+    "--config.seq_len=32",
     "--config.global_batch_size=8",
-    "--config.num_steps=20",
+    "--config.model.num_layers=1",
+    f"--config.num_steps={STEPS}",
+    f"--config.optimizer.warmup_steps={STEPS}",
     "--config.data.default_max_bytes=300000",
     "--config.data.eval_batches=2",
     "--config.data.num_threads=1",
     "--config.logging.every_steps=1",
     "--config.eval.every_steps=0",
-    "--config.checkpoint.every_steps=10",
+    "--config.checkpoint.every_steps=4",
 ]
+HALF = STEPS // 2  # the first checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +93,7 @@ def snapshot(directory):
 
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory, env):
-    """20 steps without interruption (the reference run)."""
+    """STEPS steps without interruption (the reference run)."""
     workdir = tmp_path_factory.mktemp("straight")
     result = launch([*TINY, f"--workdir={workdir}"], env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,51 +103,53 @@ def straight(tmp_path_factory, env):
 def test_end_to_end_artifacts(straight):
     workdir, result = straight
     train = records(workdir)
-    assert sorted(train) == list(range(1, 21))
+    assert sorted(train) == list(range(1, STEPS + 1))
     assert all(math_ok(r["loss"]) and r["tokens_per_sec"] > 0 for r in train.values())
-    assert train[20]["loss"] < train[1]["loss"]
-    assert records(workdir, "eval")[20]["bits_per_byte"] > 0
+    assert train[STEPS]["loss"] < train[1]["loss"]
+    assert records(workdir, "eval")[STEPS]["bits_per_byte"] > 0
     (event_file,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
     tags = {tag for _, tag, _ in metrics.read_tensorboard_scalars(event_file)}
     assert {"train/loss", "train/grad_norm", "eval/bits_per_byte"} <= tags
-    assert (workdir / "checkpoints" / "20" / "state").is_dir()
+    assert (workdir / "checkpoints" / str(STEPS) / "state").is_dir()
     resolved = json.loads((workdir / "config.json").read_text())
-    assert resolved["num_steps"] == 20 and resolved["data"]["seq_len"] == 64
+    assert resolved["num_steps"] == STEPS and resolved["data"]["seq_len"] == 32
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("nl_jax: finished step 20/20") and "bits/byte" in last
-    assert str(workdir / "checkpoints" / "20") in last
+    assert last.startswith(f"nl_jax: finished step {STEPS}/{STEPS}") and "bits/byte" in last
+    assert str(workdir / "checkpoints" / str(STEPS)) in last
 
 
 def math_ok(x):
     return isinstance(x, float) and x == x and abs(x) < 1e6
 
 
-def test_exact_resume_after_sigkill(straight, tmp_path, env):
+def test_exact_resume_after_sigkill(straight, tmp_path, env, train_here):
     reference, _ = straight
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, TRAIN, *TINY, f"--workdir={workdir}"], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    committed = workdir / "checkpoints" / "10" / "commit_success.txt"
+    committed = workdir / "checkpoints" / str(HALF) / "commit_success.txt"
     deadline = time.time() + 240
     while not committed.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    assert committed.exists(), "the run never committed its step-10 checkpoint"
+    assert committed.exists(), f"the run never committed its step-{HALF} checkpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # A fast machine may have committed later checkpoints before the kill landed: drop them so
-    # the restart resumes from step 10, as if the kill had come right after that commit.
+    # the restart resumes from step HALF, as if the kill had come right after that commit.
     for later in (workdir / "checkpoints").iterdir():
-        if later.name != "10":
+        if later.name != str(HALF):
             shutil.rmtree(later)
-    result = launch([*TINY, f"--workdir={workdir}"], env)
+    # The restart runs the launcher's `main` in this process: only the kill needs a process.
+    result = train_here([*TINY, f"--workdir={workdir}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[resume] restored step 10" in result.stdout
+    assert f"[resume] restored step {HALF}" in result.stdout
     want, got = records(reference), records(workdir)
-    assert sorted(got) == list(range(1, 21))
-    assert [got[s]["loss"] for s in range(1, 21)] == [want[s]["loss"] for s in range(1, 21)]
-    assert records(workdir, "eval")[20]["loss"] == records(reference, "eval")[20]["loss"]
+    steps = range(1, STEPS + 1)
+    assert sorted(got) == list(steps)
+    assert [got[s]["loss"] for s in steps] == [want[s]["loss"] for s in steps]
+    assert records(workdir, "eval")[STEPS]["loss"] == records(reference, "eval")[STEPS]["loss"]
 
 
 def test_resume_with_a_changed_model_config_says_so(straight, tmp_path, train_here):
@@ -150,28 +158,29 @@ def test_resume_with_a_changed_model_config_says_so(straight, tmp_path, train_he
     reference, _ = straight
     workdir = tmp_path / "changed"
     shutil.copytree(reference, workdir)
-    result = train_here([*TINY, f"--workdir={workdir}", "--config.num_steps=21",
+    s1, s2 = STEPS + 1, STEPS + 2
+    result = train_here([*TINY, f"--workdir={workdir}", f"--config.num_steps={s1}",
                          "--config.model.norm_eps=1e-5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[resume] restored step 20" in result.stdout
+    assert f"[resume] restored step {STEPS}" in result.stdout
     assert "model.norm_eps: 1e-06 -> 1e-05" in result.stdout, result.stdout[-2000:]
-    # 20 -> 21 leaves the rate at step 20 as it was (the warmup's peak): no warning.
+    # STEPS -> s1 leaves the rate at step STEPS as it was (the warmup's peak): no warning.
     assert "stretches the learning-rate schedule" not in result.stdout
-    result = train_here([*TINY, f"--workdir={workdir}", "--config.num_steps=22",
+    result = train_here([*TINY, f"--workdir={workdir}", f"--config.num_steps={s2}",
                          "--config.model.norm_eps=1e-5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[resume] restored step 21" in result.stdout
+    assert f"[resume] restored step {s1}" in result.stdout
     assert "model config differs" not in result.stdout
-    # 21 -> 22 moves the cosine schedule's rate at step 21 (3e-4 -> 1.65e-3).
-    assert "num_steps 21 -> 22 stretches the learning-rate schedule" in result.stdout
+    # s1 -> s2 moves the cosine schedule's rate at step s1 (3e-4 -> 1.65e-3).
+    assert f"num_steps {s1} -> {s2} stretches the learning-rate schedule" in result.stdout
     # Rerun of a finished run: nothing compiled or written, the last evaluation reported.
     before = snapshot(workdir)
-    result = train_here([*TINY, f"--workdir={workdir}", "--config.num_steps=22",
+    result = train_here([*TINY, f"--workdir={workdir}", f"--config.num_steps={s2}",
                          "--config.model.norm_eps=1e-5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 22 of 22 is trained and checkpointed: nothing to do" in result.stdout
+    assert f"step {s2} of {s2} is trained and checkpointed: nothing to do" in result.stdout
     assert "[compile]" not in result.stdout and "stretches" not in result.stdout
-    assert "finished step 22/22" in result.stdout and "validation loss" in result.stdout
+    assert f"finished step {s2}/{s2}" in result.stdout and "validation loss" in result.stdout
     assert snapshot(workdir) == before
 
 
@@ -208,7 +217,7 @@ def _bad_inputs(tmp_path):
         "on_nonfinite": (["--config.on_nonfinite=skip"], "`on_nonfinite` = 'skip'"),
         "chunks": (
             ["--config.model.family=hope", "--config.model.cms.chunk_sizes=(0, 128)"],
-            "never updates within seq_len 64",
+            "never updates within seq_len 32",
         ),
         "missing_file": ([*text, f"--config.data.paths={tmp_path}/nope.txt"], "matches no file"),
         "empty_file": ([*text, f"--config.data.paths={empty}"], "is empty"),
@@ -283,26 +292,27 @@ def test_nonfinite_loss_continues_when_asked(tmp_path, train_here):
 def test_a_damaged_checkpoint_is_set_aside_and_resume_falls_back(straight, tmp_path, train_here):
     workdir = tmp_path / "damaged"
     shutil.copytree(straight[0], workdir)
-    for f in (workdir / "checkpoints" / "20" / "state").rglob("*"):
+    for f in (workdir / "checkpoints" / str(STEPS) / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
     result = train_here([*TINY, f"--workdir={workdir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = " ".join((result.stdout + result.stderr).split())
-    assert "checkpoint step 20 is damaged" in out and "does not match its checksum" in out, out
-    assert "restored step 10" in out and "Traceback" not in result.stderr
-    assert (workdir / "damaged_checkpoints" / "20").is_dir()
+    assert f"checkpoint step {STEPS} is damaged" in out and "does not match its checksum" in out
+    assert f"restored step {HALF}" in out and "Traceback" not in result.stderr
+    assert (workdir / "damaged_checkpoints" / str(STEPS)).is_dir()
 
 
 @pytest.mark.slow
 def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here, monkeypatch):
-    """titans_mag_tiny's first 15 steps of its 200-step schedule on the default corpus stay
-    finite. (Its paper form, the three stabilisers off, stays finite here too: the NaN at step
-    41 of BENCHMARKS.md is hope_340m's paper form on a GPU.)"""
+    """titans_mag_tiny's first 8 steps of its 200-step schedule on the default corpus stay
+    finite: the Titans presets' in-context updates with eta_max 0.1 went NaN within 3 steps
+    (experiments/lm.py). (Its paper form, the three stabilisers off, stays finite here too:
+    the NaN at step 41 of BENCHMARKS.md is hope_340m's paper form on a GPU.)"""
     args = ["--config=experiments/lm.py:titans_mag_tiny", f"--workdir={tmp_path}",
-            "--config.num_steps=15", "--config.optimizer.decay_steps=200",
+            "--config.num_steps=8", "--config.optimizer.decay_steps=200",
             "--config.eval.every_steps=0", "--config.data.eval_batches=1",
-            "--config.checkpoint.every_steps=1000", "--config.logging.every_steps=5",
+            "--config.checkpoint.every_steps=1000", "--config.logging.every_steps=2",
             "--config.logging.tensorboard=False"]  # fmt: skip
     monkeypatch.setattr(trainer, "COMPILE_HEARTBEAT_S", 0.5)
     result = train_here(args)
@@ -315,7 +325,8 @@ def test_titans_mag_preset_trains_finite_on_text(tmp_path, train_here, monkeypat
 def test_compile_only_local_devices(train_here, monkeypatch):
     # A line every 10 ms while XLA compiles: the compile releases the GIL, so the lines come.
     monkeypatch.setattr(trainer, "COMPILE_HEARTBEAT_S", 0.01)
-    result = train_here(["--config=experiments/lm.py:transformer_tiny", "--compile_only"])
+    result = train_here(["--config=experiments/lm.py:transformer_tiny", "--compile_only",
+                         "--config.model.num_layers=1"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[memory] train step on 1 local cpu device(s), per device" in result.stdout
     assert "[compile-only] still compiling (" in result.stdout
@@ -328,7 +339,8 @@ def test_compile_only_local_devices(train_here, monkeypatch):
 def test_compile_only_tpu_topology(env):
     """Compiles for a v5p slice on this CPU machine. libtpu's lockfile (held by any other process
     on the machine that loaded libtpu, e.g. a second test run) is not needed to compile."""
-    args = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=v5p:2x2x2"]
+    args = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=v5p:2x2x2",
+            "--config.model.num_layers=1"]  # fmt: skip
     env = dict(env, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     result = launch([*args, "--config.mesh.fsdp=2", "--config.mesh.tensor=2"], env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -343,22 +355,13 @@ def test_compile_only_rejects_an_unknown_topology(train_here):
     assert "Traceback" not in result.stderr
 
 
-def test_compile_only_gpu_target_without_a_gpu(env):
+def test_compile_only_gpu_target_without_a_gpu_checks_memory_and_takes_cudnn(env):
     """`--topology=h200` compiles for one H200 on a machine without one (XLA's deviceless GPU
-    compiler, with the CUDA plugin installed), tracing the GPU's choices (`nl_jax.core.target`)."""
-    args = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=h200"]
-    result = launch(args, env)
-    if result.returncode == 3 and "jax[cuda12]" in result.stderr:
-        pytest.skip("GPU compile-only needs the CUDA plugin: " + result.stderr.strip()[-200:])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "[memory] train step on h200, per device (1 devices)" in result.stdout
-
-
-def test_compile_only_gpu_target_checks_memory_and_takes_cudnn(env):
-    """On a GPU target the compile-only step compares XLA's peak estimate with the GPU's memory
-    (XLA:GPU compiles what cannot run): XLA's attention at seq 32768 x 8 keeps 2 layers' scores
-    (exit 4, naming the estimate); the presets' `attention.implementation="auto"` takes cuDNN
-    there and fits. Skips without the CUDA plugin."""
+    compiler, with the CUDA plugin installed; skips without it), tracing the GPU's choices
+    (`nl_jax.core.target`), and compares XLA's peak estimate with the GPU's memory (XLA:GPU
+    compiles what cannot run): XLA's attention at seq 32768 x 8 keeps 2 layers' scores (exit 4,
+    naming the estimate); the presets' `attention.implementation="auto"` takes cuDNN there and
+    fits."""
     base = ["--config=experiments/lm.py:transformer_tiny", "--compile_only", "--topology=h200",
             "--config.seq_len=32768", "--config.global_batch_size=8",
             "--config.model.dtype=bfloat16"]  # fmt: skip
@@ -369,7 +372,7 @@ def test_compile_only_gpu_target_checks_memory_and_takes_cudnn(env):
     assert "does not fit" in xla.stderr and "the h200's device memory" in xla.stderr
     auto = launch(base, env)
     assert auto.returncode == 0, auto.stderr[-3000:]
-    assert "[memory] train step on h200" in auto.stdout
+    assert "[memory] train step on h200, per device (1 devices)" in auto.stdout
 
 
 def test_gpu_target_memory_is_read_from_its_description():
@@ -403,32 +406,3 @@ def test_distributed_detection():
     explicit = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
     assert distributed.detect(explicit) == "explicit"
     assert distributed.initialize("off") is None
-
-
-@pytest.mark.slow
-def test_checkpoint_of_eight_devices_restores_on_four(tmp_path, env):
-    """Resharding on fake CPU devices: FSDP over 8 devices saves step 3; the same
-    workdir resumes with FSDP over 4 and its steps 4-6 give the 8-device run's losses."""
-
-    def run(workdir, devices):
-        flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-        args = [*TINY, "--config.num_steps=6", "--config.checkpoint.every_steps=3",
-                "--config.mesh.data=1", "--config.mesh.fsdp=-1", f"--workdir={workdir}"]  # fmt: skip
-        result = launch(args, dict(env, XLA_FLAGS=flags.strip()))
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
-    eight = tmp_path / "eight"
-    out = run(eight, 8)
-    assert "per device (8 devices)" in out
-    four = tmp_path / "four"
-    shutil.copytree(eight, four)
-    shutil.rmtree(four / "checkpoints" / "6")
-    (four / "metrics.jsonl").unlink()
-    out = run(four, 4)
-    assert "per device (4 devices)" in out and "[resume] restored step 3" in out
-    want, got = records(eight), records(four)
-    assert sorted(got) == [4, 5, 6]
-    for step in (4, 5, 6):
-        # Same global batch, other reduction order: equal to float32 rounding, not bit-equal.
-        assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-5 * want[step]["loss"], step

@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent(
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(sys.argv[1])
-    for key, value in json.loads(sys.argv[3]).items():  # dotted config keys
+    for key, value in json.loads(sys.argv[2]).items():  # dotted config keys
         *parents, last = key.split(".")
         node = config
         for part in parents:
@@ -89,11 +89,9 @@ SCRIPT = textwrap.dedent(
 
     jax.nn.dot_product_attention = inspected_attention
 
-    train = sys.argv[2] == "train"
-
     def run(devices, mesh_cfg):
         mesh = sharding.make_mesh(mesh_cfg, devices)
-        program = trainer.build_program(config, mesh, compile_train=train)
+        program = trainer.build_program(config, mesh)
         state = program.init()
         if len(devices) > 1:  # init_on=host gives the same sharded state as the jitted init
             on_host = trainer.initial_state(program, "host")
@@ -101,13 +99,8 @@ SCRIPT = textwrap.dedent(
                 assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
         losses = []
         for b in batches:
-            b = trainer.global_batch(b, program.batch_shardings)
-            if train:
-                state, m = program.train_step(state, b)
-                losses.append(float(m["loss"]))
-            else:
-                out = program.eval_step({"params": state["params"], "rest": state["rest"]}, b)
-                losses.append(float(out["loss_sum"]) / float(out["target_tokens"]))
+            state, m = program.train_step(state, trainer.global_batch(b, program.batch_shardings))
+            losses.append(float(m["loss"]))
         specs = {
             "/".join(str(getattr(k, "key", k)) for k in path): str(x.sharding.spec)
             for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
@@ -115,9 +108,7 @@ SCRIPT = textwrap.dedent(
         return losses, specs
 
     assert jax.device_count() == 8
-    one = None
-    if sys.argv[4] == "one":  # else the test has the one-device losses already
-        one, _ = run(jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
+    one, _ = run(jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
     qkv_specs.clear()
     eight, specs = run(jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2})
     result = {"one": one, "eight": eight, "specs": specs, "qkv": qkv_specs}
@@ -132,45 +123,27 @@ TRANSFORMER_RUN = {"seq_len": 64, "global_batch_size": 8, "num_steps": 5, "model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,mode", [("transformer_tiny", "train"), ("hope_tiny", "train")])
-def test_eight_devices_train_like_one(preset, mode, request):
-    """Training Transformer++ and Hope (one layer each) on 8 fake devices equals one device.
-    Hope's one-device losses are those of conftest.py's shared run, trained with the same
-    config (fault_helpers.HOPE_RUN)."""
-    one = None
-    if preset == "hope_tiny":
-        from fault_helpers import HOPE_RUN  # noqa: PLC0415
-
-        changes, workdir = HOPE_RUN, request.getfixturevalue("hope_tiny_run")
-        records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-        one = [r["loss"] for r in records if r["split"] == "train"]
-        assert len(one) == HOPE_RUN["num_steps"]
-    else:
-        changes = TRANSFORMER_RUN
+def test_eight_devices_train_like_one():
+    """Training Transformer++ (one layer) on 8 fake devices equals one device. (Hope on this
+    mesh, across two processes, trains like one device in tests/test_multiprocess.py.)"""
     # Keep the fast-compile flags of conftest.py (they are in XLA_FLAGS) and add 8 fake devices.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    args = [preset, mode, json.dumps(changes), "one" if one is None else "eight"]
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, "-c", SCRIPT, "transformer_tiny", json.dumps(TRANSFORMER_RUN)], cwd=ROOT,
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     out = json.loads(line.removeprefix("RESULT "))
-    out["one"] = out["one"] or one
     # The params really are sharded on the 8-device mesh (not silently replicated).
     assert any("fsdp" in s for s in out["specs"].values())
     assert any("tensor" in s for s in out["specs"].values())
-    if mode == "train" and preset.startswith("transformer"):
-        assert out["one"][-1] < out["one"][0]
-    else:  # different batches (Hope's 4 steps need not descend yet): real steps, not a constant
-        assert len(set(out["one"])) == len(out["one"]), out["one"]
-    if preset.startswith("transformer"):
-        # q, k and v meet the attention kernel sharded alike, over the batch axes (cuDNN's
-        # partitioner rejects anything else under FSDP).
-        assert out["qkv"] and len(set(out["qkv"])) == 1, out["qkv"]
-        assert "'data', 'fsdp'" in out["qkv"][0], out["qkv"]
+    assert out["one"][-1] < out["one"][0]
+    # q, k and v meet the attention kernel sharded alike, over the batch axes (cuDNN's
+    # partitioner rejects anything else under FSDP).
+    assert out["qkv"] and len(set(out["qkv"])) == 1, out["qkv"]
+    assert "'data', 'fsdp'" in out["qkv"][0], out["qkv"]
     for a, b in zip(out["one"], out["eight"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(a), (out["one"], out["eight"])
 
