@@ -112,7 +112,7 @@ def restore_orbax_numpy(directory: str | pathlib.Path, only: tuple[str, ...] | N
     if only is not None:
         tree = {k: tree[k] for k in only if k in tree}
     # Restore onto one CPU device: the writer's shardings (other devices, meshes) do not matter.
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu) if is_array(m) else m,

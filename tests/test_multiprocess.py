@@ -253,8 +253,10 @@ def test_hope_two_processes_train_like_one(hope_tiny_run, tmp_path):
     tensor parallel (2, 2, 2) with tensor parallelism inside each process, gives the losses of
     the same run on one device (conftest.py's shared run, so only the 2-process job compiles).
     This is also the test of Hope on a sharded mesh against one device. Its first 2 steps: both
-    are in the warmup, whose rates do not depend on the run's length."""
-    changes = {**HOPE_RUN, "num_steps": 2}
+    are in the warmup, whose rates do not depend on the run's length. Each process
+    initialises the parameters on its own host CPU (`init_on=host`) and hands its shards to its
+    devices, so the losses also check that those values equal the one-device run's."""
+    changes = {**HOPE_RUN, "num_steps": 2, "init_on": "host"}
     mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
     args = ["--config=experiments/lm.py:hope_tiny"]
     args += [f"--config.{key}={value}" for key, value in {**mesh, **changes}.items()]

@@ -259,7 +259,8 @@ def initial_state(program: Program, init_on: str = "auto") -> Any:
     mode = ("host" if platform == "gpu" else "device") if init_on == "auto" else init_on
     t0 = time.time()
     if mode == "host":
-        cpu = jax.devices("cpu")[0]
+        # This process's own CPU: in a multi-process CPU job jax.devices("cpu")[0] is process 0's.
+        cpu = jax.local_devices(backend="cpu")[0]
         host_state = jax.jit(program.init_fn)(jax.device_put(program.seed_key, cpu))
 
         def to_mesh(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
