@@ -58,6 +58,30 @@ _call = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))
 _forward = nnx.jit(lambda m, x: m(x))
 
 
+def trace_and_run(fn, *args) -> tuple[str, object]:
+    """`(the printed jaxpr, the outputs)` of the jitted `fn` from one trace: a test that
+    inspects the program it runs traces it once instead of again through `make_jaxpr`."""
+    traced = jax.jit(fn).trace(*args)
+    return str(traced.jaxpr), traced.lower().compile()(*args)
+
+
+def grads_of(loss, m: nnx.Module, x: jax.Array) -> tuple[str, list]:
+    """`(the printed jaxpr, the leaves of d loss(m, x) / d (m's state, x))` from one trace."""
+    graphdef, state = nnx.split(m)
+    grad = jax.grad(lambda s, x: loss(nnx.merge(graphdef, s), x), argnums=(0, 1))
+    jaxpr, grads = trace_and_run(grad, state, x)
+    return jaxpr, jax.tree.leaves(grads)
+
+
+# A reverse loop of the backward: its length is the chunks it walks.
+WALK = r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True"
+
+
+def walk_lengths(jaxpr: str) -> set[int]:
+    """The lengths of every reverse loop of a printed jaxpr."""
+    return {int(n) for n in re.findall(WALK, jaxpr)}
+
+
 # --------------------------------------------------------------------------- LMM vs token loop
 
 
@@ -111,13 +135,11 @@ def test_scan_unroll_reaches_the_chunk_scan_and_changes_no_number():
     """`memory.scan_unroll` unrolls the LMM's chunk scan (it was once ignored by Titans)."""
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, D), jnp.float32)
     mems = {u: make_memory(jnp.float32, chunk_size=2, scan_unroll=u) for u in (1, 3)}
+    runs = {u: trace_and_run(lambda x, m=m: m(x), x) for u, m in mems.items()}
     # The printed jaxpr names every scan's unroll (nested scans included).
-    unrolls = {
-        u: set(re.findall(r"unroll=(\d+)", str(jax.make_jaxpr(lambda x, m=m: m(x))(x))))
-        for u, m in mems.items()
-    }
+    unrolls = {u: set(re.findall(r"unroll=(\d+)", jaxpr)) for u, (jaxpr, _) in runs.items()}
     assert unrolls == {1: {"1"}, 3: {"3"}}
-    np.testing.assert_allclose(_forward(mems[3], x), _forward(mems[1], x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(runs[3][1], runs[1][1], rtol=1e-6, atol=1e-6)
     cfg = small_config("titans_lmm")
     cfg.memory.scan_unroll = 3
     assert titans.lmm_from_config(cfg, nnx.Rngs(0)).scan_unroll == 3
@@ -133,25 +155,25 @@ def test_fused_kernel_matches_the_xla_chunk_scan(x64):
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, D), jnp.float64)
     ids = jnp.array([[1] * 4 + [2] * 7, [5] * 11])
     resets = titans.document_resets(ids)
-
-    # Jitted: eager dispatch of the chunk scans costs more than compiling them once. One
-    # program per kernel for the outputs and the gradient of sum(sin(3 y)) for every parameter.
-    def outputs_and_grad(m, x):
-        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-        y, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p, rest)(x, segment_ids=ids), params)
-        return y, pullback(3 * jnp.cos(3 * y))[0]
-
-    outs, grads = {}, {}
-    for k, m in mems.items():
-        outs[k], grads[k] = nnx.jit(outputs_and_grad)(m, x)
-    assert float(jnp.max(jnp.abs(outs[fused] - outs["xla"]))) < 1e-10
-    # The fused path really runs (else this test would compare the XLA scan with itself).
-    calls = {k: str(jax.make_jaxpr(lambda x, m=m: m(x))(x)).count("pallas_call") for k, m in
-             mems.items()}  # fmt: skip
-    assert calls["xla"] == 0 and calls[fused] > 0, calls
-    inputs = mems["xla"].features(x, ids)[0]
     carry = jax.tree.map(lambda a: a * 1.1, mems["xla"].initial_carry(b))  # continued stream
-    ends = {k: nnx.jit(lambda m: m.memorize(inputs, resets, carry))(m) for k, m in mems.items()}
+
+    # One program per kernel: the outputs, the gradient of sum(sin(3 y)) for every parameter
+    # and the carry after continuing `carry` over the same inputs.
+    def run(m, params, x):
+        graphdef, _, rest = nnx.split(m, nnx.Param, ...)
+        layer = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
+        y, pullback = jax.vjp(lambda p: layer(p)(x, segment_ids=ids), params)
+        end = layer(params).memorize(layer(params).features(x, ids)[0], resets, carry)[1]
+        return y, pullback(3 * jnp.cos(3 * y))[0], end
+
+    jaxprs, outs, grads, ends = {}, {}, {}, {}
+    for k, m in mems.items():
+        fn = functools.partial(run, m)
+        jaxprs[k], (outs[k], grads[k], ends[k]) = trace_and_run(fn, nnx.state(m, nnx.Param), x)
+    # The fused path really runs (else this test would compare the XLA scan with itself).
+    calls = {k: jaxpr.count("pallas_call") for k, jaxpr in jaxprs.items()}
+    assert calls["xla"] == 0 and calls[fused] > 0, calls
+    assert float(jnp.max(jnp.abs(outs[fused] - outs["xla"]))) < 1e-10
     for a, c in zip(jax.tree.leaves(ends[fused]), jax.tree.leaves(ends["xla"]),
                     strict=True):  # fmt: skip
         assert float(jnp.max(jnp.abs(a - c))) < 1e-10
@@ -177,6 +199,7 @@ def test_kernel_warps_reach_the_fused_kernel(monkeypatch, family):
     monkeypatch.setattr(fused_scan, "_call", recording_call)
     cfg = small_config("titans_lmm") if family == "titans_lmm" else (
         experiments_lm.get_config("hope_tiny").model)  # fmt: skip
+    cfg.num_layers = 1  # every block's layers take the same config: one block shows it
     cfg.memory.kernel, cfg.memory.kernel_warps = "pallas_forward", 4
     x = jax.random.normal(jax.random.PRNGKey(4), (1, 16, cfg.d_model), jnp.float32)
     # Tracing alone reaches the kernel calls: nothing needs to compile or run.
@@ -197,43 +220,48 @@ def test_backprop_chunks_truncate_the_memory_gradient(x64, kernel):
     mems = {k: make_memory(kernel=kernel, backprop_chunks=k) for k in (0, 2)}
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 18, D), jnp.float64)
 
-    def last_chunk(m, x):
-        return jnp.sum(jnp.sin(3 * m(x)[:, 15:]))
+    def outputs_and_last_chunk_grad(m, x):
+        """`m(x)` and the input gradient of sum(sin(3 m(x)[:, 15:])) from one forward pass."""
+        y, pullback = jax.vjp(m, x)
+        return y, pullback((3 * jnp.cos(3 * y)).at[:, :15].set(0))[0]
 
-    grads = {k: jax.jit(jax.grad(functools.partial(last_chunk, m)))(x) for k, m in mems.items()}
+    runs = {k: jax.jit(functools.partial(outputs_and_last_chunk_grad, m))(x)
+            for k, m in mems.items()}  # fmt: skip
+    (y_cut, g_cut), (y_full, g_full) = runs[2], runs[0]
     # Chunks of 3, cut before token 12; the conv (window 4) reaches back to token 9.
-    assert float(jnp.abs(grads[2][:, :9]).max()) == 0.0
-    assert float(jnp.abs(grads[0][:, :9]).max()) > 1e-8
-    np.testing.assert_allclose(_forward(mems[2], x), _forward(mems[0], x), rtol=1e-12, atol=1e-13)
+    assert float(jnp.abs(g_cut[:, :9]).max()) == 0.0
+    assert float(jnp.abs(g_full[:, :9]).max()) > 1e-8
+    np.testing.assert_allclose(y_cut, y_full, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="backprop_chunks must be an int >= 0"):
         make_memory(backprop_chunks=-1)
 
 
-@pytest.mark.parametrize("kernel", ["xla", "pallas_forward"])
-def test_parallel_windows_give_the_sequential_gradient(x64, kernel):
+def test_parallel_windows_give_the_sequential_gradient(x64):
     """`parallel_windows` (the fused backward walking the windows of K chunks side by side) is
-    the same gradient, for every parameter, as the walk over all chunks and as the XLA path
-    (`kernel="xla"`: the same windows through `run_level_fused(forward="xla")`, no Pallas):
-    7 full chunks of 3 with K = 2 (3 windows and a chunk after them) and a partial chunk."""
-    variants = [("windows", kernel, True), ("walk", kernel, False), ("xla", "xla", False)]
-    mems = {
-        name: make_memory(kernel=k, backprop_chunks=2, parallel_windows=par)
-        for name, k, par in variants[: 2 if kernel != "xla" else 1] + variants[2:]
-    }  # the XLA path's walk is the reference itself
+    the same gradient, for every parameter, as the walk over all chunks and as the XLA path,
+    on both chunk scans (`kernel="xla"`: the same windows through
+    `run_level_fused(forward="xla")`, no Pallas): 7 full chunks of 3 with K = 2 (3 windows and
+    a chunk after them) and a partial chunk. The XLA path's walk is the reference."""
+    variants = {
+        "windows_xla": ("xla", True),
+        "windows_pallas": ("pallas_forward", True),
+        "walk_pallas": ("pallas_forward", False),
+        "xla": ("xla", False),
+    }
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 23, D), jnp.float64)
     loss = lambda m, x: jnp.sum(jnp.sin(3 * m(x)))  # noqa: E731
-    # Jitted: run eagerly, every op of the scans (and of the Pallas interpreter) is dispatched
-    # on its own.
-    grads = {name: nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x) for name, m in mems.items()}
-    want = jax.tree.leaves(grads["xla"])
-    for name in set(mems) - {"xla"}:
-        for a, c in zip(jax.tree.leaves(grads[name]), want, strict=True):
+    jaxprs, grads = {}, {}
+    for name, (k, par) in variants.items():
+        m = make_memory(kernel=k, backprop_chunks=2, parallel_windows=par)
+        jaxprs[name], grads[name] = grads_of(loss, m, x)
+    for name in set(variants) - {"xla"}:
+        for a, c in zip(grads[name], grads["xla"], strict=True):
             assert float(jnp.linalg.norm(a - c)) <= 1e-10 * float(jnp.linalg.norm(c)) + 1e-14
     # The windows really walk side by side: the backward's reverse loop is K chunks long.
-    jaxpr = str(jax.make_jaxpr(lambda x: jax.grad(loss, argnums=1)(mems["windows"], x))(x))
-    assert ("pallas_call" in jaxpr) == (kernel != "xla")
-    walks = re.findall(r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True", jaxpr)
-    assert 2 in {int(n) for n in walks} and 7 not in {int(n) for n in walks}, walks
+    for name in ("windows_xla", "windows_pallas"):
+        assert ("pallas_call" in jaxprs[name]) == name.endswith("pallas")
+        walks = walk_lengths(jaxprs[name])
+        assert 2 in walks and 7 not in walks, (name, walks)
 
 
 def test_backprop_chunk_windows_continue_across_calls(x64):
@@ -248,29 +276,34 @@ def test_backprop_chunk_windows_continue_across_calls(x64):
     def reads(carry, offset):
         return jnp.sum(jnp.sin(mem.memorize(inputs, carry=carry, offset=offset)[0]))
 
-    at_boundary = jax.grad(reads)(carry, 4)[0]
-    mid_window = jax.grad(reads)(carry, 2)[0]
+    # One program for both offsets: eagerly, every scan of the gradient compiles on its own.
+    at_boundary, mid_window = jax.jit(
+        lambda carry: (jax.grad(reads)(carry, 4)[0], jax.grad(reads)(carry, 2)[0])
+    )(carry)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(at_boundary))
     assert all(float(jnp.abs(g).max()) > 1e-8 for g in jax.tree.leaves(mid_window))
 
 
 def test_backprop_chunks_reach_every_titans_variant():
-    """The config key builds truncating memories in MAC (segments continue the windows), MAG
-    and MAL; their gradients stay finite and their outputs unchanged."""
+    """The config key builds truncating memories in MAG and MAL; their gradients stay finite
+    and their outputs unchanged. (MAC, whose segments continue the windows:
+    test_mac_segments_on_the_window_grid_walk_windows_side_by_side builds it from the same key
+    and compares its cut gradients.)"""
     x = jax.random.normal(jax.random.PRNGKey(5), (1, SEQ, D), jnp.float32)
-    for family in ("titans_mac", "titans_mag", "titans_mal"):
+    for family in ("titans_mag", "titans_mal"):
         cfg = small_config(family)
         cfg.memory.backprop_chunks = 2
-        build_fn = {"titans_mac": titans.mac_from_config, "titans_mag": titans.mag_from_config,
-                    "titans_mal": titans.mal_from_config}[family]  # fmt: skip
-        cut = build_fn(cfg, nnx.Rngs(0))
+        cut = FACTORIES[family](cfg, nnx.Rngs(0))
         assert cut.memory.backprop_chunks == 2
         cfg.memory.backprop_chunks = 0
-        full = build_fn(cfg, nnx.Rngs(0))
-        # Jitted: eager dispatch of the chunk scans costs more than compiling them once. The
-        # cut layer's outputs and its input gradient of sum(y ** 2) come from one program.
-        y, g = nnx.jit(_outputs_and_input_grad)(cut, x)
-        np.testing.assert_allclose(y, nnx.jit(lambda m, x: m(x))(full, x), rtol=1e-5, atol=1e-6)
+        full = FACTORIES[family](cfg, nnx.Rngs(0))
+        # Jitted: eager dispatch of the chunk scans costs more than compiling them once. One
+        # program: the cut layer's outputs, its input gradient of sum(y ** 2), the full layer's
+        # outputs.
+        y, g, y_full = nnx.jit(lambda cut, full, x: (*_outputs_and_input_grad(cut, x), full(x)))(
+            cut, full, x
+        )
+        np.testing.assert_allclose(y, y_full, rtol=1e-5, atol=1e-6)
         assert bool(jnp.isfinite(g).all()), family
 
 
@@ -293,13 +326,11 @@ def test_mac_segments_on_the_window_grid_walk_windows_side_by_side(x64):
     for par in (True, False):
         cfg.memory.parallel_windows = par
         m = titans.mac_from_config(cfg, nnx.Rngs(0))
-        grads[par] = jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x))
-        jaxprs[par] = str(jax.make_jaxpr(lambda x, m=m: jax.grad(loss, argnums=1)(m, x))(x))
+        jaxprs[par], grads[par] = grads_of(loss, m, x)
     for a, c in zip(grads[True], grads[False], strict=True):
         assert float(jnp.linalg.norm(a - c)) <= 1e-10 * float(jnp.linalg.norm(c)) + 1e-14
-    walk = r"length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=True"
-    assert 2 in {int(n) for n in re.findall(walk, jaxprs[True])}
-    assert 2 not in {int(n) for n in re.findall(walk, jaxprs[False])}
+    assert 2 in walk_lengths(jaxprs[True])
+    assert 2 not in walk_lengths(jaxprs[False])
 
 
 @pytest.mark.parametrize("key,attr,preset", [("rule.normalize_lr", "normalize_lr", False),
@@ -524,7 +555,7 @@ def test_every_param_has_logical_axes():
 
 def test_factory_builds_language_model():
     """The factories plug into DecoderLM (registered here; the registry module does it for real)."""
-    family = "titans_mac"
+    family = "titans_lmm"  # the lightest: every factory returns a mixer of the same protocol
     register_mixer(family, FACTORIES[family])
     cfg = small_config(family)
     cfg.num_layers = 1
