@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.test_util import check_grads
 
 from nl_jax.core import DeltaRule, Level, LinearMemory, ResidualMLPMemory, objectives, run_level
 from nl_jax.core.reference import reference_level
@@ -88,8 +87,11 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def assert_matches_reference(level, inp, tol):
-    out, (params, state) = jax.jit(functools.partial(run_fast, level))(inp)
+def assert_matches_reference(level, inp, tol, got=None):
+    """`level`'s fast path (or `got`, its `(outputs, (params, state))`) against the token loop:
+    the outputs, the final weights and, with momentum, the final momentum. Returns the token
+    loop's `(outputs, weights)`."""
+    out, (params, state) = jax.jit(functools.partial(run_fast, level))(inp) if got is None else got
     ref_out, ref_params, ref_mom = run_ref(
         level, jax.tree.map(lambda x: x.astype(jnp.float64), inp)
     )
@@ -100,14 +102,42 @@ def assert_matches_reference(level, inp, tol):
         mom = level.rule.get_momentum(state)
         for name in ref_mom:
             assert rel_err(mom[name], ref_mom[name]) < tol
+    return ref_out, ref_params
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, SEQ])
+# 8 tokens in chunks of one token, of 3 (two full chunks and a trailing partial one of 2
+# tokens) and of the whole sequence.
+FAST_SEQ, CHUNKS = 8, (1, 3, 8)
+
+
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("memory", list(MEMORIES))
-def test_fast_path_matches_reference_float64(x64, memory, rule, chunk):
-    level = Level(MEMORIES[memory], objectives.l2, RULES[rule], chunk)
-    assert_matches_reference(level, make_inputs(level.memory, chunk), 1e-10)
+def test_fast_path_matches_reference_float64_and_float32(x64, memory, rule):
+    """Every chunk size of `CHUNKS`, and the generic optax path at chunk 3, against the token
+    loop (all of them one program); at chunk 3 the fast path in float32 too (rounded inputs, no
+    float64 inside)."""
+    levels = [Level(MEMORIES[memory], objectives.l2, RULES[rule], c) for c in CHUNKS]
+    inp = make_inputs(levels[0].memory, 4, seq=FAST_SEQ)
+
+    def all_paths(inp):
+        generic = run_fast(levels[CHUNKS.index(3)], inp, path="generic")
+        return [run_fast(level, inp) for level in levels], generic
+
+    fast, generic = jax.jit(all_paths)(inp)
+    refs = [
+        assert_matches_reference(lv, inp, 1e-10, got) for lv, got in zip(levels, fast, strict=True)
+    ]
+    assert_matches_reference(levels[CHUNKS.index(3)], inp, 1e-10, generic)
+
+    ref_out, ref_params = refs[CHUNKS.index(3)]
+    with jax.enable_x64(False):
+        inp32 = jax.tree.map(lambda x: np.asarray(x, np.float32), inp)
+        out, (params, _) = jax.jit(functools.partial(run_fast, levels[CHUNKS.index(3)]))(inp32)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, ref_out) < 1e-4
+    for name in ref_params:
+        assert params[name].dtype == jnp.float32
+        assert rel_err(params[name], ref_params[name]) < 1e-4
 
 
 @pytest.mark.parametrize("read", ["per_token_prior", "boundary"])
@@ -120,11 +150,12 @@ def test_read_modes_match_reference(x64, memory, read):
 @pytest.mark.parametrize("rule", ["titans", "dgd_momentum"])
 def test_partial_chunk_without_update(x64, rule):
     level = Level(MEMORIES["mlp"], objectives.l2, RULES[rule], 4, update_on_partial=False)
-    inp = make_inputs(level.memory, 3)
-    assert_matches_reference(level, inp, 1e-10)
-    # The flag must matter: the final state differs from updating on the partial chunk.
     updated = Level(MEMORIES["mlp"], objectives.l2, RULES[rule], 4)
-    assert rel_err(run_fast(level, inp)[1][0]["W2"], run_fast(updated, inp)[1][0]["W2"]) > 1e-6
+    inp = make_inputs(level.memory, 3)
+    got, with_update = jax.jit(lambda inp: (run_fast(level, inp), run_fast(updated, inp)))(inp)
+    assert_matches_reference(level, inp, 1e-10, got)
+    # The flag must matter: the final state differs from updating on the partial chunk.
+    assert rel_err(got[1][0]["W2"], with_update[1][0]["W2"]) > 1e-6
 
 
 @pytest.mark.parametrize(
@@ -133,32 +164,6 @@ def test_partial_chunk_without_update(x64, rule):
 def test_other_objectives_match_reference(x64, objective):
     level = Level(MEMORIES["mlp"], objective, RULES["dgd_momentum"], 3)
     assert_matches_reference(level, make_inputs(level.memory, 11), 1e-10)
-
-
-@pytest.mark.parametrize("memory", list(MEMORIES))
-@pytest.mark.parametrize("rule", list(RULES))
-def test_float32_fast_path_matches_float64_reference(memory, rule):
-    level = Level(MEMORIES[memory], objectives.l2, RULES[rule], 4)
-    with jax.enable_x64(True):
-        inp64 = make_inputs(level.memory, 5)
-        ref_out, ref_params, _ = run_ref(level, inp64)
-    inp32 = jax.tree.map(lambda x: np.asarray(x, np.float32), inp64)
-    out, (params, _) = jax.jit(functools.partial(run_fast, level))(inp32)
-    assert out.dtype == jnp.float32
-    assert rel_err(out, ref_out) < 1e-4
-    for name in ref_params:
-        assert rel_err(params[name], ref_params[name]) < 1e-4
-
-
-@pytest.mark.parametrize("memory", list(MEMORIES))
-@pytest.mark.parametrize("rule", list(RULES))
-def test_generic_optax_path_matches_fast_path(x64, memory, rule):
-    level = Level(MEMORIES[memory], objectives.l2, RULES[rule], 3)
-    inp = make_inputs(level.memory, 2)
-    fast = jax.jit(functools.partial(run_fast, level))(inp)
-    generic = jax.jit(functools.partial(run_fast, level, path="generic"))(inp)
-    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(generic), strict=True):
-        assert rel_err(a, b) < 1e-10
 
 
 def online_numpy(w, keys, values, queries, eta, alpha, dgd):
@@ -207,19 +212,38 @@ def ref_outer_loss(level, params, eta, alpha, beta, inp):
     return jnp.sum(out * weights) + sum(jnp.sum(jnp.cos(w)) for w in final.values())
 
 
+def assert_central_differences_match(value_and_grad, args, eps: float, tol: float) -> None:
+    """The gradient's inner product with a random direction against central finite
+    differences along it (as `jax.test_util.check_grads` in reverse mode), from the one
+    compiled `value_and_grad`."""
+    rng = np.random.RandomState(0)
+    direction = jax.tree.map(lambda a: rng.standard_normal(np.shape(a)), args)
+    _, grads = value_and_grad(*args)
+    f_pos = value_and_grad(*jax.tree.map(lambda a, d: a + eps * d, args, direction))[0]
+    f_neg = value_and_grad(*jax.tree.map(lambda a, d: a - eps * d, args, direction))[0]
+    numeric = (float(f_pos) - float(f_neg)) / (2 * eps)
+    analytic = sum(
+        float(np.sum(np.asarray(g) * d))
+        for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+    )
+    np.testing.assert_allclose(analytic, numeric, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("rule", ["dgd_momentum", "dgd_stable"])
 @pytest.mark.parametrize("memory", list(MEMORIES))
 def test_outer_gradients_through_chunked_scan(x64, memory, rule):
     level = Level(MEMORIES[memory], objectives.l2, RULES[rule], 3)
     inp = make_inputs(level.memory, 9, seq=7)
     args = (inp["params"], inp["eta"], inp["alpha"], inp["beta"])
-    fast = jax.jit(functools.partial(outer_loss, level, "fast", inp=inp))
+    fast = jax.jit(
+        jax.value_and_grad(functools.partial(outer_loss, level, "fast", inp=inp), (0, 1, 2, 3))
+    )
     if not level.rule.normalize_memory:
-        # Central finite differences along random directions (float64). The memory-wide step's
+        # Central finite differences along a random direction (float64). The memory-wide step's
         # normaliser is a constant for the outer gradient (stop_gradient), which finite
         # differences do not see: that rule is checked against the token loop only.
-        check_grads(fast, args, order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-6)
-    grads = jax.grad(fast, argnums=(0, 1, 2, 3))(*args)
+        assert_central_differences_match(fast, args, eps=1e-5, tol=1e-6)
+    _, grads = fast(*args)
     ref_grads = jax.grad(functools.partial(ref_outer_loss, level, inp=inp), argnums=(0, 1, 2, 3))(
         *args
     )
@@ -308,31 +332,33 @@ def test_bad_hyperparameter_shape():
                   jnp.ones((4, 4)), eta=jnp.ones(3))  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("read", ["per_token", "per_token_prior", "boundary"])
 @pytest.mark.parametrize("memory", list(MEMORIES))
-def test_document_resets_match_reference(x64, memory, read, path):
+def test_document_resets_match_reference(x64, memory, read):
+    """The fast and the generic optax path (one program) against the token loop."""
     level = Level(MEMORIES[memory], objectives.l2, RULES["dgd_momentum"], 4, read=read)
     inp = make_inputs(level.memory, 12, seq=14)
     # Resets mid-chunk (2, 5), at a chunk start (8), twice in one chunk (9, 11), in the tail (13).
     resets = np.zeros(14, bool)
     resets[[0, 2, 5, 8, 9, 11, 13]] = True
-    run = jax.jit(
-        lambda inp: run_level(
+
+    def run(inp, path):
+        return run_level(
             level, inp["params"], level.rule.init(inp["params"]), inp["keys"], inp["values"],
             inp["queries"], eta=inp["eta"], alpha=inp["alpha"], beta=inp["beta"],
             resets=jnp.asarray(resets), path=path,
-        )
-    )  # fmt: skip
-    out, (params, _) = run(inp)
+        )  # fmt: skip
+
+    both = jax.jit(lambda inp: {path: run(inp, path) for path in ("fast", "generic")})(inp)
     ref_out, ref_params, _ = reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
         inp["eta"], inp["alpha"], inp["beta"], chunk_size=4, rule=level.rule, read=read,
         resets=resets,
     )  # fmt: skip
-    assert rel_err(out, ref_out) < 1e-10
-    for name in ref_params:
-        assert rel_err(params[name], ref_params[name]) < 1e-10
+    for path, (out, (params, _)) in both.items():
+        assert rel_err(out, ref_out) < 1e-10, path
+        for name in ref_params:
+            assert rel_err(params[name], ref_params[name]) < 1e-10, (path, name)
 
 
 @pytest.mark.parametrize("chunk, start", [(4, 8), (1, 6)])
@@ -347,28 +373,33 @@ def test_packed_document_equals_document_alone(x64, chunk, start):
             inp["queries"], eta=inp["eta"], alpha=inp["alpha"], beta=inp["beta"], resets=resets,
         )  # fmt: skip
 
-    packed, (p_end, _) = run(inp, jnp.zeros(14, bool).at[start].set(True))
-    alone, (a_end, _) = run({k: (v if k == "params" else v[start:]) for k, v in inp.items()})
+    def both(inp):  # one program: eager, every scan compiles on its own
+        packed = run(inp, jnp.zeros(14, bool).at[start].set(True))
+        return packed, run({k: (v if k == "params" else v[start:]) for k, v in inp.items()})
+
+    (packed, (p_end, _)), (alone, (a_end, _)) = jax.jit(both)(inp)
     np.testing.assert_allclose(packed[start:], alone, rtol=1e-10, atol=1e-12)
     for name in p_end:
         np.testing.assert_allclose(p_end[name], a_end[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", ["fast", "generic"])
-def test_self_generated_targets_match_reference(x64, path):
+def test_self_generated_targets_match_reference(x64):
+    """The fast and the generic optax path against the token loop; and the flag matters."""
     level = Level(MEMORIES["mlp"], objectives.l2, RULES["dgd_momentum"], 3, self_target=True)
+    plain = Level(MEMORIES["mlp"], objectives.l2, RULES["dgd_momentum"], 3)
     inp = make_inputs(level.memory, 14)
-    out, (params, _) = jax.jit(functools.partial(run_fast, level, path=path))(inp)
+    paths = ("fast", "generic")
+    runs = jax.jit(lambda inp: {p: (run_fast(level, inp, p), run_fast(plain, inp, p)[0])
+                                for p in paths})(inp)  # fmt: skip
     ref_out, ref_params, _ = reference_level(
         level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
         inp["eta"], inp["alpha"], inp["beta"], chunk_size=3, rule=level.rule, self_target=True,
     )  # fmt: skip
-    assert rel_err(out, ref_out) < 1e-10
-    for name in ref_params:
-        assert rel_err(params[name], ref_params[name]) < 1e-10
-    # The flag must matter.
-    plain = Level(MEMORIES["mlp"], objectives.l2, RULES["dgd_momentum"], 3)
-    assert rel_err(run_fast(plain, inp, path)[0], out) > 1e-6
+    for path, ((out, (params, _)), plain_out) in runs.items():
+        assert rel_err(out, ref_out) < 1e-10, path
+        for name in ref_params:
+            assert rel_err(params[name], ref_params[name]) < 1e-10, (path, name)
+        assert rel_err(plain_out, out) > 1e-6, path
 
 
 @pytest.mark.parametrize("c", [1, 3, 16, 17, 48, 64, 100, 128])
@@ -436,40 +467,46 @@ CHUNK_NORMALIZED = DeltaRule(momentum=True, retention=True, normalize_chunk=True
 
 
 @pytest.mark.parametrize("with_resets", [False, True])
-@pytest.mark.parametrize("chunk", [1, 3, 4])
 @pytest.mark.parametrize("memory", list(MEMORIES))
-def test_chunk_normalized_step_matches_reference(x64, memory, chunk, with_resets):
+def test_chunk_normalized_step_matches_reference(x64, memory, with_resets):
     """The masked C x C running sum of the fast path equals the token loop's running sum,
-    across chunk starts, mid-chunk document resets and the trailing partial chunk."""
-    level = Level(MEMORIES[memory], objectives.l2, CHUNK_NORMALIZED, chunk)
-    inp = make_inputs(level.memory, 21, seq=14)
+    across chunk starts, mid-chunk document resets and the trailing partial chunk, for chunks
+    of 1, 3 and 4 (one program)."""
+    chunks = (1, 3, 4)
+    levels = [Level(MEMORIES[memory], objectives.l2, CHUNK_NORMALIZED, c) for c in chunks]
+    per_token = [Level(MEMORIES[memory], objectives.l2, RULES["titans_normalized"], c)
+                 for c in chunks[1:]]  # fmt: skip
+    inp = make_inputs(levels[0].memory, 21, seq=14)
     resets = np.zeros(14, bool)
     if with_resets:
         resets[[0, 2, 5, 8, 9, 11, 13]] = True
-    out, (params, state) = jax.jit(
-        lambda inp: run_level(
+
+    def run(level, inp):
+        return run_level(
             level, inp["params"], level.rule.init(inp["params"]), inp["keys"], inp["values"],
             inp["queries"], eta=inp["eta"], alpha=inp["alpha"], beta=inp["beta"],
             resets=jnp.asarray(resets) if with_resets else None, path="fast",
-        )
-    )(inp)  # fmt: skip
-    ref_out, ref_params, ref_mom = reference_level(
-        level.memory, level.objective, inp["params"], inp["keys"], inp["values"], inp["queries"],
-        inp["eta"], inp["alpha"], inp["beta"], chunk_size=chunk, rule=CHUNK_NORMALIZED,
-        resets=resets if with_resets else None,
-    )  # fmt: skip
-    assert rel_err(out, ref_out) < 1e-10
-    mom = level.rule.get_momentum(state)
-    for name in ref_params:
-        assert rel_err(params[name], ref_params[name]) < 1e-10
-        assert rel_err(mom[name], ref_mom[name]) < 1e-10
+        )  # fmt: skip
+
+    runs, others = jax.jit(
+        lambda inp: ([run(lv, inp) for lv in levels], [run_fast(lv, inp)[0] for lv in per_token])
+    )(inp)
+    for chunk, (out, (params, state)) in zip(chunks, runs, strict=True):
+        ref_out, ref_params, ref_mom = reference_level(
+            levels[0].memory, objectives.l2, inp["params"], inp["keys"], inp["values"],
+            inp["queries"], inp["eta"], inp["alpha"], inp["beta"], chunk_size=chunk,
+            rule=CHUNK_NORMALIZED, resets=resets if with_resets else None,
+        )  # fmt: skip
+        assert rel_err(out, ref_out) < 1e-10, chunk
+        mom = CHUNK_NORMALIZED.get_momentum(state)
+        for name in ref_params:
+            assert rel_err(params[name], ref_params[name]) < 1e-10, (chunk, name)
+            assert rel_err(mom[name], ref_mom[name]) < 1e-10, (chunk, name)
     # It is a different step from the per-token normalisation (else this test proves nothing).
-    per_token = Level(MEMORIES[memory], objectives.l2, RULES["titans_normalized"], chunk)
-    other = run_fast(per_token, inp)[0]
-    if chunk > 1:
+    for (out, _), other in zip(runs[1:], others, strict=True):
         assert rel_err(other, out) > 1e-6
     with pytest.raises(ValueError, match="no token-by-token optax form"):
-        run_fast(level, inp, path="generic")
+        run_fast(levels[0], inp, path="generic")
     with pytest.raises(ValueError, match="normalize_lr and normalize_chunk are two forms"):
         DeltaRule(normalize_chunk=True, normalize_lr=True)
     # DGD keeps its normalised step beneath the chunk form (the paper's step with it off).
@@ -511,13 +548,17 @@ def test_memory_curvature_is_the_tangent_kernel_along_the_error(x64):
         memory, params, inp["keys"], inp["values"], objectives.l2, with_error=True
     )
     kappa = memory_curvature(deltas, inputs, errors)
-    for t in range(SEQ):
-        jac = jax.jacobian(lambda p, t=t: memories.apply(memory, p, inp["keys"][t]))(params)
+
+    def tangent_kernel(k, v):  # one token's error and e^T J J^T e / e^T e
+        jac = jax.jacobian(lambda p: memories.apply(memory, p, k))(params)
         j = jnp.concatenate([a.reshape(a.shape[0], -1) for a in jax.tree.leaves(jac)], axis=1)
-        e = memories.apply(memory, params, inp["keys"][t]) - inp["values"][t]
-        np.testing.assert_allclose(errors[t], e, rtol=1e-12)
-        expected = e @ j @ j.T @ e / (e @ e)
-        np.testing.assert_allclose(kappa[t], expected, rtol=1e-10)
+        e = memories.apply(memory, params, k) - v
+        return e, e @ j @ j.T @ e / (e @ e)
+
+    # Every token in one program (eager, each token's Jacobian traces and dispatches anew).
+    e, expected = jax.jit(jax.vmap(tangent_kernel))(inp["keys"], inp["values"])
+    np.testing.assert_allclose(errors, e, rtol=1e-12)
+    np.testing.assert_allclose(kappa, expected, rtol=1e-10)
     # A linear memory's curvature is its input's squared norm: layer-wise DGD's normaliser.
     lin = MEMORIES["linear"]
     lp = make_inputs(lin, 32)
@@ -536,10 +577,15 @@ def test_memory_normalised_step_is_layerwise_dgd_for_a_linear_memory(x64):
     wide = DeltaRule(
         dgd=True, momentum=True, retention=True, normalize_lr=True, normalize_memory=True
     )
+    inputs = {memory: make_inputs(MEMORIES[memory], 33) for memory in MEMORIES}
+
+    def outputs(inputs):
+        return {m: [run_fast(Level(MEMORIES[m], objectives.l2, rule, 3), inputs[m])[0]
+                    for rule in (plain, wide)] for m in MEMORIES}  # fmt: skip
+
+    runs = jax.jit(outputs)(inputs)  # one program: eager, every scan compiles on its own
     for memory, same in (("linear", True), ("mlp", False)):
-        inp = make_inputs(MEMORIES[memory], 33)
-        a = run_fast(Level(MEMORIES[memory], objectives.l2, plain, 3), inp)[0]
-        b = run_fast(Level(MEMORIES[memory], objectives.l2, wide, 3), inp)[0]
+        a, b = runs[memory]
         assert (rel_err(a, b) < 1e-12) == same, (memory, rel_err(a, b))
 
 

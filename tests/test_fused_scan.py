@@ -189,33 +189,39 @@ def test_fused_scan_rejects_bad_inputs():
         fs.fused_scan(toy_step, carry, dict(xs, b=xs["b"] > 0), consts, interpret=True)
 
 
-def _pallas_heads(spec, init, static, u, q, beta, heads=None):
-    """One head's arrays from `make` as `run_heads` inputs with batch 1 and heads 1."""
+def _pallas_heads(spec, init, static, u, q, beta, resets=None):
+    """One head's arrays from `make` through `run_heads` with batch 1 and heads 1: `y [seq, d]`."""
     spec = dataclasses.replace(spec, kernel="pallas_forward")
     add = lambda a: a[None]  # noqa: E731
+    resets = None if resets is None else jnp.asarray(resets)[None]
     # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
-    y, new = jax.jit(functools.partial(sm.run_heads, spec))(
+    y, _ = jax.jit(functools.partial(sm.run_heads, spec))(
         jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None],
-        q[None, :, None], beta[None, :, None], None, heads,
+        q[None, :, None], beta[None, :, None], resets, None,
     )  # fmt: skip
-    return y[0, :, 0], new
+    return y[0, :, 0]
 
 
+# Trailing partial chunks for both chunk sizes (3 and 2; 4 and 4). Documents: one starts
+# inside a chunk, one at a chunk start, two in a row.
 @pytest.mark.parametrize(
-    "changes",
+    "changes,seq,doc_starts",
     [
-        {},
-        {"chunk_other": 4, "chunk_mem": 4},
-        {"adaptive_k": False, "adaptive_v": False},
-        {"normalize_memory": True, "momentum_ema": True, "normalize_chunk": True},
+        ({}, 11, (0, 3, 6, 7)),
+        ({"chunk_other": 4, "chunk_mem": 4, "adaptive_k": False, "adaptive_v": False}, 9, None),
+        ({"normalize_memory": True, "momentum_ema": True, "normalize_chunk": True}, 9, None),
     ],
-    ids=["chunks_3_2_partial", "chunks_4_4", "static_kv", "stable"],
+    ids=["chunks_3_2_resets", "chunks_4_4_static_kv", "stable"],
 )
-def test_pallas_heads_match_token_reference(x64, changes):
+def test_pallas_heads_match_token_reference(x64, changes, seq, doc_starts):
     spec = changed(SPEC, **changes)
-    init, static, u, q, beta = make(spec, 0)  # seq 9: a trailing partial chunk for C_other 2, 4
-    out, _ = _pallas_heads(spec, init, static, u, q, beta)
-    assert rel_err(out, reference(spec, init, static, u, q, beta)) < 1e-10
+    init, static, u, q, beta = make(spec, 0, seq=seq)
+    resets = None
+    if doc_starts is not None:
+        resets = np.zeros(seq, bool)
+        resets[list(doc_starts)] = True
+    out = _pallas_heads(spec, init, static, u, q, beta, resets)
+    assert rel_err(out, reference(spec, init, static, u, q, beta, resets)) < 1e-10
 
 
 def _heads_inputs(spec, b, s):
@@ -223,53 +229,70 @@ def _heads_inputs(spec, b, s):
     return heads_inputs(spec, b, s, seed=5, init_dtype=jnp.float64)
 
 
-# {(with_resets, stable): (XLA head states, XLA gradients)} of the test below.
+def _floats_loss(outputs) -> jax.Array:
+    """A loss of `run_heads`' outputs and every float leaf of its end states."""
+    y, states = outputs
+    leaves = [a for a in jax.tree.leaves(states) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return jnp.sum(jnp.sin(3 * y)) + sum(jnp.sum(jnp.sin(a)) for a in leaves)
+
+
+# {(with_resets, stable): the XLA path's outputs, end states and gradients} of the test below.
 _XLA_HEADS: dict = {}
 
 
-# The fused forward (shared by both) without and with documents; M_memory fused as well with
-# the presets' stable inner loop and documents, the case with the most branches.
+# The fused forward (shared by both) with the paper's inner loop and no documents; then with the
+# presets' stable inner loop and documents, the case with the most branches, alone and with
+# M_memory fused as well (one XLA run for both).
 @pytest.mark.parametrize(
     "fused,with_resets,stable",
     [
         ("pallas_forward", False, False),
-        ("pallas_forward", True, False),
+        ("pallas_forward", True, True),
         ("pallas_forward_all", True, True),
     ],
     ids=lambda v: str(v),
 )
-def test_pallas_heads_gradients_and_state_match_xla(x64, with_resets, fused, stable):
+def test_pallas_heads_outputs_states_and_gradients_match_xla(x64, with_resets, fused, stable):
     """Every fused kernel against the XLA path, with documents and with the Hope presets'
-    stable inner loop (memory-wide step normalised over the chunk, averaged momentum)."""
+    stable inner loop (memory-wide step normalised over the chunk, averaged momentum): the
+    outputs, the end states and the gradient of a loss of both for every input, the
+    meta-learned initial states included."""
     spec = changed(SPEC, heads=2, chunk_other=2, chunk_mem=4, normalize_memory=stable,
                    momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
     b, s = 2, 8
-    init, static, u, q, beta = _heads_inputs(spec, b, s)
-    head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(init)
-    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), head)
-
+    args = _heads_inputs(spec, b, s)
     resets = None
     if with_resets:  # the second sequence starts documents inside and at a chunk boundary
         resets = jnp.zeros((b, s), bool).at[:, 0].set(True).at[1, jnp.array([3, 4])].set(True)
 
-    def run(kernel, with_state):
+    def outputs_and_grad(kernel):
+        """One program: outputs, end states and the gradient of `_floats_loss` of both."""
         sp = dataclasses.replace(spec, kernel=kernel)
-        return lambda *a: sm.run_heads(sp, *a, resets, heads if with_state else None)
 
-    args = (init, static, u, q, beta)
-    loss = lambda k: lambda *a: jnp.sum(jnp.sin(3 * run(k, False)(*a)[0]))  # noqa: E731
-    grad = lambda k: jax.jit(jax.grad(loss(k), argnums=(0, 1, 2, 3, 4)))  # noqa: E731
+        def run(init, static, u, q, beta):
+            # The start states made from `init` here, as run_heads makes them without `heads`:
+            # the gradient reaches `init` through them.
+            head = jax.vmap(lambda i: sm.initial_head_state(sp, i))(init)
+            heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), head)
+            return sm.run_heads(sp, init, static, u, q, beta, resets, heads)
+
+        def both(*a):
+            outputs, pullback = jax.vjp(run, *a)
+            return outputs, pullback(jax.grad(_floats_loss, allow_int=True)(outputs))
+
+        return jax.jit(both)
+
     key = (with_resets, stable)
     if key not in _XLA_HEADS:  # the same XLA run for every kernel: traced and compiled once
-        _XLA_HEADS[key] = jax.jit(run("xla", True))(*args)[1], grad("xla")(*args)
-    st_x, g_x = _XLA_HEADS[key]
-    traced = jax.jit(run(fused, True)).trace(*args)  # traced once: inspected, then compiled
+        _XLA_HEADS[key] = outputs_and_grad("xla")(*args)
+    (y_x, st_x), g_x = _XLA_HEADS[key]
+    traced = outputs_and_grad(fused).trace(*args)  # traced once: inspected, then compiled
     calls = str(traced.jaxpr).count("pallas_call")  # one fused forward kernel per fused scan
     assert calls == (2 if fused == "pallas_forward_all" else 1), calls
-    _, st_p = traced.lower().compile()(*args)
+    (y_p, st_p), g_p = traced.lower().compile()(*args)
+    assert rel_err(y_p, y_x) < 1e-10
     for a, c in zip(jax.tree.leaves(st_p), jax.tree.leaves(st_x), strict=True):
         assert rel_err(a, c) < 1e-10
-    g_p = grad(fused)(*args)
     for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         assert rel_err(a, c) < 1e-9
 
@@ -351,14 +374,13 @@ def _projection_inputs(spec, n=2, t=2, resets=False, cuts=False):
 
 
 @pytest.mark.skipif(fs.pl_triton is None, reason="this jaxlib has no Pallas Triton lowering")
-@pytest.mark.parametrize("resets,cuts,stable", [(False, False, False), (True, False, False),
-                                                (False, True, False), (True, False, True)],
-                         ids=["plain", "resets", "cuts", "stable"])  # fmt: skip
+@pytest.mark.parametrize("resets,cuts,stable", [(False, False, False), (True, True, True)],
+                         ids=["plain", "resets_cuts_stable"])  # fmt: skip
 def test_projection_step_lowers_to_triton_for_cuda(resets, cuts, stable):
     """Hope 340M's head shape (64 x 64 memories, C_other 16), the forward kernel and its XLA
-    backward, with documents or gradient cuts (their initial states as consts), and with the
-    stable inner loop (the memory-wide step's output tap normalised over the chunk, the averaged
-    momentum)."""
+    backward: plain, and with documents and gradient cuts (their initial states as consts) and
+    the stable inner loop (the memory-wide step's output tap normalised over the chunk, the
+    averaged momentum) all at once, so every op of each lowers."""
     spec = changed(sm.SelfModSpec(heads=16, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16),
                    normalize_memory=stable, momentum_ema=stable, normalize_chunk=stable)  # fmt: skip
     text = fs.check_lowering(functools.partial(sm.projection_step, spec),
@@ -417,17 +439,3 @@ def test_compiled_forward_kernel_with_documents_matches_xla_on_gpu():
 def test_compiled_forward_kernels_with_main_memory_match_xla_on_gpu():
     """`pallas_forward_all`: M_memory's chunk scan (C 64, explicit inverse) fused as well."""
     _compiled_kernel_matches_xla("pallas_forward_all")
-
-
-def test_pallas_heads_with_document_resets_match_token_reference(x64):
-    init, static, u, q, beta = make(SPEC, 3, seq=11)
-    resets = np.zeros(11, bool)
-    resets[[0, 3, 6, 7]] = True  # one inside a chunk, one at a chunk start, two in a row
-    spec = dataclasses.replace(SPEC, kernel="pallas_forward")
-    add = lambda a: a[None]  # noqa: E731
-    # Jitted: run eagerly, the Pallas interpreter dispatches every op of the kernel on its own.
-    y, _ = jax.jit(functools.partial(sm.run_heads, spec))(
-        jax.tree.map(add, init), jax.tree.map(add, static), u[None, :, None], q[None, :, None],
-        beta[None, :, None], jnp.asarray(resets)[None], None,
-    )  # fmt: skip
-    assert rel_err(y[0, :, 0], reference(SPEC, init, static, u, q, beta, resets)) < 1e-10
