@@ -49,20 +49,11 @@ def own_times(data) -> dict[str, tuple[float, float, int]]:
         if not plane.name.startswith("/host:"):
             continue
         for line in plane.lines:
-            events = sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns))
-            enclosing: list[tuple[float, str]] = []  # (end ns, name), innermost last
-            for e in events:
-                if e.name.startswith("$"):
-                    continue
-                while enclosing and enclosing[-1][0] <= e.start_ns:
-                    enclosing.pop()
-                if enclosing:
-                    end, parent = enclosing[-1]
-                    own[parent] -= min(e.end_ns, end) - e.start_ns
-                own[e.name] += e.duration_ns
+            xla = [e for e in line.events if not e.name.startswith("$")]
+            for e, own_ns, _ in throughput.nest(xla):
+                own[e.name] += own_ns
                 total[e.name] += e.duration_ns
                 count[e.name] += 1
-                enclosing.append((e.end_ns, e.name))
     return {n: (own[n] / 1e9, total[n] / 1e9, count[n]) for n in total}
 
 
@@ -147,7 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     print(table(times, args.top), flush=True)
     if worker.is_alive():
         # XLA's compile cannot be cancelled and would hold the process; nothing else is pending.
-        sys.stdout.flush()
         os._exit(0)
 
 

@@ -40,6 +40,7 @@ import pathlib
 import re
 import sys
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -156,6 +157,24 @@ HLO_CALLEES = re.compile(
 )
 
 
+def nest(events) -> list[tuple[Any, float, int]]:
+    """`(event, own ns, index of the innermost enclosing event or -1)` for the events of one
+    profile line, in start order: own time is the duration less the time of nested events."""
+    events = sorted(events, key=lambda e: (e.start_ns, -e.duration_ns))
+    own = [float(e.duration_ns) for e in events]
+    parents = []
+    enclosing: list[int] = []  # indices of the spans around the current event, innermost last
+    for i, e in enumerate(events):
+        while enclosing and events[enclosing[-1]].end_ns <= e.start_ns:
+            enclosing.pop()
+        parent = enclosing[-1] if enclosing else -1
+        if parent >= 0:
+            own[parent] -= min(e.end_ns, events[parent].end_ns) - e.start_ns
+        parents.append(parent)
+        enclosing.append(i)
+    return [(e, own[i], parents[i]) for i, e in enumerate(events)]
+
+
 def _device_events(data) -> list[tuple[str, str, str, float, bool]]:
     """`(name, op, hlo_module, own ns, has its own hlo_op)` of every device event of a profile.
 
@@ -183,25 +202,17 @@ def _device_events(data) -> list[tuple[str, str, str, float, bool]]:
                 continue
             if not on_device and not line.name.startswith("tf_XLA"):
                 continue
-            events = sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns))
-            rows = []
-            enclosing = []  # (end ns, row) of the spans around the current event, innermost last
-            for e in events:
-                while enclosing and enclosing[-1][0] <= e.start_ns:
-                    enclosing.pop()
+            ops: list[tuple[str, str]] = []  # (op, module) of each nested event, in order
+            for e, own_ns, parent in nest(line.events):
                 stats = dict(e.stats)
                 op = str(stats.get("hlo_op", ""))
                 module = str(stats.get("hlo_module", ""))
-                if enclosing:
-                    parent_end, parent = enclosing[-1]
-                    parent[3] -= min(e.end_ns, parent_end) - e.start_ns
-                    if not op:
-                        op, module = parent[1], parent[2]
-                row = [e.name, op, module, float(e.duration_ns), "hlo_op" in stats]
-                rows.append(row)
-                enclosing.append((e.end_ns, row))
-            # XLA:CPU's client thread blocks in this span while the worker threads run the ops.
-            out += [tuple(r) for r in rows if not r[0].endswith("(wait for completion)")]
+                if parent >= 0 and not op:
+                    op, module = ops[parent]
+                ops.append((op, module))
+                # XLA:CPU's client thread blocks in this span while the worker threads run ops.
+                if not e.name.endswith("(wait for completion)"):
+                    out.append((e.name, op, module, own_ns, "hlo_op" in stats))
     return out
 
 
