@@ -38,8 +38,12 @@ from nl_jax.core import target  # noqa: E402 (after the optional Pallas import)
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any]]
 # How the forward runs: the kernel, or a `lax.scan` of XLA ops (for the windowed backward on
-# any backend: TPU, CPU, several GPUs).
+# any backend: TPU, CPU, several GPUs). A caller may also give its own forward (`Forward`).
 FORWARDS = ("kernel", "xla")
+# `(carry, xs, consts, save) -> (final carry, ys, saved)`: the scan's forward by other means (a
+# caller's kernel), `saved` as `_forward`'s (every step's input carry, the carry's leaves
+# `[N, T, ...]`, or [] without `save`).
+Forward = Callable[[Any, Any, Any, bool], tuple[Any, Any, list]]
 # `(pack, unpack)`: a carry's layout for the XLA backward and back, given its leading axes.
 Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
 
@@ -47,7 +51,7 @@ Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
 class _Plan(NamedTuple):
     """`fused_scan`'s static choices, passed whole to the custom VJP."""
 
-    forward: str
+    forward: str | Forward
     xla_step: Step | None
     layout: Layout | None
     unroll: int
@@ -281,6 +285,8 @@ def _backward_seq(step: Step, how: _Plan, saved, xs, consts, d_final, d_ys):
 
 
 def _run_forward(step: Step, carry, xs, consts, save: bool, how: _Plan):
+    if callable(how.forward):
+        return how.forward(carry, xs, consts, save)
     if how.forward == "xla" and how.xla_step is not None:
         return _forward_xla_batched(how.xla_step, how.layout, carry, xs, consts, save, how.unroll)
     if how.forward == "xla":
@@ -314,7 +320,7 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
                num_warps: int = 8, xla_step: Step | None = None,
                xla_layout: Layout | None = None, unroll: int = 1, window: int = 0,
-               forward: str = "kernel") -> tuple[Any, Any]:  # fmt: skip
+               forward: str | Forward = "kernel") -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -341,7 +347,8 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         promise gives wrong gradients: callers derive both from one setting (`run_level_fused`).
       forward: `"kernel"` or `"xla"`: the forward as a `lax.scan` of XLA ops (of `xla_step`
         where given, else of `step` vmapped), saving the same carries (no Pallas: any
-        backend).
+        backend); or a `Forward` computing the same function by other means (a caller's own
+        kernel), differentiated by the same backward.
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -363,7 +370,7 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"fused_scan: window must be an int >= 0 (0: none), got {window!r}")
-    if forward not in FORWARDS:
+    if not callable(forward) and forward not in FORWARDS:
         raise ValueError(f"fused_scan: unknown forward {forward!r}; allowed: {FORWARDS}")
     how = _Plan(forward, xla_step, xla_layout, unroll, interpret, num_warps)
     return _scan(step, carry, xs, consts, how, window)

@@ -65,12 +65,15 @@ def interpret_params() -> Any:
 
 
 def _scratch(shape: tuple[int, ...], dtype: Any, compiled: bool) -> plgpu.SMEM:
-    """A shared-memory ref; compiled, 2-D ones are tiled and swizzled for `wgmma` (128-byte
-    rows), which the interpreter does not model."""
+    """A shared-memory ref; compiled, 2-D ones are tiled and swizzled for `wgmma` (rows of 128
+    bytes, or of the whole row where it is shorter: a 32-wide bf16 tile), which the interpreter
+    does not model."""
     if not compiled or len(shape) != 2:
         return plgpu.SMEM(shape, dtype)
-    tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize))
-    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(128)))
+    size = jnp.dtype(dtype).itemsize
+    swizzle = min(128, shape[1] * size)
+    tiling = plgpu.TilingTransform((8, swizzle // size))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
 class Ops(NamedTuple):
@@ -843,7 +846,9 @@ def memory_step(
 
     `state` float32 refs (`w1 [d, h]`, `w2 [h, d]`, momenta), `x.k, x.v, x.q [C, d]` refs in
     `ops.operands` (read by the products as they arrive; `walk_forward` casts them), gates
-    `[C]` float32 -> `y_ref [C, d]` float32 and the state updated in place. Every product
+    `[C]` float32 -> `y_ref [C, d]` float32 and the state updated in place. Without
+    `cfg.read` (a write-only memory: `x.q` and `y_ref` unused, may be None) the reads are
+    left out. Every product
     takes operand tiles (`ops.operands`: bf16 compiled) with float32 accumulation; the state,
     the decays' vectors, step sizes and all elementwise math stay float32. Scratch is scoped
     per stage so that stages reuse it; live across stages are the layer inputs, steps and
@@ -958,8 +963,9 @@ def memory_step(
             out = _read_layer(hq, hk, g1, be1, state.w1, state.s1, dec, ops, reset1)
             y_ref[...] = _load(x.q, ops) + out
 
-        pl.run_scoped(reads, _tile((c, h), ops))
-        plgpu.commit_smem()
+        if cfg.read:
+            pl.run_scoped(reads, _tile((c, h), ops))
+            plgpu.commit_smem()
         rows = (k_last, g_last, p_last)
         _end_layer(hk, g1, be1, state.w1, state.s1, dec, rows, ops, last, reset1)
         _end_layer(x.k, g2, be2, state.w2, state.s2, dec, rows, ops, last, reset2)

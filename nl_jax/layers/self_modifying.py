@@ -41,7 +41,7 @@ from nl_jax.core import (
 )
 from nl_jax.core.level import chunk_update
 from nl_jax.core.truncation import cut_carry, gradient_cuts
-from nl_jax.kernels import chunk_step, memory_walk
+from nl_jax.kernels import chunk_step, memory_walk, projection_walk
 from nl_jax.kernels.fused_level import run_level_fused
 from nl_jax.kernels.fused_scan import fused_fits, fused_scan
 from nl_jax.layers import axes
@@ -56,8 +56,9 @@ Params = dict[str, jax.Array]
 # XLA ops over its saved chunk-start carries.
 # `pallas_forward_all` runs M_memory's chunk scan through the fused forward as well; `walk` runs
 # the projection memories as `pallas_forward` does and M_memory as one persistent Mosaic GPU
-# kernel (`memory_walk.walk_memory`; its interpreter on CPU).
-KERNELS = ("auto", "xla", "pallas_forward", "pallas_forward_all", "walk")
+# kernel (`memory_walk.walk_memory`; its interpreter on CPU); `walk_all` runs the projection
+# memories' forward as a persistent Mosaic GPU kernel too (`projection_walk`).
+KERNELS = ("auto", "xla", "pallas_forward", "pallas_forward_all", "walk", "walk_all")
 # The only size at which the compiled walk's chunk step fits one CTA's shared memory.
 WALK_SIZE = 64
 
@@ -105,8 +106,10 @@ class SelfModSpec:
             )
         if self.parallel_windows and not k:
             raise ValueError("memory.parallel_windows needs memory.backprop_chunks > 0")
-        if self.kernel == "walk":
+        if self.kernel in ("walk", "walk_all"):
             walk_step_config(self, compiled=False)
+        if self.kernel == "walk_all":
+            projection_walk_config(self, compiled=False)
         if self.walk_backward not in ("xla", "kernel"):
             raise ValueError(
                 f"memory.walk_backward must be 'xla' or 'kernel', got {self.walk_backward!r}"
@@ -343,6 +346,83 @@ def walk_step_config(spec: SelfModSpec, compiled: bool) -> chunk_step.StepConfig
     return cfg
 
 
+def projection_walk_config(spec: SelfModSpec, compiled: bool) -> chunk_step.StepConfig:
+    """The projection memories' `chunk_step.StepConfig` for `memory.kernel="walk_all"`; a
+    one-line ValueError where their walk does not apply (besides `walk_step_config`'s)."""
+    why = []
+    if not (spec.adaptive_k and spec.adaptive_v):
+        why.append("static k or v projections (the walk reads k and v from their memories)")
+    c = spec.chunk_other
+    if compiled and (c % WALK_SIZE if c > WALK_SIZE else WALK_SIZE % c):
+        why.append(f"chunk_size_other {c} (compiled, a divisor or multiple of {WALK_SIZE})")
+    try:
+        cfg = chunk_step.StepConfig.from_rule(spec.rule, read=False)
+    except ValueError as err:
+        why.append(str(err))
+    if why:
+        raise ValueError("memory.kernel='walk_all' does not apply: " + "; ".join(why))
+    return cfg
+
+
+def _projection_walk(spec: SelfModSpec, interpret: bool, carry: tuple, xs: dict, consts: dict,
+                     save: bool) -> tuple[tuple, dict, list]:  # fmt: skip
+    """`fused_scan`'s forward of `projection_step` as `projection_walk.projection_forward`.
+
+    carry: one `(params, inner optimizer state)` per projection memory, leaves `[N, ...]`; xs:
+    `u [N, T, C, dh]`, `beta [N, T, C]`, optionally `resets` and `cuts` (a cut changes no
+    value forward); consts: `static` and, with resets or cuts, `init`. Returns the final carry,
+    the gates `[N, T, C, ...]` and, with `save`, every chunk's start carry as leaves
+    `[N, T, ...]` in the carry's order.
+    """
+    cfg = projection_walk_config(spec, compiled=not interpret)
+    rule, names = spec.rule, spec.projection_memories
+    n, t, c, dh = xs["u"].shape
+    f32 = jnp.float32
+    params = [p for p, _ in carry]
+    moms = [rule.get_momentum(o) for _, o in carry]
+    stack = lambda key, trees: jnp.stack([tr[key].astype(f32) for tr in trees], 1)  # noqa: E731
+    start = chunk_step.State(stack("W1", params), stack("W2", params), stack("W1", moms),
+                             stack("W2", moms))  # fmt: skip
+    resets = reset_to = None
+    if "resets" in xs:
+        resets = xs["resets"].reshape(n, t * c) > 0.5
+        reset_to = (stack("W1", consts["init"]), stack("W2", consts["init"]))
+    static = consts["static"]
+    gen, final, starts = projection_walk.projection_forward(
+        cfg, projection_walk.Gates(names, spec.eta_max, spec.normalize_v), start,
+        xs["u"].reshape(n, t * c, dh), xs["beta"].reshape(n, t * c),
+        jnp.stack([static["w_eta"], static["w_alpha"]], 1),
+        jnp.stack([static["b_eta"], static["b_alpha"]], 1), c, resets=resets,
+        reset_to=reset_to, save=save,
+        interpret=memory_walk.interpret_params() if interpret else None,
+        operands=f32 if interpret else jnp.bfloat16,
+    )  # fmt: skip
+    one = (
+        lambda tree, lead: jax.tree.map(  # noqa: E731
+            lambda a: jax.ShapeDtypeStruct(a.shape[lead:], a.dtype), tree
+        )
+    )
+    _, y_type = jax.eval_shape(
+        functools.partial(projection_step, spec), one(carry, 1), one(xs, 2), one(consts, 1)
+    )
+    ys = {k: gen[k].reshape((n, t) + y.shape).astype(y.dtype) for k, y in y_type.items()}
+
+    def carry_of(state: chunk_step.State, pick) -> tuple:
+        out = []
+        for m, (p, o) in enumerate(carry):
+            w = {"W1": pick(state.w1, m).astype(p["W1"].dtype),
+                 "W2": pick(state.w2, m).astype(p["W2"].dtype)}  # fmt: skip
+            mom = rule.get_momentum(o)
+            s = {"W1": pick(state.s1, m).astype(mom["W1"].dtype),
+                 "W2": pick(state.s2, m).astype(mom["W2"].dtype)}  # fmt: skip
+            out.append((w, rule.set_momentum(o, s)))
+        return tuple(out)
+
+    new = carry_of(final, lambda a, m: a[:, m])
+    saved = jax.tree.leaves(carry_of(starts, lambda a, m: a[:, :, m])) if save else []
+    return new, ys, saved
+
+
 def _walk_main(spec: SelfModSpec, reset_to: Params, main: tuple, gen: dict, q: jax.Array,
                beta: jax.Array, resets: jax.Array | None,
                interpret: bool) -> tuple[jax.Array, tuple]:  # fmt: skip
@@ -461,13 +541,16 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     `parallel_windows` the backward walks the windows of the gradient cuts side by side, for
     the projection memories (`fused_scan(window=...)`) and M_memory (`run_level_fused`);
     `kernel="xla"` then runs the same scans as XLA ops (`forward="xla"`: no Pallas).
-    `kernel="walk"` runs M_memory as `memory_walk.walk_memory` (`_walk_main`).
+    `kernel="walk"` runs M_memory as `memory_walk.walk_memory` (`_walk_main`); `"walk_all"`
+    also the projection memories' forward as `projection_walk` (`_projection_walk`).
     """
     b, s, h, dh = u.shape
     n, c = b * h, spec.chunk_other
     n_full = s // c
     interpret = target.backend() == "cpu"
     forward = "xla" if spec.kernel == "xla" else "kernel"
+    if spec.kernel == "walk_all":
+        forward = functools.partial(_projection_walk, spec, interpret)
     if forward == "kernel" and not interpret and min(c, dh, spec.hidden) < 16:
         raise ValueError(
             f"memory.kernel={spec.kernel!r} compiles Triton matmuls, which need "
@@ -519,7 +602,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     gen = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *gens)
     q_n = q.transpose(0, 2, 1, 3).reshape(n, s, dh)
     main = jax.tree.map(flat, heads["main"])
-    if spec.kernel == "walk":
+    if spec.kernel in ("walk", "walk_all"):
         y, main_end = _walk_main(spec, init_n["memory"], main, gen, q_n, xs["beta"], resets_n,
                                  interpret)  # fmt: skip
     elif spec.kernel == "pallas_forward_all" or spec.parallel_windows:

@@ -1,0 +1,119 @@
+"""Hope's projection memories as one persistent Mosaic GPU walk (`projection_walk`, in the Mosaic
+GPU interpreter here) against the XLA forward of `self_modifying.projection_step`, and the layer
+with `memory.kernel="walk_all"` against the XLA path."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_self_modifying import heads_inputs
+
+from nl_jax.core import DeltaRule
+from nl_jax.kernels import fused_scan as fs
+from nl_jax.kernels import projection_walk as pw
+from nl_jax.layers import self_modifying as sm
+
+# The Hope presets' rule: DGD, momentum, retention and the three stabilisers.
+HOPE_RULE = DeltaRule(
+    momentum=True, retention=True, dgd=True, normalize_lr=True, normalize_chunk=True,
+    normalize_memory=True, momentum_ema=True,
+)  # fmt: skip
+
+
+def _streams(spec, n, t, seed):
+    """float32 `projection_step` inputs of n streams and t chunks, states away from the start."""
+    names, dh, c = spec.projection_memories, spec.head_dim, spec.chunk_other
+    key = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
+    w = lambda shape, s=0.3: s * jax.random.normal(next(key), shape)  # noqa: E731
+    mats = lambda s: {"W1": w((n, dh, spec.hidden), s), "W2": w((n, spec.hidden, dh), s)}  # noqa: E731
+    carry = tuple((mats(0.3), spec.rule.set_momentum(jax.vmap(spec.rule.init)(mats(0.3)), mats(0.05)))
+                  for _ in names)  # fmt: skip
+    xs = {"u": w((n, t, c, dh), 1.0), "beta": 0.9 * jax.nn.sigmoid(w((n, t, c), 1.0))}
+    static = {"w_eta": w((n, dh)), "b_eta": w((n,)), "w_alpha": w((n, dh)),
+              "b_alpha": 3.0 + w((n,))}  # fmt: skip
+    return carry, xs, {"static": static, "init": tuple(mats(0.3) for _ in names)}
+
+
+def test_the_walk_equals_the_xla_forward_with_documents_and_padded_chunks(monkeypatch):
+    """Gates, final states and every chunk's start state of the walk (float32 operands) equal
+    the XLA forward's to float32 rounding, with document starts inside a chunk, at a chunk
+    start and in the last chunk, and with each chunk padded to twice its tokens (the compiled
+    kernel pads chunks shorter than a `wgmma`'s 64 rows)."""
+    spec = sm.SelfModSpec(heads=1, head_dim=8, hidden=8, chunk_mem=4, chunk_other=4,
+                          rule=HOPE_RULE)  # fmt: skip
+    n, t, c = 2, 3, spec.chunk_other
+    carry, xs, consts = _streams(spec, n, t, seed=1)
+    starts = jnp.zeros((n, t * c)).at[0, jnp.array([2, 4])].set(1.0).at[1, 11].set(1.0)
+    xs["resets"] = starts.reshape(n, t, c)
+    how = fs._Plan("xla", functools.partial(sm.projection_step_batched, spec),
+                   (sm.stack_memories, sm.unstack_memories), 1, True, 8)  # fmt: skip
+    step = functools.partial(sm.projection_step, spec)
+    want = jax.jit(lambda *a: fs._run_forward(step, *a, True, how))(carry, xs, consts)
+
+    def walk(carry, xs, consts):
+        return sm._projection_walk(spec, True, carry, xs, consts, True)
+
+    # The padded tile: the layer's `_projection_walk` pads only compiled, so pad here.
+    monkeypatch.setattr(pw, "projection_forward",
+                        functools.partial(pw.projection_forward, rows=2 * c))  # fmt: skip
+    got = jax.jit(walk)(carry, xs, consts)
+    for name, a, b in zip(("final", "gates", "saved"), got, want, strict=True):
+        leaves = jax.tree_util.tree_leaves_with_path(b)
+        assert len(leaves) == len(jax.tree.leaves(a)), name
+        for (path, x), y in zip(leaves, jax.tree.leaves(a), strict=True):
+            err = float(jnp.max(jnp.abs(y - x)))
+            assert err < 2e-6 * max(1.0, float(jnp.max(jnp.abs(x)))), (name, path, err)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.slow
+def test_walk_all_layer_matches_xla_with_documents_cuts_and_a_continued_state(monkeypatch):
+    """`memory.kernel="walk_all"`: outputs, both memories' new states and the gradients of every
+    input (every memory's meta-learned initial states included) and of the incoming head
+    states, within 1e-5 of the XLA path. Row 1 continues from moved head states, so start and
+    reset weights differ; documents start inside a chunk, at a cut and in the trailing partial
+    chunk (10 tokens: chunks of 2 and 4), which the XLA step takes."""
+    spec = sm.SelfModSpec(heads=1, head_dim=8, hidden=8, chunk_mem=4, chunk_other=2,
+                          rule=HOPE_RULE, backprop_chunks=1, parallel_windows=True)  # fmt: skip
+    b, s = 2, 10
+    args = heads_inputs(spec, b, s, seed=0, init_dtype=jnp.float32, unit_q=True)
+    head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(args[0])
+    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), head)
+    key = iter(jax.random.split(jax.random.PRNGKey(4), 64))
+    moved = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(key), a.shape), heads)
+    heads = jax.tree.map(lambda a, m: a.at[1].set(m[1]), heads, moved)
+    resets = jnp.zeros((b, s), bool).at[0, 0].set(True).at[0, jnp.array([3, 4, 9])].set(True)
+
+    def run(kernel):
+        sp = dataclasses.replace(spec, kernel=kernel)
+
+        def loss(init, static, u, q, beta, heads):
+            y, new = sm.run_heads(sp, init, static, u, q, beta, resets, heads)
+            leaves = jax.tree.leaves(new)
+            return jnp.sum(jnp.sin(3 * y)) + sum(jnp.sum(jnp.cos(a)) for a in leaves), (y, new)
+
+        grad = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)
+        return jax.jit(grad)(*args, heads)
+
+    calls = []
+    forward = pw.projection_forward
+    monkeypatch.setattr(
+        pw, "projection_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
+    (g_w, out_w), (g_x, out_x) = run("walk_all"), run("xla")
+    assert calls, "the projection walk did not run"
+    for name, got, want in (("outputs", out_w, out_x), ("gradients", g_w, g_x)):
+        leaves = jax.tree_util.tree_leaves_with_path(want)
+        for (path, w), a in zip(leaves, jax.tree.leaves(got), strict=True):
+            assert _rel(a, w) < 1e-5, (name, jax.tree_util.keystr(path), _rel(a, w))
+    # Every projection memory's initial state and the incoming state reach the loss.
+    for name in spec.projection_memories:
+        assert float(jnp.max(jnp.abs(g_w[0][name]["W1"]))) > 0.0
+    assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(g_w[5]["proj"]))
