@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from test_self_modifying import heads_inputs
 
-from nl_jax.core import DeltaRule
+from nl_jax.core import DeltaRule, target
 from nl_jax.kernels import fused_scan as fs
+from nl_jax.kernels import memory_walk as mw
 from nl_jax.kernels import projection_walk as pw
 from nl_jax.layers import self_modifying as sm
 
@@ -37,17 +38,21 @@ def _streams(spec, n, t, seed):
     return carry, xs, {"static": static, "init": tuple(mats(0.3) for _ in names)}
 
 
-def test_the_walk_equals_the_xla_forward_with_documents_and_padded_chunks(monkeypatch):
+@pytest.mark.parametrize("documents", [True, False], ids=["documents_padded", "plain"])
+def test_the_walk_equals_the_xla_forward(monkeypatch, documents):
     """Gates, final states and every chunk's start state of the walk (float32 operands) equal
-    the XLA forward's to float32 rounding, with document starts inside a chunk, at a chunk
+    the XLA forward's to float32 rounding: with document starts inside a chunk, at a chunk
     start and in the last chunk, and with each chunk padded to twice its tokens (the compiled
-    kernel pads chunks shorter than a `wgmma`'s 64 rows)."""
+    kernel pads chunks shorter than a `wgmma`'s 64 rows); and without either."""
     spec = sm.SelfModSpec(heads=1, head_dim=8, hidden=8, chunk_mem=4, chunk_other=4,
                           rule=HOPE_RULE)  # fmt: skip
     n, t, c = 2, 3, spec.chunk_other
     carry, xs, consts = _streams(spec, n, t, seed=1)
-    starts = jnp.zeros((n, t * c)).at[0, jnp.array([2, 4])].set(1.0).at[1, 11].set(1.0)
-    xs["resets"] = starts.reshape(n, t, c)
+    if documents:
+        starts = jnp.zeros((n, t * c)).at[0, jnp.array([2, 4])].set(1.0).at[1, 11].set(1.0)
+        xs["resets"] = starts.reshape(n, t, c)
+    else:
+        consts.pop("init")
     how = fs._Plan("xla", functools.partial(sm.projection_step_batched, spec),
                    (sm.stack_memories, sm.unstack_memories), 1, True, 8)  # fmt: skip
     step = functools.partial(sm.projection_step, spec)
@@ -57,8 +62,9 @@ def test_the_walk_equals_the_xla_forward_with_documents_and_padded_chunks(monkey
         return sm._projection_walk(spec, True, carry, xs, consts, True)
 
     # The padded tile: the layer's `_projection_walk` pads only compiled, so pad here.
-    monkeypatch.setattr(pw, "projection_forward",
-                        functools.partial(pw.projection_forward, rows=2 * c))  # fmt: skip
+    if documents:
+        monkeypatch.setattr(pw, "projection_forward",
+                            functools.partial(pw.projection_forward, rows=2 * c))  # fmt: skip
     got = jax.jit(walk)(carry, xs, consts)
     for name, a, b in zip(("final", "gates", "saved"), got, want, strict=True):
         leaves = jax.tree_util.tree_leaves_with_path(b)
@@ -117,3 +123,48 @@ def test_walk_all_layer_matches_xla_with_documents_cuts_and_a_continued_state(mo
     for name in spec.projection_memories:
         assert float(jnp.max(jnp.abs(g_w[0][name]["W1"]))) > 0.0
     assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(g_w[5]["proj"]))
+
+
+def _hope_340m_streams(n: int, seq: int, documents: bool):
+    """`projection_step` inputs at hope_340m's sizes (head dim and hidden 64, `C_other` 32)."""
+    spec = sm.SelfModSpec(heads=1, head_dim=64, hidden=64, chunk_mem=64, chunk_other=32,
+                          rule=HOPE_RULE)  # fmt: skip
+    carry, xs, consts = _streams(spec, n, seq // spec.chunk_other, seed=2)
+    carry = jax.tree.map(lambda a: a * 0.4, carry)  # weights of the presets' scale
+    if documents:
+        starts = jnp.zeros((n, seq)).at[:, 0].set(1.0).at[:, seq // 2 + 5].set(1.0)
+        xs["resets"] = starts.reshape(xs["beta"].shape)
+    else:
+        consts.pop("init")
+    return spec, carry, xs, consts
+
+
+def test_compiled_walk_lowers_for_cuda_within_shared_memory():
+    """At hope_340m's sizes the compiled walk with document starts (chunks of 32 padded to a
+    `wgmma`'s 64 rows, bf16 operands) lowers for CUDA on any host in one CTA's shared memory
+    (232,448 bytes)."""
+    spec, carry, xs, consts = _hope_340m_streams(1, 128, documents=True)
+
+    def lower():
+        fn = jax.jit(lambda *a: sm._projection_walk(spec, False, *a, True))
+        return fn.trace(carry, xs, consts).lower(lowering_platforms=("cuda",)).as_text()
+
+    with target.compiling_for("gpu", 1):
+        sizes = mw.smem_bytes_at_lowering(lower)
+    assert sizes == [205872]
+
+
+@pytest.mark.skipif(not target.hopper(), reason="the compiled Mosaic GPU kernels need a Hopper GPU")
+@pytest.mark.parametrize("documents", [True, False], ids=["documents", "plain"])
+def test_compiled_walk_equals_the_xla_forward_on_the_gpu(documents):
+    """Compiled at hope_340m's sizes: the walk's gates, final states and chunk-start states
+    equal the XLA forward's within what bf16 operands cost."""
+    spec, carry, xs, consts = _hope_340m_streams(4, 1024, documents)
+    how = fs._Plan("xla", functools.partial(sm.projection_step_batched, spec),
+                   (sm.stack_memories, sm.unstack_memories), 1, False, 8)  # fmt: skip
+    step = functools.partial(sm.projection_step, spec)
+    want = jax.jit(lambda *a: fs._run_forward(step, *a, True, how))(carry, xs, consts)
+    got = jax.jit(lambda *a: sm._projection_walk(spec, False, *a, True))(carry, xs, consts)
+    for name, a, b in zip(("final", "gates", "saved"), got, want, strict=True):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            assert _rel(x, y) < 3e-2, (name, _rel(x, y))
