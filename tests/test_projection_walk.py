@@ -168,3 +168,18 @@ def test_compiled_walk_equals_the_xla_forward_on_the_gpu(documents):
     for name, a, b in zip(("final", "gates", "saved"), got, want, strict=True):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             assert _rel(x, y) < 3e-2, (name, _rel(x, y))
+
+
+def test_the_benchmark_says_what_it_needs_in_one_line(capsys):
+    """`benchmarks/projection_walk.py`: a bad chunk and a host without a Hopper GPU exit 2 with
+    one line (the timing itself runs on a GPU: `gpu_suites.sh`)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import projection_walk as bench
+
+    assert bench.main(["--seq=100", "--chunk=32"]) == 2
+    assert bench.main([]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "not a multiple" in err[0] and "Hopper" in err[1]
