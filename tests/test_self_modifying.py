@@ -31,6 +31,48 @@ def l2n(x):
     return x / jnp.sqrt(jnp.sum(x * x) + 1e-6)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def reference_token(spec, state, mom, bnd, running, static, x, q, beta):
+    """Eqs. 90-91 for one token: `(state, momentum, running, output)` after it.
+
+    Jitted once per `spec`: the token loop then dispatches one compiled call per token instead of
+    hundreds of eager operations; every branch on the token index sits in the loop around it.
+    `running` (the chunk's running curvature sums) is None unless `spec.rule.normalize_chunk`.
+    """
+    r = spec.rule
+    state = {n: dict(w) for n, w in state.items()}
+    mom = {n: dict(w) for n, w in mom.items()}
+    running = running and {n: dict(w) for n, w in running.items()}
+    k = l2n(mlp(bnd["k"], x) if spec.adaptive_k else static["w_k"] @ x)
+    v = mlp(bnd["v"], x) if spec.adaptive_v else static["w_v"] @ x
+    v = l2n(v) if spec.normalize_v else v
+    eta = spec.eta_max * jax.nn.sigmoid(mlp(bnd["eta"], x) @ static["w_eta"] + static["b_eta"])
+    alpha = jax.nn.sigmoid(mlp(bnd["alpha"], x) @ static["w_alpha"] + static["b_alpha"])
+    before = dict(state["memory"])
+    for n in state:
+        b = bnd[n]
+        target = mlp(b, v)  # self-generated value, held fixed in the inner gradient
+        grads = jax.grad(lambda p, k=k, b=target: 0.5 * jnp.sum((mlp(p, k) - b) ** 2))(b)
+        inputs = {"W2": k, "W1": jax.nn.gelu(b["W2"] @ k)}
+        err = mlp(b, k) - target
+        kappa = jax.lax.stop_gradient(sum(jnp.sum(g * g) for g in grads.values()) / (err @ err))
+        for w, a in inputs.items():
+            lr = eta / (1 + eta * a @ a) if r.normalize_lr else eta
+            curv = a @ a
+            if r.normalize_memory:
+                curv = curv + jax.lax.stop_gradient(jnp.maximum(kappa - curv, 0.0))
+                lr = eta / (1 + eta * curv)
+            if r.normalize_chunk:
+                running[n][w] = running[n][w] + eta * curv
+                lr = eta / (1 + running[n][w])
+            gain = 1 - beta if r.momentum_ema else 1.0
+            mom[n][w] = beta * mom[n][w] - gain * lr * grads[w]
+            decay = alpha * jnp.eye(a.shape[0]) - (lr * jnp.outer(a, a) if r.dgd else 0)
+            state[n][w] = state[n][w] @ decay + mom[n][w]
+    read = before if spec.read == "per_token_prior" else state["memory"]
+    return state, mom, running, mlp(read, q)
+
+
 def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
     """Eqs. 90-91 token by token: projections from the chunk-start states, DGD per layer.
 
@@ -39,56 +81,34 @@ def reference(spec, init, static, u, q, beta, resets=None, cut_every=0):
     """
     names = tuple(init)
     proj = [n for n in names if n != "memory"]
-    r = spec.rule
     state = {n: dict(init[n]) for n in names}
     mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
     outs, bnd, running = [], {}, {}
+    # Zero arrays rather than Python floats: one compiled token step at every chunk position.
+    zero = jnp.zeros((), u.dtype)
     sg = jax.lax.stop_gradient
     for t in range(u.shape[0]):
         if resets is not None and resets[t]:
             state = {n: dict(init[n]) for n in names}
             mom = {n: {w: jnp.zeros_like(x) for w, x in init[n].items()} for n in names}
             bnd = {n: dict(init[n]) for n in names}
-            running = {n: dict.fromkeys(init[n], 0.0) for n in names}
+            running = {n: dict.fromkeys(init[n], zero) for n in names}
         if cut_every and t and t % cut_every == 0:
             state = {n: {w: sg(x) + init[n][w] - sg(init[n][w]) for w, x in state[n].items()}
                      for n in names}  # fmt: skip
             mom = {n: {w: sg(x) for w, x in mom[n].items()} for n in names}
         if t % spec.chunk_other == 0:
             bnd.update({n: dict(state[n]) for n in proj})
-            running.update({n: dict.fromkeys(init[n], 0.0) for n in proj})
+            running.update({n: dict.fromkeys(init[n], zero) for n in proj})
         if t % spec.chunk_mem == 0:
             bnd["memory"] = dict(state["memory"])
-            running["memory"] = dict.fromkeys(init["memory"], 0.0)
-        x = u[t]
-        k = l2n(mlp(bnd["k"], x) if spec.adaptive_k else static["w_k"] @ x)
-        v = mlp(bnd["v"], x) if spec.adaptive_v else static["w_v"] @ x
-        v = l2n(v) if spec.normalize_v else v
-        eta = spec.eta_max * jax.nn.sigmoid(mlp(bnd["eta"], x) @ static["w_eta"] + static["b_eta"])
-        alpha = jax.nn.sigmoid(mlp(bnd["alpha"], x) @ static["w_alpha"] + static["b_alpha"])
-        before = dict(state["memory"])
-        for n in names:
-            b = bnd[n]
-            target = mlp(b, v)  # self-generated value, held fixed in the inner gradient
-            grads = jax.grad(lambda p, k=k, b=target: 0.5 * jnp.sum((mlp(p, k) - b) ** 2))(b)
-            inputs = {"W2": k, "W1": jax.nn.gelu(b["W2"] @ k)}
-            err = mlp(b, k) - target
-            kappa = jax.lax.stop_gradient(sum(jnp.sum(g * g) for g in grads.values()) / (err @ err))
-            for w, a in inputs.items():
-                lr = eta / (1 + eta * a @ a) if r.normalize_lr else eta
-                curv = a @ a
-                if r.normalize_memory:
-                    curv = curv + jax.lax.stop_gradient(jnp.maximum(kappa - curv, 0.0))
-                    lr = eta / (1 + eta * curv)
-                if r.normalize_chunk:
-                    running[n][w] = running[n][w] + eta * curv
-                    lr = eta / (1 + running[n][w])
-                gain = 1 - beta[t] if r.momentum_ema else 1.0
-                mom[n][w] = beta[t] * mom[n][w] - gain * lr * grads[w]
-                decay = alpha * jnp.eye(a.shape[0]) - (lr * jnp.outer(a, a) if r.dgd else 0)
-                state[n][w] = state[n][w] @ decay + mom[n][w]
-        read = before if spec.read == "per_token_prior" else state["memory"]
-        outs.append(mlp(read, q[t]))
+            running["memory"] = dict.fromkeys(init["memory"], zero)
+        state, mom, sums, out = reference_token(
+            spec, state, mom, bnd, running if spec.rule.normalize_chunk else None, static, u[t],
+            q[t], beta[t],
+        )  # fmt: skip
+        running = sums or running
+        outs.append(out)
     return jnp.stack(outs)
 
 
