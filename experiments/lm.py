@@ -227,9 +227,14 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # saved chunk starts), compiled at chunk_size = head_dim = hidden = 64 only and in the
     # Mosaic GPU interpreter on CPU; DGD with momentum and retention, gelu, per-token reads
     # (else a ValueError); +7% tokens/s at 4 hope_340m layers on an H100, the same validation
-    # bits/byte (1.4244 against 1.4226 at step 250) | "auto": on a single GPU where Triton's
-    # 16-wide matmuls fit, walk where it applies (Hopper, hope_340m's sizes), else
-    # pallas_forward (one printed line says why); xla elsewhere (CPU, TPU, several devices).
+    # bits/byte (1.4244 against 1.4226 at step 250) | "walk_all": the walk, and the projection
+    # memories' forward as one persistent Mosaic GPU kernel too (nl_jax/kernels/
+    # projection_walk.py: their four states in HBM/L2 between turns, chunks of 32 padded to 64
+    # rows; the same backward), compiled where the walk applies with C_other dividing or a
+    # multiple of 64 and adaptive k and v; auto does not take it, having no quality-guard run |
+    # "auto": on a single GPU where Triton's 16-wide matmuls fit, walk where it applies
+    # (Hopper, hope_340m's sizes), else pallas_forward (one printed line says why); xla
+    # elsewhere (CPU, TPU, several devices).
     # Titans' memory: "xla" | "pallas_forward" (+43% tokens/s for titans_lmm_340m at seq 4096 x
     # 32 on an H200) | "auto": pallas_forward on a single GPU where Triton fits, as for Hope.
     m.memory.kernel = "auto"
