@@ -397,11 +397,10 @@ def _projection_walk(spec: SelfModSpec, interpret: bool, carry: tuple, xs: dict,
         interpret=memory_walk.interpret_params() if interpret else None,
         operands=f32 if interpret else jnp.bfloat16,
     )  # fmt: skip
-    one = (
-        lambda tree, lead: jax.tree.map(  # noqa: E731
-            lambda a: jax.ShapeDtypeStruct(a.shape[lead:], a.dtype), tree
-        )
-    )
+
+    def one(tree, lead: int):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[lead:], a.dtype), tree)
+
     _, y_type = jax.eval_shape(
         functools.partial(projection_step, spec), one(carry, 1), one(xs, 2), one(consts, 1)
     )
