@@ -282,7 +282,7 @@ REJECTED = [
      r"memory.kernel = 'pallas_forward'.*'attention'"),
     ("hope_tiny", {"memory.kernel": "pallas"},
      r"^model.memory.kernel = 'pallas': the 'self_modifying_titans' mixer does not have it "
-     r"\(allowed: \('auto', 'xla', 'pallas_forward', 'pallas_forward_all', 'walk'\)\)$"),
+     r"\(allowed: \('auto', 'xla', 'pallas_forward', 'pallas_forward_all', 'walk', 'walk_all'\)\)$"),
     ("titans_mac_tiny", {"memory.kernel": "pallas"},
      r"^model.memory.kernel = 'pallas': .*\(allowed: \('auto', 'xla', 'pallas_forward'\)\)$"),
     ("titans_lmm_tiny", {"memory.remat_layer": True}, r"memory.remat_layer = True.*titans_lmm"),
