@@ -12,6 +12,7 @@ import pytest
 from test_self_modifying import heads_inputs
 
 from nl_jax.core import DeltaRule, target
+from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels import fused_scan as fs
 from nl_jax.kernels import memory_walk as mw
 from nl_jax.kernels import projection_walk as pw
@@ -183,3 +184,18 @@ def test_the_benchmark_says_what_it_needs_in_one_line(capsys):
     assert bench.main([]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "not a multiple" in err[0] and "Hopper" in err[1]
+
+
+def test_walk_all_refuses_what_it_does_not_implement_in_one_line():
+    spec = sm.SelfModSpec(heads=1, head_dim=8, hidden=8, chunk_mem=4, chunk_other=2,
+                          rule=HOPE_RULE)  # fmt: skip
+    with pytest.raises(ValueError, match="memory.kernel='walk_all' does not apply") as err:
+        dataclasses.replace(spec, kernel="walk_all", adaptive_k=False)
+    assert "static k or v" in str(err.value) and "\n" not in str(err.value)
+    for c, fits in ((32, True), (128, True), (48, False), (96, False)):
+        sized = dataclasses.replace(spec, chunk_other=c)
+        if fits:
+            assert sm.projection_walk_config(sized, compiled=True) == cs.StepConfig(read=False)
+        else:
+            with pytest.raises(ValueError, match=f"chunk_size_other {c}"):
+                sm.projection_walk_config(sized, compiled=True)

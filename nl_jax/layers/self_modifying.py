@@ -337,12 +337,19 @@ def walk_step_config(spec: SelfModSpec, compiled: bool) -> chunk_step.StepConfig
             f"chunk_size, head_dim, hidden {sizes} (compiled, one CTA's shared memory holds "
             f"the step at {WALK_SIZE} each)"
         )
+    return _step_or_refuse("walk", spec.rule, True, why)
+
+
+def _step_or_refuse(kernel: str, rule: DeltaRule, read: bool,
+                    why: list[str]) -> chunk_step.StepConfig:  # fmt: skip
+    """The chunk step of `rule`, or one ValueError line naming `kernel` and every reason in `why`
+    (and the rule's, where the step does not implement it)."""
     try:
-        cfg = chunk_step.StepConfig.from_rule(spec.rule, read=True)
+        cfg = chunk_step.StepConfig.from_rule(rule, read=read)
     except ValueError as err:
         why.append(str(err))
     if why:
-        raise ValueError("memory.kernel='walk' does not apply: " + "; ".join(why))
+        raise ValueError(f"memory.kernel={kernel!r} does not apply: " + "; ".join(why))
     return cfg
 
 
@@ -355,13 +362,7 @@ def projection_walk_config(spec: SelfModSpec, compiled: bool) -> chunk_step.Step
     c = spec.chunk_other
     if compiled and (c % WALK_SIZE if c > WALK_SIZE else WALK_SIZE % c):
         why.append(f"chunk_size_other {c} (compiled, a divisor or multiple of {WALK_SIZE})")
-    try:
-        cfg = chunk_step.StepConfig.from_rule(spec.rule, read=False)
-    except ValueError as err:
-        why.append(str(err))
-    if why:
-        raise ValueError("memory.kernel='walk_all' does not apply: " + "; ".join(why))
-    return cfg
+    return _step_or_refuse("walk_all", spec.rule, False, why)
 
 
 def _projection_walk(spec: SelfModSpec, interpret: bool, carry: tuple, xs: dict, consts: dict,
@@ -374,6 +375,7 @@ def _projection_walk(spec: SelfModSpec, interpret: bool, carry: tuple, xs: dict,
     the gates `[N, T, C, ...]` and, with `save`, every chunk's start carry as leaves
     `[N, T, ...]` in the carry's order.
     """
+    walk_step_config(spec, compiled=not interpret)  # the sizes the kernels compile at
     cfg = projection_walk_config(spec, compiled=not interpret)
     rule, names = spec.rule, spec.projection_memories
     n, t, c, dh = xs["u"].shape
