@@ -39,6 +39,15 @@ def _streams(spec, n, t, seed):
     return carry, xs, {"static": static, "init": tuple(mats(0.3) for _ in names)}
 
 
+def _xla_forward(spec, carry, xs, consts):
+    """The reference: `fused_scan`'s XLA forward of `projection_step` (the memories stacked),
+    `(final carry, gates, every chunk's start carry)`."""
+    how = fs._Plan("xla", functools.partial(sm.projection_step_batched, spec),
+                   (sm.stack_memories, sm.unstack_memories), 1, False, 8)  # fmt: skip
+    step = functools.partial(sm.projection_step, spec)
+    return jax.jit(lambda *a: fs._run_forward(step, *a, True, how))(carry, xs, consts)
+
+
 @pytest.mark.parametrize("documents", [True, False], ids=["documents_padded", "plain"])
 def test_the_walk_equals_the_xla_forward(monkeypatch, documents):
     """Gates, final states and every chunk's start state of the walk (float32 operands) equal
@@ -54,10 +63,7 @@ def test_the_walk_equals_the_xla_forward(monkeypatch, documents):
         xs["resets"] = starts.reshape(n, t, c)
     else:
         consts.pop("init")
-    how = fs._Plan("xla", functools.partial(sm.projection_step_batched, spec),
-                   (sm.stack_memories, sm.unstack_memories), 1, True, 8)  # fmt: skip
-    step = functools.partial(sm.projection_step, spec)
-    want = jax.jit(lambda *a: fs._run_forward(step, *a, True, how))(carry, xs, consts)
+    want = _xla_forward(spec, carry, xs, consts)
 
     def walk(carry, xs, consts):
         return sm._projection_walk(spec, True, carry, xs, consts, True)
@@ -161,10 +167,7 @@ def test_compiled_walk_equals_the_xla_forward_on_the_gpu(documents):
     """Compiled at hope_340m's sizes: the walk's gates, final states and chunk-start states
     equal the XLA forward's within what bf16 operands cost."""
     spec, carry, xs, consts = _hope_340m_streams(4, 1024, documents)
-    how = fs._Plan("xla", functools.partial(sm.projection_step_batched, spec),
-                   (sm.stack_memories, sm.unstack_memories), 1, False, 8)  # fmt: skip
-    step = functools.partial(sm.projection_step, spec)
-    want = jax.jit(lambda *a: fs._run_forward(step, *a, True, how))(carry, xs, consts)
+    want = _xla_forward(spec, carry, xs, consts)
     got = jax.jit(lambda *a: sm._projection_walk(spec, False, *a, True))(carry, xs, consts)
     for name, a, b in zip(("final", "gates", "saved"), got, want, strict=True):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -71,11 +71,10 @@ def _sigmoid(x: jax.Array) -> jax.Array:
 _PAD_LOGIT = 1e30
 
 
-def _pad_chunks(u: jax.Array, beta: jax.Array, bias: jax.Array, resets: jax.Array | None,
-                chunk: int, rows: int) -> tuple:  # fmt: skip
+def _pad_chunks(u: jax.Array, beta: jax.Array, resets: jax.Array | None, chunk: int,
+                rows: int) -> tuple:  # fmt: skip
     """Every chunk of `u [N, seq, d]`, `beta`, `resets [N, seq]` padded to `rows` tokens (zero
-    inputs, momentum gate 1, no reset); `bias [N, 2]` -> `[N, 2, rows]` with the padding's
-    logits."""
+    inputs, momentum gate 1, no reset)."""
     n, seq, _ = u.shape
     t = seq // chunk
 
@@ -85,10 +84,7 @@ def _pad_chunks(u: jax.Array, beta: jax.Array, bias: jax.Array, resets: jax.Arra
         widths[2] = (0, rows - chunk)
         return jnp.pad(a, widths, constant_values=value).reshape(n, t * rows, *a.shape[3:])
 
-    real = jnp.arange(rows) < chunk
-    pads = jnp.stack([jnp.full((rows,), -_PAD_LOGIT), jnp.full((rows,), _PAD_LOGIT)])
-    bias = jnp.where(real, bias.astype(jnp.float32)[..., None], pads)
-    return pad(u, 0.0), pad(beta, 1.0), bias, None if resets is None else pad(resets, False)
+    return pad(u, 0.0), pad(beta, 1.0), None if resets is None else pad(resets, False)
 
 
 def _unpad(a: jax.Array, chunks: int, chunk: int) -> jax.Array:
@@ -149,9 +145,10 @@ def projection_forward(
         raise ValueError(f"projection walk: rows {rows} < chunk {chunk}")
     last = None if rows == chunk else chunk - 1
     if last is not None:
-        u, beta, bias, resets = _pad_chunks(u, beta, bias, resets, chunk, rows)
-    bias = bias[..., None] if bias.ndim == 2 else bias
-    bias = jnp.broadcast_to(bias, (n, 2, rows)).astype(f32)
+        u, beta, resets = _pad_chunks(u, beta, resets, chunk, rows)
+    # The biases along a chunk's rows; padding rows take logits that make them inert.
+    pads = jnp.stack([jnp.full((rows,), -_PAD_LOGIT), jnp.full((rows,), _PAD_LOGIT)])
+    bias = jnp.where(jnp.arange(rows) < chunk, bias.astype(f32)[..., None], pads)
     true_chunk, chunk = chunk, rows
     ops = (mw.COMPILED if compiled else mw.INTERPRETED)._replace(operands=operands)
     vector_gates = [g for g in gates.names if g in ("k", "v", "q")]
