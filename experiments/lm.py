@@ -244,6 +244,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # kernel passes its tests on an H100 but is not yet timed: deviceless, a chunk step of
     # hope_340m's windows moves 5.3 GB against XLA's 12.6.
     m.memory.walk_backward = "xla"
+    # With a fused path (any kernel but plain "xla" without parallel_windows), how the projection
+    # memories' chunk step is differentiated: "vjp" (jax.vjp of its XLA form) | "chunk_step"
+    # (each memory's update reversed by chunk_step.py's written-out backward, the reads and
+    # gates by jax.vjp; the same gradient, DGD with momentum and retention and gelu only).
+    m.memory.projection_backward = "vjp"
     # Warps per program of the fused kernels (a power of two <= 32). 8 measured fastest on an
     # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps;
     # hope_340m (4 layers) 24,024 at 8 and 21,896 at 16.

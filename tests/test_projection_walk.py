@@ -88,9 +88,10 @@ def _rel(a, b) -> float:
 
 @pytest.mark.slow
 def test_walk_all_layer_matches_xla_with_documents_cuts_and_a_continued_state(monkeypatch):
-    """`memory.kernel="walk_all"`: outputs, both memories' new states and the gradients of every
-    input (every memory's meta-learned initial states included) and of the incoming head
-    states, within 1e-5 of the XLA path. Row 1 continues from moved head states, so start and
+    """`memory.kernel="walk_all"` with the written-out reverse (`projection_backward=
+    "chunk_step"`): outputs, both memories' new states and the gradients of every input (every
+    memory's meta-learned initial states included) and of the incoming head states, within 1e-5
+    of the XLA path (`jax.vjp`). Row 1 continues from moved head states, so start and
     reset weights differ; documents start inside a chunk, at a cut and in the trailing partial
     chunk (10 tokens: chunks of 2 and 4), which the XLA step takes."""
     spec = sm.SelfModSpec(heads=1, head_dim=8, hidden=8, chunk_mem=4, chunk_other=2,
@@ -104,8 +105,8 @@ def test_walk_all_layer_matches_xla_with_documents_cuts_and_a_continued_state(mo
     heads = jax.tree.map(lambda a, m: a.at[1].set(m[1]), heads, moved)
     resets = jnp.zeros((b, s), bool).at[0, 0].set(True).at[0, jnp.array([3, 4, 9])].set(True)
 
-    def run(kernel):
-        sp = dataclasses.replace(spec, kernel=kernel)
+    def run(kernel, backward):
+        sp = dataclasses.replace(spec, kernel=kernel, projection_backward=backward)
 
         def loss(init, static, u, q, beta, heads):
             y, new = sm.run_heads(sp, init, static, u, q, beta, resets, heads)
@@ -120,7 +121,7 @@ def test_walk_all_layer_matches_xla_with_documents_cuts_and_a_continued_state(mo
     monkeypatch.setattr(
         pw, "projection_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
     )
-    (g_w, out_w), (g_x, out_x) = run("walk_all"), run("xla")
+    (g_w, out_w), (g_x, out_x) = run("walk_all", "chunk_step"), run("xla", "vjp")
     assert calls, "the projection walk did not run"
     for name, got, want in (("outputs", out_w, out_x), ("gradients", g_w, g_x)):
         leaves = jax.tree_util.tree_leaves_with_path(want)
@@ -175,8 +176,9 @@ def test_compiled_walk_equals_the_xla_forward_on_the_gpu(documents):
 
 
 def test_the_benchmark_says_what_it_needs_in_one_line(capsys):
-    """`benchmarks/projection_walk.py`: a bad chunk and a host without a Hopper GPU exit 2 with
-    one line (the timing itself runs on a GPU: `gpu_suites.sh`)."""
+    """`benchmarks/projection_walk.py`: a bad chunk, a chunk that does not divide the gradient
+    windows and a host without a Hopper GPU exit 2 with one line (the timing itself runs on a
+    GPU: `gpu_suites.sh`)."""
     import pathlib
     import sys
 
@@ -184,9 +186,11 @@ def test_the_benchmark_says_what_it_needs_in_one_line(capsys):
     import projection_walk as bench
 
     assert bench.main(["--seq=100", "--chunk=32"]) == 2
+    assert bench.main(["--chunk=48", "--seq=4800", "--backward"]) == 2
     assert bench.main([]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and "not a multiple" in err[0] and "Hopper" in err[1]
+    assert len(err) == 3 and "not a multiple" in err[0] and "Hopper" in err[2]
+    assert "--chunk must divide 256" in err[1]
 
 
 def test_walk_all_refuses_what_it_does_not_implement_in_one_line():

@@ -46,6 +46,9 @@ FORWARDS = ("kernel", "xla")
 Forward = Callable[[Any, Any, Any, bool], tuple[Any, Any, list]]
 # `(pack, unpack)`: a carry's layout for the XLA backward and back, given its leading axes.
 Layout = tuple[Callable[[Any, int], Any], Callable[[Any, int], Any]]
+# `(carry, x, consts, d_new_carry, d_y) -> (d_carry, d_x, d_consts)`: one step's reverse for the
+# N instances at once, in `xla_step`'s layout: the vjp of `xla_step` by other means (written out).
+StepBackward = Callable[[Any, Any, Any, Any, Any], tuple[Any, Any, Any]]
 
 
 class _Plan(NamedTuple):
@@ -57,6 +60,7 @@ class _Plan(NamedTuple):
     unroll: int
     interpret: bool
     num_warps: int
+    xla_backward: StepBackward | None = None
 
 
 def fused_fits(*sizes: int) -> bool:
@@ -199,14 +203,25 @@ def _forward_xla_batched(xla_step: Step, layout: Layout | None, carry, xs, const
     return unpack(final, 1), ys, jax.tree.leaves(saved)
 
 
-def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_final, d_ys,
-                  unroll: int, time_axis: int = 1):  # fmt: skip
-    """The reverse walk as XLA ops: a reverse `lax.scan` of `jax.vjp(xla_step)` over the steps,
-    each at its saved input carry (the saved carries and `xs` stay `[N, T, ...]`: each step
-    reads its slice in place rather than transposing T-times-the-carry bytes to time-major).
-    With a `layout`, the saved carries and the carry cotangent are packed once, outside the
-    loop, instead of once per step inside `xla_step`. `time_axis` 2: gradient
-    windows, `[N, W, K, ...]` arrays whose K steps the loop walks for all windows at once."""
+def _vjp_of(xla_step: Step) -> StepBackward:
+    """A step's reverse as `jax.vjp` of the step."""
+
+    def backward(c, x, k, dc, dy):
+        _, vjp = jax.vjp(xla_step, c, x, k)
+        return vjp((dc, dy))
+
+    return backward
+
+
+def _backward_xla(reverse: StepBackward, layout: Layout | None, saved, xs, consts, d_final,
+                  d_ys, unroll: int, time_axis: int = 1):  # fmt: skip
+    """The reverse walk as XLA ops: a reverse `lax.scan` of `reverse` (a step's reverse, e.g.
+    `_vjp_of(xla_step)`) over the steps, each at its saved input carry (the saved carries and
+    `xs` stay `[N, T, ...]`: each step reads its slice in place rather than transposing
+    T-times-the-carry bytes to time-major). With a `layout`, the saved carries and the carry
+    cotangent are packed once, outside the loop, instead of once per step. `time_axis` 2:
+    gradient windows, `[N, W, K, ...]` arrays whose K steps the loop walks for all windows at
+    once."""
     t = jax.tree.leaves(xs)[0].shape[time_axis]
     c_tree = jax.tree.structure(d_final)
     saved = jax.tree.unflatten(c_tree, saved)
@@ -218,8 +233,7 @@ def _backward_xla(xla_step: Step, layout: Layout | None, saved, xs, consts, d_fi
 
     def body(acc, i):
         dc, dk = acc
-        _, vjp = jax.vjp(xla_step, at(saved, i), at(xs, i), consts)
-        dc_prev, dx, dk_i = vjp((dc, at(d_ys, i)))
+        dc_prev, dx, dk_i = reverse(at(saved, i), at(xs, i), consts, dc, at(d_ys, i))
         dc_prev = jax.tree.map(lambda v, a: v.astype(a.dtype), dc_prev, dc)
         return (dc_prev, jax.tree.map(lambda a, b: a + b.astype(a.dtype), dk, dk_i)), dx
 
@@ -264,11 +278,19 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
     )
     # N instances of W windows; consts are per instance. A caller's batched step takes the N
     # instances of one window, so the windows are mapped around it.
-    if how.xla_step is None:
-        win_step = jax.vmap(jax.vmap(step, in_axes=(0, 0, None)))
+    if how.xla_backward is not None:
+        # The windows' const gradients come back per window: summed here, as a vjp would.
+        per_window = jax.vmap(how.xla_backward, in_axes=(1, 1, None, 1, 1), out_axes=1)
+
+        def reverse(c, x, k, dc, dy):
+            d_c, d_x, d_k = per_window(c, x, k, dc, dy)
+            return d_c, d_x, jax.tree.map(lambda a: jnp.sum(a, axis=1), d_k)
+
+    elif how.xla_step is None:
+        reverse = _vjp_of(jax.vmap(jax.vmap(step, in_axes=(0, 0, None))))
     else:
-        win_step = jax.vmap(how.xla_step, in_axes=(1, 1, None), out_axes=1)
-    d_w, d_xs, d_k = _backward_xla(win_step, how.layout, saved_w, xs_w, consts, d_start,
+        reverse = _vjp_of(jax.vmap(how.xla_step, in_axes=(1, 1, None), out_axes=1))
+    d_w, d_xs, d_k = _backward_xla(reverse, how.layout, saved_w, xs_w, consts, d_start,
                                    d_ys_w, how.unroll, time_axis=2)  # fmt: skip
     d_carry = jax.tree.map(lambda a: a[:, 0], d_w)
     d_xs = jax.tree.map(lambda a: a.reshape((n, head) + a.shape[3:]), d_xs)
@@ -280,8 +302,10 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
 
 def _backward_seq(step: Step, how: _Plan, saved, xs, consts, d_final, d_ys):
     """The plain reverse walk over all steps (`how`: the `_Plan`)."""
-    xla_step = jax.vmap(step) if how.xla_step is None else how.xla_step
-    return _backward_xla(xla_step, how.layout, saved, xs, consts, d_final, d_ys, how.unroll)
+    reverse = how.xla_backward
+    if reverse is None:
+        reverse = _vjp_of(jax.vmap(step) if how.xla_step is None else how.xla_step)
+    return _backward_xla(reverse, how.layout, saved, xs, consts, d_final, d_ys, how.unroll)
 
 
 def _run_forward(step: Step, carry, xs, consts, save: bool, how: _Plan):
@@ -320,7 +344,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool = False,
                num_warps: int = 8, xla_step: Step | None = None,
                xla_layout: Layout | None = None, unroll: int = 1, window: int = 0,
-               forward: str | Forward = "kernel") -> tuple[Any, Any]:  # fmt: skip
+               forward: str | Forward = "kernel",
+               xla_backward: StepBackward | None = None) -> tuple[Any, Any]:  # fmt: skip
     """`lax.scan(step)` over `T` steps for `N` independent instances, one kernel program each.
 
     Args:
@@ -349,6 +374,10 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
         where given, else of `step` vmapped), saving the same carries (no Pallas: any
         backend); or a `Forward` computing the same function by other means (a caller's own
         kernel), differentiated by the same backward.
+      xla_backward: the step's reverse for the backward, `(carry, x, consts, d_new, d_y) ->
+        (d_carry, d_x, d_consts)` in `xla_step`'s batching and layout (d_consts per step,
+        summed here); default `jax.vjp(xla_step)`. It must be that vjp, written out (Hope's
+        projection memories: `chunk_step`'s reverse).
     Returns:
       `(final carry [N, ...], ys [N, T, ...])`. Differentiable in carry, xs and consts; the
       backward saves every step's input carry (`T` times the carry's size).
@@ -368,11 +397,13 @@ def fused_scan(step: Step, carry: Any, xs: Any, consts: Any, *, interpret: bool 
             raise ValueError(f"fused_scan: xs must be [N={n}, T={t}, ...], got {a.shape}")
     if xla_step is None and xla_layout is not None:
         raise ValueError("fused_scan: xla_layout needs the xla_step that takes that layout")
+    if xla_backward is not None and xla_step is None:
+        raise ValueError("fused_scan: xla_backward needs the xla_step whose reverse it is")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"fused_scan: window must be an int >= 0 (0: none), got {window!r}")
     if not callable(forward) and forward not in FORWARDS:
         raise ValueError(f"fused_scan: unknown forward {forward!r}; allowed: {FORWARDS}")
-    how = _Plan(forward, xla_step, xla_layout, unroll, interpret, num_warps)
+    how = _Plan(forward, xla_step, xla_layout, unroll, interpret, num_warps, xla_backward)
     return _scan(step, carry, xs, consts, how, window)
 
 

@@ -59,6 +59,9 @@ Params = dict[str, jax.Array]
 # kernel (`memory_walk.walk_memory`; its interpreter on CPU); `walk_all` runs the projection
 # memories' forward as a persistent Mosaic GPU kernel too (`projection_walk`).
 KERNELS = ("auto", "xla", "pallas_forward", "pallas_forward_all", "walk", "walk_all")
+# How the fused paths differentiate the projection memories' chunk step: `jax.vjp` of its XLA
+# form, or `chunk_step`'s written-out reverse of each memory's update (`projection_step_backward`).
+PROJECTION_BACKWARDS = ("vjp", "chunk_step")
 # The only size at which the compiled walk's chunk step fits one CTA's shared memory.
 WALK_SIZE = 64
 
@@ -91,6 +94,7 @@ class SelfModSpec:
     backprop_chunks: int = 0
     parallel_windows: bool = False
     walk_backward: str = "xla"
+    projection_backward: str = "vjp"
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -114,6 +118,13 @@ class SelfModSpec:
             raise ValueError(
                 f"memory.walk_backward must be 'xla' or 'kernel', got {self.walk_backward!r}"
             )
+        if self.projection_backward not in PROJECTION_BACKWARDS:
+            raise ValueError(
+                f"unknown memory.projection_backward {self.projection_backward!r}; allowed: "
+                f"{PROJECTION_BACKWARDS}"
+            )
+        if self.projection_backward == "chunk_step":
+            projection_step_config(self)
 
     @property
     def cut_every(self) -> int:
@@ -304,6 +315,107 @@ def projection_step_batched(spec: SelfModSpec, stacked: tuple, xs: dict,
             x[name] = x[name] > 0.5
     chunk = functools.partial(_projection_chunk, spec)
     return jax.vmap(chunk)(proj_init, consts["static"], stacked, x)
+
+
+def projection_step_config(spec: SelfModSpec) -> chunk_step.StepConfig:
+    """The projection memories' write-only `chunk_step.StepConfig`; a one-line ValueError where
+    `chunk_step` does not implement their update (`memory.projection_backward="chunk_step"`)."""
+    why = []
+    if spec.activation != "gelu":
+        why.append(f"activation {spec.activation!r} (chunk_step's memory is gelu)")
+    try:
+        cfg = chunk_step.StepConfig.from_rule(spec.rule, read=False)
+    except ValueError as err:
+        why.append(str(err))
+    if why:
+        raise ValueError(
+            "memory.projection_backward='chunk_step' does not apply: " + "; ".join(why)
+        )
+    return cfg
+
+
+def _projection_chunk_backward(spec: SelfModSpec, cfg: chunk_step.StepConfig,
+                               proj_init: Params | None, static: Params, carry: tuple, xs: dict,
+                               d_new: tuple, d_gen: dict) -> tuple[tuple, dict, dict]:  # fmt: skip
+    """The reverse of `_projection_chunk` for one head (memories stacked on a leading axis).
+
+    The reads and gates (`generate`) are differentiated by `jax.vjp`; each memory's update by
+    `chunk_step.chunk_backward`, which recomputes it from the chunk-start state. A cut sends
+    the start weights' cotangent to `proj_init` and stops the momentum's (`cut_carry`).
+    Returns `(d carry, d xs (u, beta), d consts (static, init or None))`.
+    """
+    # At least float32 (float64 stays: the reference tests run the step in float64).
+    f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # noqa: E731
+    rule = spec.rule
+    params, opt = carry
+    mom, d_mom = rule.get_momentum(opt), rule.get_momentum(d_new[1])
+    state = chunk_step.State(*map(f32, (params["W1"], params["W2"], mom["W1"], mom["W2"])))
+    d_end = chunk_step.State(*map(f32, (d_new[0]["W1"], d_new[0]["W2"], d_mom["W1"],
+                                        d_mom["W2"])))  # fmt: skip
+    resets = xs.get("resets")
+    fresh = None if resets is None else chunked.fresh_mask(resets)
+
+    def gen_of(w1, w2, aux):
+        return generate(spec, {"W1": w1, "W2": w2}, aux["init"], aux["static"], aux["u"], fresh)
+
+    aux = {"u": xs["u"], "static": static, "init": proj_init}
+    gen, pull = jax.vjp(gen_of, params["W1"], params["W2"], aux)
+    x = chunk_step.Inputs(f32(gen["k"]), f32(gen["v"]), jnp.zeros_like(f32(gen["k"])),
+                          f32(gen["eta"]), f32(gen["alpha"]), f32(xs["beta"]))  # fmt: skip
+    reset_to = None
+    if resets is not None:
+        zeros = jnp.zeros_like(state.s1), jnp.zeros_like(state.s2)
+        reset_to = chunk_step.State(f32(proj_init["W1"]), f32(proj_init["W2"]), *zeros)
+
+    def one(st, d_st, to):
+        return chunk_step.chunk_backward(cfg, st, x, None, d_st, resets, to)
+
+    d_start, d_x, d_reset = jax.vmap(one)(state, d_end, reset_to)
+    # Every memory learns from the same gates: their cotangents add up.
+    d_gen = dict(d_gen)
+    for name in ("k", "v", "eta", "alpha"):
+        d_gen[name] = d_gen[name] + jnp.sum(getattr(d_x, name), 0).astype(d_gen[name].dtype)
+    d_w1, d_w2, d_aux = pull({k: d_gen[k].astype(v.dtype) for k, v in gen.items()})
+    g_w1, g_w2 = d_start.w1 + d_w1, d_start.w2 + d_w2
+    g_s1, g_s2 = d_start.s1, d_start.s2
+    d_init = d_aux["init"]
+    if d_reset is not None:
+        d_init = {"W1": d_init["W1"] + d_reset.w1, "W2": d_init["W2"] + d_reset.w2}
+    if "cuts" in xs:
+        cut = jnp.any(xs["cuts"])
+        d_init = {"W1": d_init["W1"] + jnp.where(cut, g_w1, 0.0),
+                  "W2": d_init["W2"] + jnp.where(cut, g_w2, 0.0)}  # fmt: skip
+        g_w1, g_w2, g_s1, g_s2 = (jnp.where(cut, 0.0, g) for g in (g_w1, g_w2, g_s1, g_s2))
+    d_params = {"W1": g_w1.astype(params["W1"].dtype), "W2": g_w2.astype(params["W2"].dtype)}
+    d_opt = rule.set_momentum(
+        jax.tree.map(jnp.zeros_like, opt),
+        {"W1": g_s1.astype(mom["W1"].dtype), "W2": g_s2.astype(mom["W2"].dtype)},
+    )
+    d_beta = jnp.sum(d_x.beta, 0).astype(xs["beta"].dtype)
+    return (d_params, d_opt), {"u": d_aux["u"], "beta": d_beta}, {"static": d_aux["static"],
+                                                                  "init": d_init}  # fmt: skip
+
+
+def projection_step_backward(spec: SelfModSpec, stacked: tuple, xs: dict, consts: dict,
+                             d_new: tuple, d_gen: dict) -> tuple[tuple, dict, dict]:  # fmt: skip
+    """The vjp of `projection_step_batched` written out (`fused_scan`'s `xla_backward`).
+
+    stacked, xs, consts: as `projection_step_batched`'s (leading N); d_new: the cotangent of
+    the stacked new carry; d_gen: of the gates. Returns the cotangents of the stacked carry,
+    of every xs entry (zero for the flags `resets` and `cuts`) and of consts.
+    """
+    cfg = projection_step_config(spec)
+    proj_init = stack_memories(consts["init"], 1) if "init" in consts else None
+    flags = {name: xs[name] > 0.5 for name in ("resets", "cuts") if name in xs}
+    back = functools.partial(_projection_chunk_backward, spec, cfg)
+    d_carry, d_x, d_k = jax.vmap(back)(proj_init, consts["static"], stacked,
+                                       {"u": xs["u"], "beta": xs["beta"], **flags}, d_new,
+                                       d_gen)  # fmt: skip
+    d_x = {name: d_x[name] if name in d_x else jnp.zeros_like(a) for name, a in xs.items()}
+    d_consts = {"static": d_k["static"]}
+    if "init" in consts:
+        d_consts["init"] = unstack_memories(d_k["init"], 1)
+    return d_carry, d_x, d_consts
 
 
 def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: dict,
@@ -586,6 +698,9 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
     if n_full:
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
+        backward = None
+        if spec.projection_backward == "chunk_step":
+            backward = functools.partial(projection_step_backward, spec)
         # The XLA backward (and forward) take the memories stacked: one batched op per op of
         # the step for all four, not one per memory (fewer, larger launches).
         carry, gen = fused_scan(
@@ -593,6 +708,7 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
             num_warps=spec.kernel_warps, window=window,
             xla_step=functools.partial(projection_step_batched, spec),
             xla_layout=(stack_memories, unstack_memories), unroll=spec.scan_unroll,
+            xla_backward=backward,
         )  # fmt: skip
         gens.append(jax.tree.map(lambda x: x.reshape((n, n_full * c) + x.shape[3:]), gen))
     carry = stack_memories(carry, 1)
@@ -678,6 +794,7 @@ def spec_from_config(cfg: ml_collections.ConfigDict) -> SelfModSpec:
         kernel=m.get("kernel", "auto"), kernel_warps=m.get("kernel_warps", 8), backprop_chunks=m.get("backprop_chunks", 0),
         parallel_windows=m.get("parallel_windows", False),
         walk_backward=m.get("walk_backward", "xla"),
+        projection_backward=m.get("projection_backward", "vjp"),
     )  # fmt: skip
 
 
