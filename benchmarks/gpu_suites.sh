@@ -31,9 +31,11 @@
 #               by side: the first non-finite step or "finite", and validation bits/byte at
 #               steps 250, 500, 1000;
 #               PARTS=deep: hope_340m at full depth, 300 steps (alone: ~16 minutes on an
-#               H200, estimated from its tokens/s); resumable (run it again); PARTS= picks
-#               among "long sweep paper walk deep" (default all but deep), RUNS= and SWEEP=
-#               narrow them
+#               H200, estimated from its tokens/s); PARTS=walk_all: Hope with
+#               memory.kernel=walk_all and projection_backward=chunk_step (their quality
+#               guard, beside the sweep's 1e-3 run); resumable (run it again); PARTS= picks
+#               among "long sweep paper walk walk_all deep" (default all but deep and
+#               walk_all), RUNS= and SWEEP= narrow them
 #                                                       -> "Training stability and quality"
 #
 # Rows are JSON under $OUT (default ./bench_out) and tables on stdout. Every model-level tool
@@ -176,6 +178,13 @@ suite_stability() {
     names="$names walk_guard"
     $dc --root="$OUT/walk_guard" --steps=250 --eval_every=250 --runs=hope_340m:0:1e-3 -- $c \
       $m.kernel=pallas_forward >"$OUT/walk_guard.log" 2>&1 &
+  fi
+  if [[ $parts == *" walk_all "* ]]; then
+    # The projection memories' walk (bf16 reads) and their written-out reverse, against the
+    # sweep's preset run.
+    names="$names walk_all_guard"
+    $dc --root="$OUT/walk_all_guard" --steps=250 --eval_every=250 --runs=hope_340m:0:1e-3 -- $c \
+      $m.kernel=walk_all $m.projection_backward=chunk_step >"$OUT/walk_all_guard.log" 2>&1 &
   fi
   wait
   for name in $names; do
