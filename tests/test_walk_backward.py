@@ -35,7 +35,7 @@ def assert_lowers_within_shared_memory(kernel, *args) -> None:
 def factors_case(n: int, c: int, dim: int):
     """Weights, keys, values, their factors and random cotangents of the factors."""
     init, x = make(n, c, dim, dim)
-    f = jax.vmap(functools.partial(cs.factors, CFG))(init.w1, init.w2, x.k, x.v)
+    f = jax.jit(jax.vmap(functools.partial(cs.factors, CFG)))(init.w1, init.w2, x.k, x.v)
     ks = jax.random.split(jax.random.PRNGKey(5), 3)
     cots = tuple(jax.random.normal(key, (n, c, dim)) for key in ks)  # d_hk, d_err, d_delta2
     return (init.w1, init.w2, x.k, x.v, f, *cots)
@@ -48,7 +48,7 @@ def test_factors_backward_stage_in_interpreter(operands, tol):
         wb.factors_backward_kernel, interpret=mw.interpret_params(), operands=operands
     )
     got = jax.jit(stage)(*args)
-    want = jax.vmap(cs.factors_backward)(*args)
+    want = jax.jit(jax.vmap(cs.factors_backward))(*args)
     for field, a, b in zip(wb.FactorGrads._fields, got, want, strict=True):
         assert rel_err(a, b) < tol, field
 
@@ -84,7 +84,7 @@ def test_decays_backward_stage_in_interpreter(operands, tol):
         wb.decays_backward_kernel, interpret=mw.interpret_params(), operands=operands
     )
     got = jax.jit(stage)(alpha, beta, cot)
-    want = jax.vmap(cs.decays_backward)(alpha, beta, dec, cot)
+    want = jax.jit(jax.vmap(cs.decays_backward))(alpha, beta, dec, cot)
     for name, a, b in zip(("alpha", "beta"), got, want, strict=True):
         assert rel_err(a, b) < tol, name
 
@@ -111,7 +111,7 @@ def test_decays_backward_stage_with_resets_in_interpreter():
         wb.decays_backward_kernel, interpret=mw.interpret_params(), operands=jnp.float32
     )
     got = jax.jit(stage)(alpha, beta, cot, resets)
-    want = jax.vmap(cs.decays_backward)(alpha, beta, dec, cot, segs)
+    want = jax.jit(jax.vmap(cs.decays_backward))(alpha, beta, dec, cot, segs)
     for name, a, b in zip(("alpha", "beta"), got, want, strict=True):
         assert rel_err(a, b) < 1e-5, name
 
@@ -198,7 +198,7 @@ def test_end_backward_stage_against_vjp_of_layer_end(operands, tol):
         wb.end_backward_kernel, interpret=mw.interpret_params(), operands=operands
     )
     grads, cots = jax.jit(stage)(a, g, be, w0, s0, dec, d_w, d_s)
-    d_w0, d_s0, d_a, d_g, d_be, d_dec = jax.vmap(end_vjp)(dec, a, g, be, w0, s0, d_w, d_s)
+    d_w0, d_s0, d_a, d_g, d_be, d_dec = jax.jit(jax.vmap(end_vjp))(dec, a, g, be, w0, s0, d_w, d_s)
     for name, got, want in [
         ("w0", grads.w0, d_w0), ("s0", grads.s0, d_s0), ("a", grads.a, d_a),
         ("g", grads.g, d_g), ("be", grads.be, d_be), ("gi", cots.gi, d_dec.gi),
@@ -237,7 +237,7 @@ def test_read_backward_stage_against_vjp_of_layer_read(operands, tol):
         wb.read_backward_kernel, interpret=mw.interpret_params(), operands=operands
     )
     grads, d_q, cots = jax.jit(stage)(q, a, g, be, w0, s0, dec, d_out)
-    d_w0, d_s0, d_a, d_g, d_be, d_dec, d_q_want = jax.vmap(read_vjp)(
+    d_w0, d_s0, d_a, d_g, d_be, d_dec, d_q_want = jax.jit(jax.vmap(read_vjp))(
         dec, q, a, g, be, w0, s0, d_out
     )
     for name, got, want in [
@@ -272,14 +272,14 @@ def test_solve_backward_stage_against_vjp_of_layer_solve(chunk, operands, tol):
     a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
     b = jax.random.uniform(jax.random.PRNGKey(4), (2, chunk), minval=0.05, maxval=0.3)
     d_be = jax.random.normal(jax.random.PRNGKey(6), (2, chunk, 16))
-    e = jax.vmap(lambda *args: cs.layer_solve(*args[:2], None, None, *args[2:]).e)(
+    e = jax.jit(jax.vmap(lambda *args: cs.layer_solve(*args[:2], None, None, *args[2:]).e))(
         w0, s0, a, g, b, dec
     )
     stage = functools.partial(
         wb.solve_backward_kernel, interpret=mw.interpret_params(), operands=operands
     )
     grads, d_b, cots = jax.jit(stage)(a, g, e, w0, s0, b, dec, d_be)
-    d_w0, d_s0, d_a, d_g, d_b_want, d_dec = jax.vmap(solve_vjp)(dec, a, g, b, w0, s0, d_be)
+    d_w0, d_s0, d_a, d_g, d_b_want, d_dec = jax.jit(jax.vmap(solve_vjp))(dec, a, g, b, w0, s0, d_be)
     # Only G_prior's strictly lower entries are its values; above them its cotangent depends
     # on how the inverse is differentiated, and the decays' reverse masks it.
     below = functools.partial(jnp.tril, k=-1)
@@ -329,9 +329,8 @@ def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, opera
     fn = {"staged": wb.chunk_reverse_staged, "streamed": wb.chunk_reverse_streamed}[composed]
     reverse = functools.partial(fn, cfg, interpret=mw.interpret_params(), operands=operands)
     got_state, got_x = jax.jit(reverse)(init, x, d_y, d_state)
-    want_state, want_x, _ = jax.vmap(lambda s, xs, dy, ds: cs.chunk_backward(cfg, s, xs, dy, ds))(
-        init, x, d_y, d_state
-    )
+    backward = jax.vmap(lambda s, xs, dy, ds: cs.chunk_backward(cfg, s, xs, dy, ds))
+    want_state, want_x, _ = jax.jit(backward)(init, x, d_y, d_state)
     for name, a, b in zip(cs.State._fields, got_state, want_state, strict=True):
         assert rel_err(a, b) < tol, name
     for name, a, b in zip(cs.Inputs._fields, got_x, want_x, strict=True):
@@ -356,7 +355,7 @@ def test_streamed_windows_backward_equals_the_xla_windows():
     chunks: a grid of two (stream, window) pairs, a carry between chunks and a cut."""
     n, chunk, seq, every = 1, 4, 16, 2
     init, x = make(n, seq, 8, 8)  # the factors' reverse shares tiles: d = h
-    starts = jax.vmap(lambda i, xs: _chunk_starts(i, xs, chunk))(init, x)
+    starts = jax.jit(jax.vmap(lambda i, xs: _chunk_starts(i, xs, chunk)))(init, x)
     ks = jax.random.split(jax.random.PRNGKey(3), 5)
     d_y = jax.random.normal(ks[0], (n, seq, 8))
     d_final = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks[1:], init, strict=True)))
@@ -370,9 +369,10 @@ def test_streamed_windows_backward_equals_the_xla_windows():
             operands=jnp.float32,
         )  # fmt: skip
     )(x, starts=starts, d_y=d_y, d_final=d_final)
-    want = jax.vmap(
+    split = jax.vmap(
         lambda i, xs, s, dy, df: mw.windows_backward_split(CFG, i, xs, chunk, every, s, dy, df)
-    )(init, x, starts, d_y, d_final)
+    )
+    want = jax.jit(split)(init, x, starts, d_y, d_final)
     for part, (a_tree, b_tree) in enumerate(zip(got, want, strict=True)):
         for a, b in zip(a_tree, b_tree, strict=True):
             assert rel_err(a, b) < 1e-5, part

@@ -11,7 +11,6 @@ inference runs, which is stricter than any such lowering, and inference must sti
 import jax
 import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
-import pytest
 from jax._src.lib.mlir import ir, passmanager
 
 from nl_jax.kernels import chunk_step as cs
@@ -55,10 +54,10 @@ def inputs(n: int, seq: int, d: int):
     return init, cs.Inputs(*(u / jnp.linalg.norm(u, axis=-1, keepdims=True) for u in unit), *gates)
 
 
-@pytest.mark.parametrize("with_resets", [False, True])
-def test_memory_step_layouts_survive_merged_loads(monkeypatch, with_resets):
-    init, x = inputs(2, 128, 64)
-    resets = jnp.zeros((2, 128), bool).at[:, 70].set(True) if with_resets else None
+def lower_checking_merged_loads(monkeypatch, lower) -> tuple[list[int], list[int]]:
+    """`(shared memory per kernel, loads merged per kernel)` of `lower()`, every Mosaic GPU
+    kernel's layout inference also run (and required to succeed) on a copy of its module with
+    each block's loads of one ref merged."""
     infer = mgpu.infer_layout
     merged = []
 
@@ -69,14 +68,21 @@ def test_memory_step_layouts_survive_merged_loads(monkeypatch, with_resets):
         return infer(module, **kwargs)
 
     monkeypatch.setattr(mgpu, "infer_layout", infer_after_merging)
+    return mw.smem_bytes_at_lowering(lower), merged
+
+
+def test_memory_step_layouts_survive_merged_loads(monkeypatch):
+    """The walk's forward without document resets at hope_340m's `C = d = h = 64`. With resets
+    (and the chunk starts the backward takes) the same check runs on the layer's gradient:
+    `test_walk_model.py::test_compiled_walk_layer_gradient_lowers_for_cuda`."""
+    init, x = inputs(2, 128, 64)
 
     def walk(init, x):
-        return mw.walk_forward(cs.StepConfig(), init, x, 64, step=mw.memory_step, resets=resets)
+        return mw.walk_forward(cs.StepConfig(), init, x, 64, step=mw.memory_step)
 
-    sizes = mw.smem_bytes_at_lowering(
-        lambda: jax.jit(walk).trace(init, x).lower(lowering_platforms=("cuda",))
+    sizes, merged = lower_checking_merged_loads(
+        monkeypatch, lambda: jax.jit(walk).trace(init, x).lower(lowering_platforms=("cuda",))
     )
     assert merged and merged[0] > 0  # the check saw the kernel, with loads to merge
-    # One CTA's shared memory (an H100's or H200's limit is 232,448 B): the resets add the
-    # chunk's flags (1 KiB) and a barrier.
-    assert sizes == [228376 if with_resets else 227344]
+    # One CTA's shared memory (an H100's or H200's limit is 232,448 B).
+    assert sizes == [227344]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_self_modifying import heads_inputs
+from test_walk_layouts import lower_checking_merged_loads
 
 from nl_jax.core import DeltaRule, memories, target
 from nl_jax.kernels import chunk_step as cs
@@ -79,10 +80,12 @@ def check(kernel_out, xla_out, tol):
 
 
 @pytest.mark.slow
-def test_compiled_walk_layer_gradient_lowers_for_cuda():
+def test_compiled_walk_layer_gradient_lowers_for_cuda(monkeypatch):
     """At C = d = h = 64, traced for one GPU: the layer's gradient with document resets and a
     cut per chunk lowers for CUDA, the walk as the Mosaic GPU kernel (bf16 operands) in the
-    shared memory `test_memory_walk.py` counts for it, the projection memories as Triton."""
+    shared memory `test_memory_walk.py` counts for it, the projection memories as Triton. The
+    walk's layout inference also succeeds with its loads merged (`test_walk_layouts.py`; the
+    resets add the chunk's flags, 1 KiB, and a barrier to the 227,344 B of the walk without)."""
     spec = sm.SelfModSpec(heads=1, head_dim=64, hidden=64, chunk_mem=64, chunk_other=16,
                           rule=HOPE_RULE, backprop_chunks=1, kernel="walk")  # fmt: skip
     b, s, h, dh = 1, 128, 1, 64
@@ -101,14 +104,16 @@ def test_compiled_walk_layer_gradient_lowers_for_cuda():
     args = (init, static, u, u, beta)
     texts = []
     with target.compiling_for("gpu", 1):
-        sizes = mw.smem_bytes_at_lowering(
+        sizes, merged = lower_checking_merged_loads(
+            monkeypatch,
             lambda: texts.append(
                 jax.jit(jax.grad(loss, tuple(range(5)))).trace(*args).lower(
                     lowering_platforms=("cuda",)
                 ).as_text()
-            )
+            ),
         )  # fmt: skip
     assert "mosaic_gpu" in texts[0] and "triton" in texts[0].lower()
+    assert merged and merged[0] > 0  # the check saw the kernel, with loads to merge
     assert sizes == [228376]
 
 
