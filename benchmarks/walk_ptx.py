@@ -14,8 +14,8 @@ column sums), `ex2` (exponentials), `cvt` (conversions, mostly float32 to bf16 o
 `selp` (masks), shared and local memory loads and stores, registers per thread (255 is the
 limit) and spilled bytes. The walk compiles with Mosaic GPU's approximate `tanh`, `exp`, `log`
 and division (`CompilerParams(approx_math=True)`); `--exact_math` compiles it without them.
-`--reverse` counts one chunk's reverse instead (`walk_backward.chunk_reverse_streamed`, its
-stages in turn, one kernel).
+`--reverse` counts one chunk's reverse instead, read-out and write-only
+(`walk_backward.chunk_reverse_streamed`, its stages in turn, one kernel).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def _compile_parts(bench, mw, args, init, x, spec, dump: str) -> dict | None:
 
 def _compile_reverse(args, init, x, spec, dump: str) -> dict | None:
     """`{name: PtxStats}` of one chunk's reverse as one kernel, its stages streamed through HBM
-    (`walk_backward.chunk_reverse_streamed`), compiled for the target behind `spec`."""
+    (`walk_backward.chunk_reverse_streamed`), read-out (M_memory) and write-only (the projection
+    memories), compiled for the target behind `spec`."""
     import functools
 
     import jax
@@ -125,18 +126,24 @@ def _compile_reverse(args, init, x, spec, dump: str) -> dict | None:
 
     state = jax.tree.map(lambda a: a[:1], init)
     chunk = cs.Inputs(*(a[:1, : args.chunk] for a in x))
-    d_y = chunk.q
-    for old in glob.glob(os.path.join(dump, "*")):
-        os.remove(old)
-    reverse = functools.partial(wb.chunk_reverse_streamed, cs.StepConfig())
-    args_ = jax.tree.map(spec, (state, chunk, d_y, state))
-    jax.jit(reverse).lower(*args_).compile()
-    ptx, ptxas = glob.glob(os.path.join(dump, "*.ptx")), glob.glob(os.path.join(dump, "*.ptxas"))
-    if len(ptx) != 1 or len(ptxas) != 1:
-        print(f"error: no single PTX dump for the reverse in {dump}", file=sys.stderr)
-        return None
-    with open(ptx[0]) as f, open(ptxas[0]) as g:
-        return {"reverse: one chunk, stages streamed": ptx_stats(f.read(), g.read())}
+    rows = {}
+    forms = (("reverse: one chunk, stages streamed", cs.StepConfig(), chunk.q),
+             ("reverse, write-only: one chunk, stages streamed", cs.StepConfig(read=False), None))  # fmt: skip
+    for name, cfg, d_y in forms:
+        for old in glob.glob(os.path.join(dump, "*")):
+            os.remove(old)
+        reverse = functools.partial(wb.chunk_reverse_streamed, cfg)
+        args_ = jax.tree.map(spec, (state, chunk, d_y, state))
+        jax.jit(reverse).lower(*args_).compile()
+        ptx = glob.glob(os.path.join(dump, "*.ptx"))
+        ptxas = glob.glob(os.path.join(dump, "*.ptxas"))
+        if len(ptx) != 1 or len(ptxas) != 1:
+            print(f"error: no single PTX dump for the reverse in {dump}", file=sys.stderr)
+            return None
+        with open(ptx[0]) as f, open(ptxas[0]) as g:
+            rows[name] = ptx_stats(f.read(), g.read())
+        print(f"{name}: {rows[name].instructions} instructions", file=sys.stderr, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -337,15 +337,43 @@ def test_chunk_reverse_composes_the_stages_into_chunk_backward(cfg, chunk, opera
         assert rel_err(a, b) < tol, name
 
 
+def test_write_only_streamed_reverse_equals_chunk_backward():
+    """A write-only memory's reverse (`cfg.read` False, Hope's projection memories): no reads'
+    phases, no `d_y`; the start state's and the inputs' gradients equal `chunk_step`'s, the
+    queries' are zero."""
+    cfg = CFG._replace(read=False)
+    init, x = make(1, 16, 16, 16)
+    ks = jax.random.split(jax.random.PRNGKey(12), 4)
+    d_state = cs.State(*(jax.random.normal(k, a.shape) for k, a in zip(ks, init, strict=True)))
+    reverse = functools.partial(
+        wb.chunk_reverse_streamed, cfg, interpret=mw.interpret_params(), operands=jnp.float32
+    )
+    got_state, got_x = jax.jit(lambda s, xs, ds: reverse(s, xs, None, ds))(init, x, d_state)
+    backward = jax.vmap(lambda s, xs, ds: cs.chunk_backward(cfg, s, xs, None, ds))
+    want_state, want_x, _ = jax.jit(backward)(init, x, d_state)
+    for name, a, b in zip(cs.State._fields, got_state, want_state, strict=True):
+        assert rel_err(a, b) < 1e-5, name
+    for name, a, b in zip(cs.Inputs._fields, got_x, want_x, strict=True):
+        if name == "q":
+            assert float(jnp.max(jnp.abs(a))) == 0.0 and float(jnp.max(jnp.abs(b))) == 0.0
+        else:
+            assert rel_err(a, b) < 1e-5, name
+    with pytest.raises(ValueError, match="takes d_y exactly when cfg.read"):
+        reverse(init, x, jnp.zeros((1, 16, 16)), d_state)
+
+
 def test_streamed_chunk_reverse_lowers_for_cuda_within_shared_memory():
     """At hope_340m's `C = d = h = 64` the streamed composition fits one CTA (all stages'
     operands resident at once ask 3.6 times a CTA's shared memory): its stages' scopes follow
-    each other."""
+    each other; its write-only form too."""
     init, x = make(2, 64, 64, 64)
     d_y = jnp.ones((2, 64, 64))
     assert_lowers_within_shared_memory(
         functools.partial(wb.chunk_reverse_streamed, CFG), init, x, d_y, init
     )
+    # The write-only form (Hope's projection memories) leaves the reads' phases out.
+    write_only = functools.partial(wb.chunk_reverse_streamed, CFG._replace(read=False))
+    assert_lowers_within_shared_memory(lambda s, xs, ds: write_only(s, xs, None, ds), init, x, init)
 
 
 def test_streamed_windows_backward_equals_the_xla_windows():

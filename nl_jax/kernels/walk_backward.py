@@ -802,7 +802,7 @@ def _forward_arrays(
     cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, operands: Any
 ) -> dict[str, jax.Array]:
     """`ForwardRefs`' fields for N chunks (`[N, ...]`), from `chunk_step`'s forward in XLA:
-    operand tiles (`*_t`) in `operands`, the rest float32."""
+    operand tiles (`*_t`) in `operands`, the rest float32 (without `cfg.read`, no `hq_t`, `r2`)."""
     fw = jax.vmap(lambda s, xs: cs._forward(cfg, s, xs, None, None)[2])(state, x)
     dec, p = fw.dec, fw.picked
     arrays = dict(
@@ -817,9 +817,11 @@ def _forward_arrays(
         k_last=dec.k_incl[:, -1], g_last=dec.g_incl[:, -1], p_last=dec.p_incl[:, -1],
     )  # fmt: skip
     fields = ForwardRefs(**arrays)._asdict()  # in the fields' order
+    # A write-only step (`cfg.read` False) has no reads of q: those fields are None.
     return {
         name: a.astype(operands if name.endswith("_t") else jnp.float32)
         for name, a in fields.items()
+        if a is not None
     }
 
 
@@ -871,63 +873,75 @@ class _Streamed:
 
 
 def chunk_reverse_streamed(
-    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array, d_state: cs.State, *,
-    interpret: Any = None, operands: Any = jnp.bfloat16,
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array | None, d_state: cs.State,
+    *, interpret: Any = None, operands: Any = jnp.bfloat16,
 ) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
-    """`chunk_step.chunk_backward` (read-out memory, no resets) for N chunks as one kernel that
-    fits a CTA's shared memory: the stages run in turn, each on scoped refs of what it reads
-    and adds into, the accumulators passed between them through HBM (one chunk's ~0.5 MB,
-    L2-resident at the walk's sizes). The forward's intermediates come from XLA. Same
-    arguments and results as `chunk_reverse_staged`.
+    """`chunk_step.chunk_backward` (no resets) for N chunks as one kernel that fits a CTA's
+    shared memory: the stages run in turn, each on scoped refs of what it reads and adds into,
+    the accumulators passed between them through HBM (one chunk's ~0.5 MB, L2-resident at the
+    walk's sizes). The forward's intermediates come from XLA. Same arguments and results as
+    `chunk_reverse_staged`; with `cfg.read` False (a write-only memory, Hope's projection
+    memories) `d_y` is None, the reads' phases are left out and the queries' cotangent is zero.
     """
-    if not cfg.read:
-        raise ValueError("chunk_reverse_streamed is the read-out memory's reverse (cfg.read=True)")
+    read = cfg.read
+    if read != (d_y is not None):
+        raise ValueError(
+            "chunk_reverse_streamed takes d_y exactly when cfg.read (a read-out memory)"
+        )
     n, c, d = x.k.shape
     h = state.w2.shape[1]
     ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
     f32 = jnp.float32
     ins = _forward_arrays(cfg, state, x, operands)
+    if read:
+        ins.update(d_y_t=d_y.astype(operands), d_y32=d_y.astype(f32))
+    else:  # what only the reads' reverse reads
+        ins = {k: a for k, a in ins.items() if k not in ("q_t", "hq_t", "r2")}
     ins.update(
-        d_y_t=d_y.astype(operands), d_w1_t=d_state.w1.astype(operands),
-        d_w2_t=d_state.w2.astype(operands), d_s1_t=d_state.s1.astype(operands),
-        d_s2_t=d_state.s2.astype(operands), d_y32=d_y.astype(f32),
+        d_w1_t=d_state.w1.astype(operands), d_w2_t=d_state.w2.astype(operands),
+        d_s1_t=d_state.s1.astype(operands), d_s2_t=d_state.s2.astype(operands),
     )  # fmt: skip
     vec, cc = (c,), (c, c)
     accs = {
         "a1_w0": (d, h), "a1_s0": (d, h), "a1_a": (c, h), "a1_g": (c, d), "a1_be": (c, d),
         "a2_w0": (h, d), "a2_s0": (h, d), "a2_a": (c, d), "a2_g": (c, h), "a2_be": (c, h),
-        "d_b1": vec, "d_b2": vec, "d_hq": (c, h), "d_q": (c, d),
+        "d_b1": vec, "d_b2": vec, **({"d_hq": (c, h), "d_q": (c, d)} if read else {}),
         "c_gi": vec, "c_gp": vec, "c_pi": vec, "c_ri": vec, "c_rp": vec, "c_g_incl": cc,
         "c_g_prior": cc, "c_p_incl": cc, "c_k_incl": cc, "c_k_prior": cc,
         "e_k_last": vec, "e_g_last": vec, "e_p_last": vec,
     }  # fmt: skip
     results = {"o_w1": (d, h), "o_w2": (h, d), "o_s1": (d, h), "o_s2": (h, d), "o_k": (c, d),
-               "o_v": (c, d), "o_q": (c, d), "o_eta": vec, "o_alpha": vec, "o_beta": vec}  # fmt: skip
+               "o_v": (c, d), "o_eta": vec, "o_alpha": vec, "o_beta": vec}  # fmt: skip
+    if read:
+        results["o_q"] = (c, d)
     work = {"d_gain": vec, "d_k": (c, d), "f_k": (c, d), "f_w1": (d, h), "f_w2": (h, d)}
     outs = {**results, **{k: s for k, s in accs.items() if k != "d_q"}, **work}
     out_types = {k: jax.ShapeDtypeStruct((n, *s), f32) for k, s in outs.items()}
-    out_types["d_out2_t"] = jax.ShapeDtypeStruct((n, c, h), operands)
+    if read:
+        out_types["d_out2_t"] = jax.ShapeDtypeStruct((n, c, h), operands)
     # Matrices start at zero in the kernel; a warpgroup stores no splat of C values, so the
     # vectors start from zeros in HBM.
     zeros = {f"z_{k}": jnp.zeros((n, *s), f32) for k, s in accs.items() if len(s) == 1}
     in_names, out_names = [*ins, *zeros], list(out_types)
     starts = {k: f"z_{k}" if len(s) == 1 else _Streamed.ZERO for k, s in accs.items()}
-    starts["d_q"] = "d_y32"  # the reads' cotangent reaches q directly
-    out_types["d_q"] = jax.ShapeDtypeStruct((n, c, d), f32)
-    out_names.append("d_q")
+    if read:
+        starts["d_q"] = "d_y32"  # the reads' cotangent reaches q directly
+        out_types["d_q"] = jax.ShapeDtypeStruct((n, c, d), f32)
+        out_names.append("d_q")
 
     def body(*refs):
         src = dict(zip(in_names + out_names, refs[:-1], strict=True))
         io = _Streamed(src, starts, refs[-1], lax.axis_index("chunk"), ops)
-        layer_phases(io, 1, "hq_t", "hk_t", "d_y_t")
+        layer_phases(io, 1, "hq_t" if read else None, "hk_t", "d_y_t")
 
         def d_out2(r):
             mw._store(
                 r["d_out2_t"], mw._load(r["d_hq"], ops) * cs.gelu_grad(mw._load(r["r2"], ops))
             )
 
-        io.phase(["d_hq", "r2"], ["d_out2_t"], d_out2)
-        layer_phases(io, 2, "q_t", "k_t", "d_out2_t")
+        if read:
+            io.phase(["d_hq", "r2"], ["d_out2_t"], d_out2)
+        layer_phases(io, 2, "q_t" if read else None, "k_t", "d_out2_t")
         io.phase(
             ["beta", "b1", "b2", "eta", "cur1", "cur2", "err", "delta2", "hk", "k_t"],
             ["a1_g", "a2_g", "d_b1", "d_b2", "a1_a", "a2_a", "o_eta", "d_k", "d_gain"],
@@ -959,28 +973,29 @@ def chunk_reverse_streamed(
             r["f_w1"][...] = mw._load(r["f_w1"], ops) + mw._load(r["a1_w0"], ops)
             r["f_w2"][...] = mw._load(r["f_w2"], ops) + mw._load(r["a2_w0"], ops)
 
-        io.phase(
-            ["f_k", "d_k", "d_q", "f_w1", "a1_w0", "f_w2", "a2_w0", "a1_s0", "a2_s0"], [], finals,
-            store={"o_k": "f_k", "o_q": "d_q", "o_w1": "f_w1", "o_w2": "f_w2", "o_s1": "a1_s0",
-                   "o_s2": "a2_s0"},
-        )  # fmt: skip
+        store = {"o_k": "f_k", "o_w1": "f_w1", "o_w2": "f_w2", "o_s1": "a1_s0", "o_s2": "a2_s0"}
+        if read:
+            store["o_q"] = "d_q"
+        io.phase(["f_k", "d_k", *(["d_q"] if read else []), "f_w1", "a1_w0", "f_w2", "a2_w0",
+                  "a1_s0", "a2_s0"], [], finals, store=store)  # fmt: skip
 
-    def layer_phases(io: _Streamed, lay: int, query: str, a: str, d_out: str) -> None:
-        """One layer's reads, end state and solve reversed, each a phase."""
+    def layer_phases(io: _Streamed, lay: int, query: str | None, a: str, d_out: str) -> None:
+        """One layer's reads (with a `query`), end state and solve reversed, each a phase."""
         p = f"a{lay}_"
         grads = [p + f for f in LayerGrads._fields]
         d_query = "d_hq" if lay == 1 else "d_q"
         tiles = [f"g{lay}_t", f"be{lay}_t", f"w{lay}_t", f"s{lay}_t"]
 
-        def read(r):
+        def reads(r):
             read_backward_stage(
                 r[query], r[a], *(r[t] for t in tiles), r["k_incl_t"], r["g_incl_t"], r["gi"],
                 r["ri"], r[d_out], LayerGrads(*(r[g] for g in grads)), r[d_query],
                 ReadCots(r["c_gi"], r["c_ri"], r["c_k_incl"], r["c_g_incl"]), ops,
             )  # fmt: skip
 
-        io.phase([query, a, *tiles, "k_incl_t", "g_incl_t", "gi", "ri", d_out],
-                 [*grads, d_query, "c_gi", "c_ri", "c_k_incl", "c_g_incl"], read)  # fmt: skip
+        if query is not None:
+            io.phase([query, a, *tiles, "k_incl_t", "g_incl_t", "gi", "ri", d_out],
+                     [*grads, d_query, "c_gi", "c_ri", "c_k_incl", "c_g_incl"], reads)  # fmt: skip
         rows = ["k_last", "g_last", "p_last"]
         ends = list(_END_NAMES)
 
@@ -1016,6 +1031,8 @@ def chunk_reverse_streamed(
         interpret=interpret,
     )  # fmt: skip
     got = dict(zip(out_names, kernel(*ins.values(), *zeros.values()), strict=True))
+    if not read:
+        got["o_q"] = jnp.zeros(x.q.shape, f32)
     state_grads = cs.State(got["o_w1"], got["o_w2"], got["o_s1"], got["o_s2"])
     return state_grads, cs.Inputs(*(got[f"o_{k}"] for k in ("k", "v", "q", "eta", "alpha", "beta")))
 
@@ -1072,16 +1089,18 @@ def _glue_phase(cfg: cs.StepConfig, r: dict, c: int, d: int, h: int, ops: mw.Ops
 
 
 def windows_backward_streamed(
-    cfg: cs.StepConfig, x: cs.Inputs, chunk: int, every: int, starts: cs.State, d_y: jax.Array,
-    d_final: cs.State, *, interpret: Any = None, operands: Any = jnp.bfloat16,
+    cfg: cs.StepConfig, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
+    d_y: jax.Array | None, d_final: cs.State, *, interpret: Any = None,
+    operands: Any = jnp.bfloat16,
 ) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
     """`memory_walk.windows_backward_split` of N streams without document resets, each chunk
     reversed by `chunk_reverse_streamed`: `(d start state, d cut weights, d inputs)`, leaves
     `[N, ...]` (the cut weights' momenta take no gradient: zeros).
 
     `x`: `[N, seq, ...]` with seq a multiple of `every * chunk`; `starts`: leaves `[N, chunks,
-    ...]`, each chunk's start state (`walk_forward(..., every=1)`); `d_y [N, seq, d]`. The
-    windows of all streams are reversed side by side, one kernel launch per chunk step.
+    ...]`, each chunk's start state (`walk_forward(..., every=1)`); `d_y [N, seq, d]`, None for
+    a write-only memory (`cfg.read` False). The windows of all streams are reversed side by
+    side, one kernel launch per chunk step.
     """
     n, seq = x.k.shape[:2]
     n_chunks = seq // chunk
@@ -1099,7 +1118,7 @@ def windows_backward_streamed(
 
     xs = cs.Inputs(*(by_step(a, chunk) for a in x))
     states = cs.State(*(by_step(a, 1)[:, :, 0] for a in starts))
-    d_ys = by_step(d_y, chunk)
+    d_ys = None if d_y is None else by_step(d_y, chunk)
     # A cut zeroes the cotangent carried into the window before it: every window's reverse
     # starts from zero but the last's, which takes the end state's.
     last = (jnp.arange(windows) == windows - 1)[None, :]
