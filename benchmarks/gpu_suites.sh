@@ -18,9 +18,10 @@
 #               kernel against XLA's chunk scan at hope_340m's shape (batch 4 x 16 heads, seq
 #               4096, chunk 64): us per chunk step, forward and backward, and one chunk
 #               step's reverse, XLA's against the staged kernels           -> "Kernels"
-#   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk, with the
-#               projection memories' walk too (walk_all), and with the walk's kernel
-#               backward, beside the fused forward (pallas_forward, XLA's M_memory)
+#   walk_model  one GPU: the 4-layer hope_340m step (seq 4096 x 8) with the walk (auto), with
+#               the projection memories' walk too (walk_all), with the projection memories'
+#               written-out backward (chunk_step), and with every kernel at once (walk_all and
+#               both backwards as kernels)
 #                                                                           -> "Kernels"
 #   kernels     one GPU: the compiled kernels' tests (Mosaic GPU and Triton, every test named
 #               "compiled ... gpu"), against XLA and chunk_step; rerun whenever a kernel changes
@@ -115,7 +116,7 @@ suite_walk() {
 suite_walk_model() {
   # Each 4-layer compile takes 2-3 minutes on a live GPU (autotuning): a longer limit.
   timeout $((2 * TMO)) $PY benchmarks/throughput.py --steps=4 --seq_len=4096 --batch=8 \
-    --presets=hope_340m --set=num_layers=4 --variants="fused_forward:memory.kernel=pallas_forward|walk:memory.kernel=walk|walk_all:memory.kernel=walk_all|walk_kernel_backward:memory.kernel=walk;memory.walk_backward=kernel" \
+    --presets=hope_340m --set=num_layers=4 --variants="walk:memory.kernel=walk|walk_all:memory.kernel=walk_all|chunk_step_backward:memory.kernel=walk;memory.projection_backward=chunk_step|kernel_backwards:memory.kernel=walk_all;memory.walk_backward=kernel;memory.projection_backward=kernel" \
     --out="$OUT/throughput_walk.json" 2>&1 | quiet
 }
 
@@ -123,7 +124,8 @@ suite_kernels() {
   # Compiled on an H100 the staged and streamed reverse took 60 s and 127 s: twice the limit.
   JAX_PLATFORMS=cuda timeout $((2 * TMO)) $PY -m pytest -q -p no:cacheprovider -rs \
     -k "compiled and gpu" tests/test_walk_backward.py tests/test_fused_scan.py \
-    tests/test_fused_level.py tests/test_projection_walk.py 2>&1 | quiet | tail -15
+    tests/test_fused_level.py tests/test_projection_walk.py tests/test_projection_backward.py \
+    2>&1 | quiet | tail -15
 }
 
 suite_stability() {

@@ -16,7 +16,9 @@ With `--backward`, also the scan's backward from the saved chunk starts (the pre
 windows of 8 chunks side by side, `fused_scan`'s XLA reverse walk) as
 
   - `vjp`: `jax.vjp` of the step's XLA form (`memory.projection_backward=vjp`);
-  - `chunk_step`: the written-out reverse (`memory.projection_backward=chunk_step`).
+  - `chunk_step`: the written-out reverse (`memory.projection_backward=chunk_step`);
+  - `kernel`: each memory's reverse as the streamed Mosaic GPU chunk reverse
+    (`memory.projection_backward=kernel`; Hopper only; bf16 operands, so ~1e-2 errors).
 
 Prints ms per call (the best of `--repeats` after a first, compiling call) and each form's
 largest error against the first (`xla`, `vjp`) relative to the largest value of each output
@@ -29,6 +31,7 @@ them out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -161,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| backward | ms a call | first call s | max rel. error vs vjp (carry, xs, consts) |")
         print("|---|---|---|---|")
         ref = None
-        for name in sm.PROJECTION_BACKWARDS:
-            back = functools.partial(sm.projection_step_backward, spec)
-            plan = how._replace(xla_backward=back if name == "chunk_step" else None)
+        for name in sm.PROJECTION_BACKWARDS if hopper else ("vjp", "chunk_step"):
+            sized = dataclasses.replace(spec, projection_backward=name)
+            back = functools.partial(sm.projection_step_backward, sized)
+            plan = how._replace(xla_backward=None if name == "vjp" else back)
 
             def backward(saved, xs, consts, cot, plan=plan):
                 return fs._scan_bwd(step, plan, window, (saved, xs, consts), cot)

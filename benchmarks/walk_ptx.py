@@ -98,19 +98,31 @@ def _compile_parts(bench, mw, args, init, x, spec, dump: str) -> dict | None:
             return mw.walk_forward(cfg, init, x, args.chunk, step=step,
                                    operands=jnp.bfloat16)[0]  # fmt: skip
 
-        for old in glob.glob(os.path.join(dump, "*")):
-            os.remove(old)
-        with bench.skipping(skip):
-            jax.jit(part).lower(jax.tree.map(spec, init), jax.tree.map(spec, x)).compile()
-        ptx = glob.glob(os.path.join(dump, "*.ptx"))
-        ptxas = glob.glob(os.path.join(dump, "*.ptxas"))
-        if len(ptx) != 1 or len(ptxas) != 1:
-            print(f"error: no single PTX dump for {name!r} in {dump}", file=sys.stderr)
+        def compile_part(part=part, skip=skip):
+            with bench.skipping(skip):
+                jax.jit(part).lower(jax.tree.map(spec, init), jax.tree.map(spec, x)).compile()
+
+        rows[name] = _dumped_stats(name, compile_part, dump)
+        if rows[name] is None:
             return None
-        with open(ptx[0]) as f, open(ptxas[0]) as g:
-            rows[name] = ptx_stats(f.read(), g.read())
-        print(f"{name}: {rows[name].instructions} instructions", file=sys.stderr, flush=True)
     return rows
+
+
+def _dumped_stats(name: str, compile_fn, dump: str) -> PtxStats | None:
+    """`compile_fn()` with an empty `dump` folder, then the `PtxStats` of the one kernel it
+    dumped (None, with the reason printed, where there is not exactly one)."""
+    for old in glob.glob(os.path.join(dump, "*")):
+        os.remove(old)
+    compile_fn()
+    ptx = glob.glob(os.path.join(dump, "*.ptx"))
+    ptxas = glob.glob(os.path.join(dump, "*.ptxas"))
+    if len(ptx) != 1 or len(ptxas) != 1:
+        print(f"error: no single PTX dump for {name!r} in {dump}", file=sys.stderr)
+        return None
+    with open(ptx[0]) as f, open(ptxas[0]) as g:
+        stats = ptx_stats(f.read(), g.read())
+    print(f"{name}: {stats.instructions} instructions", file=sys.stderr, flush=True)
+    return stats
 
 
 def _compile_reverse(args, init, x, spec, dump: str) -> dict | None:
@@ -130,19 +142,12 @@ def _compile_reverse(args, init, x, spec, dump: str) -> dict | None:
     forms = (("reverse: one chunk, stages streamed", cs.StepConfig(), chunk.q),
              ("reverse, write-only: one chunk, stages streamed", cs.StepConfig(read=False), None))  # fmt: skip
     for name, cfg, d_y in forms:
-        for old in glob.glob(os.path.join(dump, "*")):
-            os.remove(old)
         reverse = functools.partial(wb.chunk_reverse_streamed, cfg)
         args_ = jax.tree.map(spec, (state, chunk, d_y, state))
-        jax.jit(reverse).lower(*args_).compile()
-        ptx = glob.glob(os.path.join(dump, "*.ptx"))
-        ptxas = glob.glob(os.path.join(dump, "*.ptxas"))
-        if len(ptx) != 1 or len(ptxas) != 1:
-            print(f"error: no single PTX dump for the reverse in {dump}", file=sys.stderr)
+        rows[name] = _dumped_stats(name, lambda r=reverse, a=args_: jax.jit(r).lower(*a).compile(),
+                                   dump)  # fmt: skip
+        if rows[name] is None:
             return None
-        with open(ptx[0]) as f, open(ptxas[0]) as g:
-            rows[name] = ptx_stats(f.read(), g.read())
-        print(f"{name}: {rows[name].instructions} instructions", file=sys.stderr, flush=True)
     return rows
 
 

@@ -247,7 +247,11 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # With a fused path (any kernel but plain "xla" without parallel_windows), how the projection
     # memories' chunk step is differentiated: "vjp" (jax.vjp of its XLA form) | "chunk_step"
     # (each memory's update reversed by chunk_step.py's written-out backward, the reads and
-    # gates by jax.vjp; the same gradient, DGD with momentum and retention and gelu only).
+    # gates by jax.vjp; the same gradient, DGD with momentum and retention and gelu only) |
+    # "kernel": those reverses as one streamed Mosaic GPU kernel per chunk step
+    # (walk_backward.py, bf16 operands; hidden = head_dim, compiled at the walk's 64 with
+    # C_other dividing it; a chunk step holding a document start takes chunk_step's XLA form).
+    # Neither is timed on a GPU yet; chunk_step ran hope_tiny 8% faster on CPU.
     m.memory.projection_backward = "vjp"
     # Warps per program of the fused kernels (a power of two <= 32). 8 measured fastest on an
     # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps;

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_self_modifying import SPEC, changed, make, reference
+from test_self_modifying import SPEC, changed, heads_inputs, make, reference
 
+from nl_jax.core import target
+from nl_jax.kernels import chunk_step as cs
 from nl_jax.kernels.fused_scan import fused_scan
 from nl_jax.layers import self_modifying as sm
 
@@ -133,8 +135,85 @@ def test_refusals_are_one_line():
     `fused_scan` a reverse without the step it reverses."""
     with pytest.raises(ValueError, match="projection_backward='chunk_step' does not apply.*dgd"):
         changed(SPEC, dgd=False, normalize_lr=False, projection_backward="chunk_step")
+    with pytest.raises(ValueError, match="'kernel' does not apply: hidden 5 != head_dim 4"):
+        dataclasses.replace(SPEC, projection_backward="kernel")
     with pytest.raises(ValueError, match="unknown memory.projection_backward 'fast'"):
         dataclasses.replace(SPEC, projection_backward="fast")
     x = {"u": jnp.zeros((1, 2, 1))}
     with pytest.raises(ValueError, match="xla_backward needs the xla_step"):
         fused_scan(lambda c, x, k: (c, x), {}, x, {}, xla_backward=lambda *a: a)
+
+
+def test_kernel_reverse_of_padded_chunks_equals_chunk_step():
+    """The streamed Mosaic GPU reverse of every (instance, memory) pair (interpreted, float32),
+    its chunks padded to twice their tokens as compiled chunks are padded to 64 rows, gives
+    `chunk_step.chunk_backward`'s cotangents of the start states and the shared gates."""
+    cfg = sm.projection_step_config(dataclasses.replace(SPEC, hidden=SPEC.head_dim))
+    _check_kernel_reverse(cfg, 2, 3, 4, SPEC.head_dim, interpret=True, rows=8, tol=1e-5)
+
+
+def _check_kernel_reverse(cfg, n, p, c, d, *, interpret, rows, tol):
+    """`_memories_reverse_kernel` against `_memories_reverse_xla` for n instances of p
+    memories and chunks of c tokens: start states of the presets' scale, moved momenta."""
+    key = iter(jax.random.split(jax.random.PRNGKey(21), 16))
+    w = lambda shape, s=0.2: s * jax.random.normal(next(key), shape)  # noqa: E731
+    state = cs.State(w((n, p, d, d)), w((n, p, d, d)), w((n, p, d, d), 0.02), w((n, p, d, d), 0.02))
+    k = w((n, c, d), 1.0)
+    x = cs.Inputs(k / jnp.linalg.norm(k, axis=-1, keepdims=True), w((n, c, d), 0.3),
+                  jnp.zeros((n, c, d)), 0.5 * jax.nn.sigmoid(w((n, c), 1.0)),
+                  jax.nn.sigmoid(3.0 + w((n, c), 1.0)), 0.9 * jax.nn.sigmoid(w((n, c), 1.0)))  # fmt: skip
+    d_end = cs.State(*(w(a.shape, 1.0) for a in state))
+    want = jax.jit(functools.partial(sm._memories_reverse_xla, cfg))(state, x, d_end, None, None)
+    kernel = functools.partial(sm._memories_reverse_kernel, interpret, rows, cfg)
+    got = jax.jit(kernel)(state, x, d_end, None, None)
+    for (path, b), a in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                            strict=True):  # fmt: skip
+        if float(jnp.max(jnp.abs(b))):
+            assert _rel(a, b) < tol, (jax.tree_util.keystr(path), _rel(a, b))
+
+
+def test_kernel_reverse_layer_matches_the_vjp(monkeypatch):
+    """`projection_backward="kernel"` (interpreted): the layer's gradient of every input, the
+    meta-learned initial states and the incoming head states included, within 1e-5 of `vjp`'s,
+    with cut windows side by side and a document start in one chunk step, which takes XLA's
+    reverse while the other takes the kernel's."""
+    from nl_jax.kernels import walk_backward as wb
+
+    spec = changed(SPEC, hidden=SPEC.head_dim, chunk_mem=4, chunk_other=4, backprop_chunks=2,
+                   parallel_windows=True, kernel="xla", **STABLE)  # fmt: skip
+    b, s = 1, 16
+    args = heads_inputs(spec, b, s, seed=3, init_dtype=jnp.float32, unit_q=True)
+    head = jax.vmap(lambda i: sm.initial_head_state(spec, i))(args[0])
+    heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), head)
+    resets = jnp.zeros((b, s), bool).at[0, 2].set(True)
+
+    def grads(backward):
+        sp = dataclasses.replace(spec, projection_backward=backward)
+
+        def loss(*a):
+            y, new = sm.run_heads(sp, *a, resets, heads)
+            return jnp.sum(jnp.sin(3 * y)) + sum(jnp.sum(jnp.cos(v)) for v in jax.tree.leaves(new))
+
+        return jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
+
+    calls = []
+    streamed = wb.chunk_reverse_streamed
+    monkeypatch.setattr(
+        wb, "chunk_reverse_streamed", lambda *a, **k: calls.append(1) or streamed(*a, **k)
+    )
+    got, want = grads("kernel"), grads("vjp")
+    assert calls, "the streamed reverse did not run"
+    for (path, w), a in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                            strict=True):  # fmt: skip
+        if float(jnp.max(jnp.abs(w))):
+            assert _rel(a, w) < 1e-5, (jax.tree_util.keystr(path), _rel(a, w))
+
+
+@pytest.mark.skipif(not target.hopper(), reason="the compiled Mosaic GPU kernels need a Hopper GPU")
+def test_compiled_kernel_reverse_equals_chunk_step_on_the_gpu():
+    """Compiled at hope_340m's sizes (head dim and hidden 64, chunks of 32 padded to 64 rows):
+    the streamed reverse of every (instance, memory) pair equals `chunk_step.chunk_backward`
+    within what bf16 operands cost."""
+    spec = changed(SPEC, head_dim=64, hidden=64, chunk_mem=64, chunk_other=32, **STABLE)
+    cfg = sm.projection_step_config(spec)
+    _check_kernel_reverse(cfg, 8, 4, 32, 64, interpret=False, rows=64, tol=3e-2)

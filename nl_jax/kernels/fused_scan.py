@@ -279,12 +279,16 @@ def _backward_windows(step: Step, how: _Plan, window: int, saved, xs, consts, d_
     # N instances of W windows; consts are per instance. A caller's batched step takes the N
     # instances of one window, so the windows are mapped around it.
     if how.xla_backward is not None:
-        # The windows' const gradients come back per window: summed here, as a vjp would.
-        per_window = jax.vmap(how.xla_backward, in_axes=(1, 1, None, 1, 1), out_axes=1)
-
+        # The N x W (instance, window) pairs as N * W instances (a reverse written with a
+        # kernel need not batch under vmap); the windows' const gradients are summed, as a
+        # vjp would.
         def reverse(c, x, k, dc, dy):
-            d_c, d_x, d_k = per_window(c, x, k, dc, dy)
-            return d_c, d_x, jax.tree.map(lambda a: jnp.sum(a, axis=1), d_k)
+            pairs = lambda t: jax.tree.map(lambda a: a.reshape((n * w,) + a.shape[2:]), t)  # noqa: E731
+            apart = lambda t: jax.tree.map(lambda a: a.reshape((n, w) + a.shape[1:]), t)  # noqa: E731
+            k_w = jax.tree.map(lambda a: jnp.repeat(a, w, axis=0), k)
+            d_c, d_x, d_k = how.xla_backward(*pairs((c, x)), k_w, *pairs((dc, dy)))
+            d_k = jax.tree.map(lambda a: jnp.sum(a.reshape((n, w) + a.shape[1:]), 1), d_k)
+            return apart(d_c), apart(d_x), d_k
 
     elif how.xla_step is None:
         reverse = _vjp_of(jax.vmap(jax.vmap(step, in_axes=(0, 0, None))))

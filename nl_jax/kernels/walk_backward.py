@@ -799,7 +799,7 @@ def chunk_reverse_staged(
 
 
 def _forward_arrays(
-    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, operands: Any
+    cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, operands: Any, last: int = -1
 ) -> dict[str, jax.Array]:
     """`ForwardRefs`' fields for N chunks (`[N, ...]`), from `chunk_step`'s forward in XLA:
     operand tiles (`*_t`) in `operands`, the rest float32 (without `cfg.read`, no `hq_t`, `r2`)."""
@@ -814,7 +814,7 @@ def _forward_arrays(
         zv=p.zv, z=p.z, hk=p.hk, err=p.err, delta2=p.delta2, r2=fw.r2, eta=x.eta,
         alpha=x.alpha, beta=x.beta, b1=fw.b1, b1_cols=fw.b1, b2=fw.b2, b2_cols=fw.b2,
         cur1=p.cur1, cur2=p.cur2, gi=dec.gi, gp=dec.gp, pi=dec.pi, ri=dec.ri, rp=dec.rp,
-        k_last=dec.k_incl[:, -1], g_last=dec.g_incl[:, -1], p_last=dec.p_incl[:, -1],
+        k_last=dec.k_incl[:, last], g_last=dec.g_incl[:, last], p_last=dec.p_incl[:, last],
     )  # fmt: skip
     fields = ForwardRefs(**arrays)._asdict()  # in the fields' order
     # A write-only step (`cfg.read` False) has no reads of q: those fields are None.
@@ -874,7 +874,7 @@ class _Streamed:
 
 def chunk_reverse_streamed(
     cfg: cs.StepConfig, state: cs.State, x: cs.Inputs, d_y: jax.Array | None, d_state: cs.State,
-    *, interpret: Any = None, operands: Any = jnp.bfloat16,
+    *, interpret: Any = None, operands: Any = jnp.bfloat16, last: int | None = None,
 ) -> tuple[cs.State, cs.Inputs]:  # fmt: skip
     """`chunk_step.chunk_backward` (no resets) for N chunks as one kernel that fits a CTA's
     shared memory: the stages run in turn, each on scoped refs of what it reads and adds into,
@@ -882,6 +882,9 @@ def chunk_reverse_streamed(
     walk's sizes). The forward's intermediates come from XLA. Same arguments and results as
     `chunk_reverse_staged`; with `cfg.read` False (a write-only memory, Hope's projection
     memories) `d_y` is None, the reads' phases are left out and the queries' cotangent is zero.
+    `last`: the chunk's last token (default its last row), its end state the state after it: a
+    chunk padded past `last` with tokens that learn nothing (momentum still moves the weights
+    at each token, so the end is taken at `last`).
     """
     read = cfg.read
     if read != (d_y is not None):
@@ -890,9 +893,10 @@ def chunk_reverse_streamed(
         )
     n, c, d = x.k.shape
     h = state.w2.shape[1]
+    last = c - 1 if last is None else last
     ops = (mw.INTERPRETED if interpret is not None else mw.COMPILED)._replace(operands=operands)
     f32 = jnp.float32
-    ins = _forward_arrays(cfg, state, x, operands)
+    ins = _forward_arrays(cfg, state, x, operands, last)
     if read:
         ins.update(d_y_t=d_y.astype(operands), d_y32=d_y.astype(f32))
     else:  # what only the reads' reverse reads
@@ -965,7 +969,7 @@ def chunk_reverse_streamed(
             store={"f_w1": "f_w1", "f_w2": "f_w2", "f_k": "err", "o_v": "a1_g"},
         )  # fmt: skip
         io.phase(["alpha", "beta", "d_gain", *_END_NAMES, *_COT_NAMES], ["o_alpha", "o_beta"],
-                 lambda r: _decays_phase(cfg, r, c, ops))  # fmt: skip
+                 lambda r: _decays_phase(cfg, r, c, ops, last))  # fmt: skip
 
         def finals(r):
             # In place: each result takes a ref it is made of (fifteen refs would not fit).
@@ -1006,7 +1010,7 @@ def chunk_reverse_streamed(
             end_backward_stage(
                 r[a], r[tiles[0]], r[tiles[1]], r[f"w{lay}"], r[f"s{lay}"], dec,
                 tuple(r[w] for w in rows), r[f"d_w{lay}_t"], r[f"d_s{lay}_t"],
-                LayerGrads(*(r[g] for g in grads)), cot, ops, c - 1,
+                LayerGrads(*(r[g] for g in grads)), cot, ops, last,
             )  # fmt: skip
 
         io.phase([a, *tiles[:2], f"w{lay}", f"s{lay}", "gi", "pi", "ri", *rows, f"d_w{lay}_t",
@@ -1044,11 +1048,11 @@ _COT_NAMES = ("c_gi", "c_gp", "c_g_incl", "c_g_prior", "c_p_incl", "c_pi", "c_k_
 _END_NAMES = ("e_k_last", "e_g_last", "e_p_last")
 
 
-def _decays_phase(cfg: cs.StepConfig, r: dict, c: int, ops: mw.Ops) -> None:
+def _decays_phase(cfg: cs.StepConfig, r: dict, c: int, ops: mw.Ops, last: int) -> None:
     """After the factors' reverse: the end stages' rows join the decays' cotangents, the decays'
     reverse gives the gates' gradients, and the momentum gate takes its share of the steps."""
     cot = cs.Decays(*(r[k] for k in _COT_NAMES), pi_end=None)
-    at_last = ops.iota((c, c), 0) == c - 1
+    at_last = ops.iota((c, c), 0) == last
     for matrix, row in zip(("c_k_incl", "c_g_incl", "c_p_incl"), _END_NAMES, strict=True):
         _accumulate(r[matrix], jnp.where(at_last, ops.cols(mw._along(r[row], ops, 0), c), 0.0), ops)
     plgpu.commit_smem()

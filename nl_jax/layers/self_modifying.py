@@ -60,8 +60,9 @@ Params = dict[str, jax.Array]
 # memories' forward as a persistent Mosaic GPU kernel too (`projection_walk`).
 KERNELS = ("auto", "xla", "pallas_forward", "pallas_forward_all", "walk", "walk_all")
 # How the fused paths differentiate the projection memories' chunk step: `jax.vjp` of its XLA
-# form, or `chunk_step`'s written-out reverse of each memory's update (`projection_step_backward`).
-PROJECTION_BACKWARDS = ("vjp", "chunk_step")
+# form, or `chunk_step`'s written-out reverse of each memory's update (`projection_step_backward`)
+# in XLA or as the streamed Mosaic GPU chunk reverse (`kernel`).
+PROJECTION_BACKWARDS = ("vjp", "chunk_step", "kernel")
 # The only size at which the compiled walk's chunk step fits one CTA's shared memory.
 WALK_SIZE = 64
 
@@ -123,7 +124,7 @@ class SelfModSpec:
                 f"unknown memory.projection_backward {self.projection_backward!r}; allowed: "
                 f"{PROJECTION_BACKWARDS}"
             )
-        if self.projection_backward == "chunk_step":
+        if self.projection_backward != "vjp":
             projection_step_config(self)
 
     @property
@@ -319,7 +320,9 @@ def projection_step_batched(spec: SelfModSpec, stacked: tuple, xs: dict,
 
 def projection_step_config(spec: SelfModSpec) -> chunk_step.StepConfig:
     """The projection memories' write-only `chunk_step.StepConfig`; a one-line ValueError where
-    `chunk_step` does not implement their update (`memory.projection_backward="chunk_step"`)."""
+    `memory.projection_backward` ("chunk_step", "kernel") does not implement their update
+    (the kernel: its reverse shares tiles between the two layers, so hidden = head_dim; and,
+    compiled, the walk's sizes, `C_other` dividing or a multiple of 64)."""
     why = []
     if spec.activation != "gelu":
         why.append(f"activation {spec.activation!r} (chunk_step's memory is gelu)")
@@ -327,38 +330,128 @@ def projection_step_config(spec: SelfModSpec) -> chunk_step.StepConfig:
         cfg = chunk_step.StepConfig.from_rule(spec.rule, read=False)
     except ValueError as err:
         why.append(str(err))
+    if spec.projection_backward == "kernel":
+        if spec.hidden != spec.head_dim:
+            why.append(f"hidden {spec.hidden} != head_dim {spec.head_dim} (the kernel's tiles)")
+        c = spec.chunk_other
+        if target.backend() == "gpu" and (
+            spec.head_dim != WALK_SIZE or (c % WALK_SIZE if c > WALK_SIZE else WALK_SIZE % c)
+        ):
+            why.append(f"head_dim {spec.head_dim}, chunk_size_other {c} (compiled, the walk's "
+                       f"{WALK_SIZE}; a divisor or multiple of it)")  # fmt: skip
     if why:
         raise ValueError(
-            "memory.projection_backward='chunk_step' does not apply: " + "; ".join(why)
+            f"memory.projection_backward={spec.projection_backward!r} does not apply: "
+            + "; ".join(why)
         )
     return cfg
 
 
-def _projection_chunk_backward(spec: SelfModSpec, cfg: chunk_step.StepConfig,
-                               proj_init: Params | None, static: Params, carry: tuple, xs: dict,
-                               d_new: tuple, d_gen: dict) -> tuple[tuple, dict, dict]:  # fmt: skip
-    """The reverse of `_projection_chunk` for one head (memories stacked on a leading axis).
+def _memories_reverse_xla(cfg: chunk_step.StepConfig, state: chunk_step.State,
+                          x: chunk_step.Inputs, d_end: chunk_step.State, resets: jax.Array | None,
+                          reset_to: chunk_step.State | None) -> tuple:  # fmt: skip
+    """Every memory's update reversed by `chunk_step.chunk_backward`: state, d_end and reset_to
+    leaves `[N, P, ...]`, x `[N, C, ...]` (the gates all memories share), resets `bool[N, C]`.
+    Returns `(d start [N, P, ...], d inputs [N, P, C, ...], d reset_to or None)`."""
 
-    The reads and gates (`generate`) are differentiated by `jax.vjp`; each memory's update by
-    `chunk_step.chunk_backward`, which recomputes it from the chunk-start state. A cut sends
-    the start weights' cotangent to `proj_init` and stops the momentum's (`cut_carry`).
-    Returns `(d carry, d xs (u, beta), d consts (static, init or None))`.
+    def one(st, xc, d_st, rs, to):
+        return chunk_step.chunk_backward(cfg, st, xc, None, d_st, rs, to)
+
+    per_memory = jax.vmap(one, in_axes=(0, None, 0, None, 0))
+    return jax.vmap(per_memory)(state, x, d_end, resets, reset_to)
+
+
+def _pad_rows(x: chunk_step.Inputs, rows: int) -> chunk_step.Inputs:
+    """A chunk's inputs `[N, C, ...]` padded to `rows` tokens that change nothing: zero keys,
+    values and learning rate, retention and momentum gates 1."""
+    c = x.k.shape[1]
+
+    def pad(a: jax.Array, value: float) -> jax.Array:
+        widths = [(0, 0)] * a.ndim
+        widths[1] = (0, rows - c)
+        return jnp.pad(a, widths, constant_values=value)
+
+    return chunk_step.Inputs(pad(x.k, 0.0), pad(x.v, 0.0), pad(x.q, 0.0), pad(x.eta, 0.0),
+                             pad(x.alpha, 1.0), pad(x.beta, 1.0))  # fmt: skip
+
+
+def _memories_reverse_kernel(interpret: bool, rows: int | None, cfg: chunk_step.StepConfig,
+                             state: chunk_step.State, x: chunk_step.Inputs,
+                             d_end: chunk_step.State, resets: jax.Array | None,
+                             reset_to: chunk_step.State | None) -> tuple:  # fmt: skip
+    """`_memories_reverse_xla` as one `walk_backward.chunk_reverse_streamed` launch over the N x P
+    (instance, memory) pairs, where no chunk holds a document start (else the XLA form: a
+    start inside a chunk has no kernel reverse). bf16 operands compiled, float32 interpreted;
+    chunks shorter than `rows` (a `wgmma`'s 64 compiled) padded with tokens that change
+    nothing, whose gradients are dropped."""
+    from nl_jax.kernels import walk_backward  # it builds on the walk's stages
+
+    n, p = state.w1.shape[:2]
+    c = x.k.shape[1]
+
+    def kernel(*_):
+        flat = lambda a: a.reshape((n * p,) + a.shape[2:])  # noqa: E731
+        spread = lambda a: flat(jnp.broadcast_to(a[:, None], (n, p) + a.shape[1:]))  # noqa: E731
+        xp = x if rows is None or rows <= c else _pad_rows(x, rows)
+        d_start, d_x = walk_backward.chunk_reverse_streamed(
+            cfg, chunk_step.State(*map(flat, state)), chunk_step.Inputs(*map(spread, xp)), None,
+            chunk_step.State(*map(flat, d_end)),
+            interpret=memory_walk.interpret_params() if interpret else None,
+            operands=jnp.float32 if interpret else jnp.bfloat16, last=c - 1,
+        )  # fmt: skip
+        d_x = chunk_step.Inputs(*(a[:, :c] for a in d_x))
+        unflat = lambda a: a.reshape((n, p) + a.shape[1:])  # noqa: E731
+        d_reset = None
+        if reset_to is not None:
+            d_reset = chunk_step.State(*(jnp.zeros_like(a) for a in reset_to))
+        return (
+            chunk_step.State(*map(unflat, d_start)),
+            chunk_step.Inputs(*map(unflat, d_x)),
+            d_reset,
+        )
+
+    if resets is None:
+        return kernel()
+    xla = functools.partial(_memories_reverse_xla, cfg, state, x, d_end, resets, reset_to)
+    return jax.lax.cond(jnp.any(resets), xla, kernel)
+
+
+def projection_step_backward(spec: SelfModSpec, stacked: tuple, xs: dict, consts: dict,
+                             d_new: tuple, d_gen: dict, *,
+                             interpret: bool = False) -> tuple[tuple, dict, dict]:  # fmt: skip
+    """The vjp of `projection_step_batched` written out (`fused_scan`'s `xla_backward`).
+
+    stacked, xs, consts: as `projection_step_batched`'s (leading N); d_new: the cotangent of
+    the stacked new carry; d_gen: of the gates. The reads and gates are differentiated by
+    `jax.vjp`; every memory's update by `chunk_step.chunk_backward`, which recomputes it from the
+    chunk-start state (`projection_backward="chunk_step"`), or by the streamed Mosaic GPU
+    reverse (`"kernel"`; `interpret`: in the interpreter). A cut sends the start weights'
+    cotangent to the initial weights and stops the momentum's (`cut_carry`). Returns the
+    cotangents of the stacked carry, of every xs entry (zero for the flags `resets` and
+    `cuts`) and of consts.
     """
+    cfg = projection_step_config(spec)
+    reverse = functools.partial(_memories_reverse_xla, cfg)
+    if spec.projection_backward == "kernel":
+        rows = None if interpret else max(spec.chunk_other, WALK_SIZE)
+        reverse = functools.partial(_memories_reverse_kernel, interpret, rows, cfg)
     # At least float32 (float64 stays: the reference tests run the step in float64).
     f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # noqa: E731
     rule = spec.rule
-    params, opt = carry
+    params, opt = stacked
     mom, d_mom = rule.get_momentum(opt), rule.get_momentum(d_new[1])
     state = chunk_step.State(*map(f32, (params["W1"], params["W2"], mom["W1"], mom["W2"])))
     d_end = chunk_step.State(*map(f32, (d_new[0]["W1"], d_new[0]["W2"], d_mom["W1"],
                                         d_mom["W2"])))  # fmt: skip
-    resets = xs.get("resets")
-    fresh = None if resets is None else chunked.fresh_mask(resets)
+    proj_init = stack_memories(consts["init"], 1) if "init" in consts else None
+    resets = xs["resets"] > 0.5 if "resets" in xs else None
+    fresh = None if resets is None else jax.vmap(chunked.fresh_mask)(resets)
 
     def gen_of(w1, w2, aux):
-        return generate(spec, {"W1": w1, "W2": w2}, aux["init"], aux["static"], aux["u"], fresh)
+        one = lambda *a: generate(spec, {"W1": a[0], "W2": a[1]}, a[2], a[3], a[4], a[5])  # noqa: E731
+        return jax.vmap(one)(w1, w2, aux["init"], aux["static"], aux["u"], fresh)
 
-    aux = {"u": xs["u"], "static": static, "init": proj_init}
+    aux = {"u": xs["u"], "static": consts["static"], "init": proj_init}
     gen, pull = jax.vjp(gen_of, params["W1"], params["W2"], aux)
     x = chunk_step.Inputs(f32(gen["k"]), f32(gen["v"]), jnp.zeros_like(f32(gen["k"])),
                           f32(gen["eta"]), f32(gen["alpha"]), f32(xs["beta"]))  # fmt: skip
@@ -366,15 +459,11 @@ def _projection_chunk_backward(spec: SelfModSpec, cfg: chunk_step.StepConfig,
     if resets is not None:
         zeros = jnp.zeros_like(state.s1), jnp.zeros_like(state.s2)
         reset_to = chunk_step.State(f32(proj_init["W1"]), f32(proj_init["W2"]), *zeros)
-
-    def one(st, d_st, to):
-        return chunk_step.chunk_backward(cfg, st, x, None, d_st, resets, to)
-
-    d_start, d_x, d_reset = jax.vmap(one)(state, d_end, reset_to)
+    d_start, d_x, d_reset = reverse(state, x, d_end, resets, reset_to)
     # Every memory learns from the same gates: their cotangents add up.
     d_gen = dict(d_gen)
     for name in ("k", "v", "eta", "alpha"):
-        d_gen[name] = d_gen[name] + jnp.sum(getattr(d_x, name), 0).astype(d_gen[name].dtype)
+        d_gen[name] = d_gen[name] + jnp.sum(getattr(d_x, name), 1).astype(d_gen[name].dtype)
     d_w1, d_w2, d_aux = pull({k: d_gen[k].astype(v.dtype) for k, v in gen.items()})
     g_w1, g_w2 = d_start.w1 + d_w1, d_start.w2 + d_w2
     g_s1, g_s2 = d_start.s1, d_start.s2
@@ -382,7 +471,7 @@ def _projection_chunk_backward(spec: SelfModSpec, cfg: chunk_step.StepConfig,
     if d_reset is not None:
         d_init = {"W1": d_init["W1"] + d_reset.w1, "W2": d_init["W2"] + d_reset.w2}
     if "cuts" in xs:
-        cut = jnp.any(xs["cuts"])
+        cut = jnp.any(xs["cuts"] > 0.5, axis=1)[:, None, None, None]  # per instance
         d_init = {"W1": d_init["W1"] + jnp.where(cut, g_w1, 0.0),
                   "W2": d_init["W2"] + jnp.where(cut, g_w2, 0.0)}  # fmt: skip
         g_w1, g_w2, g_s1, g_s2 = (jnp.where(cut, 0.0, g) for g in (g_w1, g_w2, g_s1, g_s2))
@@ -391,31 +480,13 @@ def _projection_chunk_backward(spec: SelfModSpec, cfg: chunk_step.StepConfig,
         jax.tree.map(jnp.zeros_like, opt),
         {"W1": g_s1.astype(mom["W1"].dtype), "W2": g_s2.astype(mom["W2"].dtype)},
     )
-    d_beta = jnp.sum(d_x.beta, 0).astype(xs["beta"].dtype)
-    return (d_params, d_opt), {"u": d_aux["u"], "beta": d_beta}, {"static": d_aux["static"],
-                                                                  "init": d_init}  # fmt: skip
-
-
-def projection_step_backward(spec: SelfModSpec, stacked: tuple, xs: dict, consts: dict,
-                             d_new: tuple, d_gen: dict) -> tuple[tuple, dict, dict]:  # fmt: skip
-    """The vjp of `projection_step_batched` written out (`fused_scan`'s `xla_backward`).
-
-    stacked, xs, consts: as `projection_step_batched`'s (leading N); d_new: the cotangent of
-    the stacked new carry; d_gen: of the gates. Returns the cotangents of the stacked carry,
-    of every xs entry (zero for the flags `resets` and `cuts`) and of consts.
-    """
-    cfg = projection_step_config(spec)
-    proj_init = stack_memories(consts["init"], 1) if "init" in consts else None
-    flags = {name: xs[name] > 0.5 for name in ("resets", "cuts") if name in xs}
-    back = functools.partial(_projection_chunk_backward, spec, cfg)
-    d_carry, d_x, d_k = jax.vmap(back)(proj_init, consts["static"], stacked,
-                                       {"u": xs["u"], "beta": xs["beta"], **flags}, d_new,
-                                       d_gen)  # fmt: skip
-    d_x = {name: d_x[name] if name in d_x else jnp.zeros_like(a) for name, a in xs.items()}
-    d_consts = {"static": d_k["static"]}
+    d_xs = {"u": d_aux["u"], "beta": jnp.sum(d_x.beta, 1).astype(xs["beta"].dtype)}
+    d_xs = {name: d_xs[name] if name in d_xs else jnp.zeros_like(a) for name, a in xs.items()}
+    d_consts = {"static": d_aux["static"]}
     if "init" in consts:
-        d_consts["init"] = unstack_memories(d_k["init"], 1)
-    return d_carry, d_x, d_consts
+        d_consts["init"] = unstack_memories({k: d_init[k].astype(proj_init[k].dtype)
+                                             for k in d_init}, 1)  # fmt: skip
+    return (d_params, d_opt), d_xs, d_consts
 
 
 def _main_memory(spec: SelfModSpec, init: dict[str, Params], start: tuple, gen: dict,
@@ -699,8 +770,8 @@ def _run_heads_fused(spec: SelfModSpec, init: dict[str, Params], static: Params,
         full = jax.tree.map(lambda x: x[:, : n_full * c].reshape((n, n_full, c) + x.shape[2:]), xs)
         step = functools.partial(projection_step, spec)
         backward = None
-        if spec.projection_backward == "chunk_step":
-            backward = functools.partial(projection_step_backward, spec)
+        if spec.projection_backward != "vjp":
+            backward = functools.partial(projection_step_backward, spec, interpret=interpret)
         # The XLA backward (and forward) take the memories stacked: one batched op per op of
         # the step for all four, not one per memory (fewer, larger launches).
         carry, gen = fused_scan(
