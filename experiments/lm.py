@@ -251,7 +251,7 @@ def model_config(family: str, size: str) -> ml_collections.ConfigDict:
     # "kernel": those reverses as one streamed Mosaic GPU kernel per chunk step
     # (walk_backward.py, bf16 operands; hidden = head_dim, compiled at the walk's 64 with
     # C_other dividing it; a chunk step holding a document start takes chunk_step's XLA form).
-    # Neither is timed on a GPU yet; chunk_step ran hope_tiny 8% faster on CPU.
+    # Neither is timed on a GPU; chunk_step ran hope_tiny 8% faster on CPU (BENCHMARKS.md).
     m.memory.projection_backward = "vjp"
     # Warps per program of the fused kernels (a power of two <= 32). 8 measured fastest on an
     # H200: titans_lmm_340m (batch 32) ran 33,813 / 35,872 / 29,082 tokens/s at 4 / 8 / 16 warps;
