@@ -310,6 +310,8 @@ REJECTED = [
      r"parallel_windows = True walks.*set memory.backprop_chunks > 0"),
     ("hope_tiny", {"memory.kernel_warps": 6}, r"memory.kernel_warps = 6: Triton takes a power of two"),
     ("hope_tiny", {"memory.walk_backward": "triton"}, r"memory.walk_backward must be 'xla' or 'kernel'"),
+    ("hope_tiny", {"memory.projection_backward": "fast"},
+     r"unknown memory.projection_backward 'fast'; allowed: \('vjp', 'chunk_step', 'kernel'\)"),
     ("transformer_tiny", {"memory.rule.normalize_memory": True},
      r"memory.rule.normalize_memory = True: only Hope's and Titans' memories"),
     ("hope_attention_tiny", {"memory.rule.momentum_ema": True},
