@@ -94,6 +94,22 @@ def _errors(out, want) -> list[float]:
     ]  # fmt: skip
 
 
+def _compare(kind: str, fns: dict, args: tuple, repeats: int, rows: list) -> object:
+    """Time each of `fns` (jitted) on `args`, print a table row per function with its errors
+    against the first function's outputs, append the rows to `rows`; returns those outputs."""
+    import jax
+
+    want = None
+    for name, fn in fns.items():
+        out, best, first = _timed(jax.jit(fn), args, repeats)
+        errors = [] if want is None else _errors(out, want)
+        want = out if want is None else want
+        err = ", ".join(f"{e:.1e}" for e in errors) or "-"
+        print(f"| {name} | {1e3 * best:.2f} | {first:.1f} | {err} |", flush=True)
+        rows.append({kind: name, "ms": 1e3 * best, "first_s": first, "errors": errors})
+    return want
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time and compare the three forwards; print a table (and write JSON with `--out`)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,14 +163,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.chunk}, documents {args.documents}, {jax.devices()[0].device_kind}")  # fmt: skip
     print("| forward | ms a call | first call s | max rel. error vs xla (final, gates, saved) |")
     print("|---|---|---|---|")
-    rows, want = [], None
-    for name, fn in forwards.items():
-        out, best, first = _timed(jax.jit(fn), (carry, xs, consts), args.repeats)
-        errors = [] if want is None else _errors(out, want)
-        want = out if want is None else want
-        err = ", ".join(f"{e:.1e}" for e in errors) or "-"
-        print(f"| {name} | {1e3 * best:.2f} | {first:.1f} | {err} |", flush=True)
-        rows.append({"forward": name, "ms": 1e3 * best, "first_s": first, "errors": errors})
+    rows = []
+    want = _compare("forward", forwards, (carry, xs, consts), args.repeats, rows)
     if args.backward:
         final, ys, saved = want
         key = iter(jax.random.split(jax.random.PRNGKey(1), 256))
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nthe scan's backward, windows of {window} chunks side by side")
         print("| backward | ms a call | first call s | max rel. error vs vjp (carry, xs, consts) |")
         print("|---|---|---|---|")
-        ref = None
+        backwards = {}
         for name in sm.PROJECTION_BACKWARDS if hopper else ("vjp", "chunk_step"):
             sized = dataclasses.replace(spec, projection_backward=name)
             back = functools.partial(sm.projection_step_backward, sized)
@@ -172,12 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             def backward(saved, xs, consts, cot, plan=plan):
                 return fs._scan_bwd(step, plan, window, (saved, xs, consts), cot)
 
-            out, best, first = _timed(jax.jit(backward), (saved, xs, consts, cot), args.repeats)
-            errors = [] if ref is None else _errors(out, ref)
-            ref = out if ref is None else ref
-            err = ", ".join(f"{e:.1e}" for e in errors) or "-"
-            print(f"| {name} | {1e3 * best:.2f} | {first:.1f} | {err} |", flush=True)
-            rows.append({"backward": name, "ms": 1e3 * best, "first_s": first, "errors": errors})
+            backwards[name] = backward
+        _compare("backward", backwards, (saved, xs, consts, cot), args.repeats, rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,

@@ -899,8 +899,8 @@ def chunk_reverse_streamed(
     ins = _forward_arrays(cfg, state, x, operands, last)
     if read:
         ins.update(d_y_t=d_y.astype(operands), d_y32=d_y.astype(f32))
-    else:  # what only the reads' reverse reads
-        ins = {k: a for k, a in ins.items() if k not in ("q_t", "hq_t", "r2")}
+    else:  # the queries feed only the reads' reverse (`hq_t`, `r2` are absent without reads)
+        del ins["q_t"]
     ins.update(
         d_w1_t=d_state.w1.astype(operands), d_w2_t=d_state.w2.astype(operands),
         d_s1_t=d_state.s1.astype(operands), d_s2_t=d_state.s2.astype(operands),
@@ -1093,18 +1093,16 @@ def _glue_phase(cfg: cs.StepConfig, r: dict, c: int, d: int, h: int, ops: mw.Ops
 
 
 def windows_backward_streamed(
-    cfg: cs.StepConfig, x: cs.Inputs, chunk: int, every: int, starts: cs.State,
-    d_y: jax.Array | None, d_final: cs.State, *, interpret: Any = None,
-    operands: Any = jnp.bfloat16,
+    cfg: cs.StepConfig, x: cs.Inputs, chunk: int, every: int, starts: cs.State, d_y: jax.Array,
+    d_final: cs.State, *, interpret: Any = None, operands: Any = jnp.bfloat16,
 ) -> tuple[cs.State, cs.State, cs.Inputs]:  # fmt: skip
     """`memory_walk.windows_backward_split` of N streams without document resets, each chunk
     reversed by `chunk_reverse_streamed`: `(d start state, d cut weights, d inputs)`, leaves
     `[N, ...]` (the cut weights' momenta take no gradient: zeros).
 
     `x`: `[N, seq, ...]` with seq a multiple of `every * chunk`; `starts`: leaves `[N, chunks,
-    ...]`, each chunk's start state (`walk_forward(..., every=1)`); `d_y [N, seq, d]`, None for
-    a write-only memory (`cfg.read` False). The windows of all streams are reversed side by
-    side, one kernel launch per chunk step.
+    ...]`, each chunk's start state (`walk_forward(..., every=1)`); `d_y [N, seq, d]`. The
+    windows of all streams are reversed side by side, one kernel launch per chunk step.
     """
     n, seq = x.k.shape[:2]
     n_chunks = seq // chunk
@@ -1122,7 +1120,7 @@ def windows_backward_streamed(
 
     xs = cs.Inputs(*(by_step(a, chunk) for a in x))
     states = cs.State(*(by_step(a, 1)[:, :, 0] for a in starts))
-    d_ys = None if d_y is None else by_step(d_y, chunk)
+    d_ys = by_step(d_y, chunk)
     # A cut zeroes the cotangent carried into the window before it: every window's reverse
     # starts from zero but the last's, which takes the end state's.
     last = (jnp.arange(windows) == windows - 1)[None, :]

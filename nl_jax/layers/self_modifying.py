@@ -322,7 +322,8 @@ def projection_step_config(spec: SelfModSpec) -> chunk_step.StepConfig:
     """The projection memories' write-only `chunk_step.StepConfig`; a one-line ValueError where
     `memory.projection_backward` ("chunk_step", "kernel") does not implement their update
     (the kernel: its reverse shares tiles between the two layers, so hidden = head_dim; and,
-    compiled, the walk's sizes, `C_other` dividing or a multiple of 64)."""
+    compiled, head_dim 64 and `C_other` dividing 64: one chunk's reverse fits a CTA at 64
+    rows, shorter chunks padded to them)."""
     why = []
     if spec.activation != "gelu":
         why.append(f"activation {spec.activation!r} (chunk_step's memory is gelu)")
@@ -334,11 +335,9 @@ def projection_step_config(spec: SelfModSpec) -> chunk_step.StepConfig:
         if spec.hidden != spec.head_dim:
             why.append(f"hidden {spec.hidden} != head_dim {spec.head_dim} (the kernel's tiles)")
         c = spec.chunk_other
-        if target.backend() == "gpu" and (
-            spec.head_dim != WALK_SIZE or (c % WALK_SIZE if c > WALK_SIZE else WALK_SIZE % c)
-        ):
-            why.append(f"head_dim {spec.head_dim}, chunk_size_other {c} (compiled, the walk's "
-                       f"{WALK_SIZE}; a divisor or multiple of it)")  # fmt: skip
+        if target.backend() == "gpu" and (spec.head_dim != WALK_SIZE or WALK_SIZE % c):
+            why.append(f"head_dim {spec.head_dim}, chunk_size_other {c} (compiled: head_dim "
+                       f"{WALK_SIZE}, chunk_size_other dividing it)")  # fmt: skip
     if why:
         raise ValueError(
             f"memory.projection_backward={spec.projection_backward!r} does not apply: "
@@ -433,7 +432,7 @@ def projection_step_backward(spec: SelfModSpec, stacked: tuple, xs: dict, consts
     cfg = projection_step_config(spec)
     reverse = functools.partial(_memories_reverse_xla, cfg)
     if spec.projection_backward == "kernel":
-        rows = None if interpret else max(spec.chunk_other, WALK_SIZE)
+        rows = None if interpret else WALK_SIZE
         reverse = functools.partial(_memories_reverse_kernel, interpret, rows, cfg)
     # At least float32 (float64 stays: the reference tests run the step in float64).
     f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # noqa: E731
